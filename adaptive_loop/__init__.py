@@ -1,0 +1,22 @@
+"""adaptive-loop: adaptive-compute inference for looped masked diffusion language models.
+
+    model = adaptive_loop.load_model()              # the embedded default
+    policy = adaptive_loop.policies.make("entropy", threshold=0.1)
+    out = adaptive_loop.generate(model, ["3210+7654="], policy=policy, gen_length=5, steps=5)
+"""
+
+from . import policies
+from .checkpoint import embedded_path, load_model, save_model, tokenizer_for
+from .config import PRESETS, LoopMDMConfig
+from .errors import AdaptiveLoopError, CheckpointError, GenerationError, UsageError
+from .model import LoopMDM
+from .runtime import StepTrace, run_loops
+from .sampler import GenerationResult, GenerationStats, generate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "AdaptiveLoopError", "CheckpointError", "GenerationError", "GenerationResult",
+    "GenerationStats", "LoopMDM", "LoopMDMConfig", "StepTrace", "UsageError", "embedded_path",
+    "generate", "load_model", "policies", "run_loops", "save_model", "tokenizer_for",
+]

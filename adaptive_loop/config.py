@@ -1,0 +1,117 @@
+"""Model configuration: one typed dataclass, validated, JSON round trip, named presets.
+
+A LoopMDM stores `n_layers` unique transformer layers. Layers `[loop_start, loop_start +
+loop_layers)` form the looped block, applied `n_loops` times with shared weights; the layers
+before it are the prelude (run once), the layers after it the coda (run once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+@dataclass
+class LoopMDMConfig:
+    vocab_size: int = 32  # rows of the embedding; the mask token is one of them
+    d_model: int = 128  # residual width
+    n_heads: int = 4  # query heads
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
+    d_ff: int = 384  # SwiGLU hidden width
+    n_layers: int = 4  # unique layers stored in the checkpoint
+    loop_start: int = 1  # index of the first looped layer
+    loop_layers: int = 2  # contiguous layers in the looped block
+    n_loops: int = 4  # default loop count S at inference
+    max_train_loops: int = 4  # S_max used in training (S ~ U{1..S_max}); inference may exceed it
+    max_seq_len: int = 256  # longest sequence the model accepts (RoPE tables are built to this)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    mask_id: int = 0  # the [MASK] token
+    pad_id: int | None = None
+    eos_id: int | None = None
+    lm_head_vocab: int | None = None  # rows of the LM head when it predicts fewer ids (SMDM)
+    tie_embeddings: bool = False
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # see tokenizer.from_spec
+    task: dict[str, Any] = field(default_factory=dict)  # built-in task the model was trained on
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        checks = [
+            (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
+            (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by "
+             f"n_heads {self.n_heads}"),
+            ((self.d_model // self.n_heads) % 2 == 0, "head size must be even for RoPE"),
+            (self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple "
+             f"of n_kv_heads {self.n_kv_heads}"),
+            (self.n_layers >= 1, "n_layers must be >= 1"),
+            (self.loop_layers >= 1, "loop_layers must be >= 1"),
+            (0 <= self.loop_start and self.loop_start + self.loop_layers <= self.n_layers,
+             f"loop spec [{self.loop_start}, {self.loop_start + self.loop_layers}) lies outside "
+             f"the model's {self.n_layers} layers"),
+            (self.n_loops >= 1 and self.max_train_loops >= 1, "loop counts must be >= 1"),
+            (0 <= self.mask_id < self.vocab_size, f"mask_id {self.mask_id} outside the "
+             f"vocabulary of {self.vocab_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(f"invalid model config: {message}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_prelude(self) -> int:
+        return self.loop_start
+
+    @property
+    def n_coda(self) -> int:
+        return self.n_layers - self.loop_start - self.loop_layers
+
+    @property
+    def out_vocab(self) -> int:
+        return self.lm_head_vocab or self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopMDMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"invalid model config: unknown fields {unknown}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> LoopMDMConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> LoopMDMConfig:
+        if name not in PRESETS:
+            raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Presets. `tiny` is for tests; the `*-shape` presets carry the layer shapes of public MDMs with a
+# loop spec added, for random-weight timing (shapes from SMDM's Diff_LLaMA configs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=17, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=3,
+                 loop_start=1, loop_layers=1, n_loops=3, max_seq_len=64, mask_id=16),
+    "smdm-170m-shape": dict(vocab_size=32001, d_model=768, n_heads=12, d_ff=3072, n_layers=18,
+                            loop_start=4, loop_layers=4, n_loops=4, max_seq_len=2048,
+                            mask_id=32000, lm_head_vocab=32000),
+    "1b-shape": dict(vocab_size=32001, d_model=2048, n_heads=16, d_ff=5504, n_layers=22,
+                     loop_start=4, loop_layers=4, n_loops=4, max_seq_len=2048, mask_id=32000,
+                     lm_head_vocab=32000),
+}

@@ -1,0 +1,27 @@
+"""One exception family for mistakes a user can make.
+
+The CLI turns any `AdaptiveLoopError` into a single `error: ...` line and a non-zero exit code;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AdaptiveLoopError(Exception):
+    """A user-facing error: the message says what was wrong and what to do."""
+
+    exit_code: int = 1
+
+
+class UsageError(AdaptiveLoopError):
+    """A bad argument or option value (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(AdaptiveLoopError):
+    """A checkpoint that cannot be found, read or matched to its config."""
+
+
+class GenerationError(AdaptiveLoopError):
+    """A generation request the model cannot serve (prompt too long, NaNs while looping...)."""

@@ -1,0 +1,51 @@
+"""FLOP counting, one convention (DESIGN.md): a matmul [n, a] x [a, b] costs 2nab.
+
+Per layer and per query token with width d, MLP width ff, key/value width d_kv and L keys:
+projections 2d(d + 2 d_kv) + 2d^2, SwiGLU MLP 6 d ff, attention 4 d L. LM head 2 d V per
+position whose logits are computed. A halted token costs nothing as a query.
+"""
+
+from __future__ import annotations
+
+from .config import LoopMDMConfig
+
+
+def layer_flops(cfg: LoopMDMConfig, keys: int) -> int:
+    """FLOPs of one layer for one query token attending to `keys` keys."""
+    d, d_kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+    return 2 * d * (d + 2 * d_kv) + 2 * d * d + 6 * d * cfg.d_ff + 4 * d * keys
+
+
+def kv_flops(cfg: LoopMDMConfig) -> int:
+    """FLOPs of the key/value projections of one token (a layer run only to serve as keys)."""
+    return 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.head_dim
+
+
+def head_flops(cfg: LoopMDMConfig) -> int:
+    return 2 * cfg.d_model * cfg.out_vocab
+
+
+def block_flops(cfg: LoopMDMConfig, keys: int) -> int:
+    """One loop iteration of the looped block for one active token."""
+    return cfg.loop_layers * layer_flops(cfg, keys)
+
+
+def readout_flops(cfg: LoopMDMConfig, queries: int, positions: int, keys: int) -> int:
+    """Coda + head for `queries` tokens when `positions` tokens serve as keys (all coda layers
+    but the last run on every position; the last one runs its keys/values on every position
+    and the rest on the queries only)."""
+    if cfg.n_coda == 0:
+        return queries * head_flops(cfg)
+    full = (cfg.n_coda - 1) * positions * layer_flops(cfg, keys)
+    last = positions * kv_flops(cfg) + queries * (layer_flops(cfg, keys) - kv_flops(cfg))
+    return full + last + queries * head_flops(cfg)
+
+
+def step_flops_fixed(cfg: LoopMDMConfig, batch: int, length: int, loops: int) -> dict[str, int]:
+    """FLOPs of one denoising step with every token looped `loops` times (full readout)."""
+    tokens = batch * length
+    return {
+        "prelude": cfg.n_prelude * tokens * layer_flops(cfg, length),
+        "looped": loops * tokens * block_flops(cfg, length),
+        "readout": readout_flops(cfg, tokens, tokens, length),
+    }

@@ -1,0 +1,19 @@
+"""Built-in procedurally generated tasks (the embedded model's training and evaluation data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UsageError
+from .addition import AdditionTask
+
+TASKS = {"addition": AdditionTask}
+
+
+def make_task(spec: dict[str, Any] | str) -> AdditionTask:
+    """A task from its name or its config dict (`{"name": "addition", "digits": 4}`)."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("name", None)
+    if name not in TASKS:
+        raise UsageError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](**spec)

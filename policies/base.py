@@ -1,0 +1,141 @@
+"""The halting-policy protocol and its registry.
+
+A policy declares the signals it needs (`needs`), receives them after each loop iteration for
+the ACTIVE tokens only (packed: one row per active token), and returns which of them halt.
+The runtime computes only the declared signals, and only on iterations the policy checks.
+
+Third-party packages add policies through the entry-point group `adaptive_loop.policies`
+(`name = "package.module:PolicyClass"`) or by calling `register` at import time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..errors import UsageError
+
+# Signals a policy may declare. "delta": relative L2 change of the hidden state; "logits":
+# the model's prediction (coda + head) for active tokens whose prediction this step needs.
+SIGNALS = frozenset({"delta", "cosine", "logits"})
+
+
+@dataclass
+class Signals:
+    """What a policy sees after iteration `iteration` (1-based) for N active tokens."""
+
+    iteration: int
+    step: int  # denoising step (0-based) and how many there are
+    steps: int
+    index: Tensor  # (N,) flat positions (row * L + pos) of the active tokens
+    needed: Tensor  # (N,) bool: the sampler reads this token's prediction at this step
+    delta: Tensor | None = None  # (N,) ||h_t - h_{t-1}|| / ||h_t||
+    cosine: Tensor | None = None  # (N,) cos(h_t, h_{t-1})
+    logits: Tensor | None = None  # (M, V) for the needed active tokens, in index order
+
+
+class HaltingPolicy(ABC):
+    """Base class: loop bounds, check cadence and per-step state handling."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, min_loops: int = 1, max_loops: int | None = None,
+                 check_every: int = 1) -> None:
+        if min_loops < 1:
+            raise UsageError(f"{self.name}: min_loops must be >= 1, got {min_loops}")
+        if max_loops is not None and max_loops < min_loops:
+            raise UsageError(f"{self.name}: max_loops {max_loops} is below min_loops "
+                             f"{min_loops}")
+        if check_every < 1:
+            raise UsageError(f"{self.name}: check_every must be >= 1, got {check_every}")
+        self.min_loops, self.max_loops, self.check_every = min_loops, max_loops, check_every
+
+    def loop_bounds(self, default_loops: int) -> tuple[int, int]:
+        """(min, max) loops, filling max from the model's default loop count when unset."""
+        top = self.max_loops if self.max_loops is not None else max(default_loops,
+                                                                      self.min_loops)
+        return self.min_loops, top
+
+    def checks_at(self, iteration: int, bounds: tuple[int, int]) -> bool:
+        """Whether to ask `decide` after this iteration, given the resolved (min, max) loops:
+        from min_loops on, every check_every iterations, never at or past the maximum."""
+        lo, hi = bounds
+        if iteration < lo or iteration >= hi:
+            return False
+        return (iteration - lo) % self.check_every == 0
+
+    def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
+        """Called before each denoising step; reset any per-token state here."""
+
+    @abstractmethod
+    def decide(self, signals: Signals) -> Tensor:
+        """(N,) bool: True where the active token halts now."""
+
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments, for reports and JSON."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in names if k != "self" and hasattr(self, k)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+_REGISTRY: dict[str, type[HaltingPolicy]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
+    """Class decorator: make a policy available under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a class attribute `name`")
+    unknown = set(cls.needs) - SIGNALS
+    if unknown:
+        raise ValueError(f"{cls.name}: unknown signals {sorted(unknown)}; known {sorted(SIGNALS)}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group="adaptive_loop.policies"):
+        cls = ep.load()
+        if not getattr(cls, "name", ""):
+            cls.name = ep.name
+        register(cls)
+
+
+def available() -> list[str]:
+    """Names of every registered policy (built-in and from entry points)."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def policy_class(name: str) -> type[HaltingPolicy]:
+    """The class registered under `name`."""
+    _load_entry_points()
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def make(name: str, **params: Any) -> HaltingPolicy:
+    """Build a policy by name; `None` parameters take the policy's defaults."""
+    cls = policy_class(name)
+    params = {k: v for k, v in params.items() if v is not None}
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = sorted(set(params) - set(accepted))
+    if extra:
+        valid = [k for k in accepted if k not in ("self", "args", "kwargs")]
+        raise UsageError(f"policy {name!r} takes no parameter {', '.join(extra)}; it takes "
+                         f"{', '.join(valid)}")
+    return cls(**params)

@@ -1,0 +1,33 @@
+"""`convergence`: halt a token once its hidden state stops changing.
+
+Relative L2 change ||h_t - h_{t-1}|| / ||h_t|| < threshold (Huginn's `latent-diff`), or with
+`metric="cosine"`, 1 - cos(h_t, h_{t-1}) < threshold. A threshold of 0 never halts.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import UsageError
+from .base import HaltingPolicy, Signals, register
+
+
+@register
+class Convergence(HaltingPolicy):
+    name = "convergence"
+    needs = frozenset({"delta"})  # {"cosine"} with metric="cosine"
+
+    def __init__(self, threshold: float = 0.05, metric: str = "l2", min_loops: int = 1,
+                 max_loops: int | None = None, check_every: int = 1) -> None:
+        super().__init__(min_loops, max_loops, check_every)
+        if not threshold >= 0:  # also rejects NaN
+            raise UsageError(f"convergence: threshold must be >= 0, got {threshold}")
+        if metric not in ("l2", "cosine"):
+            raise UsageError(f"convergence: metric must be 'l2' or 'cosine', got {metric!r}")
+        self.threshold, self.metric = float(threshold), metric
+        self.needs = frozenset({"delta"} if metric == "l2" else {"cosine"})
+
+    def decide(self, signals: Signals) -> Tensor:
+        if self.metric == "l2":
+            return signals.delta < self.threshold
+        return (1.0 - signals.cosine) < self.threshold

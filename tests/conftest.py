@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models (CPU float32, the reference path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_loop import LoopMDM, LoopMDMConfig
+
+TINY_TOKENIZER = {"kind": "char", "chars": "abcdefghijklmno", "specials": {"mask": 16, "pad": 15}}
+
+
+def tiny_config(**overrides) -> LoopMDMConfig:
+    return LoopMDMConfig.from_name("tiny", tokenizer=TINY_TOKENIZER, **overrides)
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
+
+
+@pytest.fixture
+def tiny_model() -> LoopMDM:
+    torch.manual_seed(0)
+    model = LoopMDM(tiny_config(n_loops=4)).eval()
+    # larger weights than the default init make hidden-state changes differ a lot between
+    # tokens, so thresholds halt some tokens and not others
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model
+
+
+@pytest.fixture
+def prompts() -> torch.Tensor:
+    return torch.randint(0, 15, (3, 6), generator=torch.Generator().manual_seed(1))

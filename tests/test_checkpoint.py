@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptive_loop import CheckpointError, LoopMDM, load_model, save_model
+
+
+def test_native_round_trip_is_bit_exact(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck", device="cpu")
+    assert loaded.config == tiny_model.config
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    ids = torch.randint(0, 16, (2, 5))
+    assert torch.equal(loaded(ids), tiny_model(ids))
+
+
+def test_overrides_change_the_config(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    assert load_model(tmp_path / "ck", device="cpu", n_loops=9).config.n_loops == 9
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_weights(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(tmp_path / "ck")
+
+
+def test_corrupt_weights(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "ck")
+
+
+def test_missing_and_renamed_keys_are_named(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(path))
+    state["layers.0.qkv.weights"] = state.pop("layers.0.qkv.weight")
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="missing key 'layers.0.qkv.weight'"):
+        load_model(tmp_path / "ck")
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["model"]["d_ff"] = 48
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"gate_up.weight has shape \(128, 32\)"):
+        load_model(tmp_path / "ck")
+
+
+def test_loop_spec_outside_layers(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="outside"):
+        load_model(tmp_path / "ck", loop_start=2, loop_layers=2)
+
+
+def test_non_finite_weights_are_named(tmp_path, tiny_model):
+    with torch.no_grad():
+        tiny_model.layers[1].down.weight[0, 0] = float("nan")
+    save_model(tiny_model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="layers.1.down.weight holds NaN"):
+        load_model(tmp_path / "ck")
+
+
+def test_embedded_model_loads():
+    model = load_model(device="cpu")
+    assert isinstance(model, LoopMDM)
+    assert model.config.task["name"] == "addition"

@@ -1,0 +1,60 @@
+"""The command line: help texts, JSON output, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adaptive_loop import save_model
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands():
+    res = run("--help")
+    assert res.returncode == 0
+    for command in ("generate", "evaluate", "train", "policies"):
+        assert command in res.stdout
+
+
+def test_generate_help_explains_options():
+    res = run("generate", "--help")
+    assert res.returncode == 0
+    assert "--policy" in res.stdout and "--threshold" in res.stdout and "--json" in res.stdout
+
+
+def test_generate_json_on_a_checkpoint(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    res = run("generate", "abc", "def", "--checkpoint", str(tmp_path / "ck"), "--gen-length",
+              "4", "--policy", "convergence", "--threshold", "0.3", "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    payload = json.loads(res.stdout)
+    assert len(payload["text"]) == 2 and len(payload["tokens"][0]) == 7
+    for key in ("mean_loops", "looped_flops", "looped_flops_fixed_max", "nfe", "wall_s"):
+        assert key in payload["stats"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--policy", "nope"], "unknown policy 'nope'; choose one of"),
+    (["generate", "--checkpoint", "/no/such/dir"], "checkpoint not found"),
+    (["generate", "--policy", "fixed", "--threshold", "0.1"], "fixed policy takes --loops"),
+    (["generate", "--policy", "entropy", "--threshold", "-1"], "threshold must be >= 0"),
+    (["generate", "--remasking", "best"], "unknown remasking"),
+    (["generate", "12+3="], "same length"),
+    (["generate", "abc"], "cannot encode"),
+])
+def test_user_errors_are_one_line(args, message):
+    res = run(*args, "--device", "cpu") if args[0] == "generate" else run(*args)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert message in res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+
+
+def test_unknown_option_is_a_usage_error():
+    res = run("generate", "--bogus")
+    assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -1,0 +1,60 @@
+import torch
+
+from adaptive_loop import LoopMDM
+from adaptive_loop.attention import PackPlan
+
+
+def test_forward_shapes_and_loop_count_matters(make_config):
+    torch.manual_seed(0)
+    model = LoopMDM(make_config()).eval()
+    ids = torch.randint(0, 16, (2, 9))
+    one, three = model(ids, n_loops=1), model(ids, n_loops=3)
+    assert one.shape == (2, 9, model.config.out_vocab)
+    assert not torch.allclose(one, three)
+
+
+def test_forward_is_the_unrolled_network(make_config):
+    """S loops == the layers applied in order with the block repeated S times."""
+    torch.manual_seed(0)
+    model = LoopMDM(make_config(n_layers=4, loop_start=1, loop_layers=2)).eval()
+    ids = torch.randint(0, 16, (2, 7))
+    layers = model.layers
+    unrolled = [layers[0]] + [layers[1], layers[2]] * 3 + [layers[3]]
+    h = model.embed(ids)
+    for layer in unrolled:
+        h, _ = layer.dense(h, model.rope)
+    assert torch.allclose(model.head(h), model(ids, n_loops=3), atol=1e-6)
+
+
+def test_packed_layer_equals_dense_layer(make_config):
+    torch.manual_seed(0)
+    model = LoopMDM(make_config()).eval()
+    h = torch.randn(3, 8, 32)
+    layer = model.layers[1]
+    dense, (k, v) = layer.dense(h, model.rope)
+    active = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    plan = PackPlan.from_mask(active)
+    cache = (k.contiguous(), v.contiguous())
+    packed = layer.packed(h.reshape(-1, 32)[plan.index], model.rope, plan, cache)
+    assert torch.allclose(packed, dense.reshape(-1, 32)[plan.index], atol=1e-5)
+
+
+def test_readout_on_a_subset_equals_full_readout(make_config):
+    torch.manual_seed(0)
+    model = LoopMDM(make_config()).eval()
+    h = torch.randn(2, 10, 32)
+    full = model.readout(h)
+    want = torch.zeros(2, 10, dtype=torch.bool)
+    want[0, 3:7] = True
+    want[1, 1] = True
+    plan = PackPlan.from_mask(want)
+    assert torch.allclose(model.readout(h, plan), full[want], atol=1e-5)
+
+
+def test_pack_plan_slots_are_ranks_within_rows():
+    active = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    plan = PackPlan.from_mask(active)
+    assert plan.rows.tolist() == [0, 0, 0, 1]
+    assert plan.pos.tolist() == [0, 2, 3, 3]
+    assert plan.slot.tolist() == [0, 1, 2, 0]
+    assert plan.width == 3

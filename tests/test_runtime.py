@@ -1,0 +1,90 @@
+"""The runtime's invariants: compacted == masked, never-halting == fixed, halted tokens frozen,
+loop bounds respected, FLOPs counted from what ran."""
+
+import torch
+
+from adaptive_loop import generate
+from adaptive_loop.flops import block_flops
+from adaptive_loop.policies import make
+from adaptive_loop.runtime import run_loops
+
+
+def _state(model, batch=3, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (batch, length), generator=g)
+    needed = torch.rand(batch, length, generator=g) < 0.5
+    return model.prelude(model.embed(ids)), needed
+
+
+def _halting_mix(model, h, needed, policy):
+    _, trace = run_loops(model, h, policy, needed)
+    loops = trace.loops
+    return loops.min() < loops.max()
+
+
+def test_compacted_equals_masked_reference(tiny_model):
+    h, needed = _state(tiny_model)
+    for policy in (make("convergence", threshold=0.3, max_loops=6),
+                   make("convergence", threshold=0.05, metric="cosine", max_loops=6),
+                   make("entropy", threshold=2.0, context_threshold=0.3, max_loops=6)):
+        assert _halting_mix(tiny_model, h, needed, policy), f"{policy} halts all or nothing"
+        packed, t1 = run_loops(tiny_model, h, policy, needed, compact=True)
+        masked, t2 = run_loops(tiny_model, h, policy, needed, compact=False)
+        assert torch.equal(t1.loops, t2.loops)
+        torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_never_halting_equals_fixed(tiny_model, prompts):
+    fixed = generate(tiny_model, prompts, policy=make("fixed", loops=5), gen_length=8, steps=8)
+    never = generate(tiny_model, prompts, policy=make("convergence", threshold=0.0, max_loops=5),
+                     gen_length=8, steps=8)
+    assert torch.equal(fixed.tokens, never.tokens)
+    assert never.stats.looped_flops == fixed.stats.looped_flops
+
+
+def test_fixed_policy_equals_model_forward(tiny_model):
+    h, needed = _state(tiny_model)
+    out, trace = run_loops(tiny_model, h, make("fixed", loops=3), needed)
+    ref = h
+    for _ in range(3):
+        ref, _ = tiny_model.loop_once(ref)
+    assert torch.equal(out, ref)
+    assert trace.loops.eq(3).all() and trace.iterations == 3
+
+
+def test_halted_tokens_are_frozen(tiny_model):
+    """A token that halted after k loops holds exactly the state it had after k loops of the
+    run in which nobody halts up to k (its state is never touched again)."""
+    h, needed = _state(tiny_model)
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    out, trace = run_loops(tiny_model, h, policy, needed)
+    for k in range(1, 6):
+        halted_at_k = trace.loops == k
+        if not halted_at_k.any():
+            continue
+        # rerun with the same policy but stop everything at k: tokens halted at k are identical
+        ref, _ = run_loops(tiny_model, h, make("convergence", threshold=0.3, max_loops=k),
+                           needed)
+        assert torch.equal(out[halted_at_k], ref[halted_at_k])
+
+
+def test_loops_within_bounds(tiny_model):
+    h, needed = _state(tiny_model)
+    policy = make("convergence", threshold=0.5, min_loops=2, max_loops=5)
+    _, trace = run_loops(tiny_model, h, policy, needed)
+    assert trace.loops.min() >= 2 and trace.loops.max() <= 5
+
+
+def test_executed_flops_are_the_sum_over_active_tokens(tiny_model):
+    h, needed = _state(tiny_model)
+    _, trace = run_loops(tiny_model, h, make("convergence", threshold=0.3, max_loops=6), needed)
+    per_token = block_flops(tiny_model.config, h.shape[1])
+    assert trace.looped_flops == sum(trace.active_tokens) * per_token
+    assert sum(trace.active_tokens) == int(trace.loops.sum())
+
+
+def test_check_every_only_halts_on_checked_loops(tiny_model):
+    h, needed = _state(tiny_model)
+    policy = make("convergence", threshold=0.5, min_loops=1, check_every=2, max_loops=7)
+    _, trace = run_loops(tiny_model, h, policy, needed)
+    assert set(trace.loops.unique().tolist()) <= {1, 3, 5, 7}

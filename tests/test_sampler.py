@@ -1,0 +1,79 @@
+"""Sampler semantics (LLaDA's generate), worked by hand where possible."""
+
+import pytest
+import torch
+
+from adaptive_loop import UsageError, generate
+from adaptive_loop.policies import make
+from adaptive_loop.sampler import _top_k_rows, num_transfer_tokens
+
+
+def test_num_transfer_tokens_splits_evenly_remainder_first():
+    masked = torch.zeros(2, 8, dtype=torch.bool)
+    masked[0, :7] = True  # 7 masked over 3 steps -> 3, 2, 2
+    masked[1, :2] = True  # 2 masked over 3 steps -> 1, 1, 0
+    assert num_transfer_tokens(masked, 3).tolist() == [[3, 2, 2], [1, 1, 0]]
+
+
+def test_top_k_rows_picks_each_rows_highest():
+    score = torch.tensor([[0.1, 0.9, 0.5, -torch.inf], [0.3, 0.2, 0.1, 0.0]])
+    picked = _top_k_rows(score, torch.tensor([2, 1]))
+    assert picked.tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
+def test_one_token_per_step_fills_the_answer(tiny_model, prompts):
+    out = generate(tiny_model, prompts, policy=make("fixed", loops=2), gen_length=6, steps=6)
+    assert out.tokens.shape == (3, 12)
+    assert torch.equal(out.tokens[:, :6], prompts)
+    assert (out.tokens[:, 6:] != tiny_model.config.mask_id).all()
+    assert [s.committed for s in out.stats.steps] == [3] * 6
+    assert out.stats.nfe == 6
+
+
+def test_greedy_commits_the_most_confident_position(tiny_model, prompts):
+    """Step 1 of greedy low-confidence decoding, by hand from the fixed-loop forward pass."""
+    one = generate(tiny_model, prompts[:1], policy=make("fixed", loops=3), gen_length=4, steps=4)
+    x = torch.cat([prompts[:1], torch.full((1, 4), tiny_model.config.mask_id)], 1)
+    probs = tiny_model(x, n_loops=3).softmax(-1)[0, 6:]
+    conf, pred = probs.max(-1)
+    j = int(conf.argmax())
+    # committed tokens never change, so the first step's choice survives to the end
+    assert one.tokens[0, 6 + j] == pred[j]
+
+
+def test_blocks_are_decoded_left_to_right(tiny_model, prompts):
+    out = generate(tiny_model, prompts, policy=make("fixed", loops=2), gen_length=8, steps=4,
+                   block_length=4)
+    # during the first block's steps, the second block stays masked: its predictions are not
+    # needed, so the first two steps commit only first-block positions
+    assert [s.block for s in out.stats.steps] == [0, 0, 1, 1]
+    assert all(s.committed == 6 for s in out.stats.steps)
+
+
+def test_same_seed_same_tokens(tiny_model, prompts):
+    kw = dict(policy=make("entropy", threshold=2.0, max_loops=4), gen_length=8, steps=4,
+              temperature=1.0, remasking="random")
+    a = generate(tiny_model, prompts, seed=3, **kw)
+    b = generate(tiny_model, prompts, seed=3, **kw)
+    c = generate(tiny_model, prompts, seed=4, **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_string_prompts_use_the_model_tokenizer(tiny_model):
+    out = generate(tiny_model, ["abc", "def"], policy=make("fixed"), gen_length=4, steps=2)
+    assert len(out.text) == 2 and all(len(t) == 4 for t in out.text)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(gen_length=6, block_length=4), "not divisible by block_length"),
+    (dict(gen_length=8, block_length=4, steps=3), "multiple of the number of blocks"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(remasking="best"), "low_confidence, random"),
+    (dict(gen_length=100), "exceeds the model's context"),
+])
+def test_bad_requests_are_user_errors(tiny_model, prompts, kw, message):
+    args = dict(policy=make("fixed"), gen_length=8, steps=4, **kw) if "gen_length" not in kw \
+        else dict(policy=make("fixed"), steps=kw.pop("steps", 4), **kw)
+    with pytest.raises(UsageError, match=message):
+        generate(tiny_model, prompts, **args)
