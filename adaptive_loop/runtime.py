@@ -76,6 +76,8 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
         sig.delta = (cur - old).float().norm(dim=-1) / cur.float().norm(dim=-1).clamp_min(1e-12)
     if "cosine" in policy.needs:
         sig.cosine = F.cosine_similarity(cur.float(), old.float(), dim=-1)
+    if "hidden" in policy.needs:
+        sig.hidden, sig.previous = cur, old
     if "logits" in policy.needs:
         probe = PackPlan.from_mask(active & needed)
         trace.host_syncs += 2

@@ -20,9 +20,11 @@ from torch import Tensor
 
 from ..errors import UsageError
 
-# Signals a policy may declare. "delta": relative L2 change of the hidden state; "logits":
-# the model's prediction (coda + head) for active tokens whose prediction this step needs.
-SIGNALS = frozenset({"delta", "cosine", "logits"})
+# Signals a policy may declare. "delta": relative L2 change of the hidden state; "cosine":
+# cosine similarity of successive states; "hidden": the states themselves (this and the
+# previous iteration); "logits": the model's prediction (coda + head) for the active tokens
+# whose prediction this step needs.
+SIGNALS = frozenset({"delta", "cosine", "hidden", "logits"})
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Signals:
     needed: Tensor  # (N,) bool: the sampler reads this token's prediction at this step
     delta: Tensor | None = None  # (N,) ||h_t - h_{t-1}|| / ||h_t||
     cosine: Tensor | None = None  # (N,) cos(h_t, h_{t-1})
+    hidden: Tensor | None = None  # (N, d) h_t
+    previous: Tensor | None = None  # (N, d) h_{t-1}
     logits: Tensor | None = None  # (M, V) for the needed active tokens, in index order
 
 

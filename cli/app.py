@@ -1,0 +1,79 @@
+"""The Typer app, shared option types and the entry point that turns user errors into one
+`error: ...` line and a non-zero exit code. Commands live in their own modules and register
+themselves on `app`; `cli/main.py` imports them all."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..errors import AdaptiveLoopError, UsageError
+
+app = typer.Typer(
+    name="adaptive-loop", no_args_is_help=True, add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Adaptive-compute inference for looped masked diffusion language models (LoopMDM). "
+    "Add --debug to any command to see the traceback behind an error.",
+)
+out = Console()
+err = Console(stderr=True)
+
+Checkpoint = Annotated[Path | None, typer.Option(
+    "--checkpoint", "-c", help="Checkpoint directory (native format); default: the embedded "
+    "model.")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: CUDA when available.")]
+Dtype = Annotated[str | None, typer.Option(help="float32 or bfloat16; default: float32 on CPU, "
+                                           "bfloat16 on CUDA.")]
+Policy = Annotated[str, typer.Option("--policy", "-p", help="Halting policy (see `adaptive-loop "
+                                     "policies`).")]
+Threshold = Annotated[float | None, typer.Option(help="Halting threshold of the policy (entropy: "
+                                                 "nats; convergence: relative change).")]
+Loops = Annotated[int | None, typer.Option(help="Loop count of the fixed policy (default: the "
+                                           "model's).")]
+MinLoops = Annotated[int | None, typer.Option(help="Loops every token runs before it may halt.")]
+MaxLoops = Annotated[int | None, typer.Option(help="Most loops a token may run (default: the "
+                                              "model's loop count).")]
+CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops.")]
+
+
+def _policy(name: str, threshold: float | None, loops: int | None, min_loops: int | None,
+            max_loops: int | None, check_every: int | None) -> Any:
+    from ..policies import make
+
+    params = {"threshold": threshold, "min_loops": min_loops, "max_loops": max_loops,
+              "check_every": check_every}
+    if name == "fixed":
+        if threshold is not None:
+            raise UsageError("the fixed policy takes --loops, not --threshold")
+        params = {"loops": loops or max_loops}
+    elif loops is not None:
+        raise UsageError(f"--loops belongs to the fixed policy; {name} takes --max-loops")
+    return make(name, **params)
+
+
+def _task_of(model: Any) -> Any:
+    from ..tasks import make_task
+
+    return make_task(model.config.task) if model.config.task else None
+
+
+def run_main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app, turning user errors into one line and an exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
+        os.environ.get("ADAPTIVE_LOOP_DEBUG") == "1"
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        # standalone mode: the parser reports its own usage errors (exit 2) and Ctrl-C
+        command.main(args=args, prog_name="adaptive-loop", standalone_mode=True)
+    except AdaptiveLoopError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

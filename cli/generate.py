@@ -1,0 +1,199 @@
+"""`generate`, `evaluate`, `train`, `policies`: each parses, calls one library function and
+renders the result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from .app import (
+    CheckEvery,
+    Checkpoint,
+    Device,
+    Dtype,
+    Loops,
+    MaxLoops,
+    MinLoops,
+    Policy,
+    Threshold,
+    _policy,
+    _task_of,
+    app,
+    err,
+    out,
+)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str] | None, typer.Argument(
+        help="Prompt(s), all of the same length; default: a sample problem of the embedded "
+        "task.")] = None,
+    policy: Policy = "entropy",
+    threshold: Threshold = None,
+    loops: Loops = None,
+    min_loops: MinLoops = None,
+    max_loops: MaxLoops = None,
+    check_every: CheckEvery = None,
+    checkpoint: Checkpoint = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Denoising steps (default: the embedded task's, else gen-length).")] = None,
+    gen_length: Annotated[int | None, typer.Option(
+        help="Tokens to generate (default: the embedded task's answer length).")] = None,
+    block_length: Annotated[int | None, typer.Option(
+        help="Semi-autoregressive block length (default: gen-length).")] = None,
+    temperature: Annotated[float, typer.Option(
+        help="Gumbel noise temperature; 0 is greedy.")] = 0.0,
+    remasking: Annotated[str, typer.Option(help="low_confidence or random.")] = "low_confidence",
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise.")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
+                                          "(--no-compact: the masked reference path).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Generate completions with adaptive loops and report the compute they used."""
+    from ..checkpoint import load_model
+    from ..evaluate import default_decoding
+    from ..sampler import generate as run
+
+    halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    task = _task_of(model)
+    if not prompt:
+        if task is None:
+            raise UsageError("this checkpoint has no built-in task; give a PROMPT")
+        prompt = [task.problems(1, seed if seed is not None else 7)[0][0]]
+    if gen_length is None:
+        if task is None:
+            raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
+                             "from)")
+        gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+    result = run(model, prompt, policy=halting, gen_length=gen_length,
+                 steps=steps or gen_length, block_length=block_length, temperature=temperature,
+                 remasking=remasking, seed=seed, compact=compact)
+    stats = result.stats
+    if as_json:
+        payload = {"text": result.text, "tokens": result.tokens.tolist(),
+                   "stats": {**stats.summary(), "steps": [s.__dict__ for s in stats.steps]}}
+        print(json.dumps(payload))
+        return
+    for p, text in zip(prompt, result.text):
+        line = f"[bold]{p}[/bold][green]{text}[/green]"
+        if task is not None:
+            try:
+                line += f"   [dim]{task.describe(p, text)}[/dim]"
+            except ValueError:
+                pass
+        out.print(line)
+    table = Table(title=f"compute ({policy})", show_header=False)
+    table.add_row("mean loops per token", f"{stats.mean_loops:.2f} of {stats.max_loops} "
+                  f"(predicted tokens: {stats.mean_loops_needed:.2f})")
+    table.add_row("looped-block FLOPs", f"{stats.looped_flops:.3e} vs fixed-max "
+                  f"{stats.looped_flops_fixed_max:.3e} ({stats.flops_ratio:.2f}x, "
+                  f"{1 - stats.flops_ratio:.0%} saved)")
+    table.add_row("monitoring FLOPs", f"{stats.monitor_flops:.3e}")
+    table.add_row("NFE / wall", f"{stats.nfe} / {stats.wall_s:.3f} s")
+    out.print(table)
+
+
+@app.command()
+def evaluate(
+    policy: Policy = "fixed",
+    threshold: Threshold = None,
+    loops: Annotated[str | None, typer.Option(
+        help="Fixed loop counts to evaluate, comma-separated (fixed policy only), e.g. 1,2,4,8."
+    )] = None,
+    min_loops: MinLoops = None,
+    max_loops: MaxLoops = None,
+    check_every: CheckEvery = None,
+    checkpoint: Checkpoint = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out problems.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out problems.")] = 1234,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Exact-match accuracy on the checkpoint's built-in task, with compute per setting."""
+    from rich.progress import Progress
+
+    from ..checkpoint import load_model
+    from ..evaluate import evaluate_task
+
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if loops is not None:
+        try:
+            counts = [int(x) for x in loops.split(",")]
+        except ValueError:
+            raise UsageError(f"--loops takes comma-separated integers, got {loops!r}") from None
+        settings = [(f"fixed loops={c}", _policy("fixed", None, c, None, None, None))
+                    for c in counts]
+    else:
+        pol = _policy(policy, threshold, None, min_loops, max_loops, check_every)
+        settings = [(repr(pol), pol)]
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    task = _task_of(model)
+    if task is None:
+        raise UsageError("this checkpoint has no built-in task to evaluate")
+    rows = []
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        job = bar.add_task("evaluating", total=n * len(settings))
+        for label, pol in settings:
+            res = evaluate_task(model, task, pol, n=n, seed=seed,
+                                progress=lambda k: bar.advance(job, k))
+            rows.append((label, res))
+            if as_json:
+                print(json.dumps({"setting": label, **res.to_dict()}))
+    if as_json:
+        return
+    table = Table(title=f"{task.name}, {n} held-out problems")
+    for col in ("setting", "accuracy", "mean loops", "looped FLOPs vs fixed-max", "wall s"):
+        table.add_column(col)
+    for label, res in rows:
+        d = res.to_dict()
+        table.add_row(label, f"{res.accuracy:.1%}", f"{res.mean_loops:.2f}",
+                      f"{d['flops_ratio']:.2f}x", f"{res.wall_s:.2f}")
+    out.print(table)
+
+
+@app.command()
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the trained model.")],
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data.")] = None,
+    device: Device = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+) -> None:
+    """Train the embedded model from scratch (S ~ U{1..S_max} loops per step, MDM loss)."""
+    from ..train import TrainConfig, train_and_save
+
+    cfg = TrainConfig()
+    overrides = {"steps": steps, "seed": seed, "eval_every": eval_every}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    train_and_save(cfg, out_dir, device=device, console=err)
+    out.print(f"saved to {out_dir}")
+
+
+@app.command("policies")
+def list_policies() -> None:
+    """List the halting policies (built-in and from plugins)."""
+    from ..policies import available, policy_class
+
+    table = Table(show_header=True)
+    table.add_column("policy")
+    table.add_column("signals")
+    table.add_column("about")
+    for name in available():
+        cls = policy_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        table.add_row(name, ", ".join(sorted(cls.needs)) or "-", doc[0] if doc else "")
+    out.print(table)
