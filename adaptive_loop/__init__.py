@@ -6,17 +6,27 @@
 """
 
 from . import policies
-from .checkpoint import embedded_path, load_model, save_model, tokenizer_for
+from .checkpoint import (
+    convert_checkpoint,
+    embedded_path,
+    load_model,
+    resolve_config,
+    save_model,
+    tokenizer_for,
+)
 from .config import PRESETS, LoopMDMConfig
 from .errors import AdaptiveLoopError, CheckpointError, GenerationError, UsageError
 from .model import LoopMDM
 from .runtime import StepTrace, run_loops
 from .sampler import GenerationResult, GenerationStats, generate
+from .summary import inspect_model
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "AdaptiveLoopError", "CheckpointError", "GenerationError", "GenerationResult",
     "GenerationStats", "LoopMDM", "LoopMDMConfig", "StepTrace", "UsageError", "embedded_path",
-    "generate", "load_model", "policies", "run_loops", "save_model", "tokenizer_for",
+    "convert_checkpoint", "generate", "inspect_model", "load_model", "load_tokenizer",
+    "policies", "resolve_config", "run_loops", "save_model", "tokenizer_for",
 ]

@@ -1,13 +1,16 @@
-"""Checkpoints: the native format and the embedded default model.
+"""Checkpoints: the native format, imported layouts and the embedded default model.
 
 Native format: a directory with `config.json` (`{"format": "adaptive-loop", "version": 1,
-"model": <LoopMDMConfig>}`) and `model.safetensors` (the model's state dict).
+"model": <LoopMDMConfig>}`), `model.safetensors` (the model's state dict) and, when the model
+has one, its tokenizer file (`tokenizer.json` or `tokenizer.model`). Checkpoints of SMDM, MDLM
+and LLaDA load through `adaptive_loop.importers` (see `load_model`).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, UsageError
+from .importers import check_format, convert_foreign, detect_format, read_foreign
 from .model import LoopMDM
-from .tokenizer import CharTokenizer, from_spec
+from .tokenizer import Tokenizer, from_spec
 
 FORMAT_NAME = "adaptive-loop"
 FORMAT_VERSION = 1
@@ -42,6 +46,7 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
     tmp.replace(out / WEIGHTS_FILE)
+    _copy_tokenizer_file(model, out)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model.config.to_dict()}
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -101,46 +106,135 @@ def check_state(model: LoopMDM, state: dict[str, torch.Tensor], where: str) -> N
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values")
 
 
-def load_native(directory: Path, overrides: dict[str, Any]) -> LoopMDM:
-    cfg = _read_config(directory, overrides)
-    state = _read_weights(directory / WEIGHTS_FILE)
+def _copy_tokenizer_file(model: LoopMDM, out: Path) -> None:
+    """Put a file-backed tokenizer beside the weights, so the directory is self-contained."""
+    name = model.config.tokenizer.get("file")
+    origin = getattr(model, "tokenizer_dir", None)
+    if not name or origin is None:
+        return
+    src, dst = Path(origin) / name, out / name
+    if src.is_file() and src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+
+
+def build_model(cfg: LoopMDMConfig, state: dict[str, torch.Tensor], where: str) -> LoopMDM:
+    """A LoopMDM holding `state` (native names), checked first; the tensors are used as they
+    are (no random initialisation, no copy), so large checkpoints load in their own dtype."""
     with torch.device("meta"):
-        shell = LoopMDM(cfg)
-    check_state(shell, state, str(directory / WEIGHTS_FILE))
-    model = LoopMDM(cfg)
-    model.load_state_dict(state, strict=not cfg.tie_embeddings)
+        model = LoopMDM(cfg)
+    check_state(model, state, where)
+    model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope()
     return model
 
 
-def load_model(source: str | Path | None = None, *, format: str = "auto",
-               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               **overrides: Any) -> LoopMDM:
-    """Load a LoopMDM.
+def load_native(directory: Path, overrides: dict[str, Any]) -> LoopMDM:
+    cfg = _read_config(directory, overrides)
+    state = _read_weights(directory / WEIGHTS_FILE)
+    model = build_model(cfg, state, str(directory / WEIGHTS_FILE))
+    if cfg.tokenizer.get("file"):
+        model.tokenizer_dir = directory
+    return model
 
-    Args:
-        source: a checkpoint path; None loads the embedded default model.
-        format: "auto" (detect) or "native".
-        device: "cpu", "cuda", ...; None picks CUDA when available.
-        dtype: None keeps float32 on CPU and uses bfloat16 on CUDA.
-        **overrides: config fields to change, e.g. `n_loops=8`.
-    """
+
+def resolve_config(source: str | Path | None = None, *, format: str = "auto",
+                   config: str | Path | None = None,
+                   **overrides: Any) -> tuple[LoopMDMConfig, str]:
+    """A checkpoint's config and format without loading its weights (safetensors headers only;
+    torch pickles are read whole). Arguments as for `load_model`."""
     path = embedded_path() if source is None else Path(source).expanduser()
+    check_format(format)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if format not in ("auto", "native"):
-        raise UsageError(f"unknown checkpoint format {format!r}; choose one of auto, native")
+    fmt, opened = detect_format(path) if format == "auto" else (format, None)
+    if fmt == "native":
+        _no_config(config)
+        return _read_config(_native_dir(path), overrides), fmt
+    cfg, _ = read_foreign(path, fmt, config, source=opened, **overrides)
+    return cfg, fmt
+
+
+def _native_dir(path: Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a native checkpoint directory with "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}")
-    model = load_native(path, overrides)
+    return path
+
+
+def _no_config(config: str | Path | None) -> None:
+    if config is not None:
+        raise UsageError("config= is for imported layouts (smdm, mdlm, llada); a native "
+                         "checkpoint carries its own config")
+
+
+def load_model(source: str | Path | None = None, *, format: str = "auto",
+               config: str | Path | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, **overrides: Any) -> LoopMDM:
+    """Load a LoopMDM from the native format or an imported layout.
+
+    Args:
+        source: a checkpoint directory or weight file; None loads the embedded default model.
+        format: "auto" (detect from the files and keys), "native", "smdm", "mdlm" or "llada".
+        config: smdm: a lit-gpt config JSON or a preset name such as "Diff_LLaMA_170M";
+            mdlm/llada: a config.json path when it is not beside the weights.
+        device: "cpu", "cuda", ...; None picks CUDA when available.
+        dtype: None keeps float32 on CPU and uses bfloat16 on CUDA.
+        **overrides: config fields to change. For imported layouts `loop_start` and
+            `loop_layers` name the looped block (default: every layer, run once, i.e. the plain
+            MDM) and `n_loops` its loop count (default 1).
+
+    Raises:
+        CheckpointError: a missing, unreadable or mismatched checkpoint.
+        UsageError: an unknown format, a loop spec outside the layers, a missing config.
+    """
+    path = embedded_path() if source is None else Path(source).expanduser()
+    check_format(format)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    fmt, opened = detect_format(path) if format == "auto" else (format, None)
+    if fmt == "native":
+        _no_config(config)
+        model = load_native(_native_dir(path), overrides)
+    else:
+        cfg, src = read_foreign(path, fmt, config, source=opened, **overrides)
+        model = build_model(cfg, convert_foreign(src, fmt, cfg), f"{path} ({fmt} layout)")
+        if cfg.tokenizer.get("file"):
+            model.tokenizer_dir = src.directory
     dev = pick_device(device)
     return model.to(device=dev, dtype=pick_dtype(dtype, dev)).eval()
 
 
-def tokenizer_for(model: LoopMDM) -> CharTokenizer:
-    """The tokenizer the model's config describes."""
-    spec = model.config.tokenizer
-    if not spec:
-        raise UsageError("this model's config describes no tokenizer; pass token ids instead "
-                         "of strings")
-    return from_spec(spec)
+def tokenizer_for(model: LoopMDM) -> Tokenizer:
+    """The tokenizer the model's config describes (a file-backed one is read from the
+    checkpoint directory it came with)."""
+    cfg = model.config
+    if not cfg.tokenizer:
+        raise UsageError("this model's config describes no tokenizer; pass a tokenizer path "
+                         "(--tokenizer) or token ids instead of strings")
+    return from_spec(cfg.tokenizer, getattr(model, "tokenizer_dir", None),
+                     {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id})
+
+
+def convert_checkpoint(source: str | Path, destination: str | Path, *, format: str = "auto",
+                       config: str | Path | None = None, dtype: str | torch.dtype | None = None,
+                       **overrides: Any) -> LoopMDM:
+    """Load a checkpoint in any supported layout and write it in the native format.
+
+    Args:
+        source: the checkpoint to read (see `load_model`).
+        destination: a new (or empty) directory.
+        format, config, **overrides: as for `load_model` (e.g. `loop_start`, `loop_layers`).
+        dtype: dtype of the written weights (default float32).
+
+    Returns:
+        The converted model (on the CPU).
+    """
+    out = Path(destination).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty directory; choose a new destination")
+    model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
+                       **overrides)
+    save_model(model, out)
+    return model

@@ -3,6 +3,10 @@
 A LoopMDM stores `n_layers` unique transformer layers. Layers `[loop_start, loop_start +
 loop_layers)` form the looped block, applied `n_loops` times with shared weights; the layers
 before it are the prelude (run once), the layers after it the coda (run once).
+
+`flavour` picks the layer type: "llama" (RMSNorm, SwiGLU, no biases; native, SMDM and LLaDA
+checkpoints) or "dit" (MDLM's DiT block: LayerNorm without bias, GELU-tanh MLP with biases and
+a constant adaLN modulation, the model run at noise level sigma = 0).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+
+FLAVOURS = ("llama", "dit")
+ROPE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -36,6 +43,8 @@ class LoopMDMConfig:
     eos_id: int | None = None
     lm_head_vocab: int | None = None  # rows of the LM head when it predicts fewer ids (SMDM)
     tie_embeddings: bool = False
+    flavour: str = "llama"  # layer type: "llama" or "dit" (see the module docstring)
+    rope_dtype: str = "float32"  # cos/sin tables are rounded to this dtype (SMDM: bfloat16)
     tokenizer: dict[str, Any] = field(default_factory=dict)  # see tokenizer.from_spec
     task: dict[str, Any] = field(default_factory=dict)  # built-in task the model was trained on
 
@@ -57,6 +66,10 @@ class LoopMDMConfig:
             (self.n_loops >= 1 and self.max_train_loops >= 1, "loop counts must be >= 1"),
             (0 <= self.mask_id < self.vocab_size, f"mask_id {self.mask_id} outside the "
              f"vocabulary of {self.vocab_size}"),
+            (self.flavour in FLAVOURS, f"unknown flavour {self.flavour!r}; choose one of "
+             f"{', '.join(FLAVOURS)}"),
+            (self.rope_dtype in ROPE_DTYPES, f"unknown rope_dtype {self.rope_dtype!r}; choose one "
+             f"of {', '.join(ROPE_DTYPES)}"),
         ]
         for ok, message in checks:
             if not ok:

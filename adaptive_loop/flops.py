@@ -1,8 +1,10 @@
 """FLOP counting, one convention (DESIGN.md): a matmul [n, a] x [a, b] costs 2nab.
 
 Per layer and per query token with width d, MLP width ff, key/value width d_kv and L keys:
-projections 2d(d + 2 d_kv) + 2d^2, SwiGLU MLP 6 d ff, attention 4 d L. LM head 2 d V per
-position whose logits are computed. A halted token costs nothing as a query.
+projections 2d(d + 2 d_kv) + 2d^2, SwiGLU MLP 6 d ff (the "dit" flavour's GELU MLP: 4 d ff),
+attention 4 d L. LM head 2 d V per position whose logits are computed. A halted token costs
+nothing as a query. Norms, biases and the DiT's constant adaLN modulation are elementwise and
+not counted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from .config import LoopMDMConfig
 def layer_flops(cfg: LoopMDMConfig, keys: int) -> int:
     """FLOPs of one layer for one query token attending to `keys` keys."""
     d, d_kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-    return 2 * d * (d + 2 * d_kv) + 2 * d * d + 6 * d * cfg.d_ff + 4 * d * keys
+    return 2 * d * (d + 2 * d_kv) + 2 * d * d + mlp_flops(cfg) + 4 * d * keys
+
+
+def mlp_flops(cfg: LoopMDMConfig) -> int:
+    """The MLP of one layer for one token: SwiGLU has three matrices, GELU two."""
+    return (4 if cfg.flavour == "dit" else 6) * cfg.d_model * cfg.d_ff
 
 
 def kv_flops(cfg: LoopMDMConfig) -> int:

@@ -2,10 +2,15 @@
 
     tokens -> embed -> prelude layers -> [looped block] x S -> coda layers -> norm -> LM head
 
-Attention is bidirectional; layers are LLaMA-style (RMSNorm, rotate-half RoPE, SwiGLU).
-The model holds no halting or sampling code: `forward` is the plain fixed-loop pass, and the
-pieces the runtime needs (`embed`, `prelude`, layer-level `dense`/`packed` steps, `readout`)
-are public so the runtime can run the looped block on the active tokens only.
+Attention is bidirectional. Layers are LLaMA-style (RMSNorm, rotate-half RoPE, SwiGLU) or, for
+the "dit" flavour, MDLM's DiT layers (see layers.py). The model holds no halting or sampling
+code: `forward` is the plain fixed-loop pass, and the pieces the runtime needs (`embed`,
+`prelude`, layer-level `dense`/`packed` steps, `readout`) are public so the runtime can run the
+looped block on the active tokens only.
+
+RoPE positions are 0..L-1 by default. Inside `with model.at_positions(pos):` every part,
+including the runtime's loop, runs token j of row b at position pos[b, j]: a left-padded row
+then sees the positions it would have had alone.
 
 Shape legend: B batch, L positions, N packed tokens, d width, H/G query/key-value heads,
 D head size, V vocabulary.
@@ -13,109 +18,27 @@ D head size, V vocabulary.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import Tensor, nn
 
-from .attention import PackPlan, dense_attention, packed_attention
+from .attention import PackPlan
 from .config import LoopMDMConfig
+from .layers import (
+    KV,
+    DiTLayer,
+    Layer,
+    LayerBase,
+    ModulatedNorm,
+    RMSNorm,
+    Rope,
+    apply_rope,
+    rope_rows,
+    rope_tables,
+)
 
-KV = tuple[Tensor, Tensor]  # (B, G, L, D) keys and values of one layer
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * \
-            self.weight
-
-
-def rope_tables(cfg: LoopMDMConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos/sin tables (max_seq_len, D) for rotate-half RoPE, in float32."""
-    half = cfg.head_dim // 2
-    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(half, dtype=torch.float32, device=device)
-                                       / half)
-    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device),
-                         inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., D) with cos/sin broadcastable to it: x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-class Layer(nn.Module):
-    """One pre-norm transformer layer. Works on full rows (`dense`) or packed tokens (`packed`)."""
-
-    def __init__(self, cfg: LoopMDMConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.norm_1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
-                             bias=False)  # [Q; K; V] stacked
-        self.attn_out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.norm_2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # [gate; up]
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-
-    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """h (..., d) -> q (..., H, D), k and v (..., G, D), RoPE applied to q and k."""
-        q, k, v = self.qkv(self.norm_1(h)).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-             self.n_kv * self.head_dim], dim=-1)
-        shape = h.shape[:-1]
-        q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(*shape, self.n_kv, self.head_dim), cos, sin)
-        return q, k, v.view(*shape, self.n_kv, self.head_dim)
-
-    def finish(self, h: Tensor, attn: Tensor) -> Tensor:
-        """Residual add of the attention output (..., H*D), then the SwiGLU MLP block."""
-        h = h + self.attn_out(attn)
-        gate, up = self.gate_up(self.norm_2(h)).chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up)
-
-    def dense(self, h: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor | None = None,
-              kv_keep: tuple[Tensor, KV] | None = None) -> tuple[Tensor, KV]:
-        """Full rows. h (B, L, d) -> (B, L, d) and this layer's (k, v) (B, G, L, D).
-
-        `kv_keep = (active (B, L), (k_old, v_old))` keeps the old keys/values of inactive
-        tokens: the masked reference of the compacted path.
-        """
-        length = h.shape[1]
-        cos, sin = (t[:length, None, :] for t in rope)  # (L, 1, D)
-        q, k, v = self.project(h, cos, sin)  # (B, L, H|G, D)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, L, D)
-        if kv_keep is not None:
-            active, (k_old, v_old) = kv_keep
-            keep = active[:, None, :, None]
-            k, v = torch.where(keep, k, k_old), torch.where(keep, v, v_old)
-        attn = dense_attention(q.transpose(1, 2), k, v, key_mask)  # (B, H, L, D)
-        out = self.finish(h, attn.transpose(1, 2).flatten(2))
-        return out, (k, v)
-
-    def packed(self, h: Tensor, rope: tuple[Tensor, Tensor], plan: PackPlan, cache: KV,
-               key_mask: Tensor | None = None) -> Tensor:
-        """Packed tokens. h (N, d) -> (N, d).
-
-        The tokens' new keys/values are written into `cache` (B, G, L, D) in place; every other
-        token keeps the keys/values the cache holds (frozen at their last computed value).
-        """
-        cos, sin = rope[0][plan.pos, None, :], rope[1][plan.pos, None, :]  # (N, 1, D)
-        q, k, v = self.project(h, cos, sin)  # (N, H|G, D)
-        k_cache, v_cache = cache
-        k_cache[plan.rows, :, plan.pos] = k
-        v_cache[plan.rows, :, plan.pos] = v
-        attn = packed_attention(q, k_cache, v_cache, plan, key_mask)  # (N, H, D)
-        return self.finish(h, attn.flatten(1))
+__all__ = ["KV", "Layer", "LayerBase", "LoopMDM", "RMSNorm", "apply_rope", "rope_tables"]
 
 
 class LoopMDM(nn.Module):
@@ -124,16 +47,25 @@ class LoopMDM(nn.Module):
     def __init__(self, cfg: LoopMDMConfig) -> None:
         super().__init__()
         self.config = cfg
+        dit = cfg.flavour == "dit"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.out_vocab, bias=False)
+        layer_class = DiTLayer if dit else Layer
+        self.layers = nn.ModuleList(layer_class(cfg) for _ in range(cfg.n_layers))
+        self.norm = ModulatedNorm(cfg.d_model, cfg.norm_eps) if dit else \
+            RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.out_vocab, bias=dit)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self._rope_rows: Rope | None = None  # per-row tables inside `at_positions`
+        self.reset_rope()
         self.apply(self._init)
+
+    def reset_rope(self) -> None:
+        """(Re)build the RoPE tables, e.g. after the model was built on the meta device."""
+        device = self.embed_tokens.weight.device
+        cos, sin = rope_tables(self.config, None if device.type == "meta" else device)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -142,20 +74,40 @@ class LoopMDM(nn.Module):
 
     # -- the parts, in order ------------------------------------------------------------------
     @property
-    def rope(self) -> tuple[Tensor, Tensor]:
+    def rope(self) -> Rope:
+        """cos/sin tables: shared (max_seq_len, D), or per-row (B, L, D) in `at_positions`."""
+        if self._rope_rows is not None:
+            return self._rope_rows
         return self.rope_cos, self.rope_sin
 
+    @contextmanager
+    def at_positions(self, positions: Tensor | None) -> Iterator[None]:
+        """Run every part at per-row RoPE positions `positions` (B, L) (None: 0..L-1).
+
+        The sampler uses this for left-padded batches: positions count from each row's first
+        real token, so a padded row computes what the unpadded prompt would.
+        """
+        if positions is None:
+            yield
+            return
+        saved = self._rope_rows
+        self._rope_rows = (self.rope_cos[positions], self.rope_sin[positions])  # (B, L, D)
+        try:
+            yield
+        finally:
+            self._rope_rows = saved
+
     @property
-    def prelude_layers(self) -> list[Layer]:
+    def prelude_layers(self) -> list[LayerBase]:
         return list(self.layers[: self.config.loop_start])
 
     @property
-    def block_layers(self) -> list[Layer]:
+    def block_layers(self) -> list[LayerBase]:
         c = self.config
         return list(self.layers[c.loop_start: c.loop_start + c.loop_layers])
 
     @property
-    def coda_layers(self) -> list[Layer]:
+    def coda_layers(self) -> list[LayerBase]:
         c = self.config
         return list(self.layers[c.loop_start + c.loop_layers:])
 
@@ -198,18 +150,25 @@ class LoopMDM(nn.Module):
         hq = h.reshape(-1, h.shape[-1])[plan.index]  # (N, d)
         if coda:
             last = coda[-1]
-            length = h.shape[1]
-            cos, sin = (t[:length, None, :] for t in self.rope)
+            cos, sin = rope_rows(self.rope, h.shape[1])
             _, k, v = last.project(h, cos, sin)  # keys/values of every position
             kv = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
             hq = last.packed(hq, self.rope, plan, kv, key_mask)
         return self.head(hq)
 
     def forward(self, input_ids: Tensor, n_loops: int | None = None,
-                key_mask: Tensor | None = None) -> Tensor:
-        """Fixed-loop pass. input_ids (B, L) -> logits (B, L, V)."""
+                key_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Fixed-loop pass. input_ids (B, L) -> logits (B, L, V).
+
+        Args:
+            input_ids: token ids (B, L).
+            n_loops: loop count S (default: the config's).
+            key_mask: (B, L) bool, False for padding that no token may attend to.
+            positions: (B, L) RoPE positions (default 0..L-1 in every row).
+        """
         n_loops = self.config.n_loops if n_loops is None else n_loops
-        h = self.prelude(self.embed(input_ids), key_mask)
-        for _ in range(n_loops):
-            h, _ = self.loop_once(h, key_mask)
-        return self.readout(h, key_mask=key_mask)
+        with self.at_positions(positions):
+            h = self.prelude(self.embed(input_ids), key_mask)
+            for _ in range(n_loops):
+                h, _ = self.loop_once(h, key_mask)
+            return self.readout(h, key_mask=key_mask)

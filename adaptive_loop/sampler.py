@@ -2,10 +2,23 @@
 
 The sequence starts as `[prompt | MASK * gen_length]`. `gen_length` splits into blocks of
 `block_length` (semi-autoregressive when there are several) and `steps` split evenly across
-blocks. Each step runs the model (prelude, adaptive loops, coda on the needed positions),
-draws a candidate for every masked position of the current block (Gumbel-max with float64
-noise; temperature 0 is argmax) and commits `num_transfer` of them, the most confident first
-(`low_confidence`: probability of the drawn token; `random`: uniform scores).
+blocks. Each step runs the model (prelude, adaptive loops, coda on the needed positions: the
+masked ones up to the end of the current block, as LLaDA's code has it), draws a candidate for
+each (Gumbel-max with float64 noise; temperature 0 is argmax) and commits some of them:
+- by default `num_transfer` per step, the most confident first (remasking `low_confidence`,
+  `random`, `margin` or `entropy`; see remasking.py);
+- with `threshold` (Fast-dLLM parallel decoding) every candidate of the block scoring at least
+  the threshold, and always the best one; with `factor`, Fast-dLLM's factor rule. Both run a
+  block until it is fully decoded, so `steps` no longer fixes the step count.
+
+Classifier-free guidance (`cfg_scale` > 0) runs an unconditional copy with the prompt masked
+in the same batch and uses `un + (cfg_scale + 1) * (cond - un)`.
+
+Prompts of different lengths are left-padded; padding is hidden from attention by a key mask
+and RoPE positions count from each row's first real token, so a padded row decodes exactly as
+its prompt alone. EOS: the decoded text stops at the first EOS; `eos_fill=True` also commits
+EOS to every masked position after a row's first EOS (an instruct model pads its answer with
+EOS; filling saves the steps spent predicting them and skips blocks left with nothing to do).
 """
 
 from __future__ import annotations
@@ -15,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import PackPlan
@@ -23,10 +35,23 @@ from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
 from .model import LoopMDM
 from .policies import HaltingPolicy
+from .remasking import (
+    REMASKING,
+    confidence,
+    draw,
+    factor_commit,
+    fill_after_eos,
+    num_transfer_tokens,
+    threshold_commit,
+    top_k_rows,
+)
 from .runtime import StepTrace, run_loops
-from .tokenizer import Tokenizer, encode_batch
+from .tokenizer import Tokenizer, encode_prompts
 
-REMASKING = ("low_confidence", "random")
+_draw, _top_k_rows = draw, top_k_rows  # earlier names, kept for callers
+
+__all__ = ["REMASKING", "GenerationResult", "GenerationStats", "StepStats", "generate",
+           "num_transfer_tokens"]
 
 
 @dataclass
@@ -52,7 +77,7 @@ class GenerationStats:
     looped_flops_fixed_max: int  # the same for a fixed policy at max_loops
     monitor_flops: int  # spent on policy signals
     total_flops: int  # prelude + looped + readout + monitoring
-    nfe: int  # model evaluations (denoising steps)
+    nfe: int  # model evaluations (denoising steps; a guided step is one batched evaluation)
     wall_s: float
     host_syncs: int
     steps: list[StepStats] = field(default_factory=list)
@@ -70,44 +95,58 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    tokens: Tensor  # (B, T + gen_length): prompt and completion, as LLaDA returns them
-    text: list[str]  # decoded completions
+    tokens: Tensor  # (B, T + gen_length): left-padded prompts and completions, as LLaDA returns
+    text: list[str]  # decoded completions, each up to its first EOS
     stats: GenerationStats
-    loops: Tensor  # (steps, B, T + gen_length) loops per token per step
-    prompt_length: int
+    loops: Tensor  # (steps, B, T + gen_length) loops per token per step (conditional rows)
+    prompt_length: int  # T: the longest prompt; completions start at this column
+    prompt_lengths: list[int] = field(default_factory=list)  # each prompt's own length
 
 
-def num_transfer_tokens(block_masked: Tensor, steps: int) -> Tensor:
-    """(B, block) masked flags -> (B, steps): the block's masked count split evenly across the
-    steps, the remainder going to the first steps (LLaDA's linear schedule)."""
-    count = block_masked.sum(1, keepdim=True)
-    base, rem = count // steps, count % steps
-    out = base.expand(-1, steps).clone()
-    out += (torch.arange(steps, device=out.device)[None, :] < rem).long()
-    return out
+@dataclass
+class _Batch:
+    """The padded sequence and what stays fixed during one generation."""
+
+    x: Tensor  # (B, L) tokens
+    real: Tensor  # (B, L) bool: not padding
+    key_mask: Tensor | None  # `real` when any row is padded, else None (no mask needed)
+    positions: Tensor | None  # (B, L) RoPE positions when padded
+    prompt: Tensor  # (B, L) bool: prompt tokens (masked in the unconditional copy)
+    lengths: list[int]
 
 
-def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Gumbel-max in float64: argmax(exp(logits) / (-log U)^temperature); 0 is argmax."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.double()
-    u = torch.rand(logits.shape, generator=generator, device=logits.device,
-                   dtype=torch.float64)
-    return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+def _pad_id(model: LoopMDM) -> int:
+    """A filler for padding: never the mask id, so padding never counts as masked."""
+    cfg = model.config
+    for candidate in (cfg.pad_id, cfg.eos_id, 0, 1):
+        if candidate is not None and candidate != cfg.mask_id:
+            return candidate
+    return 2
 
 
-def _top_k_rows(score: Tensor, k: Tensor) -> Tensor:
-    """(B, L) scores, (B,) counts -> (B, L) bool of each row's k highest scores, without a
-    Python loop over rows."""
-    order = score.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
-    return rank < k[:, None]
+def _batch(model: LoopMDM, rows: list[list[int]], gen_length: int,
+           device: torch.device) -> _Batch:
+    """Left-pad the prompts and append the masked completion."""
+    cfg = model.config
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    ids = torch.full((len(rows), width + gen_length), _pad_id(model), dtype=torch.long)
+    real = torch.zeros(len(rows), width + gen_length, dtype=torch.bool)
+    for i, r in enumerate(rows):  # host-side setup, once per generation
+        ids[i, width - len(r): width] = torch.tensor(r, dtype=torch.long)
+        real[i, width - len(r):] = True
+    ids[:, width:] = cfg.mask_id
+    ids, real = ids.to(device), real.to(device)
+    padded = min(lengths) < width
+    positions = (real.long().cumsum(1) - 1).clamp_min(0) if padded else None
+    column = torch.arange(width + gen_length, device=device)
+    prompt = real & (column < width)[None, :] & (ids != cfg.mask_id)
+    return _Batch(ids, real, real if padded else None, positions, prompt, lengths)
 
 
 def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
-              block_length: int, temperature: float, remasking: str) -> None:
+              block_length: int, temperature: float, remasking: str, threshold: float | None,
+              factor: float | None, cfg_scale: float, eos_fill: bool) -> None:
     if gen_length < 1 or steps < 1:
         raise UsageError(f"gen_length and steps must be >= 1 (got {gen_length}, {steps})")
     if block_length < 1 or gen_length % block_length:
@@ -121,95 +160,195 @@ def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
         raise UsageError(f"temperature must be >= 0, got {temperature}")
     if remasking not in REMASKING:
         raise UsageError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
+    if threshold is not None and factor is not None:
+        raise UsageError("threshold and factor are two parallel-decoding rules; choose one")
+    if threshold is not None and not -float("inf") < threshold < float("inf"):
+        raise UsageError(f"threshold must be a finite number, got {threshold}")
+    if factor is not None and not factor > 0:
+        raise UsageError(f"factor must be > 0, got {factor}")
+    if not cfg_scale >= 0:
+        raise UsageError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if eos_fill and model.config.eos_id is None:
+        raise UsageError("eos_fill needs an EOS id, and this model's config has none")
     limit = model.config.max_seq_len
     if prompt_len + gen_length > limit:
         raise UsageError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) exceeds the "
                          f"model's context of {limit} tokens")
 
 
+def _prompt_rows(model: LoopMDM, prompts: Any,
+                 tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
+    """Token id rows from strings, id lists, or a (B, T) tensor of unpadded prompts, and the
+    tokenizer that decodes the completions (the model's own for string prompts)."""
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2 or prompts.shape[1] == 0:
+            raise UsageError(f"prompt ids must be (batch, length), got shape "
+                             f"{tuple(prompts.shape)}")
+        return prompts.tolist(), tokenizer
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, (list, tuple)) for p in prompts):
+        if any(len(p) == 0 for p in prompts):
+            raise UsageError("give at least one prompt, none of them empty")
+        return [list(p) for p in prompts], tokenizer
+    if tokenizer is None:
+        from .checkpoint import tokenizer_for
+
+        tokenizer = tokenizer_for(model)
+    return encode_prompts(tokenizer, prompts), tokenizer
+
+
+class _Stepper:
+    """One denoising step: the model on every needed position, then the commit rule."""
+
+    def __init__(self, model: LoopMDM, batch: _Batch, policy: HaltingPolicy, compact: bool,
+                 cfg_scale: float, temperature: float, remasking: str,
+                 generator: torch.Generator) -> None:
+        self.model, self.batch, self.policy, self.compact = model, batch, policy, compact
+        self.cfg_scale, self.temperature, self.remasking = cfg_scale, temperature, remasking
+        self.generator = generator
+        self.key_mask, self.positions = batch.key_mask, batch.positions
+        if cfg_scale > 0:  # the unconditional copy shares padding and positions
+            self.key_mask = None if self.key_mask is None else self.key_mask.repeat(2, 1)
+            self.positions = None if self.positions is None else self.positions.repeat(2, 1)
+        self.readout = 0  # readout FLOPs so far
+
+    def scores(self, x: Tensor, needed: Tensor, step: int,
+               steps: int) -> tuple[Tensor, Tensor, Tensor, StepTrace]:
+        """Candidates and confidences for the needed positions: (M,) flat index, drawn ids,
+        float64 scores, and the runtime's trace."""
+        model, cfg = self.model, self.model.config
+        length = x.shape[1]
+        inputs, need = x, needed
+        if self.cfg_scale > 0:  # unconditional copy: the prompt masked
+            inputs = torch.cat([x, torch.where(self.batch.prompt, cfg.mask_id, x)])
+            need = torch.cat([needed, needed])
+        with model.at_positions(self.positions):
+            h = model.prelude(model.embed(inputs), self.key_mask)
+            h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
+                                 compact=self.compact, step=step, steps=steps)
+            plan = PackPlan.from_mask(need)
+            logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
+        self.readout += readout_flops(cfg, plan.size, inputs.shape[0] * length, length)
+        index = plan.index
+        if self.cfg_scale > 0:  # rows [0, B) come first in the plan, in the same order
+            half = plan.size // 2
+            cond, un = logits[:half].float(), logits[half:].float()
+            logits, index = un + (self.cfg_scale + 1) * (cond - un), index[:half]
+        drawn = draw(logits, self.temperature, self.generator)
+        return index, drawn, confidence(logits, drawn, self.remasking, self.generator), trace
+
+
 @torch.no_grad()
-def generate(model: LoopMDM, prompts: list[str] | str | Tensor, *, policy: HaltingPolicy,
-             gen_length: int, steps: int, block_length: int | None = None,
+def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor, *,
+             policy: HaltingPolicy, gen_length: int, steps: int, block_length: int | None = None,
              temperature: float = 0.0, remasking: str = "low_confidence",
-             seed: int | None = None, tokenizer: Tokenizer | None = None,
-             compact: bool = True) -> GenerationResult:
+             threshold: float | None = None, factor: float | None = None,
+             cfg_scale: float = 0.0, eos_fill: bool = False, seed: int | None = None,
+             tokenizer: Tokenizer | None = None, compact: bool = True) -> GenerationResult:
     """Generate completions with adaptive loops.
 
     Args:
         model: a `LoopMDM` (see `load_model`).
-        prompts: strings (encoded with `tokenizer`, default the model's own) or a LongTensor
-            (B, T) of token ids.
+        prompts: strings (encoded with `tokenizer`, default the model's own), lists of token
+            ids, or a LongTensor (B, T). Prompts may differ in length (left-padded).
         policy: a halting policy (`adaptive_loop.policies.make`).
         gen_length: tokens to generate per prompt.
         steps: denoising steps in total (split evenly across blocks).
         block_length: semi-autoregressive block size (default: one block of gen_length).
         temperature: Gumbel noise temperature; 0 is greedy.
-        remasking: `low_confidence` or `random`.
+        remasking: `low_confidence`, `random`, `margin` or `entropy`.
+        threshold: Fast-dLLM parallel decoding: commit every candidate scoring at least this.
+        factor: Fast-dLLM's factor rule instead of a fixed threshold.
+        cfg_scale: classifier-free guidance scale (0: off).
+        eos_fill: commit EOS after each row's first EOS.
         seed: seeds the noise (temperature > 0 or random remasking).
+        tokenizer: encodes string prompts and decodes completions.
         compact: run halted tokens out of the computation (False: the masked reference).
     """
     cfg = model.config
-    if tokenizer is None and not isinstance(prompts, Tensor):
-        from .checkpoint import tokenizer_for
-
-        tokenizer = tokenizer_for(model)
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    ids = prompts if isinstance(prompts, Tensor) else encode_batch(tokenizer, list(prompts))
-    if ids.dim() != 2:
-        raise UsageError(f"prompt ids must be (batch, length), got shape {tuple(ids.shape)}")
+    rows, tokenizer = _prompt_rows(model, prompts, tokenizer)
     block_length = gen_length if block_length is None else block_length
-    _validate(model, ids.shape[1], gen_length, steps, block_length, temperature, remasking)
+    prompt_len = max(len(r) for r in rows)
+    _validate(model, prompt_len, gen_length, steps, block_length, temperature, remasking,
+              threshold, factor, cfg_scale, eos_fill)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
 
-    batch, prompt_len = ids.shape
-    x = torch.cat([ids.to(device), torch.full((batch, gen_length), cfg.mask_id,
-                                              device=device)], dim=1)
-    length = x.shape[1]
-    blocks = gen_length // block_length
-    steps_per_block = steps // blocks
+    data = _batch(model, rows, gen_length, device)
+    x = data.x
+    batch, length = x.shape
+    blocks, steps_per_block = gen_length // block_length, steps // (gen_length // block_length)
     _, max_loops = policy.loop_bounds(cfg.n_loops)
-    fixed = step_flops_fixed(cfg, batch, length, max_loops)
-    positions = torch.arange(length, device=device)
+    model_rows = batch * (2 if cfg_scale > 0 else 1)
+    fixed = step_flops_fixed(cfg, model_rows, length, max_loops)
+    column = torch.arange(length, device=device)
+    generated = column[None, :] >= prompt_len
+    stepper = _Stepper(model, data, policy, compact, cfg_scale, temperature, remasking,
+                       generator)
+    adaptive = threshold is not None or factor is not None
     start = time.perf_counter()
     traces: list[StepTrace] = []
     records: list[tuple[int, Tensor, Tensor]] = []  # block, needed, committed
-    readout = 0
+    syncs = 0
     for b in range(blocks):
-        lo_pos, hi_pos = prompt_len + b * block_length, prompt_len + (b + 1) * block_length
-        in_block = (positions >= lo_pos) & (positions < hi_pos)
-        transfer = num_transfer_tokens(x[:, lo_pos:hi_pos] == cfg.mask_id, steps_per_block)
-        for i in range(steps_per_block):
-            step = b * steps_per_block + i
-            masked = x == cfg.mask_id
-            needed = masked & in_block
-            h = model.prelude(model.embed(x))
-            h, trace = run_loops(model, h, policy, needed, compact=compact, step=step,
-                                 steps=steps)
-            plan = PackPlan.from_mask(needed)
-            logits = model.readout(h, plan)  # (M, V) for the needed positions only
-            readout += readout_flops(cfg, plan.size, batch * length, length)
-            draw = _draw(logits, temperature, generator)
-            if remasking == "low_confidence":
-                score = F.softmax(logits.double(), dim=-1).gather(-1, draw[:, None])[:, 0]
-            else:
-                score = torch.rand(plan.size, generator=generator, device=device,
-                                   dtype=torch.float64)
-            confidence = torch.full((batch, length), -torch.inf, device=device,
-                                    dtype=torch.float64)
-            confidence.view(-1)[plan.index] = score
+        lo, hi = prompt_len + b * block_length, prompt_len + (b + 1) * block_length
+        block_masked = x[:, lo:hi] == cfg.mask_id
+        transfer = num_transfer_tokens(block_masked, steps_per_block)
+        i = 0
+        while True:
+            if adaptive or eos_fill:  # stop once the block is decoded (one sync)
+                syncs += 1
+                if i >= (block_length if adaptive else steps_per_block) or \
+                        not bool((x[:, lo:hi] == cfg.mask_id).any()):
+                    break
+            elif i >= steps_per_block:
+                break
+            step = len(traces)
+            needed = (x == cfg.mask_id) & data.real & (column < hi)[None, :]
+            index, drawn, score, trace = stepper.scores(x, needed, step, steps)
+            conf = torch.full((batch, length), -torch.inf, device=device, dtype=torch.float64)
+            conf.view(-1)[index] = score
             candidate = x.clone()
-            candidate.view(-1)[plan.index] = draw
-            commit = _top_k_rows(confidence, transfer[:, i]) & needed
+            candidate.view(-1)[index] = drawn
+            if threshold is not None:
+                commit = threshold_commit(conf, needed, threshold)
+            elif factor is not None:
+                commit = factor_commit(conf, needed, factor)
+            else:
+                commit = top_k_rows(conf, transfer[:, i]) & needed
             x = torch.where(commit, candidate, x)
+            if eos_fill:
+                filled = fill_after_eos(x, generated, cfg.mask_id, cfg.eos_id)
+                x, commit = torch.where(filled, cfg.eos_id, x), commit | filled
             traces.append(trace)
             records.append((b, needed, commit))
+            i += 1
     wall = time.perf_counter() - start
+    stats, loops = _stats(traces, records, fixed, max_loops, stepper.readout, wall, batch,
+                          syncs)
+    tokens = x.cpu()
+    text = _decode(tokenizer, tokens[:, prompt_len:], cfg.eos_id) if tokenizer else []
+    return GenerationResult(tokens=tokens, text=text, stats=stats, loops=loops,
+                            prompt_length=prompt_len, prompt_lengths=data.lengths)
 
-    # statistics after the loop, so that they cost no host syncs inside a step
-    loops = torch.stack([t.loops for t in traces]).cpu()
+
+def _decode(tokenizer: Tokenizer, completions: Tensor, eos_id: int | None) -> list[str]:
+    out = []
+    for row in completions.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append(tokenizer.decode(row))
+    return out
+
+
+def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
+           fixed: dict[str, int], max_loops: int, readout: int, wall: float, batch: int,
+           syncs: int) -> tuple[GenerationStats, Tensor]:
+    """Statistics after the loop, so that they cost no host syncs inside a step."""
+    loops = torch.stack([t.loops[:batch] for t in traces]).cpu()  # conditional rows
     needed_all = torch.stack([r[1] for r in records]).cpu()
     committed = torch.stack([r[2].sum() for r in records]).tolist()
     step_stats = []
@@ -232,9 +371,5 @@ def generate(model: LoopMDM, prompts: list[str] | str | Tensor, *, policy: Halti
         looped_flops_fixed_max=fixed["looped"] * nfe, monitor_flops=monitor,
         total_flops=nfe * fixed["prelude"] + looped + readout + monitor,
         nfe=nfe, wall_s=wall,
-        host_syncs=sum(t.host_syncs for t in traces) + 2 * nfe, steps=step_stats)
-    tokens = x.cpu()
-    text = [tokenizer.decode(row) for row in tokens[:, prompt_len:].tolist()] if tokenizer \
-        else []
-    return GenerationResult(tokens=tokens, text=text, stats=stats, loops=loops,
-                            prompt_length=prompt_len)
+        host_syncs=sum(t.host_syncs for t in traces) + 2 * nfe + syncs, steps=step_stats)
+    return stats, loops

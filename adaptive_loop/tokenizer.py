@@ -2,11 +2,17 @@
 
 `{"kind": "char", "chars": "0123456789+=", "specials": {"mask": 12, "pad": 13, "eos": 14}}` is a
 character tokenizer: id i < len(chars) is chars[i], specials follow.
+
+Checkpoints that ship a tokenizer file use `{"kind": "huggingface", "file": "tokenizer.json"}`
+(read with the `tokenizers` package) or `{"kind": "sentencepiece", "file": "tokenizer.model"}`;
+the file name is relative to the checkpoint directory. Mask, pad and EOS ids always come from
+the model config, since the tokenizers of public MDMs do not know the mask token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -55,23 +61,159 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars, "specials": specials}
 
 
-def from_spec(spec: dict[str, Any]) -> CharTokenizer:
-    """Build the tokenizer a model config describes."""
+class FileTokenizer:
+    """Common part of the tokenizers read from a file: specials and decoding rules."""
+
+    kind = ""
+
+    def __init__(self, path: str | Path, mask_id: int, pad_id: int | None = None,
+                 eos_id: int | None = None) -> None:
+        self.path = Path(path)
+        self.mask_id, self.pad_id, self.eos_id = mask_id, pad_id, eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def _visible(self, ids: list[int]) -> list[int]:
+        """Drop ids the file cannot decode: mask, pad, EOS and ids past its vocabulary (SMDM's
+        mask id is one past the tokenizer's last id)."""
+        hidden = {self.mask_id, self.pad_id, self.eos_id}
+        size = self.vocab_size
+        return [i for i in ids if i not in hidden and 0 <= i < size]
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "file": self.path.name}
+
+
+class HFTokenizer(FileTokenizer):
+    """A Hugging Face `tokenizer.json`. Encoding applies the file's own post-processor (a
+    LLaDA or Llama file adds BOS, as `tokenizer(text)` does in transformers)."""
+
+    kind = "huggingface"
+
+    def __init__(self, path: str | Path, mask_id: int, pad_id: int | None = None,
+                 eos_id: int | None = None) -> None:
+        super().__init__(path, mask_id, pad_id, eos_id)
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise UsageError("reading tokenizer.json needs the `tokenizers` package "
+                             "(pip install tokenizers)") from None
+        try:
+            self._tok = _Tokenizer.from_file(str(self.path))
+        except Exception as err:  # the library raises plain Exceptions for bad files
+            raise UsageError(f"{self.path}: not a readable tokenizer.json ({err})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(self._visible(ids), skip_special_tokens=True)
+
+
+class SentencePieceTokenizer(FileTokenizer):
+    """A SentencePiece `tokenizer.model` (SMDM's Llama-2 tokenizer). No BOS is added."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | Path, mask_id: int, pad_id: int | None = None,
+                 eos_id: int | None = None) -> None:
+        super().__init__(path, mask_id, pad_id, eos_id)
+        try:
+            import sentencepiece
+        except ImportError:
+            raise UsageError("reading tokenizer.model needs the `sentencepiece` package "
+                             "(pip install sentencepiece)") from None
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(self.path))
+        except Exception as err:  # OSError or RuntimeError depending on the release
+            raise UsageError(f"{self.path}: not a readable SentencePiece model ({err})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.EncodeAsIds(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.DecodeIds(self._visible(ids))
+
+
+TOKENIZER_FILES = {"tokenizer.json": HFTokenizer, "tokenizer.model": SentencePieceTokenizer}
+_KINDS = {cls.kind: cls for cls in TOKENIZER_FILES.values()}
+
+
+def find_tokenizer_file(directory: str | Path) -> Path | None:
+    """The tokenizer file in a checkpoint directory (tokenizer.json first), or None."""
+    for name in TOKENIZER_FILES:
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def load_tokenizer(path: str | Path, mask_id: int, pad_id: int | None = None,
+                   eos_id: int | None = None) -> Tokenizer:
+    """A tokenizer from `tokenizer.json`, `tokenizer.model` or a directory holding one; the
+    special ids come from the model config."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = find_tokenizer_file(path)
+        if found is None:
+            raise UsageError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+        path = found
+    if not path.is_file():
+        raise UsageError(f"tokenizer not found: {path}")
+    cls = SentencePieceTokenizer if path.suffix == ".model" else HFTokenizer
+    return cls(path, mask_id, pad_id, eos_id)
+
+
+def from_spec(spec: dict[str, Any], directory: str | Path | None = None,
+              specials: dict[str, int | None] | None = None) -> Tokenizer:
+    """Build the tokenizer a model config describes.
+
+    Args:
+        spec: the config's `tokenizer` entry.
+        directory: where a file-backed tokenizer's file lives (the checkpoint directory).
+        specials: `{"mask": id, "pad": id, "eos": id}` from the model config, for file-backed
+            tokenizers.
+    """
     kind = spec.get("kind")
     if kind == "char":
-        specials = spec.get("specials", {})
-        return CharTokenizer(spec["chars"], specials["mask"], specials.get("pad"),
-                             specials.get("eos"))
-    raise UsageError(f"unknown tokenizer kind {kind!r} in the model config (known: 'char')")
+        chars = spec.get("specials", {})
+        return CharTokenizer(spec["chars"], chars["mask"], chars.get("pad"), chars.get("eos"))
+    if kind in _KINDS:
+        if directory is None:
+            raise UsageError(f"the model's {kind} tokenizer file is not available; pass a "
+                             f"tokenizer path")
+        path = Path(directory) / spec.get("file", "")
+        if not path.is_file():
+            raise UsageError(f"tokenizer file missing: {path}; pass a tokenizer path")
+        ids = specials or {}
+        return _KINDS[kind](path, ids.get("mask", 0), ids.get("pad"), ids.get("eos"))
+    raise UsageError(f"unknown tokenizer kind {kind!r} in the model config (known: 'char', "
+                     f"{', '.join(repr(k) for k in _KINDS)})")
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Encode prompts of any lengths; every prompt must give at least one token."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    if not ids or any(len(x) == 0 for x in ids):
+        raise UsageError("give at least one prompt, none of them empty")
+    return ids
 
 
 def encode_batch(tokenizer: Tokenizer, prompts: list[str]) -> Tensor:
     """Equal-length prompts -> LongTensor (B, T)."""
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = encode_prompts(tokenizer, prompts)
     lengths = {len(x) for x in ids}
     if len(lengths) > 1:
         raise UsageError(f"prompts in one batch must have the same length in tokens; got "
                          f"{sorted(lengths)}")
-    if not ids or 0 in lengths:
-        raise UsageError("give at least one non-empty prompt")
     return torch.tensor(ids, dtype=torch.long)

@@ -25,15 +25,16 @@ from .tasks import make_task
 
 @dataclass
 class TrainConfig:
-    task: dict[str, Any] = field(default_factory=lambda: {"name": "addition", "digits": 4})
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "addition", "digits": 8,
+                                                          "chain_fraction": 0.7})
     d_model: int = 128
     n_heads: int = 4
     d_ff: int = 384
     n_prelude: int = 1
     loop_layers: int = 1
     n_coda: int = 1
-    max_train_loops: int = 6  # S_max
-    steps: int = 3000
+    max_train_loops: int = 8  # S_max
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * this
@@ -41,7 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 500
     eval_problems: int = 200
 
     def model_config(self) -> LoopMDMConfig:

@@ -33,7 +33,8 @@ Dtype = Annotated[str | None, typer.Option(help="float32 or bfloat16; default: f
 Policy = Annotated[str, typer.Option("--policy", "-p", help="Halting policy (see `adaptive-loop "
                                      "policies`).")]
 Threshold = Annotated[float | None, typer.Option(help="Halting threshold of the policy (entropy: "
-                                                 "nats; convergence: relative change).")]
+                                                 "nats; convergence, acceleration: relative "
+                                                 "change; kl: nats; learned: probability).")]
 Loops = Annotated[int | None, typer.Option(help="Loop count of the fixed policy (default: the "
                                            "model's).")]
 MinLoops = Annotated[int | None, typer.Option(help="Loops every token runs before it may halt.")]
@@ -43,11 +44,16 @@ CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loo
 
 
 def _policy(name: str, threshold: float | None, loops: int | None, min_loops: int | None,
-            max_loops: int | None, check_every: int | None) -> Any:
-    from ..policies import make
+            max_loops: int | None, check_every: int | None,
+            checkpoint: Path | None = None) -> Any:
+    import inspect
+
+    from ..policies import make, policy_class
 
     params = {"threshold": threshold, "min_loops": min_loops, "max_loops": max_loops,
               "check_every": check_every}
+    if checkpoint is not None and "head" in inspect.signature(policy_class(name)).parameters:
+        params["head"] = checkpoint  # a policy with a sidecar file (learned) reads the model's
     if name == "fixed":
         if threshold is not None:
             raise UsageError("the fixed policy takes --loops, not --threshold")

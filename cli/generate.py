@@ -33,8 +33,8 @@ from .app import (
 @app.command()
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(
-        help="Prompt(s), all of the same length; default: a sample problem of the embedded "
-        "task.")] = None,
+        help="Prompt(s), of any lengths (left-padded); default: a sample problem of the "
+        "embedded task.")] = None,
     policy: Policy = "entropy",
     threshold: Threshold = None,
     loops: Loops = None,
@@ -50,7 +50,20 @@ def generate(
         help="Semi-autoregressive block length (default: gen-length).")] = None,
     temperature: Annotated[float, typer.Option(
         help="Gumbel noise temperature; 0 is greedy.")] = 0.0,
-    remasking: Annotated[str, typer.Option(help="low_confidence or random.")] = "low_confidence",
+    remasking: Annotated[str, typer.Option(
+        help="Commit order: low_confidence, random, margin or entropy.")] = "low_confidence",
+    threshold_decoding: Annotated[float | None, typer.Option(
+        help="Fast-dLLM parallel decoding: commit every position at least this confident "
+        "(and always the best one).")] = None,
+    factor: Annotated[float | None, typer.Option(
+        help="Fast-dLLM's factor rule for parallel decoding.")] = None,
+    cfg: Annotated[float, typer.Option(
+        "--cfg", help="Classifier-free guidance scale (0: off).")] = 0.0,
+    eos_fill: Annotated[bool, typer.Option(
+        help="Fill every position after a row's first EOS with EOS.")] = False,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, tokenizer.model or a directory holding one (default: the "
+        "checkpoint's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise.")] = None,
     device: Device = None,
     dtype: Dtype = None,
@@ -63,7 +76,7 @@ def generate(
     from ..evaluate import default_decoding
     from ..sampler import generate as run
 
-    halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every)
+    halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every, checkpoint)
     model = load_model(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if not prompt:
@@ -75,9 +88,16 @@ def generate(
             raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+    tok = None
+    if tokenizer is not None:
+        from ..tokenizer import load_tokenizer
+
+        c = model.config
+        tok = load_tokenizer(tokenizer, c.mask_id, c.pad_id, c.eos_id)
     result = run(model, prompt, policy=halting, gen_length=gen_length,
                  steps=steps or gen_length, block_length=block_length, temperature=temperature,
-                 remasking=remasking, seed=seed, compact=compact)
+                 remasking=remasking, seed=seed, compact=compact, threshold=threshold_decoding,
+                 factor=factor, cfg_scale=cfg, eos_fill=eos_fill, tokenizer=tok)
     stats = result.stats
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
@@ -136,7 +156,7 @@ def evaluate(
         settings = [(f"fixed loops={c}", _policy("fixed", None, c, None, None, None))
                     for c in counts]
     else:
-        pol = _policy(policy, threshold, None, min_loops, max_loops, check_every)
+        pol = _policy(policy, threshold, None, min_loops, max_loops, check_every, checkpoint)
         settings = [(repr(pol), pol)]
     model = load_model(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
@@ -170,8 +190,19 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data.")] = None,
     device: Device = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch (default: torch's own choice).")] = None,
 ) -> None:
-    """Train the embedded model from scratch (S ~ U{1..S_max} loops per step, MDM loss)."""
+    """Train the embedded model from scratch (S ~ U{1..S_max} loops per step, MDM loss).
+
+    The defaults reproduce the shipped model; `training.json` beside the weights records the
+    recipe, the held-out accuracy along the way, the time and the machine."""
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     from ..train import TrainConfig, train_and_save
 
     cfg = TrainConfig()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from . import generate  # noqa: F401  (registers its commands)
+from . import bench, generate, halting, sweep  # noqa: F401  (register their commands)
 from .app import app, run_main
+from .checkpoints import convert, inspect  # noqa: F401  (register their commands)
 
 
 def main(argv: list[str] | None = None) -> None:

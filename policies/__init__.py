@@ -1,9 +1,19 @@
 """Halting policies: `make(name, **params)`, `available()`, `register`.
 
-Built in: `fixed`, `convergence`, `entropy`. See `base.py` for the protocol.
+Built in: `fixed`, `convergence`, `entropy`, `kl`, `acceleration`, `stability`, `learned`,
+`schedule`. See `base.py` for the protocol.
 """
 
-from . import convergence, entropy, fixed  # noqa: F401  (registers the built-ins)
+from . import (  # noqa: F401  (registers the built-ins)
+    acceleration,
+    convergence,
+    entropy,
+    fixed,
+    kl,
+    learned,
+    schedule,
+    stability,
+)
 from .base import SIGNALS, HaltingPolicy, Signals, available, make, policy_class, register
 
 __all__ = ["SIGNALS", "HaltingPolicy", "Signals", "available", "make", "policy_class",

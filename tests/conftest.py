@@ -35,3 +35,23 @@ def tiny_model() -> LoopMDM:
 @pytest.fixture
 def prompts() -> torch.Tensor:
     return torch.randint(0, 15, (3, 6), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def addition_model() -> LoopMDM:
+    """A tiny random model whose config names a built-in task (2-digit addition), so sweeps and
+    calibration can run on "the model's own task"."""
+    from adaptive_loop.tasks import make_task
+
+    task = make_task({"name": "addition", "digits": 2})
+    tok = task.tokenizer()
+    cfg = LoopMDMConfig.from_name(
+        "tiny", vocab_size=tok.vocab_size, mask_id=tok.mask_id, pad_id=tok.pad_id,
+        eos_id=tok.eos_id, tokenizer=tok.spec(), task=task.spec(), n_loops=4, max_train_loops=3)
+    torch.manual_seed(0)
+    model = LoopMDM(cfg).eval()
+    with torch.no_grad():  # as tiny_model: spread hidden-state changes between tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model

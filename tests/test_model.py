@@ -58,3 +58,26 @@ def test_pack_plan_slots_are_ranks_within_rows():
     assert plan.pos.tolist() == [0, 2, 3, 3]
     assert plan.slot.tolist() == [0, 1, 2, 0]
     assert plan.width == 3
+
+
+def test_positions_and_key_mask_make_a_padded_row_its_unpadded_self(make_config):
+    """Left padding hidden by the key mask, RoPE positions counted from the first real token:
+    the padded row's logits equal the unpadded sequence's. (RoPE is relative, so shifted
+    positions differ only through rounding; bf16-rounded tables, as SMDM's, make that visible.)"""
+    torch.manual_seed(0)
+    model = LoopMDM(make_config(rope_dtype="bfloat16")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)  # larger activations make the rounding of the tables visible
+    ids = torch.randint(0, 16, (1, 7))
+    padded = torch.cat([torch.full((1, 3), 15), ids], 1)
+    real = torch.arange(10)[None, :] >= 3
+    positions = (real.long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        alone = model(ids)
+        got = model(padded, key_mask=real, positions=positions)[:, 3:]
+        shifted = model(padded, key_mask=real)[:, 3:]
+    assert torch.allclose(got, alone, atol=1e-5)
+    assert model.rope[0].dim() == 2  # the per-row tables are gone after the call
+    assert not torch.allclose(shifted, alone, atol=1e-4)  # positions do matter

@@ -5,6 +5,12 @@
 at a fixed offset; writing them little-endian puts each carry right after the digit it comes
 from. An answer digit depends on every lower digit through the carry chain, so a long chain
 needs depth: loops.
+
+Difficulty knobs: `digits`; `terms`, the number of operands (with three or more the carry
+takes several values and no longer just resets or passes on, so it cannot be found by looking
+for the nearest deciding digit: it must be carried through the digits one after another); and,
+for two operands, `chain_fraction`: the share of problems given a planted chain (a digit pair
+that generates a carry followed by pairs summing to 9 that propagate it).
 """
 
 from __future__ import annotations
@@ -13,72 +19,112 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
 from ..tokenizer import CharTokenizer
+
+PLUS, EQUALS = 10, 11  # token ids of '+' and '='
 
 
 @dataclass(frozen=True)
 class AdditionTask:
     digits: int = 4  # most digits per operand
+    terms: int = 2  # operands per problem
+    chain_fraction: float = 0.0  # share of problems with a planted carry chain (2 terms)
     name: str = "addition"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits <= 15:
+            raise UsageError(f"addition: digits must be in 1..15, got {self.digits}")
+        if not 2 <= self.terms <= 9:
+            raise UsageError(f"addition: terms must be in 2..9, got {self.terms}")
+        if not 0.0 <= self.chain_fraction <= 1.0:
+            raise UsageError(f"addition: chain_fraction must be in [0, 1], got "
+                             f"{self.chain_fraction}")
+        if self.chain_fraction and self.terms != 2:
+            raise UsageError("addition: chain_fraction applies to two terms only")
 
     @property
     def prompt_length(self) -> int:
-        return 2 * self.digits + 2
+        return self.terms * (self.digits + 1)
 
     @property
     def answer_length(self) -> int:
-        return self.digits + 1
+        return self.digits + 1  # the sum of up to 9 terms has at most one more digit
 
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer("0123456789+=", mask_id=12, pad_id=13, eos_id=14)
 
     def spec(self) -> dict:
-        return {"name": self.name, "digits": self.digits}
+        return {"name": self.name, "digits": self.digits, "terms": self.terms,
+                "chain_fraction": self.chain_fraction}
 
     def _le(self, value: int, width: int) -> str:
         return str(value).zfill(width)[::-1]
 
-    def prompt(self, a: int, b: int) -> str:
-        return f"{self._le(a, self.digits)}+{self._le(b, self.digits)}="
+    def prompt(self, *terms: int) -> str:
+        return "+".join(self._le(t, self.digits) for t in terms) + "="
 
-    def answer(self, a: int, b: int) -> str:
-        return self._le(a + b, self.answer_length)
+    def answer(self, *terms: int) -> str:
+        return self._le(sum(terms), self.answer_length)
 
-    def operands(self, prompt: str) -> tuple[int, int]:
-        left, right = prompt.rstrip("=").split("+")
-        return int(left[::-1]), int(right[::-1])
+    def operands(self, prompt: str) -> tuple[int, ...]:
+        return tuple(int(t[::-1]) for t in prompt.rstrip("=").split("+"))
 
     def describe(self, prompt: str, completion: str) -> str:
         """A human reading of a prompt and completion, e.g. `123 + 4567 = 4690 (correct)`."""
-        a, b = self.operands(prompt)
+        terms = self.operands(prompt)
         shown = completion[::-1].lstrip("0") or "0"
-        verdict = "correct" if completion == self.answer(a, b) else f"expected {a + b}"
-        return f"{a} + {b} = {shown} ({verdict})"
+        verdict = "correct" if completion == self.answer(*terms) else f"expected {sum(terms)}"
+        return f"{' + '.join(map(str, terms))} = {shown} ({verdict})"
 
     def sample_operands(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, 2) operands whose digit counts are uniform in 1..digits, so short and long carry
-        chains are equally common."""
-        n_digits = torch.randint(1, self.digits + 1, (n, 2), generator=generator)
+        """(n, terms) operands: digit counts uniform in 1..digits, and `chain_fraction` of them
+        rewritten to carry a planted chain."""
+        n_digits = torch.randint(1, self.digits + 1, (n, self.terms), generator=generator)
         low = torch.where(n_digits == 1, 0, 10 ** (n_digits - 1))
         high = 10 ** n_digits
-        return low + (torch.rand(n, 2, generator=generator, dtype=torch.float64)
-                      * (high - low)).long()
+        ops = low + (torch.rand(n, self.terms, generator=generator, dtype=torch.float64)
+                     * (high - low)).long()
+        if not self.chain_fraction:
+            return ops
+        planted = torch.rand(n, generator=generator) < self.chain_fraction
+        return torch.where(planted[:, None], self._chained(n, generator), ops)
+
+    def _chained(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, 2) full-width operands whose digit pairs generate a carry at position s and
+        propagate it (pair sums of 9) through the next c - 1 positions."""
+        d = self.digits
+        a = torch.randint(0, 10, (n, d), generator=generator)
+        b = torch.randint(0, 10, (n, d), generator=generator)
+        length = torch.randint(1, d + 1, (n, 1), generator=generator)  # chain length c
+        start = (torch.rand(n, 1, generator=generator) * (d - length + 1)).long()
+        pos = torch.arange(d)[None, :]
+        gen_at = pos == start
+        a = torch.where(gen_at, a.clamp(min=1), a)
+        # b in [10 - a, 9]: the pair generates a carry
+        b = torch.where(gen_at, 10 - a + (torch.rand(n, d, generator=generator) * a).long(), b)
+        propagate = (pos > start) & (pos < start + length)
+        b = torch.where(propagate, 9 - a, b)
+        place = 10 ** torch.arange(d)
+        return torch.stack([(a * place).sum(1), (b * place).sum(1)], dim=1)
 
     def problems(self, n: int, seed: int) -> list[tuple[str, str]]:
         """n (prompt, answer) pairs, reproducible from the seed."""
         gen = torch.Generator().manual_seed(seed)
-        pairs = self.sample_operands(n, gen).tolist()
-        return [(self.prompt(a, b), self.answer(a, b)) for a, b in pairs]
+        rows = self.sample_operands(n, gen).tolist()
+        return [(self.prompt(*terms), self.answer(*terms)) for terms in rows]
 
     def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, prompt_length + answer_length) token ids of whole problems, built with tensor
         ops (digit extraction) rather than strings: the training data loader."""
         ops = self.sample_operands(n, generator)
-        total = ops.sum(1, keepdim=True)
-        def digits_of(x: torch.Tensor, width: int) -> torch.Tensor:  # little-endian digits
+
+        def digits_of(x: torch.Tensor, width: int) -> torch.Tensor:  # (n, 1) -> (n, width)
             return (x // 10 ** torch.arange(width)) % 10
-        plus = torch.full((n, 1), 10)
-        equals = torch.full((n, 1), 11)
-        return torch.cat([digits_of(ops[:, :1], self.digits), plus,
-                          digits_of(ops[:, 1:], self.digits), equals,
-                          digits_of(total, self.answer_length)], dim=1)
+
+        parts = []
+        for t in range(self.terms):
+            parts += [digits_of(ops[:, t: t + 1], self.digits),
+                      torch.full((n, 1), PLUS if t + 1 < self.terms else EQUALS)]
+        parts.append(digits_of(ops.sum(1, keepdim=True), self.answer_length))
+        return torch.cat(parts, dim=1)

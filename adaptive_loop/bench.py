@@ -1,0 +1,162 @@
+"""Side-by-side timings: one loop iteration compacted vs full, and generation under several
+policies with compaction on and off. Every figure is reported as a ratio measured in the same
+run, so that machines and noise cancel out.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .attention import PackPlan
+from .config import LoopMDMConfig
+from .model import LoopMDM
+from .runtime import _dense_iteration, _packed_iteration
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 10,
+              warmup: int = 3) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def uneven_mask(batch: int, length: int, fraction: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """(B, L) active mask whose per-row active fraction is spread over [f/2, 3f/2]."""
+    per_row = fraction * (0.5 + torch.rand(batch, 1, generator=generator))
+    return torch.rand(batch, length, generator=generator) < per_row.clamp(max=1.0)
+
+
+@dataclass
+class IterationRow:
+    fraction: float  # mean active fraction asked for
+    active: float  # active fraction drawn
+    full_ms: float
+    compact_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.compact_ms / self.full_ms
+
+
+def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list[float],
+                    device: torch.device, dtype: torch.dtype, repeats: int = 10,
+                    seed: int = 0) -> list[IterationRow]:
+    """Time one loop iteration with a fraction of tokens active (compacted, plan building
+    included) against the full iteration, on random weights."""
+    torch.manual_seed(seed)
+    model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
+    rows = []
+    with torch.no_grad():
+        _, caches = _dense_iteration(model, h, None, None)
+        caches = [(k.contiguous(), v.contiguous()) for k, v in caches]
+        full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats)
+        for f in fractions:
+            active = uneven_mask(batch, length, f, gen).to(device)
+
+            def compact(active: torch.Tensor = active) -> None:
+                plan = PackPlan.from_mask(active)
+                _packed_iteration(model, h, plan, caches, None)
+
+            rows.append(IterationRow(f, float(active.float().mean()), full * 1e3,
+                                     time_call(compact, device, repeats) * 1e3))
+    return rows
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
+                repeats: int = 5) -> float:
+    """Measured FLOP/s of a square matmul: the peak that utilisation figures divide by."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_call(lambda: a @ b, device, repeats, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        d = asdict(row)
+        if hasattr(row, "ratio"):
+            d["ratio"] = row.ratio
+        out.append(d)
+    return out
+
+
+# Policies timed against fixed loops by default; thresholds suit the embedded model.
+DEFAULT_POLICIES: list[tuple[str, dict[str, Any]]] = [
+    ("convergence", {"threshold": 0.05}),
+    ("entropy", {"threshold": 0.05}),
+]
+
+
+@dataclass
+class GenerationRow:
+    policy: str
+    compact: bool
+    accuracy: float
+    mean_loops: float
+    flops_ratio: float  # looped FLOPs executed / fixed at max loops
+    monitor_ratio: float  # monitoring FLOPs / looped FLOPs executed
+    wall_s: float
+    wall_ratio: float  # wall time / fixed max-loop wall time (compaction on)
+    tokens_per_s: float
+    nfe_per_s: float
+    iterations_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_generation(model: LoopMDM, n: int = 200,
+                     policies: list[tuple[str, dict[str, Any]]] | None = None,
+                     seed: int = 1234) -> list[GenerationRow]:
+    """Generation on the model's built-in task: fixed max loops, then each adaptive policy
+    with compaction on and off (the masked reference runs every token, so it shows what
+    counting without compacting would save: nothing)."""
+    from .evaluate import default_decoding, evaluate_task
+    from .policies import make
+    from .tasks import make_task
+
+    task = make_task(model.config.task)
+    decoding = default_decoding(task)
+    settings = [("fixed", {}, True)]
+    for name, params in policies or DEFAULT_POLICIES:
+        settings += [(name, params, True), (name, params, False)]
+    evaluate_task(model, task, make("fixed"), n=min(n, 20), seed=seed)  # warm-up
+    rows: list[GenerationRow] = []
+    base_wall = None
+    for name, params, compact in settings:
+        policy = make(name, **params)
+        res = evaluate_task(model, task, policy, n=n, seed=seed, compact=compact)
+        base_wall = base_wall or res.wall_s
+        iterations = res.mean_loops * n * (task.prompt_length + task.answer_length) * \
+            decoding["steps"]
+        rows.append(GenerationRow(
+            policy=repr(policy), compact=compact, accuracy=res.accuracy,
+            mean_loops=res.mean_loops,
+            flops_ratio=res.looped_flops / max(1, res.looped_flops_fixed_max),
+            monitor_ratio=res.monitor_flops / max(1, res.looped_flops), wall_s=res.wall_s,
+            wall_ratio=res.wall_s / base_wall, tokens_per_s=n * task.answer_length / res.wall_s,
+            nfe_per_s=res.nfe / res.wall_s, iterations_per_s=iterations / res.wall_s))
+    return rows

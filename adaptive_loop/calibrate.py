@@ -1,0 +1,169 @@
+"""Calibrating a halting threshold with Learn-then-Test (Angelopoulos et al. 2021), as CALM does.
+
+Risk of a setting: the rate at which its completion differs from the fixed policy's at the
+maximum loop count (a disagreement is any generated token differing). For each candidate
+threshold lambda_j the null hypothesis H_j says risk(lambda_j) > D. With k disagreements among
+n calibration examples, the exact binomial p-value is P(Binom(n, D) <= k). Fixed-sequence
+testing orders the candidates from the most conservative to the most aggressive and rejects
+H_1, H_2, ... while p_j <= 1 - C, stopping at the first failure. Every rejected candidate then
+has risk <= D simultaneously with probability >= C over the calibration draw; we choose the
+last (most aggressive) one and check it on a held-out split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from scipy.stats import binom
+
+from .curves import binomial_interval
+from .datasets import EvalSet
+from .errors import UsageError
+from .measure import plan_batches, run_setting
+from .model import LoopMDM
+from .policies import make
+from .sweep import Setting, policy_of
+
+# parameters for which a larger value halts later (is more conservative)
+HIGH_IS_CONSERVATIVE = frozenset({"loops", "min_loops", "max_loops", "check_every", "patience"})
+
+
+def binomial_pvalue(k: int, n: int, tolerance: float) -> float:
+    """p-value of H: risk > tolerance after k disagreements in n trials: P(Binom(n, D) <= k)."""
+    return float(binom.cdf(k, n, tolerance))
+
+
+@dataclass
+class LTTResult:
+    pvalues: list[float]
+    certified: list[bool]  # rejected nulls: risk <= D holds for these, jointly w.p. >= C
+    chosen: int | None  # index of the most aggressive certified candidate
+
+
+def learn_then_test(disagreements: Sequence[int], n: int, tolerance: float,
+                    confidence: float) -> LTTResult:
+    """Fixed-sequence LTT over candidates ordered most conservative first.
+
+    Args:
+        disagreements: per candidate, calibration examples that disagree with the reference.
+        n: calibration examples.
+        tolerance: D, the largest acceptable disagreement rate.
+        confidence: C, the probability with which the guarantee holds.
+    """
+    delta = 1.0 - confidence
+    pvalues = [binomial_pvalue(k, n, tolerance) for k in disagreements]
+    certified, still = [], True
+    for p in pvalues:
+        still = still and p <= delta
+        certified.append(still)
+    chosen = max((i for i, ok in enumerate(certified) if ok), default=None)
+    return LTTResult(pvalues, certified, chosen)
+
+
+@dataclass
+class CalibrationReport:
+    policy: str
+    param: str
+    tolerance: float
+    confidence: float
+    reference_loops: int
+    n_calibration: int
+    n_holdout: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    chosen: dict[str, Any] | None = None
+
+    @property
+    def guarantee(self) -> str:
+        if self.chosen is None:
+            return (f"no {self.param} is certified: even the most conservative one may disagree "
+                    f"with fixed loops={self.reference_loops} more than {self.tolerance:g}")
+        return (f"{self.policy} {self.param}={self.chosen['value']}: with probability >= "
+                f"{self.confidence:g}, its disagreement rate with fixed loops="
+                f"{self.reference_loops} is <= {self.tolerance:g} (Learn-then-Test, "
+                f"fixed-sequence, {self.n_calibration} calibration examples)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "guarantee": self.guarantee}
+
+
+def _order(grid: Sequence[Any], param: str, conservative: str) -> list[Any]:
+    if conservative == "auto":
+        conservative = "high" if param in HIGH_IS_CONSERVATIVE else "low"
+    if conservative not in ("low", "high"):
+        raise UsageError(f"--conservative takes low, high or auto, got {conservative!r}")
+    return sorted(set(grid), reverse=conservative == "high")
+
+
+def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *,
+              tolerance: float, confidence: float, param: str = "threshold",
+              base: dict[str, Any] | None = None, conservative: str = "auto",
+              split: float = 0.5, seed: int = 0, batch_size: int = 100,
+              decoding: dict[str, Any] | None = None,
+              progress: Callable[[str, int], Callable[[int], None]] | None = None,
+              ) -> CalibrationReport:
+    """Choose the most aggressive `param` value whose disagreement rate with the fixed
+    max-loop output is <= `tolerance` with probability >= `confidence`.
+
+    Args:
+        model, data: what to calibrate on; `data` is split at random (seeded) into a
+            calibration part (`split` of it) and a held-out part.
+        policy: policy name; `base` holds its other parameters.
+        grid: candidate values of `param`.
+        conservative: which end of the grid halts latest: "low", "high" or "auto".
+        progress: `progress(label, examples)` returns a per-batch callback.
+    """
+    if not 0 < tolerance < 1 or not 0 < confidence < 1:
+        raise UsageError(f"--tolerance and --confidence must lie in (0, 1), got {tolerance} "
+                         f"and {confidence}")
+    if not 0 < split < 1:
+        raise UsageError(f"--split must lie in (0, 1), got {split}")
+    if not grid:
+        raise UsageError("give at least one candidate value (--grid)")
+    base = dict(base or {})
+    base.pop(param, None)
+    settings = [Setting(policy, tuple({**base, param: v}.items()))
+                for v in _order(grid, param, conservative)]
+    policies = [policy_of(s) for s in settings]
+    top = max(p.loop_bounds(model.config.n_loops)[1] for p in policies)
+    n = len(data)
+    n_cal = round(n * split)
+    if n_cal < 1 or n_cal >= n:
+        raise UsageError(f"{n} examples cannot be split {split:g} / {1 - split:g}; give more "
+                         f"(--limit) or another --split")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    is_cal = torch.zeros(n, dtype=torch.bool)
+    is_cal[perm[:n_cal]] = True
+    plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
+
+    def run(label: str, pol: Any) -> Any:
+        tick = progress(label, n) if progress else None
+        return run_setting(model, data, plan, pol, seed=seed, progress=tick)
+
+    reference = run(f"fixed(loops={top})", make("fixed", loops=top))
+    ref_tokens = reference.tokens
+    report = CalibrationReport(policy, param, tolerance, confidence, top, n_cal, n - n_cal)
+    delta = 1.0 - confidence
+    for setting, pol in zip(settings, policies):
+        res = run(setting.label, pol)
+        differs = torch.tensor([a != b for a, b in zip(res.tokens, ref_tokens)])
+        k_cal, k_hold = int(differs[is_cal].sum()), int(differs[~is_cal].sum())
+        p = binomial_pvalue(k_cal, n_cal, tolerance)
+        hold_rate = k_hold / (n - n_cal)
+        report.rows.append({
+            "value": setting.kwargs[param], "calibration_disagreements": k_cal,
+            "pvalue": p, "certified": p <= delta, "holdout_disagreements": k_hold,
+            "holdout_rate": hold_rate,
+            "holdout_ci": binomial_interval(k_hold, n - n_cal),
+            "holdout_ok": hold_rate <= tolerance,
+            "accuracy": sum(res.correct) / n, "mean_loops": res.mean_loops,
+            "flops_ratio": res.looped_flops / max(1, reference.looped_flops)})
+        if p > delta:
+            break  # fixed-sequence testing stops at the first failure: later values untested
+    ltt = learn_then_test([r["calibration_disagreements"] for r in report.rows], n_cal,
+                          tolerance, confidence)
+    if ltt.chosen is not None:
+        report.chosen = report.rows[ltt.chosen]
+    return report

@@ -1,0 +1,345 @@
+"""The learned halting head: a small classifier on a token's loop state, and its trainer.
+
+A CALM-style consistency classifier (Schuster et al., "Confident Adaptive Language Modeling",
+arXiv 2207.07061): after loop t the head reads the token's hidden state h_t, its relative change
+||h_t - h_{t-1}|| / ||h_t|| and the loop index, and outputs c_t = sigmoid(w . x_t + b) (or a
+one-hidden-layer MLP), the probability that the token's prediction after loop t already equals
+its prediction at the maximum loop count. Labels 1[argmax_t == argmax_max] come from the needed
+tokens of real denoising trajectories of the fixed max-loop sampler (the model stays frozen);
+the loss is binary cross-entropy. The `learned` policy halts a needed token when c_t > threshold.
+
+The head lives beside its checkpoint: `halting_head.safetensors` (weights and the feature
+standardisation) and `halting_head.json` (its config, the training recipe, held-out metrics).
+
+Shape legend: G (token, step) trajectories, T loops, d width, N tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import CheckpointError, UsageError
+from .model import LoopMDM
+from .policies import HaltingPolicy, Signals
+from .policies.predictive import needed_rows
+from .sampler import generate
+
+HEAD_WEIGHTS = "halting_head.safetensors"
+HEAD_META = "halting_head.json"
+HEAD_FORMAT = "adaptive-loop-halting-head"
+
+
+@dataclass
+class HeadConfig:
+    d_model: int  # width of the hidden states it reads
+    hidden: int = 0  # width of the MLP's hidden layer; 0: a linear gate
+    loop_scale: int = 1  # the loop index enters as t / loop_scale (the max loops of training)
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1 or self.hidden < 0 or self.loop_scale < 1:
+            raise UsageError(f"invalid halting-head config {asdict(self)}: d_model and "
+                             f"loop_scale must be >= 1, hidden >= 0")
+
+
+class HaltingHead(nn.Module):
+    """(hidden (N, d), delta (N,), loop t) -> halting logit (N,)."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        n_in = cfg.d_model + 2
+        self.register_buffer("mean", torch.zeros(n_in))  # feature standardisation
+        self.register_buffer("scale", torch.ones(n_in))
+        self.net = nn.Linear(n_in, 1) if cfg.hidden == 0 else nn.Sequential(
+            nn.Linear(n_in, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1))
+
+    def features(self, hidden: Tensor, delta: Tensor, loop: int | Tensor) -> Tensor:
+        """(N, d), (N,), loop index (int or (N,)) -> raw features (N, d + 2), float32."""
+        t = torch.as_tensor(loop, dtype=torch.float32, device=hidden.device)
+        t = t.expand(hidden.shape[0]) / self.config.loop_scale
+        log_delta = torch.log(delta.float().clamp_min(0) + 1e-6)
+        return torch.cat([hidden.float(), log_delta[:, None], t[:, None]], dim=-1)
+
+    def logit(self, features: Tensor) -> Tensor:
+        """Raw features (N, d + 2) -> logits (N,)."""
+        return self.net((features - self.mean) / self.scale).squeeze(-1)
+
+    def forward(self, hidden: Tensor, delta: Tensor, loop: int | Tensor) -> Tensor:
+        return self.logit(self.features(hidden, delta, loop))
+
+    def prob(self, hidden: Tensor, delta: Tensor, loop: int | Tensor) -> Tensor:
+        """c_t: the probability that the token's prediction is already final."""
+        return torch.sigmoid(self(hidden, delta, loop))
+
+
+# -- the sidecar file --------------------------------------------------------------------------
+def head_file(path: str | Path | None) -> Path:
+    """The head's weights file: `path` itself, `path/halting_head.safetensors` for a checkpoint
+    directory, or the embedded model's sidecar for None. UsageError when there is none."""
+    if path is None:
+        from .checkpoint import embedded_path
+
+        target = embedded_path() / HEAD_WEIGHTS
+        if not target.is_file():
+            raise UsageError(f"learned: the embedded model has no halting head ({target}); "
+                             f"train one with `adaptive-loop train-halting`, or pass head=PATH")
+        return target
+    given = Path(path).expanduser()
+    target = given / HEAD_WEIGHTS if given.is_dir() else given
+    if not target.is_file():
+        where = given if given.is_dir() else given.parent
+        raise UsageError(f"learned: no halting head at {target}; train one with `adaptive-loop "
+                         f"train-halting --checkpoint {where}` (it writes {HEAD_WEIGHTS} beside "
+                         f"the checkpoint), or pass head=PATH")
+    return target
+
+
+def save_head(head: HaltingHead, directory: str | Path, report: dict[str, Any]) -> Path:
+    """Write the sidecar (weights + JSON with the config and `report`) into `directory`."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(out / HEAD_WEIGHTS), metadata={"format": HEAD_FORMAT})
+    meta = {"format": HEAD_FORMAT, "version": 1, "head": asdict(head.config), **report}
+    (out / HEAD_META).write_text(json.dumps(meta, indent=1) + "\n")
+    return out / HEAD_WEIGHTS
+
+
+def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:
+    """Read a sidecar (see `head_file` for `path`) -> (head in eval mode, its JSON)."""
+    weights = head_file(path)
+    meta_path = weights.with_name(HEAD_META) if weights.name == HEAD_WEIGHTS else \
+        weights.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        head = HaltingHead(HeadConfig(**meta["head"]))
+        head.load_state_dict(load_file(str(weights)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights}: no {meta_path.name} beside it (the head's config); "
+                              f"retrain with `adaptive-loop train-halting`") from None
+    except Exception as err:  # malformed JSON, wrong keys or shapes, corrupt safetensors
+        raise CheckpointError(f"{weights}: unreadable halting head ({err}); retrain with "
+                              f"`adaptive-loop train-halting`") from None
+    return head.eval(), meta
+
+
+# -- training data: real trajectories of the fixed max-loop sampler ----------------------------
+@dataclass
+class Trajectories:
+    """Loop-by-loop records of the needed tokens of every denoising step."""
+
+    hidden: Tensor  # (G, T, d) state after each loop, float32
+    delta: Tensor  # (G, T) relative change of each loop
+    labels: Tensor  # (G, T) bool: prediction after loop t == prediction after loop T
+    prompt: Tensor  # (G,) which prompt the trajectory belongs to
+
+    def select(self, keep: Tensor) -> Trajectories:
+        return Trajectories(self.hidden[keep], self.delta[keep], self.labels[keep],
+                            self.prompt[keep])
+
+    @staticmethod
+    def cat(parts: list[Trajectories]) -> Trajectories:
+        return Trajectories(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                              ("hidden", "delta", "labels", "prompt")))
+
+
+class _Recorder(HaltingPolicy):
+    """Never halts (every token runs `loops`); after every loop, the last included, records
+    each needed token's state, the runtime's `delta` signal and its predicted id. Run through
+    the real sampler, so the trajectory is the fixed sampler's exactly and the features are the
+    very signals the `learned` policy will see."""
+
+    name = "record"
+    needs = frozenset({"hidden", "delta", "logits"})
+
+    def __init__(self, loops: int) -> None:
+        super().__init__(1, loops)
+        self.parts: list[Trajectories] = []
+        self._length, self._loops = 1, []
+
+    def checks_at(self, iteration: int, bounds: tuple[int, int]) -> bool:
+        return True  # the last loop too: its prediction is the label's reference
+
+    def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
+        self.flush()
+        self._length = length
+
+    def decide(self, signals: Signals) -> Tensor:
+        rows = needed_rows(signals.needed, signals.logits.shape[0])
+        self._loops.append((signals.index[rows], signals.hidden[rows].float(),
+                            signals.delta[rows], signals.logits.argmax(-1)))
+        return torch.zeros_like(signals.index, dtype=torch.bool)
+
+    def flush(self) -> None:
+        """Turn the loops recorded in the current step into trajectories."""
+        if self._loops:
+            index = self._loops[0][0]  # nobody halts: the same tokens after every loop
+            pred = torch.stack([r[3] for r in self._loops], 1)  # (M, T)
+            self.parts.append(Trajectories(
+                torch.stack([r[1] for r in self._loops], 1).cpu(),
+                torch.stack([r[2] for r in self._loops], 1).cpu(),
+                (pred == pred[:, -1:]).cpu(), torch.div(index, self._length,
+                                                        rounding_mode="floor").cpu()))
+        self._loops = []
+
+
+def collect(model: LoopMDM, prompts: Sequence[str] | Tensor, *, max_loops: int,
+            **decoding: Any) -> tuple[Trajectories, Tensor]:
+    """Decode `prompts` with every token looped `max_loops` times (the fixed sampler; greedy
+    unless `decoding` says otherwise) and record, for each needed token of each step, its
+    state, relative change and whether its prediction after each loop is already the one after
+    the last. `decoding`: `generate`'s keywords (gen_length, steps, block_length, ...).
+    Returns the records (`prompt` = row of `prompts`) and the final tokens."""
+    recorder = _Recorder(max_loops)
+    out = generate(model, prompts, policy=recorder, **decoding)
+    recorder.flush()
+    return Trajectories.cat(recorder.parts), out.tokens
+
+
+# -- fitting and scoring -----------------------------------------------------------------------
+def _flatten(head: HaltingHead, data: Trajectories) -> tuple[Tensor, Tensor]:
+    """Features (G * (T-1), d + 2) and labels of every loop but the last (where nobody is
+    asked: the loop budget ends there anyway)."""
+    g, t, d = data.hidden.shape
+    loops = torch.arange(1, t).repeat(g)
+    feats = head.features(data.hidden[:, :-1].reshape(-1, d), data.delta[:, :-1].reshape(-1),
+                          loops)
+    return feats, data.labels[:, :-1].reshape(-1).float()
+
+
+def fit(data: Trajectories, cfg: HeadConfig, *, steps: int = 300, lr: float = 1e-2,
+        batch_size: int = 4096, seed: int = 0) -> tuple[HaltingHead, dict[str, float]]:
+    """Train a head with BCE on `data`; returns it and its train loss before and after."""
+    torch.manual_seed(seed)
+    head = HaltingHead(cfg)
+    feats, labels = _flatten(head, data)
+    head.mean.copy_(feats.mean(0))
+    head.scale.copy_(feats.std(0).nan_to_num(1.0).clamp_min(1e-4))
+    opt = torch.optim.Adam(head.net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_on(idx: Tensor | None) -> Tensor:
+        f, y = (feats, labels) if idx is None else (feats[idx], labels[idx])
+        return F.binary_cross_entropy_with_logits(head.logit(f), y)
+
+    with torch.no_grad():
+        initial = float(loss_on(None))
+    for _ in range(steps):
+        idx = None if len(labels) <= batch_size else torch.randint(len(labels), (batch_size,),
+                                                                   generator=gen)
+        loss = loss_on(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = float(loss_on(None))
+    return head.eval(), {"train_bce_initial": initial, "train_bce": final}
+
+
+@torch.no_grad()
+def score(head: HaltingHead, data: Trajectories, threshold: float) -> dict[str, Any]:
+    """Precision/recall of the halting decision c_t > threshold against the labels, plus what
+    a first-exit rule would do offline (loop 1 on, every loop): the loop it stops at and how
+    often the prediction there equals the max-loop one."""
+    g, t, _ = data.hidden.shape
+    feats, labels = _flatten(head, data)
+    logits = head.logit(feats)
+    halt, truth = logits.sigmoid() > threshold, labels.bool()
+    tp, decided, positive = (halt & truth).sum(), halt.sum(), truth.sum()
+    stop = torch.cat([halt.view(g, t - 1), torch.ones(g, 1, dtype=torch.bool)], dim=1)
+    exit_at = stop.int().argmax(1)  # first loop (0-based) where the head says halt
+    return {
+        "threshold": threshold, "pairs": int(labels.numel()), "trajectories": g,
+        "precision": float(tp / decided) if decided else None,
+        "recall": float(tp / positive) if positive else None,
+        "accuracy": float((halt == truth).float().mean()),
+        "positive_rate": float(truth.float().mean()),
+        "bce": float(F.binary_cross_entropy_with_logits(logits, labels)),
+        "exit_agreement": float(data.labels.gather(1, exit_at[:, None]).float().mean()),
+        "mean_exit_loop": float((exit_at + 1).float().mean()), "max_loops": t,
+    }
+
+
+def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: int,
+                       steps: int | None = None, block_length: int | None = None,
+                       max_loops: int | None = None, hidden: int = 0, train_steps: int = 300,
+                       lr: float = 1e-2, held_out: float = 0.2, threshold: float = 0.9,
+                       seed: int = 0, batch_size: int = 128,
+                       progress: Callable[[int], None] | None = None
+                       ) -> tuple[HaltingHead, dict[str, Any]]:
+    """Train a halting head for a frozen `model` on its own denoising trajectories.
+
+    Args:
+        model: the frozen LoopMDM.
+        prompts: prompt strings (encoded with the model's tokenizer; lengths may differ).
+        gen_length, steps, block_length: the decoding whose trajectories are recorded.
+        max_loops: the fixed loop count that defines the labels (default: the model's).
+        hidden: MLP hidden width; 0 is a linear gate.
+        train_steps, lr: Adam steps and learning rate.
+        held_out: fraction of the prompts kept out of training to score the head.
+        threshold: c_t > threshold is the halting decision scored (and the policy's default).
+        seed: seeds the split, the initialisation and the minibatches.
+        batch_size: prompts per decoding batch.
+        progress: called with the number of prompts done after each batch.
+
+    Returns:
+        The head and a report: `metrics` (held-out), `train_metrics`, `training` (the recipe).
+    """
+    from .checkpoint import tokenizer_for
+
+    loops = model.config.n_loops if max_loops is None else max_loops
+    steps = gen_length if steps is None else steps
+    checks = [(len(prompts) >= 2, f"give at least 2 prompts, got {len(prompts)}"),
+              (loops >= 2, f"max_loops must be >= 2 (a head decides between loops), got {loops}"),
+              (0 < held_out < 1, f"held_out must be in (0, 1), got {held_out}"),
+              (0 <= threshold <= 1, f"threshold must be in [0, 1], got {threshold}"),
+              (hidden >= 0, f"hidden must be >= 0, got {hidden}"),
+              (train_steps >= 1 and lr > 0, "train_steps must be >= 1 and lr > 0"),
+              (gen_length >= 1 and steps >= 1, "gen_length and steps must be >= 1")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"train-halting: {message}")
+    tokenizer = tokenizer_for(model)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
+    test = torch.zeros(len(prompts), dtype=torch.bool)
+    test[order[: min(len(prompts) - 1, max(1, round(held_out * len(prompts))))]] = True
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    parts = []
+    for members in by_length.values():
+        for start in range(0, len(members), batch_size):
+            chunk = torch.tensor(members[start: start + batch_size])
+            ids = torch.tensor([encoded[i] for i in chunk.tolist()])
+            data, _ = collect(model, ids, max_loops=loops, gen_length=gen_length, steps=steps,
+                              block_length=block_length)
+            data.prompt = chunk[data.prompt]  # row of the batch -> number of the prompt
+            parts.append(data)
+            if progress:
+                progress(len(chunk))
+    data = Trajectories.cat(parts)
+    in_test = test[data.prompt]
+    head, losses = fit(data.select(~in_test), HeadConfig(model.config.d_model, hidden, loops),
+                       steps=train_steps, lr=lr, seed=seed)
+    report = {
+        "threshold": threshold,
+        "metrics": score(head, data.select(in_test), threshold),
+        "train_metrics": {**score(head, data.select(~in_test), threshold), **losses},
+        "training": {"prompts": len(prompts), "held_out_prompts": int(test.sum()),
+                     "max_loops": loops, "gen_length": gen_length, "steps": steps,
+                     "block_length": block_length or gen_length, "hidden": hidden,
+                     "train_steps": train_steps, "lr": lr, "seed": seed},
+        "model": {k: model.config.to_dict()[k] for k in
+                  ("d_model", "n_layers", "loop_start", "loop_layers", "n_loops", "vocab_size")},
+    }
+    return head, report

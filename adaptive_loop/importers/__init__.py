@@ -1,0 +1,115 @@
+"""Importers for checkpoints of public masked diffusion LMs, one module per layout.
+
+    cfg, source = read_foreign("ckpt.safetensors", "smdm", config="Diff_LLaMA_170M",
+                               loop_start=4, loop_layers=4)
+    state = convert_foreign(source, "smdm", cfg)   # native parameter names
+
+Each layout module has `read_config(source, config, overrides) -> LoopMDMConfig` (shapes and
+settings only, no tensors loaded where the file format allows) and `convert_state(source, cfg)`
+(the tensors under native names). `detect_format` tells layouts apart from their keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import Tensor
+
+from ..config import LoopMDMConfig
+from ..errors import CheckpointError, UsageError
+from . import llada, mdlm, smdm
+from .smdm import SMDM_PRESETS
+from .source import PICKLE_SUFFIXES, Source, read_json
+
+LAYOUTS: dict[str, ModuleType] = {"smdm": smdm, "mdlm": mdlm, "llada": llada}
+FORMATS = ("native", *LAYOUTS)
+NATIVE_MARKER = "adaptive-loop"
+
+__all__ = ["FORMATS", "LAYOUTS", "SMDM_PRESETS", "Source", "check_format", "convert_foreign",
+           "detect_format", "is_native", "read_foreign"]
+
+
+def check_format(format: str) -> None:
+    """Raise a UsageError for a format name that is neither "auto" nor a known layout."""
+    if format != "auto" and format not in FORMATS:
+        raise UsageError(f"unknown checkpoint format {format!r}; choose one of auto, "
+                         f"{', '.join(FORMATS)}")
+
+
+def is_native(path: Path) -> bool:
+    """A directory whose config.json carries the native format marker."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return read_json(config).get("format") == NATIVE_MARKER
+    except CheckpointError:
+        return False
+
+
+def _layout_of(keys: list[str]) -> str | None:
+    names = set(keys)
+    if any(k.startswith("model.transformer.blocks.") for k in keys):
+        return "llada"
+    if "transformer.wte.weight" in names and any(k.startswith("transformer.h.") for k in keys):
+        return "smdm"
+    if any(k.endswith("vocab_embed.embedding") for k in keys):
+        return "mdlm"
+    return None
+
+
+def detect_format(path: str | Path) -> tuple[str, Source | None]:
+    """The layout of the checkpoint at `path` (and its opened source, unless native).
+
+    Raises:
+        CheckpointError: when no layout matches; the message lists the keys it saw.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if is_native(path):
+        return "native", None
+    if path.is_dir() and not (path / "config.json").is_file() and not any(
+            f.suffix in (".safetensors", *PICKLE_SUFFIXES) for f in path.iterdir()):
+        raise CheckpointError(f"{path}: no config.json; a native checkpoint is a directory with "
+                              f"config.json and model.safetensors (and no weights of another "
+                              f"layout are here either)")
+    source = Source.open(path)
+    keys = source.keys()
+    layout = _layout_of(keys)
+    if layout is not None:
+        return layout, source
+    if any(k.startswith("layers.0.") for k in keys):
+        raise CheckpointError(f"{path}: looks like native weights; a native checkpoint is the "
+                              f"directory holding config.json and model.safetensors")
+    shown = ", ".join(repr(k) for k in sorted(keys)[:6])
+    raise CheckpointError(f"{path}: cannot detect the checkpoint layout from its {len(keys)} "
+                          f"keys ({shown}{', ...' if len(keys) > 6 else ''}); pass format= one "
+                          f"of {', '.join(FORMATS)}")
+
+
+def read_foreign(path: str | Path, format: str, config: str | Path | None = None,
+                 source: Source | None = None, **overrides: Any) -> tuple[LoopMDMConfig, Source]:
+    """The config of a checkpoint in a foreign layout, with a loop spec and overrides applied.
+
+    Args:
+        path: a weight file or a checkpoint directory.
+        format: "smdm", "mdlm" or "llada".
+        config: smdm: a lit-gpt config JSON or preset name; mdlm/llada: a config.json path when
+            it does not sit beside the weights.
+        source: an already opened source of `path` (from `detect_format`).
+        **overrides: `loop_start` and `loop_layers` (the looped block), `n_loops`, or any
+            other config field.
+    """
+    if format not in LAYOUTS:
+        raise UsageError(f"unknown checkpoint layout {format!r}; choose one of "
+                         f"{', '.join(LAYOUTS)}")
+    source = source or Source.open(path)
+    return LAYOUTS[format].read_config(source, config, overrides), source
+
+
+def convert_foreign(source: Source, format: str, cfg: LoopMDMConfig) -> dict[str, Tensor]:
+    """The checkpoint's tensors under native parameter names, for `cfg`."""
+    return LAYOUTS[format].convert_state(source, cfg)

@@ -1,0 +1,74 @@
+"""What every importer shares: the loop spec, tokenizer discovery, shape checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..config import LoopMDMConfig
+from ..errors import CheckpointError, UsageError
+from ..tokenizer import find_tokenizer_file
+from .source import Source
+
+
+def with_loop_spec(base: dict[str, Any], overrides: dict[str, Any], where: str) -> LoopMDMConfig:
+    """The config of an imported checkpoint: its own fields, a loop spec, user overrides.
+
+    Without `loop_start`/`loop_layers` the checkpoint loads as a plain MDM: one block holding
+    every layer, run once (loop_start=0, loop_layers=n_layers, n_loops=1), which is exactly the
+    source model's forward pass. With a loop spec, `n_loops` still defaults to 1 (the stored
+    network unrolled once) until the caller sets it.
+    """
+    n_layers = base["n_layers"]
+    start, count = overrides.get("loop_start"), overrides.get("loop_layers")
+    if start is None and count is None:
+        spec = {"loop_start": 0, "loop_layers": n_layers}
+    elif start is None or count is None:
+        raise UsageError("give both loop_start and loop_layers (the looped block is layers "
+                         "[loop_start, loop_start + loop_layers))")
+    else:
+        if not (0 <= start and count >= 1 and start + count <= n_layers):
+            raise UsageError(f"loop spec loop_start={start}, loop_layers={count} lies outside "
+                             f"the checkpoint's {n_layers} layers (need 0 <= loop_start, "
+                             f"loop_layers >= 1, loop_start + loop_layers <= {n_layers})")
+        spec = {"loop_start": start, "loop_layers": count}
+    n_loops = overrides.get("n_loops", 1)
+    fields = {**base, **spec, "n_loops": n_loops, "max_train_loops": n_loops}
+    fields.update({k: v for k, v in overrides.items() if k not in ("loop_start", "loop_layers")})
+    try:
+        return LoopMDMConfig.from_dict(fields)
+    except UsageError as err:
+        raise UsageError(f"{where}: {err}") from None
+
+
+def tokenizer_spec(source: Source) -> dict[str, Any]:
+    """The config's tokenizer entry for a tokenizer file shipped beside the weights, if any."""
+    found = find_tokenizer_file(source.directory)
+    if found is None:
+        return {}
+    kind = "sentencepiece" if found.suffix == ".model" else "huggingface"
+    return {"kind": kind, "file": found.name}
+
+
+def expect_shape(source: Source, key: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    """Raise a CheckpointError when a tensor's shape disagrees with the config."""
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)} but the "
+                              f"config needs {shape}; is the config the checkpoint's own?")
+
+
+def count_layers(keys: list[str], prefix: str) -> int:
+    """Number of layers i with keys `{prefix}{i}.`."""
+    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys
+               if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    if not indices:
+        raise CheckpointError(f"no layers found under {prefix!r}")
+    if indices != set(range(len(indices))):
+        raise CheckpointError(f"layers under {prefix!r} are not numbered 0..{len(indices) - 1}")
+    return len(indices)
+
+
+def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Keys starting with `prefix`, without it; keys without it are dropped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,150 @@
+"""MDLM checkpoints (kuleshov-group/mdlm: the `DIT` backbone).
+
+Layout (keys prefixed `backbone.` in Hugging Face directories and Lightning `state_dict`s):
+`vocab_embed.embedding` [V, d], `sigma_map.mlp.{0,2}.{weight,bias}`, `rotary_emb.inv_freq`
+(optional), `blocks.{i}.{norm1.weight, attn_qkv.weight ([Q;K;V]), attn_out.weight,
+norm2.weight, mlp.{0,2}.{weight,bias}, adaLN_modulation.{weight,bias}}`,
+`output_layer.{norm_final.weight, linear.{weight,bias}, adaLN_modulation.{weight,bias}}`.
+
+MDLM conditions every layer on the noise level: c = silu(MLP(emb(sigma))) with emb the
+256-dim sinusoidal embedding (cosines, then sines), and each block's adaLN(c) gives shift,
+scale and gate for attention and MLP. Without time conditioning sigma is always 0, so these are
+constants: the importer evaluates them once. Time-conditioned checkpoints are refused, since
+the looped runtime has no per-step noise-level input.
+
+The mask token is the last id (V - 1). MDLM's SUBS parameterisation never predicts it (its
+logit is set to -inf), so the importer drops that row of the output layer: logits cover ids
+0..V-2 and equal the backbone's for those ids.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import LoopMDMConfig
+from ..errors import CheckpointError, UsageError
+from .common import count_layers, strip_prefix, tokenizer_spec, with_loop_spec
+from .source import Source, read_json
+
+FREQ_DIM = 256  # size of MDLM's sinusoidal noise-level embedding
+GPT2_EOS = 50256  # <|endoftext|>, for the GPT-2 vocabulary (+ mask) MDLM's OWT models use
+
+
+def _prefix(keys: list[str]) -> str:
+    return "backbone." if any(k.startswith("backbone.") for k in keys) else ""
+
+
+def _raw_config(source: Source, config: str | Path | dict | None) -> tuple[dict[str, Any], str]:
+    """MDLM settings: an explicit JSON, the HF `config.json`, or a checkpoint's plain
+    `hyper_parameters`. Both the HF names (hidden_dim, model_length) and the training config's
+    `model` section (hidden_size, length) are accepted."""
+    if isinstance(config, dict):
+        raw, where = config, "config"
+    elif config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise UsageError(f"MDLM config file not found: {path}")
+        raw, where = read_json(path), str(path)
+    elif source.config_json() is not None:
+        raw, where = source.config_json() or {}, str(source.directory / "config.json")
+    else:
+        hyper = source.meta.get("hyper_parameters")
+        raw = hyper.get("config", hyper) if isinstance(hyper, dict) else {}
+        where = f"{source.path} hyper_parameters"
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    return {**raw, **model}, where
+
+
+def read_config(source: Source, config: str | Path | None,
+                overrides: dict[str, Any]) -> LoopMDMConfig:
+    shapes = source.shapes()
+    pre = _prefix(list(shapes))
+    embed_key = pre + "vocab_embed.embedding"
+    if embed_key not in shapes:
+        raise CheckpointError(f"{source.path}: missing key {embed_key!r} for the mdlm layout")
+    vocab, width = shapes[embed_key]
+    raw, where = _raw_config(source, config)
+    heads = raw.get("n_heads")
+    if heads is None:
+        raise UsageError(f"{source.path}: the number of attention heads is not in the "
+                         f"checkpoint; pass config= the model's config.json (n_heads)")
+    if raw.get("time_conditioning", False):
+        raise CheckpointError(f"{where}: time_conditioning is true; adaptive-loop runs MDLM "
+                              f"models at noise level 0 only (time_conditioning: false, as the "
+                              f"released OWT model) because the looped runtime has no per-step "
+                              f"noise-level input")
+    mask = raw.get("mask_token_id", raw.get("mask_index", vocab - 1))
+    base = {
+        "flavour": "dit", "vocab_size": vocab, "mask_id": mask,
+        "lm_head_vocab": vocab - 1 if mask == vocab - 1 else None,
+        "d_model": width, "n_heads": heads, "d_ff": shapes[pre + "blocks.0.mlp.0.weight"][0],
+        "n_layers": count_layers(list(shapes), pre + "blocks."),
+        "max_seq_len": raw.get("model_length", raw.get("length", 1024)),
+        "rope_base": 10000.0, "norm_eps": 1e-5,
+        "eos_id": GPT2_EOS if vocab == GPT2_EOS + 2 else None,
+        "tokenizer": tokenizer_spec(source),
+    }
+    return with_loop_spec(base, overrides, where)
+
+
+def conditioning(state: dict[str, Tensor], sigma: float = 0.0) -> Tensor:
+    """c = silu(MLP(emb(sigma))) (1, cond), in float32, as MDLM's sigma_map computes it."""
+    half = FREQ_DIM // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = torch.tensor([[sigma]], dtype=torch.float32) * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (1, 256)
+    h = F.linear(emb, state["sigma_map.mlp.0.weight"].float(),
+                 state["sigma_map.mlp.0.bias"].float())
+    h = F.linear(F.silu(h), state["sigma_map.mlp.2.weight"].float(),
+                 state["sigma_map.mlp.2.bias"].float())
+    return F.silu(h)
+
+
+def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
+    """The checkpoint's tensors under native names, adaLN folded into constants."""
+    full = source.state()
+    state = strip_prefix(full, _prefix(list(full)))
+    take = source.take
+    for key in ("sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias", "sigma_map.mlp.2.weight",
+                "sigma_map.mlp.2.bias"):
+        take(state, key)
+    c = conditioning(state)  # (1, cond)
+    d, head_dim = cfg.d_model, cfg.head_dim
+    if "rotary_emb.inv_freq" in state:
+        want = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        if not torch.allclose(state["rotary_emb.inv_freq"].float(), want, rtol=1e-3):
+            raise CheckpointError(f"{source.path}: rotary_emb.inv_freq is not base 10000 over "
+                                  f"the head size {head_dim}; unsupported rotary settings")
+
+    def modulation(prefix: str, rows: int) -> Tensor:
+        w, b = take(state, prefix + ".weight"), take(state, prefix + ".bias")
+        return F.linear(c, w.float(), b.float()).view(rows, d)  # chunk i = row i
+
+    out = {"embed_tokens.weight": take(state, "vocab_embed.embedding")}
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        out.update({
+            f"layers.{i}.norm_1.weight": take(state, p + "norm1.weight"),
+            f"layers.{i}.qkv.weight": take(state, p + "attn_qkv.weight"),
+            f"layers.{i}.attn_out.weight": take(state, p + "attn_out.weight"),
+            f"layers.{i}.norm_2.weight": take(state, p + "norm2.weight"),
+            f"layers.{i}.mlp_in.weight": take(state, p + "mlp.0.weight"),
+            f"layers.{i}.mlp_in.bias": take(state, p + "mlp.0.bias"),
+            f"layers.{i}.mlp_out.weight": take(state, p + "mlp.2.weight"),
+            f"layers.{i}.mlp_out.bias": take(state, p + "mlp.2.bias"),
+            f"layers.{i}.modulation": modulation(p + "adaLN_modulation", 6),
+        })
+    rows = cfg.out_vocab
+    out.update({
+        "norm.weight": take(state, "output_layer.norm_final.weight"),
+        "norm.modulation": modulation("output_layer.adaLN_modulation", 2),
+        "lm_head.weight": take(state, "output_layer.linear.weight")[:rows].contiguous(),
+        "lm_head.bias": take(state, "output_layer.linear.bias")[:rows].contiguous(),
+    })
+    return out

@@ -1,0 +1,168 @@
+"""Reading a foreign checkpoint's files safely: weight files, their keys, JSON configs.
+
+Weights come from `.safetensors` files (one, or shards listed in `model.safetensors.index.json`)
+or from torch pickles (`.pth`, `.pt`, `.ckpt`, `.bin`) loaded only with
+`torch.load(weights_only=True)`, which refuses any pickled object other than tensors and plain
+containers: code that comes with a checkpoint is never executed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a CheckpointError saying what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in the order they should be read."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no \"weight_map\" listing the shards")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: shard {missing[0]} listed in {INDEX_FILE} is "
+                                  f"missing")
+        return files
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if len(pickles) == 1:
+        return pickles
+    if len(pickles) > 1:
+        names = ", ".join(p.name for p in pickles[:5])
+        raise CheckpointError(f"{directory}: several weight files ({names}); pass the one to "
+                              f"load")
+    raise CheckpointError(f"{directory}: no weight files (*.safetensors, "
+                          f"{', '.join('*' + s for s in PICKLE_SUFFIXES)})")
+
+
+def _load_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, other top-level entries) of a torch pickle, read as plain data only."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError... depending on damage
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: cannot be read as plain tensors ({reason[:200]}). adaptive-loop loads "
+            f"pickles only with torch.load(weights_only=True) and never runs code from a "
+            f"checkpoint: save its state dict alone (torch.save(ckpt['state_dict'], path)) or "
+            f"as .safetensors") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            state = obj[key]
+            meta = {k: v for k, v in obj.items() if k != key}
+            break
+    else:
+        state, meta = obj, {}
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: "
+                              f"{', '.join(map(str, list(obj)[:8]))})")
+    return tensors, meta
+
+
+@dataclass
+class Source:
+    """One checkpoint on disk: where it is, its weight files, and (lazily) its keys and state."""
+
+    path: Path  # as given: a file or a directory
+    directory: Path  # the folder holding config and tokenizer files
+    files: list[Path]
+    meta: dict[str, Any] = field(default_factory=dict)  # non-tensor entries of a pickle
+    _state: dict[str, Tensor] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> Source:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if path.is_dir():
+            return cls(path, path, _weight_files(path))
+        if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or "
+                                  f"{', '.join(PICKLE_SUFFIXES)}")
+        return cls(path, path.parent, [path])
+
+    def config_json(self, name: str = "config.json") -> dict[str, Any] | None:
+        """A JSON file beside the weights, or None when absent."""
+        path = self.directory / name
+        return read_json(path) if path.is_file() else None
+
+    def keys(self) -> list[str]:
+        """Every tensor name; safetensors headers are read without loading the tensors."""
+        if self._state is None and all(f.suffix == ".safetensors" for f in self.files):
+            names: list[str] = []
+            for f in self.files:
+                try:
+                    with safe_open(str(f), framework="pt") as handle:
+                        names.extend(handle.keys())
+                except Exception as err:  # the safetensors error type differs by release
+                    raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
+                                          f"({err})") from None
+            return names
+        return list(self.state())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape; safetensors headers are read without loading the tensors."""
+        if self._state is None and all(f.suffix == ".safetensors" for f in self.files):
+            shapes: dict[str, tuple[int, ...]] = {}
+            for f in self.files:
+                with safe_open(str(f), framework="pt") as handle:
+                    for key in handle.keys():
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
+            return shapes
+        return {k: tuple(v.shape) for k, v in self.state().items()}
+
+    def state(self) -> dict[str, Tensor]:
+        """Every tensor, loaded on the CPU in its stored dtype (read once, then cached)."""
+        if self._state is None:
+            state: dict[str, Tensor] = {}
+            for f in self.files:
+                if f.suffix == ".safetensors":
+                    try:
+                        state.update(load_file(str(f)))
+                    except Exception as err:
+                        raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
+                                              f"({err})") from None
+                else:
+                    tensors, meta = _load_pickle(f)
+                    state.update(tensors)
+                    self.meta.update(meta)
+            self._state = state
+        return self._state
+
+    def take(self, state: dict[str, Tensor], key: str) -> Tensor:
+        """state[key], or a CheckpointError naming the missing key."""
+        if key not in state:
+            raise CheckpointError(f"{self.path}: missing key {key!r} for this layout")
+        return state[key]

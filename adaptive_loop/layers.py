@@ -1,0 +1,224 @@
+"""Transformer layers of a LoopMDM: the LLaMA-style layer and MDLM's DiT layer.
+
+Both share `LayerBase`: a layer is `project` (pre-norm, q/k/v, RoPE) then attention then
+`finish` (output projection, residual, MLP). `dense` runs full rows, `packed` runs compacted
+tokens against a key/value cache updated in place; the runtime uses both.
+
+RoPE tables come in two forms: shared tables (max_seq_len, D), position j being row j, or
+per-row tables (B, L, D) already gathered at each token's position (left-padded batches, where
+a row's positions start after its padding).
+
+Shape legend: B batch, L positions, N packed tokens, d width, H/G query/key-value heads,
+D head size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import PackPlan, dense_attention, packed_attention
+from .config import LoopMDMConfig
+
+KV = tuple[Tensor, Tensor]  # (B, G, L, D) keys and values of one layer
+Rope = tuple[Tensor, Tensor]  # cos/sin: (max_seq_len, D) shared or (B, L, D) per-row tables
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * \
+            self.weight
+
+
+def rope_tables(cfg: LoopMDMConfig, device: torch.device | None = None) -> Rope:
+    """cos/sin tables (max_seq_len, D) for rotate-half RoPE, in float32.
+
+    With `rope_dtype` other than float32 the tables are rounded to it and back: SMDM builds
+    its tables in bfloat16, and its models were trained with those rounded angles.
+    """
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(half, dtype=torch.float32, device=device)
+                                       / half)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device),
+                         inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    rounding = _DTYPES[cfg.rope_dtype]
+    return cos.to(rounding).float(), sin.to(rounding).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., D) with cos/sin broadcastable to it: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def rope_rows(rope: Rope, length: int) -> Rope:
+    """cos/sin for full rows of `length` positions: (L, 1, D) or (B, L, 1, D)."""
+    if rope[0].dim() == 2:
+        return rope[0][:length, None, :], rope[1][:length, None, :]
+    return rope[0][:, :length, None, :], rope[1][:, :length, None, :]
+
+
+def rope_packed(rope: Rope, plan: PackPlan) -> Rope:
+    """cos/sin for packed tokens: (N, 1, D)."""
+    if rope[0].dim() == 2:
+        return rope[0][plan.pos, None, :], rope[1][plan.pos, None, :]
+    return rope[0][plan.rows, plan.pos, None, :], rope[1][plan.rows, plan.pos, None, :]
+
+
+class LayerBase(nn.Module):
+    """What every layer flavour shares: full-row and packed execution around `project` and
+    `finish`, which subclasses define."""
+
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (..., d) -> q (..., H, D), k and v (..., G, D), RoPE applied to q and k."""
+        raise NotImplementedError
+
+    def finish(self, h: Tensor, attn: Tensor) -> Tensor:
+        """Residual add of the attention output (..., H*D), then the MLP block."""
+        raise NotImplementedError
+
+    def _heads(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor,
+               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        shape = q.shape[:-1]
+        q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(*shape, self.n_kv, self.head_dim), cos, sin)
+        return q, k, v.view(*shape, self.n_kv, self.head_dim)
+
+    def dense(self, h: Tensor, rope: Rope, key_mask: Tensor | None = None,
+              kv_keep: tuple[Tensor, KV] | None = None) -> tuple[Tensor, KV]:
+        """Full rows. h (B, L, d) -> (B, L, d) and this layer's (k, v) (B, G, L, D).
+
+        `kv_keep = (active (B, L), (k_old, v_old))` keeps the old keys/values of inactive
+        tokens: the masked reference of the compacted path.
+        """
+        cos, sin = rope_rows(rope, h.shape[1])
+        q, k, v = self.project(h, cos, sin)  # (B, L, H|G, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, L, D)
+        if kv_keep is not None:
+            active, (k_old, v_old) = kv_keep
+            keep = active[:, None, :, None]
+            k, v = torch.where(keep, k, k_old), torch.where(keep, v, v_old)
+        attn = dense_attention(q.transpose(1, 2), k, v, key_mask)  # (B, H, L, D)
+        out = self.finish(h, attn.transpose(1, 2).flatten(2))
+        return out, (k, v)
+
+    def packed(self, h: Tensor, rope: Rope, plan: PackPlan, cache: KV,
+               key_mask: Tensor | None = None) -> Tensor:
+        """Packed tokens. h (N, d) -> (N, d).
+
+        The tokens' new keys/values are written into `cache` (B, G, L, D) in place; every other
+        token keeps the keys/values the cache holds (frozen at their last computed value).
+        """
+        cos, sin = rope_packed(rope, plan)  # (N, 1, D)
+        q, k, v = self.project(h, cos, sin)  # (N, H|G, D)
+        k_cache, v_cache = cache
+        k_cache[plan.rows, :, plan.pos] = k
+        v_cache[plan.rows, :, plan.pos] = v
+        attn = packed_attention(q, k_cache, v_cache, plan, key_mask)  # (N, H, D)
+        return self.finish(h, attn.flatten(1))
+
+
+class Layer(LayerBase):
+    """LLaMA-style pre-norm layer: RMSNorm, fused [Q; K; V], rotate-half RoPE, SwiGLU."""
+
+    def __init__(self, cfg: LoopMDMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.norm_1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+                             bias=False)  # [Q; K; V] stacked
+        self.attn_out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.norm_2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # [gate; up]
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.qkv(self.norm_1(h)).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+             self.n_kv * self.head_dim], dim=-1)
+        return self._heads(q, k, v, cos, sin)
+
+    def finish(self, h: Tensor, attn: Tensor) -> Tensor:
+        h = h + self.attn_out(attn)
+        gate, up = self.gate_up(self.norm_2(h)).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias, normalised in float32 (MDLM computes it outside autocast)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, returned in `dtype`."""
+    return (x * (1 + scale.float()) + shift.float()).to(dtype)
+
+
+class DiTLayer(LayerBase):
+    """MDLM's DiT layer with its adaLN modulation held as constants.
+
+    MDLM computes the modulation from the noise level as adaLN(c), c = silu(MLP(emb(sigma))).
+    Without time conditioning sigma is always 0, so each layer's six modulation vectors are
+    constants; the importer evaluates them once and stores them in `modulation` (6, d), rows in
+    MDLM's order: shift, scale, gate of the attention, then of the MLP.
+    """
+
+    def __init__(self, cfg: LoopMDMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d = cfg.d_model
+        self.norm_1 = LayerNorm(d, cfg.norm_eps)
+        self.qkv = nn.Linear(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.attn_out = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=False)
+        self.norm_2 = LayerNorm(d, cfg.norm_eps)
+        self.mlp_in = nn.Linear(d, cfg.d_ff, bias=True)
+        self.mlp_out = nn.Linear(cfg.d_ff, d, bias=True)
+        self.modulation = nn.Parameter(torch.zeros(6, d))
+
+    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.modulation
+        x = modulate(self.norm_1(h), m[0], m[1], h.dtype)
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+             self.n_kv * self.head_dim], dim=-1)
+        return self._heads(q, k, v, cos, sin)
+
+    def finish(self, h: Tensor, attn: Tensor) -> Tensor:
+        m = self.modulation
+        h = h + m[2] * self.attn_out(attn)  # gate, not 1 + gate
+        x = modulate(self.norm_2(h), m[3], m[4], h.dtype)
+        return h + m[5] * self.mlp_out(F.gelu(self.mlp_in(x), approximate="tanh"))
+
+
+class ModulatedNorm(LayerNorm):
+    """MDLM's output-layer norm: LayerNorm then its own constant (shift, scale) modulation."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        self.modulation = nn.Parameter(torch.zeros(2, dim))  # shift, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return modulate(super().forward(x), self.modulation[0], self.modulation[1], x.dtype)

@@ -1,0 +1,171 @@
+"""Run one halting-policy setting over an evaluation set and keep what a curve needs.
+
+The sampler takes batches of equal-length prompts, so examples are grouped by prompt length
+(in order of first appearance) and each group is cut into batches. Per example we keep the
+completion, its token ids and whether it is correct; over the set, the compute totals, and on
+request the mean loops per (denoising step, position) for a heatmap, positions counted from the
+start of the generated region so prompts of different lengths line up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .checkpoint import tokenizer_for
+from .datasets import EvalSet
+from .errors import UsageError
+from .model import LoopMDM
+from .policies import HaltingPolicy
+from .sampler import GenerationResult, generate
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Outcome:
+    """One setting over an evaluation set."""
+
+    completions: list[str]
+    tokens: list[tuple[int, ...]]  # generated ids per example
+    correct: list[bool]
+    loop_sum: float  # loops summed over every (step, position) of every example
+    loop_count: int
+    looped_flops: int = 0
+    looped_flops_fixed_max: int = 0
+    monitor_flops: int = 0
+    total_flops: int = 0
+    nfe: int = 0
+    wall_s: float = 0.0
+    max_loops: int = 0
+    heat_sum: torch.Tensor | None = None  # (steps, P + G) summed loops; P the longest prompt
+    heat_count: torch.Tensor | None = None  # (steps, P + G) examples that have each cell
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def mean_loops(self) -> float:
+        return self.loop_sum / max(1, self.loop_count)
+
+    def heatmap(self) -> torch.Tensor | None:
+        """(steps, P + G) mean loops per token; NaN where no example has the cell."""
+        if self.heat_sum is None:
+            return None
+        return self.heat_sum / self.heat_count.clamp_min(1) + torch.where(
+            self.heat_count > 0, 0.0, float("nan"))
+
+    def summary(self) -> dict[str, Any]:
+        return {"n": self.n, "correct": sum(self.correct), "mean_loops": self.mean_loops,
+                "looped_flops": self.looped_flops,
+                "looped_flops_fixed_max": self.looped_flops_fixed_max,
+                "monitor_flops": self.monitor_flops, "total_flops": self.total_flops,
+                "nfe": self.nfe, "wall_s": self.wall_s, "max_loops": self.max_loops}
+
+
+@dataclass
+class Batch:
+    positions: list[int]  # indices into the evaluation set
+    ids: torch.Tensor  # (B, T)
+
+
+@dataclass
+class Plan:
+    """The batches of an evaluation set, encoded once and shared by every setting."""
+
+    batches: list[Batch]
+    decoding: dict[str, Any]
+    tokenizer: Tokenizer
+    longest_prompt: int
+    size: int
+
+
+def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
+                 decoding: dict[str, Any] | None = None) -> Plan:
+    """Encode every prompt (a failure names the example) and group equal lengths into batches.
+
+    `decoding` overrides the data's own sampler arguments; `gen_length` defaults to the longest
+    reference answer in tokens and `steps` to `gen_length`.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    tokenizer = tokenizer_for(model)
+    encoded = []
+    for i, ex in enumerate(data.examples):
+        try:
+            encoded.append(tokenizer.encode(ex.prompt))
+        except UsageError as err:
+            raise UsageError(f"{data.name}, example {i + 1}: {err}") from None
+    dec = {**data.decoding, **{k: v for k, v in (decoding or {}).items() if v is not None}}
+    if "gen_length" not in dec:
+        longest = 0
+        for ex in data.examples:
+            try:
+                longest = max(longest, len(tokenizer.encode(data.matcher.reference(ex.answer))))
+            except UsageError:
+                pass  # an answer the tokenizer cannot write says nothing about length
+        if longest == 0:
+            raise UsageError("cannot infer --gen-length from the answers; give --gen-length")
+        dec["gen_length"] = longest
+    dec.setdefault("steps", dec["gen_length"])
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    batches = []
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start: start + batch_size]
+            batches.append(Batch(chunk, torch.tensor([encoded[i] for i in chunk])))
+    return Plan(batches, dec, tokenizer, max(len(x) for x in encoded), len(encoded))
+
+
+def run_setting(model: LoopMDM, data: EvalSet, plan: Plan, policy: HaltingPolicy, *,
+                seed: int | None = None, heatmap: bool = False,
+                progress: Callable[[int], None] | None = None) -> Outcome:
+    """Generate for every example under `policy` and score the completions."""
+    n = plan.size
+    completions, tokens, correct = [""] * n, [()] * n, [False] * n
+    out = Outcome(completions, tokens, correct, 0.0, 0)
+    gen = plan.decoding["gen_length"]
+    for batch in plan.batches:
+        res = generate(model, batch.ids, policy=policy, tokenizer=plan.tokenizer, seed=seed,
+                       **plan.decoding)
+        add_result(out, res, batch, data, plan, gen, heatmap)
+        if progress:
+            progress(len(batch.positions))
+    return out
+
+
+def add_result(out: Outcome, res: GenerationResult, batch: Batch, data: EvalSet, plan: Plan,
+               gen: int, heatmap: bool) -> None:
+    """Score one batch's completions and add its compute (and loops, for a heatmap)."""
+    generated = res.tokens[:, res.prompt_length:].tolist()
+    for row, i in enumerate(batch.positions):
+        out.completions[i] = res.text[row]
+        out.tokens[i] = tuple(generated[row])
+        out.correct[i] = data.matcher.correct(res.text[row], data.examples[i].answer)
+    s = res.stats
+    out.loop_sum += float(res.loops.double().sum())
+    out.loop_count += res.loops.numel()
+    out.looped_flops += s.looped_flops
+    out.looped_flops_fixed_max += s.looped_flops_fixed_max
+    out.monitor_flops += s.monitor_flops
+    out.total_flops += s.total_flops
+    out.nfe += s.nfe
+    out.wall_s += s.wall_s
+    out.max_loops = max(out.max_loops, s.max_loops)
+    if heatmap:
+        steps, width = res.loops.shape[0], plan.longest_prompt + gen
+        if out.heat_sum is None:
+            out.heat_sum = torch.zeros(steps, width, dtype=torch.float64)
+            out.heat_count = torch.zeros(steps, width, dtype=torch.float64)
+        if steps > out.heat_sum.shape[0]:  # decoding whose step count varies per batch
+            grow = steps - out.heat_sum.shape[0]
+            out.heat_sum = torch.nn.functional.pad(out.heat_sum, (0, 0, 0, grow))
+            out.heat_count = torch.nn.functional.pad(out.heat_count, (0, 0, 0, grow))
+        offset = plan.longest_prompt - res.prompt_length  # right-align the prompts
+        out.heat_sum[:steps, offset:] += res.loops.double().sum(1)
+        out.heat_count[:steps, offset:] += res.loops.shape[1]

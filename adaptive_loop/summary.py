@@ -1,0 +1,59 @@
+"""What a checkpoint holds, without loading its weights: config, loop spec, parameter counts,
+FLOPs per loop and per denoising step, tokenizer (`adaptive-loop inspect`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import embedded_path, resolve_config
+from .flops import block_flops, step_flops_fixed
+from .model import LoopMDM
+
+
+def _count(modules: list[torch.nn.Module]) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def inspect_model(source: str | Path | None = None, *, format: str = "auto",
+                  config: str | Path | None = None, length: int | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+    """Describe a checkpoint (arguments as for `load_model`; weights are not read).
+
+    Args:
+        length: sequence length for the FLOP figures (default: the model's context).
+
+    Returns:
+        A JSON-ready dict: path, format, config, loop, parameters, flops, tokenizer.
+    """
+    cfg, fmt = resolve_config(source, format=format, config=config, **overrides)
+    with torch.device("meta"):
+        model = LoopMDM(cfg)
+    length = cfg.max_seq_len if length is None else length
+    embeddings = [model.embed_tokens, model.norm] + \
+        ([] if cfg.tie_embeddings else [model.lm_head])
+    params = {"prelude": _count(model.prelude_layers), "block": _count(model.block_layers),
+              "coda": _count(model.coda_layers), "embeddings": _count(embeddings)}
+    params["total"] = sum(params.values())
+    step = step_flops_fixed(cfg, 1, length, cfg.n_loops)
+    path = embedded_path() if source is None else Path(source).expanduser()
+    directory = path if path.is_dir() else path.parent
+    spec = cfg.tokenizer
+    tokenizer: dict[str, Any] = {"kind": spec.get("kind", "none"), "mask_id": cfg.mask_id,
+                                 "pad_id": cfg.pad_id, "eos_id": cfg.eos_id}
+    if spec.get("file"):
+        tokenizer.update(file=spec["file"], found=(directory / spec["file"]).is_file())
+    return {
+        "path": str(path), "format": fmt, "config": cfg.to_dict(),
+        "loop": {"prelude_layers": cfg.n_prelude, "loop_start": cfg.loop_start,
+                 "loop_layers": cfg.loop_layers, "coda_layers": cfg.n_coda,
+                 "n_loops": cfg.n_loops, "max_train_loops": cfg.max_train_loops},
+        "parameters": params,
+        "flops": {"sequence_length": length,
+                  "per_loop": length * block_flops(cfg, length),
+                  "per_step": sum(step.values()),
+                  "per_step_by_part": step},
+        "tokenizer": tokenizer,
+    }

@@ -1,0 +1,310 @@
+"""Sweeps: run a grid of halting-policy settings over an evaluation set, resumably.
+
+Grid grammar (one `--policy` each): `NAME[:PARAM=V1,V2,...[;PARAM=V1,...]...]`, the grid being
+every combination, e.g. `fixed:loops=1,2,4,8` or `entropy:threshold=0.5,0.2,0.1;min_loops=2`.
+
+Output directory:
+- `sweep.json`: what was swept (model fingerprint, data, decoding, seed). A rerun with other
+  settings is refused rather than mixed into the same curve.
+- `points.jsonl`: one line per finished point, flushed and synced as it finishes. A rerun
+  skips finished points; a torn last line (a run killed mid-write) is dropped and reported.
+- `curve.json`, `curve.csv`, `curve.png` (and `heatmaps/*.png` on request): written at the end,
+  each to a temporary file then renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .curves import ORACLE, annotate, atomic_write_text, curve_csv, plot_curve, plot_heatmap
+from .datasets import EvalSet, parse_value
+from .errors import UsageError
+from .measure import Outcome, plan_batches, run_setting
+from .model import LoopMDM
+from .oracle import run_oracle
+from .policies import HaltingPolicy, make
+
+POINTS, MANIFEST = "points.jsonl", "sweep.json"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a grid: a policy name and its parameters."""
+
+    policy: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy}:{json.dumps(self.kwargs, sort_keys=True)}"
+
+    @property
+    def label(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.policy}({args})"
+
+
+def parse_policy_spec(spec: str) -> tuple[str, list[tuple[str, list[Any]]]]:
+    """`NAME[:PARAM=V1,V2;PARAM=V...]` -> (name, [(param, values), ...]) in written order."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"bad policy spec {spec!r}: it starts with a policy name, e.g. "
+                         f"convergence:threshold=0.1,0.05")
+    if name == ORACLE:
+        raise UsageError("'oracle' is not a runnable policy; sweeps add oracle points by "
+                         "themselves (see --oracle-loops)")
+    axes: list[tuple[str, list[Any]]] = []
+    for item in filter(None, (p.strip() for p in rest.split(";"))):
+        key, eq, values = item.partition("=")
+        parsed = [parse_value(v) for v in values.split(",") if v.strip()]
+        if not eq or not key.strip() or not parsed:
+            raise UsageError(f"bad policy spec {spec!r}: {item!r} is not PARAM=V1,V2,...")
+        if key.strip() in dict(axes):
+            raise UsageError(f"bad policy spec {spec!r}: {key.strip()} is given twice")
+        axes.append((key.strip(), parsed))
+    return name, axes
+
+
+def parse_policy_grid(spec: str) -> list[Setting]:
+    """`NAME[:PARAM=V1,V2;PARAM=V...]` -> one Setting per combination, validated by building
+    each policy (so a typo fails before any work)."""
+    name, axes = parse_policy_spec(spec)
+    settings = [Setting(name, tuple(zip((k for k, _ in axes), combo)))
+                for combo in itertools.product(*(values for _, values in axes))]
+    for setting in settings:
+        policy_of(setting)
+    return settings
+
+
+def policy_of(setting: Setting) -> HaltingPolicy:
+    """Build a setting's policy; a bad parameter value is a UsageError naming the setting."""
+    try:
+        return make(setting.policy, **setting.kwargs)
+    except UsageError as err:
+        raise UsageError(f"{setting.label}: {err}") from None
+    except (TypeError, ValueError) as err:  # a value of the wrong kind for the policy
+        raise UsageError(f"{setting.label}: bad parameter value ({err})") from None
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the directory and prove it writable, before any work starts."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write the output directory {out}: {err.strerror or err}") \
+            from None
+    return out
+
+
+def model_fingerprint(model: LoopMDM) -> dict[str, Any]:
+    """Config plus a hash of the first values of every tensor: enough to tell checkpoints
+    apart without reading gigabytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return {"config": model.config.to_dict(), "weights": digest.hexdigest()[:16]}
+
+
+class PointStore:
+    """`points.jsonl`: finished points, one JSON object per line."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / POINTS
+
+    def load(self) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """Finished points by key, and a note when a torn last line was dropped."""
+        if not self.path.exists():
+            return {}, None
+        data = self.path.read_bytes()
+        good, note = len(data), None
+        if data and not data.endswith(b"\n"):
+            good = data.rfind(b"\n") + 1
+            note = (f"{self.path}: dropped a torn last line ({len(data) - good} bytes, a run "
+                    f"stopped while writing it); that point runs again")
+        rows: dict[str, dict[str, Any]] = {}
+        for number, line in enumerate(data[:good].splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows[row["key"]] = row
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise UsageError(f"{self.path}:{number}: not a sweep point; the file is damaged "
+                                 f"(delete that line or use another --out)") from None
+        if good < len(data):
+            with self.path.open("r+b") as fh:
+                fh.truncate(good)
+        return rows, note
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write `sweep.json`, or refuse when the directory holds a sweep of other settings."""
+    path = directory / MANIFEST
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{path}: not valid JSON; use another --out") from None
+        if old != json.loads(json.dumps(manifest)):
+            differ = sorted(k for k in set(old) | set(manifest)
+                            if old.get(k) != json.loads(json.dumps(manifest.get(k))))
+            raise UsageError(f"{directory} holds a sweep with other {', '.join(differ)}; use "
+                             f"another --out (or delete {path.name} and {POINTS})")
+        return
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+@dataclass
+class SweepHooks:
+    """Callbacks for a progress display; all optional."""
+
+    point_started: Callable[[str, int], None] | None = None  # label, examples
+    examples_done: Callable[[int], None] | None = None
+    point_finished: Callable[[dict[str, Any], bool], None] | None = None  # row, was cached
+
+
+@dataclass
+class SweepResult:
+    curve: dict[str, Any]
+    directory: Path
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def default_oracle_loops(model: LoopMDM, settings: list[Setting]) -> list[int]:
+    """The fixed loop counts in the grid, plus the largest loop bound of any setting."""
+    n_loops = model.config.n_loops
+    tops = {policy_of(s).loop_bounds(n_loops)[1] for s in settings}
+    fixed = {policy_of(s).loop_bounds(n_loops)[1] for s in settings if s.policy == "fixed"}
+    return sorted(fixed | {max(tops | {n_loops})})
+
+
+def _row(setting: Setting, res: Outcome) -> dict[str, Any]:
+    row = {"key": setting.key, "label": setting.label, "policy": setting.policy,
+           "params": setting.kwargs, **res.summary()}
+    heat = res.heatmap()
+    if heat is not None:
+        row["heatmap"] = [[None if v != v else round(v, 4) for v in r] for r in heat.tolist()]
+    return row
+
+
+def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: str | Path, *,
+              oracle_loops: list[int] | None = None, seed: int = 0, batch_size: int = 100,
+              decoding: dict[str, Any] | None = None, heatmap: bool = False, plot: bool = True,
+              hooks: SweepHooks | None = None) -> SweepResult:
+    """Evaluate every setting (skipping those already in `out_dir`), then write the curve.
+
+    Args:
+        model: the model to sweep.
+        data: the evaluation set (`datasets.resolve_eval_set`).
+        settings: grid points (`parse_policy_grid`).
+        out_dir: output directory (created; must be writable).
+        oracle_loops: loop counts of the oracle points; None: `default_oracle_loops`; []: none.
+        seed: sampling-noise seed of every point.
+        batch_size: examples per generate call.
+        decoding: sampler arguments overriding the data's (`gen_length`, `steps`, ...).
+        heatmap: keep mean loops per (step, position) and draw `heatmaps/<point>.png`.
+        plot: draw `curve.png` (needs matplotlib).
+        hooks: progress callbacks.
+    """
+    directory = prepare_output_dir(out_dir)
+    hooks = hooks or SweepHooks()
+    settings = list(dict.fromkeys(settings))
+    if not settings and not oracle_loops:
+        raise UsageError("nothing to sweep: give at least one --policy")
+    plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
+    if oracle_loops is None:
+        oracle_loops = default_oracle_loops(model, settings)
+    manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
+                "decoding": plan.decoding, "seed": seed}
+    check_manifest(directory, manifest)
+    store = PointStore(directory)
+    done, note = store.load()
+    notes = [note] if note else []
+    jobs: list[tuple[Setting, Callable[..., Outcome]]] = []
+    for s in settings:
+        policy = policy_of(s)
+        jobs.append((s, lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
+    for loops in sorted(set(oracle_loops)):
+        jobs.append((Setting(ORACLE, (("loops", loops),)),
+                     lambda n=loops, **kw: run_oracle(model, data, plan, n, **kw)))
+    rows = []
+    for setting, run in jobs:
+        if setting.key in done:
+            row = done[setting.key]
+            if heatmap and "heatmap" not in row:
+                notes.append(f"{setting.label} was finished without --heatmap: no heatmap")
+            rows.append(row)
+            if hooks.point_finished:
+                hooks.point_finished(row, True)
+            continue
+        if hooks.point_started:
+            hooks.point_started(setting.label, plan.size)
+        with torch.no_grad():
+            res = run(seed=seed, heatmap=heatmap, progress=hooks.examples_done)
+        row = _row(setting, res)
+        store.append(row)
+        rows.append(row)
+        if hooks.point_finished:
+            hooks.point_finished(row, False)
+    curve = build_curve(model, data, plan.decoding, seed, rows)
+    files = write_curve(directory, curve, rows if heatmap else [], plan.longest_prompt, plot)
+    return SweepResult(curve, directory, notes, files)
+
+
+def build_curve(model: LoopMDM, data: EvalSet, decoding: dict[str, Any], seed: int,
+                rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """curve.json's content: the points (without heatmaps) annotated by `curves.annotate`."""
+    points = [{k: v for k, v in r.items() if k not in ("key", "heatmap")} for r in rows]
+    cfg = model.config
+    annotate(points, cfg.max_train_loops)
+    ref = next((p for p in points if p["max_loops"]), None)
+    per_loop = ref["looped_flops_fixed_max"] / ref["max_loops"] / ref["n"] if ref else None
+    return {"version": 1, "data": data.name, "n": len(data), "seed": seed, "decoding": decoding,
+            "n_loops": cfg.n_loops, "max_train_loops": cfg.max_train_loops,
+            "flops_per_loop": per_loop, "points": points,
+            "frontier": [p["label"] for p in points if p["pareto"]]}
+
+
+def write_curve(directory: Path, curve: dict[str, Any], heat_rows: list[dict[str, Any]],
+                prompt_length: int, plot: bool) -> list[Path]:
+    """curve.json, curve.csv, curve.png and heatmaps, each written atomically."""
+    files = [atomic_write_text(directory / "curve.json", json.dumps(curve, indent=1) + "\n"),
+             atomic_write_text(directory / "curve.csv", curve_csv(curve["points"]))]
+    if plot:
+        files.append(plot_curve(curve, directory / "curve.png"))
+        for row in heat_rows:
+            if "heatmap" not in row:
+                continue
+            (directory / "heatmaps").mkdir(exist_ok=True)
+            name = "".join(c if c.isalnum() or c in "=.-" else "_" for c in row["label"])
+            name = name.strip("_")
+            loops = [[float("nan") if v is None else v for v in r] for r in row["heatmap"]]
+            files.append(plot_heatmap(loops, prompt_length, row["label"],
+                                      directory / "heatmaps" / f"{name}.png"))
+    return files

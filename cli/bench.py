@@ -1,0 +1,94 @@
+"""`bench`: compacted vs full loop iterations and adaptive vs fixed generation, side by side."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from .app import Checkpoint, Device, Dtype, app, err, out
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name} takes comma-separated numbers, got {text!r}") from None
+    if any(not 0 < v <= 1 for v in values):
+        raise UsageError(f"{name} must lie in (0, 1], got {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    preset: Annotated[str, typer.Option(
+        help="Random-weight shape for the iteration timing: embedded, tiny, smdm-170m-shape, "
+        "1b-shape.")] = "embedded",
+    batch: Annotated[int, typer.Option(help="Rows for the iteration timing.")] = 16,
+    length: Annotated[int, typer.Option(help="Positions per row for the iteration timing.")] = 256,
+    fractions: Annotated[str, typer.Option(
+        help="Mean active fractions (per row spread over [f/2, 3f/2]).")] = "0.75,0.5,0.25,0.1",
+    repeats: Annotated[int, typer.Option(help="Timed repeats per figure (median).")] = 10,
+    generation: Annotated[bool, typer.Option(
+        help="Also time generation on the checkpoint's task: fixed vs adaptive policies, "
+        "compaction on vs off.")] = True,
+    n: Annotated[int, typer.Option("--n", help="Problems for the generation timing.")] = 200,
+    checkpoint: Checkpoint = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Time what halting saves: one loop iteration with a fraction of tokens active against
+    the full iteration, and generation under adaptive policies against fixed loops. Every
+    figure is a ratio measured in the same run."""
+    from ..bench import bench_generation, bench_iteration, matmul_peak, rows_to_dicts
+    from ..checkpoint import load_model
+    from ..config import PRESETS, LoopMDMConfig
+    from ..device import pick_device, pick_dtype
+
+    fracs = _floats(fractions, "--fractions")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model = load_model(checkpoint, device=dev, dtype=dt) if generation or preset == "embedded" \
+        else None
+    if preset == "embedded":
+        cfg = LoopMDMConfig.from_dict({**model.config.to_dict(), "max_seq_len": length})
+    elif preset in PRESETS:
+        cfg = LoopMDMConfig.from_name(preset, max_seq_len=max(length, 64))
+    else:
+        raise UsageError(f"unknown preset {preset!r}; choose embedded or one of "
+                         f"{', '.join(PRESETS)}")
+    with err.status("timing loop iterations..."):
+        rows = bench_iteration(cfg, batch, length, fracs, dev, dt, repeats)
+        peak = matmul_peak(dev, dt)
+    report = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "preset": preset,
+              "batch": batch, "length": length, "matmul_peak_flops": peak,
+              "iteration": rows_to_dicts(rows)}
+    if generation:
+        with err.status("timing generation..."):
+            report["generation"] = [r.to_dict() for r in bench_generation(model, n=n)]
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"one loop iteration, {preset}, {batch} x {length}, {report['dtype']}")
+    for col in ("active (mean)", "full ms", "compacted ms", "ratio", "ideal"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r.active:.2f}", f"{r.full_ms:.2f}", f"{r.compact_ms:.2f}",
+                      f"{r.ratio:.2f}", f"{r.active:.2f}")
+    out.print(table)
+    if generation:
+        table = Table(title=f"generation, {n} problems of the checkpoint's task")
+        for col in ("policy", "compact", "accuracy", "mean loops", "looped FLOPs", "monitor",
+                    "wall s", "wall vs fixed", "tokens/s"):
+            table.add_column(col)
+        for g in report["generation"]:
+            table.add_row(g["policy"], "on" if g["compact"] else "off", f"{g['accuracy']:.1%}",
+                          f"{g['mean_loops']:.2f}", f"{g['flops_ratio']:.2f}x",
+                          f"{g['monitor_ratio']:.2f}x", f"{g['wall_s']:.2f}",
+                          f"{g['wall_ratio']:.2f}x", f"{g['tokens_per_s']:.0f}")
+        out.print(table)
+    out.print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")

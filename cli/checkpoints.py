@@ -1,0 +1,87 @@
+"""`convert` and `inspect`: checkpoints of SMDM, MDLM, LLaDA or the native format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .app import Dtype, app, out
+
+Format = Annotated[str, typer.Option(
+    "--format", "-f", help="Checkpoint layout: auto, native, smdm, mdlm or llada.")]
+Config = Annotated[str | None, typer.Option(
+    "--config", help="smdm: a lit-gpt config JSON or a preset name (e.g. Diff_LLaMA_170M); "
+    "mdlm/llada: a config.json path when it is not beside the weights.")]
+LoopStart = Annotated[int | None, typer.Option(
+    help="First looped layer (with --loop-layers; default: the plain MDM, all layers once).")]
+LoopLayers = Annotated[int | None, typer.Option(help="Number of contiguous looped layers.")]
+LoopCount = Annotated[int | None, typer.Option(
+    "--loops", help="Default loop count S stored in the config (default 1 for imports).")]
+
+
+def _spec(loop_start: int | None, loop_layers: int | None, loops: int | None) -> dict[str, Any]:
+    spec = {"loop_start": loop_start, "loop_layers": loop_layers, "n_loops": loops}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory or weight file.")],
+    dst: Annotated[Path, typer.Argument(help="New directory for the native checkpoint.")],
+    format: Format = "auto",
+    config: Config = None,
+    loop_start: LoopStart = None,
+    loop_layers: LoopLayers = None,
+    loops: LoopCount = None,
+    dtype: Dtype = None,
+) -> None:
+    """Convert a checkpoint (SMDM, MDLM, LLaDA or native) to the native format."""
+    from ..checkpoint import convert_checkpoint
+
+    model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
+                               **_spec(loop_start, loop_layers, loops))
+    c = model.config
+    out.print(f"wrote {dst}: {c.n_layers} layers, looped block [{c.loop_start}, "
+              f"{c.loop_start + c.loop_layers}) x {c.n_loops}")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path | None, typer.Argument(
+        help="Checkpoint directory or weight file; default: the embedded model.")] = None,
+    format: Format = "auto",
+    config: Config = None,
+    loop_start: LoopStart = None,
+    loop_layers: LoopLayers = None,
+    loops: LoopCount = None,
+    length: Annotated[int | None, typer.Option(
+        help="Sequence length for the FLOP figures (default: the model's context).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show a checkpoint's config, loop spec, parameters, FLOPs and tokenizer."""
+    from ..summary import inspect_model
+
+    info = inspect_model(path, format=format, config=config, length=length,
+                         **_spec(loop_start, loop_layers, loops))
+    if as_json:
+        print(json.dumps(info))
+        return
+    loop, params, flops, cfg = info["loop"], info["parameters"], info["flops"], info["config"]
+    table = Table(title=f"{info['path']} ({info['format']})", show_header=False)
+    table.add_row("shape", f"{cfg['flavour']}: d={cfg['d_model']}, heads={cfg['n_heads']}/"
+                  f"{cfg['n_kv_heads']}, ff={cfg['d_ff']}, vocab={cfg['vocab_size']}, "
+                  f"context={cfg['max_seq_len']}")
+    table.add_row("loop", f"prelude {loop['prelude_layers']} | block [{loop['loop_start']}, "
+                  f"{loop['loop_start'] + loop['loop_layers']}) x {loop['n_loops']} | coda "
+                  f"{loop['coda_layers']}")
+    table.add_row("parameters", ", ".join(f"{k} {v:,}" for k, v in params.items()))
+    table.add_row(f"FLOPs (L={flops['sequence_length']})",
+                  f"{flops['per_loop']:.3e} per loop, {flops['per_step']:.3e} per step")
+    tok = info["tokenizer"]
+    table.add_row("tokenizer", f"{tok['kind']}" + (f" ({tok['file']})" if "file" in tok else "")
+                  + f"; mask {tok['mask_id']}, pad {tok['pad_id']}, eos {tok['eos_id']}")
+    out.print(table)

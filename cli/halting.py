@@ -1,0 +1,117 @@
+"""`train-halting`: train the learned halting head of a checkpoint and save it beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from .app import Checkpoint, Device, Dtype, _task_of, app, err, out
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a JSON-lines file of `{"prompt": "..."}` objects (blank lines skipped)."""
+    if not path.is_file():
+        raise UsageError(f"--prompts: no such file {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UsageError(f"{path}, line {number}: expected a JSON object with a string "
+                             f"\"prompt\", got {line.strip()[:60]!r}")
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@app.command("train-halting")
+def train_halting(
+    checkpoint: Checkpoint = None,
+    prompts: Annotated[Path | None, typer.Option(
+        help="JSON lines of {\"prompt\": ...}; default: problems of the model's built-in task."
+    )] = None,
+    n: Annotated[int, typer.Option("--n", help="Problems to draw from the built-in task.")] = 512,
+    gen_length: Annotated[int | None, typer.Option(
+        help="Tokens generated per prompt (default: the built-in task's answer length).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Denoising steps (default: the built-in task's, else gen-length).")] = None,
+    block_length: Annotated[int | None, typer.Option(
+        help="Semi-autoregressive block length (default: gen-length).")] = None,
+    max_loops: Annotated[int | None, typer.Option(
+        help="Loop count whose predictions define the labels (default: the model's).")] = None,
+    hidden: Annotated[int, typer.Option(help="MLP hidden width; 0: a linear gate.")] = 0,
+    train_steps: Annotated[int, typer.Option(help="Adam steps.")] = 300,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-2,
+    held_out: Annotated[float, typer.Option(
+        help="Fraction of the prompts kept out of training to score the head.")] = 0.2,
+    threshold: Annotated[float, typer.Option(
+        help="Halt when the head's probability exceeds this (scored here; the policy's "
+        "default).")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.")] = 0,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the head (default: beside the checkpoint).")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Train the learned halting head on a frozen model and save it beside the checkpoint.
+
+    Labels: 1 where a token's prediction after a loop equals its prediction at max loops,
+    along real trajectories of the fixed max-loop sampler (the model stays frozen).
+    Prints precision and recall of the halting decision on held-out prompts.
+    """
+    from rich.progress import Progress
+
+    from ..checkpoint import embedded_path, load_model
+    from ..evaluate import default_decoding
+    from ..halting_head import save_head, train_halting_head
+
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    task = _task_of(model)
+    if prompts is not None:
+        texts = read_prompts(prompts)
+    elif task is not None:
+        if n < 2:
+            raise UsageError(f"--n must be >= 2, got {n}")
+        # a seed stream apart from the held-out evaluation problems (seed 1234)
+        texts = [p for p, _ in task.problems(n, 10_000 + seed)]
+    else:
+        raise UsageError("this checkpoint has no built-in task; give --prompts FILE.jsonl")
+    if gen_length is None:
+        if task is None:
+            raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
+                             "from)")
+        gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        job = bar.add_task("collecting trajectories", total=len(texts))
+        head, report = train_halting_head(
+            model, texts, gen_length=gen_length, steps=steps, block_length=block_length,
+            max_loops=max_loops, hidden=hidden, train_steps=train_steps, lr=lr,
+            held_out=held_out, threshold=threshold, seed=seed,
+            progress=lambda k: bar.advance(job, k))
+    source = checkpoint if checkpoint is not None else embedded_path()
+    report["checkpoint"] = str(source)
+    path = save_head(head, out_dir if out_dir is not None else source, report)
+    metrics = report["metrics"]
+    if as_json:
+        print(json.dumps({"head": str(path), **report}))
+        return
+    table = Table(title=f"halting head, {report['training']['held_out_prompts']} held-out "
+                  f"prompts", show_header=False)
+    for key in ("precision", "recall", "accuracy", "positive_rate", "exit_agreement",
+                "mean_exit_loop", "max_loops", "threshold", "pairs"):
+        table.add_row(key.replace("_", " "), _fmt(metrics[key]))
+    out.print(table)
+    out.print(f"saved to {path}")

@@ -1,0 +1,244 @@
+"""`sweep` and `calibrate`: compute/accuracy curves and threshold calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import UsageError
+from .app import Checkpoint, Device, Dtype, app, err, out
+
+Task = Annotated[str | None, typer.Option(
+    help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
+Data = Annotated[Path | None, typer.Option(
+    help="JSONL file of {\"prompt\": ..., \"answer\": ...} lines.")]
+AnswerRegex = Annotated[str | None, typer.Option(
+    help="Score the first group of this regex in completion and answer (GSM8K: '#### (.*)$').")]
+Numeric = Annotated[bool, typer.Option(
+    "--numeric", help="Compare answers as numbers (the last number in each).")]
+Limit = Annotated[int | None, typer.Option(
+    help="First N examples (a task draws N problems; default 200).")]
+Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.")]
+GenLength = Annotated[int | None, typer.Option(
+    help="Tokens to generate (default: the task's answer length, else the longest answer).")]
+Steps = Annotated[int | None, typer.Option(help="Denoising steps (default: gen-length).")]
+BlockLength = Annotated[int | None, typer.Option(help="Semi-autoregressive block length.")]
+BatchSize = Annotated[int, typer.Option(help="Examples per batch.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task: str | None,
+           data: Path | None, answer_regex: str | None, numeric: bool, limit: int | None,
+           seed: int) -> tuple[Any, Any]:
+    from ..checkpoint import load_model
+    from ..datasets import AnswerMatcher, resolve_eval_set
+
+    matcher = AnswerMatcher(answer_regex, numeric)
+    if data is not None and not Path(data).expanduser().is_file():
+        raise UsageError(f"data file not found: {data}")
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    evalset = resolve_eval_set(model.config.task, task=task, data=data, limit=limit, seed=seed,
+                               matcher=matcher)
+    return model, evalset
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True, disable=disable)
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def frontier_table(curve: dict[str, Any]) -> Table:
+    """The frontier points, then the oracle points, with FLOPs per problem and multiples."""
+    table = Table(title=f"Pareto frontier: {curve['data']}, n = {curve['n']}")
+    table.add_column("point", no_wrap=True)
+    for col in ("accuracy", "95% CI", "loops", "FLOPs/problem", "x oracle", "x max"):
+        table.add_column(col, justify="right", no_wrap=True)
+    shown = [p for p in curve["points"] if p["pareto"]] + \
+        [p for p in curve["points"] if p["policy"] == "oracle"]
+    for p in sorted(shown, key=lambda p: (p["policy"] == "oracle", p["looped_flops"])):
+        multiple = "-" if p["oracle_multiple"] is None else f"{p['oracle_multiple']:.2f}"
+        style = "dim" if p["policy"] == "oracle" else None
+        table.add_row(p["label"], f"{p['accuracy']:.1%}",
+                      f"{p['ci_low']:.1%}-{p['ci_high']:.1%}", f"{p['mean_loops']:.2f}",
+                      _fmt_flops(p["looped_flops"] / p["n"]), multiple,
+                      f"{p['looped_flops'] / max(1, p['looped_flops_fixed_max']):.2f}",
+                      style=style)
+    return table
+
+
+@app.command()
+def sweep(
+    policy: Annotated[list[str], typer.Option(
+        "--policy", "-p", help="Policy grid NAME[:PARAM=V1,V2,...[;PARAM=...]]; repeat for more "
+        "policies. Quote it: ';' separates parameters.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (resumable).")],
+    checkpoint: Checkpoint = None,
+    task: Task = None,
+    data: Data = None,
+    answer_regex: AnswerRegex = None,
+    numeric: Numeric = False,
+    limit: Limit = None,
+    seed: Seed = 1234,
+    oracle_loops: Annotated[str | None, typer.Option(
+        help="Loop counts of the oracle points, comma-separated (default: the fixed grid's loop "
+        "counts and the largest loop bound); 'none' for no oracle.")] = None,
+    heatmap: Annotated[bool, typer.Option(
+        "--heatmap", help="Also draw loops per (step, position) for every point: "
+        "OUT/heatmaps/*.png.")] = False,
+    plot: Annotated[bool, typer.Option(help="Draw curve.png (needs matplotlib).")] = True,
+    gen_length: GenLength = None,
+    steps: Steps = None,
+    block_length: BlockLength = None,
+    batch_size: BatchSize = 100,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: AsJson = False,
+) -> None:
+    """Sweep halting policies over a grid and write a compute/accuracy curve.
+
+    A grid is NAME[:PARAM=V1,V2,...[;PARAM=V1,...]], every combination being one point:
+    'fixed:loops=1,2,4,8', 'convergence:threshold=0.1,0.05,0.02',
+    'entropy:threshold=0.5,0.2,0.1;min_loops=2'. Loop counts may exceed the model's
+    max_train_loops. Oracle points (each token halting at the first loop after which its
+    prediction no longer changes up to the maximum) are added as the limit line.
+
+    OUT gets points.jsonl (one line per finished point; a rerun skips them), curve.json,
+    curve.csv and curve.png (accuracy against looped FLOPs, frontier circled).
+    """
+    from ..sweep import (
+        SweepHooks,
+        default_oracle_loops,
+        parse_policy_grid,
+        prepare_output_dir,
+        run_sweep,
+    )
+
+    settings = [s for spec in policy for s in parse_policy_grid(spec)]
+    if oracle_loops is None or oracle_loops.strip().lower() == "none":
+        oracle = None if oracle_loops is None else []
+    else:
+        try:
+            oracle = [int(x) for x in oracle_loops.split(",")]
+        except ValueError:
+            raise UsageError(f"--oracle-loops takes comma-separated integers or 'none', got "
+                             f"{oracle_loops!r}") from None
+    prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
+    model, evalset = _setup(checkpoint, device, dtype, task, data, answer_regex, numeric, limit,
+                            seed)
+    if oracle is None:
+        oracle = default_oracle_loops(model, settings)
+    with _progress(as_json) as bar:
+        points = bar.add_task("points", total=len(dict.fromkeys(settings)) + len(set(oracle)))
+        examples = bar.add_task("examples", total=len(evalset))
+
+        def started(label: str, n: int) -> None:
+            bar.reset(examples, total=n, description=label)
+
+        def finished(row: dict[str, Any], cached: bool) -> None:
+            bar.advance(points)
+
+        hooks = SweepHooks(started, lambda k: bar.advance(examples, k), finished)
+        result = run_sweep(model, evalset, settings, out_dir, oracle_loops=oracle, seed=seed,
+                           batch_size=batch_size, heatmap=heatmap, plot=plot, hooks=hooks,
+                           decoding={"gen_length": gen_length, "steps": steps,
+                                     "block_length": block_length})
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    if as_json:
+        print(json.dumps(result.curve))
+        return
+    out.print(frontier_table(result.curve))
+    out.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False,
+              soft_wrap=True)
+
+
+@app.command()
+def calibrate(
+    policy: Annotated[str, typer.Option(
+        "--policy", "-p", help="Policy name, with fixed parameters if any: "
+        "'entropy:min_loops=2'.")],
+    tolerance: Annotated[float, typer.Option(
+        help="D: largest acceptable rate of completions that differ from fixed max loops.")],
+    confidence: Annotated[float, typer.Option(
+        help="C: probability with which the guarantee must hold, e.g. 0.9.")],
+    grid: Annotated[str | None, typer.Option(
+        help="Candidate values of --param, comma-separated (default: 0.005 to 0.5).")] = None,
+    param: Annotated[str, typer.Option(help="The parameter to calibrate.")] = "threshold",
+    conservative: Annotated[str, typer.Option(
+        help="Which end of the grid halts latest: low, high or auto (high for loop counts).")
+    ] = "auto",
+    split: Annotated[float, typer.Option(help="Fraction of examples used to calibrate; the "
+                                         "rest checks the guarantee.")] = 0.5,
+    checkpoint: Checkpoint = None,
+    task: Task = None,
+    data: Data = None,
+    answer_regex: AnswerRegex = None,
+    numeric: Numeric = False,
+    limit: Limit = None,
+    seed: Seed = 1234,
+    gen_length: GenLength = None,
+    steps: Steps = None,
+    block_length: BlockLength = None,
+    batch_size: BatchSize = 100,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: AsJson = False,
+) -> None:
+    """Choose the most aggressive threshold whose disagreement with fixed max loops is <= D
+    with probability >= C (Learn-then-Test, fixed-sequence from the most conservative value),
+    and check it on a held-out split."""
+    from ..calibrate import calibrate as run
+    from ..datasets import parse_value
+    from ..sweep import parse_policy_spec
+
+    name, axes = parse_policy_spec(policy)
+    base = {k: v[0] for k, v in axes if len(v) == 1 and k != param}
+    given = dict(axes).get(param)
+    if grid is not None:
+        values = [parse_value(v) for v in grid.split(",") if v.strip()]
+    else:
+        values = given or [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    model, evalset = _setup(checkpoint, device, dtype, task, data, answer_regex, numeric, limit,
+                            seed)
+    with _progress(as_json) as bar:
+        job = bar.add_task("settings", total=None)
+
+        def progress(label: str, n: int) -> Any:
+            bar.reset(job, total=n, description=label)
+            return lambda k: bar.advance(job, k)
+
+        report = run(model, evalset, name, values, tolerance=tolerance, confidence=confidence,
+                     param=param, base=base, conservative=conservative, split=split, seed=seed,
+                     batch_size=batch_size, progress=progress,
+                     decoding={"gen_length": gen_length, "steps": steps,
+                               "block_length": block_length})
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"{name}: {param} vs fixed loops={report.reference_loops} "
+                  f"({report.n_calibration} calibration / {report.n_holdout} held-out)")
+    for col in (param, "calib. disagree", "p-value", "certified", "held-out disagree",
+                "accuracy", "loops", "FLOPs vs max"):
+        table.add_column(col)
+    for r in report.rows:
+        table.add_row(str(r["value"]), f"{r['calibration_disagreements']}/{report.n_calibration}",
+                      f"{r['pvalue']:.3g}", "yes" if r["certified"] else "no",
+                      f"{r['holdout_rate']:.1%}", f"{r['accuracy']:.1%}",
+                      f"{r['mean_loops']:.2f}", f"{r['flops_ratio']:.2f}x")
+    out.print(table)
+    out.print(report.guarantee, highlight=False)
+    if report.chosen is not None:
+        c = report.chosen
+        verdict = "holds" if c["holdout_ok"] else "exceeds the tolerance"
+        out.print(f"held-out check: {c['holdout_disagreements']}/{report.n_holdout} disagree "
+                  f"({c['holdout_rate']:.1%}, 95% CI {c['holdout_ci'][0]:.1%}-"
+                  f"{c['holdout_ci'][1]:.1%}): {verdict}", highlight=False)

@@ -1,0 +1,53 @@
+"""`kl`: halt a needed token once its predictive distribution stops moving.
+
+Huginn's `kl` exit criterion (Geiping et al., "Scaling up Test-Time Compute with Latent
+Reasoning: A Recurrent Depth Approach", arXiv 2502.05171): KL(p_t || p_prev) < threshold, where
+p_t is the token's prediction (coda + head) after this loop and p_prev its prediction at the
+previous check (Huginn uses 1e-3 in its code, 5e-4 in the paper). The first check of a step
+only records p, so a needed token halts at the second check at the earliest. Tokens whose
+prediction is not needed follow the convergence rule (`context_threshold`). Threshold 0 never
+halts a needed token.
+
+Memory: the previous distributions are kept for the needed tokens only, (M, V), never
+(B * L, V).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import register
+from .predictive import PredictivePolicy, nonnegative
+
+
+@register
+class KL(PredictivePolicy):
+    name = "kl"
+
+    def __init__(self, threshold: float = 1e-3, context_threshold: float = 0.05,
+                 min_loops: int = 1, max_loops: int | None = None, check_every: int = 1) -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every)
+        self.threshold = nonnegative(self.name, "threshold", threshold)
+        self._slot: Tensor | None = None  # (B * L,) row of each needed token in _prev
+        self._prev: Tensor | None = None  # (M, V) log-probabilities at the previous check
+
+    def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
+        super().begin_step(batch, length, step, steps)
+        self._slot = self._prev = None
+
+    def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+        if self._prev is None:
+            # first check of the step: nothing has halted yet, so every needed token is here;
+            # give each one a row of the (M, V) store
+            self._slot = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
+            self._slot[flat] = torch.arange(flat.shape[0], device=flat.device)
+            self._prev = logp
+            return torch.zeros_like(flat, dtype=torch.bool)
+        slot = self._slot[flat]
+        # KL(p_t || p_prev) = sum p_t (log p_t - log p_prev); clamped: rounding can dip below 0
+        kl = F.kl_div(self._prev[slot], logp, reduction="none", log_target=True).sum(-1)
+        self._prev[slot] = logp
+        return kl.clamp_min(0.0) < self.threshold

@@ -1,0 +1,80 @@
+"""Pieces shared by the policies that read the model's prediction (`kl`, `stability`).
+
+Only the tokens whose prediction the sampler reads at this step (`Signals.needed`) get logits:
+row j of `Signals.logits` belongs to the j-th needed token among the active ones, in index
+order. Every other token (prompt, committed tokens, masked tokens outside the current block)
+only has to serve as keys and values, so it follows the cheap convergence rule: relative L2
+change below `context_threshold`, as `entropy` does.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import UsageError
+from .base import HaltingPolicy, Signals
+
+
+def nonnegative(policy: str, label: str, value: Any) -> float:
+    """`value` as a float >= 0 (inf allowed), or a UsageError naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{policy}: {label} must be a number >= 0, got {value!r}") from None
+    if not number >= 0:  # also rejects NaN
+        raise UsageError(f"{policy}: {label} must be a number >= 0, got {value!r}")
+    return number
+
+
+def positive_int(policy: str, label: str, value: Any) -> int:
+    """`value` as an int >= 1, or a UsageError naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (number >= 1 and number == int(number)):
+        raise UsageError(f"{policy}: {label} must be an integer >= 1, got {value!r}")
+    return int(number)
+
+
+def needed_rows(needed: Tensor, count: int) -> Tensor:
+    """(N,) needed flags of the active tokens -> (count,) positions, among the active tokens,
+    of the needed ones in index order: row j of the logits belongs to active token rows[j].
+
+    A stable sort rather than `nonzero`, so that no host sync is needed (`count` is the logits'
+    row count, already known on the host)."""
+    return torch.argsort((~needed).to(torch.uint8), stable=True)[:count]
+
+
+class PredictivePolicy(HaltingPolicy):
+    """Base of the policies that judge needed tokens by their prediction and every other token
+    by the convergence rule. Subclasses implement `judge_needed`."""
+
+    needs = frozenset({"logits", "delta"})
+
+    def __init__(self, context_threshold: float = 0.05, min_loops: int = 1,
+                 max_loops: int | None = None, check_every: int = 1) -> None:
+        super().__init__(min_loops, max_loops, check_every)
+        self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
+        self._size = 0
+
+    def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
+        self._size = batch * length
+
+    @abstractmethod
+    def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
+        """(M, V) logits of the needed active tokens and (M,) their flat positions ->
+        (M,) bool: which of them halt."""
+
+    def decide(self, signals: Signals) -> Tensor:
+        halt = signals.delta < self.context_threshold
+        logits = signals.logits
+        if logits is None or logits.shape[0] == 0:
+            return halt
+        rows = needed_rows(signals.needed, logits.shape[0])
+        return halt.index_put((rows,), self.judge_needed(logits, signals.index[rows]))

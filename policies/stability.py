@@ -1,0 +1,42 @@
+"""`stability`: halt a needed token once its predicted token stops changing.
+
+Huginn's `argmax-stability` criterion (arXiv 2502.05171): the argmax of the token's prediction
+(coda + head after this loop) equals the argmax at the previous check on `patience`
+consecutive checks. The first check only records the argmax, so with patience n a needed token
+halts at check n + 1 at the earliest. Tokens whose prediction is not needed follow the
+convergence rule (`context_threshold`). A patience of at least the loop budget never halts a
+needed token. State per token is one id and one counter, not a distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import register
+from .predictive import PredictivePolicy, positive_int
+
+
+@register
+class Stability(PredictivePolicy):
+    name = "stability"
+
+    def __init__(self, patience: int = 2, context_threshold: float = 0.05, min_loops: int = 1,
+                 max_loops: int | None = None, check_every: int = 1) -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every)
+        self.patience = positive_int(self.name, "patience", patience)
+        self._top: Tensor | None = None  # (B * L,) argmax at the previous check, -1: none yet
+        self._run: Tensor | None = None  # (B * L,) consecutive checks with the same argmax
+
+    def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
+        super().begin_step(batch, length, step, steps)
+        self._top = self._run = None
+
+    def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
+        if self._top is None:
+            self._top = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
+            self._run = torch.zeros(self._size, dtype=torch.long, device=flat.device)
+        top = logits.argmax(-1)  # (M,)
+        run = torch.where(self._top[flat] == top, self._run[flat] + 1, 0)
+        self._top[flat], self._run[flat] = top, run
+        return run >= self.patience

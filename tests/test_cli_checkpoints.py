@@ -1,0 +1,65 @@
+"""`convert` and `inspect` on the command line, and generate's new options on a converted
+checkpoint: thin commands over the library, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+from layouts import write_mdlm, write_tokenizer_json
+
+from adaptive_loop import inspect_model, load_model
+from adaptive_loop.flops import block_flops, step_flops_fixed
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_reports_counts_and_flops(tmp_path):
+    write_mdlm(tmp_path / "m")
+    info = inspect_model(tmp_path / "m", loop_start=1, loop_layers=2, n_loops=3, length=16)
+    cfg = load_model(tmp_path / "m", device="cpu", loop_start=1, loop_layers=2, n_loops=3).config
+    assert info["format"] == "mdlm" and info["config"]["flavour"] == "dit"
+    params = info["parameters"]
+    assert params["block"] == 2 * params["prelude"] == 2 * params["coda"]
+    assert info["flops"]["per_loop"] == 16 * block_flops(cfg, 16)
+    assert info["flops"]["per_step"] == sum(step_flops_fixed(cfg, 1, 16, 3).values())
+    assert info["loop"] == {"prelude_layers": 1, "loop_start": 1, "loop_layers": 2,
+                            "coda_layers": 1, "n_loops": 3, "max_train_loops": 3}
+
+
+def test_convert_then_inspect_and_generate(tmp_path):
+    write_mdlm(tmp_path / "m")
+    res = run("convert", str(tmp_path / "m"), str(tmp_path / "native"), "--loop-start", "1",
+              "--loop-layers", "2", "--loops", "2")
+    assert res.returncode == 0, res.stderr
+    assert "block [1, 3) x 2" in res.stdout
+    res = run("inspect", str(tmp_path / "native"), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["format"] == "native" and info["loop"]["n_loops"] == 2
+    res = run("inspect", str(tmp_path / "native"))
+    assert res.returncode == 0 and "per loop" in res.stdout
+    write_tokenizer_json(tmp_path / "tok")
+    res = run("generate", "the cat", "a dog ran in", "--checkpoint", str(tmp_path / "native"),
+              "--tokenizer", str(tmp_path / "tok"), "--gen-length", "4",
+              "--policy", "fixed", "--remasking", "margin", "--cfg", "0.5",
+              "--threshold-decoding", "0.9", "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    payload = json.loads(res.stdout)
+    assert len(payload["text"]) == 2 and len(payload["tokens"][0]) == 4 + 4  # left-padded
+
+
+def test_help_lists_checkpoint_commands():
+    res = run("--help")
+    assert "convert" in res.stdout and "inspect" in res.stdout
+
+
+def test_errors_are_one_line(tmp_path):
+    write_mdlm(tmp_path / "m")
+    res = run("inspect", str(tmp_path / "m"), "--format", "gguf")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "unknown checkpoint format 'gguf'" in res.stderr
+    res = run("convert", str(tmp_path / "m"), str(tmp_path / "m"))
+    assert res.returncode == 2 and "not an empty directory" in res.stderr

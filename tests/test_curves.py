@@ -1,0 +1,104 @@
+"""Curve statistics and files: intervals, the Pareto frontier, the oracle multiple, plots."""
+
+import csv
+import io
+import json
+
+import pytest
+from scipy.stats import beta
+
+from adaptive_loop.curves import (
+    annotate,
+    atomic_write_text,
+    binomial_interval,
+    curve_csv,
+    oracle_flops_at,
+    pareto_front,
+    plot_curve,
+    plot_heatmap,
+)
+
+
+@pytest.mark.parametrize("k, n", [(0, 20), (7, 20), (20, 20), (63, 100), (1, 1)])
+def test_interval_is_clopper_pearson(k, n):
+    """The exact interval from beta quantiles, written out independently of binomtest."""
+    lo, hi = binomial_interval(k, n)
+    want_lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+    want_hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+    assert lo == pytest.approx(want_lo, abs=1e-9)
+    assert hi == pytest.approx(want_hi, abs=1e-9)
+    assert lo <= k / n <= hi
+
+
+def test_interval_values_for_7_of_20():
+    lo, hi = binomial_interval(7, 20)
+    assert (round(lo, 4), round(hi, 4)) == (0.1539, 0.5922)
+
+
+def test_pareto_front_by_hand():
+    # (cost, accuracy):  A(1, .5) B(2, .7) C(2, .6) D(3, .7) E(4, .9) F(4, .9) G(0.5, .2)
+    cost = [1, 2, 2, 3, 4, 4, 0.5]
+    acc = [0.5, 0.7, 0.6, 0.7, 0.9, 0.9, 0.2]
+    # C is dominated by B (same cost, less accurate); D by B (dearer, not more accurate);
+    # E and F tie and both stay; G is the cheapest
+    assert pareto_front(cost, acc) == [True, True, False, False, True, True, True]
+    assert pareto_front([], []) == []
+
+
+def test_oracle_flops_at_takes_the_cheapest_oracle_at_least_as_accurate():
+    oracle = [{"looped_flops": 10, "accuracy": 0.5}, {"looped_flops": 30, "accuracy": 0.9},
+              {"looped_flops": 20, "accuracy": 0.8}]
+    assert oracle_flops_at(0.8, oracle) == 20
+    assert oracle_flops_at(0.85, oracle) == 30
+    assert oracle_flops_at(0.1, oracle) == 10
+    assert oracle_flops_at(0.95, oracle) is None
+
+
+def _point(policy, loops, correct, flops, n=10):
+    return {"label": f"{policy}({loops})", "policy": policy, "params": {"loops": loops}, "n": n,
+            "correct": correct, "mean_loops": loops, "max_loops": loops, "looped_flops": flops,
+            "looped_flops_fixed_max": flops, "monitor_flops": 0, "total_flops": flops, "nfe": 1,
+            "wall_s": 0.0}
+
+
+def test_annotate_marks_frontier_multiples_and_training_range():
+    points = [_point("fixed", 2, 5, 200), _point("fixed", 8, 9, 800),
+              _point("convergence", 8, 9, 500), _point("oracle", 8, 9, 250)]
+    annotate(points, max_train_loops=4)
+    fixed2, fixed8, conv, oracle = points
+    assert [p["pareto"] for p in points] == [True, False, True, False]
+    assert conv["oracle_multiple"] == pytest.approx(2.0)
+    assert fixed8["oracle_multiple"] == pytest.approx(3.2)
+    assert fixed2["oracle_multiple"] == pytest.approx(0.8)  # below the oracle's accuracy
+    assert oracle["oracle_multiple"] == 1.0
+    assert [p["beyond_train_max"] for p in points] == [False, True, True, True]
+    assert fixed2["accuracy"] == 0.5 and fixed2["ci_low"] < 0.5 < fixed2["ci_high"]
+
+
+def test_csv_has_a_row_per_point_with_params_as_json():
+    points = [_point("fixed", 2, 5, 200), _point("oracle", 2, 5, 100)]
+    annotate(points)
+    rows = list(csv.DictReader(io.StringIO(curve_csv(points))))
+    assert [r["label"] for r in rows] == ["fixed(2)", "oracle(2)"]
+    assert json.loads(rows[0]["params"]) == {"loops": 2}
+
+
+def test_plots_are_png_files_written_atomically(tmp_path):
+    points = [_point("fixed", 2, 5, 200), _point("fixed", 8, 9, 800),
+              _point("oracle", 8, 9, 250)]
+    annotate(points, max_train_loops=4)
+    curve = {"data": "t", "n": 10, "points": points, "max_train_loops": 4,
+             "flops_per_loop": 10.0}
+    path = plot_curve(curve, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat = plot_heatmap([[1.0, 2.0, float("nan")], [3.0, 1.0, 2.0]], 1, "h", tmp_path / "h.png")
+    assert heat.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png", "h.png"]
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = atomic_write_text(tmp_path / "x.json", "old")
+    with pytest.raises(TypeError):
+        atomic_write_text(target, None)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

@@ -1,0 +1,108 @@
+"""The learned halting head: its training data follows the fixed sampler, it trains, its
+sidecar round-trips, and `train-halting` works from the command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adaptive_loop import CheckpointError, UsageError, generate, save_model
+from adaptive_loop.halting_head import (
+    HEAD_META,
+    HEAD_WEIGHTS,
+    collect,
+    load_head,
+    save_head,
+    train_halting_head,
+)
+from adaptive_loop.policies import make
+
+PROMPTS = ["abcdef", "bcdefa", "cdefab", "defabc", "efabcd", "fabcde", "ghijkl", "hijklg",
+           "mnoabc", "noabcm"]
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_trajectories_are_the_fixed_samplers(tiny_model, prompts):
+    data, tokens = collect(tiny_model, prompts, max_loops=5, gen_length=4, steps=4)
+    fixed = generate(tiny_model, prompts, policy=make("fixed", loops=5), gen_length=4, steps=4)
+    assert torch.equal(tokens, fixed.tokens)
+    # one token committed per step: 4 + 3 + 2 + 1 needed tokens per prompt
+    assert data.hidden.shape == (3 * 10, 5, tiny_model.config.d_model)
+    assert data.labels[:, -1].all()  # the last loop agrees with itself
+    assert not data.labels.all()  # earlier loops sometimes disagree
+
+
+def test_head_trains_and_its_sidecar_round_trips(tiny_model, tmp_path):
+    head, report = train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=5,
+                                      train_steps=60, threshold=0.7, seed=0)
+    metrics = report["metrics"]
+    assert report["training"]["held_out_prompts"] == 2
+    assert metrics["pairs"] == 2 * 10 * 4  # held-out prompts x needed tokens x loops 1..4
+    for key in ("precision", "recall", "accuracy", "exit_agreement"):
+        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0
+    assert 1.0 <= metrics["mean_exit_loop"] <= 5.0
+    train = report["train_metrics"]
+    assert train["train_bce"] < train["train_bce_initial"]
+
+    save_head(head, tmp_path, report)
+    assert (tmp_path / HEAD_WEIGHTS).is_file() and (tmp_path / HEAD_META).is_file()
+    loaded, meta = load_head(tmp_path)
+    for key, value in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert meta["metrics"] == json.loads(json.dumps(metrics))
+    x, delta = torch.randn(7, 32), torch.rand(7)
+    assert torch.equal(loaded.prob(x, delta, 3), head.prob(x, delta, 3))
+
+    pol = make("learned", head=tmp_path)
+    assert pol.threshold == 0.7
+    out = generate(tiny_model, PROMPTS[:2], policy=pol, gen_length=4, steps=4)
+    assert out.loops.max() <= tiny_model.config.n_loops
+
+
+def test_training_errors(tiny_model, tmp_path):
+    with pytest.raises(UsageError, match="max_loops must be >= 2"):
+        train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=1)
+    with pytest.raises(UsageError, match="held_out must be in"):
+        train_halting_head(tiny_model, PROMPTS, gen_length=4, held_out=1.5)
+    (tmp_path / HEAD_WEIGHTS).write_bytes(b"not safetensors")
+    (tmp_path / HEAD_META).write_text(json.dumps({"head": {"d_model": 32}}))
+    with pytest.raises(CheckpointError, match="unreadable halting head"):
+        load_head(tmp_path)
+
+
+def test_read_prompts_names_the_bad_line(tmp_path):
+    from adaptive_loop.cli.halting import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "abc"}\n\n{"text": "abc"}\n')
+    with pytest.raises(UsageError, match=r"p.jsonl, line 3: expected a JSON object"):
+        read_prompts(path)
+
+
+def test_train_halting_cli_then_generate_with_it(tiny_model, tmp_path):
+    ck = save_model(tiny_model, tmp_path / "ck")
+    res = run("generate", "abc", "--checkpoint", str(ck), "--gen-length", "4", "--policy",
+              "learned", "--device", "cpu")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "train-halting --checkpoint" in res.stderr and res.stderr.strip().count("\n") == 0
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS + ["abc"]))
+    res = run("train-halting", "--checkpoint", str(ck), "--prompts", str(prompts),
+              "--gen-length", "4", "--train-steps", "30", "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    payload = json.loads(res.stdout)
+    assert {"precision", "recall"} <= set(payload["metrics"])
+    assert payload["training"]["prompts"] == 11
+    assert (ck / HEAD_WEIGHTS).is_file()
+
+    res = run("generate", "abc", "--checkpoint", str(ck), "--gen-length", "4", "--policy",
+              "learned", "--threshold", "0.5", "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["stats"]["max_loops"] == tiny_model.config.n_loops

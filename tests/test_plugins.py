@@ -1,0 +1,73 @@
+"""A third-party policy registered through the `adaptive_loop.policies` entry-point group, used
+from the library and from the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaptive_loop import generate, save_model
+from adaptive_loop.policies import base, make
+
+PLUGIN = '''
+"""myplugin: halt once the relative change falls below a threshold (a plugin for tests)."""
+
+from adaptive_loop.policies import HaltingPolicy
+
+
+class HalfwayPolicy(HaltingPolicy):
+    needs = frozenset({"delta"})
+
+    def __init__(self, threshold=0.3, min_loops=1, max_loops=None, check_every=1):
+        super().__init__(min_loops, max_loops, check_every)
+        self.threshold = threshold
+
+    def decide(self, signals):
+        return signals.delta < self.threshold
+'''
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    """A tiny installed distribution: a module and its `*.dist-info` with the entry point."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "myplugin_policies.py").write_text(PLUGIN)
+    info = root / "myplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[adaptive_loop.policies]\nmyplugin = myplugin_policies:HalfwayPolicy\n")
+    return root
+
+
+def test_plugin_from_the_library(plugin_path, monkeypatch, tiny_model, prompts):
+    monkeypatch.syspath_prepend(str(plugin_path))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)  # entry points are read once
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # forget it afterwards
+    assert "myplugin" in base.available()
+    pol = make("myplugin", threshold=0.3, max_loops=6)
+    assert type(pol).__name__ == "HalfwayPolicy" and pol.name == "myplugin"
+    out = generate(tiny_model, prompts, policy=pol, gen_length=4, steps=4)
+    ref = generate(tiny_model, prompts, policy=make("convergence", threshold=0.3, max_loops=6),
+                   gen_length=4, steps=4)
+    assert (out.tokens == ref.tokens).all() and (out.loops == ref.loops).all()
+    assert out.loops.min() < out.loops.max()
+
+
+def test_plugin_from_the_command_line(plugin_path, tmp_path, tiny_model):
+    ck = save_model(tiny_model, tmp_path / "ck")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(plugin_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "generate", "--policy",
+                          "myplugin", "--threshold", "0.3", "--checkpoint", str(ck),
+                          "--gen-length", "4", "--device", "cpu", "--json", "abc"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    payload = json.loads(res.stdout)
+    assert len(payload["text"]) == 1 and payload["stats"]["mean_loops"] < 4
+    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "policies"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "myplugin" in res.stdout

@@ -1,0 +1,311 @@
+"""Every halting policy against the runtime's invariants (never-halting == fixed, compacted ==
+masked, halted tokens frozen, loop bounds, FLOPs from what ran), then each family's own rule
+on hand-made signals, then parameter errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_loop import LoopMDM, UsageError, generate
+from adaptive_loop.flops import block_flops
+from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
+from adaptive_loop.policies import HaltingPolicy, Signals, available, make
+from adaptive_loop.runtime import run_loops
+
+NEW = ("kl", "acceleration", "stability", "learned", "schedule")
+
+# settings under which each policy halts some tokens of the tiny model and not others
+HALTING = {
+    "convergence": {"threshold": 0.3},
+    "entropy": {"threshold": 2.0, "context_threshold": 0.3},
+    "kl": {"threshold": 0.1, "context_threshold": 0.3},
+    "acceleration": {"threshold": 0.2},
+    "stability": {"patience": 1, "context_threshold": 0.3},
+    "learned": {"threshold": 0.5, "context_threshold": 0.3},
+    "schedule": {"budget": "2,6"},  # per step, not per token
+}
+# settings under which each policy never halts before max_loops = 5
+NEVER = {
+    "convergence": {"threshold": 0.0},
+    "entropy": {"threshold": 0.0, "context_threshold": 0.0},
+    "kl": {"threshold": 0.0, "context_threshold": 0.0},
+    "acceleration": {"threshold": 0.0},
+    "stability": {"patience": 100, "context_threshold": 0.0},
+    "learned": {"threshold": 1.0, "context_threshold": 0.0},
+    "schedule": {"budget": "5"},
+}
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory):
+    """A hand-set head for the tiny model's width: c_t > 0.5 exactly when the token's relative
+    change is below 0.1 (only the log-delta feature has a weight)."""
+    head = HaltingHead(HeadConfig(d_model=32))
+    with torch.no_grad():
+        head.net.weight.zero_()
+        head.net.weight[0, 32] = -4.0
+        head.net.bias.fill_(4.0 * math.log(0.1 + 1e-6))
+    directory = tmp_path_factory.mktemp("head")
+    save_head(head, directory, {"threshold": 0.5})
+    return directory
+
+
+def policy(name, head_dir, **params):
+    if name == "learned":
+        params["head"] = head_dir
+    return make(name, **params)
+
+
+def _state(model, batch=3, length=10, seed=0, density=0.5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (batch, length), generator=g)
+    needed = torch.rand(batch, length, generator=g) < density
+    return model.prelude(model.embed(ids)), needed
+
+
+class Spy(HaltingPolicy):
+    """Wraps a policy and records the state of every token at the moment it halts."""
+
+    name = "spy"
+
+    def __init__(self, inner: HaltingPolicy) -> None:
+        self.inner, self.halted = inner, []
+        self.needs = inner.needs | {"hidden"}
+
+    def loop_bounds(self, default_loops):
+        return self.inner.loop_bounds(default_loops)
+
+    def checks_at(self, iteration, bounds):
+        return self.inner.checks_at(iteration, bounds)
+
+    def begin_step(self, batch, length, step, steps):
+        self.inner.begin_step(batch, length, step, steps)
+
+    def decide(self, signals):
+        halt = self.inner.decide(signals)
+        self.halted.append((signals.index[halt], signals.hidden[halt].clone()))
+        return halt
+
+
+def test_every_family_is_registered():
+    assert set(NEW) | {"fixed", "convergence", "entropy"} <= set(available())
+
+
+@pytest.mark.parametrize("name", sorted(NEVER))
+def test_never_halting_settings_equal_fixed(name, tiny_model, prompts, head_dir):
+    fixed = generate(tiny_model, prompts, policy=make("fixed", loops=5), gen_length=8, steps=8)
+    never = generate(tiny_model, prompts, policy=policy(name, head_dir, max_loops=5,
+                                                        **NEVER[name]), gen_length=8, steps=8)
+    assert torch.equal(fixed.tokens, never.tokens)
+    assert never.loops.eq(5).all()
+    assert never.stats.looped_flops == fixed.stats.looped_flops
+
+
+@pytest.mark.parametrize("name", sorted(HALTING))
+def test_compacted_equals_masked_reference(name, tiny_model, head_dir):
+    h, needed = _state(tiny_model)
+    pol = policy(name, head_dir, max_loops=6, **HALTING[name])
+    packed, t1 = run_loops(tiny_model, h, pol, needed, compact=True)
+    masked, t2 = run_loops(tiny_model, h, pol, needed, compact=False)
+    if name != "schedule":
+        assert t1.loops.min() < t1.loops.max(), f"{pol} halts all tokens alike"
+    assert torch.equal(t1.loops, t2.loops)
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(HALTING))
+def test_halted_tokens_never_change_afterwards(name, tiny_model, head_dir):
+    h, needed = _state(tiny_model)
+    spy = Spy(policy(name, head_dir, max_loops=6, **HALTING[name]))
+    out, _ = run_loops(tiny_model, h, spy, needed)
+    flat = out.reshape(-1, out.shape[-1])
+    halted = sum(len(index) for index, _ in spy.halted)
+    assert halted > 0
+    for index, state in spy.halted:
+        assert torch.equal(flat[index], state)
+
+
+@pytest.mark.parametrize("name", sorted(HALTING))
+def test_loops_within_bounds_and_flops_from_what_ran(name, tiny_model, head_dir):
+    h, needed = _state(tiny_model)
+    params = {**HALTING[name], "min_loops": 2, "max_loops": 5}
+    if name == "schedule":
+        params["budget"] = "2,5"
+    _, trace = run_loops(tiny_model, h, policy(name, head_dir, **params), needed)
+    assert trace.loops.min() >= 2 and trace.loops.max() <= 5
+    per_token = block_flops(tiny_model.config, h.shape[1])
+    assert trace.looped_flops == sum(trace.active_tokens) * per_token
+    assert sum(trace.active_tokens) == int(trace.loops.sum())
+
+
+@pytest.mark.parametrize("name", sorted(set(HALTING) - {"schedule"}))
+def test_check_every_only_halts_on_checked_loops(name, tiny_model, head_dir):
+    h, needed = _state(tiny_model)
+    pol = policy(name, head_dir, check_every=2, max_loops=7, **HALTING[name])
+    _, trace = run_loops(tiny_model, h, pol, needed)
+    assert set(trace.loops.unique().tolist()) <= {1, 3, 5, 7}
+
+
+def test_kl_keeps_distributions_of_needed_tokens_only(tiny_model):
+    h, needed = _state(tiny_model)
+    pol = make("kl", threshold=0.1, context_threshold=0.3, max_loops=6)
+    _, trace = run_loops(tiny_model, h, pol, needed)
+    assert pol._prev.shape == (int(needed.sum()), tiny_model.config.out_vocab)
+    assert trace.loops[needed].min() >= 2  # the first check only records p
+
+
+HALTING_SPACE = st.one_of(
+    st.tuples(st.just("convergence"), st.fixed_dictionaries({"threshold": st.floats(0, 1)})),
+    st.tuples(st.just("entropy"), st.fixed_dictionaries(
+        {"threshold": st.floats(0, 3), "context_threshold": st.floats(0, 1)})),
+    st.tuples(st.just("kl"), st.fixed_dictionaries(
+        {"threshold": st.floats(0, 1), "context_threshold": st.floats(0, 1)})),
+    st.tuples(st.just("acceleration"), st.fixed_dictionaries(
+        {"threshold": st.floats(0, 1), "hits": st.integers(1, 3)})),
+    st.tuples(st.just("stability"), st.fixed_dictionaries(
+        {"patience": st.integers(1, 4), "context_threshold": st.floats(0, 1)})),
+    st.tuples(st.just("learned"), st.fixed_dictionaries(
+        {"threshold": st.floats(0, 1), "context_threshold": st.floats(0, 1)})),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=HALTING_SPACE, lo=st.integers(1, 3), extra=st.integers(0, 3),
+       every=st.integers(1, 2), seed=st.integers(0, 1000), density=st.floats(0, 1))
+def test_property_compacted_equals_masked_within_bounds(tiny_model, head_dir, spec, lo, extra,
+                                                         every, seed, density):
+    name, params = spec
+    h, needed = _state(tiny_model, seed=seed, density=density)
+    pol = policy(name, head_dir, min_loops=lo, max_loops=lo + extra, check_every=every,
+                 **params)
+    packed, t1 = run_loops(tiny_model, h, pol, needed, compact=True)
+    masked, t2 = run_loops(tiny_model, h, pol, needed, compact=False)
+    assert torch.equal(t1.loops, t2.loops)
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
+    assert t1.loops.min() >= lo and t1.loops.max() <= lo + extra
+
+
+# -- each rule on hand-made signals ------------------------------------------------------------
+def _signals(iteration, index, needed, **extra):
+    return Signals(iteration=iteration, step=0, steps=1, index=torch.tensor(index),
+                   needed=torch.tensor(needed), **extra)
+
+
+def test_kl_halts_when_the_prediction_stops_moving():
+    pol = make("kl", threshold=0.05, context_threshold=0.0)
+    pol.begin_step(1, 4, 0, 1)
+    delta = torch.ones(4)
+    first = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    sig = _signals(1, [0, 1, 2, 3], [True, False, True, False], delta=delta, logits=first)
+    assert pol.decide(sig).tolist() == [False] * 4  # the first check only records p
+    second = torch.tensor([[2.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    sig = _signals(2, [0, 1, 2, 3], [True, False, True, False], delta=delta, logits=second)
+    p, q = second[1].softmax(-1), first[1].softmax(-1)
+    assert float((p * (p / q).log()).sum()) > 0.05  # token 2 moved, token 0 did not
+    assert pol.decide(sig).tolist() == [True, False, False, False]
+    # compacted: only tokens 2 and 3 remain; token 2 compares with its own previous p
+    sig = _signals(3, [2, 3], [True, False], delta=torch.ones(2), logits=second[1:])
+    assert pol.decide(sig).tolist() == [True, False]
+
+
+def test_stability_counts_consecutive_unchanged_checks():
+    pol = make("stability", patience=2, context_threshold=0.0)
+    pol.begin_step(1, 2, 0, 1)
+    tops = [(0, 1), (0, 2), (0, 2), (1, 2)]  # argmax of tokens 0 and 1 at each check
+    decisions = []
+    for i, (a, b) in enumerate(tops, start=1):
+        logits = torch.nn.functional.one_hot(torch.tensor([a, b]), 3).float()
+        decisions.append(pol.decide(_signals(i, [0, 1], [True, True], delta=torch.ones(2),
+                                             logits=logits)).tolist())
+    assert decisions == [[False, False], [False, False], [True, False], [False, True]]
+
+
+def test_acceleration_needs_two_consecutive_hits():
+    pol = make("acceleration", threshold=0.1)
+    pol.begin_step(1, 2, 0, 1)
+    # token 0 moves by the same step every loop (zero second difference); token 1 alternates
+    steps = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]])]
+    h = torch.tensor([[10.0, 0.0], [10.0, 0.0]])
+    decisions = []
+    for i in range(1, 5):
+        step = torch.stack([steps[0][0], steps[i % 2][1]])
+        decisions.append(pol.decide(_signals(i, [0, 1], [False, False], hidden=h + step,
+                                             previous=h)).tolist())
+        h = h + step
+    assert decisions == [[False, False], [False, False], [True, False], [True, False]]
+    one = make("acceleration", threshold=0.1, hits=1)
+    one.begin_step(1, 1, 0, 1)
+    x = torch.tensor([[10.0, 0.0]])
+    for i, expected in ((1, False), (2, True)):
+        assert one.decide(_signals(i, [0], [False], hidden=x + 1, previous=x)).item() is expected
+        x = x + 1
+
+
+def test_learned_halts_needed_tokens_by_the_head(head_dir):
+    pol = make("learned", head=head_dir, context_threshold=0.3)
+    assert pol.threshold == 0.5  # taken from the sidecar
+    pol.begin_step(1, 4, 0, 1)
+    delta = torch.tensor([0.05, 0.2, 0.05, 0.2])
+    sig = _signals(2, [0, 1, 2, 3], [True, True, False, False], delta=delta,
+                   hidden=torch.randn(4, 32), previous=torch.randn(4, 32))
+    # needed: the head (halt below 0.1); others: the convergence rule (below 0.3)
+    assert pol.decide(sig).tolist() == [True, False, True, True]
+
+
+@pytest.mark.parametrize("budget, steps, bounds, expected", [
+    ("4,6,8,6,4", 5, (1, 8), [4, 6, 8, 6, 4]),
+    ("4,8", 5, (1, 8), [4, 5, 6, 7, 8]),
+    ("peak", 5, (1, 6), [1, 5, 6, 5, 1]),
+    ("rising", 3, (2, 6), [2, 4, 6]),
+    ("falling", 3, (2, 6), [6, 4, 2]),
+    ("peak", 1, (2, 6), [6]),
+])
+def test_schedule_budget_per_step(budget, steps, bounds, expected):
+    pol = make("schedule", budget=budget)
+    assert [pol.budget_at(s, steps, bounds) for s in range(steps)] == expected
+
+
+def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
+    out = generate(tiny_model, prompts, policy=make("schedule", budget="2,4,6"), gen_length=6,
+                   steps=3)
+    assert out.stats.max_loops == 6
+    for step, budget in enumerate([2, 4, 6]):
+        assert out.loops[step].eq(budget).all()
+
+
+# -- parameter errors --------------------------------------------------------------------------
+@pytest.mark.parametrize("name, params, message", [
+    ("kl", {"threshold": -1}, "kl: threshold must be a number >= 0"),
+    ("kl", {"threshold": float("nan")}, "kl: threshold must be a number >= 0"),
+    ("kl", {"context_threshold": "abc"}, "kl: context_threshold must be a number >= 0"),
+    ("kl", {"patience": 2}, "takes no parameter patience"),
+    ("acceleration", {"threshold": float("nan")}, "acceleration: threshold must be"),
+    ("acceleration", {"hits": 0}, "acceleration: hits must be an integer >= 1"),
+    ("stability", {"patience": 0}, "stability: patience must be an integer >= 1"),
+    ("stability", {"patience": 1.5}, "stability: patience must be an integer >= 1"),
+    ("stability", {"min_loops": 0}, "stability: min_loops must be >= 1"),
+    ("schedule", {"budget": "bell"}, "schedule: budget must be a shape"),
+    ("schedule", {"budget": "4,0"}, "schedule: budget must be a shape"),
+    ("schedule", {"budget": "4,8", "max_loops": 6}, "budget value 8 exceeds max_loops 6"),
+    ("schedule", {"budget": "1,4", "min_loops": 2}, "budget value 1 is below min_loops 2"),
+    ("learned", {"head": "/no/such/head"}, "train one with `adaptive-loop train-halting"),
+])
+def test_bad_parameters_name_themselves(name, params, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        make(name, **params)
+
+
+def test_learned_errors(head_dir, make_config, monkeypatch, tmp_path):
+    with pytest.raises(UsageError, match="threshold is a probability"):
+        make("learned", head=head_dir, threshold=1.5)
+    monkeypatch.setattr("adaptive_loop.checkpoint.embedded_path", lambda: tmp_path)
+    with pytest.raises(UsageError, match="embedded model has no halting head.*train-halting"):
+        make("learned")
+    wide = LoopMDM(make_config(d_model=64, n_heads=4)).eval()
+    h, needed = _state(wide)
+    with pytest.raises(UsageError, match="width 32, but this model's are 64 wide"):
+        run_loops(wide, h, make("learned", head=head_dir), needed)

@@ -1,0 +1,226 @@
+"""Sweeps: the grid grammar, resumable points, the oracle, and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adaptive_loop import UsageError, save_model
+from adaptive_loop.datasets import load_jsonl, resolve_eval_set
+from adaptive_loop.measure import plan_batches, run_setting
+from adaptive_loop.oracle import oracle_step_loops, run_oracle, settle_loops
+from adaptive_loop.policies import make
+from adaptive_loop.sweep import POINTS, Setting, SweepHooks, parse_policy_grid, run_sweep
+
+GRID = ["fixed:loops=1,4", "convergence:threshold=0.3,0.1"]
+
+
+def settings():
+    return [s for spec in GRID for s in parse_policy_grid(spec)]
+
+
+@pytest.fixture
+def data(addition_model):
+    return resolve_eval_set(addition_model.config.task, limit=20, seed=1234)
+
+
+@pytest.fixture
+def own_outputs(tmp_path, addition_model, data):
+    """A JSONL file whose answers are the model's fixed 4-loop completions for the first 12
+    problems and the true sums for the rest: fixed(4) scores 12/20, cheaper settings less."""
+    plan = plan_batches(addition_model, data)
+    res = run_setting(addition_model, data, plan, make("fixed", loops=4))
+    path = tmp_path / "own.jsonl"
+    rows = [{"prompt": ex.prompt, "answer": res.completions[i] if i < 12 else ex.answer}
+            for i, ex in enumerate(data.examples)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _without_wall(curve):
+    return {**curve, "points": [{k: v for k, v in p.items() if k != "wall_s"}
+                                for p in curve["points"]]}
+
+
+def test_grid_grammar_is_a_product_in_written_order():
+    got = parse_policy_grid("entropy:threshold=0.5,0.2;min_loops=1,2")
+    assert [s.kwargs for s in got] == [
+        {"threshold": 0.5, "min_loops": 1}, {"threshold": 0.5, "min_loops": 2},
+        {"threshold": 0.2, "min_loops": 1}, {"threshold": 0.2, "min_loops": 2}]
+    assert parse_policy_grid("fixed") == [Setting("fixed")]
+    assert got[0].label == "entropy(threshold=0.5,min_loops=1)"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope:threshold=1", "unknown policy 'nope'"),
+    ("fixed:loops", "is not PARAM=V1,V2"),
+    ("fixed:loops=1;loops=2", "given twice"),
+    ("convergence:threshold=-1", "threshold must be >= 0"),
+    ("convergence:threshold=abc", "bad parameter value"),
+    ("fixed:threshold=0.1", "takes no parameter threshold"),
+    ("oracle:loops=4", "not a runnable policy"),
+])
+def test_grid_grammar_errors(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_policy_grid(spec)
+
+
+def test_small_sweep_writes_points_and_curve(tmp_path, addition_model, own_outputs):
+    data = load_jsonl(own_outputs)
+    res = run_sweep(addition_model, data, settings(), tmp_path / "out", heatmap=True)
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert curve == json.loads(json.dumps(res.curve))
+    labels = [p["label"] for p in curve["points"]]
+    assert labels == ["fixed(loops=1)", "fixed(loops=4)", "convergence(threshold=0.3)",
+                      "convergence(threshold=0.1)", "oracle(loops=1)", "oracle(loops=4)"]
+    by = {p["label"]: p for p in curve["points"]}
+    assert by["fixed(loops=4)"]["correct"] == 12 and by["fixed(loops=4)"]["n"] == 20
+    assert by["fixed(loops=1)"]["mean_loops"] == 1.0
+    assert by["fixed(loops=4)"]["looped_flops"] == 4 * by["fixed(loops=1)"]["looped_flops"]
+    assert by["fixed(loops=4)"]["beyond_train_max"]  # the model trained with at most 3
+    # the oracle reproduces the fixed run's answers for fewer looped FLOPs
+    assert by["oracle(loops=4)"]["correct"] == 12
+    assert by["oracle(loops=4)"]["looped_flops"] < by["fixed(loops=4)"]["looped_flops"]
+    assert by["fixed(loops=4)"]["oracle_multiple"] > 1
+    front = [p for p in curve["points"] if p["pareto"]]
+    assert front and all(p["policy"] != "oracle" for p in front)
+    assert curve["frontier"] == [p["label"] for p in front]
+    assert len((tmp_path / "out" / POINTS).read_text().splitlines()) == 6
+    for name in ("curve.csv", "curve.png", "sweep.json", "heatmaps/fixed_loops=4.png"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def test_interrupted_sweep_resumes_to_the_same_curve(tmp_path, addition_model, data):
+    whole = run_sweep(addition_model, data, settings(), tmp_path / "a", plot=False)
+
+    class Stop(Exception):
+        pass
+
+    finished = []
+
+    def stop_after_two(row, cached):
+        finished.append(row["label"])
+        if len(finished) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(addition_model, data, settings(), tmp_path / "b", plot=False,
+                  hooks=SweepHooks(point_finished=stop_after_two))
+    assert len((tmp_path / "b" / POINTS).read_text().splitlines()) == 2
+    started = []
+    resumed = run_sweep(addition_model, data, settings(), tmp_path / "b", plot=False,
+                        hooks=SweepHooks(point_started=lambda label, n: started.append(label)))
+    assert started == [s.label for s in settings()[2:]] + ["oracle(loops=1)", "oracle(loops=4)"]
+    assert _without_wall(resumed.curve) == _without_wall(whole.curve)
+
+
+def test_torn_last_line_is_dropped_reported_and_recomputed(tmp_path, addition_model, data):
+    out = tmp_path / "out"
+    first = run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False)
+    points = out / POINTS
+    lines = points.read_text().splitlines(keepends=True)
+    points.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write
+    started = []
+    again = run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False,
+                      hooks=SweepHooks(point_started=lambda label, n: started.append(label)))
+    assert len(again.notes) == 1 and "torn last line" in again.notes[0]
+    assert started == ["fixed(loops=4)"]
+    assert _without_wall(again.curve) == _without_wall(first.curve)
+    assert all(json.loads(line) for line in points.read_text().splitlines())
+
+
+def test_a_damaged_middle_line_is_refused_with_its_number(tmp_path, addition_model, data):
+    out = tmp_path / "out"
+    run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False)
+    lines = (out / POINTS).read_text().splitlines(keepends=True)
+    (out / POINTS).write_text("garbage\n" + "".join(lines))
+    with pytest.raises(UsageError, match=r"points.jsonl:1: not a sweep point"):
+        run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False)
+
+
+def test_rerun_with_other_data_is_refused(tmp_path, addition_model, data):
+    run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[], plot=False)
+    other = resolve_eval_set(addition_model.config.task, limit=20, seed=99)
+    with pytest.raises(UsageError, match="holds a sweep with other data"):
+        run_sweep(addition_model, other, settings()[:1], tmp_path, oracle_loops=[], plot=False)
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, addition_model, data):
+    (tmp_path / "file").write_text("")
+    started = []
+    with pytest.raises(UsageError, match="cannot write the output directory"):
+        run_sweep(addition_model, data, settings(), tmp_path / "file" / "out",
+                  hooks=SweepHooks(point_started=lambda *a: started.append(a)))
+    assert started == []
+
+
+def test_settle_loops_by_hand():
+    argmax = torch.tensor([[1, 2, 3, 7], [1, 5, 3, 8], [1, 2, 4, 8]])  # (S=3 loops, M=4)
+    assert settle_loops(argmax).tolist() == [1, 3, 3, 2]
+    # rows of 4 positions; needed tokens at flat 1, 2 (row 0) and 6 (row 1)
+    loops = oracle_step_loops((2, 4), torch.tensor([1, 2, 6]),
+                              torch.tensor([[5, 5, 5], [6, 5, 6], [6, 5, 6]]))
+    # settle loops 2, 1, 2: other tokens get their row's largest
+    assert loops.tolist() == [[2, 2, 1, 2], [2, 2, 2, 2]]
+
+
+def test_oracle_keeps_the_fixed_answers_and_never_loops_more(addition_model, data):
+    plan = plan_batches(addition_model, data, batch_size=8)
+    fixed = run_setting(addition_model, data, plan, make("fixed", loops=4))
+    oracle = run_oracle(addition_model, data, plan, 4, heatmap=True)
+    assert oracle.tokens == fixed.tokens and oracle.correct == fixed.correct
+    assert 1 <= oracle.mean_loops < 4
+    assert oracle.looped_flops_fixed_max == fixed.looped_flops
+    heat = oracle.heatmap()
+    assert heat.shape == (3, 6 + 3) and 1 <= float(heat.min()) and float(heat.max()) <= 4
+    one = run_oracle(addition_model, data, plan, 1)
+    assert one.mean_loops == 1.0
+
+
+def run_cli(*args):
+    env = {**os.environ, "COLUMNS": "160"}  # a wide terminal: table cells are not truncated
+    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_sweep_json(tmp_path, addition_model):
+    save_model(addition_model, tmp_path / "ck")
+    res = run_cli("sweep", "--checkpoint", str(tmp_path / "ck"), "--policy", GRID[0],
+                  "--policy", GRID[1], "--limit", "20", "--out", str(tmp_path / "out"),
+                  "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    curve = json.loads(res.stdout)
+    assert len(curve["points"]) == 6 and curve["n"] == 20
+    table = run_cli("sweep", "--checkpoint", str(tmp_path / "ck"), "--policy", GRID[0],
+                    "--policy", GRID[1], "--limit", "20", "--out", str(tmp_path / "out"),
+                    "--device", "cpu")
+    assert table.returncode == 0, table.stderr
+    assert "Pareto frontier" in table.stdout and "oracle(loops=4)" in table.stdout
+
+
+def test_cli_sweep_help_documents_the_grammar():
+    res = run_cli("sweep", "--help")
+    assert res.returncode == 0
+    for text in ("NAME[:PARAM=V1,V2", "fixed:loops=1,2,4,8", "--heatmap", "--oracle-loops"):
+        assert text in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "fixed:loops=x;y"], "is not PARAM=V1,V2"),
+    (["--policy", "fixed", "--data", "/no/such.jsonl"], "data file not found"),
+    (["--policy", "fixed", "--oracle-loops", "a"], "--oracle-loops takes"),
+])
+def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
+    res = run_cli("sweep", "--out", str(tmp_path / "o"), *args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+
+
+def test_cli_refuses_an_unwritable_output_before_loading(tmp_path):
+    (tmp_path / "file").write_text("")
+    res = run_cli("sweep", "--policy", "fixed", "--checkpoint", "/no/such/checkpoint",
+                  "--out", str(tmp_path / "file" / "out"))
+    assert res.returncode == 2 and "cannot write the output directory" in res.stderr

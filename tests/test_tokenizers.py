@@ -1,0 +1,100 @@
+"""Tokenizers shipped with checkpoints: tokenizer.json (built here with the tokenizers library)
+and tokenizer.model (trained here with sentencepiece), found beside the weights, carried into
+the native format, or given explicitly; specials come from the model config."""
+
+import io
+import json
+
+import pytest
+import sentencepiece as spm
+import torch
+from layouts import SMDM_TINY, smdm_state, write_llada
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from adaptive_loop import UsageError, generate, load_model, save_model, tokenizer_for
+from adaptive_loop.policies import make
+from adaptive_loop.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot",
+             "cats and dogs play"] * 5
+
+
+def _tokenizer_json(directory):
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def _tokenizer_model(directory):
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES), model_writer=buf,
+                                   vocab_size=30, model_type="unigram", hard_vocab_limit=False,
+                                   minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(buf.getvalue())
+
+
+def test_tokenizer_json_beside_llada_weights_and_through_native(tmp_path):
+    write_llada(tmp_path / "llada")
+    reference = _tokenizer_json(tmp_path / "llada")
+    model = load_model(tmp_path / "llada", device="cpu")
+    tok = tokenizer_for(model)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.encode("the cat sat") == reference.encode("the cat sat").ids
+    assert (tok.mask_id, tok.eos_id, tok.pad_id) == (39, 37, 37)  # from config.json
+    assert tok.decode(tok.encode("the cat sat") + [39, 37]) == "the cat sat"
+    save_model(model, tmp_path / "native")
+    assert (tmp_path / "native" / "tokenizer.json").is_file()
+    again = load_model(tmp_path / "native", device="cpu")
+    assert tokenizer_for(again).encode("a dog") == tok.encode("a dog")
+    out = generate(again, ["the cat", "a dog ran in the"], policy=make("fixed"), gen_length=4,
+                   steps=4)
+    assert len(out.text) == 2 and out.prompt_lengths == [2, 5]
+
+
+def test_sentencepiece_model_beside_smdm_weights(tmp_path):
+    save_file(smdm_state(SMDM_TINY), str(tmp_path / "w.safetensors"))
+    (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))
+    _tokenizer_model(tmp_path)
+    model = load_model(tmp_path / "w.safetensors", device="cpu")
+    tok = tokenizer_for(model)
+    assert isinstance(tok, SentencePieceTokenizer)
+    ids = tok.encode("the cat sat")
+    assert tok.decode(ids) == "the cat sat"
+    assert tok.decode(ids + [model.config.mask_id]) == "the cat sat"  # mask id is past the vocab
+
+
+def test_explicit_tokenizer_path(tmp_path, tiny_model):
+    _tokenizer_json(tmp_path)
+    tok = load_tokenizer(tmp_path, mask_id=16)
+    assert isinstance(tok, HFTokenizer)
+    out = generate(tiny_model, ["the cat", "dog"], policy=make("fixed"), gen_length=4, steps=4,
+                   tokenizer=tok)
+    assert out.tokens.shape == (2, 6) and len(out.text) == 2
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("empty", "no tokenizer.json or tokenizer.model"),
+    ("missing", "tokenizer not found"),
+    ("garbage", "not a readable tokenizer.json"),
+])
+def test_tokenizer_errors(tmp_path, setup, message):
+    path = tmp_path
+    if setup == "missing":
+        path = tmp_path / "nope.json"
+    elif setup == "garbage":
+        path = tmp_path / "tokenizer.json"
+        path.write_text("{not json")
+    with pytest.raises(UsageError, match=message):
+        load_tokenizer(path, mask_id=0)
+
+
+def test_model_without_tokenizer_asks_for_one(tmp_path):
+    write_llada(tmp_path / "l")
+    model = load_model(tmp_path / "l", device="cpu")
+    with pytest.raises(UsageError, match="--tokenizer"):
+        generate(model, ["hello"], policy=make("fixed"), gen_length=4, steps=4)
+    out = generate(model, torch.tensor([[1, 2, 3]]), policy=make("fixed"), gen_length=4, steps=4)
+    assert out.text == [] and out.tokens.shape == (1, 7)
