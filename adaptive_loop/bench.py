@@ -105,8 +105,9 @@ def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
 
 # Policies timed against fixed loops by default; thresholds suit the embedded model.
 DEFAULT_POLICIES: list[tuple[str, dict[str, Any]]] = [
-    ("convergence", {"threshold": 0.05}),
-    ("entropy", {"threshold": 0.05}),
+    ("convergence", {}),
+    ("entropy", {}),
+    ("kl", {}),
 ]
 
 

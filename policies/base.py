@@ -26,6 +26,12 @@ from ..errors import UsageError
 # whose prediction this step needs.
 SIGNALS = frozenset({"delta", "cosine", "hidden", "logits"})
 
+# Default relative-change threshold for tokens whose prediction no step reads (prompt and
+# committed tokens), shared by the prediction-based policies. They only serve as keys and
+# values; on the embedded model halting them at 0.5 costs no accuracy (500 held-out problems)
+# while 0.05 keeps them looping to the maximum and erases the savings.
+CONTEXT_THRESHOLD = 0.5
+
 
 @dataclass
 class Signals:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import HaltingPolicy, Signals, register
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, register
 
 
 @register
@@ -17,7 +17,7 @@ class Convergence(HaltingPolicy):
     name = "convergence"
     needs = frozenset({"delta"})  # {"cosine"} with metric="cosine"
 
-    def __init__(self, threshold: float = 0.05, metric: str = "l2", min_loops: int = 1,
+    def __init__(self, threshold: float = CONTEXT_THRESHOLD, metric: str = "l2", min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
         if not threshold >= 0:  # also rejects NaN

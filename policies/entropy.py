@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import HaltingPolicy, Signals, register
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, register
 
 
 def entropy_of(logits: Tensor) -> Tensor:
@@ -28,7 +28,7 @@ class Entropy(HaltingPolicy):
     name = "entropy"
     needs = frozenset({"logits", "delta"})
 
-    def __init__(self, threshold: float = 0.1, context_threshold: float = 0.05,
+    def __init__(self, threshold: float = 0.1, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
         for label, value in (("threshold", threshold), ("context_threshold", context_threshold)):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import register
+from .base import CONTEXT_THRESHOLD, register
 from .predictive import PredictivePolicy, nonnegative
 
 
@@ -26,7 +26,7 @@ from .predictive import PredictivePolicy, nonnegative
 class KL(PredictivePolicy):
     name = "kl"
 
-    def __init__(self, threshold: float = 1e-3, context_threshold: float = 0.05,
+    def __init__(self, threshold: float = 1e-3, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(context_threshold, min_loops, max_loops, check_every)
         self.threshold = nonnegative(self.name, "threshold", threshold)

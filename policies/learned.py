@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import HaltingPolicy, Signals, register
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, register
 from .predictive import nonnegative
 
 
@@ -33,7 +33,7 @@ class Learned(HaltingPolicy):
     needs = frozenset({"hidden", "delta"})
 
     def __init__(self, head: str | Path | None = None, threshold: float | None = None,
-                 context_threshold: float = 0.05, min_loops: int = 1,
+                 context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
         from ..halting_head import head_file, load_head  # lazy: the library imports policies

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import HaltingPolicy, Signals
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals
 
 
 def nonnegative(policy: str, label: str, value: Any) -> float:
@@ -57,7 +57,7 @@ class PredictivePolicy(HaltingPolicy):
 
     needs = frozenset({"logits", "delta"})
 
-    def __init__(self, context_threshold: float = 0.05, min_loops: int = 1,
+    def __init__(self, context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
         self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import register
+from .base import CONTEXT_THRESHOLD, register
 from .predictive import PredictivePolicy, positive_int
 
 
@@ -21,8 +21,9 @@ from .predictive import PredictivePolicy, positive_int
 class Stability(PredictivePolicy):
     name = "stability"
 
-    def __init__(self, patience: int = 2, context_threshold: float = 0.05, min_loops: int = 1,
-                 max_loops: int | None = None, check_every: int = 1) -> None:
+    def __init__(self, patience: int = 2, context_threshold: float = CONTEXT_THRESHOLD,
+                 min_loops: int = 1, max_loops: int | None = None,
+                 check_every: int = 1) -> None:
         super().__init__(context_threshold, min_loops, max_loops, check_every)
         self.patience = positive_int(self.name, "patience", patience)
         self._top: Tensor | None = None  # (B * L,) argmax at the previous check, -1: none yet
