@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoopMDMConfig
+from .errors import UsageError
 from .model import LoopMDM
 from .tasks import make_task
 
@@ -85,10 +87,25 @@ def mdm_loss(model: LoopMDM, tokens: torch.Tensor, prompt_len: int, n_loops: int
     return F.cross_entropy(logits[masked].float(), tokens[masked])
 
 
+STATE_FILE = "train_state.pt"  # resumable state, beside the output while training runs
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a reader (or a resumed run) never sees a half-written file
+
+
 def train(cfg: TrainConfig, device: str | torch.device = "cpu",
           log: Callable[[dict[str, Any]], None] | None = None,
-          evaluate: Callable[[LoopMDM, int], float] | None = None) -> LoopMDM:
-    """Train a model from scratch; `evaluate(model, n_loops)` is called every eval_every steps."""
+          evaluate: Callable[[LoopMDM, int], float] | None = None,
+          state_path: Path | None = None, save_every_s: float = 10.0) -> LoopMDM:
+    """Train a model from scratch; `evaluate(model, n_loops)` is called every eval_every steps.
+
+    With `state_path`, the model, optimiser, data stream and step are saved there at most
+    every `save_every_s` seconds and when interrupted (Ctrl-C); a run that finds the file
+    resumes from it and follows the same trajectory as an uninterrupted run.
+    """
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task)
     model = LoopMDM(cfg.model_config()).to(device)
@@ -98,30 +115,59 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                             betas=(0.9, 0.98))
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
-    running = None
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        n_loops = int(torch.randint(1, cfg.max_train_loops + 1, (1,), generator=data_gen))
-        tokens = task.batch(cfg.batch_size, data_gen).to(device)
-        loss = mdm_loss(model, tokens, task.prompt_length, n_loops, data_gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        last = step + 1 == cfg.steps
-        if log and (step % 50 == 0 or last):
-            log({"step": step, "loss": running, "lr": lr_at(cfg, step),
-                 "elapsed_s": time.perf_counter() - start})
-        if evaluate and ((step + 1) % cfg.eval_every == 0 or last):
-            model.eval()
-            acc = evaluate(model, cfg.max_train_loops)
-            model.train()
-            if log:
-                log({"step": step, "eval_accuracy": acc,
+    first, running = 0, None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state.get("recipe") != config_dict(cfg):
+            raise UsageError(f"{state_path} holds a run with another recipe; choose another "
+                             f"output directory or delete that file")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_gen"])
+        first, running = state["step"], state["running"]
+    start = last_save = time.perf_counter()
+
+    def snapshot(step: int) -> None:
+        _save_state(state_path, {"recipe": config_dict(cfg), "model": model.state_dict(),
+                                 "optimizer": opt.state_dict(), "data_gen": data_gen.get_state(),
+                                 "step": step, "running": running})
+
+    step = applied = first  # applied: steps whose update is in the weights
+    gen_before = data_gen.get_state()
+    try:
+        for step in range(first, cfg.steps):
+            gen_before = data_gen.get_state()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            n_loops = int(torch.randint(1, cfg.max_train_loops + 1, (1,), generator=data_gen))
+            tokens = task.batch(cfg.batch_size, data_gen).to(device)
+            loss = mdm_loss(model, tokens, task.prompt_length, n_loops, data_gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            applied = step + 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            last = step + 1 == cfg.steps
+            if log and (step % 50 == 0 or last):
+                log({"step": step, "loss": running, "lr": lr_at(cfg, step),
                      "elapsed_s": time.perf_counter() - start})
+            if evaluate and ((step + 1) % cfg.eval_every == 0 or last):
+                model.eval()
+                acc = evaluate(model, cfg.max_train_loops)
+                model.train()
+                if log:
+                    log({"step": step, "eval_accuracy": acc,
+                         "elapsed_s": time.perf_counter() - start})
+            if state_path is not None and time.perf_counter() - last_save >= save_every_s:
+                snapshot(step + 1)
+                last_save = time.perf_counter()
+    except KeyboardInterrupt:
+        if state_path is not None:
+            if applied == step:  # stopped before its update: redo it on the same data
+                data_gen.set_state(gen_before)
+            snapshot(applied)
+        raise
     model.eval()
     return model
 
@@ -130,10 +176,32 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def prepare_train_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """Refuse, before any work, a directory that cannot be written or that already holds
+    something other than an unfinished run of ours (unless `force`)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; --out takes a directory")
+    present = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if not force and any(name != STATE_FILE for name in present):
+        raise UsageError(f"{out} already holds files ({', '.join(sorted(present)[:3])}); choose "
+                         f"a new directory or pass --force to overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to {out}: {err.strerror or err}") from None
+    return out
+
+
 def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = None,
-                   console: Any = None) -> dict[str, Any]:
+                   console: Any = None, force: bool = False) -> dict[str, Any]:
     """Train with a progress bar, evaluate on held-out problems as it goes, save the native
-    checkpoint plus `training.json` (the recipe, the eval history, time and machine)."""
+    checkpoint plus `training.json` (the recipe, the eval history, time and machine).
+
+    An interrupted run leaves `train_state.pt` in `out_dir`; running again resumes it."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .checkpoint import save_model
@@ -141,6 +209,7 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
     from .evaluate import evaluate_task
     from .policies import make
 
+    out = prepare_train_dir(out_dir, force)
     dev = pick_device(device)
     task = make_task(cfg.task)
     history: list[dict[str, Any]] = []
@@ -162,11 +231,14 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
                 bar.update(job, info=f"eval acc {entry['eval_accuracy']:.1%}")
 
         start = time.perf_counter()
-        model = train(cfg, dev, log=log, evaluate=evaluate)
+        model = train(cfg, dev, log=log, evaluate=evaluate, state_path=out / STATE_FILE)
         seconds = time.perf_counter() - start
-    save_model(model.cpu(), out_dir)
+    save_model(model.cpu(), out)
     report = {"train_config": config_dict(cfg), "seconds": seconds, "device": str(dev),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "history": history}
-    (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    tmp = out / "training.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out / "training.json")
+    (out / STATE_FILE).unlink(missing_ok=True)
     return report

@@ -57,7 +57,7 @@ def _policy(name: str, threshold: float | None, loops: int | None, min_loops: in
     if name == "fixed":
         if threshold is not None:
             raise UsageError("the fixed policy takes --loops, not --threshold")
-        params = {"loops": loops or max_loops}
+        params = {"loops": loops if loops is not None else max_loops}
     elif loops is not None:
         raise UsageError(f"--loops belongs to the fixed policy; {name} takes --max-loops")
     return make(name, **params)

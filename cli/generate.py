@@ -192,11 +192,14 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch (default: torch's own choice).")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Write into --out even if it already holds files.")] = False,
 ) -> None:
     """Train the embedded model from scratch (S ~ U{1..S_max} loops per step, MDM loss).
 
     The defaults reproduce the shipped model; `training.json` beside the weights records the
-    recipe, the held-out accuracy along the way, the time and the machine."""
+    recipe, the held-out accuracy along the way, the time and the machine. An interrupted run
+    (Ctrl-C, or killed) resumes when started again with the same --out."""
     if threads is not None:
         import torch
 
@@ -210,7 +213,7 @@ def train(
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    train_and_save(cfg, out_dir, device=device, console=err)
+    train_and_save(cfg, out_dir, device=device, console=err, force=force)
     out.print(f"saved to {out_dir}")
 
 

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests_support import TINY_TOKENIZER, tiny_config  # noqa: F401  (re-exported)
 
 from adaptive_loop import LoopMDM, LoopMDMConfig
-
-TINY_TOKENIZER = {"kind": "char", "chars": "abcdefghijklmno", "specials": {"mask": 16, "pad": 15}}
-
-
-def tiny_config(**overrides) -> LoopMDMConfig:
-    return LoopMDMConfig.from_name("tiny", tokenizer=TINY_TOKENIZER, **overrides)
 
 
 @pytest.fixture

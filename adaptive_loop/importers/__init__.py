@@ -82,6 +82,11 @@ def detect_format(path: str | Path) -> tuple[str, Source | None]:
     if layout is not None:
         return layout, source
     if any(k.startswith("layers.0.") for k in keys):
+        config = (path if path.is_dir() else path.parent) / "config.json"
+        if config.is_file():  # native weights beside a config that is not ours: say why
+            if read_json(config).get("format") != NATIVE_MARKER:
+                raise CheckpointError(f"{config}: not an adaptive-loop config (no \"format\": "
+                                      f"\"{NATIVE_MARKER}\")")
         raise CheckpointError(f"{path}: looks like native weights; a native checkpoint is the "
                               f"directory holding config.json and model.safetensors")
     shown = ", ".join(repr(k) for k in sorted(keys)[:6])

@@ -1,0 +1,208 @@
+"""Every mistake a user can make gets one line `error: ...`, a non-zero exit code and no
+traceback. The CLI runs in-process here (the subprocess path is covered in test_cli.py)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from adaptive_loop import AdaptiveLoopError, generate, load_model, save_model
+from adaptive_loop.cli.app import run_main
+from adaptive_loop.policies import make
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """Checkpoints broken in every way a file can be, keyed by name."""
+    from tests_support import tiny_config
+
+    from adaptive_loop import LoopMDM
+
+    root = tmp_path_factory.mktemp("broken")
+    torch.manual_seed(0)
+    model = LoopMDM(tiny_config())
+    good = save_model(model, root / "good")
+    paths = {"good": good}
+
+    def copy(name):
+        d = root / name
+        save_model(model, d)
+        return d
+
+    d = copy("no_weights")
+    (d / "model.safetensors").unlink()
+    paths["no_weights"] = d
+    d = copy("truncated")
+    (d / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:64])
+    paths["truncated"] = d
+    d = copy("bad_json")
+    (d / "config.json").write_text("{not json")
+    paths["bad_json"] = d
+    d = copy("missing_key")
+    state = load_file(str(d / "model.safetensors"))
+    state["layers.0.qkv.weights"] = state.pop("layers.0.qkv.weight")
+    save_file(state, str(d / "model.safetensors"))
+    paths["missing_key"] = d
+    d = copy("extra_key")
+    state = load_file(str(d / "model.safetensors"))
+    state["layers.9.qkv.weight"] = state["layers.0.qkv.weight"].clone()
+    save_file(state, str(d / "model.safetensors"))
+    paths["extra_key"] = d
+    d = copy("shape")
+    meta = json.loads((d / "config.json").read_text())
+    meta["model"]["d_ff"] = 48
+    (d / "config.json").write_text(json.dumps(meta))
+    paths["shape"] = d
+    d = copy("nan")
+    state = load_file(str(d / "model.safetensors"))
+    state["layers.1.down.weight"][0, 0] = float("nan")
+    save_file(state, str(d / "model.safetensors"))
+    paths["nan"] = d
+    d = root / "pickle"
+    d.mkdir()
+    (d / "model.pth").write_bytes(pickle.dumps(_Payload()))
+    paths["pickle"] = d / "model.pth"
+    empty = root / "empty"
+    empty.mkdir()
+    paths["empty"] = empty
+    text = root / "notes.txt"
+    text.write_text("hello")
+    paths["text"] = text
+    keep = root / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    paths["keep"] = keep
+    return paths
+
+
+class _Payload:
+    """A pickle that would write a file when loaded: it must never run."""
+
+    def __reduce__(self):
+        return (open, ("/tmp/adaptive-loop-payload-ran", "w"))
+
+
+GEN = ["generate", "--device", "cpu"]
+CASES = [
+    # (id, argv (with {name} placeholders for broken checkpoints), exit code, message)
+    ("unknown policy", GEN + ["--policy", "nope"], 2, "unknown policy 'nope'; choose one of"),
+    ("missing checkpoint", GEN + ["--checkpoint", "/no/such/dir"], 1, "checkpoint not found"),
+    ("no weights", GEN + ["--checkpoint", "{no_weights}"], 1, "model.safetensors"),
+    ("truncated weights", GEN + ["--checkpoint", "{truncated}"], 1, "corrupt"),
+    ("bad config json", GEN + ["--checkpoint", "{bad_json}"], 1, "not a readable JSON file"),
+    ("missing key", GEN + ["--checkpoint", "{missing_key}"], 1, "'layers.0.qkv.weight'"),
+    ("unexpected key", GEN + ["--checkpoint", "{extra_key}"], 1, "layers.9.qkv.weight"),
+    ("shape mismatch", GEN + ["--checkpoint", "{shape}"], 1, "has shape (128, 32)"),
+    ("non-finite weights", GEN + ["--checkpoint", "{nan}"], 1, "layers.1.down.weight holds NaN"),
+    ("pickle with code", GEN + ["--checkpoint", "{pickle}"], 1, ""),
+    ("empty directory", GEN + ["--checkpoint", "{empty}"], 1, ""),
+    ("not a checkpoint", GEN + ["--checkpoint", "{text}"], 1, ""),
+    ("fixed with threshold", GEN + ["--policy", "fixed", "--threshold", "0.1"], 2,
+     "fixed policy takes --loops"),
+    ("loops on entropy", GEN + ["--loops", "3"], 2, "--loops belongs to the fixed policy"),
+    ("negative threshold", GEN + ["--threshold", "-1"], 2, "threshold must be >= 0"),
+    ("nan threshold", GEN + ["--threshold", "nan"], 2, "threshold must be >= 0"),
+    ("zero loops", GEN + ["--policy", "fixed", "--loops", "0"], 2, "loops must be >= 1"),
+    ("min loops 0", GEN + ["--min-loops", "0"], 2, "min_loops must be >= 1"),
+    ("max below min", GEN + ["--min-loops", "4", "--max-loops", "2"], 2, "below min_loops"),
+    ("check every 0", GEN + ["--check-every", "0"], 2, "check_every must be >= 1"),
+    ("unknown remasking", GEN + ["--remasking", "best"], 2, "unknown remasking"),
+    ("bad characters", GEN + ["abc"], 2, "cannot encode"),
+    ("prompt too long", GEN + ["1" * 300], 2, "exceeds the model's context"),
+    ("gen length vs block", GEN + ["--gen-length", "9", "--block-length", "4"], 2,
+     "not divisible by block_length"),
+    ("steps fewer than blocks", GEN + ["--gen-length", "8", "--block-length", "2", "--steps",
+                                       "2"], 2, "steps"),
+    ("zero gen length", GEN + ["--gen-length", "0"], 2, "gen_length"),
+    ("negative temperature", GEN + ["--temperature", "-1"], 2, "temperature"),
+    ("cuda without gpu", ["generate", "--device", "cuda"], 2, "CUDA was requested"),
+    ("unknown dtype", GEN + ["--dtype", "float8"], 2, "unknown dtype"),
+    ("evaluate n 0", ["evaluate", "--n", "0", "--device", "cpu"], 2, "--n must be >= 1"),
+    ("evaluate bad loops", ["evaluate", "--loops", "1,x", "--device", "cpu"], 2,
+     "comma-separated integers"),
+    ("bench bad fractions", ["bench", "--fractions", "2", "--device", "cpu"], 2, "(0, 1]"),
+    ("bench unknown preset", ["bench", "--preset", "huge", "--device", "cpu",
+                              "--no-generation"], 2, "unknown preset"),
+    ("train into a used dir", ["train", "--out", "{keep}", "--steps", "1"], 2,
+     "already holds files"),
+    ("train threads 0", ["train", "--out", "{empty}/t", "--threads", "0"], 2, "--threads"),
+    ("inspect missing", ["inspect", "/no/such/ckpt"], 1, "not found"),
+    ("convert unknown format", ["convert", "{good}", "{empty}/out", "--format", "gguf"], 2,
+     "gguf"),
+    ("convert onto a used dir", ["convert", "{good}", "{keep}"], 2, "not an empty directory"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line(argv, code, message, broken, capsys):
+    argv = [a.format(**{k: str(v) for k, v in broken.items()}) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        run_main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == code, err
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and message in err, err
+    assert err.strip().count("\n") == 0, err
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 30
+
+
+def test_pickle_payload_never_runs(broken, tmp_path):
+    import os
+
+    marker = "/tmp/adaptive-loop-payload-ran"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    with pytest.raises(AdaptiveLoopError):
+        load_model(broken["pickle"])
+    assert not os.path.exists(marker)
+
+
+def test_user_files_survive_a_refused_run(broken):
+    with pytest.raises(SystemExit):
+        run_main(["train", "--out", str(broken["keep"]), "--steps", "1"])
+    assert (broken["keep"] / "mine.txt").read_text() == "mine"
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(SystemExit):
+        run_main(["generate", "--policy", "nope", "--debug"])
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_nan_while_looping_names_step_and_loop(tiny_model, prompts):
+    with torch.no_grad():
+        tiny_model.layers[1].down.weight.fill_(float("inf"))  # the looped layer blows up
+    with pytest.raises(AdaptiveLoopError, match=r"denoising step 1.*loop 1"):
+        generate(tiny_model, prompts, policy=make("convergence", threshold=0.1),
+                 gen_length=4, steps=2)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gen_length=st.integers(-2, 12), steps=st.integers(-1, 12),
+       block=st.one_of(st.none(), st.integers(-1, 12)),
+       temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
+       remasking=st.sampled_from(["low_confidence", "random", "margin", "entropy", "best"]),
+       threshold=st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_generate_fuzz(tiny_model, prompts, gen_length, steps, block, temperature, remasking,
+                       threshold):
+    """Any argument mix either generates a full, mask-free completion or raises a user
+    error: never another exception, never NaNs turned into tokens."""
+    try:
+        policy = make("convergence", threshold=threshold, max_loops=3)
+        out = generate(tiny_model, prompts, policy=policy, gen_length=gen_length, steps=steps,
+                       block_length=block, temperature=temperature, remasking=remasking, seed=0)
+    except AdaptiveLoopError:
+        return
+    assert out.tokens.shape == (prompts.shape[0], prompts.shape[1] + gen_length)
+    assert (out.tokens[:, prompts.shape[1]:] != tiny_model.config.mask_id).all()

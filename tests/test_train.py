@@ -1,0 +1,49 @@
+"""Training: the loss falls, an interrupted run resumes onto the same trajectory, and the
+output directory is checked before any work."""
+
+import pytest
+import torch
+
+from adaptive_loop import UsageError
+from adaptive_loop.train import STATE_FILE, TrainConfig, prepare_train_dir, train
+
+SMALL = dict(task={"name": "addition", "digits": 2}, d_model=32, n_heads=2, d_ff=64,
+             max_train_loops=3, batch_size=16, eval_every=10**6, warmup=2)
+
+
+def test_loss_falls():
+    losses = []
+    train(TrainConfig(steps=151, lr=3e-3, **SMALL), log=lambda e: losses.append(e["loss"]))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(steps=8, **{**SMALL, "eval_every": 1})
+    whole = train(cfg)
+    state = tmp_path / STATE_FILE
+
+    def interrupt(model, loops):  # Ctrl-C arrives during step 4's evaluation
+        if interrupt.calls == 4:
+            raise KeyboardInterrupt
+        interrupt.calls += 1
+        return 0.0
+
+    interrupt.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, evaluate=interrupt, state_path=state, save_every_s=3600.0)
+    assert torch.load(state, weights_only=True)["step"] == 5  # step 4's update was applied
+    with pytest.raises(UsageError, match="another recipe"):
+        train(TrainConfig(steps=8, **{**SMALL, "lr": 1e-4}), state_path=state)
+    resumed = train(cfg, state_path=state)
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_output_directory_is_checked_first(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="already holds files"):
+        prepare_train_dir(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file"):
+        prepare_train_dir(tmp_path / "file")
