@@ -102,8 +102,8 @@ def train_halting(
             held_out=held_out, threshold=threshold, seed=seed,
             progress=lambda k: bar.advance(job, k))
     source = checkpoint if checkpoint is not None else embedded_path()
-    report["checkpoint"] = str(source)
     path = save_head(head, out_dir if out_dir is not None else source, report)
+    report["checkpoint"] = str(source)  # printed, not stored: the sidecar may be moved
     metrics = report["metrics"]
     if as_json:
         print(json.dumps({"head": str(path), **report}))
