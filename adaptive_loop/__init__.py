@@ -2,8 +2,19 @@
 
     model = adaptive_loop.load_model()              # the embedded default
     policy = adaptive_loop.policies.make("entropy", threshold=0.1)
-    out = adaptive_loop.generate(model, ["3210+7654="], policy=policy, gen_length=5, steps=5)
+    out = adaptive_loop.generate(model, ["98181872+61818127="], policy=policy, gen_length=9,
+                                 steps=3)
 """
+
+from pathlib import Path as _Path
+
+# Installed, `adaptive_loop.policies` and `adaptive_loop.cli` live inside this package. In a
+# source checkout their folders sit beside it, at the repository's top level; when Python
+# imports the package from the checkout (`python -m adaptive_loop.cli` run there), let it find
+# them there as well.
+_here = _Path(__file__).resolve().parent
+if not (_here / "policies").is_dir() and (_here.parent / "policies" / "base.py").is_file():
+    __path__.append(str(_here.parent))  # noqa: F821  (the package's own search path)
 
 from . import policies
 from .checkpoint import (

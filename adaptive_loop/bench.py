@@ -161,3 +161,51 @@ def bench_generation(model: LoopMDM, n: int = 200,
             wall_ratio=res.wall_s / base_wall, tokens_per_s=n * task.answer_length / res.wall_s,
             nfe_per_s=res.nfe / res.wall_s, iterations_per_s=iterations / res.wall_s))
     return rows
+
+
+@dataclass
+class MonitorRow:
+    policy: str
+    iteration_ms: float  # one full loop iteration
+    signal_ms: float  # computing the policy's signals and decision for every token
+
+    @property
+    def ratio(self) -> float:
+        return self.signal_ms / self.iteration_ms
+
+
+def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
+                  device: torch.device, dtype: torch.dtype, repeats: int = 10,
+                  policies: list[tuple[str, dict[str, Any]]] | None = None,
+                  seed: int = 0) -> list[MonitorRow]:
+    """Cost of a policy's per-iteration signals (all tokens active, `needed_fraction` of each
+    row's tokens still masked in the current block) against one full loop iteration."""
+    from .policies import make
+    from .runtime import StepTrace, _signals
+
+    torch.manual_seed(seed)
+    model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
+    active = torch.ones(batch, length, dtype=torch.bool, device=device)
+    needed = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    needed[:, length - max(1, int(needed_fraction * length)):] = True
+    index = torch.arange(batch * length, device=device)
+    rows = []
+    with torch.no_grad():
+        prev, _ = _dense_iteration(model, h, None, None)
+        full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats)
+        for name, params in policies or [("convergence", {}), ("entropy", {}),
+                                         ("entropy", {"probe": "lens"}), ("kl", {})]:
+            policy = make(name, **params)
+            policy.begin_step(batch, length, 0, 1)
+
+            def signals(policy=policy) -> None:
+                trace = StepTrace(loops=active.int())
+                sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
+                               trace)
+                policy.decide(sig)
+
+            rows.append(MonitorRow(repr(policy), full * 1e3,
+                                   time_call(signals, device, repeats) * 1e3))
+    return rows

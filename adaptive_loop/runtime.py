@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .attention import PackPlan
 from .errors import GenerationError
-from .flops import block_flops, readout_flops
+from .flops import block_flops, head_flops, readout_flops
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
 
@@ -81,10 +81,15 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     if "logits" in policy.needs:
         probe = PackPlan.from_mask(active & needed)
         trace.host_syncs += 2
-        sig.logits = model.readout(h, probe, key_mask) if probe.size else h.new_zeros(
-            0, model.config.out_vocab)
         batch, length = active.shape
-        trace.monitor_flops += readout_flops(model.config, probe.size, batch * length, length)
+        if getattr(policy, "probe", "readout") == "lens":  # norm + head on the loop state
+            sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index])
+            trace.monitor_flops += probe.size * head_flops(model.config)
+        else:
+            sig.logits = model.readout(h, probe, key_mask) if probe.size else h.new_zeros(
+                0, model.config.out_vocab)
+            trace.monitor_flops += readout_flops(model.config, probe.size, batch * length,
+                                                 length)
     return sig
 
 

@@ -36,6 +36,11 @@ def bench(
         help="Also time generation on the checkpoint's task: fixed vs adaptive policies, "
         "compaction on vs off.")] = True,
     n: Annotated[int, typer.Option("--n", help="Problems for the generation timing.")] = 200,
+    monitor: Annotated[bool, typer.Option(
+        help="Also time each policy's per-iteration signals against one iteration.")] = True,
+    needed: Annotated[float, typer.Option(
+        help="Share of tokens whose prediction is read (still masked in the current block) "
+        "for the monitoring timing.")] = 0.125,
     checkpoint: Checkpoint = None,
     device: Device = None,
     dtype: Dtype = None,
@@ -44,12 +49,13 @@ def bench(
     """Time what halting saves: one loop iteration with a fraction of tokens active against
     the full iteration, and generation under adaptive policies against fixed loops. Every
     figure is a ratio measured in the same run."""
-    from ..bench import bench_generation, bench_iteration, matmul_peak, rows_to_dicts
+    from ..bench import bench_generation, bench_iteration, bench_monitor, matmul_peak, rows_to_dicts
     from ..checkpoint import load_model
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
 
     fracs = _floats(fractions, "--fractions")
+    _floats(str(needed), "--needed")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     model = load_model(checkpoint, device=dev, dtype=dt) if generation or preset == "embedded" \
@@ -67,6 +73,10 @@ def bench(
     report = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "preset": preset,
               "batch": batch, "length": length, "matmul_peak_flops": peak,
               "iteration": rows_to_dicts(rows)}
+    if monitor:
+        with err.status("timing policy signals..."):
+            report["monitor"] = rows_to_dicts(bench_monitor(cfg, batch, length, needed, dev, dt,
+                                                             repeats))
     if generation:
         with err.status("timing generation..."):
             report["generation"] = [r.to_dict() for r in bench_generation(model, n=n)]
@@ -80,6 +90,14 @@ def bench(
         table.add_row(f"{r.active:.2f}", f"{r.full_ms:.2f}", f"{r.compact_ms:.2f}",
                       f"{r.ratio:.2f}", f"{r.active:.2f}")
     out.print(table)
+    if monitor:
+        table = Table(title=f"policy signals per check, {needed:.0%} of tokens needed")
+        for col in ("policy", "signals ms", "iteration ms", "ratio"):
+            table.add_column(col)
+        for r in report["monitor"]:
+            table.add_row(r["policy"], f"{r['signal_ms']:.2f}", f"{r['iteration_ms']:.2f}",
+                          f"{r['ratio']:.3f}")
+        out.print(table)
     if generation:
         table = Table(title=f"generation, {n} problems of the checkpoint's task")
         for col in ("policy", "compact", "accuracy", "mean loops", "looped FLOPs", "monitor",

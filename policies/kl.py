@@ -27,8 +27,9 @@ class KL(PredictivePolicy):
     name = "kl"
 
     def __init__(self, threshold: float = 1e-3, context_threshold: float = CONTEXT_THRESHOLD,
-                 min_loops: int = 1, max_loops: int | None = None, check_every: int = 1) -> None:
-        super().__init__(context_threshold, min_loops, max_loops, check_every)
+                 min_loops: int = 1, max_loops: int | None = None, check_every: int = 1,
+                 probe: str = "readout") -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every, probe)
         self.threshold = nonnegative(self.name, "threshold", threshold)
         self._slot: Tensor | None = None  # (B * L,) row of each needed token in _prev
         self._prev: Tensor | None = None  # (M, V) log-probabilities at the previous check

@@ -51,6 +51,13 @@ def needed_rows(needed: Tensor, count: int) -> Tensor:
     return torch.argsort((~needed).to(torch.uint8), stable=True)[:count]
 
 
+# How the runtime computes a needed token's prediction while it loops: "readout" runs the
+# coda and head (exact: what the sampler would read if the token stopped now); "lens" applies
+# the final norm and head to the loop state directly, skipping the coda (cheap when the coda
+# is deep; a fair signal only for models whose loop state is read out that way).
+PROBES = ("readout", "lens")
+
+
 class PredictivePolicy(HaltingPolicy):
     """Base of the policies that judge needed tokens by their prediction and every other token
     by the convergence rule. Subclasses implement `judge_needed`."""
@@ -58,9 +65,14 @@ class PredictivePolicy(HaltingPolicy):
     needs = frozenset({"logits", "delta"})
 
     def __init__(self, context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
-                 max_loops: int | None = None, check_every: int = 1) -> None:
+                 max_loops: int | None = None, check_every: int = 1,
+                 probe: str = "readout") -> None:
         super().__init__(min_loops, max_loops, check_every)
         self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
+        if probe not in PROBES:
+            raise UsageError(f"{self.name}: probe must be one of {', '.join(PROBES)}, got "
+                             f"{probe!r}")
+        self.probe = probe
         self._size = 0
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:

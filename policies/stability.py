@@ -23,8 +23,8 @@ class Stability(PredictivePolicy):
 
     def __init__(self, patience: int = 2, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None,
-                 check_every: int = 1) -> None:
-        super().__init__(context_threshold, min_loops, max_loops, check_every)
+                 check_every: int = 1, probe: str = "readout") -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every, probe)
         self.patience = positive_int(self.name, "patience", patience)
         self._top: Tensor | None = None  # (B * L,) argmax at the previous check, -1: none yet
         self._run: Tensor | None = None  # (B * L,) consecutive checks with the same argmax
