@@ -14,13 +14,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
+
+from .files import atomic_write
 
 ORACLE = "oracle"
 CSV_FIELDS = ["label", "policy", "params", "n", "correct", "accuracy", "ci_low", "ci_high",
@@ -69,24 +70,6 @@ def annotate(points: list[dict[str, Any]], max_train_loops: int | None = None) -
         p["oracle_multiple"] = p["looped_flops"] / ref if ref else None
     for p in oracle:
         p["pareto"], p["oracle_multiple"] = False, 1.0
-
-
-# -- files --------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a
-    reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def curve_csv(points: list[dict[str, Any]]) -> str:

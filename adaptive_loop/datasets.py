@@ -152,7 +152,7 @@ def task_set(spec: str | dict[str, Any], n: int, seed: int) -> EvalSet:
     return EvalSet(name=f"{task.name}:" + ",".join(f"{k}={v}" for k, v in task.spec().items()
                                                    if k != "name"),
                    examples=examples, matcher=AnswerMatcher(),
-                   decoding={"gen_length": task.answer_length, "steps": task.answer_length},
+                   decoding=dict(task.decoding),
                    identity={"task": task.spec(), "n": n, "seed": seed})
 
 

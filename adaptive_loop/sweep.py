@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from .curves import ORACLE, annotate, atomic_write_text, curve_csv, plot_curve, plot_heatmap
+from .curves import ORACLE, annotate, curve_csv, plot_curve, plot_heatmap
 from .datasets import EvalSet, parse_value
 from .errors import UsageError
+from .files import atomic_write_text, writable_dir
 from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
@@ -102,16 +103,7 @@ def policy_of(setting: Setting) -> HaltingPolicy:
 
 def prepare_output_dir(path: str | Path) -> Path:
     """Create the directory and prove it writable, before any work starts."""
-    out = Path(path).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write the output directory {out}: {err.strerror or err}") \
-            from None
-    return out
+    return writable_dir(path)
 
 
 def model_fingerprint(model: LoopMDM) -> dict[str, Any]:

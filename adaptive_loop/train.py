@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import LoopMDMConfig
 from .errors import UsageError
+from .files import atomic_write, atomic_write_text, writable_dir
 from .model import LoopMDM
 from .tasks import make_task
 
@@ -91,9 +91,8 @@ STATE_FILE = "train_state.pt"  # resumable state, beside the output while traini
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a reader (or a resumed run) never sees a half-written file
+    # a resumed run never sees a half-written file
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def train(cfg: TrainConfig, device: str | torch.device = "cpu",
@@ -180,20 +179,11 @@ def prepare_train_dir(out_dir: str | Path, force: bool = False) -> Path:
     """Refuse, before any work, a directory that cannot be written or that already holds
     something other than an unfinished run of ours (unless `force`)."""
     out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file; --out takes a directory")
     present = [p.name for p in out.iterdir()] if out.is_dir() else []
     if not force and any(name != STATE_FILE for name in present):
         raise UsageError(f"{out} already holds files ({', '.join(sorted(present)[:3])}); choose "
                          f"a new directory or pass --force to overwrite")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to {out}: {err.strerror or err}") from None
-    return out
+    return writable_dir(out)
 
 
 def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = None,
@@ -237,8 +227,6 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
     report = {"train_config": config_dict(cfg), "seconds": seconds, "device": str(dev),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "history": history}
-    tmp = out / "training.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out / "training.json")
+    atomic_write_text(out / "training.json", json.dumps(report, indent=1) + "\n")
     (out / STATE_FILE).unlink(missing_ok=True)
     return report

@@ -9,7 +9,6 @@ from scipy.stats import beta
 
 from adaptive_loop.curves import (
     annotate,
-    atomic_write_text,
     binomial_interval,
     curve_csv,
     oracle_flops_at,
@@ -17,6 +16,7 @@ from adaptive_loop.curves import (
     plot_curve,
     plot_heatmap,
 )
+from adaptive_loop.files import atomic_write_text
 
 
 @pytest.mark.parametrize("k, n", [(0, 20), (7, 20), (20, 20), (63, 100), (1, 1)])

@@ -51,6 +51,12 @@ class AdditionTask:
     def answer_length(self) -> int:
         return self.digits + 1  # the sum of up to 9 terms has at most one more digit
 
+    @property
+    def decoding(self) -> dict[str, int]:
+        """The task's decoding: the whole answer is one block, three digits committed per
+        denoising step (so each step must resolve carries in depth, not across steps)."""
+        return {"gen_length": self.answer_length, "steps": max(1, self.answer_length // 3)}
+
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer("0123456789+=", mask_id=12, pad_id=13, eos_id=14)
 
