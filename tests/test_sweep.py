@@ -31,7 +31,8 @@ def data(addition_model):
 def own_outputs(tmp_path, addition_model, data):
     """A JSONL file whose answers are the model's fixed 4-loop completions for the first 12
     problems and the true sums for the rest: fixed(4) scores 12/20, cheaper settings less."""
-    plan = plan_batches(addition_model, data)
+    # one token per step, as a JSONL set decodes (it names no task decoding)
+    plan = plan_batches(addition_model, data, decoding={"steps": data.decoding["gen_length"]})
     res = run_setting(addition_model, data, plan, make("fixed", loops=4))
     path = tmp_path / "own.jsonl"
     rows = [{"prompt": ex.prompt, "answer": res.completions[i] if i < 12 else ex.answer}
@@ -168,7 +169,7 @@ def test_settle_loops_by_hand():
 
 
 def test_oracle_keeps_the_fixed_answers_and_never_loops_more(addition_model, data):
-    plan = plan_batches(addition_model, data, batch_size=8)
+    plan = plan_batches(addition_model, data, batch_size=8, decoding={"steps": 3})
     fixed = run_setting(addition_model, data, plan, make("fixed", loops=4))
     oracle = run_oracle(addition_model, data, plan, 4, heatmap=True)
     assert oracle.tokens == fixed.tokens and oracle.correct == fixed.correct
@@ -224,3 +225,35 @@ def test_cli_refuses_an_unwritable_output_before_loading(tmp_path):
     res = run_cli("sweep", "--policy", "fixed", "--checkpoint", "/no/such/checkpoint",
                   "--out", str(tmp_path / "file" / "out"))
     assert res.returncode == 2 and "cannot write the output directory" in res.stderr
+
+
+def test_sweep_killed_with_sigkill_resumes_to_the_same_curve(tmp_path, addition_model):
+    """A real SIGKILL in the middle of a sweep loses at most the point in flight: the rerun
+    finishes the rest and writes the same curve.json as an uninterrupted sweep."""
+    import signal
+    import time
+
+    ck = save_model(addition_model, tmp_path / "ck")
+    args = ["sweep", "--checkpoint", str(ck), "--device", "cpu", "--limit", "60", "--no-plot",
+            "--oracle-loops", "none", "-p", "fixed:loops=1,2,3,4,5,6,7,8,9,10,11,12",
+            "-p", "convergence:threshold=0.5,0.4,0.3,0.2,0.1,0.05"]
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    points = out / "points.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "adaptive_loop.cli", *args, "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if points.exists() and len(points.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len([line for line in points.read_text().splitlines() if line.strip()])
+    assert 2 <= done < 18 and not (out / "curve.json").exists()
+    again = run_cli(*args, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert _without_wall(json.loads((out / "curve.json").read_text())) == \
+        _without_wall(json.loads((tmp_path / "whole" / "curve.json").read_text()))
