@@ -69,6 +69,9 @@ def generate(
     dtype: Dtype = None,
     compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
                                           "(--no-compact: the masked reference path).")] = True,
+    warm_start: Annotated[bool, typer.Option(
+        help="Resume unchanged positions from the previous step's loop state (fewer loops, "
+        "some accuracy lost on the embedded model).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate completions with adaptive loops and report the compute they used."""
@@ -96,7 +99,8 @@ def generate(
         tok = load_tokenizer(tokenizer, c.mask_id, c.pad_id, c.eos_id)
     result = run(model, prompt, policy=halting, gen_length=gen_length,
                  steps=steps or gen_length, block_length=block_length, temperature=temperature,
-                 remasking=remasking, seed=seed, compact=compact, threshold=threshold_decoding,
+                 remasking=remasking, seed=seed, compact=compact, warm_start=warm_start,
+                 threshold=threshold_decoding,
                  factor=factor, cfg_scale=cfg, eos_fill=eos_fill, tokenizer=tok)
     stats = result.stats
     if as_json:

@@ -77,3 +77,23 @@ def test_bad_requests_are_user_errors(tiny_model, prompts, kw, message):
         else dict(policy=make("fixed"), steps=kw.pop("steps", 4), **kw)
     with pytest.raises(UsageError, match=message):
         generate(tiny_model, prompts, **args)
+
+
+def test_warm_start_changes_nothing_in_the_first_step(tiny_model, prompts):
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    cold = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=1)
+    warm = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=1, warm_start=True)
+    assert torch.equal(cold.tokens, warm.tokens) and torch.equal(cold.loops, warm.loops)
+
+
+def test_warm_start_resumes_unchanged_positions(tiny_model, prompts):
+    """From step 2 on, positions whose input did not change start from the last loop state:
+    with a never-halting policy the prompt then runs 2 x 3 loops in all, which differs from
+    3 loops from the prelude."""
+    policy = make("fixed", loops=3)
+    cold = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=3)
+    warm = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=3, warm_start=True)
+    assert torch.equal(cold.tokens[:, :6], warm.tokens[:, :6])
+    first = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=3, warm_start=True)
+    assert torch.equal(first.tokens, warm.tokens)  # reproducible
+    assert not torch.equal(cold.tokens, warm.tokens)
