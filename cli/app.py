@@ -41,11 +41,33 @@ MinLoops = Annotated[int | None, typer.Option(help="Loops every token runs befor
 MaxLoops = Annotated[int | None, typer.Option(help="Most loops a token may run (default: the "
                                               "model's loop count).")]
 CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops.")]
+Params = Annotated[list[str] | None, typer.Option(
+    "--param", help="Any other policy parameter as KEY=VALUE, repeatable: e.g. --param "
+    "probe=lens --param context_threshold=0.3 --param patience=3.")]
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """`["patience=3", "probe=lens"]` -> {"patience": 3, "probe": "lens"} (ints, then floats,
+    else strings)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param takes KEY=VALUE, got {item!r}")
+        value: Any = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = value
+    return out
 
 
 def _policy(name: str, threshold: float | None, loops: int | None, min_loops: int | None,
             max_loops: int | None, check_every: int | None,
-            checkpoint: Path | None = None) -> Any:
+            checkpoint: Path | None = None, extra: list[str] | None = None) -> Any:
     import inspect
 
     from ..policies import make, policy_class
@@ -60,7 +82,11 @@ def _policy(name: str, threshold: float | None, loops: int | None, min_loops: in
         params = {"loops": loops if loops is not None else max_loops}
     elif loops is not None:
         raise UsageError(f"--loops belongs to the fixed policy; {name} takes --max-loops")
-    return make(name, **params)
+    more = parse_params(extra)
+    clash = sorted(k for k in more if params.get(k) is not None)
+    if clash:
+        raise UsageError(f"{', '.join(clash)} given twice (as an option and as --param)")
+    return make(name, **{**params, **more})
 
 
 def _task_of(model: Any) -> Any:

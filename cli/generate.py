@@ -20,6 +20,7 @@ from .app import (
     Loops,
     MaxLoops,
     MinLoops,
+    Params,
     Policy,
     Threshold,
     _policy,
@@ -41,6 +42,7 @@ def generate(
     min_loops: MinLoops = None,
     max_loops: MaxLoops = None,
     check_every: CheckEvery = None,
+    param: Params = None,
     checkpoint: Checkpoint = None,
     steps: Annotated[int | None, typer.Option(
         help="Denoising steps (default: the embedded task's, else gen-length).")] = None,
@@ -79,7 +81,8 @@ def generate(
     from ..evaluate import default_decoding
     from ..sampler import generate as run
 
-    halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every, checkpoint)
+    halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every, checkpoint,
+                      param)
     model = load_model(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if not prompt:
@@ -137,6 +140,7 @@ def evaluate(
     min_loops: MinLoops = None,
     max_loops: MaxLoops = None,
     check_every: CheckEvery = None,
+    param: Params = None,
     checkpoint: Checkpoint = None,
     n: Annotated[int, typer.Option("--n", help="Held-out problems.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the held-out problems.")] = 1234,
@@ -160,7 +164,8 @@ def evaluate(
         settings = [(f"fixed loops={c}", _policy("fixed", None, c, None, None, None))
                     for c in counts]
     else:
-        pol = _policy(policy, threshold, None, min_loops, max_loops, check_every, checkpoint)
+        pol = _policy(policy, threshold, None, min_loops, max_loops, check_every, checkpoint,
+                      param)
         settings = [(repr(pol), pol)]
     model = load_model(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)

@@ -133,6 +133,11 @@ CASES = [
      "already holds files"),
     ("train threads 0", ["train", "--out", "{empty}/t", "--threads", "0"], 2, "--threads"),
     ("inspect missing", ["inspect", "/no/such/ckpt"], 1, "not found"),
+    ("param without value", GEN + ["--param", "patience"], 2, "--param takes KEY=VALUE"),
+    ("param given twice", GEN + ["--threshold", "0.1", "--param", "threshold=0.2"], 2,
+     "given twice"),
+    ("unknown probe", GEN + ["--param", "probe=deep"], 2, "probe must be one of"),
+    ("unknown param", GEN + ["--param", "colour=red"], 2, "takes no parameter colour"),
     ("convert unknown format", ["convert", "{good}", "{empty}/out", "--format", "gguf"], 2,
      "gguf"),
     ("convert onto a used dir", ["convert", "{good}", "{keep}"], 2, "not an empty directory"),
@@ -150,6 +155,15 @@ def test_bad_input_gives_one_line(argv, code, message, broken, capsys):
     assert "Traceback" not in err
     assert err.startswith("error: ") and message in err, err
     assert err.strip().count("\n") == 0, err
+
+
+def test_param_reaches_the_policy(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_main(["evaluate", "--policy", "stability", "--param", "patience=3", "--param",
+                  "probe=lens", "--n", "5", "--device", "cpu", "--json"])
+    assert exc.value.code in (0, None)
+    setting = json.loads(capsys.readouterr().out.splitlines()[0])["setting"]
+    assert "patience=3" in setting and "probe=lens" in setting
 
 
 def test_the_table_is_long_enough():
