@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, UsageError
-from .importers import check_format, convert_foreign, detect_format, read_foreign
+from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .model import LoopMDM
 from .tokenizer import Tokenizer, from_spec
 
@@ -144,6 +144,17 @@ def resolve_config(source: str | Path | None = None, *, format: str = "auto",
                    **overrides: Any) -> tuple[LoopMDMConfig, str]:
     """A checkpoint's config and format without loading its weights (safetensors headers only;
     torch pickles are read whole). Arguments as for `load_model`."""
+    path, fmt, opened = _locate(source, format, config)
+    if fmt == "native":
+        return _read_config(path, overrides), fmt
+    cfg, _ = read_foreign(path, fmt, config, source=opened, **overrides)
+    return cfg, fmt
+
+
+def _locate(source: str | Path | None, format: str,
+            config: str | Path | None) -> tuple[Path, str, Source | None]:
+    """The checkpoint's path, its format ("auto" detected) and, for imported layouts, the
+    opened source; the user errors every loader shares are raised here."""
     path = embedded_path() if source is None else Path(source).expanduser()
     check_format(format)
     if not path.exists():
@@ -151,9 +162,8 @@ def resolve_config(source: str | Path | None = None, *, format: str = "auto",
     fmt, opened = detect_format(path) if format == "auto" else (format, None)
     if fmt == "native":
         _no_config(config)
-        return _read_config(_native_dir(path), overrides), fmt
-    cfg, _ = read_foreign(path, fmt, config, source=opened, **overrides)
-    return cfg, fmt
+        _native_dir(path)
+    return path, fmt, opened
 
 
 def _native_dir(path: Path) -> Path:
@@ -189,21 +199,17 @@ def load_model(source: str | Path | None = None, *, format: str = "auto",
         CheckpointError: a missing, unreadable or mismatched checkpoint.
         UsageError: an unknown format, a loop spec outside the layers, a missing config.
     """
-    path = embedded_path() if source is None else Path(source).expanduser()
-    check_format(format)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    fmt, opened = detect_format(path) if format == "auto" else (format, None)
+    dev = pick_device(device)  # a device or dtype mistake is reported before any reading
+    dt = pick_dtype(dtype, dev)
+    path, fmt, opened = _locate(source, format, config)
     if fmt == "native":
-        _no_config(config)
-        model = load_native(_native_dir(path), overrides)
+        model = load_native(path, overrides)
     else:
         cfg, src = read_foreign(path, fmt, config, source=opened, **overrides)
         model = build_model(cfg, convert_foreign(src, fmt, cfg), f"{path} ({fmt} layout)")
         if cfg.tokenizer.get("file"):
             model.tokenizer_dir = src.directory
-    dev = pick_device(device)
-    return model.to(device=dev, dtype=pick_dtype(dtype, dev)).eval()
+    return model.to(device=dev, dtype=dt).eval()
 
 
 def tokenizer_for(model: LoopMDM) -> Tokenizer:
