@@ -295,6 +295,7 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
         The head and a report: `metrics` (held-out), `train_metrics`, `training` (the recipe).
     """
     from .checkpoint import tokenizer_for
+    from .measure import length_batches
 
     loops = model.config.n_loops if max_loops is None else max_loops
     steps = gen_length if steps is None else steps
@@ -313,20 +314,16 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
     test = torch.zeros(len(prompts), dtype=torch.bool)
     test[order[: min(len(prompts) - 1, max(1, round(held_out * len(prompts))))]] = True
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
     parts = []
-    for members in by_length.values():
-        for start in range(0, len(members), batch_size):
-            chunk = torch.tensor(members[start: start + batch_size])
-            ids = torch.tensor([encoded[i] for i in chunk.tolist()])
-            data, _ = collect(model, ids, max_loops=loops, gen_length=gen_length, steps=steps,
-                              block_length=block_length)
-            data.prompt = chunk[data.prompt]  # row of the batch -> number of the prompt
-            parts.append(data)
-            if progress:
-                progress(len(chunk))
+    for members in length_batches(encoded, batch_size):
+        chunk = torch.tensor(members)
+        ids = torch.tensor([encoded[i] for i in members])
+        data, _ = collect(model, ids, max_loops=loops, gen_length=gen_length, steps=steps,
+                          block_length=block_length)
+        data.prompt = chunk[data.prompt]  # row of the batch -> number of the prompt
+        parts.append(data)
+        if progress:
+            progress(len(chunk))
     data = Trajectories.cat(parts)
     in_test = test[data.prompt]
     head, losses = fit(data.select(~in_test), HeadConfig(model.config.d_model, hidden, loops),

@@ -83,6 +83,16 @@ class Plan:
     size: int
 
 
+def length_batches(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of equal-length sequences, grouped by length (in order of first appearance)
+    and cut into batches of at most `batch_size`: batches that need no padding."""
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    return [members[start: start + batch_size] for members in groups.values()
+            for start in range(0, len(members), batch_size)]
+
+
 def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
                  decoding: dict[str, Any] | None = None) -> Plan:
     """Encode every prompt (a failure names the example) and group equal lengths into batches.
@@ -111,14 +121,8 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
             raise UsageError("cannot infer --gen-length from the answers; give --gen-length")
         dec["gen_length"] = longest
     dec.setdefault("steps", dec["gen_length"])
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        groups.setdefault(len(ids), []).append(i)
-    batches = []
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start: start + batch_size]
-            batches.append(Batch(chunk, torch.tensor([encoded[i] for i in chunk])))
+    batches = [Batch(chunk, torch.tensor([encoded[i] for i in chunk]))
+               for chunk in length_batches(encoded, batch_size)]
     return Plan(batches, dec, tokenizer, max(len(x) for x in encoded), len(encoded))
 
 
