@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .datasets import task_set
+from .distributed import Ranks
+from .measure import plan_batches, run_setting
 from .model import LoopMDM
 from .policies import HaltingPolicy
-from .sampler import generate
 from .tasks import AdditionTask
 
 
@@ -42,30 +42,22 @@ def default_decoding(task: AdditionTask) -> dict[str, int]:
 
 def evaluate_task(model: LoopMDM, task: AdditionTask, policy: HaltingPolicy, *, n: int = 500,
                   seed: int = 1234, batch_size: int = 250, compact: bool = True,
-                  progress: Callable[[int], None] | None = None, **decoding: Any) -> EvalResult:
+                  progress: Callable[[int], None] | None = None, ranks: Ranks | None = None,
+                  **decoding: Any) -> EvalResult | None:
     """Exact-match accuracy on `n` problems drawn with `seed` (training uses other seeds'
-    streams; 1234 is the held-out set the README reports)."""
-    problems = task.problems(n, seed)
-    decoding = {**default_decoding(task), **decoding}
-    tokenizer = task.tokenizer()
-    correct = looped = fixed = monitor = total = nfe = 0
-    loops_sum = wall = 0.0
-    for start in range(0, n, batch_size):
-        chunk = problems[start: start + batch_size]
-        ids = torch.tensor([tokenizer.encode(p) for p, _ in chunk])
-        out = generate(model, ids, policy=policy, tokenizer=tokenizer, compact=compact,
-                       **decoding)
-        correct += sum(t == a for t, (_, a) in zip(out.text, chunk))
-        s = out.stats
-        loops_sum += s.mean_loops * len(chunk)
-        looped += s.looped_flops
-        fixed += s.looped_flops_fixed_max
-        monitor += s.monitor_flops
-        total += s.total_flops
-        nfe += s.nfe
-        wall += s.wall_s
-        if progress:
-            progress(len(chunk))
-    return EvalResult(n=n, correct=correct, mean_loops=loops_sum / max(1, n),
-                      looped_flops=looped, looped_flops_fixed_max=fixed, monitor_flops=monitor,
-                      total_flops=total, nfe=nfe, wall_s=wall)
+    streams; 1234 is the held-out set the README reports).
+
+    Across ranks (`ranks`) each runs its share of the batches; rank 0 gets the result, the
+    others None.
+    """
+    data = task_set(task.spec(), n, seed)
+    plan = plan_batches(model, data, batch_size=batch_size,
+                        decoding={**decoding, "compact": compact})
+    out = run_setting(model, data, plan, policy, progress=progress, ranks=ranks)
+    if out is None:
+        return None
+    return EvalResult(n=out.n, correct=sum(out.correct), mean_loops=out.mean_loops,
+                      looped_flops=out.looped_flops,
+                      looped_flops_fixed_max=out.looped_flops_fixed_max,
+                      monitor_flops=out.monitor_flops, total_flops=out.total_flops, nfe=out.nfe,
+                      wall_s=out.wall_s)

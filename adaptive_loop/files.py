@@ -3,6 +3,7 @@ before any work starts."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -41,3 +42,52 @@ def writable_dir(path: str | Path) -> Path:
         raise UsageError(f"cannot write the output directory {out}: {err.strerror or err}") \
             from None
     return out
+
+
+class JsonLines:
+    """An append-only file of JSON objects, one per line, each flushed and synced as written.
+
+    A torn last line (a run killed while writing it) is dropped on load and reported; any other
+    unreadable line means the file is damaged and is an error naming the line.
+    """
+
+    def __init__(self, path: str | Path, what: str, required: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        self.what = what  # "a sweep point": for error messages
+        self.required = required  # keys every object must have
+
+    def load(self) -> tuple[list[dict], str | None]:
+        """The objects in file order, and a note when a torn last line was dropped."""
+        if not self.path.exists():
+            return [], None
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            raise UsageError(f"cannot read {self.path}: {err.strerror or err}") from None
+        good, note = len(data), None
+        if data and not data.endswith(b"\n"):
+            good = data.rfind(b"\n") + 1
+            note = (f"{self.path}: dropped a torn last line ({len(data) - good} bytes, a run "
+                    f"stopped while writing it); that work runs again")
+        rows = []
+        for number, line in enumerate(data[:good].splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not isinstance(row, dict) or any(k not in row for k in self.required):
+                raise UsageError(f"{self.path}:{number}: not {self.what}; the file is damaged "
+                                 f"(delete that line or use another --out)")
+            rows.append(row)
+        if good < len(data):
+            with self.path.open("r+b") as fh:
+                fh.truncate(good)
+        return rows, note
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -17,10 +17,12 @@ import torch
 
 from .checkpoint import tokenizer_for
 from .datasets import EvalSet
+from .distributed import Ranks
 from .errors import UsageError
 from .model import LoopMDM
 from .policies import HaltingPolicy
 from .sampler import GenerationResult, generate
+from .shards import Part, PartStore, run_sharded
 from .tokenizer import Tokenizer
 
 
@@ -57,6 +59,34 @@ class Outcome:
             return None
         return self.heat_sum / self.heat_count.clamp_min(1) + torch.where(
             self.heat_count > 0, 0.0, float("nan"))
+
+    def add(self, part: Part, batch: Batch, plan: Plan, heatmap: bool) -> None:
+        """Add one batch's part (`part_of`); parts are added in batch order."""
+        for row, i in enumerate(batch.positions):
+            self.completions[i] = part["completions"][row]
+            self.tokens[i] = tuple(part["tokens"][row])
+            self.correct[i] = part["correct"][row]
+        self.loop_sum += part["loop_sum"]
+        self.loop_count += part["loop_count"]
+        for name in ("looped_flops", "looped_flops_fixed_max", "monitor_flops", "total_flops",
+                     "nfe", "wall_s"):
+            setattr(self, name, getattr(self, name) + part[name])
+        self.max_loops = max(self.max_loops, part["max_loops"])
+        if heatmap:
+            self._add_heat(part["heat"], plan.longest_prompt + plan.decoding["gen_length"])
+
+    def _add_heat(self, heat: dict[str, Any], width: int) -> None:
+        batch_sum = torch.tensor(heat["sum"], dtype=torch.float64)  # (steps, L)
+        steps = batch_sum.shape[0]
+        if self.heat_sum is None:
+            self.heat_sum = torch.zeros(steps, width, dtype=torch.float64)
+            self.heat_count = torch.zeros(steps, width, dtype=torch.float64)
+        if steps > self.heat_sum.shape[0]:  # decoding whose step count varies per batch
+            grow = steps - self.heat_sum.shape[0]
+            self.heat_sum = torch.nn.functional.pad(self.heat_sum, (0, 0, 0, grow))
+            self.heat_count = torch.nn.functional.pad(self.heat_count, (0, 0, 0, grow))
+        self.heat_sum[:steps, heat["offset"]:] += batch_sum
+        self.heat_count[:steps, heat["offset"]:] += heat["rows"]
 
     def summary(self) -> dict[str, Any]:
         return {"n": self.n, "correct": sum(self.correct), "mean_loops": self.mean_loops,
@@ -128,48 +158,58 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
 
 def run_setting(model: LoopMDM, data: EvalSet, plan: Plan, policy: HaltingPolicy, *,
                 seed: int | None = None, heatmap: bool = False,
-                progress: Callable[[int], None] | None = None) -> Outcome:
-    """Generate for every example under `policy` and score the completions."""
-    n = plan.size
-    completions, tokens, correct = [""] * n, [()] * n, [False] * n
-    out = Outcome(completions, tokens, correct, 0.0, 0)
-    gen = plan.decoding["gen_length"]
-    for batch in plan.batches:
+                progress: Callable[[int], None] | None = None, ranks: Ranks | None = None,
+                store: PartStore | None = None, job: str = "", offset: int = 0
+                ) -> Outcome | None:
+    """Generate for every example under `policy` and score the completions.
+
+    Alone this returns the outcome. Across ranks (`ranks`), each rank runs its share of the
+    batches and rank 0 gets the outcome (the others None); `store` keeps finished batches under
+    `job` so that a rerun resumes. `progress` is called with each finished batch's size.
+    """
+    def compute(i: int) -> Part:
+        batch = plan.batches[i]
         res = generate(model, batch.ids, policy=policy, tokenizer=plan.tokenizer, seed=seed,
                        **plan.decoding)
-        add_result(out, res, batch, data, plan, gen, heatmap)
+        return part_of(res, batch, data, plan, heatmap)
+
+    return run_parts(plan, compute, heatmap=heatmap, progress=progress, ranks=ranks,
+                     store=store, job=job, offset=offset)
+
+
+def run_parts(plan: Plan, compute: Callable[[int], Part], *, heatmap: bool,
+              progress: Callable[[int], None] | None, ranks: Ranks | None,
+              store: PartStore | None, job: str, offset: int) -> Outcome | None:
+    """Compute (or reuse) this rank's batches, gather them and combine them on rank 0."""
+    def tick(i: int) -> None:
         if progress:
-            progress(len(batch.positions))
+            progress(len(plan.batches[i].positions))
+
+    parts = run_sharded(job, len(plan.batches), compute, ranks or Ranks(), store=store,
+                        offset=offset, progress=tick,
+                        reusable=lambda part: not heatmap or "heat" in part)
+    if parts is None:
+        return None
+    out = Outcome([""] * plan.size, [()] * plan.size, [False] * plan.size, 0.0, 0)
+    for batch, part in zip(plan.batches, parts):
+        out.add(part, batch, plan, heatmap)
     return out
 
 
-def add_result(out: Outcome, res: GenerationResult, batch: Batch, data: EvalSet, plan: Plan,
-               gen: int, heatmap: bool) -> None:
-    """Score one batch's completions and add its compute (and loops, for a heatmap)."""
+def part_of(res: GenerationResult, batch: Batch, data: EvalSet, plan: Plan,
+            heatmap: bool) -> Part:
+    """One batch's completions, scores and compute, as plain JSON-ready values."""
     generated = res.tokens[:, res.prompt_length:].tolist()
-    for row, i in enumerate(batch.positions):
-        out.completions[i] = res.text[row]
-        out.tokens[i] = tuple(generated[row])
-        out.correct[i] = data.matcher.correct(res.text[row], data.examples[i].answer)
     s = res.stats
-    out.loop_sum += float(res.loops.double().sum())
-    out.loop_count += res.loops.numel()
-    out.looped_flops += s.looped_flops
-    out.looped_flops_fixed_max += s.looped_flops_fixed_max
-    out.monitor_flops += s.monitor_flops
-    out.total_flops += s.total_flops
-    out.nfe += s.nfe
-    out.wall_s += s.wall_s
-    out.max_loops = max(out.max_loops, s.max_loops)
-    if heatmap:
-        steps, width = res.loops.shape[0], plan.longest_prompt + gen
-        if out.heat_sum is None:
-            out.heat_sum = torch.zeros(steps, width, dtype=torch.float64)
-            out.heat_count = torch.zeros(steps, width, dtype=torch.float64)
-        if steps > out.heat_sum.shape[0]:  # decoding whose step count varies per batch
-            grow = steps - out.heat_sum.shape[0]
-            out.heat_sum = torch.nn.functional.pad(out.heat_sum, (0, 0, 0, grow))
-            out.heat_count = torch.nn.functional.pad(out.heat_count, (0, 0, 0, grow))
-        offset = plan.longest_prompt - res.prompt_length  # right-align the prompts
-        out.heat_sum[:steps, offset:] += res.loops.double().sum(1)
-        out.heat_count[:steps, offset:] += res.loops.shape[1]
+    part: Part = {
+        "completions": list(res.text), "tokens": generated,
+        "correct": [data.matcher.correct(text, data.examples[i].answer)
+                    for text, i in zip(res.text, batch.positions)],
+        "loop_sum": float(res.loops.double().sum()), "loop_count": res.loops.numel(),
+        "looped_flops": s.looped_flops, "looped_flops_fixed_max": s.looped_flops_fixed_max,
+        "monitor_flops": s.monitor_flops, "total_flops": s.total_flops, "nfe": s.nfe,
+        "wall_s": s.wall_s, "max_loops": s.max_loops}
+    if heatmap:  # loops summed over the batch's rows per (step, position), prompts right-aligned
+        part["heat"] = {"offset": plan.longest_prompt - res.prompt_length,
+                        "rows": res.loops.shape[1], "sum": res.loops.double().sum(1).tolist()}
+    return part

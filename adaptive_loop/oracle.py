@@ -22,12 +22,14 @@ import torch
 from torch import Tensor
 
 from .datasets import EvalSet
+from .distributed import Ranks
 from .errors import UsageError
 from .flops import block_flops
-from .measure import Outcome, Plan, add_result
+from .measure import Outcome, Plan, part_of, run_parts
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
 from .sampler import generate
+from .shards import Part, PartStore
 
 
 class _ArgmaxProbe(HaltingPolicy):
@@ -83,14 +85,17 @@ def oracle_step_loops(shape: tuple[int, int], needed_index: Tensor, argmax: Tens
 
 def run_oracle(model: LoopMDM, data: EvalSet, plan: Plan, loops: int, *,
                seed: int | None = None, heatmap: bool = False,
-               progress: Callable[[int], None] | None = None) -> Outcome:
-    """The oracle against the fixed policy at `loops` loops, over the evaluation set."""
+               progress: Callable[[int], None] | None = None, ranks: Ranks | None = None,
+               store: PartStore | None = None, job: str = "", offset: int = 0
+               ) -> Outcome | None:
+    """The oracle against the fixed policy at `loops` loops, over the evaluation set (across
+    ranks as `measure.run_setting` does)."""
     if loops < 1:
         raise UsageError(f"oracle loops must be >= 1, got {loops}")
-    n = plan.size
-    out = Outcome([""] * n, [()] * n, [False] * n, 0.0, 0)
     cfg = model.config
-    for batch in plan.batches:
+
+    def compute(i: int) -> Part:
+        batch = plan.batches[i]
         probe = _ArgmaxProbe(loops)
         res = generate(model, batch.ids, policy=probe, tokenizer=plan.tokenizer, seed=seed,
                        **plan.decoding)
@@ -109,7 +114,7 @@ def run_oracle(model: LoopMDM, data: EvalSet, plan: Plan, loops: int, *,
             looped_flops=looped, looped_flops_fixed_max=s.looped_flops, monitor_flops=0,
             total_flops=s.total_flops - s.looped_flops - s.monitor_flops + looped, steps=[])
         res = dataclasses.replace(res, stats=stats, loops=oracle_loops.int())
-        add_result(out, res, batch, data, plan, plan.decoding["gen_length"], heatmap)
-        if progress:
-            progress(len(batch.positions))
-    return out
+        return part_of(res, batch, data, plan, heatmap)
+
+    return run_parts(plan, compute, heatmap=heatmap, progress=progress, ranks=ranks,
+                     store=store, job=job, offset=offset)

@@ -8,8 +8,14 @@ Output directory:
   settings is refused rather than mixed into the same curve.
 - `points.jsonl`: one line per finished point, flushed and synced as it finishes. A rerun
   skips finished points; a torn last line (a run killed mid-write) is dropped and reported.
+- `.parts/rank-R.jsonl`: the batches each rank finished inside unfinished points, so a rerun
+  resumes mid-point too (`shards`); deleted when the sweep completes.
 - `curve.json`, `curve.csv`, `curve.png` (and `heatmaps/*.png` on request): written at the end,
   each to a temporary file then renamed.
+
+Across ranks (torchrun), every rank plans the same batches and runs its share of each point;
+rank 0 combines them in batch order and alone writes the files above, which are the same as a
+one-process run's apart from wall times.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +32,16 @@ import torch
 
 from .curves import ORACLE, annotate, curve_csv, plot_curve, plot_heatmap
 from .datasets import EvalSet, parse_value
+from .distributed import Ranks
 from .errors import UsageError
-from .files import atomic_write_text, writable_dir
+from .files import JsonLines, atomic_write_text, writable_dir
 from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
 from .policies import HaltingPolicy, make
+from .shards import PartStore, finish, plan_id
 
-POINTS, MANIFEST = "points.jsonl", "sweep.json"
+POINTS, MANIFEST, PARTS = "points.jsonl", "sweep.json", ".parts"
 
 
 @dataclass(frozen=True)
@@ -120,38 +127,16 @@ class PointStore:
     """`points.jsonl`: finished points, one JSON object per line."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / POINTS
+        self.lines = JsonLines(directory / POINTS, "a sweep point", required=("key",))
+        self.path = self.lines.path
 
     def load(self) -> tuple[dict[str, dict[str, Any]], str | None]:
         """Finished points by key, and a note when a torn last line was dropped."""
-        if not self.path.exists():
-            return {}, None
-        data = self.path.read_bytes()
-        good, note = len(data), None
-        if data and not data.endswith(b"\n"):
-            good = data.rfind(b"\n") + 1
-            note = (f"{self.path}: dropped a torn last line ({len(data) - good} bytes, a run "
-                    f"stopped while writing it); that point runs again")
-        rows: dict[str, dict[str, Any]] = {}
-        for number, line in enumerate(data[:good].splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows[row["key"]] = row
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise UsageError(f"{self.path}:{number}: not a sweep point; the file is damaged "
-                                 f"(delete that line or use another --out)") from None
-        if good < len(data):
-            with self.path.open("r+b") as fh:
-                fh.truncate(good)
-        return rows, note
+        rows, note = self.lines.load()
+        return {row["key"]: row for row in rows}, note
 
     def append(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self.lines.append(row)
 
 
 def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -208,7 +193,8 @@ def _row(setting: Setting, res: Outcome) -> dict[str, Any]:
 def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: str | Path, *,
               oracle_loops: list[int] | None = None, seed: int = 0, batch_size: int = 100,
               decoding: dict[str, Any] | None = None, heatmap: bool = False, plot: bool = True,
-              hooks: SweepHooks | None = None) -> SweepResult:
+              hooks: SweepHooks | None = None, ranks: Ranks | None = None
+              ) -> SweepResult | None:
     """Evaluate every setting (skipping those already in `out_dir`), then write the curve.
 
     Args:
@@ -218,12 +204,17 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
         out_dir: output directory (created; must be writable).
         oracle_loops: loop counts of the oracle points; None: `default_oracle_loops`; []: none.
         seed: sampling-noise seed of every point.
-        batch_size: examples per generate call.
+        batch_size: examples per generate call; a batch is also the unit dealt to a rank.
         decoding: sampler arguments overriding the data's (`gen_length`, `steps`, ...).
         heatmap: keep mean loops per (step, position) and draw `heatmaps/<point>.png`.
         plot: draw `curve.png` (needs matplotlib).
-        hooks: progress callbacks.
+        hooks: progress callbacks (examples counted on this rank).
+        ranks: this process's place among several (`distributed.session`): each rank runs its
+            share of every point's batches and keeps them in `OUT/.parts/rank-R.jsonl`; rank 0
+            combines them and writes every file a one-process run writes. Returns the result on
+            rank 0 and None on the others.
     """
+    ranks = ranks or Ranks()
     directory = prepare_output_dir(out_dir)
     hooks = hooks or SweepHooks()
     settings = list(dict.fromkeys(settings))
@@ -234,11 +225,17 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
         oracle_loops = default_oracle_loops(model, settings)
     manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
                 "decoding": plan.decoding, "seed": seed}
-    check_manifest(directory, manifest)
-    store = PointStore(directory)
-    done, note = store.load()
-    notes = [note] if note else []
-    jobs: list[tuple[Setting, Callable[..., Outcome]]] = []
+    done: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    if ranks.main:
+        check_manifest(directory, manifest)
+        done, note = PointStore(directory).load()
+        notes += [note] if note else []
+    finished = set(ranks.broadcast(sorted(done)))
+    store = PartStore(directory / PARTS, ranks,
+                      plan_id(manifest, [b.positions for b in plan.batches]))
+    notes += [store.note] if store.note else []
+    jobs: list[tuple[Setting, Callable[..., Outcome | None]]] = []
     for s in settings:
         policy = policy_of(s)
         jobs.append((s, lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
@@ -246,24 +243,30 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
         jobs.append((Setting(ORACLE, (("loops", loops),)),
                      lambda n=loops, **kw: run_oracle(model, data, plan, n, **kw)))
     rows = []
-    for setting, run in jobs:
-        if setting.key in done:
-            row = done[setting.key]
-            if heatmap and "heatmap" not in row:
+    for offset, (setting, run) in enumerate(jobs):
+        if setting.key in finished:
+            row = done.get(setting.key, {})
+            if heatmap and "heatmap" not in row and ranks.main:
                 notes.append(f"{setting.label} was finished without --heatmap: no heatmap")
             rows.append(row)
             if hooks.point_finished:
                 hooks.point_finished(row, True)
             continue
         if hooks.point_started:
-            hooks.point_started(setting.label, plan.size)
+            share = ranks.deal(len(plan.batches), offset)
+            hooks.point_started(setting.label, sum(len(plan.batches[i].positions) for i in share))
         with torch.no_grad():
-            res = run(seed=seed, heatmap=heatmap, progress=hooks.examples_done)
-        row = _row(setting, res)
-        store.append(row)
+            res = run(seed=seed, heatmap=heatmap, progress=hooks.examples_done, ranks=ranks,
+                      store=store, job=setting.key, offset=offset)
+        row = _row(setting, res) if res is not None else {}
+        if ranks.main:
+            PointStore(directory).append(row)
         rows.append(row)
         if hooks.point_finished:
             hooks.point_finished(row, False)
+    finish(store, ranks)
+    if not ranks.main:
+        return None
     curve = build_curve(model, data, plan.decoding, seed, rows)
     files = write_curve(directory, curve, rows if heatmap else [], plan.longest_prompt, plot)
     return SweepResult(curve, directory, notes, files)

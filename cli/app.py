@@ -4,8 +4,10 @@ themselves on `app`; `cli/main.py` imports them all."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -96,16 +98,61 @@ def _task_of(model: Any) -> Any:
 
 
 def run_main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the app, turning user errors into one line and an exit code."""
+    """Entry point: runs the app, turning user errors into one line and an exit code.
+
+    Under a multi-rank launch the line names the rank, and is also left in the launcher's
+    error file (TORCHELASTIC_ERROR_FILE) so the launcher's summary shows it as the root cause.
+    A rank that stopped only because another failed says so and leaves the exit to the
+    launcher, whose root cause is then the rank that failed first.
+    """
+    from ..distributed import PeerFailure, refuse_launch, world_rank
+
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
         os.environ.get("ADAPTIVE_LOOP_DEBUG") == "1"
     args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
     command = typer.main.get_command(app)
     try:
+        name = next((a for a in args if not a.startswith("-")), None)
+        if name is not None and name not in SHARDED and name in command.commands:
+            refuse_launch(name)
         # standalone mode: the parser reports its own usage errors (exit 2) and Ctrl-C
         command.main(args=args, prog_name="adaptive-loop", standalone_mode=True)
     except AdaptiveLoopError as e:
         if debug:
             traceback.print_exc()
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        rank, world = _rank_or_none(world_rank)
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        if isinstance(e, PeerFailure):
+            err.print(f"rank {rank}: stopped: {e}", markup=False, highlight=False,
+                      soft_wrap=True)
+            time.sleep(PEER_GRACE_S)  # the launcher stops us and reports the failed rank
+            sys.exit(1)
+        err.print(f"error{where}: {e}", markup=False, highlight=False, soft_wrap=True)
+        _leave_for_launcher(f"error{where}: {e}")
         sys.exit(e.exit_code)
+    except Exception as e:
+        _leave_for_launcher("".join(traceback.format_exception(e)))
+        raise
+
+
+PEER_GRACE_S = 10.0
+SHARDED = {"sweep", "generate", "evaluate"}  # commands that split their work across ranks
+
+
+def _rank_or_none(world_rank: Any) -> tuple[int, int]:
+    try:
+        return world_rank()
+    except (KeyError, ValueError, AdaptiveLoopError):
+        return 0, 1
+
+
+def _leave_for_launcher(message: str) -> None:
+    """Write the error where torchrun's agent reads a failed rank's reason, if it asks."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:
+            json.dump({"message": message.rstrip(), "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass  # the launcher then reports the exit code alone

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -74,15 +74,41 @@ def generate(
     warm_start: Annotated[bool, typer.Option(
         help="Resume unchanged positions from the previous step's loop state (fewer loops, "
         "some accuracy lost on the embedded model).")] = False,
+    prompts: Annotated[Path | None, typer.Option(
+        help="JSONL file of {\"prompt\": ...} objects to complete in batches (other fields are "
+        "kept); the results go to --out, or to stdout as JSON lines.")] = None,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="With --prompts: write the completed objects here (a stopped run "
+        "resumes from OUT.parts/).")] = None,
+    batch_size: Annotated[int, typer.Option(help="With --prompts: prompts per batch.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Generate completions with adaptive loops and report the compute they used."""
+    """Generate completions with adaptive loops and report the compute they used.
+
+    Many prompts: --prompts FILE.jsonl --out RESULTS.jsonl. Across processes,
+    `torchrun --standalone --nproc-per-node N -m adaptive_loop.cli generate --prompts ...`
+    deals the batches to N ranks; rank 0 writes the same file a one-process run writes.
+    """
     from ..checkpoint import load_model
+    from ..distributed import refuse_launch
     from ..evaluate import default_decoding
     from ..sampler import generate as run
 
     halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every, checkpoint,
                       param)
+    decoding = {"block_length": block_length, "temperature": temperature,
+                "remasking": remasking, "compact": compact, "warm_start": warm_start,
+                "threshold": threshold_decoding, "factor": factor, "cfg_scale": cfg,
+                "eos_fill": eos_fill}
+    if prompts is not None:
+        if prompt:
+            raise UsageError("give prompts as arguments or with --prompts, not both")
+        _complete_file(prompts, out_file, halting, checkpoint, device, dtype, tokenizer,
+                       gen_length, steps, decoding, seed, batch_size, as_json)
+        return
+    if out_file is not None:
+        raise UsageError("--out goes with --prompts FILE.jsonl")
+    refuse_launch("generate without --prompts")
     model = load_model(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if not prompt:
@@ -94,17 +120,9 @@ def generate(
             raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
-    tok = None
-    if tokenizer is not None:
-        from ..tokenizer import load_tokenizer
-
-        c = model.config
-        tok = load_tokenizer(tokenizer, c.mask_id, c.pad_id, c.eos_id)
     result = run(model, prompt, policy=halting, gen_length=gen_length,
-                 steps=steps or gen_length, block_length=block_length, temperature=temperature,
-                 remasking=remasking, seed=seed, compact=compact, warm_start=warm_start,
-                 threshold=threshold_decoding,
-                 factor=factor, cfg_scale=cfg, eos_fill=eos_fill, tokenizer=tok)
+                 steps=steps or gen_length, seed=seed, tokenizer=_tokenizer(model, tokenizer),
+                 **decoding)
     stats = result.stats
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
@@ -130,6 +148,66 @@ def generate(
     out.print(table)
 
 
+def _tokenizer(model: Any, path: Path | None) -> Any:
+    """The tokenizer given with --tokenizer, else None (the checkpoint's own)."""
+    if path is None:
+        return None
+    from ..tokenizer import load_tokenizer
+
+    c = model.config
+    return load_tokenizer(path, c.mask_id, c.pad_id, c.eos_id)
+
+
+def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: Path | None,
+                   device: str | None, dtype: str | None, tokenizer: Path | None,
+                   gen_length: int | None, steps: int | None, decoding: dict[str, Any],
+                   seed: int | None, batch_size: int, as_json: bool) -> None:
+    """`generate --prompts`: every prompt of a JSONL file, in batches, across ranks."""
+    from rich.progress import Progress
+
+    from ..checkpoint import load_model, tokenizer_for
+    from ..completions import complete_file, read_prompts
+    from ..distributed import session
+    from ..evaluate import default_decoding
+    from ..files import writable_dir
+
+    records = read_prompts(path)
+    if out_file is not None:
+        writable_dir(Path(out_file).expanduser().parent)
+    with session(device) as ranks:
+        model = load_model(checkpoint, device=ranks.device(device), dtype=dtype)
+        task = _task_of(model)
+        if gen_length is None:
+            if task is None:
+                raise UsageError("give --gen-length (this checkpoint has no built-in task to "
+                                 "take it from)")
+            gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+        tok = _tokenizer(model, tokenizer) or tokenizer_for(model)
+        with Progress(console=err, transient=True, disable=not ranks.main) as bar:
+            label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
+            job = bar.add_task(label, total=None)
+            done = complete_file(model, records, policy=halting, tokenizer=tok,
+                                 decoding={"gen_length": gen_length,
+                                           "steps": steps or gen_length, **decoding},
+                                 seed=seed, batch_size=batch_size, out=out_file, ranks=ranks,
+                                 progress=lambda k, n: bar.update(job, total=n, advance=k))
+    if done is None:  # not rank 0
+        return
+    for note in done.notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    if out_file is None:
+        for record in done.records:
+            print(json.dumps(record))
+    if as_json:
+        print(json.dumps(done.totals))
+    elif out_file is not None:
+        t = done.totals
+        out.print(f"wrote {len(done.records)} completions to {out_file}: mean loops "
+                  f"{t['mean_loops']:.2f} of {t['max_loops']}, looped FLOPs "
+                  f"{t['flops_ratio']:.2f}x fixed-max, {t['wall_s']:.2f} s generating",
+                  highlight=False)
+
+
 @app.command()
 def evaluate(
     policy: Policy = "fixed",
@@ -142,16 +220,23 @@ def evaluate(
     check_every: CheckEvery = None,
     param: Params = None,
     checkpoint: Checkpoint = None,
-    n: Annotated[int, typer.Option("--n", help="Held-out problems.")] = 500,
+    n: Annotated[int, typer.Option("--n", "--limit", help="Held-out problems (--limit under "
+                                   "torchrun, whose parser takes --n for its own).")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the held-out problems.")] = 1234,
+    batch_size: Annotated[int, typer.Option(
+        help="Problems per batch (the unit dealt to a rank).")] = 250,
     device: Device = None,
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
-    """Exact-match accuracy on the checkpoint's built-in task, with compute per setting."""
+    """Exact-match accuracy on the checkpoint's built-in task, with compute per setting.
+
+    Runs across ranks under `torchrun --standalone --nproc-per-node N -m adaptive_loop.cli
+    evaluate ...` (rank 0 prints)."""
     from rich.progress import Progress
 
     from ..checkpoint import load_model
+    from ..distributed import session
     from ..evaluate import evaluate_task
 
     if n < 1:
@@ -167,19 +252,24 @@ def evaluate(
         pol = _policy(policy, threshold, None, min_loops, max_loops, check_every, checkpoint,
                       param)
         settings = [(repr(pol), pol)]
-    model = load_model(checkpoint, device=device, dtype=dtype)
-    task = _task_of(model)
-    if task is None:
-        raise UsageError("this checkpoint has no built-in task to evaluate")
-    rows = []
-    with Progress(console=err, transient=True, disable=as_json) as bar:
-        job = bar.add_task("evaluating", total=n * len(settings))
-        for label, pol in settings:
-            res = evaluate_task(model, task, pol, n=n, seed=seed,
-                                progress=lambda k: bar.advance(job, k))
-            rows.append((label, res))
-            if as_json:
-                print(json.dumps({"setting": label, **res.to_dict()}))
+    with session(device) as ranks:
+        model = load_model(checkpoint, device=ranks.device(device), dtype=dtype)
+        task = _task_of(model)
+        if task is None:
+            raise UsageError("this checkpoint has no built-in task to evaluate")
+        rows = []
+        with Progress(console=err, transient=True, disable=as_json or not ranks.main) as bar:
+            job = bar.add_task("evaluating",
+                               total=n * len(settings) if ranks.world == 1 else None)
+            for label, pol in settings:
+                res = evaluate_task(model, task, pol, n=n, seed=seed, ranks=ranks,
+                                    batch_size=batch_size,
+                                    progress=lambda k: bar.advance(job, k))
+                rows.append((label, res))
+                if as_json and res is not None:
+                    print(json.dumps({"setting": label, **res.to_dict()}))
+    if not ranks.main:
+        return
     if as_json:
         return
     table = Table(title=f"{task.name}, {n} held-out problems")

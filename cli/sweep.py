@@ -113,7 +113,13 @@ def sweep(
 
     OUT gets points.jsonl (one line per finished point; a rerun skips them), curve.json,
     curve.csv and curve.png (accuracy against looped FLOPs, frontier circled).
+
+    Across processes: `torchrun --standalone --nproc-per-node N -m adaptive_loop.cli sweep ...`
+    deals each point's batches to N ranks (gloo on CPU, NCCL on GPUs, one GPU per rank) and
+    writes the same files from rank 0; the curve does not depend on N. A batch is the unit of
+    work, so give at least N batches (--batch-size).
     """
+    from ..distributed import session
     from ..sweep import (
         SweepHooks,
         default_oracle_loops,
@@ -132,25 +138,30 @@ def sweep(
             raise UsageError(f"--oracle-loops takes comma-separated integers or 'none', got "
                              f"{oracle_loops!r}") from None
     prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
-    model, evalset = _setup(checkpoint, device, dtype, task, data, answer_regex, numeric, limit,
-                            seed)
-    if oracle is None:
-        oracle = default_oracle_loops(model, settings)
-    with _progress(as_json) as bar:
-        points = bar.add_task("points", total=len(dict.fromkeys(settings)) + len(set(oracle)))
-        examples = bar.add_task("examples", total=len(evalset))
+    with session(device) as ranks:
+        model, evalset = _setup(checkpoint, ranks.device(device), dtype, task, data,
+                                answer_regex, numeric, limit, seed)
+        if oracle is None:
+            oracle = default_oracle_loops(model, settings)
+        with _progress(as_json or not ranks.main) as bar:
+            points = bar.add_task("points", total=len(dict.fromkeys(settings)) + len(set(oracle)))
+            examples = bar.add_task("examples", total=len(evalset))
 
-        def started(label: str, n: int) -> None:
-            bar.reset(examples, total=n, description=label)
+            def started(label: str, n: int) -> None:
+                shown = label if ranks.world == 1 else f"{label} (rank 0 of {ranks.world})"
+                bar.reset(examples, total=n, description=shown)
 
-        def finished(row: dict[str, Any], cached: bool) -> None:
-            bar.advance(points)
+            def finished(row: dict[str, Any], cached: bool) -> None:
+                bar.advance(points)
 
-        hooks = SweepHooks(started, lambda k: bar.advance(examples, k), finished)
-        result = run_sweep(model, evalset, settings, out_dir, oracle_loops=oracle, seed=seed,
-                           batch_size=batch_size, heatmap=heatmap, plot=plot, hooks=hooks,
-                           decoding={"gen_length": gen_length, "steps": steps,
-                                     "block_length": block_length})
+            hooks = SweepHooks(started, lambda k: bar.advance(examples, k), finished)
+            result = run_sweep(model, evalset, settings, out_dir, oracle_loops=oracle,
+                               seed=seed, batch_size=batch_size, heatmap=heatmap, plot=plot,
+                               hooks=hooks, ranks=ranks,
+                               decoding={"gen_length": gen_length, "steps": steps,
+                                         "block_length": block_length})
+    if result is None:  # not rank 0: rank 0 reports
+        return
     for note in result.notes:
         err.print(f"note: {note}", markup=False, highlight=False)
     if as_json:

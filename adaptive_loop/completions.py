@@ -1,0 +1,140 @@
+"""Completions for a JSONL file of prompts: batched, split across ranks, resumable.
+
+Input: one JSON object per line with a `"prompt"` string; every other field is carried through
+to the output unchanged (an `"id"`, a reference answer...). Output: the same objects in input
+order, each with `"completion"` and `"mean_loops"` (loops per token per step of that row)
+added, written atomically when every prompt is done.
+
+Prompts are encoded once and grouped into equal-length batches (`measure.length_batches`),
+which are the unit dealt to ranks (`shards`). Finished batches are kept in `OUT.parts/`
+(one file per rank), so a stopped run resumes where it stopped; the directory is deleted once
+the output is written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distributed import Ranks
+from .errors import UsageError
+from .files import atomic_write_text
+from .measure import length_batches
+from .model import LoopMDM
+from .policies import HaltingPolicy
+from .sampler import generate
+from .shards import Part, PartStore, finish, plan_id, run_sharded
+from .tokenizer import Tokenizer
+
+COMPUTE = ("looped_flops", "looped_flops_fixed_max", "monitor_flops", "total_flops", "nfe",
+           "wall_s")
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """The objects of a JSONL prompt file; a bad line is an error naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"prompt file not found: {path}")
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UsageError(f'{path}:{number}: expected an object with a "prompt" string')
+        records.append(record)
+    if not records:
+        raise UsageError(f"{path} holds no prompts")
+    return records
+
+
+@dataclass
+class Completed:
+    """What `complete_file` produced (on rank 0)."""
+
+    records: list[dict[str, Any]]  # the input objects with completion and mean_loops added
+    totals: dict[str, Any]  # compute summed over every batch
+    notes: list[str]
+
+
+def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: HaltingPolicy,
+                  tokenizer: Tokenizer, decoding: dict[str, Any], seed: int | None = None,
+                  batch_size: int = 32, out: str | Path | None = None,
+                  ranks: Ranks | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Completed | None:
+    """Complete every record's prompt under `policy`; `decoding` holds the sampler's
+    arguments (`gen_length`, `steps`, ...).
+
+    With `out`, the finished batches are kept beside it (`OUT.parts/`) for a resumed run and
+    rank 0 writes the output file. Returns the result on rank 0, None on the other ranks.
+    `progress(k, total)` is called as this rank finishes a batch of k of its `total` prompts.
+    """
+    ranks = ranks or Ranks()
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    encoded = []
+    for number, record in enumerate(records, start=1):
+        try:
+            encoded.append(tokenizer.encode(record["prompt"]))
+        except UsageError as err:
+            raise UsageError(f"prompt {number}: {err}") from None
+    batches = length_batches(encoded, batch_size)
+    store = None
+    if out is not None:
+        identity = plan_id(records, batches, decoding, seed, repr(policy),
+                           model.config.to_dict(), _weights_digest(model))
+        store = PartStore(Path(f"{out}.parts"), ranks, identity)
+
+    def compute(i: int) -> Part:
+        ids = torch.tensor([encoded[j] for j in batches[i]])
+        with torch.no_grad():
+            res = generate(model, ids, policy=policy, tokenizer=tokenizer, seed=seed,
+                           **decoding)
+        per_row = res.loops.double().mean(dim=(0, 2)).tolist()
+        s = res.stats
+        return {"completions": list(res.text), "mean_loops": per_row,
+                "loop_sum": float(res.loops.double().sum()), "loop_count": res.loops.numel(),
+                "max_loops": s.max_loops, **{k: getattr(s, k) for k in COMPUTE}}
+
+    share = sum(len(batches[i]) for i in ranks.deal(len(batches)))
+    parts = run_sharded("complete", len(batches), compute, ranks, store=store,
+                        progress=(lambda i: progress(len(batches[i]), share)) if progress
+                        else None)
+    if parts is None:  # not rank 0
+        finish(store, ranks)
+        return None
+    done = [dict(r) for r in records]
+    totals: dict[str, Any] = {"n": len(records), "loop_sum": 0.0, "loop_count": 0,
+                              "max_loops": 0, **{k: 0 for k in COMPUTE}}
+    for members, part in zip(batches, parts):
+        for row, j in enumerate(members):
+            done[j]["completion"] = part["completions"][row]
+            done[j]["mean_loops"] = part["mean_loops"][row]
+        for key in ("loop_sum", "loop_count", *COMPUTE):
+            totals[key] += part[key]
+        totals["max_loops"] = max(totals["max_loops"], part["max_loops"])
+    totals["mean_loops"] = totals.pop("loop_sum") / max(1, totals.pop("loop_count"))
+    totals["flops_ratio"] = totals["looped_flops"] / max(1, totals["looped_flops_fixed_max"])
+    if out is not None:
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in done))
+    finish(store, ranks)  # the output is written: the kept batches are no longer needed
+    notes = [store.note] if store is not None and store.note else []
+    return Completed(done, totals, notes)
+
+
+def _weights_digest(model: LoopMDM) -> str:
+    from .sweep import model_fingerprint
+
+    return model_fingerprint(model)["weights"]

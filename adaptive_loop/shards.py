@@ -1,0 +1,101 @@
+"""Work cut into batches, dealt to ranks, kept per rank, gathered on rank 0 in batch order.
+
+A batch is the unit of work. Every rank plans the same batches; batch i of a job goes to rank
+(i + offset) % world (the offset rotates which rank gets the odd batch from job to job). A batch
+is computed exactly as a one-process run computes it, and rank 0 combines the batches in batch
+order, so the combined result does not depend on the number of ranks.
+
+Each rank appends every finished batch to its own file, `rank-R.jsonl` in a parts directory,
+flushed and synced. A rerun reuses the batches that its own file holds (whatever the number of
+ranks was before), so a stopped run loses at most the batches that were in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .distributed import Ranks
+from .errors import UsageError
+from .files import JsonLines
+
+Part = dict[str, Any]  # one batch's results, JSON-serialisable
+
+
+def plan_id(*identity: Any) -> str:
+    """A short hash of what makes stored batches reusable (model, data, batches, ...)."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class PartStore:
+    """This rank's finished batches, `DIR/rank-R.jsonl`; lines of another plan are ignored."""
+
+    def __init__(self, directory: str | Path, ranks: Ranks, plan: str) -> None:
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot write {self.directory}: {err.strerror or err}") from None
+        self.lines = JsonLines(self.directory / f"rank-{ranks.rank}.jsonl", "a finished batch",
+                               required=("plan", "job", "batch", "part"))
+        self.plan = plan
+        rows, self.note = self.lines.load()
+        self.parts = {(r["job"], r["batch"]): r["part"] for r in rows if r["plan"] == plan}
+
+    def get(self, job: str, batch: int) -> Part | None:
+        return self.parts.get((job, batch))
+
+    def put(self, job: str, batch: int, part: Part) -> None:
+        self.lines.append({"plan": self.plan, "job": job, "batch": batch, "part": part})
+        self.parts[(job, batch)] = part
+
+    def remove(self) -> None:
+        """Delete this rank's file (the job is finished and its results written)."""
+        self.lines.path.unlink(missing_ok=True)
+
+
+def finish(store: PartStore | None, ranks: Ranks) -> None:
+    """Once rank 0 has written the results: every rank deletes its file, then rank 0 the
+    directory. Every rank calls it (it waits for all)."""
+    if store is None:
+        return
+    ranks.barrier()
+    store.remove()
+    ranks.barrier()
+    if ranks.main:
+        try:
+            store.directory.rmdir()
+        except OSError:
+            pass  # something else lives there (a rank of another run): leave it
+
+
+def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks: Ranks, *,
+                store: PartStore | None = None, offset: int = 0,
+                progress: Callable[[int], None] | None = None,
+                reusable: Callable[[Part], bool] = lambda part: True) -> list[Part] | None:
+    """Run this rank's batches of `job` (reusing stored ones that are `reusable`) and gather.
+
+    Returns every batch's part in batch order on rank 0, None on the other ranks. `progress`
+    is called with each finished batch index of this rank.
+    """
+    parts: dict[int, Part] = {}
+    for i in ranks.deal(n_batches, offset):
+        part = store.get(job, i) if store is not None else None
+        if part is None or not reusable(part):
+            part = compute(i)
+            if store is not None:
+                store.put(job, i, part)
+        parts[i] = part
+        if progress:
+            progress(i)
+    gathered = ranks.gather(parts)
+    if gathered is None:
+        return None
+    merged: dict[int, Part] = {}
+    for rank_parts in gathered:
+        merged.update(rank_parts)
+    return [merged[i] for i in range(n_batches)]
