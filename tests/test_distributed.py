@@ -1,0 +1,195 @@
+"""Work across ranks: dealing batches, per-rank resume, and torchrun runs with gloo on CPU that
+must match a one-process run exactly (apart from wall times)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaptive_loop import UsageError, save_model
+from adaptive_loop.datasets import resolve_eval_set
+from adaptive_loop.distributed import Ranks, session
+from adaptive_loop.shards import PartStore, plan_id, run_sharded
+from adaptive_loop.sweep import SweepHooks, parse_policy_grid, run_sweep
+
+GRID = ["fixed:loops=1,4", "convergence:threshold=0.3,0.05"]
+
+
+def _without_wall(obj):
+    if isinstance(obj, dict):
+        return {k: _without_wall(v) for k, v in obj.items() if k != "wall_s"}
+    if isinstance(obj, list):
+        return [_without_wall(v) for v in obj]
+    return obj
+
+
+def _points(path):
+    return [_without_wall(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_every_batch_goes_to_exactly_one_rank(world, offset):
+    dealt = [Ranks(rank, world).deal(7, offset) for rank in range(world)]
+    assert sorted(i for mine in dealt for i in mine) == list(range(7))
+    assert max(map(len, dealt)) - min(map(len, dealt)) <= 1
+
+
+def test_stored_batches_are_reused_and_other_plans_ignored(tmp_path):
+    calls = []
+
+    def compute(i):
+        calls.append(i)
+        return {"value": i * i}
+
+    store = PartStore(tmp_path, Ranks(), plan_id("a"))
+    assert run_sharded("job", 3, compute, Ranks(), store=store) == [
+        {"value": 0}, {"value": 1}, {"value": 4}]
+    again = PartStore(tmp_path, Ranks(), plan_id("a"))
+    assert run_sharded("job", 3, compute, Ranks(), store=again) == [
+        {"value": 0}, {"value": 1}, {"value": 4}]
+    assert calls == [0, 1, 2]  # nothing recomputed
+    other = PartStore(tmp_path, Ranks(), plan_id("b"))  # another model or data: not reused
+    run_sharded("job", 3, compute, Ranks(), store=other)
+    assert calls == [0, 1, 2, 0, 1, 2]
+
+
+def test_torn_part_line_is_dropped_and_a_damaged_one_refused(tmp_path):
+    store = PartStore(tmp_path, Ranks(), "p")
+    store.put("job", 0, {"value": 1})
+    path = tmp_path / "rank-0.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"plan": "p", "jo')
+    again = PartStore(tmp_path, Ranks(), "p")
+    assert again.get("job", 0) == {"value": 1} and "torn last line" in again.note
+    path.write_text("not json\n")
+    with pytest.raises(UsageError, match=r"rank-0.jsonl:1: not a finished batch"):
+        PartStore(tmp_path, Ranks(), "p")
+
+
+def test_session_alone_is_one_rank_and_a_half_launch_is_refused(monkeypatch):
+    with session("cpu") as ranks:
+        assert (ranks.rank, ranks.world, ranks.main) == (0, 1, True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(UsageError, match="RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT is not"):
+        with session("cpu"):
+            pass
+
+
+def test_sweep_stopped_mid_point_resumes_from_its_batches(tmp_path, addition_model,
+                                                          monkeypatch):
+    import adaptive_loop.measure as measure
+
+    data = resolve_eval_set(addition_model.config.task, limit=12, seed=5)
+    grid = [s for spec in GRID for s in parse_policy_grid(spec)]
+    whole = run_sweep(addition_model, data, grid, tmp_path / "whole", batch_size=4, plot=False)
+
+    calls = []
+    real = measure.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "generate", counted)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def examples_done(k):
+        seen.append(k)
+        if len(seen) == 5:  # point 1 done (3 batches), 2 batches of point 2 done
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(addition_model, data, grid, tmp_path / "cut", batch_size=4, plot=False,
+                  hooks=SweepHooks(examples_done=examples_done))
+    assert (tmp_path / "cut" / ".parts" / "rank-0.jsonl").exists()
+    calls.clear()
+    resumed = run_sweep(addition_model, data, grid, tmp_path / "cut", batch_size=4, plot=False)
+    # 4 runnable points x 3 batches, less point 1 (in points.jsonl) and 2 kept batches
+    assert len(calls) == 4 * 3 - 3 - 2
+    assert _without_wall(resumed.curve) == _without_wall(whole.curve)
+    assert not (tmp_path / "cut" / ".parts").exists()
+
+
+# ---- torchrun, gloo on CPU ------------------------------------------------------------------
+
+def _torchrun(nproc, *args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "adaptive_loop.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, addition_model):
+    path = tmp_path / "ckpt"
+    save_model(addition_model, path)
+    return path
+
+
+def _sweep_args(checkpoint, out):
+    return ["sweep", "--checkpoint", str(checkpoint), "--limit", "24", "--batch-size", "4",
+            "--seed", "3", "--no-plot", "--heatmap", "--out", str(out),
+            *[a for spec in GRID for a in ("-p", spec)]]
+
+
+def test_ranks_give_the_one_process_curve(tmp_path, checkpoint):
+    from adaptive_loop.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(_sweep_args(checkpoint, tmp_path / "one") + ["--json"])
+    assert done.value.code in (0, None)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    for world in (2, 4):
+        out = tmp_path / f"ranks{world}"
+        run = _torchrun(world, *_sweep_args(checkpoint, out), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == files  # no parts left behind
+        one, many = (json.loads((d / "curve.json").read_text())
+                     for d in (tmp_path / "one", out))
+        assert _without_wall(many) == _without_wall(one)
+        assert _points(out / "points.jsonl") == _points(tmp_path / "one" / "points.jsonl")
+
+
+def test_a_failing_rank_fails_the_run_with_its_error(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    (out / ".parts").mkdir(parents=True)
+    (out / ".parts" / "rank-1.jsonl").write_text("garbage\n")  # only rank 1 reads this file
+    run = _torchrun(2, *_sweep_args(checkpoint, out), cwd=tmp_path)
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert "error (rank 1 of 2): " in text and "rank-1.jsonl:1: not a finished batch" in text
+    frames = [line for line in text.splitlines() if line.strip().startswith('File "')]
+    assert not any("adaptive_loop" in f for f in frames)  # the launcher's own, not the ranks'
+    assert "traceback : error (rank 1 of 2)" in text  # the launcher names it as the root cause
+    assert not (out / "curve.json").exists()
+
+
+def test_generate_prompts_across_ranks_matches_one_process(tmp_path, checkpoint,
+                                                           addition_model):
+    from adaptive_loop.cli.main import main
+
+    data = resolve_eval_set(addition_model.config.task, limit=10, seed=2)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": ex.prompt}) + "\n"
+                               for i, ex in enumerate(data.examples)))
+    args = ["generate", "--prompts", str(prompts), "--checkpoint", str(checkpoint),
+            "--policy", "convergence", "--threshold", "0.1", "--batch-size", "3",
+            "--temperature", "1.0", "--seed", "4"]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--out", str(tmp_path / "one.jsonl")])
+    assert done.value.code in (0, None)
+    run = _torchrun(2, *args, "--out", str(tmp_path / "two.jsonl"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "two.jsonl").read_text() == one
+    rows = [json.loads(line) for line in one.splitlines()]
+    assert [r["id"] for r in rows] == list(range(10)) and all("completion" in r for r in rows)
+    assert not (tmp_path / "two.jsonl.parts").exists()
