@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from .attention import PackPlan
@@ -48,7 +49,9 @@ class LoopMDM(nn.Module):
         super().__init__()
         self.config = cfg
         dit = cfg.flavour == "dit"
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # given storage: no init here (`_init` below), so a meta build stays cheap
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         layer_class = DiTLayer if dit else Layer
         self.layers = nn.ModuleList(layer_class(cfg) for _ in range(cfg.n_layers))
         self.norm = ModulatedNorm(cfg.d_model, cfg.norm_eps) if dit else \
@@ -58,12 +61,15 @@ class LoopMDM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._rope_rows: Rope | None = None  # per-row tables inside `at_positions`
         self.reset_rope()
-        self.apply(self._init)
+        if self.embed_tokens.weight.device.type != "meta":  # a checkpoint's weights follow
+            self.apply(self._init)
 
     def reset_rope(self) -> None:
         """(Re)build the RoPE tables, e.g. after the model was built on the meta device."""
         device = self.embed_tokens.weight.device
-        cos, sin = rope_tables(self.config, None if device.type == "meta" else device)
+        # on meta, compute on the CPU (cheap) rather than tracing meta kernels
+        cos, sin = rope_tables(self.config, torch.device("cpu") if device.type == "meta"
+                               else device)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
