@@ -49,9 +49,12 @@ class LoopMDM(nn.Module):
         super().__init__()
         self.config = cfg
         dit = cfg.flavour == "dit"
-        # given storage: no init here (`_init` below), so a meta build stays cheap
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        # a build on the meta device (checkpoint loading) skips every random init: meta
+        # kernels for them cost seconds of start-up; elsewhere the init order is unchanged
+        on_meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.d_model,
+            _weight=torch.empty(cfg.vocab_size, cfg.d_model) if on_meta else None)
         layer_class = DiTLayer if dit else Layer
         self.layers = nn.ModuleList(layer_class(cfg) for _ in range(cfg.n_layers))
         self.norm = ModulatedNorm(cfg.d_model, cfg.norm_eps) if dit else \
@@ -61,7 +64,7 @@ class LoopMDM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._rope_rows: Rope | None = None  # per-row tables inside `at_positions`
         self.reset_rope()
-        if self.embed_tokens.weight.device.type != "meta":  # a checkpoint's weights follow
+        if not on_meta:
             self.apply(self._init)
 
     def reset_rope(self) -> None:
