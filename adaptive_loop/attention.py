@@ -3,20 +3,40 @@
 Shape legend: B batch rows, L positions, N packed query tokens (any rows), H query heads,
 G key/value heads, D head size.
 
-Packed queries attend to the full key/value rows they belong to. The default layout scatters
-the packed queries of each row into a [B, A, H, D] buffer (A = most active queries in any row)
-and runs one SDPA call; the projections and MLP around it stay on the packed [N, d] matrix, so
-padding costs only inside attention. The plan that maps packed tokens to padded slots is built
-once per loop iteration from row offsets (a few tensor ops) and shared by every layer.
+Packed queries attend to the full key/value rows they belong to. The projections and MLP
+around attention stay on the packed [N, d] matrix; attention has three backends, all built
+once per loop iteration from row offsets (a few tensor ops) and shared by every layer:
+- "padded": scatter each row's packed queries into a [B, A, H, D] buffer (A = most packed
+  queries in any row) for one SDPA call; padding costs only inside attention.
+- "flex": FlexAttention over the N packed queries and the B*L flattened keys with a block mask
+  derived from row offsets (flex.py); no padding at all. Fused only in compiled code.
+- "varlen": flash-attn's variable-length kernel (varlen.py), where flash-attn is installed.
+"auto" picks by what was measured (benchmarks/RESULTS.md): padded on CPU, where eager
+FlexAttention computes the dense mask and a compiled one measured slower than padded SDPA;
+flex on CUDA (head size 16 or more); varlen when flash-attn is installed and the dtype and
+head size suit it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import UsageError
+from .flex import RowBlocks, RowKeys, flex_attend, row_blocks, row_keys
+from .varlen import (
+    VarlenKeys,
+    VarlenPlan,
+    cu_seqlens,
+    flash_attn_installed,
+    varlen_attend,
+    varlen_keys,
+)
+
+ATTENTION = ("auto", "padded", "flex", "varlen")
 
 
 def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
@@ -53,6 +73,9 @@ class PackPlan:
     width: int  # A: the most packed tokens in any row
     batch: int  # B
     length: int  # L
+    counts: Tensor | None = None  # (B,) packed tokens per row
+    flex: RowBlocks | None = None  # the flex backend's block structure, when chosen
+    varlen: VarlenPlan | None = None  # the varlen backend's offsets, when chosen
 
     @classmethod
     def from_mask(cls, active: Tensor) -> PackPlan:
@@ -70,16 +93,99 @@ class PackPlan:
         pos = index - rows * length
         starts = torch.cumsum(counts, 0) - counts  # first packed slot of each row
         slot = torch.arange(index.numel(), device=index.device) - starts[rows]
-        return cls(index, rows, pos, slot, width, batch, length)
+        return cls(index, rows, pos, slot, width, batch, length, counts)
 
     @property
     def size(self) -> int:
         return self.index.numel()
 
+    def with_keys(self, keys: PackedKeys) -> PackPlan:
+        """This plan with the structure `keys.backend` attends with (padded needs none)."""
+        if keys.rows is not None and self.size:
+            return replace(self, flex=row_blocks(self.rows, self.counts, keys.rows))
+        if keys.varlen is not None:
+            return replace(self, varlen=VarlenPlan(cu_seqlens(self.counts), self.width,
+                                                   keys.varlen))
+        return self
+
+
+@dataclass
+class PackedKeys:
+    """A backend and what it precomputes from the key mask; the key mask is fixed during a
+    loop run, so the runtime builds this once per run and every plan reuses it."""
+
+    backend: str
+    rows: RowKeys | None = None  # flex
+    varlen: VarlenKeys | None = None  # varlen
+    host_syncs: int = 0  # spent building it
+
+
+def packed_keys(backend: str, batch: int, length: int, key_mask: Tensor | None,
+                device: torch.device) -> PackedKeys:
+    """Precompute what `backend` ("padded", "flex" or "varlen") needs from the keys."""
+    if backend == "flex":
+        return PackedKeys(backend, rows=row_keys(batch, length, key_mask, device))
+    if backend == "varlen":
+        return PackedKeys(backend, varlen=varlen_keys(batch, length, key_mask, device),
+                          host_syncs=int(key_mask is not None))
+    return PackedKeys(backend)
+
+
+def flex_applicable(device: torch.device, head_dim: int) -> bool:
+    """FlexAttention present (torch >= 2.5) and, on CUDA, a head size its kernels take (at
+    least 16: the GPU kernels' matrix tiles need it)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+    except ImportError:
+        return False
+    return device.type != "cuda" or head_dim >= 16
+
+
+def varlen_applicable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """flash-attn installed, and a CUDA tensor in half precision with a head size its kernels
+    take (a multiple of 8, at most 256)."""
+    return (flash_attn_installed() and device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256)
+
+
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype,
+                      head_dim: int) -> str:
+    """The backend `name` stands for on this device and dtype ("auto": see the module
+    docstring); raises UsageError for a backend that cannot run here."""
+    if name not in ATTENTION:
+        raise UsageError(f"unknown attention backend {name!r}; choose one of "
+                         f"{', '.join(ATTENTION)}")
+    if name == "auto":
+        if varlen_applicable(device, dtype, head_dim):
+            return "varlen"
+        return "flex" if device.type == "cuda" and flex_applicable(device, head_dim) else \
+            "padded"
+    if name == "flex" and not flex_applicable(device, head_dim):
+        raise UsageError("attention 'flex' needs FlexAttention (torch >= 2.5) and, on CUDA, a "
+                         f"head size of at least 16 (this model's is {head_dim}); use 'padded'")
+    if name == "varlen" and not varlen_applicable(device, dtype, head_dim):
+        raise UsageError("attention 'varlen' needs flash-attn (pip install adaptive-loop[flash]) "
+                         "on CUDA in bfloat16 or float16 with a head size that is a multiple "
+                         "of 8 up to 256; use 'auto'")
+    return name
+
 
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
                      key_mask: Tensor | None) -> Tensor:
-    """Packed queries against the full rows they belong to.
+    """Packed queries against the full rows they belong to, with the backend the plan was
+    prepared for (`PackPlan.with_keys`). q (N, H, D); k/v (B, G, L, D) -> (N, H, D).
+    """
+    if plan.flex is not None:
+        return flex_attend(q, k, v, plan.flex)
+    if plan.varlen is not None:
+        return varlen_attend(q, k, v, plan.varlen)
+    return padded_attention(q, k, v, plan, key_mask)
+
+
+def padded_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
+                     key_mask: Tensor | None) -> Tensor:
+    """Each row's packed queries scattered into a padded (B, A, H, D) buffer, one SDPA call.
 
     q (N, H, D); k/v (B, G, L, D) -> (N, H, D).
     """

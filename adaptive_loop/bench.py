@@ -1,6 +1,6 @@
-"""Side-by-side timings: one loop iteration compacted vs full, and generation under several
-policies with compaction on and off. Every figure is reported as a ratio measured in the same
-run, so that machines and noise cancel out.
+"""Side-by-side timings: one loop iteration compacted vs full (per packed-attention backend,
+eager and compiled), and generation under several policies with compaction on and off. Every
+figure is reported as a ratio measured in the same run, so that machines and noise cancel out.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .attention import PackPlan
+from .attention import PackPlan, packed_keys, resolve_attention
 from .config import LoopMDMConfig
 from .model import LoopMDM
-from .runtime import _dense_iteration, _packed_iteration
+from .runtime import _dense_iteration, iterations
 
 
 def _sync(device: torch.device) -> None:
@@ -50,8 +50,10 @@ def uneven_mask(batch: int, length: int, fraction: float,
 class IterationRow:
     fraction: float  # mean active fraction asked for
     active: float  # active fraction drawn
-    full_ms: float
+    full_ms: float  # the full iteration, eager or compiled as `compiled` says
     compact_ms: float
+    attention: str = "padded"  # packed attention backend
+    compiled: bool = False
 
     @property
     def ratio(self) -> float:
@@ -60,28 +62,55 @@ class IterationRow:
 
 def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list[float],
                     device: torch.device, dtype: torch.dtype, repeats: int = 10,
-                    seed: int = 0) -> list[IterationRow]:
+                    seed: int = 0, attention: list[str] | None = None,
+                    modes: tuple[bool, ...] = (False,)) -> list[IterationRow]:
     """Time one loop iteration with a fraction of tokens active (compacted, plan building
-    included) against the full iteration, on random weights."""
+    included) against the full iteration, on random weights: for each attention backend and
+    each mode in `modes` (False: eager, True: compiled; the compiled rows' full iteration is
+    compiled too, and the first calls, untimed, compile). The same active masks serve every
+    backend and mode."""
     torch.manual_seed(seed)
     model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
+    masks = [(f, uneven_mask(batch, length, f, gen).to(device)) for f in fractions]
+    backends = [resolve_attention(a, device, dtype, cfg.head_dim) for a in attention or ["auto"]]
+    runs = [(compiled, iterations(compiled, device)) for compiled in modes]
+    keys = {b: packed_keys(b, batch, length, None, device) for b in dict.fromkeys(backends)}
     rows = []
     with torch.no_grad():
         _, caches = _dense_iteration(model, h, None, None)
         caches = [(k.contiguous(), v.contiguous()) for k, v in caches]
-        full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats)
-        for f in fractions:
-            active = uneven_mask(batch, length, f, gen).to(device)
+        # fraction by fraction, every mode and backend in turn, each next to its own full
+        # iteration: a figure and the figures it is compared with are measured close in time
+        for f, active in masks:
+            for compiled, run in runs:
+                full = time_call(lambda run=run: run.dense(model, h, None, None), device,
+                                 repeats)
+                for backend, key in keys.items():
 
-            def compact(active: torch.Tensor = active) -> None:
-                plan = PackPlan.from_mask(active)
-                _packed_iteration(model, h, plan, caches, None)
+                    def compact(active: torch.Tensor = active, run=run, key=key) -> None:
+                        plan = PackPlan.from_mask(active).with_keys(key)
+                        run.packed(model, h, plan, caches, None)
 
-            rows.append(IterationRow(f, float(active.float().mean()), full * 1e3,
-                                     time_call(compact, device, repeats) * 1e3))
+                    rows.append(IterationRow(f, float(active.float().mean()), full * 1e3,
+                                             time_call(compact, device, repeats) * 1e3,
+                                             backend, compiled))
     return rows
+
+
+def relative(rows: list[IterationRow]) -> list[dict[str, float | None]]:
+    """Per row: its compacted time against the eager row of the same backend and fraction
+    (`vs_eager`) and against the padded row of the same mode and fraction (`vs_padded`);
+    None where that row was not measured."""
+    base = {(r.attention, r.compiled, r.fraction): r.compact_ms for r in rows}
+    out = []
+    for r in rows:
+        eager = base.get((r.attention, False, r.fraction))
+        padded = base.get(("padded", r.compiled, r.fraction))
+        out.append({"vs_eager": r.compact_ms / eager if eager else None,
+                    "vs_padded": r.compact_ms / padded if padded else None})
+    return out
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
@@ -115,12 +144,13 @@ DEFAULT_POLICIES: list[tuple[str, dict[str, Any]]] = [
 class GenerationRow:
     policy: str
     compact: bool
+    compiled: bool
     accuracy: float
     mean_loops: float
     flops_ratio: float  # looped FLOPs executed / fixed at max loops
     monitor_ratio: float  # monitoring FLOPs / looped FLOPs executed
     wall_s: float
-    wall_ratio: float  # wall time / fixed max-loop wall time (compaction on)
+    wall_ratio: float  # wall time / fixed max-loop wall time (compaction on, eager)
     tokens_per_s: float
     nfe_per_s: float
     iterations_per_s: float
@@ -131,30 +161,41 @@ class GenerationRow:
 
 def bench_generation(model: LoopMDM, n: int = 200,
                      policies: list[tuple[str, dict[str, Any]]] | None = None,
-                     seed: int = 1234) -> list[GenerationRow]:
+                     seed: int = 1234, compile: bool = False,
+                     attention: str = "auto") -> list[GenerationRow]:
     """Generation on the model's built-in task: fixed max loops, then each adaptive policy
     with compaction on and off (the masked reference runs every token, so it shows what
-    counting without compacting would save: nothing)."""
+    counting without compacting would save: nothing). With `compile`, the fixed policy and
+    each adaptive one (compaction on) run again with compiled iterations, each after an
+    untimed pass over the same problems so that compilation stays out of the timings."""
     from .evaluate import default_decoding, evaluate_task
     from .policies import make
     from .tasks import make_task
 
     task = make_task(model.config.task)
     decoding = default_decoding(task)
-    settings = [("fixed", {}, True)]
-    for name, params in policies or DEFAULT_POLICIES:
-        settings += [(name, params, True), (name, params, False)]
-    evaluate_task(model, task, make("fixed"), n=min(n, 20), seed=seed)  # warm-up
+    chosen = policies or DEFAULT_POLICIES
+    settings = [("fixed", {}, True, False)]
+    for name, params in chosen:
+        settings += [(name, params, True, False), (name, params, False, False)]
+    if compile:
+        settings += [("fixed", {}, True, True)] + [(name, params, True, True)
+                                                   for name, params in chosen]
+    options = {"seed": seed, "attention": attention}
+    evaluate_task(model, task, make("fixed"), n=min(n, 20), **options)  # warm-up
     rows: list[GenerationRow] = []
     base_wall = None
-    for name, params, compact in settings:
+    for name, params, compact, compiled in settings:
         policy = make(name, **params)
-        res = evaluate_task(model, task, policy, n=n, seed=seed, compact=compact)
+        if compiled:  # an untimed pass first: compilation stays out of the timing
+            evaluate_task(model, task, policy, n=n, compile=True, **options)
+        res = evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,
+                            **options)
         base_wall = base_wall or res.wall_s
         iterations = res.mean_loops * n * (task.prompt_length + task.answer_length) * \
             decoding["steps"]
         rows.append(GenerationRow(
-            policy=repr(policy), compact=compact, accuracy=res.accuracy,
+            policy=repr(policy), compact=compact, compiled=compiled, accuracy=res.accuracy,
             mean_loops=res.mean_loops,
             flops_ratio=res.looped_flops / max(1, res.looped_flops_fixed_max),
             monitor_ratio=res.monitor_flops / max(1, res.looped_flops), wall_s=res.wall_s,

@@ -9,17 +9,27 @@ weights); deeper layers' keys/values stay frozen at their last computed value.
 
 `compact=False` is the masked reference: every iteration runs all tokens densely, then keeps
 the old state and old keys/values of halted tokens. Both paths compute the same function.
+
+`attention` picks the packed attention backend (attention.py). `compile` (off by default;
+eager CPU float32 is the reference path) runs both iteration functions through
+`torch.compile`. They hold no host syncs, so each compiles to one graph with no breaks:
+everything that needs the host (counting active tokens, `nonzero`, the finite check) stays
+here in the loop, counted in `StepTrace.host_syncs`, and the sizes it finds reach the compiled
+code as tensor shapes (active tokens, block-mask tiles; marked dynamic) or a plain int (the
+padded width), so that a new active count does not recompile (`compiled_iterations`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import PackPlan
+from .attention import PackPlan, packed_keys, resolve_attention
 from .errors import GenerationError
 from .flops import block_flops, head_flops, readout_flops
 from .model import KV, LoopMDM
@@ -65,6 +75,83 @@ def _packed_iteration(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV
     return flat.index_copy(0, plan.index, x).view_as(h)
 
 
+@dataclass(frozen=True)
+class Iterations:
+    """The two iteration functions a loop run calls, eager or compiled."""
+
+    dense: Callable[..., tuple[Tensor, list[KV]]]
+    packed: Callable[..., Tensor]
+
+
+EAGER = Iterations(_dense_iteration, _packed_iteration)
+_COMPILED: dict[tuple[Any, str], Iterations] = {}
+
+
+def _graphed(fn: Callable[..., tuple[Tensor, list[KV]]]) -> Callable[..., tuple[Tensor, list[KV]]]:
+    """A CUDA-graph-replayed dense iteration made safe to call in a loop: every replay writes
+    its outputs into the same static buffers, and the loop still reads the previous state and
+    keys/values after the next replay, so the outputs are copied out at once."""
+
+    def run(*args: Any) -> tuple[Tensor, list[KV]]:
+        torch.compiler.cudagraph_mark_step_begin()
+        h, caches = fn(*args)
+        return h.clone(), [(k.clone(), v.clone()) for k, v in caches]
+
+    return run
+
+
+def _vary(plan: PackPlan) -> PackPlan:
+    """Mark the sizes that change from one iteration to the next as dynamic for compiled
+    code: the packed count N and the query tiles of a flex block mask."""
+    for t in (plan.index, plan.rows, plan.pos, plan.slot):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    if plan.flex is not None:
+        for t in (plan.flex.kv_num, plan.flex.kv_idx, plan.flex.full_num, plan.flex.full_idx):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    return plan
+
+
+def compiled_iterations(backend: Any, device: torch.device) -> Iterations:
+    """Both iteration functions through `torch.compile` with `backend` (cached per backend and
+    device type, so that a generation does not recompile what an earlier one compiled).
+
+    The packed iteration's active count, padded width and block-mask tiles change every
+    iteration: `_vary` marks those sizes dynamic before the call, and the padded width (a
+    plain int) turns dynamic after its first change, so it compiles about twice, not once per
+    iteration (a single active token is specialised apart, as dynamic shapes do for size 1).
+    The sizes that stay fixed (B, L, d, the key side) stay static, which keeps its kernels
+    specialised and keeps a chance equality between a varying size and a fixed one from
+    becoming a guard. The dense iteration has fixed shapes during a
+    generation; on CUDA with the default backend it is compiled in "reduce-overhead" mode,
+    which replays it as a CUDA graph (launch overhead is what small models lose most to).
+    That is sound here because its shapes are static, it mutates no input, and its outputs
+    are copied out of the graph's static buffers before the next replay (`_graphed`). The
+    packed iteration updates the key/value caches in place and changes shape, so it runs
+    without CUDA graphs.
+    """
+    key = (backend, device.type)
+    if key not in _COMPILED:
+        graphs = device.type == "cuda" and backend == "inductor"
+        dense = torch.compile(_dense_iteration, backend=backend, dynamic=False,
+                              mode="reduce-overhead" if graphs else None)
+        packed = torch.compile(_packed_iteration, backend=backend)
+
+        def vary_then_packed(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV],
+                             key_mask: Tensor | None) -> Tensor:
+            return packed(model, h, _vary(plan), caches, key_mask)
+
+        _COMPILED[key] = Iterations(_graphed(dense) if graphs else dense, vary_then_packed)
+    return _COMPILED[key]
+
+
+def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
+    """Eager iteration functions, or compiled ones: `True` uses torch.compile's default
+    backend, a string or callable names another (e.g. "aot_eager" to debug)."""
+    if compile is False or compile is None:
+        return EAGER
+    return compiled_iterations("inductor" if compile is True else compile, device)
+
+
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
              index: Tensor, needed: Tensor, key_mask: Tensor | None, iteration: int, step: int,
              steps: int, trace: StepTrace) -> Signals:
@@ -96,14 +183,28 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
 @torch.no_grad()
 def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, *,
               key_mask: Tensor | None = None, compact: bool = True, step: int = 0,
-              steps: int = 1) -> tuple[Tensor, StepTrace]:
+              steps: int = 1, compile: bool | str = False,
+              attention: str = "auto") -> tuple[Tensor, StepTrace]:
     """Loop the shared block over h (B, L, d) under `policy`.
 
-    `needed` (B, L) marks the tokens whose prediction the sampler reads after this step.
+    Args:
+        model: the LoopMDM whose looped block runs.
+        h: the loop's input state (B, L, d), normally the prelude's output.
+        policy: the halting policy.
+        needed: (B, L) the tokens whose prediction the sampler reads after this step.
+        key_mask: (B, L) bool, False for padding that no token may attend to.
+        compact: run only active tokens (False: the masked reference).
+        step, steps: the denoising step (0-based) and how many there are, for the policy.
+        compile: compile the iteration functions (see `iterations`); off by default.
+        attention: packed attention backend: "auto", "padded", "flex" or "varlen".
+
     Returns the final loop state (B, L, d) and the step's trace.
     """
     batch, length, _ = h.shape
     total = batch * length
+    run = iterations(compile, h.device)
+    backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
+    keys = None  # built at the first packed plan: the key mask is fixed for the whole run
     bounds = policy.loop_bounds(model.config.n_loops)
     hi = bounds[1]
     policy.begin_step(batch, length, step, steps)
@@ -117,11 +218,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         prev = h
         if caches is None or n_active == total or not compact:
             keep = None if n_active == total else (active, caches)
-            h, caches = _dense_iteration(model, h, key_mask, keep)
+            h, caches = run.dense(model, h, key_mask, keep)
             trace.looped_flops += total * per_token
         else:
             caches = [(k.contiguous(), v.contiguous()) for k, v in caches]
-            h = _packed_iteration(model, h, plan, caches, key_mask)
+            h = run.packed(model, h, plan, caches, key_mask)
             trace.looped_flops += n_active * per_token
         trace.loops += active.int()
         trace.active_tokens.append(n_active)
@@ -147,6 +248,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         if n_active < total:
             plan = PackPlan.from_index(flat.nonzero().squeeze(1), counts, width, batch, length)
             trace.host_syncs += 1
+            if compact:
+                if keys is None:
+                    keys = packed_keys(backend, batch, length, key_mask, h.device)
+                    trace.host_syncs += keys.host_syncs
+                plan = plan.with_keys(keys)
     if not checked:  # the last iteration went unchecked
         trace.host_syncs += 1
         if not bool(torch.isfinite(h).all()):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import PackPlan
+from .attention import PackPlan, resolve_attention
 from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
 from .model import LoopMDM
@@ -113,6 +113,10 @@ class _Batch:
     positions: Tensor | None  # (B, L) RoPE positions when padded
     prompt: Tensor  # (B, L) bool: prompt tokens (masked in the unconditional copy)
     lengths: list[int]
+
+
+_UPLOAD_SYNCS = 2  # `_batch` copies the padded tokens and their real-token mask to the device
+_DOWNLOAD_SYNCS = 4  # `_stats` copies loops, needed masks and commit counts; then the tokens
 
 
 def _pad_id(model: LoopMDM) -> int:
@@ -204,8 +208,10 @@ class _Stepper:
 
     def __init__(self, model: LoopMDM, batch: _Batch, policy: HaltingPolicy, compact: bool,
                  cfg_scale: float, temperature: float, remasking: str,
-                 generator: torch.Generator, warm_start: bool = False) -> None:
+                 generator: torch.Generator, warm_start: bool = False,
+                 compile: bool | str = False, attention: str = "auto") -> None:
         self.model, self.batch, self.policy, self.compact = model, batch, policy, compact
+        self.compile, self.attention = compile, attention
         self.warm_start = warm_start
         self.last: tuple[Tensor, Tensor] | None = None  # previous step's inputs and loop state
         self.cfg_scale, self.temperature, self.remasking = cfg_scale, temperature, remasking
@@ -233,7 +239,8 @@ class _Stepper:
                 same = (inputs == self.last[0])[..., None]
                 h = torch.where(same, self.last[1], h)
             h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
-                                 compact=self.compact, step=step, steps=steps)
+                                 compact=self.compact, step=step, steps=steps,
+                                 compile=self.compile, attention=self.attention)
             if self.warm_start:
                 self.last = (inputs, h)
             plan = PackPlan.from_mask(need)
@@ -255,7 +262,8 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
              threshold: float | None = None, factor: float | None = None,
              cfg_scale: float = 0.0, eos_fill: bool = False, seed: int | None = None,
              tokenizer: Tokenizer | None = None, compact: bool = True,
-             warm_start: bool = False) -> GenerationResult:
+             warm_start: bool = False, compile: bool | str = False,
+             attention: str = "auto") -> GenerationResult:
     """Generate completions with adaptive loops.
 
     Args:
@@ -279,6 +287,15 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             since the previous step, from that step's final loop state instead of the
             prelude output (off by default: on the embedded model it saves loops but costs
             accuracy; see the README).
+        compile: run the looped block's iteration functions through `torch.compile` (off by
+            default; the first call pays the compilation; see `runtime.compiled_iterations`).
+        attention: packed attention backend of the looped block: "auto" (padded on CPU,
+            FlexAttention on CUDA, flash-attn varlen where installed), "padded", "flex" or
+            "varlen".
+
+    `stats.host_syncs` counts every point where the host waits for the device: the prompt
+    upload, each checked loop iteration and each packed plan, the readout plan of every step,
+    the decoded-block checks, and the copies of tokens and statistics back at the end.
     """
     cfg = model.config
     rows, tokenizer = _prompt_rows(model, prompts, tokenizer)
@@ -287,6 +304,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     _validate(model, prompt_len, gen_length, steps, block_length, temperature, remasking,
               threshold, factor, cfg_scale, eos_fill)
     device = next(model.parameters()).device
+    resolve_attention(attention, device, next(model.parameters()).dtype, cfg.head_dim)
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
 
@@ -300,12 +318,12 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     column = torch.arange(length, device=device)
     generated = column[None, :] >= prompt_len
     stepper = _Stepper(model, data, policy, compact, cfg_scale, temperature, remasking,
-                       generator, warm_start)
+                       generator, warm_start, compile, attention)
     adaptive = threshold is not None or factor is not None
     start = time.perf_counter()
     traces: list[StepTrace] = []
     records: list[tuple[int, Tensor, Tensor]] = []  # block, needed, committed
-    syncs = 0
+    syncs = _UPLOAD_SYNCS
     for b in range(blocks):
         lo, hi = prompt_len + b * block_length, prompt_len + (b + 1) * block_length
         block_masked = x[:, lo:hi] == cfg.mask_id
@@ -384,5 +402,6 @@ def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
         looped_flops_fixed_max=fixed["looped"] * nfe, monitor_flops=monitor,
         total_flops=nfe * fixed["prelude"] + looped + readout + monitor,
         nfe=nfe, wall_s=wall,
-        host_syncs=sum(t.host_syncs for t in traces) + 2 * nfe + syncs, steps=step_stats)
+        host_syncs=sum(t.host_syncs for t in traces) + 2 * nfe + syncs + _DOWNLOAD_SYNCS,
+        steps=step_stats)
     return stats, loops

@@ -1,9 +1,17 @@
 """CUDA correctness checks and GPU timings, written as JSON under --out.
 
 Checks: CUDA bf16 logits vs CPU float32 (bf16 tolerance); compacted vs masked runtime on CUDA
-(float32, so the comparison is tight); never-halting vs fixed tokens. Timings: one loop
-iteration with uneven active fractions vs the full iteration (d=2048 and the 170M-class shape),
-the matmul peak, and generation of the embedded model under fixed and adaptive policies.
+(float32, so the comparison is tight); never-halting vs fixed tokens; packed attention with
+FlexAttention (block mask from row offsets) vs padded SDPA vs a per-row reference; compiled
+loop iterations (CUDA graphs for the dense one) vs eager; synchronising CUDA calls of one
+generation vs the runtime's own `host_syncs` account. Timings: one loop iteration with uneven
+active fractions vs the full iteration per attention backend, eager and compiled (d=2048 and
+the 170M-class shape), the matmul peak, and generation of the embedded model under fixed and
+adaptive policies, eager and compiled.
+
+Sections run in order of value while the time budget lasts (compilation makes some of them
+long); each one's results, or its error, are written before the next starts, so a run cut
+short still leaves everything it finished.
 """
 
 from __future__ import annotations
@@ -11,15 +19,48 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from adaptive_loop import LoopMDM, LoopMDMConfig, generate, load_model
-from adaptive_loop.bench import bench_generation, bench_iteration, matmul_peak, rows_to_dicts
+from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, padded_attention
+from adaptive_loop.bench import (
+    bench_generation,
+    bench_iteration,
+    matmul_peak,
+    relative,
+    rows_to_dicts,
+)
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import run_loops
 from adaptive_loop.tasks import make_task
+from adaptive_loop.varlen import flash_attn_installed
+
+D2048 = dict(vocab_size=32001, d_model=2048, n_heads=16, d_ff=5504, n_layers=6, loop_start=1,
+             loop_layers=4, mask_id=32000, max_seq_len=512)
+FRACTIONS = [0.75, 0.5, 0.25, 0.1]
+
+
+def _tiny(device: str = "cuda") -> LoopMDM:
+    """The tests' tiny model with a head size of 16, the least FlexAttention's GPU kernels
+    take."""
+    torch.manual_seed(0)
+    cfg = LoopMDMConfig.from_name("tiny", n_loops=4, n_heads=2, n_kv_heads=1)
+    model = LoopMDM(cfg).to(device).eval()
+    with torch.no_grad():  # spread hidden-state changes so that thresholds halt some tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model
+
+
+def _problems(model: LoopMDM, n: int) -> tuple[list, int]:
+    task = make_task(model.config.task)
+    return [p for p, _ in task.problems(n, 0)], task.answer_length
 
 
 def check_correctness(results: dict) -> None:
@@ -31,12 +72,7 @@ def check_correctness(results: dict) -> None:
     results["bf16_vs_fp32_max_abs"] = float((got - ref).abs().max())
     results["bf16_vs_fp32_argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
 
-    torch.manual_seed(0)
-    model = LoopMDM(LoopMDMConfig.from_name("tiny", n_loops=4)).cuda().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(6.0)
+    model = _tiny()
     h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device="cuda")))
     needed = torch.rand(4, 32, device="cuda") < 0.5
     policy = make("convergence", threshold=0.3, max_loops=6)
@@ -45,37 +81,183 @@ def check_correctness(results: dict) -> None:
     results["compact_vs_masked_max_abs"] = float((a - b).abs().max())
     results["compact_vs_masked_loops_equal"] = bool(torch.equal(ta.loops, tb.loops))
 
-    task = make_task(gpu.config.task)
-    prompts = [p for p, _ in task.problems(64, 0)]
-    n, loops = task.answer_length, gpu.config.n_loops
+    prompts, n = _problems(gpu, 64)
+    loops = gpu.config.n_loops
     fixed = generate(gpu, prompts, policy=make("fixed", loops=loops), gen_length=n, steps=n)
     never = generate(gpu, prompts, policy=make("convergence", threshold=0.0, max_loops=loops),
                      gen_length=n, steps=n)
     results["never_halting_equals_fixed"] = bool(torch.equal(fixed.tokens, never.tokens))
 
 
+def _naive(q, k, v, plan, key_mask):
+    """Row by row, in float32: the row's packed queries against the row's real keys."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    groups = q.shape[1] // k.shape[1]
+    for b in range(plan.batch):
+        mine = plan.rows == b
+        keys = k[b].float().repeat_interleave(groups, 0)
+        values = v[b].float().repeat_interleave(groups, 0)
+        scores = torch.einsum("nhd,hld->hnl", q[mine].float(), keys) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(~key_mask[b], float("-inf"))
+        out[mine] = torch.einsum("hnl,hld->nhd", scores.softmax(-1), values)
+    return out
+
+
+def check_attention(results: dict) -> None:
+    """FlexAttention (compiled, fused) vs padded SDPA vs the per-row reference on CUDA."""
+    g = torch.Generator().manual_seed(0)
+    batch, length, heads, groups, dim = 8, 300, 16, 4, 64
+    active = torch.rand(batch, length, generator=g) < torch.linspace(0.05, 0.95, batch)[:, None]
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask[3, :40] = False
+    active, key_mask = active.cuda(), key_mask.cuda()
+    plan = PackPlan.from_mask(active)
+    keys = packed_keys("flex", batch, length, key_mask, active.device)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(plan.size, heads, dim, generator=g).to("cuda", dtype)
+        k = torch.randn(batch, groups, length, dim, generator=g).to("cuda", dtype)
+        v = torch.randn(batch, groups, length, dim, generator=g).to("cuda", dtype)
+        ref = _naive(q, k, v, plan, key_mask)
+        name = str(dtype).removeprefix("torch.")
+        flex = packed_attention(q, k, v, plan.with_keys(keys), key_mask).float()
+        padded = padded_attention(q, k, v, plan, key_mask).float()
+        results[f"flex_vs_reference_max_abs_{name}"] = float((flex - ref).abs().max())
+        results[f"padded_vs_reference_max_abs_{name}"] = float((padded - ref).abs().max())
+
+    model = _tiny()
+    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device="cuda")))
+    needed = torch.rand(4, 32, device="cuda") < 0.5
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    a, ta = run_loops(model, h, policy, needed, attention="padded")
+    b, tb = run_loops(model, h, policy, needed, attention="flex")
+    results["runtime_flex_vs_padded_max_abs"] = float((a - b).abs().max())
+    results["runtime_flex_vs_padded_loops_equal"] = bool(torch.equal(ta.loops, tb.loops))
+
+    gpu = load_model(device="cuda", dtype="bfloat16")
+    prompts, n = _problems(gpu, 64)
+    policy = make("convergence")
+    outs = {a: generate(gpu, prompts, policy=policy, gen_length=n, steps=n, attention=a)
+            for a in ("padded", "flex")}
+    results["generate_flex_vs_padded_token_agreement"] = float(
+        (outs["flex"].tokens == outs["padded"].tokens).float().mean())
+
+
+def check_compiled(results: dict) -> None:
+    """Compiled iterations (inductor; the dense one as a CUDA graph) vs eager."""
+    model = _tiny()
+    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device="cuda")))
+    needed = torch.rand(4, 32, device="cuda") < 0.5
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    ref, tref = run_loops(model, h, policy, needed, attention="padded")
+    for attention in ("padded", "flex"):
+        worst, same = 0.0, True
+        for _ in range(3):  # compile / capture, then replays
+            got, tgot = run_loops(model, h, policy, needed, attention=attention, compile=True)
+            worst = max(worst, float((got - ref).abs().max()))
+            same = same and bool(torch.equal(tref.loops, tgot.loops))
+        results[f"compiled_{attention}_vs_eager_max_abs"] = worst
+        results[f"compiled_{attention}_vs_eager_loops_equal"] = same
+
+    gpu = load_model(device="cuda", dtype="bfloat16")
+    prompts, n = _problems(gpu, 64)
+    for name in ("fixed", "convergence"):
+        eager = generate(gpu, prompts, policy=make(name), gen_length=n, steps=n)
+        for _ in range(2):
+            compiled = generate(gpu, prompts, policy=make(name), gen_length=n, steps=n,
+                                compile=True)
+        results[f"compiled_generate_{name}_token_agreement"] = float(
+            (compiled.tokens == eager.tokens).float().mean())
+
+
+def check_host_syncs(results: dict) -> None:
+    """Synchronising CUDA calls of one generation (after an identical warm-up) against the
+    runtime's account, eager and compiled."""
+    model = _tiny()
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]
+    for compile in (False, True):
+        kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8,
+                      steps=4, compile=compile)
+        generate(model, prompts, **kwargs)
+        torch.cuda.synchronize()
+        before = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = generate(model, prompts, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+        seen = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        tag = "compiled" if compile else "eager"
+        results[f"host_syncs_{tag}"] = {"observed": len(seen), "counted": out.stats.host_syncs,
+                                        "within_account": len(seen) <= out.stats.host_syncs}
+
+
+def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
+               modes: tuple[bool, ...]) -> Callable[[dict], None]:
+    def run(results: dict) -> None:
+        rows = bench_iteration(cfg, batch, length, FRACTIONS, torch.device("cuda"),
+                               torch.bfloat16, repeats=20, attention=["padded", "flex"],
+                               modes=modes)
+        dicts = [{**d, **r} for d, r in zip(rows_to_dicts(rows), relative(rows))]
+        results[f"iteration_{name}"] = results.get(f"iteration_{name}", []) + dicts
+        print(name, json.dumps(dicts), flush=True)
+    return run
+
+
+def _generation(results: dict, compile: bool) -> None:
+    model = load_model(device="cuda", dtype="bfloat16")
+    key = "generation_embedded_compiled" if compile else "generation_embedded"
+    results[key] = [r.to_dict() for r in bench_generation(model, n=500, compile=compile)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="Seconds this script may run; sections that would not fit are "
+                        "skipped.")
     args = parser.parse_args()
-    dev = torch.device("cuda")
+    deadline = time.monotonic() + args.budget
+    # many shapes, backends and models compile the same functions: never fall back to eager
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
+    smdm = LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512)
     results: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
-                     "torch": torch.__version__}
-    check_correctness(results)
-    print(json.dumps(results, indent=1), flush=True)
-    results["matmul_peak_bf16"] = matmul_peak(dev, torch.bfloat16, n=8192)
-    grid = [("d2048", dict(vocab_size=32001, d_model=2048, n_heads=16, d_ff=5504, n_layers=6,
-                           loop_start=1, loop_layers=4, mask_id=32000, max_seq_len=512), 16, 512),
-            ("smdm-170m-shape", None, 32, 512)]
-    for name, shape, batch, length in grid:
-        cfg = LoopMDMConfig(**shape) if shape else LoopMDMConfig.from_name(name, max_seq_len=512)
-        rows = bench_iteration(cfg, batch, length, [0.75, 0.5, 0.25, 0.1], dev, torch.bfloat16,
-                               repeats=20)
-        results[f"iteration_{name}"] = rows_to_dicts(rows)
-        print(name, json.dumps(results[f"iteration_{name}"]), flush=True)
-    model = load_model(device="cuda", dtype="bfloat16")
-    results["generation_embedded"] = [r.to_dict() for r in bench_generation(model, n=500)]
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
+                     "torch": torch.__version__, "flash_attn": flash_attn_installed(),
+                     "skipped": [], "seconds": {}}
+    d2048 = LoopMDMConfig(**D2048)
+    sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
+        ("correctness", 30, check_correctness),
+        ("attention", 90, check_attention),
+        ("matmul_peak", 5, lambda r: r.update(
+            matmul_peak_bf16=matmul_peak(torch.device("cuda"), torch.bfloat16, n=8192))),
+        ("iteration_d2048_eager", 60, _iteration("d2048", d2048, 16, 512, (False,))),
+        ("compiled", 120, check_compiled),
+        ("iteration_d2048_compiled", 120, _iteration("d2048", d2048, 16, 512, (True,))),
+        ("host_syncs", 60, check_host_syncs),
+        ("generation", 30, lambda r: _generation(r, False)),
+        ("iteration_smdm_eager", 40, _iteration("smdm-170m-shape", smdm, 32, 512, (False,))),
+        ("generation_compiled", 90, lambda r: _generation(r, True)),
+        ("iteration_smdm_compiled", 120, _iteration("smdm-170m-shape", smdm, 32, 512,
+                                                    (True,))),
+    ]
+    path = args.out / "gpu_check.json"
+    for name, expected, run in sections:
+        left = deadline - time.monotonic()
+        if left < expected:
+            results["skipped"].append(f"{name} (needs ~{expected:.0f} s, {left:.0f} s left)")
+            continue
+        start = time.monotonic()
+        try:
+            run(results)
+        except Exception:  # record and go on: one failing section must not hide the others
+            results[f"{name}_error"] = traceback.format_exc()[-3000:]
+        results["seconds"][name] = round(time.monotonic() - start, 1)
+        path.write_text(json.dumps(results, indent=1))
+        print(name, f"{results['seconds'][name]} s", flush=True)
+    path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
 

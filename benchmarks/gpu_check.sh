@@ -10,4 +10,4 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tm
   2>&1 | tail -n 3
 export PYTHONPATH=/tmp/adaptive_loop_site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
-PYTHONUNBUFFERED=1 timeout 450 python3 benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/log.txt"
+PYTHONUNBUFFERED=1 timeout 450 python3 benchmarks/gpu_check.py --out "$OUT" --budget 420 2>&1 | tee "$OUT/log.txt"

@@ -1,4 +1,5 @@
-"""`bench`: compacted vs full loop iterations and adaptive vs fixed generation, side by side."""
+"""`bench`: compacted vs full loop iterations (per attention backend, eager and compiled) and
+adaptive vs fixed generation, side by side."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 @app.command()
 def bench(
     preset: Annotated[str, typer.Option(
@@ -41,6 +46,12 @@ def bench(
     needed: Annotated[float, typer.Option(
         help="Share of tokens whose prediction is read (still masked in the current block) "
         "for the monitoring timing.")] = 0.125,
+    attention: Annotated[str, typer.Option(
+        help="Packed attention backends to time side by side, comma-separated: auto, padded, "
+        "flex, varlen (generation uses the first).")] = "auto",
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Also time every figure with compiled loop iterations (the first "
+        "calls compile, untimed) and report compiled against eager.")] = False,
     checkpoint: Checkpoint = None,
     device: Device = None,
     dtype: Dtype = None,
@@ -49,12 +60,24 @@ def bench(
     """Time what halting saves: one loop iteration with a fraction of tokens active against
     the full iteration, and generation under adaptive policies against fixed loops. Every
     figure is a ratio measured in the same run."""
-    from ..bench import bench_generation, bench_iteration, bench_monitor, matmul_peak, rows_to_dicts
+    from ..attention import ATTENTION, resolve_attention
+    from ..bench import (
+        bench_generation,
+        bench_iteration,
+        bench_monitor,
+        matmul_peak,
+        relative,
+        rows_to_dicts,
+    )
     from ..checkpoint import load_model
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
 
     fracs = _floats(fractions, "--fractions")
+    backends = [a.strip() for a in attention.split(",") if a.strip()]
+    if not backends or any(a not in ATTENTION for a in backends):
+        raise UsageError(f"--attention takes a comma-separated list of {', '.join(ATTENTION)}; "
+                         f"got {attention!r}")
     _floats(str(needed), "--needed")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -67,28 +90,34 @@ def bench(
     else:
         raise UsageError(f"unknown preset {preset!r}; choose embedded or one of "
                          f"{', '.join(PRESETS)}")
+    for backend in backends:  # a backend that cannot run here fails before any timing
+        resolve_attention(backend, dev, dt, cfg.head_dim)
     with err.status("timing loop iterations..."):
-        rows = bench_iteration(cfg, batch, length, fracs, dev, dt, repeats)
+        rows = bench_iteration(cfg, batch, length, fracs, dev, dt, repeats,
+                               attention=backends, modes=(False, True) if compile else (False,))
         peak = matmul_peak(dev, dt)
     report = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "preset": preset,
               "batch": batch, "length": length, "matmul_peak_flops": peak,
-              "iteration": rows_to_dicts(rows)}
+              "iteration": [{**d, **r} for d, r in zip(rows_to_dicts(rows), relative(rows))]}
     if monitor:
         with err.status("timing policy signals..."):
             report["monitor"] = rows_to_dicts(bench_monitor(cfg, batch, length, needed, dev, dt,
                                                              repeats))
     if generation:
         with err.status("timing generation..."):
-            report["generation"] = [r.to_dict() for r in bench_generation(model, n=n)]
+            report["generation"] = [r.to_dict() for r in bench_generation(
+                model, n=n, compile=compile, attention=backends[0])]
     if as_json:
         print(json.dumps(report))
         return
     table = Table(title=f"one loop iteration, {preset}, {batch} x {length}, {report['dtype']}")
-    for col in ("active (mean)", "full ms", "compacted ms", "ratio", "ideal"):
+    for col in ("attention", "compiled", "active (mean)", "full ms", "compacted ms", "ratio",
+                "ideal", "vs eager", "vs padded"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(f"{r.active:.2f}", f"{r.full_ms:.2f}", f"{r.compact_ms:.2f}",
-                      f"{r.ratio:.2f}", f"{r.active:.2f}")
+    for r, d in zip(rows, report["iteration"]):
+        table.add_row(r.attention, "yes" if r.compiled else "no", f"{r.active:.2f}",
+                      f"{r.full_ms:.2f}", f"{r.compact_ms:.2f}", f"{r.ratio:.2f}",
+                      f"{r.active:.2f}", _ratio(d["vs_eager"]), _ratio(d["vs_padded"]))
     out.print(table)
     if monitor:
         table = Table(title=f"policy signals per check, {needed:.0%} of tokens needed")
@@ -100,11 +129,12 @@ def bench(
         out.print(table)
     if generation:
         table = Table(title=f"generation, {n} problems of the checkpoint's task")
-        for col in ("policy", "compact", "accuracy", "mean loops", "looped FLOPs", "monitor",
-                    "wall s", "wall vs fixed", "tokens/s"):
+        for col in ("policy", "compact", "compiled", "accuracy", "mean loops", "looped FLOPs",
+                    "monitor", "wall s", "wall vs fixed", "tokens/s"):
             table.add_column(col)
         for g in report["generation"]:
-            table.add_row(g["policy"], "on" if g["compact"] else "off", f"{g['accuracy']:.1%}",
+            table.add_row(g["policy"], "on" if g["compact"] else "off",
+                          "yes" if g["compiled"] else "no", f"{g['accuracy']:.1%}",
                           f"{g['mean_loops']:.2f}", f"{g['flops_ratio']:.2f}x",
                           f"{g['monitor_ratio']:.2f}x", f"{g['wall_s']:.2f}",
                           f"{g['wall_ratio']:.2f}x", f"{g['tokens_per_s']:.0f}")

@@ -74,6 +74,12 @@ def generate(
     warm_start: Annotated[bool, typer.Option(
         help="Resume unchanged positions from the previous step's loop state (fewer loops, "
         "some accuracy lost on the embedded model).")] = False,
+    compile_loops: Annotated[bool, typer.Option(
+        "--compile", help="Compile the loop iterations with torch.compile (the first call pays "
+        "the compilation; on CUDA the dense iteration replays as a CUDA graph).")] = False,
+    attention: Annotated[str, typer.Option(
+        help="Attention of the packed active tokens: auto, padded, flex or varlen (auto: "
+        "padded on CPU, flex on CUDA, varlen where flash-attn is installed).")] = "auto",
     prompts: Annotated[Path | None, typer.Option(
         help="JSONL file of {\"prompt\": ...} objects to complete in batches (other fields are "
         "kept); the results go to --out, or to stdout as JSON lines.")] = None,
@@ -99,7 +105,7 @@ def generate(
     decoding = {"block_length": block_length, "temperature": temperature,
                 "remasking": remasking, "compact": compact, "warm_start": warm_start,
                 "threshold": threshold_decoding, "factor": factor, "cfg_scale": cfg,
-                "eos_fill": eos_fill}
+                "eos_fill": eos_fill, "compile": compile_loops, "attention": attention}
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")

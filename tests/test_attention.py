@@ -1,0 +1,203 @@
+"""Packed attention backends: padded, FlexAttention (block mask from row offsets) and the
+flash-attn varlen layout, each against a naive per-row reference."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptive_loop import generate
+from adaptive_loop.attention import (
+    PackPlan,
+    packed_attention,
+    packed_keys,
+    padded_attention,
+    resolve_attention,
+)
+from adaptive_loop.errors import UsageError
+from adaptive_loop.flex import block_mask, row_blocks, row_keys
+from adaptive_loop.policies import make
+from adaptive_loop.varlen import cu_seqlens, varlen_keys
+
+# eager FlexAttention on CPU is the unfused reference and says so once
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def _case(batch=4, length=40, heads=4, groups=2, dim=8, seed=0, fractions=(0.9, 0.0, 0.4, 0.15),
+          padded_rows=((2, 9),)):
+    """Packed queries with unequal active counts per row (one row with none), grouped-query
+    keys, and left padding hidden by a key mask."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(batch, length, generator=g) < torch.tensor(fractions)[:, None]
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    for row, pad in padded_rows:
+        key_mask[row, :pad] = False
+    plan = PackPlan.from_mask(active)
+    q = torch.randn(plan.size, heads, dim, generator=g)
+    k = torch.randn(batch, groups, length, dim, generator=g)
+    v = torch.randn(batch, groups, length, dim, generator=g)
+    return plan, q, k, v, key_mask
+
+
+def _naive(q, k, v, plan, key_mask):
+    """Row by row: the row's packed queries against the row's real keys."""
+    heads = q.shape[1]
+    out = torch.empty_like(q)
+    for b in range(plan.batch):
+        mine = plan.rows == b
+        if not mine.any():
+            continue
+        keys = k[b].repeat_interleave(heads // k.shape[1], 0)  # (H, L, D)
+        values = v[b].repeat_interleave(heads // v.shape[1], 0)
+        real = key_mask[b] if key_mask is not None else torch.ones(k.shape[2], dtype=torch.bool)
+        scores = torch.einsum("nhd,hld->hnl", q[mine], keys) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(~real, float("-inf"))
+        out[mine] = torch.einsum("hnl,hld->nhd", scores.softmax(-1), values)
+    return out
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_flex_equals_padded_equals_naive(masked):
+    plan, q, k, v, key_mask = _case()
+    key_mask = key_mask if masked else None
+    ref = _naive(q, k, v, plan, key_mask)
+    padded = padded_attention(q, k, v, plan, key_mask)
+    flex_plan = plan.with_keys(packed_keys("flex", plan.batch, plan.length, key_mask, q.device))
+    assert flex_plan.flex is not None
+    flex = packed_attention(q, k, v, flex_plan, key_mask)
+    torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+def _tiles(num, idx, q_tiles, kv_tiles):
+    """(1, 1, QB) counts and (1, 1, QB, KB) indices -> (QB, KB) bool of the listed tiles."""
+    listed = torch.arange(kv_tiles)[None, :] < num[0, 0][:, None]
+    dense = torch.zeros(q_tiles, kv_tiles, dtype=torch.bool)
+    rows = torch.arange(q_tiles)[:, None].expand(-1, kv_tiles)
+    dense[rows[listed], idx[0, 0][listed].long()] = True
+    return dense
+
+
+@pytest.mark.parametrize("block,length,fractions", [
+    (16, 40, (0.9, 0.0, 0.4, 0.15)),  # rows not aligned to tiles, one row without queries
+    (16, 64, (1.0, 0.6, 0.0, 0.5)),  # rows of whole tiles: full tiles appear
+    (128, 256, (0.8, 0.3, 1.0, 0.0)),  # the default tile size
+])
+def test_block_mask_from_offsets_equals_dense_construction(block, length, fractions):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    plan, _, _, _, key_mask = _case(length=length, fractions=fractions,
+                                    padded_rows=((1, 3), (3, block + 5)))
+    keys = row_keys(plan.batch, length, key_mask, plan.index.device, block=block)
+    blocks = row_blocks(plan.rows, plan.counts, keys)
+    n, n_keys = plan.size, plan.batch * length
+    rows, real = plan.rows, key_mask.reshape(-1)
+
+    def dense_rule(b, h, q, kv):
+        return (rows[q] == torch.div(kv, length, rounding_mode="floor")) & real[kv]
+
+    ref = create_block_mask(dense_rule, 1, 1, n, n_keys, device="cpu", BLOCK_SIZE=block)
+    ours = block_mask(blocks)
+    q_tiles, kv_tiles = ref.kv_indices.shape[-2:]
+    assert ours.kv_indices.shape[-2:] == (q_tiles, kv_tiles)
+    for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        expect = _tiles(getattr(ref, num), getattr(ref, idx), q_tiles, kv_tiles)
+        got = _tiles(getattr(ours, num), getattr(ours, idx), q_tiles, kv_tiles)
+        assert torch.equal(got, expect), num
+    if block == 16 and length == 64:
+        assert ref.full_kv_num_blocks.sum() > 0  # the case meant to have full tiles has them
+
+    # the mask the structure implies (listed tiles, the mask function inside partial ones)
+    # is the rule itself, and padding to whole tiles adds no allowed pair
+    q_idx = torch.arange(blocks.q_len)[:, None]
+    kv_idx = torch.arange(blocks.q_lo.numel())[None, :]
+    inside = ours.mask_mod(0, 0, q_idx, kv_idx)
+
+    def spread(tiles):
+        return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+    partial = spread(_tiles(ours.kv_num_blocks, ours.kv_indices, q_tiles, kv_tiles))
+    full = spread(_tiles(ours.full_kv_num_blocks, ours.full_kv_indices, q_tiles, kv_tiles))
+    implied = (partial & inside) | full
+    truth = torch.zeros_like(implied)
+    truth[:n, :n_keys] = (rows[:, None] == torch.arange(n_keys)[None, :] // length) & real
+    assert torch.equal(implied, truth)
+
+
+def test_cu_seqlens_hand_computed():
+    assert cu_seqlens(torch.tensor([3, 0, 2, 4])).tolist() == [0, 3, 3, 5, 9]
+    assert cu_seqlens(torch.tensor([3, 0, 2])).dtype == torch.int32
+    full = varlen_keys(3, 4, None, torch.device("cpu"))
+    assert full.cu_k.tolist() == [0, 4, 8, 12] and full.index is None and full.max_k == 4
+    key_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    packed = varlen_keys(3, 4, key_mask, torch.device("cpu"))
+    assert packed.cu_k.tolist() == [0, 4, 6, 9]
+    assert packed.index.tolist() == [0, 1, 2, 3, 6, 7, 9, 10, 11]
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=False):
+    """The variable-length kernel's contract, computed sequence by sequence."""
+    assert q.dim() == k.dim() == 3 and not causal and dropout_p == 0.0
+    out = torch.zeros_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for i in range(cu_q.numel() - 1):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        assert qs.stop - qs.start <= max_q and ks.stop - ks.start <= max_k
+        keys = k[ks].repeat_interleave(groups, 1).transpose(0, 1)  # (H, K_i, D)
+        values = v[ks].repeat_interleave(groups, 1).transpose(0, 1)
+        out[qs] = F.scaled_dot_product_attention(q[qs].transpose(0, 1), keys,
+                                                 values).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_varlen_layout_against_reference_kernel(monkeypatch, masked):
+    """Packing (queries by row, real keys only) fed to a stand-in for flash-attn's varlen
+    function gives the padded backend's result."""
+    monkeypatch.setitem(sys.modules, "flash_attn",
+                        types.SimpleNamespace(flash_attn_varlen_func=_reference_varlen))
+    plan, q, k, v, key_mask = _case()
+    key_mask = key_mask if masked else None
+    keys = packed_keys("varlen", plan.batch, plan.length, key_mask, q.device)
+    assert keys.host_syncs == int(masked)
+    varlen_plan = plan.with_keys(keys)
+    assert varlen_plan.varlen is not None
+    torch.testing.assert_close(packed_attention(q, k, v, varlen_plan, key_mask),
+                               _naive(q, k, v, plan, key_mask), atol=1e-5, rtol=1e-5)
+
+
+def test_resolve_attention(monkeypatch):
+    import adaptive_loop.attention as attention
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # (no CUDA needed to decide)
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    assert resolve_attention("auto", gpu, torch.bfloat16, 64) == "varlen"
+    assert resolve_attention("auto", gpu, torch.float32, 64) == "flex"  # flash-attn: half only
+    assert resolve_attention("auto", cpu, torch.bfloat16, 64) == "padded"
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    assert resolve_attention("auto", cpu, torch.float32, 32) == "padded"
+    assert resolve_attention("flex", cpu, torch.float32, 8) == "flex"
+    assert resolve_attention("auto", gpu, torch.bfloat16, 64) == "flex"
+    assert resolve_attention("auto", gpu, torch.bfloat16, 8) == "padded"  # below flex's 16
+    with pytest.raises(UsageError, match="at least 16"):
+        resolve_attention("flex", gpu, torch.bfloat16, 8)
+    with pytest.raises(UsageError, match="flash-attn"):
+        resolve_attention("varlen", cpu, torch.float32, 32)
+    with pytest.raises(UsageError, match="unknown attention"):
+        resolve_attention("sparse", cpu, torch.float32, 32)
+
+
+def test_generate_with_flex_equals_default(tiny_model):
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]  # unequal: padding, key mask
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    base = generate(tiny_model, prompts, policy=policy, gen_length=8, steps=4)
+    flex = generate(tiny_model, prompts, policy=policy, gen_length=8, steps=4,
+                    attention="flex")
+    assert any(min(s.active_tokens) < max(s.active_tokens) for s in base.stats.steps), \
+        "nothing halted: the packed path never ran"
+    assert torch.equal(base.tokens, flex.tokens)
+    assert torch.equal(base.loops, flex.loops)

@@ -1,0 +1,218 @@
+"""Opt-in compilation of the loop iteration: one graph per function (no graph breaks), no
+recompilation when the active count changes, the same results as eager, and on CUDA no more
+host syncs than the runtime counts."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tests_support import tiny_config
+from torch._dynamo.testing import CompileCounter
+
+from adaptive_loop import LoopMDM, generate
+from adaptive_loop.attention import PackPlan, packed_keys
+from adaptive_loop.policies import make
+from adaptive_loop.runtime import (
+    _COMPILED,
+    EAGER,
+    _dense_iteration,
+    _packed_iteration,
+    compiled_iterations,
+    iterations,
+    run_loops,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]  # unequal: padding and a key mask
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    torch._dynamo.reset()
+    _COMPILED.clear()
+    yield
+    torch._dynamo.reset()
+    _COMPILED.clear()
+
+
+def _inputs(model: LoopMDM, batch=3, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 16, (batch, length), generator=g).to(device)
+    key_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    key_mask[1, :7] = False
+    with torch.no_grad():
+        h = model.prelude(model.embed(ids), key_mask)
+        _, caches = _dense_iteration(model, h, key_mask, None)
+    return h, key_mask, [(k.contiguous(), v.contiguous()) for k, v in caches], g
+
+
+def _plan(active, key_mask, backend):
+    batch, length = active.shape
+    keys = packed_keys(backend, batch, length, key_mask, active.device)
+    return PackPlan.from_mask(active).with_keys(keys)
+
+
+def _uneven(g, batch, length, fractions):
+    return torch.rand(batch, length, generator=g) < torch.tensor(fractions)[:, None]
+
+
+def _copy(caches):
+    return [(k.clone(), v.clone()) for k, v in caches]
+
+
+@pytest.mark.parametrize("backend", ["padded", "flex"])
+def test_iterations_have_no_graph_breaks(tiny_model, backend):
+    h, key_mask, caches, g = _inputs(tiny_model)
+    active = _uneven(g, 3, 40, (0.8, 0.3, 0.55))
+    plan = _plan(active, key_mask, backend)
+    with torch.no_grad():
+        cases = [
+            (_packed_iteration, (tiny_model, h, plan, _copy(caches), key_mask)),
+            (_dense_iteration, (tiny_model, h, key_mask, None)),
+            (_dense_iteration, (tiny_model, h, key_mask, (active, _copy(caches)))),
+        ]
+        for fn, args in cases:
+            report = torch._dynamo.explain(fn)(*args)
+            assert report.graph_break_count == 0, report.break_reasons
+            assert report.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["padded", "flex"])
+def test_changing_active_counts_do_not_recompile(tiny_model, backend):
+    """Compiled (graph capture only) packed iterations over plans of different sizes and
+    widths: at most two compilations (the padded width, a plain int, turns dynamic at its
+    first change), none after the second call, and each result equals eager, caches too."""
+    counter = CompileCounter()
+    run = compiled_iterations(counter, torch.device("cpu"))
+    assert compiled_iterations(counter, torch.device("cpu")) is run  # cached
+    h, key_mask, caches, g = _inputs(tiny_model)
+    sizes, frames = set(), []
+    with torch.no_grad():
+        for fractions in [(0.8, 0.3, 0.55), (0.5, 0.2, 0.9), (0.3, 0.6, 0.1), (0.9, 0.9, 0.4),
+                          (0.2, 0.7, 0.6), (0.6, 0.1, 0.3)]:
+            plan = _plan(_uneven(g, 3, 40, fractions), key_mask, backend)
+            sizes.add((plan.size, plan.width))
+            got_caches, ref_caches = _copy(caches), _copy(caches)
+            got = run.packed(tiny_model, h, plan, got_caches, key_mask)
+            ref = _packed_iteration(tiny_model, h, plan, ref_caches, key_mask)
+            frames.append(counter.frame_count)
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+            for (k1, v1), (k2, v2) in zip(got_caches, ref_caches):
+                torch.testing.assert_close(k1, k2, atol=1e-6, rtol=1e-6)
+                torch.testing.assert_close(v1, v2, atol=1e-6, rtol=1e-6)
+    assert len(sizes) == 6
+    assert frames[-1] == frames[1] <= 2, frames
+
+
+def test_compiled_packed_equals_eager_unequal_rows(tiny_model):
+    """aot_eager traces through the same decompositions inductor uses; the packed iteration
+    with very different active counts per row (one row nearly empty) matches eager."""
+    run = iterations("aot_eager", torch.device("cpu"))
+    h, key_mask, caches, g = _inputs(tiny_model)
+    active = _uneven(g, 3, 40, (0.95, 0.05, 0.5))
+    with torch.no_grad():
+        for backend in ("padded", "flex"):
+            plan = _plan(active, key_mask, backend)
+            assert len(set(plan.counts.tolist())) == 3
+            got = run.packed(tiny_model, h, plan, _copy(caches), key_mask)
+            ref = _packed_iteration(tiny_model, h, plan, _copy(caches), key_mask)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_is_the_default():
+    assert iterations(False, torch.device("cpu")) is EAGER
+
+
+@pytest.mark.parametrize("attention", ["padded", "flex"])
+def test_generate_compiled_equals_eager(tiny_model, attention):
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    kwargs = dict(policy=policy, gen_length=8, steps=4, attention=attention)
+    eager = generate(tiny_model, PROMPTS, **kwargs)
+    compiled = generate(tiny_model, PROMPTS, compile="eager", **kwargs)
+    assert any(min(s.active_tokens) < max(s.active_tokens) for s in eager.stats.steps)
+    assert torch.equal(eager.tokens, compiled.tokens)
+    assert torch.equal(eager.loops, compiled.loops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["padded", "flex"])
+def test_default_backend_run_loops(tiny_model, attention):
+    """The real default backend (inductor: C++ kernels on CPU; for flex, FlexAttention's fused
+    CPU kernel, which unlike eager skips the tiles the block mask leaves out) against eager
+    padded attention."""
+    h, key_mask, _, g = _inputs(tiny_model)
+    needed = torch.rand(3, 40, generator=g) < 0.5
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    ref, t_ref = run_loops(tiny_model, h, policy, needed, key_mask=key_mask,
+                           attention="padded")
+    got, t_got = run_loops(tiny_model, h, policy, needed, key_mask=key_mask,
+                           attention=attention, compile=True)
+    assert min(t_ref.active_tokens) < max(t_ref.active_tokens)
+    assert torch.equal(t_ref.loops, t_got.loops)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cuda_model() -> LoopMDM:
+    """tiny_model's recipe with a head size of 16, the least FlexAttention's GPU kernels take
+    (so that "auto" picks flex), on CUDA."""
+    torch.manual_seed(0)
+    model = LoopMDM(tiny_config(n_loops=4, n_heads=2, n_kv_heads=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model.cuda()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_host_syncs_within_the_account(cuda_model, compile):
+    """Every synchronising CUDA call of one generation (after a warm-up with identical inputs,
+    so compilation and graph capture are done) is one the runtime counted."""
+    model = cuda_model
+    kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8, steps=4,
+                  compile=compile)
+    generate(model, PROMPTS, **kwargs)
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = generate(model, PROMPTS, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert syncs, "sync debug mode reported nothing: the count would prove nothing"
+    assert len(syncs) <= out.stats.host_syncs, [str(w.message) for w in syncs[:3]]
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_compiled_equals_eager(cuda_model):
+    """On CUDA the dense iteration replays as a CUDA graph; outputs copied out of its static
+    buffers keep the loop correct across replays (float32, so the comparison is tight)."""
+    model = cuda_model
+    h, key_mask, _, g = _inputs(model)
+    needed = (torch.rand(3, 40, generator=g) < 0.5).cuda()
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    ref, t_ref = run_loops(model, h, policy, needed, key_mask=key_mask, attention="padded")
+    for attention in ("padded", "flex"):
+        for _ in range(3):  # warm-up, capture, replay
+            got, t_got = run_loops(model, h, policy, needed, key_mask=key_mask,
+                                   attention=attention, compile=True)
+            assert torch.equal(t_ref.loops, t_got.loops)
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    fixed = make("fixed", loops=5)
+    eager = generate(model, PROMPTS, policy=fixed, gen_length=8, steps=4)
+    for _ in range(2):
+        compiled = generate(model, PROMPTS, policy=fixed, gen_length=8, steps=4, compile=True)
+        assert torch.equal(eager.tokens, compiled.tokens)
