@@ -58,6 +58,21 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) ->
     )
 
 
+def true_index(mask: Tensor, count: int) -> Tensor:
+    """Positions of the True entries of a 1-D bool mask, ascending, given how many there are.
+
+    `nonzero()` must wait for the device to learn its output size; with the count already on
+    the host (read together with other values in one sync), a cumulative sum and a scatter
+    find the same positions without waiting.
+    """
+    position = torch.arange(mask.numel(), device=mask.device)
+    # True entries go to their rank among the True ones, False entries to distinct spare slots
+    slot = torch.where(mask, torch.cumsum(mask, 0) - 1, count + position)
+    out = torch.empty(count + mask.numel(), dtype=torch.long, device=mask.device)
+    out.scatter_(0, slot, position)
+    return out[:count]
+
+
 @dataclass
 class PackPlan:
     """Where each packed token sits: its row, its position and its slot in a padded buffer.
@@ -81,10 +96,11 @@ class PackPlan:
     def from_mask(cls, active: Tensor) -> PackPlan:
         """Build the plan of the True entries of a (B, L) mask (one host sync, for the sizes)."""
         batch, length = active.shape
-        index = active.reshape(-1).nonzero().squeeze(1)
         counts = active.sum(1)
-        width = int(counts.max()) if batch else 0
-        return cls.from_index(index, counts, width, batch, length)
+        if batch == 0:
+            return cls.from_index(counts.new_zeros(0), counts, 0, batch, length)
+        size, width = torch.stack([counts.sum(), counts.max()]).tolist()
+        return cls.from_index(true_index(active.reshape(-1), size), counts, width, batch, length)
 
     @classmethod
     def from_index(cls, index: Tensor, counts: Tensor, width: int, batch: int,

@@ -13,7 +13,7 @@ the old state and old keys/values of halted tokens. Both paths compute the same 
 `attention` picks the packed attention backend (attention.py). `compile` (off by default;
 eager CPU float32 is the reference path) runs both iteration functions through
 `torch.compile`. They hold no host syncs, so each compiles to one graph with no breaks:
-everything that needs the host (counting active tokens, `nonzero`, the finite check) stays
+everything that needs the host (counting active tokens, the finite check) stays
 here in the loop, counted in `StepTrace.host_syncs`, and the sizes it finds reach the compiled
 code as tensor shapes (active tokens, block-mask tiles; marked dynamic) or a plain int (the
 padded width), so that a new active count does not recompile (`compiled_iterations`).
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import PackPlan, packed_keys, resolve_attention
+from .attention import PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError
 from .flops import block_flops, head_flops, readout_flops
 from .model import KV, LoopMDM
@@ -167,7 +167,7 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
         sig.hidden, sig.previous = cur, old
     if "logits" in policy.needs:
         probe = PackPlan.from_mask(active & needed)
-        trace.host_syncs += 2
+        trace.host_syncs += 1
         batch, length = active.shape
         if getattr(policy, "probe", "readout") == "lens":  # norm + head on the loop state
             sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index])
@@ -246,8 +246,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         if n_active == 0:
             break
         if n_active < total:
-            plan = PackPlan.from_index(flat.nonzero().squeeze(1), counts, width, batch, length)
-            trace.host_syncs += 1
+            # the count is on the host already: the positions need no further sync
+            plan = PackPlan.from_index(true_index(flat, n_active), counts, width, batch, length)
             if compact:
                 if keys is None:
                     keys = packed_keys(backend, batch, length, key_mask, h.device)

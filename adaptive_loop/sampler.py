@@ -402,6 +402,6 @@ def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
         looped_flops_fixed_max=fixed["looped"] * nfe, monitor_flops=monitor,
         total_flops=nfe * fixed["prelude"] + looped + readout + monitor,
         nfe=nfe, wall_s=wall,
-        host_syncs=sum(t.host_syncs for t in traces) + 2 * nfe + syncs + _DOWNLOAD_SYNCS,
+        host_syncs=sum(t.host_syncs for t in traces) + nfe + syncs + _DOWNLOAD_SYNCS,
         steps=step_stats)
     return stats, loops

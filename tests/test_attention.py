@@ -201,3 +201,15 @@ def test_generate_with_flex_equals_default(tiny_model):
         "nothing halted: the packed path never ran"
     assert torch.equal(base.tokens, flex.tokens)
     assert torch.equal(base.loops, flex.loops)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 1.0])
+def test_true_index_equals_nonzero(fraction):
+    from adaptive_loop.attention import PackPlan, true_index
+
+    mask = torch.rand(3, 37, generator=torch.Generator().manual_seed(4)) < fraction
+    flat = mask.reshape(-1)
+    assert torch.equal(true_index(flat, int(flat.sum())), flat.nonzero().squeeze(1))
+    plan = PackPlan.from_mask(mask)
+    assert torch.equal(plan.index, flat.nonzero().squeeze(1))
+    assert plan.width == int(mask.sum(1).max())
