@@ -1,9 +1,10 @@
 """The runtime's invariants: compacted == masked, never-halting == fixed, halted tokens frozen,
 loop bounds respected, FLOPs counted from what ran."""
 
+import pytest
 import torch
 
-from adaptive_loop import generate
+from adaptive_loop import LoopMDM, generate
 from adaptive_loop.flops import block_flops
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import run_loops
@@ -88,3 +89,41 @@ def test_check_every_only_halts_on_checked_loops(tiny_model):
     policy = make("convergence", threshold=0.5, min_loops=1, check_every=2, max_loops=7)
     _, trace = run_loops(tiny_model, h, policy, needed)
     assert set(trace.loops.unique().tolist()) <= {1, 3, 5, 7}
+
+
+class _HalfAtFirstCheck:
+    """Halts every other token at the first check and nothing afterwards (unequal rows)."""
+
+    @staticmethod
+    def make(max_loops):
+        from adaptive_loop.policies import HaltingPolicy
+
+        class Half(HaltingPolicy):
+            name = "half-at-first-check"
+
+            def decide(self, signals):
+                halt = (signals.index % 2 == 0) & (signals.index % 7 != 0)
+                return halt if signals.iteration == 1 else torch.zeros_like(halt)
+
+        return Half(max_loops=max_loops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loop_memory_does_not_grow_with_iterations(make_config):
+    torch.manual_seed(0)
+    model = LoopMDM(make_config(n_loops=4)).cuda().eval()
+    ids = torch.randint(0, 16, (4, 48), device="cuda")
+    h = model.prelude(model.embed(ids))
+    needed = torch.ones(4, 48, dtype=torch.bool, device="cuda")
+
+    def peak(loops):
+        run_loops(model, h, _HalfAtFirstCheck.make(loops), needed)  # warm the allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out, trace = run_loops(model, h, _HalfAtFirstCheck.make(loops), needed)
+        torch.cuda.synchronize()
+        assert trace.iterations == loops
+        return torch.cuda.max_memory_allocated() - base
+
+    assert peak(32) <= peak(6)  # packed iterations reuse what the first ones freed
