@@ -145,6 +145,11 @@ CASES = [
     ("convert unknown format", ["convert", "{good}", "{empty}/out", "--format", "gguf"], 2,
      "gguf"),
     ("convert onto a used dir", ["convert", "{good}", "{keep}"], 2, "not an empty directory"),
+    ("prompts file missing", GEN + ["--prompts", "/no/such.jsonl"], 2, "prompt file not found"),
+    ("prompts not json", GEN + ["--prompts", "{text}"], 2, "notes.txt:1: not JSON"),
+    ("prompts and arguments", GEN + ["--prompts", "{text}", "1+1="], 2, "not both"),
+    ("out without prompts", GEN + ["--out", "{empty}/r.jsonl"], 2, "--out goes with --prompts"),
+    ("unknown attention", GEN + ["--attention", "sparse"], 2, "unknown attention backend"),
 ]
 
 
