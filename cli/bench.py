@@ -35,7 +35,7 @@ def bench(
     batch: Annotated[int, typer.Option(help="Rows for the iteration timing.")] = 16,
     length: Annotated[int, typer.Option(help="Positions per row for the iteration timing.")] = 256,
     fractions: Annotated[str, typer.Option(
-        help="Mean active fractions (per row spread over [f/2, 3f/2]).")] = "0.75,0.5,0.25,0.1",
+        help="Mean active fractions (per row spread from f/2 to 3f/2).")] = "0.75,0.5,0.25,0.1",
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure (median).")] = 10,
     generation: Annotated[bool, typer.Option(
         help="Also time generation on the checkpoint's task: fixed vs adaptive policies, "
