@@ -215,14 +215,22 @@ class MonitorRow:
         return self.signal_ms / self.iteration_ms
 
 
+DEFAULT_MONITORED: list[tuple[str, dict[str, Any]]] = [
+    ("convergence", {}), ("entropy", {}), ("entropy", {"probe": "lens"}),
+    ("entropy", {"probe": "lens", "shortlist": 16}), ("kl", {}),
+    ("kl", {"probe": "lens", "shortlist": 16})]
+
+
 def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
                   device: torch.device, dtype: torch.dtype, repeats: int = 10,
                   policies: list[tuple[str, dict[str, Any]]] | None = None,
                   seed: int = 0) -> list[MonitorRow]:
     """Cost of a policy's per-iteration signals (all tokens active, `needed_fraction` of each
-    row's tokens still masked in the current block) against one full loop iteration."""
+    row's tokens still masked in the current block) against one full loop iteration. A policy
+    with a shortlist is timed at a later check of a step, on the shortlist that its first check
+    built (the first check of each step reads the whole vocabulary, as without one)."""
     from .policies import make
-    from .runtime import StepTrace, _signals
+    from .runtime import StepTrace, _signals, shortlist_of
 
     torch.manual_seed(seed)
     model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
@@ -236,15 +244,21 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     with torch.no_grad():
         prev, _ = _dense_iteration(model, h, None, None)
         full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats)
-        for name, params in policies or [("convergence", {}), ("entropy", {}),
-                                         ("entropy", {"probe": "lens"}), ("kl", {})]:
+        for name, params in policies or DEFAULT_MONITORED:
             policy = make(name, **params)
             policy.begin_step(batch, length, 0, 1)
-
-            def signals(policy=policy) -> None:
+            vocab = None
+            if getattr(policy, "shortlist", 0):
                 trace = StepTrace(loops=active.int())
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
                                trace)
+                policy.decide(sig)
+                vocab = shortlist_of(sig.logits, policy.shortlist)
+
+            def signals(policy=policy, vocab=vocab) -> None:
+                trace = StepTrace(loops=active.int())
+                sig = _signals(policy, model, h, prev, active, index, needed, None, 2, 0, 1,
+                               trace, vocab)
                 policy.decide(sig)
 
             rows.append(MonitorRow(repr(policy), full * 1e3,

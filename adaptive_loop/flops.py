@@ -28,8 +28,9 @@ def kv_flops(cfg: LoopMDMConfig) -> int:
     return 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.head_dim
 
 
-def head_flops(cfg: LoopMDMConfig) -> int:
-    return 2 * cfg.d_model * cfg.out_vocab
+def head_flops(cfg: LoopMDMConfig, columns: int | None = None) -> int:
+    """LM head for one position: every vocabulary column, or `columns` of them."""
+    return 2 * cfg.d_model * (cfg.out_vocab if columns is None else columns)
 
 
 def block_flops(cfg: LoopMDMConfig, keys: int) -> int:
@@ -37,15 +38,16 @@ def block_flops(cfg: LoopMDMConfig, keys: int) -> int:
     return cfg.loop_layers * layer_flops(cfg, keys)
 
 
-def readout_flops(cfg: LoopMDMConfig, queries: int, positions: int, keys: int) -> int:
+def readout_flops(cfg: LoopMDMConfig, queries: int, positions: int, keys: int,
+                  columns: int | None = None) -> int:
     """Coda + head for `queries` tokens when `positions` tokens serve as keys (all coda layers
     but the last run on every position; the last one runs its keys/values on every position
-    and the rest on the queries only)."""
+    and the rest on the queries only); `columns`: a head restricted to that many."""
     if cfg.n_coda == 0:
-        return queries * head_flops(cfg)
+        return queries * head_flops(cfg, columns)
     full = (cfg.n_coda - 1) * positions * layer_flops(cfg, keys)
     last = positions * kv_flops(cfg) + queries * (layer_flops(cfg, keys) - kv_flops(cfg))
-    return full + last + queries * head_flops(cfg)
+    return full + last + queries * head_flops(cfg, columns)
 
 
 def step_flops_fixed(cfg: LoopMDMConfig, batch: int, length: int, loops: int) -> dict[str, int]:

@@ -137,23 +137,29 @@ class LoopMDM(nn.Module):
             kvs.append(kv)
         return h, kvs
 
-    def head(self, h: Tensor) -> Tensor:
-        """Final norm + LM head. (..., d) -> (..., V)."""
-        return self.lm_head(self.norm(h))
+    def head(self, h: Tensor, vocab: Tensor | None = None) -> Tensor:
+        """Final norm + LM head. (..., d) -> (..., V), or with `vocab` (K,) ids only those
+        columns, (..., K)."""
+        x = self.norm(h)
+        if vocab is None:
+            return self.lm_head(x)
+        bias = None if self.lm_head.bias is None else self.lm_head.bias[vocab]
+        return torch.nn.functional.linear(x, self.lm_head.weight[vocab], bias)
 
     def readout(self, h: Tensor, plan: PackPlan | None = None,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, vocab: Tensor | None = None) -> Tensor:
         """Coda + head from the loop state h (B, L, d).
 
         With a plan, only the planned positions get logits (N, V): the last coda layer runs its
         queries, MLP and head on them alone, while every position still serves as a key.
-        Without one, logits for every position (B, L, V).
+        Without one, logits for every position (B, L, V). `vocab` keeps only those columns
+        (`head`).
         """
         coda = self.coda_layers
         if plan is None:
             for layer in coda:
                 h, _ = layer.dense(h, self.rope, key_mask)
-            return self.head(h)
+            return self.head(h, vocab)
         for layer in coda[:-1]:
             h, _ = layer.dense(h, self.rope, key_mask)
         hq = h.reshape(-1, h.shape[-1])[plan.index]  # (N, d)
@@ -163,7 +169,7 @@ class LoopMDM(nn.Module):
             _, k, v = last.project(h, cos, sin)  # keys/values of every position
             kv = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
             hq = last.packed(hq, self.rope, plan, kv, key_mask)
-        return self.head(hq)
+        return self.head(hq, vocab)
 
     def forward(self, input_ids: Tensor, n_loops: int | None = None,
                 key_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:

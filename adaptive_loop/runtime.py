@@ -154,7 +154,9 @@ def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
 
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
              index: Tensor, needed: Tensor, key_mask: Tensor | None, iteration: int, step: int,
-             steps: int, trace: StepTrace) -> Signals:
+             steps: int, trace: StepTrace, vocab: Tensor | None = None) -> Signals:
+    """The signals `policy` declared, for the active tokens; logits (of the needed ones only)
+    over the whole vocabulary, or over the step's shortlist `vocab` once there is one."""
     d = h.shape[-1]
     cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
     sig = Signals(iteration=iteration, step=step, steps=steps, index=index,
@@ -169,15 +171,23 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
         probe = PackPlan.from_mask(active & needed)
         trace.host_syncs += 1
         batch, length = active.shape
+        columns = None if vocab is None else vocab.numel()
+        sig.vocab = vocab
         if getattr(policy, "probe", "readout") == "lens":  # norm + head on the loop state
-            sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index])
-            trace.monitor_flops += probe.size * head_flops(model.config)
+            sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index], vocab)
+            trace.monitor_flops += probe.size * head_flops(model.config, columns)
         else:
-            sig.logits = model.readout(h, probe, key_mask) if probe.size else h.new_zeros(
-                0, model.config.out_vocab)
+            sig.logits = model.readout(h, probe, key_mask, vocab) if probe.size else \
+                h.new_zeros(0, columns or model.config.out_vocab)
             trace.monitor_flops += readout_flops(model.config, probe.size, batch * length,
-                                                 length)
+                                                 length, columns)
     return sig
+
+
+def shortlist_of(logits: Tensor, k: int) -> Tensor:
+    """The step's shortlist: every vocabulary id among some needed token's top k, ascending
+    (one host sync: its size depends on the data)."""
+    return torch.unique(logits.topk(min(k, logits.shape[-1]), dim=-1).indices)
 
 
 @torch.no_grad()
@@ -205,6 +215,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     run = iterations(compile, h.device)
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
     keys = None  # built at the first packed plan: the key mask is fixed for the whole run
+    shortlist = getattr(policy, "shortlist", 0)  # predictive policies: see predictive.py
+    vocab: Tensor | None = None
     bounds = policy.loop_bounds(model.config.n_loops)
     hi = bounds[1]
     policy.begin_step(batch, length, step, steps)
@@ -232,8 +244,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         index = plan.index if plan is not None and n_active < total else torch.arange(
             total, device=h.device)
         sig = _signals(policy, model, h, prev, active, index, needed, key_mask, iteration, step,
-                       steps, trace)
+                       steps, trace, vocab)
         halt = policy.decide(sig)
+        if shortlist and vocab is None and sig.logits is not None and sig.logits.shape[0]:
+            vocab = shortlist_of(sig.logits, shortlist)  # later checks read only these columns
+            trace.host_syncs += 1
         flat = active.view(-1)
         flat[index] = flat[index] & ~halt
         counts = active.sum(1)

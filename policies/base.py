@@ -47,6 +47,7 @@ class Signals:
     hidden: Tensor | None = None  # (N, d) h_t
     previous: Tensor | None = None  # (N, d) h_{t-1}
     logits: Tensor | None = None  # (M, V) for the needed active tokens, in index order
+    vocab: Tensor | None = None  # (K,) vocabulary ids of the logits' columns; None: all V
 
 
 class HaltingPolicy(ABC):

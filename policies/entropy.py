@@ -30,8 +30,9 @@ class Entropy(PredictivePolicy):
 
     def __init__(self, threshold: float = 0.1, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1,
-                 probe: str = "readout") -> None:
-        super().__init__(context_threshold, min_loops, max_loops, check_every, probe)
+                 probe: str = "readout", shortlist: int = 0) -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every, probe,
+                         shortlist)
         self.threshold = nonnegative(self.name, "threshold", threshold)
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:

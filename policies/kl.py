@@ -28,8 +28,9 @@ class KL(PredictivePolicy):
 
     def __init__(self, threshold: float = 1e-3, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1,
-                 probe: str = "readout") -> None:
-        super().__init__(context_threshold, min_loops, max_loops, check_every, probe)
+                 probe: str = "readout", shortlist: int = 0) -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every, probe,
+                         shortlist)
         self.threshold = nonnegative(self.name, "threshold", threshold)
         self._slot: Tensor | None = None  # (B * L,) row of each needed token in _prev
         self._prev: Tensor | None = None  # (M, V) log-probabilities at the previous check
@@ -47,6 +48,9 @@ class KL(PredictivePolicy):
             self._slot[flat] = torch.arange(flat.shape[0], device=flat.device)
             self._prev = logp
             return torch.zeros_like(flat, dtype=torch.bool)
+        if self._vocab is not None and self._prev.shape[-1] != logp.shape[-1]:
+            # the step's shortlist starts: compare on its columns, renormalised
+            self._prev = torch.log_softmax(self._prev[:, self._vocab], dim=-1)
         slot = self._slot[flat]
         # KL(p_t || p_prev) = sum p_t (log p_t - log p_prev); clamped: rounding can dip below 0
         kl = F.kl_div(self._prev[slot], logp, reduction="none", log_target=True).sum(-1)

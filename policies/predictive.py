@@ -51,6 +51,12 @@ def needed_rows(needed: Tensor, count: int) -> Tensor:
     return torch.argsort((~needed).to(torch.uint8), stable=True)[:count]
 
 
+# A shortlist (`shortlist=K`): the first check of a denoising step reads the whole vocabulary;
+# the union of every needed token's top K ids becomes the step's shortlist, and later checks
+# compute only those columns of the head (`Signals.vocab`), each distribution renormalised
+# over them. The head is what a prediction costs when the vocabulary is large (2 d V per
+# token); the top of a distribution that is about to halt lies in its earlier top K.
+
 # How the runtime computes a needed token's prediction while it loops: "readout" runs the
 # coda and head (exact: what the sampler would read if the token stopped now); "lens" applies
 # the final norm and head to the loop state directly, skipping the coda (cheap when the coda
@@ -66,9 +72,11 @@ class PredictivePolicy(HaltingPolicy):
 
     def __init__(self, context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1,
-                 probe: str = "readout") -> None:
+                 probe: str = "readout", shortlist: int = 0) -> None:
         super().__init__(min_loops, max_loops, check_every)
         self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
+        self.shortlist = 0 if shortlist == 0 else positive_int(self.name, "shortlist", shortlist)
+        self._vocab: Tensor | None = None  # the columns of the current logits (None: all)
         if probe not in PROBES:
             raise UsageError(f"{self.name}: probe must be one of {', '.join(PROBES)}, got "
                              f"{probe!r}")
@@ -89,4 +97,5 @@ class PredictivePolicy(HaltingPolicy):
         if logits is None or logits.shape[0] == 0:
             return halt
         rows = needed_rows(signals.needed, logits.shape[0])
+        self._vocab = signals.vocab
         return halt.index_put((rows,), self.judge_needed(logits, signals.index[rows]))

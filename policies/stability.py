@@ -23,8 +23,9 @@ class Stability(PredictivePolicy):
 
     def __init__(self, patience: int = 2, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None,
-                 check_every: int = 1, probe: str = "readout") -> None:
-        super().__init__(context_threshold, min_loops, max_loops, check_every, probe)
+                 check_every: int = 1, probe: str = "readout", shortlist: int = 0) -> None:
+        super().__init__(context_threshold, min_loops, max_loops, check_every, probe,
+                         shortlist)
         self.patience = positive_int(self.name, "patience", patience)
         self._top: Tensor | None = None  # (B * L,) argmax at the previous check, -1: none yet
         self._run: Tensor | None = None  # (B * L,) consecutive checks with the same argmax
@@ -38,6 +39,8 @@ class Stability(PredictivePolicy):
             self._top = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
             self._run = torch.zeros(self._size, dtype=torch.long, device=flat.device)
         top = logits.argmax(-1)  # (M,)
+        if self._vocab is not None:  # shortlisted columns -> vocabulary ids
+            top = self._vocab[top]
         run = torch.where(self._top[flat] == top, self._run[flat] + 1, 0)
         self._top[flat], self._run[flat] = top, run
         return run >= self.patience

@@ -224,6 +224,49 @@ def test_stability_counts_consecutive_unchanged_checks():
     assert decisions == [[False, False], [False, False], [True, False], [False, True]]
 
 
+# -- shortlists ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [{"name": "entropy", "threshold": 1.0},
+                                  {"name": "kl", "threshold": 0.01},
+                                  {"name": "stability", "patience": 1}])
+@pytest.mark.parametrize("probe", ["readout", "lens"])
+def test_a_shortlist_of_the_whole_vocabulary_changes_nothing(spec, probe, tiny_model, prompts):
+    params = {k: v for k, v in spec.items() if k != "name"}
+    run = {}
+    for shortlist in (0, tiny_model.config.out_vocab):
+        policy = make(spec["name"], probe=probe, shortlist=shortlist, max_loops=4, **params)
+        run[shortlist] = generate(tiny_model, prompts, policy=policy, gen_length=8, steps=8)
+    full, listed = run.values()
+    assert torch.equal(full.tokens, listed.tokens) and torch.equal(full.loops, listed.loops)
+
+
+def test_a_short_shortlist_reads_fewer_columns(tiny_model, prompts):
+    flops = {}
+    for shortlist in (0, 2):
+        policy = make("entropy", threshold=0.0, probe="lens", shortlist=shortlist, max_loops=4)
+        out = generate(tiny_model, prompts, policy=policy, gen_length=8, steps=8)
+        flops[shortlist] = out.stats.monitor_flops
+    assert flops[2] < flops[0]
+    x = torch.randn(5, tiny_model.config.d_model)
+    vocab = torch.tensor([1, 4, 7])
+    torch.testing.assert_close(tiny_model.head(x, vocab), tiny_model.head(x)[:, vocab])
+
+
+def test_shortlisted_columns_map_back_to_vocabulary_ids():
+    stability = make("stability", patience=1, context_threshold=0.0)
+    kl = make("kl", threshold=0.5, context_threshold=0.0)
+    for pol in (stability, kl):
+        pol.begin_step(1, 1, 0, 1)
+    full = torch.tensor([[0.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 3.0]])  # argmax id 4
+    for pol in (stability, kl):  # first check: the whole vocabulary
+        assert pol.decide(_signals(1, [0], [True], delta=torch.ones(1),
+                                   logits=full)).tolist() == [False]
+    listed = torch.tensor([[4.0, 3.0]])  # the same prediction on the shortlist ids 4 and 7
+    sig = _signals(2, [0], [True], delta=torch.ones(1), logits=listed)
+    sig.vocab = torch.tensor([4, 7])
+    assert stability.decide(sig).tolist() == [True]  # id 4 again, not column 0
+    assert kl.decide(sig).tolist() == [True]  # same distribution over the shortlist: KL 0
+
+
 def test_acceleration_needs_two_consecutive_hits():
     pol = make("acceleration", threshold=0.1)
     pol.begin_step(1, 2, 0, 1)
@@ -293,6 +336,8 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
     ("schedule", {"budget": "4,8", "max_loops": 6}, "budget value 8 exceeds max_loops 6"),
     ("schedule", {"budget": "1,4", "min_loops": 2}, "budget value 1 is below min_loops 2"),
     ("learned", {"head": "/no/such/head"}, "train one with `adaptive-loop train-halting"),
+    ("entropy", {"shortlist": -4}, "entropy: shortlist must be an integer >= 1"),
+    ("kl", {"shortlist": 2.5}, "kl: shortlist must be an integer >= 1"),
 ])
 def test_bad_parameters_name_themselves(name, params, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
