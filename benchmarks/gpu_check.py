@@ -6,8 +6,9 @@ FlexAttention (block mask from row offsets) vs padded SDPA vs a per-row referenc
 loop iterations (CUDA graphs for the dense one) vs eager; synchronising CUDA calls of one
 generation vs the runtime's own `host_syncs` account. Timings: one loop iteration with uneven
 active fractions vs the full iteration per attention backend, eager and compiled (d=2048 and
-the 170M-class shape), the matmul peak, and generation of the embedded model under fixed and
-adaptive policies, eager and compiled.
+the 170M-class shape), the matmul peak, generation of the embedded model under fixed and
+adaptive policies, eager and compiled, and each policy's monitoring cost per check on the
+170M-class shape.
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
@@ -31,6 +32,7 @@ from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, pad
 from adaptive_loop.bench import (
     bench_generation,
     bench_iteration,
+    bench_monitor,
     matmul_peak,
     relative,
     rows_to_dicts,
@@ -238,6 +240,10 @@ def main() -> None:
         ("iteration_d2048_compiled", 120, _iteration("d2048", d2048, 16, 512, (True,))),
         ("host_syncs", 60, check_host_syncs),
         ("generation", 30, lambda r: _generation(r, False)),
+        ("monitor_smdm", 30, lambda r: r.update(monitor_smdm=[
+            {**row.__dict__, "ratio": row.ratio}
+            for row in bench_monitor(smdm, 16, 512, 0.125, torch.device("cuda"), torch.bfloat16,
+                                     repeats=20)])),
         ("iteration_smdm_eager", 40, _iteration("smdm-170m-shape", smdm, 32, 512, (False,))),
         ("generation_compiled", 90, lambda r: _generation(r, True)),
         ("iteration_smdm_compiled", 120, _iteration("smdm-170m-shape", smdm, 32, 512,
