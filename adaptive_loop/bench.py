@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +23,21 @@ from .runtime import _dense_iteration, iterations
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cuda_syncs(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """Call `fn` with CUDA's sync debug mode on: its result and the message of every
+    synchronising CUDA call it made (what a count of host syncs is checked against)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    return result, [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 10,

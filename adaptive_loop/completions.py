@@ -29,6 +29,7 @@ from .model import LoopMDM
 from .policies import HaltingPolicy
 from .sampler import generate
 from .shards import Part, PartStore, finish, plan_id, run_sharded
+from .sweep import model_fingerprint
 from .tokenizer import Tokenizer
 
 COMPUTE = ("looped_flops", "looped_flops_fixed_max", "monitor_flops", "total_flops", "nfe",
@@ -94,7 +95,7 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     store = None
     if out is not None:
         identity = plan_id(records, batches, decoding, seed, repr(policy),
-                           model.config.to_dict(), _weights_digest(model))
+                           model_fingerprint(model))
         store = PartStore(Path(f"{out}.parts"), ranks, identity)
 
     def compute(i: int) -> Part:
@@ -133,8 +134,3 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     notes = [store.note] if store is not None and store.note else []
     return Completed(done, totals, notes)
 
-
-def _weights_digest(model: LoopMDM) -> str:
-    from .sweep import model_fingerprint
-
-    return model_fingerprint(model)["weights"]

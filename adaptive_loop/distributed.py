@@ -74,10 +74,14 @@ class Ranks:
     def device(self, device: str | None) -> str | None:
         """The device this rank computes on: a bare `cuda` (or the CUDA default) becomes the
         local rank's GPU."""
-        if self.world == 1:
+        if self.world == 1 or device not in ("cuda", None) or not _wants_cuda(device):
             return device
-        wants_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
-        return f"cuda:{self.local_rank}" if wants_cuda else device
+        return f"cuda:{self.local_rank}"
+
+
+def _wants_cuda(device: str | None) -> bool:
+    """Whether `device` (None: the default, CUDA when available) is a CUDA device."""
+    return (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
 
 
 def _collective(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -96,10 +100,13 @@ def launched() -> bool:
 
 
 def world_rank() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment, before any group exists."""
-    if not launched():
+    """(rank, world size) from the launcher's environment, before any group exists; (0, 1)
+    alone or when the environment is incomplete (for naming a rank in an error message)."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
         return 0, 1
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return (rank, world) if world > 1 else (0, 1)
 
 
 @contextmanager
@@ -119,8 +126,7 @@ def session(device: str | None = None, timeout_s: float = 1800.0) -> Iterator[Ra
     dist = torch.distributed
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
-    cuda = device == "cuda" or (device or "").startswith("cuda") or (
-        device is None and torch.cuda.is_available())
+    cuda = _wants_cuda(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     if cuda:
         if not torch.cuda.is_available():

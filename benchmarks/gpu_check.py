@@ -21,7 +21,6 @@ import argparse
 import json
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from adaptive_loop.bench import (
     bench_generation,
     bench_iteration,
     bench_monitor,
+    cuda_syncs,
     matmul_peak,
     relative,
     rows_to_dicts,
@@ -180,16 +180,7 @@ def check_host_syncs(results: dict) -> None:
         kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8,
                       steps=4, compile=compile)
         generate(model, prompts, **kwargs)
-        torch.cuda.synchronize()
-        before = torch.cuda.get_sync_debug_mode()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                out = generate(model, prompts, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(before)
-        seen = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        out, seen = cuda_syncs(lambda kw=kwargs: generate(model, prompts, **kw))
         tag = "compiled" if compile else "eager"
         results[f"host_syncs_{tag}"] = {"observed": len(seen), "counted": out.stats.host_syncs,
                                         "within_account": len(seen) <= out.stats.host_syncs}

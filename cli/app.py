@@ -120,7 +120,7 @@ def run_main(argv: list[str] | None = None) -> None:
     except AdaptiveLoopError as e:
         if debug:
             traceback.print_exc()
-        rank, world = _rank_or_none(world_rank)
+        rank, world = world_rank()
         where = f" (rank {rank} of {world})" if world > 1 else ""
         if isinstance(e, PeerFailure):
             err.print(f"rank {rank}: stopped: {e}", markup=False, highlight=False,
@@ -137,13 +137,6 @@ def run_main(argv: list[str] | None = None) -> None:
 
 PEER_GRACE_S = 10.0
 SHARDED = {"sweep", "generate", "evaluate"}  # commands that split their work across ranks
-
-
-def _rank_or_none(world_rank: Any) -> tuple[int, int]:
-    try:
-        return world_rank()
-    except (KeyError, ValueError, AdaptiveLoopError):
-        return 0, 1
 
 
 def _leave_for_launcher(message: str) -> None:

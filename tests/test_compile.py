@@ -4,8 +4,6 @@ host syncs than the runtime counts."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from tests_support import tiny_config
@@ -13,6 +11,7 @@ from torch._dynamo.testing import CompileCounter
 
 from adaptive_loop import LoopMDM, generate
 from adaptive_loop.attention import PackPlan, packed_keys
+from adaptive_loop.bench import cuda_syncs
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import (
     _COMPILED,
@@ -181,18 +180,9 @@ def test_host_syncs_within_the_account(cuda_model, compile):
     kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8, steps=4,
                   compile=compile)
     generate(model, PROMPTS, **kwargs)
-    torch.cuda.synchronize()
-    before = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = generate(model, PROMPTS, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode(before)
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    out, syncs = cuda_syncs(lambda: generate(model, PROMPTS, **kwargs))
     assert syncs, "sync debug mode reported nothing: the count would prove nothing"
-    assert len(syncs) <= out.stats.host_syncs, [str(w.message) for w in syncs[:3]]
+    assert len(syncs) <= out.stats.host_syncs, syncs[:3]
 
 
 @cuda
