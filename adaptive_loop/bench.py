@@ -1,6 +1,8 @@
 """Side-by-side timings: one loop iteration compacted vs full (per packed-attention backend,
-eager and compiled), and generation under several policies with compaction on and off. Every
-figure is reported as a ratio measured in the same run, so that machines and noise cancel out.
+eager and compiled), the fixed-loop forward against the measured matmul peak (model FLOP
+utilisation), and each policy's signals against one iteration. Every figure is reported as a
+ratio measured in the same run, so that machines and noise cancel out. Generation timings are
+in throughput.py.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from .attention import PackPlan, packed_keys, resolve_attention
 from .config import LoopMDMConfig
+from .flops import block_flops, step_flops_fixed
 from .model import LoopMDM
 from .runtime import _dense_iteration, iterations
 
@@ -70,6 +73,7 @@ class IterationRow:
     compact_ms: float
     attention: str = "padded"  # packed attention backend
     compiled: bool = False
+    full_flops: int = 0  # FLOPs of the full iteration (flops.py's convention)
 
     @property
     def ratio(self) -> float:
@@ -93,6 +97,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     backends = [resolve_attention(a, device, dtype, cfg.head_dim) for a in attention or ["auto"]]
     runs = [(compiled, iterations(compiled, device)) for compiled in modes]
     keys = {b: packed_keys(b, batch, length, None, device) for b in dict.fromkeys(backends)}
+    flops = batch * length * block_flops(cfg, length)
     rows = []
     with torch.no_grad():
         _, caches = _dense_iteration(model, h, None, None)
@@ -111,7 +116,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
 
                     rows.append(IterationRow(f, float(active.float().mean()), full * 1e3,
                                              time_call(compact, device, repeats) * 1e3,
-                                             backend, compiled))
+                                             backend, compiled, flops))
     return rows
 
 
@@ -138,93 +143,59 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
     return 2 * n**3 / seconds
 
 
+def utilisation(flops: int, ms: float, peak: float) -> float:
+    """Model FLOP utilisation: the FLOP rate of `flops` done in `ms` over the `peak` rate."""
+    return flops / (ms / 1e3) / peak
+
+
+@dataclass
+class ForwardRow:
+    compiled: bool
+    ms: float  # one fixed-loop forward
+    flops: int  # its FLOPs (flops.py's convention)
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / (self.ms / 1e3)
+
+
+def bench_forward(cfg: LoopMDMConfig, batch: int, length: int, device: torch.device,
+                  dtype: torch.dtype, repeats: int = 10, seed: int = 0,
+                  modes: tuple[bool, ...] = (False,)) -> list[ForwardRow]:
+    """Time the fixed-loop forward of a random-weight model (prelude, the block `n_loops`
+    times, coda and head over every position: what a step costs without halting), eager and,
+    for True in `modes`, through `torch.compile` (its first calls, untimed, compile)."""
+    torch.manual_seed(seed)
+    model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen).to(device)
+    flops = sum(step_flops_fixed(cfg, batch, length, cfg.n_loops).values())
+    rows = []
+    with torch.no_grad():
+        for compiled in modes:
+            forward = torch.compile(model, dynamic=False) if compiled else model
+            rows.append(ForwardRow(compiled, time_call(lambda f=forward: f(ids), device,
+                                                       repeats) * 1e3, flops))
+    return rows
+
+
 def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         d = asdict(row)
-        if hasattr(row, "ratio"):
-            d["ratio"] = row.ratio
+        for name in ("ratio", "flops_per_s"):
+            if hasattr(row, name):
+                d[name] = getattr(row, name)
         out.append(d)
     return out
 
 
-# Policies timed against fixed loops by default; thresholds suit the embedded model.
-DEFAULT_POLICIES: list[tuple[str, dict[str, Any]]] = [
-    ("convergence", {}),
-    ("entropy", {}),
-    ("kl", {}),
-]
-
-
-@dataclass
-class GenerationRow:
-    policy: str
-    compact: bool
-    compiled: bool
-    accuracy: float
-    mean_loops: float
-    flops_ratio: float  # looped FLOPs executed / fixed at max loops
-    monitor_ratio: float  # monitoring FLOPs / looped FLOPs executed
-    wall_s: float
-    wall_ratio: float  # wall time / fixed max-loop wall time (compaction on, eager)
-    tokens_per_s: float
-    nfe_per_s: float
-    iterations_per_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def bench_generation(model: LoopMDM, n: int = 200,
-                     policies: list[tuple[str, dict[str, Any]]] | None = None,
-                     seed: int = 1234, compile: bool = False,
-                     attention: str = "auto") -> list[GenerationRow]:
-    """Generation on the model's built-in task: fixed max loops, then each adaptive policy
-    with compaction on and off (the masked reference runs every token, so it shows what
-    counting without compacting would save: nothing). With `compile`, the fixed policy and
-    each adaptive one (compaction on) run again with compiled iterations, each after an
-    untimed pass over the same problems so that compilation stays out of the timings."""
-    from .evaluate import default_decoding, evaluate_task
-    from .policies import make
-    from .tasks import make_task
-
-    task = make_task(model.config.task)
-    decoding = default_decoding(task)
-    chosen = policies or DEFAULT_POLICIES
-    settings = [("fixed", {}, True, False)]
-    for name, params in chosen:
-        settings += [(name, params, True, False), (name, params, False, False)]
-    if compile:
-        settings += [("fixed", {}, True, True)] + [(name, params, True, True)
-                                                   for name, params in chosen]
-    options = {"seed": seed, "attention": attention}
-    evaluate_task(model, task, make("fixed"), n=min(n, 20), **options)  # warm-up
-    rows: list[GenerationRow] = []
-    base_wall = None
-    for name, params, compact, compiled in settings:
-        policy = make(name, **params)
-        if compiled:  # an untimed pass first: compilation stays out of the timing
-            evaluate_task(model, task, policy, n=n, compile=True, **options)
-        res = evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,
-                            **options)
-        base_wall = base_wall or res.wall_s
-        iterations = res.mean_loops * n * (task.prompt_length + task.answer_length) * \
-            decoding["steps"]
-        rows.append(GenerationRow(
-            policy=repr(policy), compact=compact, compiled=compiled, accuracy=res.accuracy,
-            mean_loops=res.mean_loops,
-            flops_ratio=res.looped_flops / max(1, res.looped_flops_fixed_max),
-            monitor_ratio=res.monitor_flops / max(1, res.looped_flops), wall_s=res.wall_s,
-            wall_ratio=res.wall_s / base_wall, tokens_per_s=n * task.answer_length / res.wall_s,
-            nfe_per_s=res.nfe / res.wall_s, iterations_per_s=iterations / res.wall_s))
-    return rows
-
-
 @dataclass
 class MonitorRow:
-    policy: str
+    policy: str  # the policy's repr
     iteration_ms: float  # one full loop iteration
     signal_ms: float  # computing the policy's signals and decision for every token
+    label: str = ""  # its short label
 
     @property
     def ratio(self) -> float:
@@ -278,5 +249,5 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                 policy.decide(sig)
 
             rows.append(MonitorRow(repr(policy), full * 1e3,
-                                   time_call(signals, device, repeats) * 1e3))
+                                   time_call(signals, device, repeats) * 1e3, policy.label()))
     return rows

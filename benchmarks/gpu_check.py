@@ -6,9 +6,10 @@ FlexAttention (block mask from row offsets) vs padded SDPA vs a per-row referenc
 loop iterations (CUDA graphs for the dense one) vs eager; synchronising CUDA calls of one
 generation vs the runtime's own `host_syncs` account. Timings: one loop iteration with uneven
 active fractions vs the full iteration per attention backend, eager and compiled (d=2048 and
-the 170M-class shape), the matmul peak, generation of the embedded model under fixed and
-adaptive policies, eager and compiled, and each policy's monitoring cost per check on the
-170M-class shape.
+the 170M-class shape), the matmul peak, the fixed-loop forward of the 1B-class shape (d=2048)
+against that peak, generation of the 170M-class shape at batch 32 and of the embedded model
+under fixed and adaptive policies with compaction on and off, eager and compiled, and each
+policy's monitoring cost per check on the 170M-class shape.
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
@@ -29,7 +30,7 @@ import torch
 from adaptive_loop import LoopMDM, LoopMDMConfig, generate, load_model
 from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, padded_attention
 from adaptive_loop.bench import (
-    bench_generation,
+    bench_forward,
     bench_iteration,
     bench_monitor,
     cuda_syncs,
@@ -40,6 +41,7 @@ from adaptive_loop.bench import (
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import run_loops
 from adaptive_loop.tasks import make_task
+from adaptive_loop.throughput import bench_generation, bench_random_generation
 from adaptive_loop.varlen import flash_attn_installed
 
 D2048 = dict(vocab_size=32001, d_model=2048, n_heads=16, d_ff=5504, n_layers=6, loop_start=1,
@@ -204,6 +206,29 @@ def _generation(results: dict, compile: bool) -> None:
     results[key] = [r.to_dict() for r in bench_generation(model, n=500, compile=compile)]
 
 
+def _forward(results: dict, compiled: bool) -> None:
+    """The fixed-loop forward of the 1B-class shape (d=2048) against the matmul peak."""
+    cfg = LoopMDMConfig.from_name("1b-shape", max_seq_len=512)
+    (row,) = bench_forward(cfg, 16, 512, torch.device("cuda"), torch.bfloat16, repeats=10,
+                           modes=(compiled,))
+    peak = results.get("matmul_peak_bf16")
+    entry = {**rows_to_dicts([row])[0], "mfu": row.flops_per_s / peak if peak else None}
+    results["forward_1b_compiled" if compiled else "forward_1b"] = entry
+    print("forward", json.dumps(entry), flush=True)
+
+
+def _smdm_generation(results: dict, compiled: bool) -> None:
+    """Generation on the 170M-class shape at batch 32 (random weights, random prompts): fixed
+    loops and each policy with compaction on and off."""
+    torch.manual_seed(0)
+    cfg = LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512)
+    model = LoopMDM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    rows = bench_random_generation(model, 32, 64, 256, 64, compile=compiled, repeats=2)
+    key = "generation_smdm_b32_compiled" if compiled else "generation_smdm_b32"
+    results[key] = [r.to_dict() for r in rows]
+    print(key, json.dumps(results[key]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -221,20 +246,27 @@ def main() -> None:
                      "torch": torch.__version__, "flash_attn": flash_attn_installed(),
                      "skipped": [], "seconds": {}}
     d2048 = LoopMDMConfig(**D2048)
+    # in order of value: correctness, then the issues' targets (MFU of the d=2048 forward,
+    # compacted iterations, monitoring cost, 170M-class generation at batch 32, host syncs),
+    # then backend comparisons and compiled variants
     sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
         ("correctness", 30, check_correctness),
-        ("attention", 90, check_attention),
         ("matmul_peak", 5, lambda r: r.update(
             matmul_peak_bf16=matmul_peak(torch.device("cuda"), torch.bfloat16, n=8192))),
+        ("forward_1b", 20, lambda r: _forward(r, False)),
         ("iteration_d2048_eager", 60, _iteration("d2048", d2048, 16, 512, (False,))),
-        ("compiled", 120, check_compiled),
-        ("iteration_d2048_compiled", 120, _iteration("d2048", d2048, 16, 512, (True,))),
-        ("host_syncs", 60, check_host_syncs),
-        ("generation", 30, lambda r: _generation(r, False)),
         ("monitor_smdm", 30, lambda r: r.update(monitor_smdm=[
             {**row.__dict__, "ratio": row.ratio}
             for row in bench_monitor(smdm, 16, 512, 0.125, torch.device("cuda"), torch.bfloat16,
                                      repeats=20)])),
+        ("generation_smdm_b32", 60, lambda r: _smdm_generation(r, False)),
+        ("host_syncs", 60, check_host_syncs),
+        ("attention", 90, check_attention),
+        ("iteration_d2048_compiled", 120, _iteration("d2048", d2048, 16, 512, (True,))),
+        ("compiled", 120, check_compiled),
+        ("forward_1b_compiled", 90, lambda r: _forward(r, True)),
+        ("generation_smdm_b32_compiled", 150, lambda r: _smdm_generation(r, True)),
+        ("generation", 30, lambda r: _generation(r, False)),
         ("iteration_smdm_eager", 40, _iteration("smdm-170m-shape", smdm, 32, 512, (False,))),
         ("generation_compiled", 90, lambda r: _generation(r, True)),
         ("iteration_smdm_compiled", 120, _iteration("smdm-170m-shape", smdm, 32, 512,

@@ -1,5 +1,6 @@
-"""`bench`: compacted vs full loop iterations (per attention backend, eager and compiled) and
-adaptive vs fixed generation, side by side."""
+"""`bench`: compacted vs full loop iterations (per attention backend, eager and compiled), the
+fixed-loop forward's FLOP utilisation, policy signal costs, and adaptive vs fixed generation
+with compaction on and off, side by side."""
 
 from __future__ import annotations
 
@@ -38,9 +39,14 @@ def bench(
         help="Mean active fractions (per row spread from f/2 to 3f/2).")] = "0.75,0.5,0.25,0.1",
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure (median).")] = 10,
     generation: Annotated[bool, typer.Option(
-        help="Also time generation on the checkpoint's task: fixed vs adaptive policies, "
-        "compaction on vs off.")] = True,
-    n: Annotated[int, typer.Option("--n", help="Problems for the generation timing.")] = 200,
+        help="Also time generation: fixed vs adaptive policies, compaction on vs off. On the "
+        "checkpoint's task when it has one (the embedded model does), else on random prompts: "
+        "--batch rows, a quarter of --length as prompt, the rest generated.")] = True,
+    n: Annotated[int, typer.Option("--n", help="Problems for the generation timing on a "
+                                   "task.")] = 200,
+    steps: Annotated[int, typer.Option(
+        help="Denoising steps for the generation timing on random prompts (0: one per four "
+        "generated tokens).")] = 0,
     monitor: Annotated[bool, typer.Option(
         help="Also time each policy's per-iteration signals against one iteration.")] = True,
     needed: Annotated[float, typer.Option(
@@ -58,20 +64,30 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time what halting saves: one loop iteration with a fraction of tokens active against
-    the full iteration, and generation under adaptive policies against fixed loops. Every
-    figure is a ratio measured in the same run."""
+    the full iteration, the fixed-loop forward against the measured matmul peak (model FLOP
+    utilisation), each policy's signals against one iteration, and generation under adaptive
+    policies against fixed loops and against the same policy without compaction. Every
+    figure is a ratio measured in the same run.
+
+    Presets other than "embedded" are random-weight shapes for timing (weights drawn with a
+    fixed seed); the 170M- and 1B-class shapes carry SMDM's layer shapes."""
+    import torch
+
     from ..attention import ATTENTION, resolve_attention
     from ..bench import (
-        bench_generation,
+        bench_forward,
         bench_iteration,
         bench_monitor,
         matmul_peak,
         relative,
         rows_to_dicts,
+        utilisation,
     )
     from ..checkpoint import load_model
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
+    from ..model import LoopMDM
+    from ..throughput import bench_generation, bench_random_generation
 
     fracs = _floats(fractions, "--fractions")
     backends = [a.strip() for a in attention.split(",") if a.strip()]
@@ -79,9 +95,11 @@ def bench(
         raise UsageError(f"--attention takes a comma-separated list of {', '.join(ATTENTION)}; "
                          f"got {attention!r}")
     _floats(str(needed), "--needed")
+    if steps < 0:
+        raise UsageError(f"--steps must be 0 (automatic) or more, got {steps}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = load_model(checkpoint, device=dev, dtype=dt) if generation or preset == "embedded" \
+    model = load_model(checkpoint, device=dev, dtype=dt) if checkpoint or preset == "embedded" \
         else None
     if preset == "embedded":
         cfg = LoopMDMConfig.from_dict({**model.config.to_dict(), "max_seq_len": length})
@@ -96,17 +114,38 @@ def bench(
         rows = bench_iteration(cfg, batch, length, fracs, dev, dt, repeats,
                                attention=backends, modes=(False, True) if compile else (False,))
         peak = matmul_peak(dev, dt)
+    with err.status("timing the fixed-loop forward..."):
+        forward = bench_forward(cfg, batch, length, dev, dt, repeats,
+                                modes=(False, True) if compile else (False,))
     report = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "preset": preset,
               "batch": batch, "length": length, "matmul_peak_flops": peak,
-              "iteration": [{**d, **r} for d, r in zip(rows_to_dicts(rows), relative(rows))]}
+              "forward": [{**d, "mfu": utilisation(f.flops, f.ms, peak)}
+                          for d, f in zip(rows_to_dicts(forward), forward)],
+              "iteration": [{**d, **r, "mfu": utilisation(row.full_flops, row.full_ms, peak)}
+                            for d, r, row in zip(rows_to_dicts(rows), relative(rows), rows)]}
     if monitor:
         with err.status("timing policy signals..."):
             report["monitor"] = rows_to_dicts(bench_monitor(cfg, batch, length, needed, dev, dt,
                                                              repeats))
+    source = ""
     if generation:
         with err.status("timing generation..."):
-            report["generation"] = [r.to_dict() for r in bench_generation(
-                model, n=n, compile=compile, attention=backends[0])]
+            if model is not None and model.config.task:
+                source = f"{n} problems of the checkpoint's task"
+                timed = bench_generation(model, n=n, compile=compile, attention=backends[0])
+            else:
+                prompt = max(1, length // 4)
+                gen_length = length - prompt
+                gen_steps = steps or max(1, gen_length // 4)
+                source = (f"{batch} random prompts of {prompt} tokens, {gen_length} generated "
+                          f"in {gen_steps} steps")
+                if model is None:  # the preset's random weights
+                    torch.manual_seed(0)
+                    model = LoopMDM(cfg).to(device=dev, dtype=dt).eval()
+                timed = bench_random_generation(model, batch, prompt, gen_length, gen_steps,
+                                                compile=compile, attention=backends[0])
+            report["generation_source"] = source
+            report["generation"] = [r.to_dict() for r in timed]
     if as_json:
         print(json.dumps(report))
         return
@@ -119,24 +158,42 @@ def bench(
                       f"{r.full_ms:.2f}", f"{r.compact_ms:.2f}", f"{r.ratio:.2f}",
                       f"{r.active:.2f}", _ratio(d["vs_eager"]), _ratio(d["vs_padded"]))
     out.print(table)
+    table = Table(title="fixed-loop forward (prelude, block x loops, coda, head)")
+    for col in ("compiled", "ms", "TFLOP/s", "utilisation of the matmul peak"):
+        table.add_column(col)
+    for f, d in zip(forward, report["forward"]):
+        table.add_row("yes" if f.compiled else "no", f"{f.ms:.2f}",
+                      f"{f.flops_per_s / 1e12:.3f}", f"{d['mfu']:.1%}")
+    out.print(table)
     if monitor:
         table = Table(title=f"policy signals per check, {needed:.0%} of tokens needed")
         for col in ("policy", "signals ms", "iteration ms", "ratio"):
             table.add_column(col)
         for r in report["monitor"]:
-            table.add_row(r["policy"], f"{r['signal_ms']:.2f}", f"{r['iteration_ms']:.2f}",
+            table.add_row(r["label"], f"{r['signal_ms']:.2f}", f"{r['iteration_ms']:.2f}",
                           f"{r['ratio']:.3f}")
         out.print(table)
     if generation:
-        table = Table(title=f"generation, {n} problems of the checkpoint's task")
-        for col in ("policy", "compact", "compiled", "accuracy", "mean loops", "looped FLOPs",
-                    "monitor", "wall s", "wall vs fixed", "tokens/s"):
+        table = Table(title=f"generation, {source}")
+        columns = ["policy", "compact"] + (["compiled"] if compile else []) + \
+            (["accuracy"] if report["generation"][0]["accuracy"] is not None else []) + \
+            ["loops", "FLOPs", "wall s", "vs fixed", "vs off", "bound", "tokens/s"]
+        for col in columns:
             table.add_column(col)
         for g in report["generation"]:
-            table.add_row(g["policy"], "on" if g["compact"] else "off",
-                          "yes" if g["compiled"] else "no", f"{g['accuracy']:.1%}",
-                          f"{g['mean_loops']:.2f}", f"{g['flops_ratio']:.2f}x",
-                          f"{g['monitor_ratio']:.2f}x", f"{g['wall_s']:.2f}",
-                          f"{g['wall_ratio']:.2f}x", f"{g['tokens_per_s']:.0f}")
+            cells = {"policy": g["label"], "compact": "on" if g["compact"] else "off",
+                     "compiled": "yes" if g["compiled"] else "no",
+                     "accuracy": "-" if g["accuracy"] is None else f"{g['accuracy']:.1%}",
+                     "loops": f"{g['mean_loops']:.2f}", "FLOPs": f"{g['flops_ratio']:.2f}x",
+                     "wall s": f"{g['wall_s']:.2f}", "vs fixed": f"{g['wall_ratio']:.2f}x",
+                     "vs off": "-" if g["speedup"] is None else f"{g['speedup']:.2f}x",
+                     "bound": "-" if g["bound"] is None else f"{g['bound']:.2f}x",
+                     "tokens/s": f"{g['tokens_per_s']:.0f}"}
+            table.add_row(*(cells[c] for c in columns))
         out.print(table)
+        out.print("loops: mean per token and step; FLOPs: looped-block FLOPs executed vs fixed "
+                  "max loops; vs fixed: wall time vs fixed loops; vs off: the same policy's "
+                  "wall time with compaction off over this one's (above 1: compaction pays); "
+                  "bound: the same ratio of total FLOPs (what it would be if time followed "
+                  "FLOPs)")
     out.print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")

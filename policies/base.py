@@ -97,6 +97,14 @@ class HaltingPolicy(ABC):
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}({args})"
 
+    def label(self) -> str:
+        """A short name for tables: the policy's name and the parameters that differ from
+        their defaults, e.g. `kl(probe=lens, shortlist=16)`."""
+        defaults = {k: p.default for k, p in
+                    inspect.signature(type(self).__init__).parameters.items()}
+        args = ", ".join(f"{k}={v}" for k, v in self.params().items() if v != defaults.get(k))
+        return f"{self.name}({args})" if args else self.name
+
 
 _REGISTRY: dict[str, type[HaltingPolicy]] = {}
 _ENTRY_POINTS_LOADED = False

@@ -1,0 +1,202 @@
+"""Generation timed side by side: fixed loops, then each adaptive policy with compaction on and
+off (and compiled, when asked), all in one run, so that every figure is a ratio.
+
+Two sources of work:
+- `bench_generation`: the checkpoint's built-in task (the embedded model's), which also
+  measures accuracy;
+- `bench_random_generation`: random prompts on any model, e.g. a random-weight preset (the
+  170M- and 1B-class shapes have no task): throughput only, plus how many generated tokens
+  agree between compaction on and off.
+
+`speedup` is what compaction buys a policy: the wall time of the same policy, in the same
+mode, with compaction off (the masked reference computes every token and keeps the halted
+ones' state) over the wall time with it on. `bound` is what it would buy if time followed
+FLOPs: total FLOPs (prelude, looped block, readout, monitoring) with compaction off over
+those with it on. Only the looped block shrinks, so a model whose block is a small share of
+its layers, or a policy that halts every token at the same loop, has a bound near 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .model import LoopMDM
+from .policies import HaltingPolicy, make
+
+# Policies timed against fixed loops on the embedded task; thresholds suit the embedded model.
+DEFAULT_POLICIES: list[tuple[str, dict[str, Any]]] = [
+    ("convergence", {}),
+    ("entropy", {}),
+    ("kl", {}),
+]
+
+# Policies timed on random prompts. Thresholds tuned to a trained model mean little on random
+# weights, so these are the scale-free rules: relative change, KL between successive
+# predictions, an unchanged argmax; the prediction-based ones read the lens with a shortlist,
+# their cheap setting on a 32k vocabulary (benchmarks/RESULTS.md).
+RANDOM_POLICIES: list[tuple[str, dict[str, Any]]] = [
+    ("convergence", {}),
+    ("kl", {"probe": "lens", "shortlist": 16}),
+    ("stability", {"probe": "lens", "shortlist": 16}),
+]
+
+
+@dataclass
+class Measured:
+    """One timed setting."""
+
+    wall_s: float
+    mean_loops: float  # per token per step
+    looped_flops: int
+    fixed_flops: int  # looped FLOPs of fixed max loops on the same work
+    total_flops: int  # prelude + looped + readout + monitoring
+    monitor_flops: int
+    nfe: int
+    tokens: int  # generated tokens
+    token_steps: int  # positions x denoising steps: token-iterations = this x mean_loops
+    accuracy: float | None = None
+    output: torch.Tensor | None = None  # the generated tokens, to compare settings
+
+
+@dataclass
+class GenerationRow:
+    policy: str  # the policy's repr (every parameter)
+    label: str  # its short label (the parameters that differ from the defaults)
+    compact: bool
+    compiled: bool
+    accuracy: float | None  # exact match on the task; None for random prompts
+    mean_loops: float
+    flops_ratio: float  # looped FLOPs executed / fixed at max loops
+    monitor_ratio: float  # monitoring FLOPs / looped FLOPs executed
+    wall_s: float
+    wall_ratio: float  # wall time / fixed max-loop wall time (compaction on, eager)
+    speedup: float | None  # compaction on: the same policy's compaction-off wall / this wall
+    bound: float | None  # compaction on: the same ratio of total FLOPs
+    agreement: float | None  # compaction on, random prompts: share of generated tokens equal
+    tokens_per_s: float      # to the compaction-off run's
+    nfe_per_s: float
+    iterations_per_s: float  # token-loop iterations the policy asked for, per second
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Setting = tuple[str, dict[str, Any], bool, bool]  # policy name, parameters, compact, compiled
+
+
+def settings(policies: list[tuple[str, dict[str, Any]]], compile: bool) -> list[Setting]:
+    """Fixed loops first (the reference of `wall_ratio`), then each policy with compaction on
+    and off; with `compile`, all of it again with compiled iterations."""
+    modes = (False, True) if compile else (False,)
+    out: list[Setting] = []
+    for compiled in modes:
+        out.append(("fixed", {}, True, compiled))
+        for name, params in policies:
+            out += [(name, params, True, compiled), (name, params, False, compiled)]
+    return out
+
+
+def rows_of(chosen: list[Setting],
+            run: Callable[[HaltingPolicy, bool, bool], Measured]) -> list[GenerationRow]:
+    """Run every setting in turn and turn the measurements into rows of ratios."""
+    measured = [(s, make(s[0], **s[1])) for s in chosen]
+    results = [(s, policy, run(policy, s[2], s[3])) for s, policy in measured]
+    masked = {(repr(p), s[3]): m for s, p, m in results if not s[2]}
+    base = results[0][2].wall_s
+    rows = []
+    for (_, _, compact, compiled), policy, m in results:
+        ref = masked.get((repr(policy), compiled)) if compact else None
+        agreement = None
+        if ref is not None and m.output is not None and ref.output is not None:
+            agreement = float((m.output == ref.output).float().mean())
+        rows.append(GenerationRow(
+            policy=repr(policy), label=policy.label(), compact=compact, compiled=compiled,
+            accuracy=m.accuracy, mean_loops=m.mean_loops,
+            flops_ratio=m.looped_flops / max(1, m.fixed_flops),
+            monitor_ratio=m.monitor_flops / max(1, m.looped_flops), wall_s=m.wall_s,
+            wall_ratio=m.wall_s / base, speedup=ref.wall_s / m.wall_s if ref else None,
+            bound=ref.total_flops / max(1, m.total_flops) if ref else None,
+            agreement=agreement, tokens_per_s=m.tokens / m.wall_s, nfe_per_s=m.nfe / m.wall_s,
+            iterations_per_s=m.mean_loops * m.token_steps / m.wall_s))
+    return rows
+
+
+def bench_generation(model: LoopMDM, n: int = 200,
+                     policies: list[tuple[str, dict[str, Any]]] | None = None,
+                     seed: int = 1234, compile: bool = False,
+                     attention: str = "auto") -> list[GenerationRow]:
+    """Generation on the model's built-in task, `n` problems per setting (`settings`). The
+    compiled settings each run once untimed first, so that compilation stays out of the
+    timings."""
+    from .evaluate import default_decoding, evaluate_task
+    from .tasks import make_task
+
+    task = make_task(model.config.task)
+    decoding = default_decoding(task)
+    options = {"seed": seed, "attention": attention}
+    evaluate_task(model, task, make("fixed"), n=min(n, 20), **options)  # warm-up
+
+    def run(policy: HaltingPolicy, compact: bool, compiled: bool) -> Measured:
+        if compiled:
+            evaluate_task(model, task, policy, n=n, compile=True, **options)
+        res = evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,
+                            **options)
+        return Measured(
+            wall_s=res.wall_s, mean_loops=res.mean_loops, looped_flops=res.looped_flops,
+            fixed_flops=res.looped_flops_fixed_max, total_flops=res.total_flops,
+            monitor_flops=res.monitor_flops,
+            nfe=res.nfe, tokens=n * task.answer_length,
+            token_steps=n * (task.prompt_length + task.answer_length) * decoding["steps"],
+            accuracy=res.accuracy)
+
+    return rows_of(settings(policies or DEFAULT_POLICIES, compile), run)
+
+
+def random_prompts(model: LoopMDM, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(batch, length) token ids drawn uniformly from the vocabulary, the mask id left out."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size - 1, (batch, length), generator=gen)
+    return ids + (ids >= cfg.mask_id).long()
+
+
+def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_length: int,
+                            steps: int, policies: list[tuple[str, dict[str, Any]]] | None = None,
+                            compile: bool = False, attention: str = "auto", repeats: int = 1,
+                            seed: int = 0) -> list[GenerationRow]:
+    """Generation of `gen_length` tokens in `steps` denoising steps after `batch` random
+    prompts of `prompt_length` tokens, per setting (`settings`): the median wall time of
+    `repeats` runs, after one untimed run of the setting (warm-up; compilation, when
+    compiled)."""
+    from .sampler import generate
+
+    device = next(model.parameters()).device
+    prompts = random_prompts(model, batch, prompt_length, seed).to(device)
+
+    def once(policy: HaltingPolicy, compact: bool, compiled: bool) -> tuple[float, Any]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = generate(model, prompts, policy=policy, gen_length=gen_length, steps=steps,
+                       compact=compact, compile=compiled, attention=attention)
+        return time.perf_counter() - start, out  # generate ends copying tokens to the host
+
+    def run(policy: HaltingPolicy, compact: bool, compiled: bool) -> Measured:
+        once(policy, compact, compiled)
+        timed = [once(policy, compact, compiled) for _ in range(max(1, repeats))]
+        out = timed[0][1]
+        s = out.stats
+        return Measured(
+            wall_s=statistics.median(t for t, _ in timed), mean_loops=s.mean_loops,
+            looped_flops=s.looped_flops, fixed_flops=s.looped_flops_fixed_max,
+            total_flops=s.total_flops,
+            monitor_flops=s.monitor_flops, nfe=s.nfe, tokens=batch * gen_length,
+            token_steps=out.tokens.numel() * s.nfe, output=out.tokens[:, out.prompt_length:])
+
+    return rows_of(settings(policies or RANDOM_POLICIES, compile), run)

@@ -1,0 +1,108 @@
+"""The benchmark's own arithmetic and equivalences (no timing thresholds: only what must hold
+on any machine, however noisy)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adaptive_loop import LoopMDMConfig
+from adaptive_loop.bench import bench_forward, bench_iteration, utilisation
+from adaptive_loop.flops import block_flops, step_flops_fixed
+from adaptive_loop.policies import make
+from adaptive_loop.throughput import (
+    bench_generation,
+    bench_random_generation,
+    random_prompts,
+    settings,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_label_names_only_what_differs_from_the_defaults():
+    assert make("fixed").label() == "fixed"
+    assert make("kl", probe="lens", shortlist=16).label() == "kl(probe=lens, shortlist=16)"
+    assert make("convergence", threshold=0.5).label() == "convergence"  # the default value
+    assert make("entropy", threshold=0.2, max_loops=6).label() == \
+        "entropy(threshold=0.2, max_loops=6)"
+
+
+def test_settings_pair_every_policy_with_its_masked_reference_in_each_mode():
+    chosen = settings([("kl", {"probe": "lens"})], compile=True)
+    assert [(name, compact, compiled) for name, _, compact, compiled in chosen] == [
+        ("fixed", True, False), ("kl", True, False), ("kl", False, False),
+        ("fixed", True, True), ("kl", True, True), ("kl", False, True)]
+
+
+def test_random_prompts_are_reproducible_and_never_the_mask(make_config):
+    from adaptive_loop import LoopMDM
+
+    model = LoopMDM(make_config(vocab_size=5, mask_id=2, pad_id=4))
+    a = random_prompts(model, 64, 16, seed=3)
+    assert torch.equal(a, random_prompts(model, 64, 16, seed=3))
+    assert not (a == 2).any() and int(a.min()) >= 0 and int(a.max()) <= 4
+    assert set(a.unique().tolist()) == {0, 1, 3, 4}
+
+
+def test_forward_and_iteration_flops_follow_the_flop_convention(make_config):
+    cfg = make_config(n_loops=3)
+    (row,) = bench_forward(cfg, 2, 16, CPU, torch.float32, repeats=1)
+    assert row.flops == sum(step_flops_fixed(cfg, 2, 16, 3).values())
+    assert row.flops_per_s == pytest.approx(row.flops / (row.ms / 1e3))
+    assert utilisation(row.flops, row.ms, row.flops_per_s * 2) == pytest.approx(0.5)
+    rows = bench_iteration(cfg, 2, 16, [0.5], CPU, torch.float32, repeats=1)
+    assert all(r.full_flops == 2 * 16 * block_flops(cfg, 16) for r in rows)
+
+
+def test_random_generation_compacted_equals_masked(tiny_model):
+    """The benchmark's own check: with compaction on, every generated token equals the
+    masked reference's (CPU float32), and the ratios are computed from the rows' walls."""
+    rows = bench_random_generation(tiny_model, batch=3, prompt_length=5, gen_length=8, steps=4,
+                                   policies=[("convergence", {"threshold": 0.3}),
+                                             ("kl", {"probe": "lens", "shortlist": 4})])
+    assert [(r.label.split("(")[0], r.compact) for r in rows] == [
+        ("fixed", True), ("convergence", True), ("convergence", False), ("kl", True),
+        ("kl", False)]
+    assert rows[0].wall_ratio == 1.0 and rows[0].speedup is None
+    for on, off in ((rows[1], rows[2]), (rows[3], rows[4])):
+        assert on.agreement == 1.0 and off.agreement is None
+        assert on.mean_loops == off.mean_loops
+        assert on.flops_ratio <= off.flops_ratio
+        assert on.speedup == pytest.approx(off.wall_s / on.wall_s)
+        assert on.bound >= 1.0 and (on.bound > 1.0) == (on.flops_ratio < off.flops_ratio)
+        assert on.accuracy is None
+    assert rows[0].flops_ratio == 1.0 and rows[0].mean_loops == 4.0
+    assert rows[1].flops_ratio < 1.0  # the threshold halts some tokens on this model
+    assert rows[0].tokens_per_s == pytest.approx(3 * 8 / rows[0].wall_s)
+
+
+def test_task_generation_accuracy_is_the_same_with_compaction_on_and_off(addition_model):
+    rows = bench_generation(addition_model, n=12, policies=[("convergence", {"threshold": 0.3})])
+    fixed, on, off = rows
+    assert fixed.accuracy is not None and on.accuracy == off.accuracy
+    assert on.mean_loops == off.mean_loops and on.flops_ratio <= off.flops_ratio
+    assert on.speedup == pytest.approx(off.wall_s / on.wall_s)
+
+
+def test_bench_json_on_a_random_preset():
+    res = subprocess.run(
+        [sys.executable, "-m", "adaptive_loop.cli", "bench", "--preset", "tiny", "--batch", "2",
+         "--length", "16", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
+         "cpu", "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    cfg = LoopMDMConfig.from_name("tiny", max_seq_len=64)
+    (forward,) = report["forward"]
+    assert forward["flops"] == sum(step_flops_fixed(cfg, 2, 16, cfg.n_loops).values())
+    assert forward["mfu"] == pytest.approx(
+        forward["flops"] / (forward["ms"] / 1e3) / report["matmul_peak_flops"])
+    assert all(r["mfu"] == pytest.approx(r["full_flops"] / (r["full_ms"] / 1e3)
+                                         / report["matmul_peak_flops"])
+               for r in report["iteration"])
+    assert report["generation_source"] == \
+        "2 random prompts of 4 tokens, 12 generated in 3 steps"
+    on = [g for g in report["generation"] if g["compact"] and g["speedup"] is not None]
+    assert len(on) == 3 and all(g["agreement"] == 1.0 for g in on)
