@@ -357,10 +357,10 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             traces.append(trace)
             records.append((b, needed, commit))
             i += 1
+    tokens = x.cpu()  # waits for the device, so that the wall time covers all its work
     wall = time.perf_counter() - start
     stats, loops = _stats(traces, records, fixed, max_loops, stepper.readout, wall, batch,
                           syncs)
-    tokens = x.cpu()
     text = _decode(tokenizer, tokens[:, prompt_len:], cfg.eos_id) if tokenizer else []
     return GenerationResult(tokens=tokens, text=text, stats=stats, loops=loops,
                             prompt_length=prompt_len, prompt_lengths=data.lengths)
