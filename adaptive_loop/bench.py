@@ -227,6 +227,8 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     needed = torch.zeros(batch, length, dtype=torch.bool, device=device)
     needed[:, length - max(1, int(needed_fraction * length)):] = True
     index = torch.arange(batch * length, device=device)
+    # the runtime learns the probe's sizes at the previous decision's read: no sync here either
+    probe = (int(needed.sum()), int(needed.sum(1).max()))
     rows = []
     with torch.no_grad():
         prev, _ = _dense_iteration(model, h, None, None)
@@ -238,14 +240,14 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
             if getattr(policy, "shortlist", 0):
                 trace = StepTrace(loops=active.int())
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
-                               trace)
+                               trace, probe=probe)
                 policy.decide(sig)
                 vocab = shortlist_of(sig.logits, policy.shortlist)
 
             def signals(policy=policy, vocab=vocab) -> None:
                 trace = StepTrace(loops=active.int())
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 2, 0, 1,
-                               trace, vocab)
+                               trace, vocab, probe)
                 policy.decide(sig)
 
             rows.append(MonitorRow(repr(policy), full * 1e3,

@@ -152,9 +152,29 @@ def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
     return compiled_iterations("inductor" if compile is True else compile, device)
 
 
+# What the runtime knows of the probe (the active needed tokens) before a check: their plan
+# (PackPlan), their count and most per row (read at the previous decision's sync), or nothing.
+Probe = PackPlan | tuple[int, int] | None
+
+
+def probe_plan(mask: Tensor, probe: Probe, trace: StepTrace) -> PackPlan:
+    """The plan of the True entries of `mask` (B, L): `probe` itself when it is one, built
+    without waiting for the device when its sizes are known, else with one counted sync."""
+    if isinstance(probe, PackPlan):
+        return probe
+    if probe is None:
+        trace.host_syncs += 1
+        return PackPlan.from_mask(mask)
+    count, width = probe
+    batch, length = mask.shape
+    return PackPlan.from_index(true_index(mask.reshape(-1), count), mask.sum(1), width, batch,
+                               length)
+
+
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
              index: Tensor, needed: Tensor, key_mask: Tensor | None, iteration: int, step: int,
-             steps: int, trace: StepTrace, vocab: Tensor | None = None) -> Signals:
+             steps: int, trace: StepTrace, vocab: Tensor | None = None,
+             probe: Probe = None) -> Signals:
     """The signals `policy` declared, for the active tokens; logits (of the needed ones only)
     over the whole vocabulary, or over the step's shortlist `vocab` once there is one."""
     d = h.shape[-1]
@@ -168,8 +188,7 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     if "hidden" in policy.needs:
         sig.hidden, sig.previous = cur, old
     if "logits" in policy.needs:
-        probe = PackPlan.from_mask(active & needed)
-        trace.host_syncs += 1
+        probe = probe_plan(active & needed, probe, trace)
         batch, length = active.shape
         columns = None if vocab is None else vocab.numel()
         sig.vocab = vocab
@@ -193,8 +212,8 @@ def shortlist_of(logits: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, *,
               key_mask: Tensor | None = None, compact: bool = True, step: int = 0,
-              steps: int = 1, compile: bool | str = False,
-              attention: str = "auto") -> tuple[Tensor, StepTrace]:
+              steps: int = 1, compile: bool | str = False, attention: str = "auto",
+              needed_plan: PackPlan | None = None) -> tuple[Tensor, StepTrace]:
     """Loop the shared block over h (B, L, d) under `policy`.
 
     Args:
@@ -207,6 +226,14 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         step, steps: the denoising step (0-based) and how many there are, for the policy.
         compile: compile the iteration functions (see `iterations`); off by default.
         attention: packed attention backend: "auto", "padded", "flex" or "varlen".
+        needed_plan: the plan of `needed`, when the caller has built it (the sampler reads
+            those tokens' predictions after the loops): the first check of a policy that
+            reads predictions uses it instead of waiting for the device.
+
+    Host syncs: one per checked iteration (the active counts, the finite check and, for
+    policies that read predictions, the sizes of the next check's probe, all in one read),
+    plus the shortlist's once per step, the key structure of varlen once per run, and the
+    probe of the first check when `needed_plan` is not given.
 
     Returns the final loop state (B, L, d) and the step's trace.
     """
@@ -226,6 +253,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     caches: list[KV] | None = None
     plan: PackPlan | None = None
     n_active, checked = total, False
+    reads_logits = "logits" in policy.needs
+    probe: Probe = needed_plan  # the active needed tokens: all needed ones until a decision
     for iteration in range(1, hi + 1):
         prev = h
         if caches is None or n_active == total or not compact:
@@ -244,7 +273,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         index = plan.index if plan is not None and n_active < total else torch.arange(
             total, device=h.device)
         sig = _signals(policy, model, h, prev, active, index, needed, key_mask, iteration, step,
-                       steps, trace, vocab)
+                       steps, trace, vocab, probe)
         halt = policy.decide(sig)
         if shortlist and vocab is None and sig.logits is not None and sig.logits.shape[0]:
             vocab = shortlist_of(sig.logits, shortlist)  # later checks read only these columns
@@ -253,7 +282,12 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         flat[index] = flat[index] & ~halt
         counts = active.sum(1)
         finite = torch.isfinite(h.reshape(-1, h.shape[-1])[index]).all()
-        n_active, width, ok = torch.stack([counts.sum(), counts.max(), finite.long()]).tolist()
+        read = [counts.sum(), counts.max(), finite.long()]
+        if reads_logits:  # the next check's probe: its sizes come with this read
+            probe_counts = (active & needed).sum(1)
+            read += [probe_counts.sum(), probe_counts.max()]
+        n_active, width, ok, *probe_sizes = torch.stack(read).tolist()
+        probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         trace.host_syncs += 1
         if not ok:
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1}, "

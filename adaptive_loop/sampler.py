@@ -238,12 +238,13 @@ class _Stepper:
                 # positions whose input did not change resume from last step's loop state
                 same = (inputs == self.last[0])[..., None]
                 h = torch.where(same, self.last[1], h)
+            plan = PackPlan.from_mask(need)  # the readout's, and the loops' first probe
             h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
                                  compact=self.compact, step=step, steps=steps,
-                                 compile=self.compile, attention=self.attention)
+                                 compile=self.compile, attention=self.attention,
+                                 needed_plan=plan)
             if self.warm_start:
                 self.last = (inputs, h)
-            plan = PackPlan.from_mask(need)
             logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
         self.readout += readout_flops(cfg, plan.size, inputs.shape[0] * length, length)
         index = plan.index

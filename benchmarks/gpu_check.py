@@ -178,14 +178,18 @@ def check_host_syncs(results: dict) -> None:
     runtime's account, eager and compiled."""
     model = _tiny()
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]
+    policies = {"convergence": dict(threshold=0.3),
+                "entropy": dict(threshold=2.0, probe="lens", shortlist=4)}
     for compile in (False, True):
-        kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8,
-                      steps=4, compile=compile)
-        generate(model, prompts, **kwargs)
-        out, seen = cuda_syncs(lambda kw=kwargs: generate(model, prompts, **kw))
-        tag = "compiled" if compile else "eager"
-        results[f"host_syncs_{tag}"] = {"observed": len(seen), "counted": out.stats.host_syncs,
-                                        "within_account": len(seen) <= out.stats.host_syncs}
+        for name, params in policies.items():
+            kwargs = dict(policy=make(name, max_loops=6, **params), gen_length=8, steps=4,
+                          compile=compile)
+            generate(model, prompts, **kwargs)
+            out, seen = cuda_syncs(lambda kw=kwargs: generate(model, prompts, **kw))
+            tag = f"{name}_{'compiled' if compile else 'eager'}"
+            results[f"host_syncs_{tag}"] = {
+                "observed": len(seen), "counted": out.stats.host_syncs,
+                "within_account": len(seen) <= out.stats.host_syncs}
 
 
 def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,

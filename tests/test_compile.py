@@ -173,11 +173,15 @@ def cuda_model() -> LoopMDM:
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("compile", [False, True])
-def test_host_syncs_within_the_account(cuda_model, compile):
+@pytest.mark.parametrize("name, params", [
+    ("convergence", {"threshold": 0.3}),
+    ("entropy", {"threshold": 2.0, "probe": "lens", "shortlist": 4}),
+])
+def test_host_syncs_within_the_account(cuda_model, compile, name, params):
     """Every synchronising CUDA call of one generation (after a warm-up with identical inputs,
     so compilation and graph capture are done) is one the runtime counted."""
     model = cuda_model
-    kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8, steps=4,
+    kwargs = dict(policy=make(name, max_loops=6, **params), gen_length=8, steps=4,
                   compile=compile)
     generate(model, PROMPTS, **kwargs)
     out, syncs = cuda_syncs(lambda: generate(model, PROMPTS, **kwargs))

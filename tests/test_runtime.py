@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adaptive_loop import LoopMDM, generate
+from adaptive_loop.attention import PackPlan
 from adaptive_loop.flops import block_flops
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import run_loops
@@ -89,6 +90,29 @@ def test_check_every_only_halts_on_checked_loops(tiny_model):
     policy = make("convergence", threshold=0.5, min_loops=1, check_every=2, max_loops=7)
     _, trace = run_loops(tiny_model, h, policy, needed)
     assert set(trace.loops.unique().tolist()) <= {1, 3, 5, 7}
+
+
+@pytest.mark.parametrize("name, params", [
+    ("entropy", {"threshold": 2.0, "context_threshold": 0.3}),
+    ("kl", {"threshold": 0.05, "context_threshold": 0.3, "probe": "lens"}),
+    ("stability", {"patience": 1, "context_threshold": 0.3}),
+])
+def test_prediction_probes_cost_no_sync_of_their_own(tiny_model, name, params):
+    """A policy that reads predictions waits for the device once per checked iteration, as
+    every policy does: the sizes of the next probe come with the decision's read, and the
+    first probe is the caller's plan of the needed tokens (the sampler's readout plan)."""
+    h, needed = _state(tiny_model)
+    given, a = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed,
+                         needed_plan=PackPlan.from_mask(needed))
+    built, b = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed)
+    assert torch.equal(given, built) and torch.equal(a.loops, b.loops)
+    assert a.loops.min() < a.loops.max(), "the test needs tokens halting at several loops"
+    policy = make(name, max_loops=6, **params)
+    bounds = policy.loop_bounds(tiny_model.config.n_loops)
+    checks = sum(policy.checks_at(i, bounds) for i in range(1, a.iterations + 1))
+    unchecked_end = not policy.checks_at(a.iterations, bounds)  # one more finite check
+    assert a.host_syncs == checks + unchecked_end
+    assert b.host_syncs == a.host_syncs + 1  # the first probe, built without the caller's plan
 
 
 class _HalfAtFirstCheck:
