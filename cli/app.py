@@ -23,8 +23,19 @@ app = typer.Typer(
     help="Adaptive-compute inference for looped masked diffusion language models (LoopMDM). "
     "Add --debug to any command to see the traceback behind an error.",
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that keeps table rows on one line when writing to a file or a pipe (which
+    have no width; a set COLUMNS still wins), and fits the terminal otherwise."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 120
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Checkpoint directory (native format); default: the embedded "

@@ -97,6 +97,9 @@ def bench(
     _floats(str(needed), "--needed")
     if steps < 0:
         raise UsageError(f"--steps must be 0 (automatic) or more, got {steps}")
+    if batch < 1 or length < 2 or repeats < 1:
+        raise UsageError(f"--batch and --repeats must be >= 1 and --length >= 2, got {batch}, "
+                         f"{repeats} and {length}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     model = load_model(checkpoint, device=dev, dtype=dt) if checkpoint or preset == "embedded" \
@@ -176,24 +179,25 @@ def bench(
     if generation:
         table = Table(title=f"generation, {source}")
         columns = ["policy", "compact"] + (["compiled"] if compile else []) + \
-            (["accuracy"] if report["generation"][0]["accuracy"] is not None else []) + \
-            ["loops", "FLOPs", "wall s", "vs fixed", "vs off", "bound", "tokens/s"]
+            (["exact"] if report["generation"][0]["accuracy"] is not None else []) + \
+            ["loops", "FLOPs", "vs fixed", "vs off", "bound", "tok/s"]
         for col in columns:
-            table.add_column(col)
+            wrapped = col == "policy"  # numbers never wrap; the policy label may
+            table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None)
         for g in report["generation"]:
             cells = {"policy": g["label"], "compact": "on" if g["compact"] else "off",
                      "compiled": "yes" if g["compiled"] else "no",
-                     "accuracy": "-" if g["accuracy"] is None else f"{g['accuracy']:.1%}",
+                     "exact": "-" if g["accuracy"] is None else f"{g['accuracy']:.1%}",
                      "loops": f"{g['mean_loops']:.2f}", "FLOPs": f"{g['flops_ratio']:.2f}x",
                      "wall s": f"{g['wall_s']:.2f}", "vs fixed": f"{g['wall_ratio']:.2f}x",
                      "vs off": "-" if g["speedup"] is None else f"{g['speedup']:.2f}x",
                      "bound": "-" if g["bound"] is None else f"{g['bound']:.2f}x",
-                     "tokens/s": f"{g['tokens_per_s']:.0f}"}
+                     "tok/s": f"{g['tokens_per_s']:.0f}"}
             table.add_row(*(cells[c] for c in columns))
         out.print(table)
-        out.print("loops: mean per token and step; FLOPs: looped-block FLOPs executed vs fixed "
-                  "max loops; vs fixed: wall time vs fixed loops; vs off: the same policy's "
-                  "wall time with compaction off over this one's (above 1: compaction pays); "
-                  "bound: the same ratio of total FLOPs (what it would be if time followed "
-                  "FLOPs)")
+        out.print("exact: exact-match accuracy on the task; loops: mean per token and step; "
+                  "FLOPs: looped-block FLOPs executed vs fixed max loops; vs fixed: wall time "
+                  "vs fixed loops; vs off: the same policy's wall time with compaction off over "
+                  "this one's (above 1: compaction pays); bound: the same ratio of total FLOPs "
+                  "(what it would be if time followed FLOPs)")
     out.print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
