@@ -13,7 +13,9 @@ policy's monitoring cost per check on the 170M-class shape.
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
-short still leaves everything it finished.
+short still leaves everything it finished. `--device cpu --smoke` runs every section at toy
+sizes on the CPU (the tests do, in about two minutes), so the script is known to work before
+a GPU session runs it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,12 +52,38 @@ D2048 = dict(vocab_size=32001, d_model=2048, n_heads=16, d_ff=5504, n_layers=6, 
 FRACTIONS = [0.75, 0.5, 0.25, 0.1]
 
 
-def _tiny(device: str = "cuda") -> LoopMDM:
+@dataclass(frozen=True)
+class Target:
+    """Where the sections run and at what size: the GPU run, or (`--smoke`) every section at
+    toy sizes on any device, which checks the script itself before a GPU session spends
+    minutes on it."""
+
+    device: torch.device = torch.device("cuda")
+    dtype: torch.dtype = torch.bfloat16
+    smoke: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def shape(self, cfg: LoopMDMConfig) -> LoopMDMConfig:
+        """`cfg`, or in a smoke run a toy shape (head size 16, the least flex takes on CUDA)."""
+        return LoopMDMConfig.from_name("tiny", n_heads=2, n_kv_heads=1, max_seq_len=64) \
+            if self.smoke else cfg
+
+    def size(self, full: int, smoke: int) -> int:
+        return smoke if self.smoke else full
+
+
+T = Target()  # set by main()
+
+
+def _tiny() -> LoopMDM:
     """The tests' tiny model with a head size of 16, the least FlexAttention's GPU kernels
     take."""
     torch.manual_seed(0)
     cfg = LoopMDMConfig.from_name("tiny", n_loops=4, n_heads=2, n_kv_heads=1)
-    model = LoopMDM(cfg).to(device).eval()
+    model = LoopMDM(cfg).to(T.device).eval()
     with torch.no_grad():  # spread hidden-state changes so that thresholds halt some tokens
         for p in model.parameters():
             if p.dim() == 2:
@@ -69,23 +98,23 @@ def _problems(model: LoopMDM, n: int) -> tuple[list, int]:
 
 def check_correctness(results: dict) -> None:
     cpu = load_model(device="cpu")
-    gpu = load_model(device="cuda", dtype="bfloat16")
+    gpu = load_model(device=T.device, dtype=T.dtype)
     ids = torch.randint(0, 12, (8, cpu.config.max_seq_len))
     ref = cpu(ids).float()
-    got = gpu(ids.cuda()).float().cpu()
+    got = gpu(ids.to(T.device)).float().cpu()
     results["bf16_vs_fp32_max_abs"] = float((got - ref).abs().max())
     results["bf16_vs_fp32_argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
 
     model = _tiny()
-    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device="cuda")))
-    needed = torch.rand(4, 32, device="cuda") < 0.5
+    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device=T.device)))
+    needed = torch.rand(4, 32, device=T.device) < 0.5
     policy = make("convergence", threshold=0.3, max_loops=6)
     a, ta = run_loops(model, h, policy, needed, compact=True)
     b, tb = run_loops(model, h, policy, needed, compact=False)
     results["compact_vs_masked_max_abs"] = float((a - b).abs().max())
     results["compact_vs_masked_loops_equal"] = bool(torch.equal(ta.loops, tb.loops))
 
-    prompts, n = _problems(gpu, 64)
+    prompts, n = _problems(gpu, T.size(64, 8))
     loops = gpu.config.n_loops
     fixed = generate(gpu, prompts, policy=make("fixed", loops=loops), gen_length=n, steps=n)
     never = generate(gpu, prompts, policy=make("convergence", threshold=0.0, max_loops=loops),
@@ -114,13 +143,13 @@ def check_attention(results: dict) -> None:
     active = torch.rand(batch, length, generator=g) < torch.linspace(0.05, 0.95, batch)[:, None]
     key_mask = torch.ones(batch, length, dtype=torch.bool)
     key_mask[3, :40] = False
-    active, key_mask = active.cuda(), key_mask.cuda()
+    active, key_mask = active.to(T.device), key_mask.to(T.device)
     plan = PackPlan.from_mask(active)
     keys = packed_keys("flex", batch, length, key_mask, active.device)
     for dtype in (torch.float32, torch.bfloat16):
-        q = torch.randn(plan.size, heads, dim, generator=g).to("cuda", dtype)
-        k = torch.randn(batch, groups, length, dim, generator=g).to("cuda", dtype)
-        v = torch.randn(batch, groups, length, dim, generator=g).to("cuda", dtype)
+        q = torch.randn(plan.size, heads, dim, generator=g).to(T.device, dtype)
+        k = torch.randn(batch, groups, length, dim, generator=g).to(T.device, dtype)
+        v = torch.randn(batch, groups, length, dim, generator=g).to(T.device, dtype)
         ref = _naive(q, k, v, plan, key_mask)
         name = str(dtype).removeprefix("torch.")
         flex = packed_attention(q, k, v, plan.with_keys(keys), key_mask).float()
@@ -129,16 +158,16 @@ def check_attention(results: dict) -> None:
         results[f"padded_vs_reference_max_abs_{name}"] = float((padded - ref).abs().max())
 
     model = _tiny()
-    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device="cuda")))
-    needed = torch.rand(4, 32, device="cuda") < 0.5
+    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device=T.device)))
+    needed = torch.rand(4, 32, device=T.device) < 0.5
     policy = make("convergence", threshold=0.3, max_loops=6)
     a, ta = run_loops(model, h, policy, needed, attention="padded")
     b, tb = run_loops(model, h, policy, needed, attention="flex")
     results["runtime_flex_vs_padded_max_abs"] = float((a - b).abs().max())
     results["runtime_flex_vs_padded_loops_equal"] = bool(torch.equal(ta.loops, tb.loops))
 
-    gpu = load_model(device="cuda", dtype="bfloat16")
-    prompts, n = _problems(gpu, 64)
+    gpu = load_model(device=T.device, dtype=T.dtype)
+    prompts, n = _problems(gpu, T.size(64, 8))
     policy = make("convergence")
     outs = {a: generate(gpu, prompts, policy=policy, gen_length=n, steps=n, attention=a)
             for a in ("padded", "flex")}
@@ -149,8 +178,8 @@ def check_attention(results: dict) -> None:
 def check_compiled(results: dict) -> None:
     """Compiled iterations (inductor; the dense one as a CUDA graph) vs eager."""
     model = _tiny()
-    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device="cuda")))
-    needed = torch.rand(4, 32, device="cuda") < 0.5
+    h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device=T.device)))
+    needed = torch.rand(4, 32, device=T.device) < 0.5
     policy = make("convergence", threshold=0.3, max_loops=6)
     ref, tref = run_loops(model, h, policy, needed, attention="padded")
     for attention in ("padded", "flex"):
@@ -162,8 +191,8 @@ def check_compiled(results: dict) -> None:
         results[f"compiled_{attention}_vs_eager_max_abs"] = worst
         results[f"compiled_{attention}_vs_eager_loops_equal"] = same
 
-    gpu = load_model(device="cuda", dtype="bfloat16")
-    prompts, n = _problems(gpu, 64)
+    gpu = load_model(device=T.device, dtype=T.dtype)
+    prompts, n = _problems(gpu, T.size(64, 8))
     for name in ("fixed", "convergence"):
         eager = generate(gpu, prompts, policy=make(name), gen_length=n, steps=n)
         for _ in range(2):
@@ -175,7 +204,10 @@ def check_compiled(results: dict) -> None:
 
 def check_host_syncs(results: dict) -> None:
     """Synchronising CUDA calls of one generation (after an identical warm-up) against the
-    runtime's account, eager and compiled."""
+    runtime's account, eager and compiled (CUDA only: the count is CUDA's sync debug mode)."""
+    if not T.cuda:
+        results["host_syncs"] = "needs CUDA"
+        return
     model = _tiny()
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]
     policies = {"convergence": dict(threshold=0.3),
@@ -195,9 +227,9 @@ def check_host_syncs(results: dict) -> None:
 def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
                modes: tuple[bool, ...]) -> Callable[[dict], None]:
     def run(results: dict) -> None:
-        rows = bench_iteration(cfg, batch, length, FRACTIONS, torch.device("cuda"),
-                               torch.bfloat16, repeats=20, attention=["padded", "flex"],
-                               modes=modes)
+        rows = bench_iteration(T.shape(cfg), T.size(batch, 2), T.size(length, 32), FRACTIONS,
+                               T.device, T.dtype, repeats=T.size(20, 1),
+                               attention=["padded", "flex"], modes=modes)
         dicts = [{**d, **r} for d, r in zip(rows_to_dicts(rows), relative(rows))]
         results[f"iteration_{name}"] = results.get(f"iteration_{name}", []) + dicts
         print(name, json.dumps(dicts), flush=True)
@@ -205,16 +237,17 @@ def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
 
 
 def _generation(results: dict, compile: bool) -> None:
-    model = load_model(device="cuda", dtype="bfloat16")
+    model = load_model(device=T.device, dtype=T.dtype)
     key = "generation_embedded_compiled" if compile else "generation_embedded"
-    results[key] = [r.to_dict() for r in bench_generation(model, n=500, compile=compile)]
+    results[key] = [r.to_dict() for r in bench_generation(model, n=T.size(500, 8),
+                                                          compile=compile)]
 
 
 def _forward(results: dict, compiled: bool) -> None:
     """The fixed-loop forward of the 1B-class shape (d=2048) against the matmul peak."""
-    cfg = LoopMDMConfig.from_name("1b-shape", max_seq_len=512)
-    (row,) = bench_forward(cfg, 16, 512, torch.device("cuda"), torch.bfloat16, repeats=10,
-                           modes=(compiled,))
+    cfg = T.shape(LoopMDMConfig.from_name("1b-shape", max_seq_len=512))
+    (row,) = bench_forward(cfg, T.size(16, 2), T.size(512, 32), T.device, T.dtype,
+                           repeats=T.size(10, 1), modes=(compiled,))
     peak = results.get("matmul_peak_bf16")
     entry = {**rows_to_dicts([row])[0], "mfu": row.flops_per_s / peak if peak else None}
     results["forward_1b_compiled" if compiled else "forward_1b"] = entry
@@ -225,9 +258,10 @@ def _smdm_generation(results: dict, compiled: bool) -> None:
     """Generation on the 170M-class shape at batch 32 (random weights, random prompts): fixed
     loops and each policy with compaction on and off."""
     torch.manual_seed(0)
-    cfg = LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512)
-    model = LoopMDM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    rows = bench_random_generation(model, 32, 64, 256, 64, compile=compiled, repeats=2)
+    cfg = T.shape(LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512))
+    model = LoopMDM(cfg).to(device=T.device, dtype=T.dtype).eval()
+    rows = bench_random_generation(model, T.size(32, 2), T.size(64, 8), T.size(256, 16),
+                                   T.size(64, 4), compile=compiled, repeats=T.size(2, 1))
     key = "generation_smdm_b32_compiled" if compiled else "generation_smdm_b32"
     results[key] = [r.to_dict() for r in rows]
     print(key, json.dumps(results[key]), flush=True)
@@ -239,14 +273,22 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0,
                         help="Seconds this script may run; sections that would not fit are "
                         "skipped.")
+    parser.add_argument("--device", default="cuda", help="Where to run (default cuda).")
+    parser.add_argument("--smoke", action="store_true",
+                        help="Every section at toy sizes, ignoring the budget: a check of "
+                        "this script that runs anywhere (the tests run it on the CPU).")
     args = parser.parse_args()
+    global T
+    device = torch.device(args.device)
+    T = Target(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.smoke)
     deadline = time.monotonic() + args.budget
     # many shapes, backends and models compile the same functions: never fall back to eager
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 64)
     smdm = LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512)
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
+    gpu = torch.cuda.get_device_name(device) if T.cuda else None
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "smoke": T.smoke,
                      "torch": torch.__version__, "flash_attn": flash_attn_installed(),
                      "skipped": [], "seconds": {}}
     d2048 = LoopMDMConfig(**D2048)
@@ -256,13 +298,13 @@ def main() -> None:
     sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
         ("correctness", 30, check_correctness),
         ("matmul_peak", 5, lambda r: r.update(
-            matmul_peak_bf16=matmul_peak(torch.device("cuda"), torch.bfloat16, n=8192))),
+            matmul_peak_bf16=matmul_peak(T.device, T.dtype, n=T.size(8192, 256)))),
         ("forward_1b", 20, lambda r: _forward(r, False)),
         ("iteration_d2048_eager", 60, _iteration("d2048", d2048, 16, 512, (False,))),
         ("monitor_smdm", 30, lambda r: r.update(monitor_smdm=[
             {**row.__dict__, "ratio": row.ratio}
-            for row in bench_monitor(smdm, 16, 512, 0.125, torch.device("cuda"), torch.bfloat16,
-                                     repeats=20)])),
+            for row in bench_monitor(T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125,
+                                     T.device, T.dtype, repeats=T.size(20, 1))])),
         ("generation_smdm_b32", 60, lambda r: _smdm_generation(r, False)),
         ("host_syncs", 60, check_host_syncs),
         ("attention", 90, check_attention),
@@ -276,10 +318,11 @@ def main() -> None:
         ("iteration_smdm_compiled", 120, _iteration("smdm-170m-shape", smdm, 32, 512,
                                                     (True,))),
     ]
+    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu_check.json"
     for name, expected, run in sections:
         left = deadline - time.monotonic()
-        if left < expected:
+        if left < expected and not T.smoke:
             results["skipped"].append(f"{name} (needs ~{expected:.0f} s, {left:.0f} s left)")
             continue
         start = time.monotonic()
