@@ -78,8 +78,9 @@ class GenerationRow:
     wall_ratio: float  # wall time / fixed max-loop wall time (compaction on, eager)
     speedup: float | None  # compaction on: the same policy's compaction-off wall / this wall
     bound: float | None  # compaction on: the same ratio of total FLOPs
-    agreement: float | None  # compaction on, random prompts: share of generated tokens equal
-    tokens_per_s: float      # to the compaction-off run's
+    # compaction on, random prompts: the share of generated tokens equal to compaction off's
+    agreement: float | None
+    tokens_per_s: float
     nfe_per_s: float
     iterations_per_s: float  # token-loop iterations the policy asked for, per second
 
