@@ -21,6 +21,7 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     assert report["smoke"] is True and report["skipped"] == []
     for key in ("matmul_peak_bf16", "forward_1b", "forward_1b_compiled", "iteration_d2048",
                 "monitor_smdm", "generation_smdm_b32", "generation_smdm_b32_compiled",
+                "generation_smdm_b32_loops12",
                 "generation_embedded", "generation_embedded_compiled"):
         assert report[key], key
     # the equivalences the script reports hold exactly on the CPU reference path
