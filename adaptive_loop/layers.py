@@ -119,15 +119,21 @@ class LayerBase(nn.Module):
         return out, (k, v)
 
     def packed(self, h: Tensor, rope: Rope, plan: PackPlan, cache: KV,
-               key_mask: Tensor | None = None) -> Tensor:
+               key_mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         """Packed tokens. h (N, d) -> (N, d).
 
         The tokens' new keys/values are written into `cache` (B, G, L, D) in place; every other
         token keeps the keys/values the cache holds (frozen at their last computed value).
+        With `keep` (N,) bool, only the kept tokens write theirs: the others halted after the
+        plan was made and stay frozen too (their outputs are discarded by the caller).
         """
         cos, sin = rope_packed(rope, plan)  # (N, 1, D)
         q, k, v = self.project(h, cos, sin)  # (N, H|G, D)
         k_cache, v_cache = cache
+        if keep is not None:
+            gate = keep[:, None, None]
+            k = torch.where(gate, k, k_cache[plan.rows, :, plan.pos])
+            v = torch.where(gate, v, v_cache[plan.rows, :, plan.pos])
         k_cache[plan.rows, :, plan.pos] = k
         v_cache[plan.rows, :, plan.pos] = v
         attn = packed_attention(q, k_cache, v_cache, plan, key_mask)  # (N, H, D)

@@ -41,7 +41,9 @@ class StepTrace:
     """What the looped block did in one denoising step."""
 
     loops: Tensor  # (B, L) iterations each token ran
-    active_tokens: list[int] = field(default_factory=list)  # per executed iteration
+    # tokens computed per executed iteration: the active ones (with `pipeline`, also those
+    # that halted at the latest check)
+    active_tokens: list[int] = field(default_factory=list)
     looped_flops: int = 0  # looped-block FLOPs executed
     monitor_flops: int = 0  # FLOPs spent computing policy signals (probes)
     host_syncs: int = 0
@@ -66,12 +68,16 @@ def _dense_iteration(model: LoopMDM, h: Tensor, key_mask: Tensor | None,
 
 
 def _packed_iteration(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV],
-                      key_mask: Tensor | None) -> Tensor:
-    """Only the planned tokens through the block; caches are updated in place."""
+                      key_mask: Tensor | None, keep: Tensor | None = None) -> Tensor:
+    """Only the planned tokens through the block; caches are updated in place. With `keep`
+    (N,) bool, planned tokens outside it (halted since the plan was made) keep their state and
+    keys/values."""
     flat = h.reshape(-1, h.shape[-1])
     x = flat[plan.index]  # (N, d)
     for layer, cache in zip(model.block_layers, caches):
-        x = layer.packed(x, model.rope, plan, cache, key_mask)
+        x = layer.packed(x, model.rope, plan, cache, key_mask, keep)
+    if keep is not None:
+        x = torch.where(keep[:, None], x, flat[plan.index])
     return flat.index_copy(0, plan.index, x).view_as(h)
 
 
@@ -137,8 +143,10 @@ def compiled_iterations(backend: Any, device: torch.device) -> Iterations:
         packed = torch.compile(_packed_iteration, backend=backend)
 
         def vary_then_packed(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV],
-                             key_mask: Tensor | None) -> Tensor:
-            return packed(model, h, _vary(plan), caches, key_mask)
+                             key_mask: Tensor | None, keep: Tensor | None = None) -> Tensor:
+            if keep is not None:
+                torch._dynamo.maybe_mark_dynamic(keep, 0)
+            return packed(model, h, _vary(plan), caches, key_mask, keep)
 
         _COMPILED[key] = Iterations(_graphed(dense) if graphs else dense, vary_then_packed)
     return _COMPILED[key]
@@ -209,11 +217,35 @@ def shortlist_of(logits: Tensor, k: int) -> Tensor:
     return torch.unique(logits.topk(min(k, logits.shape[-1]), dim=-1).indices)
 
 
+class _Read:
+    """Values the host needs from the device (counts, flags), with the active mask they
+    describe. On CUDA with `ahead`, the copy starts at once into pinned memory and is waited
+    for only when the values are needed, one check later, when the device has the next
+    iteration queued behind it: the host waits, the device does not. Otherwise the values are
+    read at once."""
+
+    def __init__(self, values: Tensor, mask: Tensor, counts: Tensor, iteration: int,
+                 ahead: bool) -> None:
+        self.mask, self.counts, self.iteration, self.event = mask, counts, iteration, None
+        self.host = values
+        if ahead and values.device.type == "cuda":
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def values(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 @torch.no_grad()
 def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, *,
               key_mask: Tensor | None = None, compact: bool = True, step: int = 0,
               steps: int = 1, compile: bool | str = False, attention: str = "auto",
-              needed_plan: PackPlan | None = None) -> tuple[Tensor, StepTrace]:
+              needed_plan: PackPlan | None = None,
+              pipeline: bool = False) -> tuple[Tensor, StepTrace]:
     """Loop the shared block over h (B, L, d) under `policy`.
 
     Args:
@@ -229,16 +261,25 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         needed_plan: the plan of `needed`, when the caller has built it (the sampler reads
             those tokens' predictions after the loops): the first check of a policy that
             reads predictions uses it instead of waiting for the device.
+        pipeline: plan each iteration from the decisions of one check earlier instead of the
+            latest, so that the host never waits for work it has just queued (off by
+            default). Tokens that halted at the latest check are still computed once more,
+            with their state and keys/values left as they were, so the result is the same;
+            the cost is their FLOPs (counted), the gain is a device that never idles inside
+            a step. The policy then also sees those tokens (its decisions on them change
+            nothing).
 
     Host syncs: one per checked iteration (the active counts, the finite check and, for
     policies that read predictions, the sizes of the next check's probe, all in one read),
     plus the shortlist's once per step, the key structure of varlen once per run, and the
-    probe of the first check when `needed_plan` is not given.
+    probe of the first check when `needed_plan` is not given. With `pipeline` on CUDA each
+    read but the step's last waits for work one check old.
 
     Returns the final loop state (B, L, d) and the step's trace.
     """
     batch, length, _ = h.shape
     total = batch * length
+    pipeline = pipeline and compact  # the masked reference has no plan to pipeline
     run = iterations(compile, h.device)
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
     keys = None  # built at the first packed plan: the key mask is fixed for the whole run
@@ -251,60 +292,82 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     trace = StepTrace(loops=torch.zeros(batch, length, dtype=torch.int32, device=h.device))
     per_token = block_flops(model.config, length)
     caches: list[KV] | None = None
+    # what the next iteration computes: `planned` tokens (all until a read says otherwise),
+    # the mask `members` of them, their `plan` when fewer than all, the probe's sizes
     plan: PackPlan | None = None
-    n_active, checked = total, False
+    planned, decided, checked = total, False, False
+    members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
     reads_logits = "logits" in policy.needs
-    probe: Probe = needed_plan  # the active needed tokens: all needed ones until a decision
+    probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
+    pending: _Read | None = None  # pipeline: the latest check's read, not yet used
     for iteration in range(1, hi + 1):
         prev = h
-        if caches is None or n_active == total or not compact:
-            keep = None if n_active == total else (active, caches)
+        if caches is None or planned == total or not compact:
+            stale = pipeline and decided  # some planned tokens may have halted since
+            keep = (active, caches) if stale or planned < total else None
             h, caches = run.dense(model, h, key_mask, keep)
             trace.looped_flops += total * per_token
+            trace.active_tokens.append(total if pipeline else planned)
         else:
             caches = [(k.contiguous(), v.contiguous()) for k, v in caches]
-            h = run.packed(model, h, plan, caches, key_mask)
-            trace.looped_flops += n_active * per_token
+            gate = active.view(-1)[plan.index] if pipeline else None
+            h = run.packed(model, h, plan, caches, key_mask, gate)
+            trace.looped_flops += planned * per_token
+            trace.active_tokens.append(planned)
         trace.loops += active.int()
-        trace.active_tokens.append(n_active)
         checked = policy.checks_at(iteration, bounds)
         if not checked:
             continue
-        index = plan.index if plan is not None and n_active < total else torch.arange(
+        index = plan.index if plan is not None and planned < total else torch.arange(
             total, device=h.device)
-        sig = _signals(policy, model, h, prev, active, index, needed, key_mask, iteration, step,
-                       steps, trace, vocab, probe)
+        sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
+                       step, steps, trace, vocab, probe)
         halt = policy.decide(sig)
         if shortlist and vocab is None and sig.logits is not None and sig.logits.shape[0]:
             vocab = shortlist_of(sig.logits, shortlist)  # later checks read only these columns
             trace.host_syncs += 1
         flat = active.view(-1)
         flat[index] = flat[index] & ~halt
+        decided = True
         counts = active.sum(1)
         finite = torch.isfinite(h.reshape(-1, h.shape[-1])[index]).all()
         read = [counts.sum(), counts.max(), finite.long()]
         if reads_logits:  # the next check's probe: its sizes come with this read
             probe_counts = (active & needed).sum(1)
             read += [probe_counts.sum(), probe_counts.max()]
-        n_active, width, ok, *probe_sizes = torch.stack(read).tolist()
-        probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
+        latest = _Read(torch.stack(read), active.clone() if pipeline else active, counts,
+                       iteration, ahead=pipeline)
+        done, pending = (pending, latest) if pipeline else (latest, None)
+        if done is None:  # pipeline, first check: nothing older to plan from yet
+            continue
+        n_active, width, ok, *probe_sizes = done.values()
         trace.host_syncs += 1
-        if not ok:
-            raise GenerationError(f"non-finite hidden state at denoising step {step + 1}, "
-                                  f"loop {iteration}; the checkpoint or dtype is unstable")
+        _check_finite(ok, step, done.iteration)
         if n_active == 0:
             break
+        planned, members = n_active, done.mask
+        probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         if n_active < total:
             # the count is on the host already: the positions need no further sync
-            plan = PackPlan.from_index(true_index(flat, n_active), counts, width, batch, length)
+            plan = PackPlan.from_index(true_index(members.view(-1), n_active), done.counts,
+                                       width, batch, length)
             if compact:
                 if keys is None:
                     keys = packed_keys(backend, batch, length, key_mask, h.device)
                     trace.host_syncs += keys.host_syncs
                 plan = plan.with_keys(keys)
+    if pending is not None:  # the step's last read: its finite check
+        trace.host_syncs += 1
+        _check_finite(pending.values()[2], step, pending.iteration)
     if not checked:  # the last iteration went unchecked
         trace.host_syncs += 1
         if not bool(torch.isfinite(h).all()):
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
+
+
+def _check_finite(ok: int, step: int, iteration: int) -> None:
+    if not ok:
+        raise GenerationError(f"non-finite hidden state at denoising step {step + 1}, "
+                              f"loop {iteration}; the checkpoint or dtype is unstable")

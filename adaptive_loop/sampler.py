@@ -209,9 +209,10 @@ class _Stepper:
     def __init__(self, model: LoopMDM, batch: _Batch, policy: HaltingPolicy, compact: bool,
                  cfg_scale: float, temperature: float, remasking: str,
                  generator: torch.Generator, warm_start: bool = False,
-                 compile: bool | str = False, attention: str = "auto") -> None:
+                 compile: bool | str = False, attention: str = "auto",
+                 pipeline: bool = False) -> None:
         self.model, self.batch, self.policy, self.compact = model, batch, policy, compact
-        self.compile, self.attention = compile, attention
+        self.compile, self.attention, self.pipeline = compile, attention, pipeline
         self.warm_start = warm_start
         self.last: tuple[Tensor, Tensor] | None = None  # previous step's inputs and loop state
         self.cfg_scale, self.temperature, self.remasking = cfg_scale, temperature, remasking
@@ -242,7 +243,7 @@ class _Stepper:
             h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
                                  compact=self.compact, step=step, steps=steps,
                                  compile=self.compile, attention=self.attention,
-                                 needed_plan=plan)
+                                 needed_plan=plan, pipeline=self.pipeline)
             if self.warm_start:
                 self.last = (inputs, h)
             logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
@@ -264,7 +265,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
              cfg_scale: float = 0.0, eos_fill: bool = False, seed: int | None = None,
              tokenizer: Tokenizer | None = None, compact: bool = True,
              warm_start: bool = False, compile: bool | str = False,
-             attention: str = "auto") -> GenerationResult:
+             attention: str = "auto", pipeline: bool = False) -> GenerationResult:
     """Generate completions with adaptive loops.
 
     Args:
@@ -293,6 +294,9 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
         attention: packed attention backend of the looped block: "auto" (padded on CPU,
             FlexAttention on CUDA, flash-attn varlen where installed), "padded", "flex" or
             "varlen".
+        pipeline: plan each loop iteration from the halting decisions of one check earlier,
+            so that on CUDA the host never waits for work it has just queued (off by default;
+            same tokens, a few more FLOPs: see `runtime.run_loops`).
 
     `stats.host_syncs` counts every point where the host waits for the device: the prompt
     upload, each checked loop iteration and each packed plan, the readout plan of every step,
@@ -319,7 +323,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     column = torch.arange(length, device=device)
     generated = column[None, :] >= prompt_len
     stepper = _Stepper(model, data, policy, compact, cfg_scale, temperature, remasking,
-                       generator, warm_start, compile, attention)
+                       generator, warm_start, compile, attention, pipeline)
     adaptive = threshold is not None or factor is not None
     start = time.perf_counter()
     traces: list[StepTrace] = []

@@ -8,6 +8,9 @@ Two sources of work:
   170M- and 1B-class shapes have no task): throughput only, plus how many generated tokens
   agree between compaction on and off.
 
+With `pipeline`, each policy also runs with pipelined plans (`runtime.run_loops`): the same
+tokens, a few more FLOPs, and a host that never waits for work it has just queued.
+
 `speedup` is what compaction buys a policy: the wall time of the same policy, in the same
 mode, with compaction off (the masked reference computes every token and keeps the halted
 ones' state) over the wall time with it on. `bound` is what it would buy if time followed
@@ -70,6 +73,7 @@ class GenerationRow:
     label: str  # its short label (the parameters that differ from the defaults)
     compact: bool
     compiled: bool
+    pipelined: bool
     accuracy: float | None  # exact match on the task; None for random prompts
     mean_loops: float
     flops_ratio: float  # looped FLOPs executed / fixed at max loops
@@ -88,37 +92,43 @@ class GenerationRow:
         return asdict(self)
 
 
-Setting = tuple[str, dict[str, Any], bool, bool]  # policy name, parameters, compact, compiled
+# policy name, parameters, compact, compiled, pipelined
+Setting = tuple[str, dict[str, Any], bool, bool, bool]
 
 
-def settings(policies: list[tuple[str, dict[str, Any]]], compile: bool) -> list[Setting]:
+def settings(policies: list[tuple[str, dict[str, Any]]], compile: bool,
+             pipeline: bool = False) -> list[Setting]:
     """Fixed loops first (the reference of `wall_ratio`), then each policy with compaction on
-    and off; with `compile`, all of it again with compiled iterations."""
+    (and pipelined, with `pipeline`) and off; with `compile`, all of it again with compiled
+    iterations."""
     modes = (False, True) if compile else (False,)
     out: list[Setting] = []
     for compiled in modes:
-        out.append(("fixed", {}, True, compiled))
+        out.append(("fixed", {}, True, compiled, False))
         for name, params in policies:
-            out += [(name, params, True, compiled), (name, params, False, compiled)]
+            out.append((name, params, True, compiled, False))
+            if pipeline:
+                out.append((name, params, True, compiled, True))
+            out.append((name, params, False, compiled, False))
     return out
 
 
 def rows_of(chosen: list[Setting],
-            run: Callable[[HaltingPolicy, bool, bool], Measured]) -> list[GenerationRow]:
+            run: Callable[[HaltingPolicy, bool, bool, bool], Measured]) -> list[GenerationRow]:
     """Run every setting in turn and turn the measurements into rows of ratios."""
     measured = [(s, make(s[0], **s[1])) for s in chosen]
-    results = [(s, policy, run(policy, s[2], s[3])) for s, policy in measured]
+    results = [(s, policy, run(policy, *s[2:])) for s, policy in measured]
     masked = {(repr(p), s[3]): m for s, p, m in results if not s[2]}
     base = results[0][2].wall_s
     rows = []
-    for (_, _, compact, compiled), policy, m in results:
+    for (_, _, compact, compiled, pipelined), policy, m in results:
         ref = masked.get((repr(policy), compiled)) if compact else None
         agreement = None
         if ref is not None and m.output is not None and ref.output is not None:
             agreement = float((m.output == ref.output).float().mean())
         rows.append(GenerationRow(
             policy=repr(policy), label=policy.label(), compact=compact, compiled=compiled,
-            accuracy=m.accuracy, mean_loops=m.mean_loops,
+            pipelined=pipelined, accuracy=m.accuracy, mean_loops=m.mean_loops,
             flops_ratio=m.looped_flops / max(1, m.fixed_flops),
             monitor_ratio=m.monitor_flops / max(1, m.looped_flops), wall_s=m.wall_s,
             wall_ratio=m.wall_s / base, speedup=ref.wall_s / m.wall_s if ref else None,
@@ -130,8 +140,8 @@ def rows_of(chosen: list[Setting],
 
 def bench_generation(model: LoopMDM, n: int = 200,
                      policies: list[tuple[str, dict[str, Any]]] | None = None,
-                     seed: int = 1234, compile: bool = False,
-                     attention: str = "auto") -> list[GenerationRow]:
+                     seed: int = 1234, compile: bool = False, attention: str = "auto",
+                     pipeline: bool = False) -> list[GenerationRow]:
     """Generation on the model's built-in task, `n` problems per setting (`settings`). The
     compiled settings each run once untimed first, so that compilation stays out of the
     timings."""
@@ -143,11 +153,12 @@ def bench_generation(model: LoopMDM, n: int = 200,
     options = {"seed": seed, "attention": attention}
     evaluate_task(model, task, make("fixed"), n=min(n, 20), **options)  # warm-up
 
-    def run(policy: HaltingPolicy, compact: bool, compiled: bool) -> Measured:
+    def run(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> Measured:
         if compiled:
-            evaluate_task(model, task, policy, n=n, compile=True, **options)
+            evaluate_task(model, task, policy, n=n, compile=True, pipeline=pipelined,
+                          **options)
         res = evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,
-                            **options)
+                            pipeline=pipelined, **options)
         return Measured(
             wall_s=res.wall_s, mean_loops=res.mean_loops, looped_flops=res.looped_flops,
             fixed_flops=res.looped_flops_fixed_max, total_flops=res.total_flops,
@@ -156,7 +167,7 @@ def bench_generation(model: LoopMDM, n: int = 200,
             token_steps=n * (task.prompt_length + task.answer_length) * decoding["steps"],
             accuracy=res.accuracy)
 
-    return rows_of(settings(policies or DEFAULT_POLICIES, compile), run)
+    return rows_of(settings(policies or DEFAULT_POLICIES, compile, pipeline), run)
 
 
 def random_prompts(model: LoopMDM, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -170,7 +181,7 @@ def random_prompts(model: LoopMDM, batch: int, length: int, seed: int = 0) -> to
 def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_length: int,
                             steps: int, policies: list[tuple[str, dict[str, Any]]] | None = None,
                             compile: bool = False, attention: str = "auto", repeats: int = 1,
-                            seed: int = 0) -> list[GenerationRow]:
+                            seed: int = 0, pipeline: bool = False) -> list[GenerationRow]:
     """Generation of `gen_length` tokens in `steps` denoising steps after `batch` random
     prompts of `prompt_length` tokens, per setting (`settings`): the median wall time of
     `repeats` runs, after one untimed run of the setting (warm-up; compilation, when
@@ -180,17 +191,19 @@ def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_
     device = next(model.parameters()).device
     prompts = random_prompts(model, batch, prompt_length, seed).to(device)
 
-    def once(policy: HaltingPolicy, compact: bool, compiled: bool) -> tuple[float, Any]:
+    def once(policy: HaltingPolicy, *mode: bool) -> tuple[float, Any]:
+        compact, compiled, pipelined = mode
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         out = generate(model, prompts, policy=policy, gen_length=gen_length, steps=steps,
-                       compact=compact, compile=compiled, attention=attention)
+                       compact=compact, compile=compiled, attention=attention,
+                       pipeline=pipelined)
         return time.perf_counter() - start, out  # generate ends copying tokens to the host
 
-    def run(policy: HaltingPolicy, compact: bool, compiled: bool) -> Measured:
-        once(policy, compact, compiled)
-        timed = [once(policy, compact, compiled) for _ in range(max(1, repeats))]
+    def run(policy: HaltingPolicy, *mode: bool) -> Measured:
+        once(policy, *mode)
+        timed = [once(policy, *mode) for _ in range(max(1, repeats))]
         out = timed[0][1]
         s = out.stats
         return Measured(
@@ -200,4 +213,4 @@ def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_
             monitor_flops=s.monitor_flops, nfe=s.nfe, tokens=batch * gen_length,
             token_steps=out.tokens.numel() * s.nfe, output=out.tokens[:, out.prompt_length:])
 
-    return rows_of(settings(policies or RANDOM_POLICIES, compile), run)
+    return rows_of(settings(policies or RANDOM_POLICIES, compile, pipeline), run)

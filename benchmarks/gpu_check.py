@@ -212,13 +212,14 @@ def check_host_syncs(results: dict) -> None:
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]
     policies = {"convergence": dict(threshold=0.3),
                 "entropy": dict(threshold=2.0, probe="lens", shortlist=4)}
-    for compile in (False, True):
+    for compile, pipeline in ((False, False), (True, False), (False, True)):
         for name, params in policies.items():
             kwargs = dict(policy=make(name, max_loops=6, **params), gen_length=8, steps=4,
-                          compile=compile)
+                          compile=compile, pipeline=pipeline)
             generate(model, prompts, **kwargs)
             out, seen = cuda_syncs(lambda kw=kwargs: generate(model, prompts, **kw))
-            tag = f"{name}_{'compiled' if compile else 'eager'}"
+            tag = f"{name}_{'compiled' if compile else 'eager'}" + \
+                ("_pipelined" if pipeline else "")
             results[f"host_syncs_{tag}"] = {
                 "observed": len(seen), "counted": out.stats.host_syncs,
                 "within_account": len(seen) <= out.stats.host_syncs}
@@ -254,16 +255,19 @@ def _forward(results: dict, compiled: bool) -> None:
     print("forward", json.dumps(entry), flush=True)
 
 
-def _smdm_generation(results: dict, compiled: bool, loops: int = 4) -> None:
+def _smdm_generation(results: dict, compiled: bool, loops: int = 4,
+                     pipeline: bool = False) -> None:
     """Generation on the 170M-class shape at batch 32 (random weights, random prompts): fixed
-    loops and each policy with compaction on and off. At the preset's 4 loops the looped block
-    is about half of a step's FLOPs, which caps what compaction can save (the rows' `bound`);
-    `loops=12`, the LoopMDM paper's count, shows it where the block dominates."""
+    loops and each policy with compaction on (and pipelined, with `pipeline`) and off. At the
+    preset's 4 loops the looped block is about half of a step's FLOPs, which caps what
+    compaction can save (the rows' `bound`); `loops=12`, the LoopMDM paper's count, shows it
+    where the block dominates."""
     torch.manual_seed(0)
     cfg = T.shape(LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512, n_loops=loops))
     model = LoopMDM(cfg).to(device=T.device, dtype=T.dtype).eval()
     rows = bench_random_generation(model, T.size(32, 2), T.size(64, 8), T.size(256, 16),
-                                   T.size(64, 4), compile=compiled, repeats=T.size(2, 1))
+                                   T.size(64, 4), compile=compiled, repeats=T.size(2, 1),
+                                   pipeline=pipeline)
     key = "generation_smdm_b32" + ("" if loops == 4 else f"_loops{loops}") + \
         ("_compiled" if compiled else "")
     results[key] = [r.to_dict() for r in rows]
@@ -308,7 +312,7 @@ def main() -> None:
             {**row.__dict__, "ratio": row.ratio}
             for row in bench_monitor(T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125,
                                      T.device, T.dtype, repeats=T.size(20, 1))])),
-        ("generation_smdm_b32", 60, lambda r: _smdm_generation(r, False)),
+        ("generation_smdm_b32", 90, lambda r: _smdm_generation(r, False, pipeline=True)),
         ("host_syncs", 60, check_host_syncs),
         ("iteration_d2048_compiled", 120, _iteration("d2048", d2048, 16, 512, (True,))),
         ("attention", 90, check_attention),

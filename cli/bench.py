@@ -58,6 +58,9 @@ def bench(
     compile: Annotated[bool, typer.Option(
         "--compile", help="Also time every figure with compiled loop iterations (the first "
         "calls compile, untimed) and report compiled against eager.")] = False,
+    pipeline: Annotated[bool, typer.Option(
+        "--pipeline", help="Also time generation with pipelined plans (each iteration planned "
+        "from the decisions of one check earlier; see `generate --pipeline`).")] = False,
     checkpoint: Checkpoint = None,
     device: Device = None,
     dtype: Dtype = None,
@@ -135,7 +138,8 @@ def bench(
         with err.status("timing generation..."):
             if model is not None and model.config.task:
                 source = f"{n} problems of the checkpoint's task"
-                timed = bench_generation(model, n=n, compile=compile, attention=backends[0])
+                timed = bench_generation(model, n=n, compile=compile, attention=backends[0],
+                                         pipeline=pipeline)
             else:
                 prompt = max(1, length // 4)
                 gen_length = length - prompt
@@ -146,7 +150,8 @@ def bench(
                     torch.manual_seed(0)
                     model = LoopMDM(cfg).to(device=dev, dtype=dt).eval()
                 timed = bench_random_generation(model, batch, prompt, gen_length, gen_steps,
-                                                compile=compile, attention=backends[0])
+                                                compile=compile, attention=backends[0],
+                                                pipeline=pipeline)
             report["generation_source"] = source
             report["generation"] = [r.to_dict() for r in timed]
     if as_json:
@@ -185,7 +190,8 @@ def bench(
             wrapped = col == "policy"  # numbers never wrap; the policy label may
             table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None)
         for g in report["generation"]:
-            cells = {"policy": g["label"], "compact": "on" if g["compact"] else "off",
+            compaction = "pipelined" if g["pipelined"] else "on" if g["compact"] else "off"
+            cells = {"policy": g["label"], "compact": compaction,
                      "compiled": "yes" if g["compiled"] else "no",
                      "exact": "-" if g["accuracy"] is None else f"{g['accuracy']:.1%}",
                      "loops": f"{g['mean_loops']:.2f}", "FLOPs": f"{g['flops_ratio']:.2f}x",

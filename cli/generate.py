@@ -80,6 +80,10 @@ def generate(
     attention: Annotated[str, typer.Option(
         help="Attention of the packed active tokens: auto, padded, flex or varlen (auto: "
         "padded on CPU, flex on CUDA, varlen where flash-attn is installed).")] = "auto",
+    pipeline: Annotated[bool, typer.Option(
+        "--pipeline", help="Plan each loop iteration from the halting decisions of one check "
+        "earlier, so that on CUDA the host never waits for work it has just queued (same "
+        "tokens; tokens halted at the latest check cost one more iteration).")] = False,
     prompts: Annotated[Path | None, typer.Option(
         help="JSONL file of {\"prompt\": ...} objects to complete in batches (other fields are "
         "kept); the results go to --out, or to stdout as JSON lines.")] = None,
@@ -105,7 +109,8 @@ def generate(
     decoding = {"block_length": block_length, "temperature": temperature,
                 "remasking": remasking, "compact": compact, "warm_start": warm_start,
                 "threshold": threshold_decoding, "factor": factor, "cfg_scale": cfg,
-                "eos_fill": eos_fill, "compile": compile_loops, "attention": attention}
+                "eos_fill": eos_fill, "compile": compile_loops, "attention": attention,
+                "pipeline": pipeline}
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")

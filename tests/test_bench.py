@@ -32,9 +32,11 @@ def test_label_names_only_what_differs_from_the_defaults():
 
 def test_settings_pair_every_policy_with_its_masked_reference_in_each_mode():
     chosen = settings([("kl", {"probe": "lens"})], compile=True)
-    assert [(name, compact, compiled) for name, _, compact, compiled in chosen] == [
+    assert [(name, compact, compiled) for name, _, compact, compiled, _ in chosen] == [
         ("fixed", True, False), ("kl", True, False), ("kl", False, False),
         ("fixed", True, True), ("kl", True, True), ("kl", False, True)]
+    assert [s[4] for s in settings([("kl", {})], compile=False, pipeline=True)] == [
+        False, False, True, False]
 
 
 def test_random_prompts_are_reproducible_and_never_the_mask(make_config):
@@ -62,12 +64,15 @@ def test_random_generation_compacted_equals_masked(tiny_model):
     masked reference's (CPU float32), and the ratios are computed from the rows' walls."""
     rows = bench_random_generation(tiny_model, batch=3, prompt_length=5, gen_length=8, steps=4,
                                    policies=[("convergence", {"threshold": 0.3}),
-                                             ("kl", {"probe": "lens", "shortlist": 4})])
-    assert [(r.label.split("(")[0], r.compact) for r in rows] == [
-        ("fixed", True), ("convergence", True), ("convergence", False), ("kl", True),
-        ("kl", False)]
+                                             ("kl", {"probe": "lens", "shortlist": 4})],
+                                   pipeline=True)
+    assert [(r.label.split("(")[0], r.compact, r.pipelined) for r in rows] == [
+        ("fixed", True, False), ("convergence", True, False), ("convergence", True, True),
+        ("convergence", False, False), ("kl", True, False), ("kl", True, True),
+        ("kl", False, False)]
     assert rows[0].wall_ratio == 1.0 and rows[0].speedup is None
-    for on, off in ((rows[1], rows[2]), (rows[3], rows[4])):
+    for on, off in ((rows[1], rows[3]), (rows[2], rows[3]), (rows[4], rows[6]),
+                    (rows[5], rows[6])):
         assert on.agreement == 1.0 and off.agreement is None
         assert on.mean_loops == off.mean_loops
         assert on.flops_ratio <= off.flops_ratio
@@ -76,6 +81,7 @@ def test_random_generation_compacted_equals_masked(tiny_model):
         assert on.accuracy is None
     assert rows[0].flops_ratio == 1.0 and rows[0].mean_loops == 4.0
     assert rows[1].flops_ratio < 1.0  # the threshold halts some tokens on this model
+    assert rows[2].flops_ratio >= rows[1].flops_ratio  # pipelined: halted tokens once more
     assert rows[0].tokens_per_s == pytest.approx(3 * 8 / rows[0].wall_s)
 
 

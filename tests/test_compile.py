@@ -69,8 +69,10 @@ def test_iterations_have_no_graph_breaks(tiny_model, backend):
     active = _uneven(g, 3, 40, (0.8, 0.3, 0.55))
     plan = _plan(active, key_mask, backend)
     with torch.no_grad():
+        keep = torch.rand(plan.size, generator=g) < 0.7  # pipelined: some planned halted
         cases = [
             (_packed_iteration, (tiny_model, h, plan, _copy(caches), key_mask)),
+            (_packed_iteration, (tiny_model, h, plan, _copy(caches), key_mask, keep)),
             (_dense_iteration, (tiny_model, h, key_mask, None)),
             (_dense_iteration, (tiny_model, h, key_mask, (active, _copy(caches)))),
         ]
@@ -137,6 +139,15 @@ def test_generate_compiled_equals_eager(tiny_model, attention):
     assert torch.equal(eager.loops, compiled.loops)
 
 
+def test_generate_compiled_pipelined_equals_eager(tiny_model):
+    kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8,
+                  steps=4, attention="flex")
+    eager = generate(tiny_model, PROMPTS, **kwargs)
+    compiled = generate(tiny_model, PROMPTS, compile="eager", pipeline=True, **kwargs)
+    assert torch.equal(eager.tokens, compiled.tokens)
+    assert torch.equal(eager.loops, compiled.loops)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["padded", "flex"])
 def test_default_backend_run_loops(tiny_model, attention):
@@ -172,17 +183,17 @@ def cuda_model() -> LoopMDM:
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile, pipeline", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("name, params", [
     ("convergence", {"threshold": 0.3}),
     ("entropy", {"threshold": 2.0, "probe": "lens", "shortlist": 4}),
 ])
-def test_host_syncs_within_the_account(cuda_model, compile, name, params):
+def test_host_syncs_within_the_account(cuda_model, compile, pipeline, name, params):
     """Every synchronising CUDA call of one generation (after a warm-up with identical inputs,
     so compilation and graph capture are done) is one the runtime counted."""
     model = cuda_model
     kwargs = dict(policy=make(name, max_loops=6, **params), gen_length=8, steps=4,
-                  compile=compile)
+                  compile=compile, pipeline=pipeline)
     generate(model, PROMPTS, **kwargs)
     out, syncs = cuda_syncs(lambda: generate(model, PROMPTS, **kwargs))
     assert syncs, "sync debug mode reported nothing: the count would prove nothing"

@@ -173,3 +173,44 @@ def test_bfloat16_generation_tracks_float32():
         assert (on == off).float().mean() >= 0.98, name
         assert (on == ref).float().mean() >= 0.95, name
         assert runs[0].stats.mean_loops == pytest.approx(runs[2].stats.mean_loops, rel=0.05)
+
+
+PIPELINED = [
+    ("convergence", {"threshold": 0.3}),
+    ("entropy", {"threshold": 2.0, "context_threshold": 0.3}),
+    ("kl", {"threshold": 0.05, "context_threshold": 0.3, "probe": "lens", "shortlist": 4}),
+    ("stability", {"patience": 1, "context_threshold": 0.3}),
+    ("acceleration", {"threshold": 0.5, "hits": 1}),
+]
+
+
+@pytest.mark.parametrize("attention", ["padded", "flex"])
+@pytest.mark.parametrize("name, params", PIPELINED)
+def test_pipelined_plans_compute_the_same_function(tiny_model, name, params, attention):
+    """Planning each iteration from the decisions of one check earlier computes the tokens
+    that halted at the latest check once more, with their state and keys/values kept: the
+    loops and the final state are those of the unpipelined run, the extra work is counted."""
+    h, needed = _state(tiny_model)
+    ref, a = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed,
+                       attention=attention)
+    got, b = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed,
+                       attention=attention, pipeline=True)
+    assert a.loops.min() < a.loops.max(), "the test needs tokens halting at several loops"
+    assert torch.equal(a.loops, b.loops)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    per_token = block_flops(tiny_model.config, h.shape[1])
+    assert b.looped_flops == sum(b.active_tokens) * per_token
+    assert sum(b.active_tokens) >= int(b.loops.sum()) and b.looped_flops >= a.looped_flops
+
+
+@pytest.mark.parametrize("name, params", PIPELINED[:3])
+def test_pipelined_generation_equals_unpipelined(tiny_model, name, params):
+    """The same through the sampler, with left-padded prompts of different lengths (a key
+    mask) and classifier-free guidance (doubled rows)."""
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]]
+    for cfg_scale in (0.0, 1.5):
+        runs = [generate(tiny_model, prompts, policy=make(name, max_loops=6, **params),
+                         gen_length=8, steps=4, cfg_scale=cfg_scale, pipeline=pipeline)
+                for pipeline in (False, True)]
+        assert torch.equal(runs[0].tokens, runs[1].tokens)
+        assert torch.equal(runs[0].loops, runs[1].loops)
