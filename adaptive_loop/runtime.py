@@ -9,6 +9,9 @@ weights); deeper layers' keys/values stay frozen at their last computed value.
 
 `compact=False` is the masked reference: every iteration runs all tokens densely, then keeps
 the old state and old keys/values of halted tokens. Both paths compute the same function.
+`pipeline=True` plans each iteration from the decisions of one check earlier, gating the
+tokens that halted since: the same function again, with the host's reads off the device's
+critical path.
 
 `attention` picks the packed attention backend (attention.py). `compile` (off by default;
 eager CPU float32 is the reference path) runs both iteration functions through
