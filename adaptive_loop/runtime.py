@@ -268,8 +268,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             latest, so that the host never waits for work it has just queued (off by
             default). Tokens that halted at the latest check are still computed once more,
             with their state and keys/values left as they were, so the result is the same;
-            the cost is their FLOPs (counted), the gain is a device that never idles inside
-            a step. The policy then also sees those tokens (its decisions on them change
+            the cost is their FLOPs (counted), the gain is a device that does not idle
+            between iterations. The policy then also sees those tokens (its decisions on them change
             nothing).
 
     Host syncs: one per checked iteration (the active counts, the finite check and, for
