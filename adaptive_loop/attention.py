@@ -100,6 +100,15 @@ class PackPlan:
         if batch == 0:
             return cls.from_index(counts.new_zeros(0), counts, 0, batch, length)
         size, width = torch.stack([counts.sum(), counts.max()]).tolist()
+        return cls.from_sizes(active, size, width, counts)
+
+    @classmethod
+    def from_sizes(cls, active: Tensor, size: int, width: int,
+                   counts: Tensor | None = None) -> PackPlan:
+        """The plan of a (B, L) mask whose size and widest row are already on the host (and
+        its per-row counts, when at hand): no host sync."""
+        batch, length = active.shape
+        counts = active.sum(1) if counts is None else counts
         return cls.from_index(true_index(active.reshape(-1), size), counts, width, batch, length)
 
     @classmethod

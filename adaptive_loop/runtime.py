@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import PackPlan, packed_keys, resolve_attention, true_index
+from .attention import PackPlan, packed_keys, resolve_attention
 from .errors import GenerationError
 from .flops import block_flops, head_flops, readout_flops
 from .model import KV, LoopMDM
@@ -176,10 +176,7 @@ def probe_plan(mask: Tensor, probe: Probe, trace: StepTrace) -> PackPlan:
     if probe is None:
         trace.host_syncs += 1
         return PackPlan.from_mask(mask)
-    count, width = probe
-    batch, length = mask.shape
-    return PackPlan.from_index(true_index(mask.reshape(-1), count), mask.sum(1), width, batch,
-                               length)
+    return PackPlan.from_sizes(mask, *probe)
 
 
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
@@ -352,8 +349,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         if n_active < total:
             # the count is on the host already: the positions need no further sync
-            plan = PackPlan.from_index(true_index(members.view(-1), n_active), done.counts,
-                                       width, batch, length)
+            plan = PackPlan.from_sizes(members, n_active, width, done.counts)
             if compact:
                 if keys is None:
                     keys = packed_keys(backend, batch, length, key_mask, h.device)

@@ -299,8 +299,8 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             same tokens, a few more FLOPs: see `runtime.run_loops`).
 
     `stats.host_syncs` counts every point where the host waits for the device: the prompt
-    upload, each checked loop iteration and each packed plan, the readout plan of every step,
-    the decoded-block checks, and the copies of tokens and statistics back at the end.
+    upload, each checked loop iteration (see `runtime.run_loops`), the readout plan of every
+    step, the decoded-block checks, and the copies of tokens and statistics back at the end.
     """
     cfg = model.config
     rows, tokenizer = _prompt_rows(model, prompts, tokenizer)
