@@ -19,7 +19,7 @@ from ..errors import AdaptiveLoopError, UsageError
 
 app = typer.Typer(
     name="adaptive-loop", no_args_is_help=True, add_completion=False,
-    pretty_exceptions_enable=False,
+    pretty_exceptions_enable=False, rich_markup_mode="markdown",
     help="Adaptive-compute inference for looped masked diffusion language models (LoopMDM). "
     "Add --debug to any command to see the traceback behind an error.",
 )

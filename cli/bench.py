@@ -66,11 +66,12 @@ def bench(
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Time what halting saves: one loop iteration with a fraction of tokens active against
-    the full iteration, the fixed-loop forward against the measured matmul peak (model FLOP
-    utilisation), each policy's signals against one iteration, and generation under adaptive
-    policies against fixed loops and against the same policy without compaction. Every
-    figure is a ratio measured in the same run.
+    """Time what halting saves, as ratios measured side by side in one run.
+
+    Four tables: one loop iteration with a fraction of tokens active against the full
+    iteration; the fixed-loop forward against the measured matmul peak (model FLOP
+    utilisation); each policy's signals against one iteration; and generation under adaptive
+    policies against fixed loops and against the same policy without compaction.
 
     Presets other than "embedded" are random-weight shapes for timing (weights drawn with a
     fixed seed); the 170M- and 1B-class shapes carry SMDM's layer shapes."""
