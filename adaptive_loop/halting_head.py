@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, UsageError
+from .files import atomic_write, atomic_write_text, writable_dir
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
 from .policies.predictive import needed_rows
@@ -91,7 +92,8 @@ def head_file(path: str | Path | None) -> Path:
         target = embedded_path() / HEAD_WEIGHTS
         if not target.is_file():
             raise UsageError(f"learned: the embedded model has no halting head ({target}); "
-                             f"train one with `adaptive-loop train-halting`, or pass head=PATH")
+                             "train one with `adaptive-loop train-halting --out DIR`, then pass "
+                             "head=DIR")
         return target
     given = Path(path).expanduser()
     target = given / HEAD_WEIGHTS if given.is_dir() else given
@@ -105,13 +107,13 @@ def head_file(path: str | Path | None) -> Path:
 
 def save_head(head: HaltingHead, directory: str | Path, report: dict[str, Any]) -> Path:
     """Write the sidecar (weights + JSON with the config and `report`) into `directory`."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(out / HEAD_WEIGHTS), metadata={"format": HEAD_FORMAT})
     meta = {"format": HEAD_FORMAT, "version": 1, "head": asdict(head.config), **report}
-    (out / HEAD_META).write_text(json.dumps(meta, indent=1) + "\n")
-    return out / HEAD_WEIGHTS
+    # each file replaced whole: a killed run leaves the old file or the new one, never half
+    atomic_write_text(out / HEAD_META, json.dumps(meta, indent=1) + "\n")
+    return atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(
+        state, str(tmp), metadata={"format": HEAD_FORMAT}))
 
 
 def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:

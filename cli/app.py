@@ -87,15 +87,22 @@ def _policy(name: str, threshold: float | None, loops: int | None, min_loops: in
 
     params = {"threshold": threshold, "min_loops": min_loops, "max_loops": max_loops,
               "check_every": check_every}
-    if checkpoint is not None and "head" in inspect.signature(policy_class(name)).parameters:
+    more = parse_params(extra)
+    if checkpoint is not None and "head" not in more and \
+            "head" in inspect.signature(policy_class(name)).parameters:
         params["head"] = checkpoint  # a policy with a sidecar file (learned) reads the model's
     if name == "fixed":
-        if threshold is not None:
-            raise UsageError("the fixed policy takes --loops, not --threshold")
+        unused = [flag for flag, value in (("--threshold", threshold), ("--min-loops", min_loops),
+                                           ("--check-every", check_every)) if value is not None]
+        if unused:
+            raise UsageError(f"the fixed policy runs every token --loops times; it takes no "
+                             f"{', '.join(unused)}")
+        if loops is not None and max_loops is not None and loops != max_loops:
+            raise UsageError(f"--loops {loops} and --max-loops {max_loops} disagree; the fixed "
+                             "policy takes one loop count")
         params = {"loops": loops if loops is not None else max_loops}
     elif loops is not None:
         raise UsageError(f"--loops belongs to the fixed policy; {name} takes --max-loops")
-    more = parse_params(extra)
     clash = sorted(k for k in more if params.get(k) is not None)
     if clash:
         raise UsageError(f"{', '.join(clash)} given twice (as an option and as --param)")

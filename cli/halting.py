@@ -61,7 +61,10 @@ def train_halting(
         "default).")] = 0.9,
     seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.")] = 0,
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Where to write the head (default: beside the checkpoint).")] = None,
+        "--out", help="Where to write the head (default: beside --checkpoint; required for the "
+        "embedded model, whose head ships with the package).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a halting head already in the output directory.")] = False,
     device: Device = None,
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -76,8 +79,17 @@ def train_halting(
 
     from ..checkpoint import embedded_path, load_model
     from ..evaluate import default_decoding
-    from ..halting_head import save_head, train_halting_head
+    from ..files import writable_dir
+    from ..halting_head import HEAD_WEIGHTS, save_head, train_halting_head
 
+    if out_dir is None and checkpoint is None:
+        raise UsageError("the embedded model's halting head ships with the package; give --out "
+                         "DIR (then use it with --param head=DIR)")
+    target = out_dir if out_dir is not None else checkpoint
+    if (target / HEAD_WEIGHTS).exists() and not overwrite:
+        raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "
+                         "it, or --out another directory")
+    writable_dir(target)
     model = load_model(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if prompts is not None:
@@ -102,7 +114,7 @@ def train_halting(
             held_out=held_out, threshold=threshold, seed=seed,
             progress=lambda k: bar.advance(job, k))
     source = checkpoint if checkpoint is not None else embedded_path()
-    path = save_head(head, out_dir if out_dir is not None else source, report)
+    path = save_head(head, target, report)
     report["checkpoint"] = str(source)  # printed, not stored: the sidecar may be moved
     metrics = report["metrics"]
     if as_json:

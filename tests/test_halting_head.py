@@ -106,3 +106,33 @@ def test_train_halting_cli_then_generate_with_it(tiny_model, tmp_path):
               "learned", "--threshold", "0.5", "--device", "cpu", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["stats"]["max_loops"] == tiny_model.config.n_loops
+
+    # a second run keeps the first head unless told to replace it
+    before = (ck / HEAD_WEIGHTS).read_bytes()
+    again = ["train-halting", "--checkpoint", str(ck), "--prompts", str(prompts),
+             "--gen-length", "4", "--train-steps", "5", "--device", "cpu", "--seed", "1"]
+    res = run(*again)
+    assert res.returncode == 2 and "already holds a halting head; pass --overwrite" in res.stderr
+    assert (ck / HEAD_WEIGHTS).read_bytes() == before
+    res = run(*again, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert (ck / HEAD_WEIGHTS).read_bytes() != before
+    assert not [p.name for p in ck.iterdir() if ".tmp" in p.name]
+
+
+def test_train_halting_leaves_the_shipped_head_alone(tmp_path):
+    """The embedded model's head ships inside the package: training one for it needs --out,
+    and a head in another directory serves the embedded model through head=DIR."""
+    from adaptive_loop.checkpoint import embedded_path
+
+    shipped = (embedded_path() / HEAD_WEIGHTS).read_bytes()
+    res = run("train-halting", "--n", "8", "--train-steps", "2")
+    assert res.returncode == 2 and "ships with the package; give --out DIR" in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+    res = run("train-halting", "--n", "8", "--train-steps", "2", "--out", str(tmp_path / "h"),
+              "--json")
+    assert res.returncode == 0, res.stderr
+    assert (embedded_path() / HEAD_WEIGHTS).read_bytes() == shipped
+    res = run("generate", "--policy", "learned", "--param", f"head={tmp_path / 'h'}", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["stats"]["nfe"] > 0
