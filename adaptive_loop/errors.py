@@ -25,3 +25,15 @@ class CheckpointError(AdaptiveLoopError):
 
 class GenerationError(AdaptiveLoopError):
     """A generation request the model cannot serve (prompt too long, NaNs while looping...)."""
+
+
+class ConfigNeeded(UsageError):
+    """An imported checkpoint that needs a config it does not carry. `message(option)` words
+    the remedy for the caller: `config=` in Python, `--config` on the command line."""
+
+    def __init__(self, problem: str, wanted: str, format: str) -> None:
+        self.problem, self.wanted, self.format = problem, wanted, format
+        super().__init__(self.message("config="))
+
+    def message(self, option: str) -> str:
+        return f"{self.problem}; pass {option} {self.wanted}"

@@ -9,6 +9,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,8 +40,8 @@ out = _console()
 err = _console(stderr=True)
 
 Checkpoint = Annotated[Path | None, typer.Option(
-    "--checkpoint", "-c", help="Checkpoint directory (native format); default: the embedded "
-    "model.")]
+    "--checkpoint", "-c", help="Checkpoint directory: native, or a layout whose config is "
+    "beside the weights (convert others first); default: the embedded model.")]
 Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: CUDA when available.")]
 Dtype = Annotated[str | None, typer.Option(help="float32 or bfloat16; default: float32 on CPU, "
                                            "bfloat16 on CUDA.")]
@@ -107,6 +109,31 @@ def _policy(name: str, threshold: float | None, loops: int | None, min_loops: in
     if clash:
         raise UsageError(f"{', '.join(clash)} given twice (as an option and as --param)")
     return make(name, **{**params, **more})
+
+
+def load_checkpoint(checkpoint: Path | None, device: Any = None, dtype: Any = None) -> Any:
+    """`load_model` for the commands whose --checkpoint takes a checkpoint as it is: one in a
+    layout that needs a config it does not carry is pointed at `convert`, which takes one."""
+    from ..checkpoint import load_model
+    from ..errors import ConfigNeeded
+
+    try:
+        return load_model(checkpoint, device=device, dtype=dtype)
+    except ConfigNeeded as e:
+        raise UsageError(f"{e.problem}: convert it once with `adaptive-loop convert {checkpoint} "
+                         f"DIR --format {e.format} --config ...` (--config: {e.wanted}), then "
+                         f"pass --checkpoint DIR") from None
+
+
+@contextmanager
+def config_option() -> Iterator[None]:
+    """Word a missing imported config's remedy as the --config option."""
+    from ..errors import ConfigNeeded
+
+    try:
+        yield
+    except ConfigNeeded as e:
+        raise UsageError(e.message("--config")) from None
 
 
 def _task_of(model: Any) -> Any:

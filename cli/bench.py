@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, app, err, out
+from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -87,7 +87,6 @@ def bench(
         rows_to_dicts,
         utilisation,
     )
-    from ..checkpoint import load_model
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
     from ..model import LoopMDM
@@ -106,8 +105,9 @@ def bench(
                          f"{repeats} and {length}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = load_model(checkpoint, device=dev, dtype=dt) if checkpoint or preset == "embedded" \
-        else None
+    model = None
+    if checkpoint or preset == "embedded":
+        model = load_checkpoint(checkpoint, device=dev, dtype=dt)
     if preset == "embedded":
         cfg = LoopMDMConfig.from_dict({**model.config.to_dict(), "max_seq_len": length})
     elif preset in PRESETS:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .app import Dtype, app, out
+from .app import Dtype, app, config_option, out
 
 Format = Annotated[str, typer.Option(
     "--format", "-f", help="Checkpoint layout: auto, native, smdm, mdlm or llada.")]
@@ -42,8 +42,9 @@ def convert(
     """Convert a checkpoint (SMDM, MDLM, LLaDA or native) to the native format."""
     from ..checkpoint import convert_checkpoint
 
-    model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
-                               **_spec(loop_start, loop_layers, loops))
+    with config_option():
+        model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
+                                   **_spec(loop_start, loop_layers, loops))
     c = model.config
     out.print(f"wrote {dst}: {c.n_layers} layers, looped block [{c.loop_start}, "
               f"{c.loop_start + c.loop_layers}) x {c.n_loops}")
@@ -65,8 +66,9 @@ def inspect(
     """Show a checkpoint's config, loop spec, parameters, FLOPs and tokenizer."""
     from ..summary import inspect_model
 
-    info = inspect_model(path, format=format, config=config, length=length,
-                         **_spec(loop_start, loop_layers, loops))
+    with config_option():
+        info = inspect_model(path, format=format, config=config, length=length,
+                             **_spec(loop_start, loop_layers, loops))
     if as_json:
         print(json.dumps(info))
         return

@@ -27,6 +27,7 @@ from .app import (
     _task_of,
     app,
     err,
+    load_checkpoint,
     out,
 )
 
@@ -99,7 +100,6 @@ def generate(
     `torchrun --standalone --nproc-per-node N -m adaptive_loop.cli generate --prompts ...`
     deals the batches to N ranks; rank 0 writes the same file a one-process run writes.
     """
-    from ..checkpoint import load_model
     from ..distributed import refuse_launch
     from ..evaluate import default_decoding
     from ..sampler import generate as run
@@ -120,7 +120,7 @@ def generate(
     if out_file is not None:
         raise UsageError("--out goes with --prompts FILE.jsonl")
     refuse_launch("generate without --prompts")
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if not prompt:
         if task is None:
@@ -176,7 +176,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
     """`generate --prompts`: every prompt of a JSONL file, in batches, across ranks."""
     from rich.progress import Progress
 
-    from ..checkpoint import load_model, tokenizer_for
+    from ..checkpoint import tokenizer_for
     from ..completions import complete_file, read_prompts
     from ..distributed import session
     from ..evaluate import default_decoding
@@ -186,7 +186,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
     if out_file is not None:
         writable_dir(Path(out_file).expanduser().parent)
     with session(device) as ranks:
-        model = load_model(checkpoint, device=ranks.device(device), dtype=dtype)
+        model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
         task = _task_of(model)
         if gen_length is None:
             if task is None:
@@ -246,7 +246,6 @@ def evaluate(
     evaluate ...` (rank 0 prints)."""
     from rich.progress import Progress
 
-    from ..checkpoint import load_model
     from ..distributed import session
     from ..evaluate import evaluate_task
 
@@ -264,7 +263,7 @@ def evaluate(
                       param)
         settings = [(repr(pol), pol)]
     with session(device) as ranks:
-        model = load_model(checkpoint, device=ranks.device(device), dtype=dtype)
+        model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
         task = _task_of(model)
         if task is None:
             raise UsageError("this checkpoint has no built-in task to evaluate")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, _task_of, app, err, out
+from .app import Checkpoint, Device, Dtype, _task_of, app, err, load_checkpoint, out
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -77,7 +77,7 @@ def train_halting(
     """
     from rich.progress import Progress
 
-    from ..checkpoint import embedded_path, load_model
+    from ..checkpoint import embedded_path
     from ..evaluate import default_decoding
     from ..files import writable_dir
     from ..halting_head import HEAD_WEIGHTS, save_head, train_halting_head
@@ -90,7 +90,7 @@ def train_halting(
         raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "
                          "it, or --out another directory")
     writable_dir(target)
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if prompts is not None:
         texts = read_prompts(prompts)

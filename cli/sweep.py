@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, app, err, out
+from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out
 
 Task = Annotated[str | None, typer.Option(
     help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
@@ -35,13 +35,12 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON."
 def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task: str | None,
            data: Path | None, answer_regex: str | None, numeric: bool, limit: int | None,
            seed: int) -> tuple[Any, Any]:
-    from ..checkpoint import load_model
     from ..datasets import AnswerMatcher, resolve_eval_set
 
     matcher = AnswerMatcher(answer_regex, numeric)
     if data is not None and not Path(data).expanduser().is_file():
         raise UsageError(f"data file not found: {data}")
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype)
     evalset = resolve_eval_set(model.config.task, task=task, data=data, limit=limit, seed=seed,
                                matcher=matcher)
     return model, evalset

@@ -5,7 +5,8 @@ import json
 import subprocess
 import sys
 
-from layouts import write_mdlm, write_tokenizer_json
+from layouts import SMDM_TINY, smdm_state, write_mdlm, write_tokenizer_json
+from safetensors.torch import save_file
 
 from adaptive_loop import inspect_model, load_model
 from adaptive_loop.flops import block_flops, step_flops_fixed
@@ -63,3 +64,18 @@ def test_errors_are_one_line(tmp_path):
     assert "unknown checkpoint format 'gguf'" in res.stderr
     res = run("convert", str(tmp_path / "m"), str(tmp_path / "m"))
     assert res.returncode == 2 and "not an empty directory" in res.stderr
+
+
+def test_a_checkpoint_without_its_config_is_pointed_at_convert(tmp_path):
+    """SMDM weights carry no config: commands that load a checkpoint as it is say how to convert
+    it, and convert/inspect word the remedy as their --config option."""
+    (tmp_path / "s").mkdir()
+    save_file(smdm_state(SMDM_TINY), str(tmp_path / "s" / "model.safetensors"))
+    res = run("generate", "x", "--checkpoint", str(tmp_path / "s"), "--device", "cpu")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert f"convert it once with `adaptive-loop convert {tmp_path / 's'} DIR --format smdm" \
+        in res.stderr and "config=" not in res.stderr
+    res = run("inspect", str(tmp_path / "s"))
+    assert res.returncode == 2 and "pass --config a lit-gpt config JSON" in res.stderr
+    res = run("inspect", str(tmp_path / "s"), "--config", str(tmp_path / "lit.json"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import LoopMDMConfig
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, ConfigNeeded, UsageError
 from .common import count_layers, tokenizer_spec, with_loop_spec
 from .source import Source, read_json
 
@@ -34,8 +34,8 @@ def _raw_config(source: Source, config: str | Path | None) -> tuple[dict[str, An
         return read_json(path), str(path)
     raw = source.config_json()
     if raw is None:
-        raise UsageError(f"{source.directory}: no config.json; LLaDA checkpoints need theirs "
-                         f"(pass config= its path)")
+        raise ConfigNeeded(f"{source.directory}: no config.json; LLaDA checkpoints need theirs",
+                           "its path", "llada")
     return raw, str(source.directory / "config.json")
 
 

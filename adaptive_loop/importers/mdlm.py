@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import LoopMDMConfig
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, ConfigNeeded, UsageError
 from .common import count_layers, strip_prefix, tokenizer_spec, with_loop_spec
 from .source import Source, read_json
 
@@ -72,8 +72,8 @@ def read_config(source: Source, config: str | Path | None,
     raw, where = _raw_config(source, config)
     heads = raw.get("n_heads")
     if heads is None:
-        raise UsageError(f"{source.path}: the number of attention heads is not in the "
-                         f"checkpoint; pass config= the model's config.json (n_heads)")
+        raise ConfigNeeded(f"{source.path}: the number of attention heads is not in the "
+                           "checkpoint", "the model's config.json (n_heads)", "mdlm")
     if raw.get("time_conditioning", False):
         raise CheckpointError(f"{where}: time_conditioning is true; adaptive-loop runs MDLM "
                               f"models at noise level 0 only (time_conditioning: false, as the "

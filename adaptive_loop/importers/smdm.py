@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import LoopMDMConfig
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, ConfigNeeded, UsageError
 from .common import count_layers, expect_shape, tokenizer_spec, with_loop_spec
 from .source import Source, read_json
 
@@ -67,9 +67,9 @@ def _litgpt_config(source: Source, config: str | Path | None) -> tuple[dict[str,
     if config is None:
         beside = source.directory / "lit_config.json"
         if not beside.is_file():
-            raise UsageError(f"SMDM checkpoints carry no config: pass config= a lit-gpt config "
-                             f"JSON or a preset name ({', '.join(list(SMDM_PRESETS)[:3])}, ... "
-                             f"{list(SMDM_PRESETS)[-1]})")
+            names = list(SMDM_PRESETS)
+            raise ConfigNeeded("SMDM checkpoints carry no config", f"a lit-gpt config JSON or a "
+                               f"preset name ({', '.join(names[:3])}, ... {names[-1]})", "smdm")
         return read_json(beside), str(beside)
     if str(config) in SMDM_PRESETS:
         return dict(SMDM_PRESETS[str(config)]), f"preset {config}"
