@@ -56,17 +56,19 @@ def _fmt_flops(x: float) -> str:
 
 
 def frontier_table(curve: dict[str, Any]) -> Table:
-    """The frontier points, then the oracle points, with FLOPs per problem and multiples."""
-    table = Table(title=f"Pareto frontier: {curve['data']}, n = {curve['n']}")
+    """Every point by looped FLOPs, the Pareto frontier starred, then the oracle points."""
+    table = Table(title=f"sweep: {curve['data']}, n = {curve['n']}", caption=(
+        "*: on the Pareto frontier (no other point is as accurate for fewer FLOPs). "
+        "x oracle: looped FLOPs over the cheapest oracle point at least as accurate. "
+        "x max: over the same policy run at its maximum loops on every token."))
     table.add_column("point", no_wrap=True)
+    table.add_column("", no_wrap=True)
     for col in ("accuracy", "95% CI", "loops", "FLOPs/problem", "x oracle", "x max"):
         table.add_column(col, justify="right", no_wrap=True)
-    shown = [p for p in curve["points"] if p["pareto"]] + \
-        [p for p in curve["points"] if p["policy"] == "oracle"]
-    for p in sorted(shown, key=lambda p: (p["policy"] == "oracle", p["looped_flops"])):
+    for p in sorted(curve["points"], key=lambda p: (p["policy"] == "oracle", p["looped_flops"])):
         multiple = "-" if p["oracle_multiple"] is None else f"{p['oracle_multiple']:.2f}"
-        style = "dim" if p["policy"] == "oracle" else None
-        table.add_row(p["label"], f"{p['accuracy']:.1%}",
+        style = "dim" if p["policy"] == "oracle" else "bold" if p["pareto"] else None
+        table.add_row(p["label"], "*" if p["pareto"] else "", f"{p['accuracy']:.1%}",
                       f"{p['ci_low']:.1%}-{p['ci_high']:.1%}", f"{p['mean_loops']:.2f}",
                       _fmt_flops(p["looped_flops"] / p["n"]), multiple,
                       f"{p['looped_flops'] / max(1, p['looped_flops_fixed_max']):.2f}",

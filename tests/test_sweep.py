@@ -200,6 +200,11 @@ def test_cli_sweep_json(tmp_path, addition_model):
                     "--device", "cpu")
     assert table.returncode == 0, table.stderr
     assert "Pareto frontier" in table.stdout and "oracle(loops=4)" in table.stdout
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    points = [p for p in curve["points"] if p["policy"] != "oracle"]
+    assert len(rows) == len(curve["points"])  # every point, not only the frontier
+    starred = {line.split("│")[1].strip() for line in rows if line.split("│")[2].strip() == "*"}
+    assert starred == {p["label"] for p in points if p["pareto"]}
 
 
 def test_cli_sweep_help_documents_the_grammar():
