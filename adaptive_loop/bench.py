@@ -44,8 +44,9 @@ def cuda_syncs(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 10,
-              warmup: int = 3) -> float:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` runs."""
+              warmup: int = 3, reduce: Callable[[list[float]], float] = statistics.median
+              ) -> float:
+    """Median (or `reduce`) seconds of `fn()` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -134,12 +135,16 @@ def relative(rows: list[IterationRow]) -> list[dict[str, float | None]]:
     return out
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
                 repeats: int = 5) -> float:
-    """Measured FLOP/s of a square matmul: the peak that utilisation figures divide by."""
+    """Measured FLOP/s of a square matmul, its fastest run: the peak that utilisation figures
+    divide by. The fastest rather than the median, so that a busy machine lowers utilisation
+    figures instead of pushing them past 100%. `n` defaults to 8192 on CUDA (smaller
+    matmuls leave a GPU's peak unreached) and 2048 elsewhere."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = time_call(lambda: a @ b, device, repeats, warmup=2)
+    seconds = time_call(lambda: a @ b, device, repeats, warmup=2, reduce=min)
     return 2 * n**3 / seconds
 
 
