@@ -190,7 +190,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype,
         raise UsageError("attention 'flex' needs FlexAttention (torch >= 2.5) and, on CUDA, a "
                          f"head size of at least 16 (this model's is {head_dim}); use 'padded'")
     if name == "varlen" and not varlen_applicable(device, dtype, head_dim):
-        raise UsageError("attention 'varlen' needs flash-attn (pip install adaptive-loop[flash]) "
+        raise UsageError("attention 'varlen' needs flash-attn (the [flash] extra) "
                          "on CUDA in bfloat16 or float16 with a head size that is a multiple "
                          "of 8 up to 256; use 'auto'")
     return name

@@ -89,8 +89,8 @@ def _pyplot() -> Any:
     except ImportError:
         from .errors import UsageError
 
-        raise UsageError("plots need matplotlib: pip install 'adaptive-loop[plot]' (or pass "
-                         "--no-plot)") from None
+        raise UsageError("plots need matplotlib (pip install matplotlib, or the [plot] "
+                         "extra); or pass --no-plot") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
