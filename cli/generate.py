@@ -236,6 +236,10 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the held-out problems.")] = 1234,
     batch_size: Annotated[int, typer.Option(
         help="Problems per batch (the unit dealt to a rank).")] = 250,
+    compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
+                                          "(--no-compact: the masked reference path).")] = True,
+    warm_start: Annotated[bool, typer.Option(
+        help="Resume unchanged positions from the previous step's loop state.")] = False,
     device: Device = None,
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
@@ -273,7 +277,8 @@ def evaluate(
                                total=n * len(settings) if ranks.world == 1 else None)
             for label, pol in settings:
                 res = evaluate_task(model, task, pol, n=n, seed=seed, ranks=ranks,
-                                    batch_size=batch_size,
+                                    batch_size=batch_size, compact=compact,
+                                    warm_start=warm_start,
                                     progress=lambda k: bar.advance(job, k))
                 rows.append((label, res))
                 if as_json and res is not None:
@@ -282,13 +287,15 @@ def evaluate(
         return
     if as_json:
         return
-    table = Table(title=f"{task.name}, {n} held-out problems")
-    for col in ("setting", "accuracy", "mean loops", "looped FLOPs vs fixed-max", "wall s"):
-        table.add_column(col)
+    table = Table(title=f"{task.name}, {n} held-out problems", caption=(
+        "x fixed-max: looped FLOPs over every token running the setting's maximum loops"))
+    table.add_column("setting")
+    for col in ("accuracy", "mean loops", "looped FLOPs", "x fixed-max", "wall s"):
+        table.add_column(col, justify="right")
     for label, res in rows:
         d = res.to_dict()
         table.add_row(label, f"{res.accuracy:.1%}", f"{res.mean_loops:.2f}",
-                      f"{d['flops_ratio']:.2f}x", f"{res.wall_s:.2f}")
+                      f"{res.looped_flops:.3e}", f"{d['flops_ratio']:.2f}x", f"{res.wall_s:.2f}")
     out.print(table)
 
 

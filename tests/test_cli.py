@@ -58,3 +58,17 @@ def test_user_errors_are_one_line(args, message):
 def test_unknown_option_is_a_usage_error():
     res = run("generate", "--bogus")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_evaluate_compaction_and_warm_start_options():
+    """`evaluate --no-compact` is the masked reference (same answers and loops, more work run);
+    `--warm-start` reaches the sampler (on the embedded model it runs fewer loops)."""
+    def evaluate(*extra: str) -> dict:
+        res = run("evaluate", "--policy", "convergence", "--n", "24", "--json", *extra)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    cold, masked, warm = evaluate(), evaluate("--no-compact"), evaluate("--warm-start")
+    assert (masked["correct"], masked["mean_loops"]) == (cold["correct"], cold["mean_loops"])
+    assert masked["looped_flops"] > cold["looped_flops"]  # what ran: every token, masked
+    assert warm["looped_flops"] < cold["looped_flops"]
