@@ -72,9 +72,14 @@ def rope_rows(rope: Rope, length: int) -> Rope:
 
 def rope_packed(rope: Rope, plan: PackPlan) -> Rope:
     """cos/sin for packed tokens: (N, 1, D)."""
+    return rope_at(rope, plan.rows, plan.pos)
+
+
+def rope_at(rope: Rope, rows: Tensor, pos: Tensor) -> Rope:
+    """cos/sin for the tokens at (rows, pos), each (N,): (N, 1, D)."""
     if rope[0].dim() == 2:
-        return rope[0][plan.pos, None, :], rope[1][plan.pos, None, :]
-    return rope[0][plan.rows, plan.pos, None, :], rope[1][plan.rows, plan.pos, None, :]
+        return rope[0][pos, None, :], rope[1][pos, None, :]
+    return rope[0][rows, pos, None, :], rope[1][rows, pos, None, :]
 
 
 class LayerBase(nn.Module):
@@ -117,6 +122,13 @@ class LayerBase(nn.Module):
         attn = dense_attention(q.transpose(1, 2), k, v, key_mask)  # (B, H, L, D)
         out = self.finish(h, attn.transpose(1, 2).flatten(2))
         return out, (k, v)
+
+    def write_kv(self, h: Tensor, rope: Rope, rows: Tensor, pos: Tensor, cache: KV) -> None:
+        """Write the keys/values of the tokens at (rows, pos), each (N,), computed from their
+        states h (N, d), into `cache` (B, G, L, D) in place; nothing else runs."""
+        _, k, v = self.project(h, *rope_at(rope, rows, pos))  # (N, G, D)
+        cache[0][rows, :, pos] = k
+        cache[1][rows, :, pos] = v
 
     def packed(self, h: Tensor, rope: Rope, plan: PackPlan, cache: KV,
                key_mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:

@@ -4,11 +4,14 @@ Every token starts active. After each iteration the policy sees the signals it d
 the active tokens and halts some of them. A halted token is no longer computed: the next
 iteration gathers the active tokens of all rows into one packed (N, d) matrix, runs the looped
 block on it, and scatters the result back. Halted tokens keep serving as keys and values:
-their first-layer keys/values are exactly what recomputing them would give (same input, same
-weights); deeper layers' keys/values stay frozen at their last computed value.
+their first-layer keys/values are exactly what recomputing them at any later loop would give
+(the block's input is their frozen state: same input, same weights), written once when they
+halt; deeper layers' keys/values stay frozen at their last computed value.
 
 `compact=False` is the masked reference: every iteration runs all tokens densely, then keeps
-the old state and old keys/values of halted tokens. Both paths compute the same function.
+the old state of halted tokens and, beyond the first layer, their old keys/values (the first
+layer's, recomputed from the frozen state, are the exact ones). Both paths compute the same
+function.
 `pipeline=True` plans each iteration from the decisions of one check earlier, gating the
 tokens that halted since: the same function again, with the host's reads off the device's
 critical path.
@@ -32,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import PackPlan, packed_keys, resolve_attention
+from .attention import PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError
-from .flops import block_flops, head_flops, readout_flops
+from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
 
@@ -47,7 +50,9 @@ class StepTrace:
     # tokens computed per executed iteration: the active ones (with `pipeline`, also those
     # that halted at the latest check)
     active_tokens: list[int] = field(default_factory=list)
-    looped_flops: int = 0  # looped-block FLOPs executed
+    looped_flops: int = 0  # looped-block FLOPs executed (iterations and first-layer K/V writes)
+    refreshed: int = 0  # halted tokens whose first-layer keys/values were written from their
+    # final state (compacted runs; the others recompute them within an iteration)
     monitor_flops: int = 0  # FLOPs spent computing policy signals (probes)
     host_syncs: int = 0
 
@@ -59,11 +64,13 @@ class StepTrace:
 def _dense_iteration(model: LoopMDM, h: Tensor, key_mask: Tensor | None,
                      keep: tuple[Tensor, list[KV]] | None) -> tuple[Tensor, list[KV]]:
     """All tokens through the block; with `keep=(active, caches)` inactive tokens keep their
-    state and keys/values (the masked reference)."""
+    state and, beyond the first layer, their keys/values (the masked reference). The first
+    layer's input is an inactive token's frozen state, so its keys/values there are the exact
+    ones."""
     x, caches = h, []
     for j, layer in enumerate(model.block_layers):
         x, kv = layer.dense(x, model.rope, key_mask,
-                            kv_keep=None if keep is None else (keep[0], keep[1][j]))
+                            kv_keep=None if keep is None or j == 0 else (keep[0], keep[1][j]))
         caches.append(kv)
     if keep is not None:
         x = torch.where(keep[0][..., None], x, h)
@@ -73,12 +80,13 @@ def _dense_iteration(model: LoopMDM, h: Tensor, key_mask: Tensor | None,
 def _packed_iteration(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV],
                       key_mask: Tensor | None, keep: Tensor | None = None) -> Tensor:
     """Only the planned tokens through the block; caches are updated in place. With `keep`
-    (N,) bool, planned tokens outside it (halted since the plan was made) keep their state and
-    keys/values."""
+    (N,) bool, planned tokens outside it (halted since the plan was made) keep their state and,
+    beyond the first layer, their keys/values (the first layer's are computed from the frozen
+    state: the exact ones)."""
     flat = h.reshape(-1, h.shape[-1])
     x = flat[plan.index]  # (N, d)
-    for layer, cache in zip(model.block_layers, caches):
-        x = layer.packed(x, model.rope, plan, cache, key_mask, keep)
+    for j, (layer, cache) in enumerate(zip(model.block_layers, caches)):
+        x = layer.packed(x, model.rope, plan, cache, key_mask, None if j == 0 else keep)
     if keep is not None:
         x = torch.where(keep[:, None], x, flat[plan.index])
     return flat.index_copy(0, plan.index, x).view_as(h)
@@ -327,6 +335,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             vocab = shortlist_of(sig.logits, shortlist)  # later checks read only these columns
             trace.host_syncs += 1
         flat = active.view(-1)
+        if compact and not pipeline:  # who halts now: their first-layer K/V are written below
+            halted = torch.zeros_like(flat).index_copy_(0, index, halt)
         flat[index] = flat[index] & ~halt
         decided = True
         counts = active.sum(1)
@@ -345,6 +355,10 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         _check_finite(ok, step, done.iteration)
         if n_active == 0:
             break
+        if compact and not pipeline and n_active < planned and caches is not None:
+            _write_first_kv(model, h, caches[0], halted, planned - n_active)
+            trace.refreshed += planned - n_active
+            trace.looped_flops += (planned - n_active) * kv_flops(model.config)
         planned, members = n_active, done.mask
         probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         if n_active < total:
@@ -364,6 +378,17 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
+
+
+def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count: int) -> None:
+    """The first block layer's keys/values of the `count` tokens just halted (`halted`, (B*L,)
+    bool), from their final state: what any later loop would compute for them, so that the
+    packed iterations, which no longer run them, see the same keys as the masked reference."""
+    batch, length, width = h.shape
+    index = true_index(halted, count)
+    rows = torch.div(index, length, rounding_mode="floor")
+    model.block_layers[0].write_kv(h.reshape(-1, width)[index], model.rope, rows,
+                                   index - rows * length, cache)
 
 
 def _check_finite(ok: int, step: int, iteration: int) -> None:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptive_loop import LoopMDM, UsageError, generate
-from adaptive_loop.flops import block_flops
+from adaptive_loop.flops import block_flops, kv_flops
 from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
 from adaptive_loop.policies import HaltingPolicy, Signals, available, make
 from adaptive_loop.runtime import run_loops
@@ -137,7 +137,8 @@ def test_loops_within_bounds_and_flops_from_what_ran(name, tiny_model, head_dir)
     _, trace = run_loops(tiny_model, h, policy(name, head_dir, **params), needed)
     assert trace.loops.min() >= 2 and trace.loops.max() <= 5
     per_token = block_flops(tiny_model.config, h.shape[1])
-    assert trace.looped_flops == sum(trace.active_tokens) * per_token
+    assert trace.looped_flops == sum(trace.active_tokens) * per_token + \
+        trace.refreshed * kv_flops(tiny_model.config)
     assert sum(trace.active_tokens) == int(trace.loops.sum())
 
 

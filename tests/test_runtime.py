@@ -6,8 +6,8 @@ import torch
 
 from adaptive_loop import LoopMDM, generate
 from adaptive_loop.attention import PackPlan
-from adaptive_loop.flops import block_flops
-from adaptive_loop.policies import make
+from adaptive_loop.flops import block_flops, kv_flops
+from adaptive_loop.policies import HaltingPolicy, make
 from adaptive_loop.runtime import run_loops
 
 
@@ -81,7 +81,10 @@ def test_executed_flops_are_the_sum_over_active_tokens(tiny_model):
     h, needed = _state(tiny_model)
     _, trace = run_loops(tiny_model, h, make("convergence", threshold=0.3, max_loops=6), needed)
     per_token = block_flops(tiny_model.config, h.shape[1])
-    assert trace.looped_flops == sum(trace.active_tokens) * per_token
+    # plus the first-layer keys/values of each token that halted before the last iteration
+    assert trace.refreshed == h.shape[0] * h.shape[1] - trace.active_tokens[-1] > 0
+    assert trace.looped_flops == sum(trace.active_tokens) * per_token + \
+        trace.refreshed * kv_flops(tiny_model.config)
     assert sum(trace.active_tokens) == int(trace.loops.sum())
 
 
@@ -199,6 +202,7 @@ def test_pipelined_plans_compute_the_same_function(tiny_model, name, params, att
     assert torch.equal(a.loops, b.loops)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     per_token = block_flops(tiny_model.config, h.shape[1])
+    assert b.refreshed == 0  # the gated runs write those keys/values
     assert b.looped_flops == sum(b.active_tokens) * per_token
     assert sum(b.active_tokens) >= int(b.loops.sum()) and b.looped_flops >= a.looped_flops
 
@@ -214,3 +218,32 @@ def test_pipelined_generation_equals_unpipelined(tiny_model, name, params):
                 for pipeline in (False, True)]
         assert torch.equal(runs[0].tokens, runs[1].tokens)
         assert torch.equal(runs[0].loops, runs[1].loops)
+
+
+class _EvenHaltAtOne(HaltingPolicy):
+    """Halts every even (flattened) position after loop 1, nothing else."""
+
+    name = "even-halt-at-one"
+
+    def decide(self, signals):
+        halt = signals.index % 2 == 0
+        return halt if signals.iteration == 1 else torch.zeros_like(halt)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"compact": False}, {"pipeline": True},
+                                    {"attention": "flex"}])
+def test_halted_tokens_serve_the_keys_of_their_final_state(tiny_model, kwargs):
+    """A token halted after loop 1 shows every later loop the first-layer keys/values its
+    frozen state gives, which is what running it again would compute. The reference is
+    written out: the one-layer block run densely on every token, halted states held."""
+    layer = tiny_model.block_layers[0]
+    assert tiny_model.config.loop_layers == 1
+    h, needed = _state(tiny_model)
+    even = torch.arange(h.shape[0] * h.shape[1]).view(h.shape[:2]) % 2 == 0
+    with torch.no_grad():
+        ref = layer.dense(h, tiny_model.rope)[0]
+        for _ in range(2):
+            ref = torch.where(even[..., None], ref, layer.dense(ref, tiny_model.rope)[0])
+    out, trace = run_loops(tiny_model, h, _EvenHaltAtOne(max_loops=3), needed, **kwargs)
+    assert torch.equal(trace.loops, torch.where(even, 1, 3).int())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
