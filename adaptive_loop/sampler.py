@@ -59,7 +59,7 @@ class StepStats:
     step: int
     block: int
     mean_loops: float  # over all positions
-    mean_loops_needed: float  # over positions whose prediction was read
+    mean_loops_needed: float  # over positions whose prediction was read (0 when none was)
     iterations: int
     active_tokens: list[int]
     looped_flops: int
@@ -71,7 +71,7 @@ class StepStats:
 @dataclass
 class GenerationStats:
     mean_loops: float  # loops per token, averaged over every position and step
-    mean_loops_needed: float  # the same over the positions whose predictions were read
+    mean_loops_needed: float  # the same over every (step, position) whose prediction was read
     max_loops: int
     looped_flops: int  # looped-block FLOPs executed
     looped_flops_fixed_max: int  # the same for a fixed policy at max_loops
@@ -399,10 +399,10 @@ def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
     nfe = len(traces)
     looped = sum(t.looped_flops for t in traces)
     monitor = sum(t.monitor_flops for t in traces)
-    needed_loops = [s.mean_loops_needed for s in step_stats]
+    read = loops[needed_all]  # every (step, position) whose prediction was read
     stats = GenerationStats(
         mean_loops=float(loops.float().mean()),
-        mean_loops_needed=sum(needed_loops) / max(1, len(needed_loops)),
+        mean_loops_needed=float(read.float().mean()) if read.numel() else 0.0,
         max_loops=max_loops, looped_flops=looped,
         looped_flops_fixed_max=fixed["looped"] * nfe, monitor_flops=monitor,
         total_flops=nfe * fixed["prelude"] + looped + readout + monitor,

@@ -150,7 +150,7 @@ def generate(
         out.print(line)
     table = Table(title=f"compute ({policy})", show_header=False)
     table.add_row("mean loops per token", f"{stats.mean_loops:.2f} of {stats.max_loops} "
-                  f"(predicted tokens: {stats.mean_loops_needed:.2f})")
+                  f"(needed tokens: {stats.mean_loops_needed:.2f})")
     table.add_row("looped-block FLOPs", f"{stats.looped_flops:.3e} vs fixed-max "
                   f"{stats.looped_flops_fixed_max:.3e} ({stats.flops_ratio:.2f}x, "
                   f"{1 - stats.flops_ratio:.0%} saved)")

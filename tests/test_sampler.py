@@ -50,6 +50,15 @@ def test_blocks_are_decoded_left_to_right(tiny_model, prompts):
     assert all(s.committed == 6 for s in out.stats.steps)
 
 
+def test_mean_loops_needed_is_over_the_tokens_read(tiny_model, prompts):
+    """Steps that read no prediction (more steps than tokens in a block) do not drag the mean
+    of the read tokens' loops down: under fixed loops it is the loop count."""
+    out = generate(tiny_model, prompts, policy=make("fixed", loops=3), gen_length=4, steps=8,
+                   block_length=2)
+    assert 0.0 in [s.mean_loops_needed for s in out.stats.steps]  # such steps happened
+    assert out.stats.mean_loops_needed == out.stats.mean_loops == 3.0
+
+
 def test_same_seed_same_tokens(tiny_model, prompts):
     kw = dict(policy=make("entropy", threshold=2.0, max_loops=4), gen_length=8, steps=4,
               temperature=1.0, remasking="random")
