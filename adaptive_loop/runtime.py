@@ -308,7 +308,38 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
     pending: _Read | None = None  # pipeline: the latest check's read, not yet used
+
+    def use(done: _Read) -> bool:
+        """Plan the next iterations from a read; False when no token is left active."""
+        nonlocal planned, members, probe, plan, keys
+        n_active, width, ok, *probe_sizes = done.values()
+        trace.host_syncs += 1
+        _check_finite(ok, step, done.iteration)
+        if n_active == 0:
+            return False
+        if compact and not pipeline and n_active < planned and caches is not None:
+            _write_first_kv(model, h, caches[0], halted, planned - n_active)
+            trace.refreshed += planned - n_active
+            trace.looped_flops += (planned - n_active) * kv_flops(model.config)
+        planned, members = n_active, done.mask
+        probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
+        if n_active < total:
+            # the count is on the host already: the positions need no further sync
+            plan = PackPlan.from_sizes(members, n_active, width, done.counts)
+            if compact:
+                if keys is None:
+                    keys = packed_keys(backend, batch, length, key_mask, h.device)
+                    trace.host_syncs += keys.host_syncs
+                plan = plan.with_keys(keys)
+        return True
+
+    halted: Tensor | None = None  # plain compaction: the tokens that halted at the latest check
     for iteration in range(1, hi + 1):
+        if pending is not None and pending.iteration < iteration - 1:
+            # pipeline, no check since: a read one iteration old plans the rest
+            done, pending = pending, None
+            if not use(done):
+                break
         prev = h
         if caches is None or planned == total or not compact:
             stale = pipeline and decided  # some planned tokens may have halted since
@@ -348,27 +379,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         latest = _Read(torch.stack(read), active.clone() if pipeline else active, counts,
                        iteration, ahead=pipeline)
         done, pending = (pending, latest) if pipeline else (latest, None)
-        if done is None:  # pipeline, first check: nothing older to plan from yet
-            continue
-        n_active, width, ok, *probe_sizes = done.values()
-        trace.host_syncs += 1
-        _check_finite(ok, step, done.iteration)
-        if n_active == 0:
+        if done is not None and not use(done):
             break
-        if compact and not pipeline and n_active < planned and caches is not None:
-            _write_first_kv(model, h, caches[0], halted, planned - n_active)
-            trace.refreshed += planned - n_active
-            trace.looped_flops += (planned - n_active) * kv_flops(model.config)
-        planned, members = n_active, done.mask
-        probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
-        if n_active < total:
-            # the count is on the host already: the positions need no further sync
-            plan = PackPlan.from_sizes(members, n_active, width, done.counts)
-            if compact:
-                if keys is None:
-                    keys = packed_keys(backend, batch, length, key_mask, h.device)
-                    trace.host_syncs += keys.host_syncs
-                plan = plan.with_keys(keys)
     if pending is not None:  # the step's last read: its finite check
         trace.host_syncs += 1
         _check_finite(pending.values()[2], step, pending.iteration)

@@ -247,3 +247,21 @@ def test_halted_tokens_serve_the_keys_of_their_final_state(tiny_model, kwargs):
     out, trace = run_loops(tiny_model, h, _EvenHaltAtOne(max_loops=3), needed, **kwargs)
     assert torch.equal(trace.loops, torch.where(even, 1, 3).int())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("schedule", {"budget": "2"}),
+    ("convergence", {"threshold": 10.0, "min_loops": 2, "check_every": 10}),
+    ("convergence", {"threshold": 10.0, "check_every": 3}),
+    ("convergence", {"threshold": 0.3, "check_every": 2}),
+])
+def test_pipelined_reads_are_used_one_iteration_later_even_between_checks(tiny_model, name,
+                                                                          params):
+    """A pipelined read plans from the iteration after next, not from the next check: tokens
+    that halted run one gated iteration more, never until the loop's end."""
+    h, needed = _state(tiny_model)
+    ref, a = run_loops(tiny_model, h, make(name, max_loops=8, **params), needed)
+    got, b = run_loops(tiny_model, h, make(name, max_loops=8, **params), needed, pipeline=True)
+    assert torch.equal(a.loops, b.loops)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert b.iterations <= a.iterations + 1
