@@ -40,7 +40,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """The objects of a JSONL prompt file; a bad line is an error naming it."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UsageError(f"prompt file not found: {path}")
+        raise UsageError(f"{path} is a directory; give a JSONL file" if path.is_dir() else
+                         f"prompt file not found: {path}")
     records = []
     try:
         lines = path.read_text().splitlines()

@@ -14,7 +14,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """`None`: CUDA when available, else CPU. Asking for CUDA without one is a user error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("CUDA was requested but no CUDA device is available; use --device cpu")
     return dev

@@ -184,10 +184,23 @@ def _prompt_rows(model: LoopMDM, prompts: Any,
                  tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
     """Token id rows from strings, id lists, or a (B, T) tensor of unpadded prompts, and the
     tokenizer that decodes the completions (the model's own for string prompts)."""
+    rows, tokenizer = _rows(model, prompts, tokenizer)
+    vocab = model.config.vocab_size
+    bad = next((i for row in rows for i in row if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise UsageError(f"prompt token id {bad} is outside the model's vocabulary of {vocab}"
+                         + (" (does the tokenizer belong to this model?)" if tokenizer else ""))
+    return rows, tokenizer
+
+
+def _rows(model: LoopMDM, prompts: Any,
+          tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
     if isinstance(prompts, Tensor):
-        if prompts.dim() != 2 or prompts.shape[1] == 0:
+        if prompts.dim() != 2:
             raise UsageError(f"prompt ids must be (batch, length), got shape "
                              f"{tuple(prompts.shape)}")
+        if prompts.shape[1] == 0:
+            raise UsageError("give at least one prompt, none of them empty")
         return prompts.tolist(), tokenizer
     if isinstance(prompts, str):
         prompts = [prompts]

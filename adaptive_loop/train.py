@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoopMDMConfig
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .files import atomic_write, atomic_write_text, writable_dir
 from .model import LoopMDM
 from .tasks import make_task
@@ -116,7 +116,14 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
     data_gen = torch.Generator().manual_seed(cfg.seed)
     first, running = 0, None
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(state_path, map_location=device, weights_only=True)
+        except Exception:  # empty, truncated or not a torch file: nothing to resume from
+            state = None
+        if not isinstance(state, dict) or not {"model", "optimizer", "data_gen", "step",
+                                               "running"} <= set(state):
+            raise CheckpointError(f"{state_path} is not a resumable training state (damaged or "
+                                  f"from elsewhere); delete it to start over")
         if state.get("recipe") != config_dict(cfg):
             raise UsageError(f"{state_path} holds a run with another recipe; choose another "
                              f"output directory or delete that file")
@@ -210,7 +217,8 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
         return res.accuracy
 
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), console=console) as bar:
+                  TimeRemainingColumn(), console=console,
+                  disable=console is not None and not console.is_terminal) as bar:
         job = bar.add_task("train", total=cfg.steps, info="")
 
         def log(entry: dict[str, Any]) -> None:

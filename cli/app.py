@@ -160,8 +160,20 @@ def run_main(argv: list[str] | None = None) -> None:
         name = next((a for a in args if not a.startswith("-")), None)
         if name is not None and name not in SHARDED and name in command.commands:
             refuse_launch(name)
-        # standalone mode: the parser reports its own usage errors (exit 2) and Ctrl-C
-        command.main(args=args, prog_name="adaptive-loop", standalone_mode=True)
+        code = command.main(args=args, prog_name="adaptive-loop", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)  # --help and the like return a code
+    except ABORT:  # Ctrl-C
+        err.print("aborted", markup=False, highlight=False)
+        sys.exit(130)
+    except PARSER_ERRORS as e:  # the parser's: a bad option value, an unknown option...
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        helper = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err.print(f"error: {e.format_message()}{helper}", markup=False, highlight=False,
+                  soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except AdaptiveLoopError as e:
         if debug:
             traceback.print_exc()
@@ -180,6 +192,23 @@ def run_main(argv: list[str] | None = None) -> None:
         raise
 
 
+def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """The parser's error and abort classes: Typer's own, and click's where Typer uses it."""
+    errors: list[type[BaseException]] = []
+    aborts: list[type[BaseException]] = [typer.Abort]
+    if hasattr(typer, "TyperException"):
+        errors.append(typer.TyperException)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        errors.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
+    return tuple(errors), tuple(aborts)
+
+
+PARSER_ERRORS, ABORT = _parser_exceptions()
 PEER_GRACE_S = 10.0
 SHARDED = {"sweep", "generate", "evaluate"}  # commands that split their work across ranks
 

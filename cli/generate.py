@@ -92,6 +92,8 @@ def generate(
         "--out", help="With --prompts: write the completed objects here (a stopped run "
         "resumes from OUT.parts/).")] = None,
     batch_size: Annotated[int, typer.Option(help="With --prompts: prompts per batch.")] = 32,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --prompts: replace an --out file that exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate completions with adaptive loops and report the compute they used.
@@ -114,6 +116,8 @@ def generate(
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")
+        if out_file is not None:
+            _results_path(out_file.expanduser(), prompts, force)
         _complete_file(prompts, out_file, halting, checkpoint, device, dtype, tokenizer,
                        gen_length, steps, decoding, seed, batch_size, as_json)
         return
@@ -169,6 +173,21 @@ def _tokenizer(model: Any, path: Path | None) -> Any:
     return load_tokenizer(path, c.mask_id, c.pad_id, c.eos_id)
 
 
+def _results_path(target: Path, prompts: Path, force: bool) -> None:
+    """Refuse an --out that would lose a file: the prompts themselves, a directory, or an
+    existing file not left by a stopped run of this command (which resumes) unless --force."""
+    from ..files import writable_dir
+
+    if not target.name or target.is_dir():
+        raise UsageError(f"--out takes a file path, got {str(target)!r}")
+    if target.resolve() == prompts.resolve():
+        raise UsageError("--out is the --prompts file; write the results elsewhere")
+    resuming = Path(f"{target}.parts").is_dir()
+    if (target.exists() or target.is_symlink()) and not resuming and not force:
+        raise UsageError(f"{target} exists; pass --force to replace it, or --out another file")
+    writable_dir(target.parent)
+
+
 def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: Path | None,
                    device: str | None, dtype: str | None, tokenizer: Path | None,
                    gen_length: int | None, steps: int | None, decoding: dict[str, Any],
@@ -180,11 +199,8 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
     from ..completions import complete_file, read_prompts
     from ..distributed import session
     from ..evaluate import default_decoding
-    from ..files import writable_dir
 
     records = read_prompts(path)
-    if out_file is not None:
-        writable_dir(Path(out_file).expanduser().parent)
     with session(device) as ranks:
         model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
         task = _task_of(model)
@@ -194,7 +210,8 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                                  "take it from)")
             gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
         tok = _tokenizer(model, tokenizer) or tokenizer_for(model)
-        with Progress(console=err, transient=True, disable=not ranks.main) as bar:
+        with Progress(console=err, transient=True,
+                      disable=not ranks.main or not err.is_terminal) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
             job = bar.add_task(label, total=None)
             done = complete_file(model, records, policy=halting, tokenizer=tok,
@@ -256,6 +273,13 @@ def evaluate(
     if n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
     if loops is not None:
+        others = [flag for flag, value in (
+            ("--threshold", threshold), ("--min-loops", min_loops), ("--max-loops", max_loops),
+            ("--check-every", check_every), ("--param", param or None)) if value is not None]
+        if policy != "fixed" or others:
+            raise UsageError("--loops evaluates the fixed policy at each count; it takes no "
+                             + ", ".join(([f"--policy {policy}"] if policy != "fixed" else [])
+                                         + others))
         try:
             counts = [int(x) for x in loops.split(",")]
         except ValueError:
@@ -272,7 +296,8 @@ def evaluate(
         if task is None:
             raise UsageError("this checkpoint has no built-in task to evaluate")
         rows = []
-        with Progress(console=err, transient=True, disable=as_json or not ranks.main) as bar:
+        with Progress(console=err, transient=True,
+                      disable=as_json or not ranks.main or not err.is_terminal) as bar:
             job = bar.add_task("evaluating",
                                total=n * len(settings) if ranks.world == 1 else None)
             for label, pol in settings:
@@ -302,10 +327,12 @@ def evaluate(
 @app.command()
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the trained model.")],
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 1500).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of initialisation and data (default 0).")] = None,
     device: Device = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="Evaluate every N steps (default 500).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch (default: torch's own choice).")] = None,
     force: Annotated[bool, typer.Option(
@@ -324,6 +351,11 @@ def train(
         torch.set_num_threads(threads)
     from ..train import TrainConfig, train_and_save
 
+    for flag, value in (("--steps", steps), ("--eval-every", eval_every)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {seed}")
     cfg = TrainConfig()
     overrides = {"steps": steps, "seed": seed, "eval_every": eval_every}
     for key, value in overrides.items():

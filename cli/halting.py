@@ -13,25 +13,6 @@ from ..errors import UsageError
 from .app import Checkpoint, Device, Dtype, _task_of, app, err, load_checkpoint, out
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a JSON-lines file of `{"prompt": "..."}` objects (blank lines skipped)."""
-    if not path.is_file():
-        raise UsageError(f"--prompts: no such file {path}")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UsageError(f"{path}, line {number}: expected a JSON object with a string "
-                             f"\"prompt\", got {line.strip()[:60]!r}")
-        prompts.append(record["prompt"])
-    return prompts
-
-
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -78,6 +59,7 @@ def train_halting(
     from rich.progress import Progress
 
     from ..checkpoint import embedded_path
+    from ..completions import read_prompts
     from ..evaluate import default_decoding
     from ..files import writable_dir
     from ..halting_head import HEAD_WEIGHTS, save_head, train_halting_head
@@ -93,7 +75,7 @@ def train_halting(
     model = load_checkpoint(checkpoint, device=device, dtype=dtype)
     task = _task_of(model)
     if prompts is not None:
-        texts = read_prompts(prompts)
+        texts = [record["prompt"] for record in read_prompts(prompts)]
     elif task is not None:
         if n < 2:
             raise UsageError(f"--n must be >= 2, got {n}")
@@ -106,7 +88,8 @@ def train_halting(
             raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
-    with Progress(console=err, transient=True, disable=as_json) as bar:
+    with Progress(console=err, transient=True,
+                  disable=as_json or not err.is_terminal) as bar:
         job = bar.add_task("collecting trajectories", total=len(texts))
         head, report = train_halting_head(
             model, texts, gen_length=gen_length, steps=steps, block_length=block_length,

@@ -48,7 +48,8 @@ def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task:
 
 def _progress(disable: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True, disable=disable)
+                    TimeElapsedColumn(), console=err, transient=True,
+                    disable=disable or not err.is_terminal)
 
 
 def _fmt_flops(x: float) -> str:

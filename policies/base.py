@@ -11,6 +11,7 @@ Third-party packages add policies through the entry-point group `adaptive_loop.p
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -31,6 +32,17 @@ SIGNALS = frozenset({"delta", "cosine", "hidden", "logits"})
 # values; on the embedded model halting them at 0.5 costs no accuracy (500 held-out problems)
 # while 0.05 keeps them looping to the maximum and erases the savings.
 CONTEXT_THRESHOLD = 0.5
+
+
+def positive_int(policy: str, label: str, value: Any) -> int:
+    """`value` as an int >= 1, or a UsageError naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (number >= 1 and number == int(number)):
+        raise UsageError(f"{policy}: {label} must be an integer >= 1, got {value!r}")
+    return int(number)
 
 
 @dataclass
@@ -58,13 +70,13 @@ class HaltingPolicy(ABC):
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:
-        if min_loops < 1:
-            raise UsageError(f"{self.name}: min_loops must be >= 1, got {min_loops}")
+        min_loops = positive_int(self.name, "min_loops", min_loops)
+        check_every = positive_int(self.name, "check_every", check_every)
+        if max_loops is not None:
+            max_loops = positive_int(self.name, "max_loops", max_loops)
         if max_loops is not None and max_loops < min_loops:
             raise UsageError(f"{self.name}: max_loops {max_loops} is below min_loops "
                              f"{min_loops}")
-        if check_every < 1:
-            raise UsageError(f"{self.name}: check_every must be >= 1, got {check_every}")
         self.min_loops, self.max_loops, self.check_every = min_loops, max_loops, check_every
 
     def loop_bounds(self, default_loops: int) -> tuple[int, int]:

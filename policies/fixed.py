@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
-from .base import HaltingPolicy, Signals, register
+from .base import HaltingPolicy, Signals, positive_int, register
 
 
 @register
@@ -14,8 +13,8 @@ class Fixed(HaltingPolicy):
     name = "fixed"
 
     def __init__(self, loops: int | None = None) -> None:
-        if loops is not None and loops < 1:
-            raise UsageError(f"fixed: loops must be >= 1, got {loops}")
+        if loops is not None:
+            loops = positive_int(self.name, "loops", loops)
         super().__init__(min_loops=loops or 1, max_loops=loops)
         self.loops = loops
 

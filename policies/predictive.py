@@ -9,7 +9,6 @@ change below `context_threshold`, as `entropy` does.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, positive_int
 
 
 def nonnegative(policy: str, label: str, value: Any) -> float:
@@ -29,17 +28,6 @@ def nonnegative(policy: str, label: str, value: Any) -> float:
     if not number >= 0:  # also rejects NaN
         raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}")
     return number
-
-
-def positive_int(policy: str, label: str, value: Any) -> int:
-    """`value` as an int >= 1, or a UsageError naming the parameter."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not (number >= 1 and number == int(number)):
-        raise UsageError(f"{policy}: {label} must be an integer >= 1, got {value!r}")
-    return int(number)
 
 
 def needed_rows(needed: Tensor, count: int) -> Tensor:

@@ -41,7 +41,7 @@ def test_generate_json_on_a_checkpoint(tmp_path, tiny_model):
 @pytest.mark.parametrize("args, message", [
     (["generate", "--policy", "nope"], "unknown policy 'nope'; choose one of"),
     (["generate", "--checkpoint", "/no/such/dir"], "checkpoint not found"),
-    (["generate", "--policy", "fixed", "--threshold", "0.1"], "fixed policy takes --loops"),
+    (["generate", "--policy", "fixed", "--threshold", "0.1"], "it takes no --threshold"),
     (["generate", "--policy", "entropy", "--threshold", "-1"], "threshold must be >= 0"),
     (["generate", "--remasking", "best"], "unknown remasking"),
     (["generate", "--cfg", "-1"], "cfg_scale must be >= 0"),

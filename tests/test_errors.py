@@ -112,10 +112,10 @@ CASES = [
     ("loops on entropy", GEN + ["--loops", "3"], 2, "--loops belongs to the fixed policy"),
     ("negative threshold", GEN + ["--threshold", "-1"], 2, "threshold must be >= 0"),
     ("nan threshold", GEN + ["--threshold", "nan"], 2, "threshold must be >= 0"),
-    ("zero loops", GEN + ["--policy", "fixed", "--loops", "0"], 2, "loops must be >= 1"),
-    ("min loops 0", GEN + ["--min-loops", "0"], 2, "min_loops must be >= 1"),
+    ("zero loops", GEN + ["--policy", "fixed", "--loops", "0"], 2, "loops must be an integer >= 1"),
+    ("min loops 0", GEN + ["--min-loops", "0"], 2, "min_loops must be an integer >= 1"),
     ("max below min", GEN + ["--min-loops", "4", "--max-loops", "2"], 2, "below min_loops"),
-    ("check every 0", GEN + ["--check-every", "0"], 2, "check_every must be >= 1"),
+    ("check every 0", GEN + ["--check-every", "0"], 2, "check_every must be an integer >= 1"),
     ("unknown remasking", GEN + ["--remasking", "best"], 2, "unknown remasking"),
     ("bad characters", GEN + ["abc"], 2, "cannot encode"),
     ("prompt too long", GEN + ["1" * 300], 2, "exceeds the model's context"),
@@ -157,6 +157,28 @@ CASES = [
     ("prompts and arguments", GEN + ["--prompts", "{text}", "1+1="], 2, "not both"),
     ("out without prompts", GEN + ["--out", "{empty}/r.jsonl"], 2, "--out goes with --prompts"),
     ("unknown attention", GEN + ["--attention", "sparse"], 2, "unknown attention backend"),
+    ("unknown device", ["generate", "--device", "gpu"], 2, "unknown device 'gpu'"),
+    ("not a number", GEN + ["--threshold", "abc"], 2, "Invalid value for '--threshold'"),
+    ("unknown option", GEN + ["--bogus"], 2, "No such option: --bogus"),
+    ("unknown command", ["genrate"], 2, "No such command 'genrate'"),
+    ("missing option", ["sweep"], 2, "Missing option '--policy'"),
+    ("float loop count", GEN + ["--param", "min_loops=1.5"], 2,
+     "min_loops must be an integer >= 1, got 1.5"),
+    ("out exists", GEN + ["--prompts", "{text}", "--out", "{keep}/mine.txt"], 2,
+     "exists; pass --force"),
+    ("out is the prompts", GEN + ["--prompts", "{text}", "--out", "{text}"], 2,
+     "--out is the --prompts file"),
+    ("out is a directory", GEN + ["--prompts", "{text}", "--out", "{keep}"], 2,
+     "--out takes a file path"),
+    ("train eval every 0", ["train", "--out", "{empty}/t", "--eval-every", "0"], 2,
+     "--eval-every must be >= 1"),
+    ("train steps 0", ["train", "--out", "{empty}/t", "--steps", "0"], 2,
+     "--steps must be >= 1"),
+    ("train huge seed", ["train", "--out", "{empty}/t", "--seed", "99999999999999999999"], 2,
+     "--seed must be in"),
+    ("evaluate loops with a policy", ["evaluate", "--loops", "1", "--policy", "entropy",
+                                      "--threshold", "0.1"], 2,
+     "it takes no --policy entropy, --threshold"),
 ]
 
 
@@ -180,6 +202,17 @@ def test_param_reaches_the_policy(capsys):
     assert exc.value.code in (0, None)
     setting = json.loads(capsys.readouterr().out.splitlines()[0])["setting"]
     assert "patience=3" in setting and "probe=lens" in setting
+
+
+def test_a_damaged_training_state_is_one_line(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    for content in (b"", bytes(range(256))):
+        (tmp_path / "t" / "train_state.pt").write_bytes(content)
+        with pytest.raises(SystemExit) as exc:
+            run_main(["train", "--out", str(tmp_path / "t"), "--force", "--steps", "1"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and "not a resumable training state" in err, err
+        assert err.strip().count("\n") == 0
 
 
 def test_the_table_is_long_enough():

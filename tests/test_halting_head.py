@@ -76,13 +76,19 @@ def test_training_errors(tiny_model, tmp_path):
         load_head(tmp_path)
 
 
-def test_read_prompts_names_the_bad_line(tmp_path):
-    from adaptive_loop.cli.halting import read_prompts
-
+def test_train_halting_prompt_files_fail_in_one_line(tmp_path):
+    """train-halting reads --prompts as generate does: a bad line, a binary file or a
+    directory is one line naming the problem."""
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "abc"}\n\n{"text": "abc"}\n')
-    with pytest.raises(UsageError, match=r"p.jsonl, line 3: expected a JSON object"):
-        read_prompts(path)
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(bytes(range(256)))
+    for prompts, message in ((path, "p.jsonl:3: expected an object"), (binary, "cannot read"),
+                             (tmp_path, "is a directory")):
+        res = run("train-halting", "--prompts", str(prompts), "--out", str(tmp_path / "h"),
+                  "--gen-length", "4")
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+        assert res.stderr.strip().count("\n") == 0
 
 
 def test_train_halting_cli_then_generate_with_it(tiny_model, tmp_path):
