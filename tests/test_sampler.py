@@ -88,6 +88,16 @@ def test_bad_requests_are_user_errors(tiny_model, prompts, kw, message):
         generate(tiny_model, prompts, **args)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_user_errors(tiny_model):
+    vocab = tiny_model.config.vocab_size
+    for prompt in ([[1, 2, vocab]], [[-1, 2]], torch.tensor([[3, vocab + 5]])):
+        with pytest.raises(UsageError, match="outside the model's vocabulary"):
+            generate(tiny_model, prompt, policy=make("fixed"), gen_length=4, steps=2)
+    with pytest.raises(UsageError, match="none of them empty"):
+        generate(tiny_model, torch.zeros(1, 0, dtype=torch.long), policy=make("fixed"),
+                 gen_length=4, steps=2)
+
+
 def test_warm_start_changes_nothing_in_the_first_step(tiny_model, prompts):
     policy = make("convergence", threshold=0.3, max_loops=6)
     cold = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=1)
