@@ -158,7 +158,11 @@ def bench(
     if as_json:
         print(json.dumps(report))
         return
-    table = Table(title=f"one loop iteration, {preset}, {batch} x {length}, {report['dtype']}")
+    table = Table(title=f"one loop iteration, {preset}, {batch} x {length}, {report['dtype']}",
+                  caption="ratio: compacted over full time (plan building included); ideal: "
+                  "the active fraction, where time would follow tokens; vs eager: compacted "
+                  "time over the same backend's eager one; vs padded: over padded attention's "
+                  "in the same mode")
     for col in ("attention", "compiled", "active (mean)", "full ms", "compacted ms", "ratio",
                 "ideal", "vs eager", "vs padded"):
         table.add_column(col)
