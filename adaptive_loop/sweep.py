@@ -140,19 +140,27 @@ class PointStore:
 
 
 def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Write `sweep.json`, or refuse when the directory holds a sweep of other settings."""
+    """Write `sweep.json`, or refuse when the directory holds a sweep of other settings that
+    finished some work, or files that are not a sweep's. A sweep that finished nothing (it
+    failed before its first batch) gives way to the new one."""
     path = directory / MANIFEST
+    kept = [directory / POINTS, *(directory / PARTS).glob("*")]
+    worked = any(p.is_file() and p.stat().st_size > 0 for p in kept)
     if path.exists():
         try:
             old = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UsageError(f"{path}: not valid JSON; use another --out") from None
-        if old != json.loads(json.dumps(manifest)):
+        if old == json.loads(json.dumps(manifest)):
+            return
+        if worked:
             differ = sorted(k for k in set(old) | set(manifest)
                             if old.get(k) != json.loads(json.dumps(manifest.get(k))))
             raise UsageError(f"{directory} holds a sweep with other {', '.join(differ)}; use "
                              f"another --out (or delete {path.name} and {POINTS})")
-        return
+    elif worked or any(not p.name.startswith(".") for p in directory.iterdir()):
+        raise UsageError(f"{directory} holds files but no {MANIFEST}: not a sweep to resume; "
+                         f"use another --out")
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

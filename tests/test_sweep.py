@@ -149,6 +149,23 @@ def test_rerun_with_other_data_is_refused(tmp_path, addition_model, data):
         run_sweep(addition_model, other, settings()[:1], tmp_path, oracle_loops=[], plot=False)
 
 
+def test_a_sweep_that_finished_nothing_gives_way(tmp_path, addition_model, data):
+    with pytest.raises(UsageError, match="exceeds the model's context"):
+        run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[], plot=False,
+                  decoding={"gen_length": 500})
+    assert (tmp_path / "sweep.json").exists()
+    result = run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[],
+                       plot=False)
+    assert len(result.curve["points"]) == 1
+
+
+def test_a_directory_of_other_files_is_refused(tmp_path, addition_model, data):
+    (tmp_path / "curve.json").write_text("mine")
+    with pytest.raises(UsageError, match="holds files but no sweep.json"):
+        run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[], plot=False)
+    assert (tmp_path / "curve.json").read_text() == "mine"
+
+
 def test_unwritable_output_is_refused_before_any_work(tmp_path, addition_model, data):
     (tmp_path / "file").write_text("")
     started = []
