@@ -166,8 +166,9 @@ def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
         raise UsageError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
     if threshold is not None and factor is not None:
         raise UsageError("threshold and factor are two parallel-decoding rules; choose one")
-    if threshold is not None and not -float("inf") < threshold < float("inf"):
-        raise UsageError(f"threshold must be a finite number, got {threshold}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UsageError(f"the parallel-decoding threshold is a confidence in [0, 1], got "
+                         f"{threshold}")
     if factor is not None and not factor > 0:
         raise UsageError(f"factor must be > 0, got {factor}")
     if not cfg_scale >= 0:

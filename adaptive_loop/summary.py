@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .checkpoint import embedded_path, resolve_config
+from .errors import UsageError
 from .flops import block_flops, step_flops_fixed
 from .model import LoopMDM
 
@@ -32,6 +33,8 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
     with torch.device("meta"):
         model = LoopMDM(cfg)
     length = cfg.max_seq_len if length is None else length
+    if length < 1:
+        raise UsageError(f"--length must be >= 1, got {length}")
     embeddings = [model.embed_tokens, model.norm] + \
         ([] if cfg.tie_embeddings else [model.lm_head])
     params = {"prelude": _count(model.prelude_layers), "block": _count(model.block_layers),

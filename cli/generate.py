@@ -113,6 +113,8 @@ def generate(
                 "threshold": threshold_decoding, "factor": factor, "cfg_scale": cfg,
                 "eos_fill": eos_fill, "compile": compile_loops, "attention": attention,
                 "pipeline": pipeline}
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")

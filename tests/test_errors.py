@@ -158,6 +158,8 @@ CASES = [
     ("out without prompts", GEN + ["--out", "{empty}/r.jsonl"], 2, "--out goes with --prompts"),
     ("unknown attention", GEN + ["--attention", "sparse"], 2, "unknown attention backend"),
     ("unknown device", ["generate", "--device", "gpu"], 2, "unknown device 'gpu'"),
+    ("zero steps", GEN + ["--steps", "0"], 2, "--steps must be >= 1"),
+    ("threshold decoding 2", GEN + ["--threshold-decoding", "2"], 2, "a confidence in [0, 1]"),
     ("not a number", GEN + ["--threshold", "abc"], 2, "Invalid value for '--threshold'"),
     ("unknown option", GEN + ["--bogus"], 2, "No such option: --bogus"),
     ("unknown command", ["genrate"], 2, "No such command 'genrate'"),
