@@ -29,7 +29,7 @@ def test_task_set_draws_reproducible_problems_of_the_asked_difficulty():
     assert a.examples == b.examples and len(a) == 5
     assert all(len(ex.prompt) == 8 and len(ex.answer) == 4 for ex in a.examples)
     assert a.decoding == {"gen_length": 4, "steps": 1}  # three answer digits per step
-    with pytest.raises(UsageError, match="bad task parameters"):
+    with pytest.raises(UsageError, match="task addition takes no width; its knobs are"):
         resolve_eval_set({}, task="addition:width=3")
     with pytest.raises(UsageError, match="no built-in task"):
         resolve_eval_set({})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..errors import UsageError
@@ -16,4 +17,9 @@ def make_task(spec: dict[str, Any] | str) -> AdditionTask:
     name = spec.pop("name", None)
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    known = set(inspect.signature(TASKS[name]).parameters) - {"name"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise UsageError(f"task {name} takes no {', '.join(unknown)}; its knobs are "
+                         f"{', '.join(sorted(known))}")
     return TASKS[name](**spec)
