@@ -27,6 +27,22 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"adaptive-loop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """Adaptive-compute inference for looped masked diffusion language models (LoopMDM). Add
+    --debug to any command to see the traceback behind an error."""
+
+
 def _console(stderr: bool = False) -> Console:
     """A console that keeps table rows on one line when writing to a file or a pipe (which
     have no width; a set COLUMNS still wins), and fits the terminal otherwise."""

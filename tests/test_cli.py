@@ -72,3 +72,10 @@ def test_evaluate_compaction_and_warm_start_options():
     assert (masked["correct"], masked["mean_loops"]) == (cold["correct"], cold["mean_loops"])
     assert masked["looped_flops"] > cold["looped_flops"]  # what ran: every token, masked
     assert warm["looped_flops"] < cold["looped_flops"]
+
+
+def test_version():
+    from adaptive_loop import __version__
+
+    res = run("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"adaptive-loop {__version__}"
