@@ -97,6 +97,27 @@ def _order(grid: Sequence[Any], param: str, conservative: str) -> list[Any]:
     return sorted(set(grid), reverse=conservative == "high")
 
 
+def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confidence: float,
+                  param: str = "threshold", base: dict[str, Any] | None = None,
+                  conservative: str = "auto", split: float = 0.5) -> list[Setting]:
+    """The settings `calibrate` tries, most conservative first, after checking everything that
+    needs no model (so that a mistake is reported before any loading)."""
+    if not 0 < tolerance < 1 or not 0 < confidence < 1:
+        raise UsageError(f"--tolerance and --confidence must lie in (0, 1), got {tolerance} "
+                         f"and {confidence}")
+    if not 0 < split < 1:
+        raise UsageError(f"--split must lie in (0, 1), got {split}")
+    if not grid:
+        raise UsageError("give at least one candidate value (--grid)")
+    base = dict(base or {})
+    base.pop(param, None)
+    settings = [Setting(policy, tuple({**base, param: v}.items()))
+                for v in _order(grid, param, conservative)]
+    for s in settings:
+        policy_of(s)
+    return settings
+
+
 def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *,
               tolerance: float, confidence: float, param: str = "threshold",
               base: dict[str, Any] | None = None, conservative: str = "auto",
@@ -115,24 +136,15 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
         conservative: which end of the grid halts latest: "low", "high" or "auto".
         progress: `progress(label, examples)` returns a per-batch callback.
     """
-    if not 0 < tolerance < 1 or not 0 < confidence < 1:
-        raise UsageError(f"--tolerance and --confidence must lie in (0, 1), got {tolerance} "
-                         f"and {confidence}")
-    if not 0 < split < 1:
-        raise UsageError(f"--split must lie in (0, 1), got {split}")
-    if not grid:
-        raise UsageError("give at least one candidate value (--grid)")
-    base = dict(base or {})
-    base.pop(param, None)
-    settings = [Setting(policy, tuple({**base, param: v}.items()))
-                for v in _order(grid, param, conservative)]
+    settings = plan_settings(policy, grid, tolerance=tolerance, confidence=confidence,
+                             param=param, base=base, conservative=conservative, split=split)
     policies = [policy_of(s) for s in settings]
     top = max(p.loop_bounds(model.config.n_loops)[1] for p in policies)
     n = len(data)
     n_cal = round(n * split)
     if n_cal < 1 or n_cal >= n:
-        raise UsageError(f"{n} examples cannot be split {split:g} / {1 - split:g}; give more "
-                         f"(--limit) or another --split")
+        raise UsageError(f"{n} example{'' if n == 1 else 's'} cannot be split {split:g} / "
+                         f"{1 - split:g}; give more (--limit) or another --split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     is_cal = torch.zeros(n, dtype=torch.bool)
     is_cal[perm[:n_cal]] = True

@@ -210,16 +210,22 @@ def calibrate(
     with probability >= C (Learn-then-Test, fixed-sequence from the most conservative value),
     and check it on a held-out split."""
     from ..calibrate import calibrate as run
+    from ..calibrate import plan_settings
     from ..datasets import parse_value
     from ..sweep import parse_policy_spec
 
     name, axes = parse_policy_spec(policy)
     base = {k: v[0] for k, v in axes if len(v) == 1 and k != param}
     given = dict(axes).get(param)
+    if grid is not None and given is not None:
+        raise UsageError(f"the candidate values of {param} come from --grid or from --policy, "
+                         f"not both")
     if grid is not None:
         values = [parse_value(v) for v in grid.split(",") if v.strip()]
     else:
         values = given or [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    plan_settings(name, values, tolerance=tolerance, confidence=confidence, param=param,
+                  base=base, conservative=conservative, split=split)  # mistakes before loading
     model, evalset = _setup(checkpoint, device, dtype, task, data, answer_regex, numeric, limit,
                             seed)
     with _progress(as_json) as bar:
