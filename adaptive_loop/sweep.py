@@ -158,7 +158,7 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
                             if old.get(k) != json.loads(json.dumps(manifest.get(k))))
             raise UsageError(f"{directory} holds a sweep with other {', '.join(differ)}; use "
                              f"another --out (or delete {path.name} and {POINTS})")
-    elif worked or any(not p.name.startswith(".") for p in directory.iterdir()):
+    elif any(not p.name.startswith(".") for p in directory.iterdir()):
         raise UsageError(f"{directory} holds files but no {MANIFEST}: not a sweep to resume; "
                          f"use another --out")
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
