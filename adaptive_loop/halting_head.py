@@ -124,13 +124,19 @@ def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:
     try:
         meta = json.loads(meta_path.read_text())
         head = HaltingHead(HeadConfig(**meta["head"]))
-        head.load_state_dict(load_file(str(weights)))
     except FileNotFoundError:
         raise CheckpointError(f"{weights}: no {meta_path.name} beside it (the head's config); "
                               f"retrain with `adaptive-loop train-halting`") from None
-    except Exception as err:  # malformed JSON, wrong keys or shapes, corrupt safetensors
-        raise CheckpointError(f"{weights}: unreadable halting head ({err}); retrain with "
-                              f"`adaptive-loop train-halting`") from None
+    except Exception as err:  # malformed JSON, missing or unknown fields
+        raise CheckpointError(f"{meta_path}: not a halting head's config ({type(err).__name__}"
+                              f"); retrain with `adaptive-loop train-halting`") from None
+    try:
+        head.load_state_dict(load_file(str(weights)))
+    except Exception as err:  # corrupt safetensors, wrong keys or shapes
+        first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else ""
+        raise CheckpointError(f"{weights}: weights that do not match {meta_path.name} or cannot "
+                              f"be read ({first[:200]}); retrain with `adaptive-loop "
+                              f"train-halting`") from None
     return head.eval(), meta
 
 

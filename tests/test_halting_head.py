@@ -72,8 +72,19 @@ def test_training_errors(tiny_model, tmp_path):
         train_halting_head(tiny_model, PROMPTS, gen_length=4, held_out=1.5)
     (tmp_path / HEAD_WEIGHTS).write_bytes(b"not safetensors")
     (tmp_path / HEAD_META).write_text(json.dumps({"head": {"d_model": 32}}))
-    with pytest.raises(CheckpointError, match="unreadable halting head"):
+    with pytest.raises(CheckpointError, match="weights that do not match halting_head.json"):
         load_head(tmp_path)
+    (tmp_path / HEAD_META).write_text("{not json")
+    with pytest.raises(CheckpointError, match="halting_head.json: not a halting head's config"):
+        load_head(tmp_path)
+    head, _ = train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=3, train_steps=2)
+    save_head(head, tmp_path / "wide", {})
+    meta = json.loads((tmp_path / "wide" / HEAD_META).read_text())
+    meta["head"]["d_model"] *= 2
+    (tmp_path / "wide" / HEAD_META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        load_head(tmp_path / "wide")
+    assert "\n" not in str(err.value) and "do not match" in str(err.value)
 
 
 def test_train_halting_prompt_files_fail_in_one_line(tmp_path):

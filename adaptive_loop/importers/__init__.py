@@ -91,8 +91,8 @@ def detect_format(path: str | Path) -> tuple[str, Source | None]:
                               f"directory holding config.json and model.safetensors")
     shown = ", ".join(repr(k) for k in sorted(keys)[:6])
     raise CheckpointError(f"{path}: cannot detect the checkpoint layout from its {len(keys)} "
-                          f"keys ({shown}{', ...' if len(keys) > 6 else ''}); pass format= one "
-                          f"of {', '.join(FORMATS)}")
+                          f"keys ({shown}{', ...' if len(keys) > 6 else ''}); give the format "
+                          f"(format=, or --format) as one of {', '.join(FORMATS)}")
 
 
 def read_foreign(path: str | Path, format: str, config: str | Path | None = None,
