@@ -65,13 +65,16 @@ Policy = Annotated[str, typer.Option("--policy", "-p", help="Halting policy (see
                                      "policies`).")]
 Threshold = Annotated[float | None, typer.Option(help="Halting threshold of the policy (entropy: "
                                                  "nats; convergence, acceleration: relative "
-                                                 "change; kl: nats; learned: probability).")]
+                                                 "change; kl: nats; learned: probability). "
+                                                 "Default: the policy's.")]
 Loops = Annotated[int | None, typer.Option(help="Loop count of the fixed policy (default: the "
                                            "model's).")]
-MinLoops = Annotated[int | None, typer.Option(help="Loops every token runs before it may halt.")]
+MinLoops = Annotated[int | None, typer.Option(help="Loops every token runs before it may halt "
+                                              "(default 1).")]
 MaxLoops = Annotated[int | None, typer.Option(help="Most loops a token may run (default: the "
                                               "model's loop count).")]
-CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops.")]
+CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops (default "
+                                                "1).")]
 Params = Annotated[list[str] | None, typer.Option(
     "--param", help="Any other policy parameter as KEY=VALUE, repeatable: e.g. --param "
     "probe=lens --param context_threshold=0.3 --param patience=3.")]

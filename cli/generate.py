@@ -67,7 +67,8 @@ def generate(
     tokenizer: Annotated[Path | None, typer.Option(
         help="tokenizer.json, tokenizer.model or a directory holding one (default: the "
         "checkpoint's).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise (default 0).")
+                    ] = None,
     device: Device = None,
     dtype: Dtype = None,
     compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
