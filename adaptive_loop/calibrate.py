@@ -24,7 +24,7 @@ from .datasets import EvalSet
 from .errors import UsageError
 from .measure import plan_batches, run_setting
 from .model import LoopMDM
-from .policies import make
+from .policies import HaltingPolicy, make
 from .sweep import Setting, policy_of
 
 # parameters for which a larger value halts later (is more conservative)
@@ -99,9 +99,11 @@ def _order(grid: Sequence[Any], param: str, conservative: str) -> list[Any]:
 
 def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confidence: float,
                   param: str = "threshold", base: dict[str, Any] | None = None,
-                  conservative: str = "auto", split: float = 0.5) -> list[Setting]:
-    """The settings `calibrate` tries, most conservative first, after checking everything that
-    needs no model (so that a mistake is reported before any loading)."""
+                  conservative: str = "auto", split: float = 0.5
+                  ) -> list[tuple[Setting, HaltingPolicy]]:
+    """The settings `calibrate` tries, most conservative first, with their policies, after
+    checking everything that needs no model (so that a mistake is reported before any
+    loading)."""
     if not 0 < tolerance < 1 or not 0 < confidence < 1:
         raise UsageError(f"--tolerance and --confidence must lie in (0, 1), got {tolerance} "
                          f"and {confidence}")
@@ -113,9 +115,7 @@ def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confide
     base.pop(param, None)
     settings = [Setting(policy, tuple({**base, param: v}.items()))
                 for v in _order(grid, param, conservative)]
-    for s in settings:
-        policy_of(s)
-    return settings
+    return [(s, policy_of(s)) for s in settings]
 
 
 def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *,
@@ -136,10 +136,9 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
         conservative: which end of the grid halts latest: "low", "high" or "auto".
         progress: `progress(label, examples)` returns a per-batch callback.
     """
-    settings = plan_settings(policy, grid, tolerance=tolerance, confidence=confidence,
-                             param=param, base=base, conservative=conservative, split=split)
-    policies = [policy_of(s) for s in settings]
-    top = max(p.loop_bounds(model.config.n_loops)[1] for p in policies)
+    planned = plan_settings(policy, grid, tolerance=tolerance, confidence=confidence,
+                            param=param, base=base, conservative=conservative, split=split)
+    top = max(p.loop_bounds(model.config.n_loops)[1] for _, p in planned)
     n = len(data)
     n_cal = round(n * split)
     if n_cal < 1 or n_cal >= n:
@@ -158,7 +157,7 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
     ref_tokens = reference.tokens
     report = CalibrationReport(policy, param, tolerance, confidence, top, n_cal, n - n_cal)
     delta = 1.0 - confidence
-    for setting, pol in zip(settings, policies):
+    for setting, pol in planned:
         res = run(setting.label, pol)
         differs = torch.tensor([a != b for a, b in zip(res.tokens, ref_tokens)])
         k_cal, k_hold = int(differs[is_cal].sum()), int(differs[~is_cal].sum())

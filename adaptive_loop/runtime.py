@@ -272,10 +272,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         pipeline: plan each iteration from the decisions of one check earlier instead of the
             latest, so that the host never waits for work it has just queued (off by
             default). Tokens that halted at the latest check are still computed once more,
-            with their state and keys/values left as they were, so the result is the same;
-            the cost is their FLOPs (counted), the gain is a device that does not idle
-            between iterations. The policy then also sees those tokens (its decisions on them change
-            nothing).
+            gated: their state and deeper layers' keys/values stay as they were, and their
+            first-layer keys/values come from their frozen state (the values plain compaction
+            writes), so the result is the same; the cost is their FLOPs (counted), the gain
+            is a device that does not idle between iterations. The policy then also sees
+            those tokens (its decisions on them change nothing).
 
     Host syncs: one per checked iteration (the active counts, the finite check and, for
     policies that read predictions, the sizes of the next check's probe, all in one read),
@@ -396,7 +397,7 @@ def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count:
     """The first block layer's keys/values of the `count` tokens just halted (`halted`, (B*L,)
     bool), from their final state: what any later loop would compute for them, so that the
     packed iterations, which no longer run them, see the same keys as the masked reference."""
-    batch, length, width = h.shape
+    length, width = h.shape[1:]
     index = true_index(halted, count)
     rows = torch.div(index, length, rounding_mode="floor")
     model.block_layers[0].write_kv(h.reshape(-1, width)[index], model.rope, rows,

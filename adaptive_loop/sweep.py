@@ -146,16 +146,16 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     path = directory / MANIFEST
     kept = [directory / POINTS, *(directory / PARTS).glob("*")]
     worked = any(p.is_file() and p.stat().st_size > 0 for p in kept)
+    new = json.loads(json.dumps(manifest))  # as it reads back: tuples become lists
     if path.exists():
         try:
             old = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UsageError(f"{path}: not valid JSON; use another --out") from None
-        if old == json.loads(json.dumps(manifest)):
+        if old == new:
             return
         if worked:
-            differ = sorted(k for k in set(old) | set(manifest)
-                            if old.get(k) != json.loads(json.dumps(manifest.get(k))))
+            differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise UsageError(f"{directory} holds a sweep with other {', '.join(differ)}; use "
                              f"another --out (or delete {path.name} and {POINTS})")
     elif any(not p.name.startswith(".") for p in directory.iterdir()):

@@ -39,8 +39,7 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True,
         help="Print the version and exit.")] = False) -> None:
-    """Adaptive-compute inference for looped masked diffusion language models (LoopMDM). Add
-    --debug to any command to see the traceback behind an error."""
+    pass  # the app's own options; its help text is the Typer's
 
 
 def _console(stderr: bool = False) -> Console:
@@ -54,6 +53,15 @@ def _console(stderr: bool = False) -> Console:
 
 out = _console()
 err = _console(stderr=True)
+
+
+def progress_bar(*columns: Any, hidden: bool = False) -> Any:
+    """A transient progress bar on stderr (rich's default columns unless given), drawn only
+    on a terminal: a pipe or a file gets no bar lines."""
+    from rich.progress import Progress
+
+    return Progress(*columns, console=err, transient=True,
+                    disable=hidden or not err.is_terminal)
 
 Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Checkpoint directory: native, or a layout whose config is "

@@ -29,6 +29,7 @@ from .app import (
     err,
     load_checkpoint,
     out,
+    progress_bar,
 )
 
 
@@ -196,8 +197,6 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                    gen_length: int | None, steps: int | None, decoding: dict[str, Any],
                    seed: int | None, batch_size: int, as_json: bool) -> None:
     """`generate --prompts`: every prompt of a JSONL file, in batches, across ranks."""
-    from rich.progress import Progress
-
     from ..checkpoint import tokenizer_for
     from ..completions import complete_file, read_prompts
     from ..distributed import session
@@ -213,8 +212,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                                  "take it from)")
             gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
         tok = _tokenizer(model, tokenizer) or tokenizer_for(model)
-        with Progress(console=err, transient=True,
-                      disable=not ranks.main or not err.is_terminal) as bar:
+        with progress_bar(hidden=not ranks.main) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
             job = bar.add_task(label, total=None)
             done = complete_file(model, records, policy=halting, tokenizer=tok,
@@ -268,8 +266,6 @@ def evaluate(
 
     Runs across ranks under `torchrun --standalone --nproc-per-node N -m adaptive_loop.cli
     evaluate ...` (rank 0 prints)."""
-    from rich.progress import Progress
-
     from ..distributed import session
     from ..evaluate import evaluate_task
 
@@ -299,8 +295,7 @@ def evaluate(
         if task is None:
             raise UsageError("this checkpoint has no built-in task to evaluate")
         rows = []
-        with Progress(console=err, transient=True,
-                      disable=as_json or not ranks.main or not err.is_terminal) as bar:
+        with progress_bar(hidden=as_json or not ranks.main) as bar:
             job = bar.add_task("evaluating",
                                total=n * len(settings) if ranks.world == 1 else None)
             for label, pol in settings:

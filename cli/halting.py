@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, _task_of, app, err, load_checkpoint, out
+from .app import Checkpoint, Device, Dtype, _task_of, app, load_checkpoint, out, progress_bar
 
 
 def _fmt(value: Any) -> str:
@@ -56,8 +56,6 @@ def train_halting(
     along real trajectories of the fixed max-loop sampler (the model stays frozen).
     Prints precision and recall of the halting decision on held-out prompts.
     """
-    from rich.progress import Progress
-
     from ..checkpoint import embedded_path
     from ..completions import read_prompts
     from ..evaluate import default_decoding
@@ -88,8 +86,7 @@ def train_halting(
             raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
-    with Progress(console=err, transient=True,
-                  disable=as_json or not err.is_terminal) as bar:
+    with progress_bar(hidden=as_json) as bar:
         job = bar.add_task("collecting trajectories", total=len(texts))
         head, report = train_halting_head(
             model, texts, gen_length=gen_length, steps=steps, block_length=block_length,

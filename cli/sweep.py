@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out
+from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out, progress_bar
 
 Task = Annotated[str | None, typer.Option(
     help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
@@ -47,9 +47,8 @@ def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task:
 
 
 def _progress(disable: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True,
-                    disable=disable or not err.is_terminal)
+    return progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), hidden=disable)
 
 
 def _fmt_flops(x: float) -> str:
