@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import UsageError
-from .flex import RowBlocks, RowKeys, flex_attend, row_blocks, row_keys
+from .flex import FLEX_AVAILABLE, RowBlocks, RowKeys, flex_attend, row_blocks, row_keys
 from .varlen import (
     VarlenKeys,
     VarlenPlan,
@@ -157,13 +157,9 @@ def packed_keys(backend: str, batch: int, length: int, key_mask: Tensor | None,
 
 
 def flex_applicable(device: torch.device, head_dim: int) -> bool:
-    """FlexAttention present (torch >= 2.5) and, on CUDA, a head size its kernels take (at
-    least 16: the GPU kernels' matrix tiles need it)."""
-    try:
-        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
-    except ImportError:
-        return False
-    return device.type != "cuda" or head_dim >= 16
+    """FlexAttention as this module uses it (torch >= 2.6) and, on CUDA, a head size its
+    kernels take (at least 16: the GPU kernels' matrix tiles need it)."""
+    return FLEX_AVAILABLE and (device.type != "cuda" or head_dim >= 16)
 
 
 def varlen_applicable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -187,7 +183,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype,
         return "flex" if device.type == "cuda" and flex_applicable(device, head_dim) else \
             "padded"
     if name == "flex" and not flex_applicable(device, head_dim):
-        raise UsageError("attention 'flex' needs FlexAttention (torch >= 2.5) and, on CUDA, a "
+        raise UsageError("attention 'flex' needs FlexAttention (torch >= 2.6) and, on CUDA, a "
                          f"head size of at least 16 (this model's is {head_dim}); use 'padded'")
     if name == "varlen" and not varlen_applicable(device, dtype, head_dim):
         raise UsageError("attention 'varlen' needs flash-attn (the [flash] extra) "

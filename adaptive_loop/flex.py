@@ -20,16 +20,23 @@ D head size, QB query tiles, KB key tiles.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # FlexAttention needs torch >= 2.5; imported where it is used
-    from torch.nn.attention.flex_attention import BlockMask
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch < 2.5
+    BlockMask = flex_attention = None
+_MASK_ARGS = set(inspect.signature(BlockMask.from_kv_blocks).parameters) if BlockMask else set()
+# a block mask built from tiles with explicit lengths: torch >= 2.6
+FLEX_AVAILABLE = "seq_lengths" in _MASK_ARGS
+# leave out the transposed (query-tile) index, which only a backward pass reads (newer torch)
+_FORWARD_ONLY = {"compute_q_blocks": False} if "compute_q_blocks" in _MASK_ARGS else {}
 
 BLOCK = 128  # FlexAttention's default tile size (queries and keys)
 
@@ -120,8 +127,6 @@ def row_blocks(rows: Tensor, counts: Tensor, keys: RowKeys) -> RowBlocks:
 def block_mask(blocks: RowBlocks) -> BlockMask:
     """The FlexAttention BlockMask of `blocks` over the lengths padded to whole tiles: query i
     sees key j iff they share a row (padded queries and keys belong to none)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     q_lo, q_hi = blocks.q_lo, blocks.q_hi
 
     def same_row(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -130,7 +135,7 @@ def block_mask(blocks: RowBlocks) -> BlockMask:
     return BlockMask.from_kv_blocks(
         blocks.kv_num, blocks.kv_idx, blocks.full_num, blocks.full_idx,
         BLOCK_SIZE=blocks.block, mask_mod=same_row,
-        seq_lengths=(blocks.q_len, q_lo.numel()), compute_q_blocks=False)
+        seq_lengths=(blocks.q_len, q_lo.numel()), **_FORWARD_ONLY)
 
 
 def row_attention(q: Tensor, k: Tensor, v: Tensor, blocks: RowBlocks) -> Tensor:
@@ -139,8 +144,6 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor, blocks: RowBlocks) -> Tensor:
     Queries and keys are padded to whole tiles (the padding belongs to no row, so it is masked
     out): every kernel then sees tile-aligned lengths, with no ragged last tile to handle.
     """
-    from torch.nn.attention.flex_attention import flex_attention
-
     n, n_heads, head_dim = q.shape
     batch, groups, length, _ = k.shape
     q_pad, k_pad = blocks.q_len - n, blocks.q_lo.numel() - batch * length

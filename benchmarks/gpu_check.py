@@ -100,8 +100,9 @@ def check_correctness(results: dict) -> None:
     cpu = load_model(device="cpu")
     gpu = load_model(device=T.device, dtype=T.dtype)
     ids = torch.randint(0, 12, (8, cpu.config.max_seq_len))
-    ref = cpu(ids).float()
-    got = gpu(ids.to(T.device)).float().cpu()
+    with torch.inference_mode():
+        ref = cpu(ids).float()
+        got = gpu(ids.to(T.device)).float().cpu()
     results["bf16_vs_fp32_max_abs"] = float((got - ref).abs().max())
     results["bf16_vs_fp32_argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
 
