@@ -1,5 +1,6 @@
 """What a checkpoint holds, without loading its weights: config, loop spec, parameter counts,
-FLOPs per loop and per denoising step, tokenizer (`adaptive-loop inspect`)."""
+FLOPs per loop and per denoising step, tokenizer (`adaptive-loop inspect`); and, on request,
+whether its weights and tokenizer load (`inspect --check`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import embedded_path, resolve_config
+from .checkpoint import embedded_path, load_model, resolve_config, tokenizer_for
 from .errors import UsageError
 from .flops import block_flops, step_flops_fixed
 from .model import LoopMDM
@@ -60,3 +61,26 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
                   "per_step_by_part": step},
         "tokenizer": tokenizer,
     }
+
+
+def check_weights(source: str | Path | None = None, *, format: str = "auto",
+                  config: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Load a checkpoint on the CPU in float32 (arguments as for `load_model`, which checks
+    every weight's key, shape and finiteness) and the tokenizer its config names.
+
+    Returns:
+        A JSON-ready dict: tensors, values, the model's vocab_size, and the tokenizer's kind
+        and vocab_size.
+
+    Raises:
+        CheckpointError: weights that do not load, do not match the config or hold NaN/inf.
+        UsageError: a tokenizer file that is missing or does not parse.
+    """
+    model = load_model(source, format=format, config=config, device="cpu", **overrides)
+    state = model.state_dict()
+    tokenizer: dict[str, Any] = {"kind": "none"}
+    if model.config.tokenizer:
+        tok = tokenizer_for(model)
+        tokenizer = {"kind": model.config.tokenizer.get("kind"), "vocab_size": tok.vocab_size}
+    return {"tensors": len(state), "values": sum(t.numel() for t in state.values()),
+            "vocab_size": model.config.vocab_size, "tokenizer": tokenizer}

@@ -61,14 +61,23 @@ def inspect(
     loops: LoopCount = None,
     length: Annotated[int | None, typer.Option(
         help="Sequence length for the FLOP figures (default: the model's context).")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Also load the weights (on the CPU, in float32: 4 bytes a parameter) "
+        "and the tokenizer, and fail on weights that are missing, truncated, of the wrong shape or "
+        "hold NaN/inf.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Show a checkpoint's config, loop spec, parameters, FLOPs and tokenizer."""
-    from ..summary import inspect_model
+    """Show a checkpoint's config, loop spec, parameters, FLOPs and tokenizer.
 
+    Only the config is read unless --check is given, so this is instant on a large checkpoint.
+    """
+    from ..summary import check_weights, inspect_model
+
+    spec = _spec(loop_start, loop_layers, loops)
     with config_option():
-        info = inspect_model(path, format=format, config=config, length=length,
-                             **_spec(loop_start, loop_layers, loops))
+        info = inspect_model(path, format=format, config=config, length=length, **spec)
+        if check:
+            info["check"] = check_weights(path, format=format, config=config, **spec)
     if as_json:
         print(json.dumps(info))
         return
@@ -86,4 +95,11 @@ def inspect(
     tok = info["tokenizer"]
     table.add_row("tokenizer", f"{tok['kind']}" + (f" ({tok['file']})" if "file" in tok else "")
                   + f"; mask {tok['mask_id']}, pad {tok['pad_id']}, eos {tok['eos_id']}")
+    if check:
+        got = info["check"]
+        vocab = got["tokenizer"].get("vocab_size")
+        table.add_row("check", f"weights load: {got['tensors']} tensors, {got['values']:,} "
+                      "values, all finite; " + ("no tokenizer" if vocab is None else
+                                    f"tokenizer loads ({vocab:,} tokens, model vocab "
+                                    f"{got['vocab_size']:,})"))
     out.print(table)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from layouts import SMDM_TINY, smdm_state, write_mdlm, write_tokenizer_json
 from safetensors.torch import save_file
 
@@ -79,3 +80,31 @@ def test_a_checkpoint_without_its_config_is_pointed_at_convert(tmp_path):
     assert res.returncode == 2 and "pass --config a lit-gpt config JSON" in res.stderr
     res = run("inspect", str(tmp_path / "s"), "--config", str(tmp_path / "lit.json"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_inspect_check_loads_the_weights_and_names_broken_ones(tmp_path, tiny_model):
+    """inspect reads only the config; --check also loads the weights, so a truncated file or a
+    NaN weight fails in one line that names the problem."""
+    from adaptive_loop import save_model
+
+    save_model(tiny_model, tmp_path / "ok")
+    res = run("inspect", str(tmp_path / "ok"), "--check", "--json")
+    assert res.returncode == 0, res.stderr
+    check = json.loads(res.stdout)["check"]
+    assert check["tensors"] == len(tiny_model.state_dict())
+    assert check["values"] == sum(t.numel() for t in tiny_model.state_dict().values())
+    assert check["vocab_size"] == tiny_model.config.vocab_size
+
+    weights = tmp_path / "ok" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert run("inspect", str(tmp_path / "ok")).returncode == 0  # the config alone is fine
+    res = run("inspect", str(tmp_path / "ok"), "--check")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.strip().count("\n") == 0
+
+    with torch.no_grad():
+        tiny_model.layers[1].down.weight[0, 0] = float("nan")
+    save_model(tiny_model, tmp_path / "nan")
+    res = run("inspect", str(tmp_path / "nan"), "--check")
+    assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "layers.1.down.weight holds NaN or infinite values" in res.stderr
