@@ -189,6 +189,10 @@ def test_resolve_attention(monkeypatch):
         resolve_attention("varlen", cpu, torch.float32, 32)
     with pytest.raises(UsageError, match="unknown attention"):
         resolve_attention("sparse", cpu, torch.float32, 32)
+    monkeypatch.setattr(attention, "FLEX_AVAILABLE", False)  # a torch without what flex needs
+    assert resolve_attention("auto", gpu, torch.bfloat16, 64) == "padded"
+    with pytest.raises(UsageError, match=r"torch >= 2\.6"):
+        resolve_attention("flex", cpu, torch.float32, 32)
 
 
 def test_generate_with_flex_equals_default(tiny_model):
