@@ -98,8 +98,8 @@ def inspect(
     if check:
         got = info["check"]
         vocab = got["tokenizer"].get("vocab_size")
+        tokenizer = "no tokenizer" if vocab is None else \
+            f"tokenizer loads ({vocab:,} tokens, model vocab {got['vocab_size']:,})"
         table.add_row("check", f"weights load: {got['tensors']} tensors, {got['values']:,} "
-                      "values, all finite; " + ("no tokenizer" if vocab is None else
-                                    f"tokenizer loads ({vocab:,} tokens, model vocab "
-                                    f"{got['vocab_size']:,})"))
+                      f"values, all finite; {tokenizer}")
     out.print(table)
