@@ -40,27 +40,29 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: LoopMDMConfig, device: torch.device | None = None) -> Rope:
-    """cos/sin tables (max_seq_len, D) for rotate-half RoPE, in float32.
+    """cos and signed sin tables (max_seq_len, D) for rotate-half RoPE, in float32.
 
-    With `rope_dtype` other than float32 the tables are rounded to it and back: SMDM builds
-    its tables in bfloat16, and its models were trained with those rounded angles.
+    The sin table carries rotate-half's sign: its first half is negated, so that
+    `apply_rope` needs no negation (the products are the same numbers). With `rope_dtype`
+    other than float32 the tables are rounded to it and back: SMDM builds its tables in
+    bfloat16, and its models were trained with those rounded angles.
     """
     half = cfg.head_dim // 2
     inv_freq = 1.0 / cfg.rope_base ** (torch.arange(half, dtype=torch.float32, device=device)
                                        / half)
     angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device),
                          inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos(), angles.sin()
     rounding = _DTYPES[cfg.rope_dtype]
-    return cos.to(rounding).float(), sin.to(rounding).float()
+    cos, sin = (t.to(rounding).float() for t in (angles.cos(), angles.sin()))
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., D) with cos/sin broadcastable to it: x * cos + rotate_half(x) * sin."""
+    """x (..., D) with cos and signed sin (see `rope_tables`) broadcastable to it:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] and the sign is in sin."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    swapped = torch.cat([x2, x1], dim=-1)
+    return (x.float() * cos + swapped.float() * sin).to(x.dtype)
 
 
 def rope_rows(rope: Rope, length: int) -> Rope:
@@ -98,11 +100,14 @@ class LayerBase(nn.Module):
         """Residual add of the attention output (..., H*D), then the MLP block."""
         raise NotImplementedError
 
-    def _heads(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor,
-               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        shape = q.shape[:-1]
-        q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(*shape, self.n_kv, self.head_dim), cos, sin)
+    def _heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused projection (..., (H + 2G) * D) -> q (..., H, D), k and v (..., G, D), with
+        RoPE applied to q and k together (one pass over both)."""
+        shape = qkv.shape[:-1]
+        qk, v = qkv.split([(self.n_heads + self.n_kv) * self.head_dim,
+                           self.n_kv * self.head_dim], dim=-1)
+        qk = apply_rope(qk.view(*shape, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=-2)
         return q, k, v.view(*shape, self.n_kv, self.head_dim)
 
     def dense(self, h: Tensor, rope: Rope, key_mask: Tensor | None = None,
@@ -167,10 +172,7 @@ class Layer(LayerBase):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.qkv(self.norm_1(h)).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-             self.n_kv * self.head_dim], dim=-1)
-        return self._heads(q, k, v, cos, sin)
+        return self._heads(self.qkv(self.norm_1(h)), cos, sin)
 
     def finish(self, h: Tensor, attn: Tensor) -> Tensor:
         h = h + self.attn_out(attn)
@@ -219,10 +221,7 @@ class DiTLayer(LayerBase):
     def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = self.modulation
         x = modulate(self.norm_1(h), m[0], m[1], h.dtype)
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-             self.n_kv * self.head_dim], dim=-1)
-        return self._heads(q, k, v, cos, sin)
+        return self._heads(self.qkv(x), cos, sin)
 
     def finish(self, h: Tensor, attn: Tensor) -> Tensor:
         m = self.modulation
