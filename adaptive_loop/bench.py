@@ -222,7 +222,7 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     with a shortlist is timed at a later check of a step, on the shortlist that its first check
     built (the first check of each step reads the whole vocabulary, as without one)."""
     from .policies import make
-    from .runtime import StepTrace, _signals, shortlist_of
+    from .runtime import Shortlist, StepTrace, _signals
 
     torch.manual_seed(seed)
     model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
@@ -241,18 +241,18 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
         for name, params in policies or DEFAULT_MONITORED:
             policy = make(name, **params)
             policy.begin_step(batch, length, 0, 1)
-            vocab = None
+            short = None
             if getattr(policy, "shortlist", 0):
                 trace = StepTrace(loops=active.int())
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
                                trace, probe=probe)
                 policy.decide(sig)
-                vocab = shortlist_of(sig.logits, policy.shortlist)
+                short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
 
-            def signals(policy=policy, vocab=vocab) -> None:
+            def signals(policy=policy, short=short) -> None:
                 trace = StepTrace(loops=active.int())
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 2, 0, 1,
-                               trace, vocab, probe)
+                               trace, short, probe)
                 policy.decide(sig)
 
             rows.append(MonitorRow(repr(policy), full * 1e3,

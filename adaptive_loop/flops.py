@@ -50,11 +50,14 @@ def readout_flops(cfg: LoopMDMConfig, queries: int, positions: int, keys: int,
     return full + last + queries * head_flops(cfg, columns)
 
 
-def step_flops_fixed(cfg: LoopMDMConfig, batch: int, length: int, loops: int) -> dict[str, int]:
-    """FLOPs of one denoising step with every token looped `loops` times (full readout)."""
+def step_flops_fixed(cfg: LoopMDMConfig, batch: int, length: int, loops: int,
+                     looped_tokens: int | None = None) -> dict[str, int]:
+    """FLOPs of one denoising step with every token looped `loops` times (full readout);
+    `looped_tokens` of the batch * length run the loops (default all; padding does not)."""
     tokens = batch * length
+    looped_tokens = tokens if looped_tokens is None else looped_tokens
     return {
         "prelude": cfg.n_prelude * tokens * layer_flops(cfg, length),
-        "looped": loops * tokens * block_flops(cfg, length),
+        "looped": loops * looped_tokens * block_flops(cfg, length),
         "readout": readout_flops(cfg, tokens, tokens, length),
     }

@@ -1,6 +1,7 @@
 """The loop executor: runs one denoising step's loop iterations under a halting policy.
 
-Every token starts active. After each iteration the policy sees the signals it declared for
+Every real token starts active (padding, False in the key mask, never runs: no token may
+attend to it and nothing reads it). After each iteration the policy sees the signals it declared for
 the active tokens and halts some of them. A halted token is no longer computed: the next
 iteration gathers the active tokens of all rows into one packed (N, d) matrix, runs the looped
 block on it, and scatters the result back. Halted tokens keep serving as keys and values:
@@ -189,10 +190,10 @@ def probe_plan(mask: Tensor, probe: Probe, trace: StepTrace) -> PackPlan:
 
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
              index: Tensor, needed: Tensor, key_mask: Tensor | None, iteration: int, step: int,
-             steps: int, trace: StepTrace, vocab: Tensor | None = None,
+             steps: int, trace: StepTrace, shortlist: Shortlist | None = None,
              probe: Probe = None) -> Signals:
     """The signals `policy` declared, for the active tokens; logits (of the needed ones only)
-    over the whole vocabulary, or over the step's shortlist `vocab` once there is one."""
+    over the whole vocabulary, or over the step's shortlist once there is one."""
     d = h.shape[-1]
     cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
     sig = Signals(iteration=iteration, step=step, steps=steps, index=index,
@@ -206,8 +207,9 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     if "logits" in policy.needs:
         probe = probe_plan(active & needed, probe, trace)
         batch, length = active.shape
+        vocab = None if shortlist is None else shortlist.vocab
         columns = None if vocab is None else vocab.numel()
-        sig.vocab = vocab
+        sig.vocab, sig.rows = vocab, probe.rows
         if getattr(policy, "probe", "readout") == "lens":  # norm + head on the loop state
             sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index], vocab)
             trace.monitor_flops += probe.size * head_flops(model.config, columns)
@@ -216,13 +218,38 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
                 h.new_zeros(0, columns or model.config.out_vocab)
             trace.monitor_flops += readout_flops(model.config, probe.size, batch * length,
                                                  length, columns)
+        if shortlist is not None:
+            sig.logits, sig.allowed = shortlist.restrict(sig.logits, probe.rows)
     return sig
 
 
-def shortlist_of(logits: Tensor, k: int) -> Tensor:
-    """The step's shortlist: every vocabulary id among some needed token's top k, ascending
-    (one host sync: its size depends on the data)."""
-    return torch.unique(logits.topk(min(k, logits.shape[-1]), dim=-1).indices)
+@dataclass
+class Shortlist:
+    """A step's vocabulary shortlist (see predictive.py): `vocab` (K,) the ids, ascending, that
+    are among the top k of some needed token of the batch, and `rows` (B, K) bool, which of
+    them are among the top k of a needed token of each row. Later checks compute the head on
+    `vocab` only and judge each token over its own row's ids, so that a row's decisions do
+    not depend on the rest of the batch."""
+
+    vocab: Tensor
+    rows: Tensor
+
+    @classmethod
+    def of(cls, logits: Tensor, k: int, rows: Tensor, batch: int) -> Shortlist:
+        """From the needed tokens' logits (M, V) and their batch rows (M,) (one host sync:
+        the size of the union depends on the data)."""
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (M, k)
+        vocab = torch.unique(top)
+        member = torch.zeros(batch, vocab.numel(), dtype=torch.bool, device=logits.device)
+        member[rows[:, None].expand_as(top), torch.searchsorted(vocab, top)] = True
+        return cls(vocab, member)
+
+    def restrict(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (M, K) over `vocab` of tokens in batch rows `rows` (M,): the columns outside
+        each token's row shortlist set to the dtype's lowest value (probability 0 after a
+        softmax, with no infinities to make NaNs of), and the (M, K) mask of the kept ones."""
+        allowed = self.rows[rows]
+        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min), allowed
 
 
 class _Read:
@@ -252,7 +279,7 @@ class _Read:
 def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, *,
               key_mask: Tensor | None = None, compact: bool = True, step: int = 0,
               steps: int = 1, compile: bool | str = False, attention: str = "auto",
-              needed_plan: PackPlan | None = None,
+              needed_plan: PackPlan | None = None, real_plan: PackPlan | None = None,
               pipeline: bool = False) -> tuple[Tensor, StepTrace]:
     """Loop the shared block over h (B, L, d) under `policy`.
 
@@ -261,7 +288,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         h: the loop's input state (B, L, d), normally the prelude's output.
         policy: the halting policy.
         needed: (B, L) the tokens whose prediction the sampler reads after this step.
-        key_mask: (B, L) bool, False for padding that no token may attend to.
+        key_mask: (B, L) bool, False for padding that no token may attend to. Padding is
+            never computed, looped or counted.
         compact: run only active tokens (False: the masked reference).
         step, steps: the denoising step (0-based) and how many there are, for the policy.
         compile: compile the iteration functions (see `iterations`); off by default.
@@ -269,6 +297,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         needed_plan: the plan of `needed`, when the caller has built it (the sampler reads
             those tokens' predictions after the loops): the first check of a policy that
             reads predictions uses it instead of waiting for the device.
+        real_plan: the plan of `key_mask`'s real tokens, when the caller has built it (the
+            sampler does, once per generation); otherwise a padded run builds it (one sync).
         pipeline: plan each iteration from the decisions of one check earlier instead of the
             latest, so that the host never waits for work it has just queued (off by
             default). Tokens that halted at the latest check are still computed once more,
@@ -293,18 +323,32 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
     keys = None  # built at the first packed plan: the key mask is fixed for the whole run
     shortlist = getattr(policy, "shortlist", 0)  # predictive policies: see predictive.py
-    vocab: Tensor | None = None
+    short: Shortlist | None = None
     bounds = policy.loop_bounds(model.config.n_loops)
     hi = bounds[1]
     policy.begin_step(batch, length, step, steps)
-    active = torch.ones(batch, length, dtype=torch.bool, device=h.device)
     trace = StepTrace(loops=torch.zeros(batch, length, dtype=torch.int32, device=h.device))
     per_token = block_flops(model.config, length)
     caches: list[KV] | None = None
-    # what the next iteration computes: `planned` tokens (all until a read says otherwise),
-    # the mask `members` of them, their `plan` when fewer than all, the probe's sizes
+    # what the next iteration computes: `planned` tokens (the real ones until a read says
+    # otherwise), the mask `members` of them, their `plan` when fewer than all, the probe's
+    # sizes
     plan: PackPlan | None = None
     planned, decided, checked = total, False, False
+    if key_mask is None:
+        active = torch.ones(batch, length, dtype=torch.bool, device=h.device)
+    else:  # padding starts halted, against zero keys/values that the key mask hides
+        active = key_mask.clone()
+        if real_plan is None:
+            real_plan = PackPlan.from_mask(key_mask)
+            trace.host_syncs += 1
+        if real_plan.size < total:
+            planned, plan = real_plan.size, real_plan
+            if compact:
+                keys = packed_keys(backend, batch, length, key_mask, h.device)
+                trace.host_syncs += keys.host_syncs
+                plan = plan.with_keys(keys)
+            caches = _zero_caches(model, h)
     members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
@@ -361,10 +405,10 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         index = plan.index if plan is not None and planned < total else torch.arange(
             total, device=h.device)
         sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
-                       step, steps, trace, vocab, probe)
+                       step, steps, trace, short, probe)
         halt = policy.decide(sig)
-        if shortlist and vocab is None and sig.logits is not None and sig.logits.shape[0]:
-            vocab = shortlist_of(sig.logits, shortlist)  # later checks read only these columns
+        if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
+            short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
             trace.host_syncs += 1
         flat = active.view(-1)
         if compact and not pipeline:  # who halts now: their first-layer K/V are written below
@@ -391,6 +435,14 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
+
+
+def _zero_caches(model: LoopMDM, h: Tensor) -> list[KV]:
+    """Key/value caches (B, G, L, D) per block layer, all zero, for a run that starts packed:
+    its first iteration writes every real token's keys/values."""
+    cfg = model.config
+    shape = (h.shape[0], cfg.n_kv_heads, h.shape[1], cfg.head_dim)
+    return [(h.new_zeros(shape), h.new_zeros(shape)) for _ in model.block_layers]
 
 
 def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count: int) -> None:

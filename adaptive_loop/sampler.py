@@ -58,7 +58,7 @@ __all__ = ["REMASKING", "GenerationResult", "GenerationStats", "StepStats", "gen
 class StepStats:
     step: int
     block: int
-    mean_loops: float  # over all positions
+    mean_loops: float  # over all real positions (not padding)
     mean_loops_needed: float  # over positions whose prediction was read (0 when none was)
     iterations: int
     active_tokens: list[int]
@@ -70,7 +70,7 @@ class StepStats:
 
 @dataclass
 class GenerationStats:
-    mean_loops: float  # loops per token, averaged over every position and step
+    mean_loops: float  # loops per token, averaged over every real position and step
     mean_loops_needed: float  # the same over every (step, position) whose prediction was read
     max_loops: int
     looped_flops: int  # looped-block FLOPs executed
@@ -113,6 +113,7 @@ class _Batch:
     positions: Tensor | None  # (B, L) RoPE positions when padded
     prompt: Tensor  # (B, L) bool: prompt tokens (masked in the unconditional copy)
     lengths: list[int]
+    real_host: Tensor  # `real` on the host, for the statistics
 
 
 _UPLOAD_SYNCS = 2  # `_batch` copies the padded tokens and their real-token mask to the device
@@ -140,12 +141,13 @@ def _batch(model: LoopMDM, rows: list[list[int]], gen_length: int,
         ids[i, width - len(r): width] = torch.tensor(r, dtype=torch.long)
         real[i, width - len(r):] = True
     ids[:, width:] = cfg.mask_id
+    real_host = real
     ids, real = ids.to(device), real.to(device)
     padded = min(lengths) < width
     positions = (real.long().cumsum(1) - 1).clamp_min(0) if padded else None
     column = torch.arange(width + gen_length, device=device)
     prompt = real & (column < width)[None, :] & (ids != cfg.mask_id)
-    return _Batch(ids, real, real if padded else None, positions, prompt, lengths)
+    return _Batch(ids, real, real if padded else None, positions, prompt, lengths, real_host)
 
 
 def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
@@ -236,6 +238,10 @@ class _Stepper:
             self.key_mask = None if self.key_mask is None else self.key_mask.repeat(2, 1)
             self.positions = None if self.positions is None else self.positions.repeat(2, 1)
         self.readout = 0  # readout FLOPs so far
+        # the real tokens' plan, built once from sizes the host knows: padding never loops
+        self.real_plan = None if self.key_mask is None else PackPlan.from_sizes(
+            self.key_mask, int(batch.real_host.sum()) * (2 if cfg_scale > 0 else 1),
+            self.key_mask.shape[1])
 
     def scores(self, x: Tensor, needed: Tensor, step: int,
                steps: int) -> tuple[Tensor, Tensor, Tensor, StepTrace]:
@@ -257,7 +263,8 @@ class _Stepper:
             h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
                                  compact=self.compact, step=step, steps=steps,
                                  compile=self.compile, attention=self.attention,
-                                 needed_plan=plan, pipeline=self.pipeline)
+                                 needed_plan=plan, real_plan=self.real_plan,
+                                 pipeline=self.pipeline)
             if self.warm_start:
                 self.last = (inputs, h)
             logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
@@ -333,7 +340,8 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     blocks, steps_per_block = gen_length // block_length, steps // (gen_length // block_length)
     _, max_loops = policy.loop_bounds(cfg.n_loops)
     model_rows = batch * (2 if cfg_scale > 0 else 1)
-    fixed = step_flops_fixed(cfg, model_rows, length, max_loops)
+    fixed = step_flops_fixed(cfg, model_rows, length, max_loops,
+                             looped_tokens=int(data.real_host.sum()) * (model_rows // batch))
     column = torch.arange(length, device=device)
     generated = column[None, :] >= prompt_len
     stepper = _Stepper(model, data, policy, compact, cfg_scale, temperature, remasking,
@@ -378,8 +386,8 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             i += 1
     tokens = x.cpu()  # waits for the device, so that the wall time covers all its work
     wall = time.perf_counter() - start
-    stats, loops = _stats(traces, records, fixed, max_loops, stepper.readout, wall, batch,
-                          syncs)
+    stats, loops = _stats(traces, records, data.real_host, fixed, max_loops, stepper.readout,
+                          wall, syncs)
     text = _decode(tokenizer, tokens[:, prompt_len:], cfg.eos_id) if tokenizer else []
     return GenerationResult(tokens=tokens, text=text, stats=stats, loops=loops,
                             prompt_length=prompt_len, prompt_lengths=data.lengths)
@@ -394,10 +402,12 @@ def _decode(tokenizer: Tokenizer, completions: Tensor, eos_id: int | None) -> li
     return out
 
 
-def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
-           fixed: dict[str, int], max_loops: int, readout: int, wall: float, batch: int,
+def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]], real: Tensor,
+           fixed: dict[str, int], max_loops: int, readout: int, wall: float,
            syncs: int) -> tuple[GenerationStats, Tensor]:
-    """Statistics after the loop, so that they cost no host syncs inside a step."""
+    """Statistics after the loop, so that they cost no host syncs inside a step. Means are
+    over real positions: padding never runs."""
+    batch = real.shape[0]
     loops = torch.stack([t.loops[:batch] for t in traces]).cpu()  # conditional rows
     needed_all = torch.stack([r[1] for r in records]).cpu()
     committed = torch.stack([r[2].sum() for r in records]).tolist()
@@ -405,7 +415,7 @@ def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
     for step, (trace, (b, _, _)) in enumerate(zip(traces, records)):
         need = needed_all[step]
         step_stats.append(StepStats(
-            step=step, block=b, mean_loops=float(loops[step].float().mean()),
+            step=step, block=b, mean_loops=float(loops[step][real].float().mean()),
             mean_loops_needed=float(loops[step][need].float().mean()) if need.any() else 0.0,
             iterations=trace.iterations, active_tokens=trace.active_tokens,
             looped_flops=trace.looped_flops, looped_flops_fixed_max=fixed["looped"],
@@ -415,7 +425,7 @@ def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]],
     monitor = sum(t.monitor_flops for t in traces)
     read = loops[needed_all]  # every (step, position) whose prediction was read
     stats = GenerationStats(
-        mean_loops=float(loops.float().mean()),
+        mean_loops=float(loops[:, real].float().mean()),
         mean_loops_needed=float(read.float().mean()) if read.numel() else 0.0,
         max_loops=max_loops, looped_flops=looped,
         looped_flops_fixed_max=fixed["looped"] * nfe, monitor_flops=monitor,

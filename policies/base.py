@@ -60,6 +60,10 @@ class Signals:
     previous: Tensor | None = None  # (N, d) h_{t-1}
     logits: Tensor | None = None  # (M, V) for the needed active tokens, in index order
     vocab: Tensor | None = None  # (K,) vocabulary ids of the logits' columns; None: all V
+    rows: Tensor | None = None  # (M,) batch row of each needed active token (logits' rows)
+    # (M, K) with a shortlist: the columns in the token's own row's shortlist; the logits of
+    # the others are at the dtype's lowest value (probability 0)
+    allowed: Tensor | None = None
 
 
 class HaltingPolicy(ABC):

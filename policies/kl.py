@@ -34,10 +34,12 @@ class KL(PredictivePolicy):
         self.threshold = nonnegative(self.name, "threshold", threshold)
         self._slot: Tensor | None = None  # (B * L,) row of each needed token in _prev
         self._prev: Tensor | None = None  # (M, V) log-probabilities at the previous check
+        self._shortlisted = False
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         super().begin_step(batch, length, step, steps)
         self._slot = self._prev = None
+        self._shortlisted = False  # whether _prev holds the shortlist's columns yet
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
         logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
@@ -48,10 +50,16 @@ class KL(PredictivePolicy):
             self._slot[flat] = torch.arange(flat.shape[0], device=flat.device)
             self._prev = logp
             return torch.zeros_like(flat, dtype=torch.bool)
-        if self._vocab is not None and self._prev.shape[-1] != logp.shape[-1]:
-            # the step's shortlist starts: compare on its columns, renormalised
-            self._prev = torch.log_softmax(self._prev[:, self._vocab], dim=-1)
         slot = self._slot[flat]
+        if self._vocab is not None and not self._shortlisted:
+            # the step's shortlist starts: compare on each token's own row's shortlist,
+            # renormalised, as the current logits are
+            prev = self._prev[slot][:, self._vocab]
+            if self._allowed is not None:
+                prev = prev.masked_fill(~self._allowed, torch.finfo(prev.dtype).min)
+            self._prev = prev.new_zeros(self._prev.shape[0], prev.shape[-1])
+            self._prev[slot] = torch.log_softmax(prev, dim=-1)
+            self._shortlisted = True
         # KL(p_t || p_prev) = sum p_t (log p_t - log p_prev); clamped: rounding can dip below 0
         kl = F.kl_div(self._prev[slot], logp, reduction="none", log_target=True).sum(-1)
         self._prev[slot] = logp

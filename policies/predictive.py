@@ -40,10 +40,12 @@ def needed_rows(needed: Tensor, count: int) -> Tensor:
 
 
 # A shortlist (`shortlist=K`): the first check of a denoising step reads the whole vocabulary;
-# the union of every needed token's top K ids becomes the step's shortlist, and later checks
-# compute only those columns of the head (`Signals.vocab`), each distribution renormalised
-# over them. The head is what a prediction costs when the vocabulary is large (2 d V per
-# token); the top of a distribution that is about to halt lies in its earlier top K.
+# the union of a row's needed tokens' top K ids becomes that row's shortlist. Later checks
+# compute only the columns of the head in some row's shortlist (`Signals.vocab`), and each
+# token's distribution is renormalised over its own row's ids (the others' logits are set to
+# the lowest value, `Signals.allowed`), so that a row decides as it would alone. The head is
+# what a prediction costs when the vocabulary is large (2 d V per token); the top of a
+# distribution that is about to halt lies in its earlier top K.
 
 # How the runtime computes a needed token's prediction while it loops: "readout" runs the
 # coda and head (exact: what the sampler would read if the token stopped now); "lens" applies
@@ -65,6 +67,7 @@ class PredictivePolicy(HaltingPolicy):
         self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
         self.shortlist = 0 if shortlist == 0 else positive_int(self.name, "shortlist", shortlist)
         self._vocab: Tensor | None = None  # the columns of the current logits (None: all)
+        self._allowed: Tensor | None = None  # (M, K) each token's own row's shortlist
         if probe not in PROBES:
             raise UsageError(f"{self.name}: probe must be one of {', '.join(PROBES)}, got "
                              f"{probe!r}")
@@ -85,5 +88,5 @@ class PredictivePolicy(HaltingPolicy):
         if logits is None or logits.shape[0] == 0:
             return halt
         rows = needed_rows(signals.needed, logits.shape[0])
-        self._vocab = signals.vocab
+        self._vocab, self._allowed = signals.vocab, signals.allowed
         return halt.index_put((rows,), self.judge_needed(logits, signals.index[rows]))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_loop import LoopMDM, UsageError, generate
+from adaptive_loop import LoopMDM, LoopMDMConfig, UsageError, generate
 from adaptive_loop.flops import block_flops, kv_flops
 from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
 from adaptive_loop.policies import HaltingPolicy, Signals, available, make
@@ -238,6 +238,30 @@ def test_a_shortlist_of_the_whole_vocabulary_changes_nothing(spec, probe, tiny_m
         run[shortlist] = generate(tiny_model, prompts, policy=policy, gen_length=8, steps=8)
     full, listed = run.values()
     assert torch.equal(full.tokens, listed.tokens) and torch.equal(full.loops, listed.loops)
+
+
+@pytest.mark.parametrize("name, params", [("entropy", {"threshold": 1.0, "shortlist": 2}),
+                                          ("kl", {"threshold": 0.05, "shortlist": 2}),
+                                          ("stability", {"patience": 1, "shortlist": 1})])
+def test_a_rows_shortlist_is_its_own(name, params):
+    """Each row judges its tokens over its own shortlist, not the batch's union: a prompt
+    halts and decodes in a batch exactly as alone. (Sharp random weights, so that the
+    distributions are peaked and rows' top ids differ.)"""
+    torch.manual_seed(0)
+    model = LoopMDM(LoopMDMConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                                  n_layers=4, loop_start=1, loop_layers=2, n_loops=4,
+                                  max_seq_len=64, mask_id=63)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6)
+    prompts = [[44, 39, 53, 0], [43, 39, 7, 43, 37, 3], [41, 26, 36], [39, 58, 56, 36, 48]]
+    kw = dict(gen_length=6, steps=3)
+    batch = generate(model, prompts, policy=make(name, **params), **kw)
+    for i, row in enumerate(prompts):
+        alone = generate(model, [row], policy=make(name, **params), **kw)
+        assert torch.equal(batch.tokens[i, 6 - len(row):], alone.tokens[0])
+        assert torch.equal(batch.loops[:, i, 6 - len(row):], alone.loops[:, 0])
 
 
 def test_a_short_shortlist_reads_fewer_columns(tiny_model, prompts):

@@ -36,6 +36,27 @@ def test_compacted_equals_masked_reference(tiny_model):
         torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"pipeline": True}, {"attention": "flex"}])
+def test_padding_never_runs(tiny_model, kwargs):
+    """Left padding (False in the key mask) starts halted: it runs no loop and costs no FLOPs,
+    the real tokens compute what the masked reference computes, and padding keeps its input
+    state in both."""
+    h, needed = _state(tiny_model)
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    key_mask[1, :4], key_mask[2, :7] = False, False
+    needed &= key_mask
+    for policy in (make("fixed", loops=4), make("convergence", threshold=0.3, max_loops=6)):
+        packed, t1 = run_loops(tiny_model, h, policy, needed, key_mask=key_mask, **kwargs)
+        masked, t2 = run_loops(tiny_model, h, policy, needed, key_mask=key_mask, compact=False)
+        assert torch.equal(t1.loops, t2.loops) and t1.loops[~key_mask].eq(0).all()
+        assert t1.loops[key_mask].ge(1).all()
+        torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
+        assert torch.equal(packed[~key_mask], h[~key_mask])
+        if policy.name == "fixed":
+            per_token = block_flops(tiny_model.config, 10)
+            assert t1.active_tokens == [19] * 4 and t1.looped_flops == 4 * 19 * per_token
+
+
 def test_never_halting_equals_fixed(tiny_model, prompts):
     fixed = generate(tiny_model, prompts, policy=make("fixed", loops=5), gen_length=8, steps=8)
     never = generate(tiny_model, prompts, policy=make("convergence", threshold=0.0, max_loops=5),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_loop import LoopMDM, UsageError, generate
+from adaptive_loop.flops import block_flops
 from adaptive_loop.policies import make
 from adaptive_loop.remasking import factor_commit, threshold_commit
 from adaptive_loop.sampler import _batch, _decode
@@ -178,6 +179,22 @@ def test_left_padded_rows_equal_their_prompt_alone(tiny_model, policy, cfg_scale
     for i, row in enumerate(rows):
         alone = generate(tiny_model, [row], **kw).tokens[0]
         assert torch.equal(batch.tokens[i, 6 - len(row):], alone)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_padding_is_neither_looped_nor_counted(tiny_model, cfg_scale):
+    """A padded batch under a fixed policy runs exactly the fixed-max FLOPs of its real tokens
+    (the sum of its rows run alone), and padding shows 0 loops without lowering the mean."""
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8], [3]]
+    kw = dict(policy=make("fixed", loops=3), gen_length=4, steps=2, cfg_scale=cfg_scale)
+    out = generate(tiny_model, rows, **kw)
+    real = torch.ones(3, 10, dtype=torch.bool)
+    real[1, :4], real[2, :5] = False, False
+    assert out.loops[:, ~real].eq(0).all() and out.loops[:, real].eq(3).all()
+    assert out.stats.mean_loops == 3.0
+    assert out.stats.looped_flops == out.stats.looped_flops_fixed_max
+    per_token = block_flops(tiny_model.config, 10) * (2 if cfg_scale else 1)
+    assert out.stats.looped_flops == 2 * 3 * int(real.sum()) * per_token
 
 
 def test_left_padding_positions_and_key_mask(tiny_model):
