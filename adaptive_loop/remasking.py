@@ -94,8 +94,9 @@ def factor_commit(score: Tensor, candidates: Tensor, factor: float) -> Tensor:
     return top_k_rows(score, count) & candidates
 
 
-def fill_after_eos(x: Tensor, generated: Tensor, mask_id: int, eos_id: int) -> Tensor:
+def fill_after_eos(x: Tensor, generated: Tensor, mask_id: int | None, eos_id: int) -> Tensor:
     """(B, L) bool: masked generated positions after a row's first EOS, which an instruct
-    model would fill with EOS anyway."""
+    model would fill with EOS anyway (with `mask_id` None, every generated position after
+    it)."""
     seen = torch.cumsum(((x == eos_id) & generated).int(), dim=1) > 0
-    return seen & (x == mask_id) & generated
+    return seen & generated if mask_id is None else seen & (x == mask_id) & generated

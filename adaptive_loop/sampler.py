@@ -4,7 +4,9 @@ The sequence starts as `[prompt | MASK * gen_length]`. `gen_length` splits into 
 `block_length` (semi-autoregressive when there are several) and `steps` split evenly across
 blocks. Each step runs the model (prelude, adaptive loops, coda on the needed positions: the
 masked ones up to the end of the current block, as LLaDA's code has it), draws a candidate for
-each (Gumbel-max with float64 noise; temperature 0 is argmax) and commits some of them:
+each (Gumbel-max with float64 noise; temperature 0 is argmax; never the mask token itself,
+whose logit is excluded, as MDLM's parameterisation does: LLaDA leaves it in, and a model
+that gives it weight would leave a "committed" position masked) and commits some of them:
 - by default `num_transfer` per step, the most confident first (remasking `low_confidence`,
   `random`, `margin` or `entropy`; see remasking.py);
 - with `threshold` (Fast-dLLM parallel decoding) every candidate of the block scoring at least
@@ -16,9 +18,13 @@ in the same batch and uses `un + (cfg_scale + 1) * (cond - un)`.
 
 Prompts of different lengths are left-padded; padding is hidden from attention by a key mask
 and RoPE positions count from each row's first real token, so a padded row decodes exactly as
-its prompt alone. EOS: the decoded text stops at the first EOS; `eos_fill=True` also commits
-EOS to every masked position after a row's first EOS (an instruct model pads its answer with
-EOS; filling saves the steps spent predicting them and skips blocks left with nothing to do).
+its prompt alone (at temperature 0 with a confidence-ordered remasking: the noise of sampling
+and of `random` remasking is drawn for the batch's positions together, so there a row's draws
+depend on the batch; the same batch and seed always give the same tokens). EOS: the decoded
+text stops at the first EOS; `eos_fill=True` also commits EOS to every masked position after
+a row's first EOS (an instruct model pads its answer with EOS; filling saves the steps spent
+predicting them and skips blocks left with nothing to do), and at the end every position
+after it reads EOS, tokens committed there before the EOS was drawn included.
 """
 
 from __future__ import annotations
@@ -193,6 +199,11 @@ def _prompt_rows(model: LoopMDM, prompts: Any,
     if bad is not None:
         raise UsageError(f"prompt token id {bad} is outside the model's vocabulary of {vocab}"
                          + (" (does the tokenizer belong to this model?)" if tokenizer else ""))
+    mask = model.config.mask_id
+    masked = next((n for n, row in enumerate(rows, 1) if mask in row), None)
+    if masked is not None:
+        raise UsageError(f"prompt {masked} contains the mask token (id {mask}); the sampler "
+                         f"fills only the completion, so a prompt may not contain it")
     return rows, tokenizer
 
 
@@ -238,6 +249,7 @@ class _Stepper:
             self.key_mask = None if self.key_mask is None else self.key_mask.repeat(2, 1)
             self.positions = None if self.positions is None else self.positions.repeat(2, 1)
         self.readout = 0  # readout FLOPs so far
+        self.mask_column = torch.tensor([model.config.mask_id], device=batch.x.device)
         # the real tokens' plan, built once from sizes the host knows: padding never loops
         self.real_plan = None if self.key_mask is None else PackPlan.from_sizes(
             self.key_mask, int(batch.real_host.sum()) * (2 if cfg_scale > 0 else 1),
@@ -274,6 +286,8 @@ class _Stepper:
             half = plan.size // 2
             cond, un = logits[:half].float(), logits[half:].float()
             logits, index = un + (self.cfg_scale + 1) * (cond - un), index[:half]
+        if cfg.mask_id < logits.shape[-1]:  # never commit the mask itself
+            logits = logits.index_fill(-1, self.mask_column, -torch.inf)
         drawn = draw(logits, self.temperature, self.generator)
         return index, drawn, confidence(logits, drawn, self.remasking, self.generator), trace
 
@@ -384,6 +398,8 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             traces.append(trace)
             records.append((b, needed, commit))
             i += 1
+    if eos_fill:  # tokens committed after a row's first EOS before it was drawn read as EOS
+        x = torch.where(fill_after_eos(x, generated, None, cfg.eos_id), cfg.eos_id, x)
     tokens = x.cpu()  # waits for the device, so that the wall time covers all its work
     wall = time.perf_counter() - start
     stats, loops = _stats(traces, records, data.real_host, fixed, max_loops, stepper.readout,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_loop import LoopMDM, UsageError, generate
+from adaptive_loop import LoopMDM, LoopMDMConfig, UsageError, generate, load_model
 from adaptive_loop.flops import block_flops
 from adaptive_loop.policies import make
 from adaptive_loop.remasking import factor_commit, threshold_commit
@@ -45,7 +45,9 @@ def _factor_pick(conf_row: torch.Tensor, mask_row: torch.Tensor, factor: float) 
 
 def reference_generate(model, prompt, steps, gen_length, block_length, remasking="low_confidence",
                        cfg_scale=0.0, threshold=None, factor=None):
-    """LLaDA's generate loop (plus Dream's scores and Fast-dLLM's rules) at temperature 0."""
+    """LLaDA's generate loop (plus Dream's scores and Fast-dLLM's rules) at temperature 0,
+    with the mask token's logit excluded (MDLM's rule; LLaDA's trained models give it no
+    weight, random ones do)."""
     mask_id = model.config.mask_id
     batch, plen = prompt.shape
     x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.long)
@@ -66,6 +68,8 @@ def reference_generate(model, prompt, steps, gen_length, block_length, remasking
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
                 logits = model(x, n_loops=LOOPS)
+            if mask_id < logits.shape[-1]:
+                logits[..., mask_id] = -np.inf
             x0 = torch.argmax(logits, dim=-1)
             if remasking == "low_confidence" and threshold is None and factor is None:
                 p = F.softmax(logits, dim=-1)  # LLaDA: softmax in the logits' dtype
@@ -197,6 +201,25 @@ def test_padding_is_neither_looped_nor_counted(tiny_model, cfg_scale):
     assert out.stats.looped_flops == 2 * 3 * int(real.sum()) * per_token
 
 
+def test_the_mask_token_is_never_committed():
+    """At a high temperature the embedded model's draws reach every id, the mask's included
+    unless it is excluded: every committed position must hold a real token."""
+    model = load_model()
+    mask = model.config.mask_id
+    for seed in range(12):
+        out = generate(model, ["98181872+61818127="], policy=make("fixed"), gen_length=9,
+                       steps=9, temperature=10.0, seed=seed)
+        assert (out.tokens[0, out.prompt_length:] != mask).all()
+        assert sum(s.committed for s in out.stats.steps) == 9
+
+
+def test_a_prompt_with_the_mask_token_is_refused(tiny_model):
+    mask = tiny_model.config.mask_id
+    with pytest.raises(UsageError, match=f"prompt 2 contains the mask token \\(id {mask}\\)"):
+        generate(tiny_model, [[1, 2, 3], [4, mask, 5]], policy=make("fixed", loops=2),
+                 gen_length=4, steps=2)
+
+
 def test_left_padding_positions_and_key_mask(tiny_model):
     """RoPE's relative form makes shifted positions differ only by rounding, which rarely flips
     a token; so check the plumbing directly: each row's real tokens sit at 0, 1, ... and its
@@ -223,6 +246,31 @@ def test_eos_fill_commits_eos_after_the_first_one(tiny_model, prompts):
     assert (out.tokens[0, 6 + j:] == pred[j]).all()
     assert (out.tokens[0, 6:] != 16).all()
     assert out.stats.nfe == 1 + j  # one commit per step for the j positions before the EOS
+
+
+def test_eos_fill_leaves_nothing_but_eos_after_the_first_one():
+    """A token committed right of a position before that position draws the EOS would stay
+    there with filling of masked positions alone; at the end it reads EOS too."""
+    torch.manual_seed(0)
+    model = LoopMDM(LoopMDMConfig(vocab_size=17, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                                  n_layers=4, loop_start=1, loop_layers=2, n_loops=4,
+                                  max_seq_len=64, mask_id=16, eos_id=3,
+                                  lm_head_vocab=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6)
+    g = torch.Generator().manual_seed(2)
+    seen = 0
+    for seed in range(12):
+        rows = [torch.randint(0, 15, (n,), generator=g).tolist() for n in (2, 5, 3)]
+        out = generate(model, rows, policy=make("fixed"), gen_length=8, steps=8,
+                       eos_fill=True, remasking="random", seed=seed)
+        for row in out.tokens[:, out.prompt_length:].tolist():
+            if 3 in row:
+                seen += 1
+                assert set(row[row.index(3):]) == {3}
+    assert seen > 0, "the test needs completions with an EOS"
 
 
 def test_decoded_text_stops_at_eos():
