@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import PackPlan, packed_keys, resolve_attention, true_index
-from .errors import GenerationError
+from .errors import GenerationError, UsageError
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
@@ -406,7 +406,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             total, device=h.device)
         sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
                        step, steps, trace, short, probe)
-        halt = policy.decide(sig)
+        halt = _checked(policy, policy.decide(sig), index)
         if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
             short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
             trace.host_syncs += 1
@@ -435,6 +435,20 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
+
+
+def _checked(policy: HaltingPolicy, halt: Any, index: Tensor) -> Tensor:
+    """A policy's decision, if it is one: a bool tensor with one entry per active token on
+    their device (checked from its metadata: no sync). A plugin's mistake gets a clear
+    error here rather than an obscure one deep inside the runtime."""
+    if not (isinstance(halt, Tensor) and halt.dtype == torch.bool and
+            halt.shape == index.shape and halt.device == index.device):
+        got = (f"{halt.dtype} tensor of shape {tuple(halt.shape)} on {halt.device}"
+               if isinstance(halt, Tensor) else type(halt).__name__)
+        raise UsageError(f"policy {policy.name or type(policy).__name__!r}: decide must return "
+                         f"a bool tensor of shape ({index.numel()},) on {index.device}, one "
+                         f"entry per active token; got {got}")
+    return halt
 
 
 def _zero_caches(model: LoopMDM, h: Tensor) -> list[KV]:

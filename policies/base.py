@@ -40,9 +40,21 @@ def positive_int(policy: str, label: str, value: Any) -> int:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
-    if isinstance(value, bool) or not (number >= 1 and number == int(number)):
+    if isinstance(value, bool) or not (math.isfinite(number) and number >= 1
+                                       and number == int(number)):
         raise UsageError(f"{policy}: {label} must be an integer >= 1, got {value!r}")
     return int(number)
+
+
+def nonnegative(policy: str, label: str, value: Any) -> float:
+    """`value` as a float >= 0 (inf allowed), or a UsageError naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not number >= 0:  # also rejects NaN
+        raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}")
+    return number
 
 
 @dataclass

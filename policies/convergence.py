@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, register
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, nonnegative, register
 
 
 @register
@@ -20,8 +20,7 @@ class Convergence(HaltingPolicy):
     def __init__(self, threshold: float = CONTEXT_THRESHOLD, metric: str = "l2", min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
-        if not threshold >= 0:  # also rejects NaN
-            raise UsageError(f"convergence: threshold must be >= 0, got {threshold}")
+        threshold = nonnegative(self.name, "threshold", threshold)
         if metric not in ("l2", "cosine"):
             raise UsageError(f"convergence: metric must be 'l2' or 'cosine', got {metric!r}")
         self.threshold, self.metric = float(threshold), metric

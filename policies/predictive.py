@@ -10,24 +10,14 @@ change below `context_threshold`, as `entropy` does.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, positive_int
+from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, nonnegative, positive_int
 
-
-def nonnegative(policy: str, label: str, value: Any) -> float:
-    """`value` as a float >= 0 (inf allowed), or a UsageError naming the parameter."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}") from None
-    if not number >= 0:  # also rejects NaN
-        raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}")
-    return number
+__all__ = ["PROBES", "PredictivePolicy", "needed_rows", "nonnegative", "positive_int"]
 
 
 def needed_rows(needed: Tensor, count: int) -> Tensor:

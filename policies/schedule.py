@@ -35,7 +35,12 @@ def _parse(budget: str | Sequence[int]) -> list[int] | str:
     """A shape name, or the list of loop counts (each an integer >= 1)."""
     if isinstance(budget, str) and budget.strip() in SHAPES:
         return budget.strip()
-    items = budget.split(",") if isinstance(budget, str) else list(budget)
+    if isinstance(budget, str):
+        items = budget.split(",")
+    elif isinstance(budget, Sequence):
+        items = list(budget)
+    else:  # one loop count for every step
+        items = [budget]
     if not items or (isinstance(budget, str) and not budget.strip()):
         raise UsageError(f"schedule: budget must be a shape ({', '.join(SHAPES)}) or "
                          f"comma-separated loop counts, got {budget!r}")
@@ -61,11 +66,12 @@ class Schedule(HaltingPolicy):
         self.budget = budget if isinstance(budget, str) else ",".join(map(str, self._plan))
         if isinstance(self._plan, list):
             low, high = min(self._plan), max(self._plan)
-            if low < min_loops:
-                raise UsageError(f"schedule: budget value {low} is below min_loops {min_loops}")
-            if max_loops is not None and high > max_loops:
+            if low < self.min_loops:
+                raise UsageError(f"schedule: budget value {low} is below min_loops "
+                                 f"{self.min_loops}")
+            if self.max_loops is not None and high > self.max_loops:
                 raise UsageError(f"schedule: budget value {high} exceeds max_loops "
-                                 f"{max_loops}")
+                                 f"{self.max_loops}")
         self._step, self._steps, self._current = 0, 1, 0
 
     def loop_bounds(self, default_loops: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@ masked, halted tokens frozen, loop bounds, FLOPs from what ran), then each famil
 on hand-made signals, then parameter errors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -367,10 +368,45 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
     ("learned", {"head": "/no/such/head"}, "train one with `adaptive-loop train-halting"),
     ("entropy", {"shortlist": -4}, "entropy: shortlist must be an integer >= 1"),
     ("kl", {"shortlist": 2.5}, "kl: shortlist must be an integer >= 1"),
+    ("convergence", {"threshold": "x"}, "convergence: threshold must be >= 0"),
+    ("convergence", {"min_loops": float("inf")}, "convergence: min_loops must be an integer"),
+    ("schedule", {"budget": "2", "min_loops": "3"}, "budget value 2 is below min_loops 3"),
+    ("schedule", {"budget": True}, "schedule: budget must be a shape"),
 ])
 def test_bad_parameters_name_themselves(name, params, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         make(name, **params)
+
+
+def test_numbers_given_as_text_or_one_value_are_understood(tiny_model, prompts):
+    """What a command line or a config file hands over: "0.1" for a threshold, 5 for a
+    schedule's budget (one value: every step)."""
+    assert make("convergence", threshold="0.1").threshold == 0.1
+    out = generate(tiny_model, prompts, policy=make("schedule", budget=3), gen_length=4,
+                   steps=2)
+    assert out.loops.eq(3).all()
+
+
+class _Says(HaltingPolicy):
+    name = "says"
+
+    def __init__(self, answer, **kw):
+        super().__init__(**kw)
+        self.answer = answer
+
+    def decide(self, signals):
+        return self.answer(signals.index)
+
+
+@pytest.mark.parametrize("answer, got", [(lambda i: (i % 2).int(), "torch.int32 tensor"),
+                                         (lambda i: i[:1] > 0, "of shape (1,)"),
+                                         (lambda i: True, "got bool")])
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_plugins_wrong_decision_is_named(tiny_model, answer, got, compact):
+    h, needed = _state(tiny_model)
+    with pytest.raises(UsageError, match=rf"policy 'says': decide must return a bool tensor "
+                                         rf"of shape \(30,\).*{re.escape(got)}"):
+        run_loops(tiny_model, h, _Says(answer), needed, compact=compact)
 
 
 def test_learned_errors(head_dir, make_config, monkeypatch, tmp_path):
