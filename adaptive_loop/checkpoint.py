@@ -67,11 +67,25 @@ def _read_config(directory: Path, overrides: dict[str, Any]) -> LoopMDMConfig:
         raise CheckpointError(f"{path}: not an adaptive-loop config (no \"format\": "
                               f"\"{FORMAT_NAME}\")")
     try:
-        return LoopMDMConfig.from_dict({**meta["model"], **overrides})
+        cfg = LoopMDMConfig.from_dict(meta["model"])
     except UsageError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: malformed model config ({err})") from None
+    return with_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: LoopMDMConfig, overrides: dict[str, Any]) -> LoopMDMConfig:
+    """`cfg` with the caller's config fields changed; a mistake in them is the caller's."""
+    if not overrides:
+        return cfg
+    given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    try:
+        return LoopMDMConfig.from_dict({**cfg.to_dict(), **overrides})
+    except UsageError as err:
+        raise UsageError(f"config override {given}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"config override {given}: wrong type ({err})") from None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

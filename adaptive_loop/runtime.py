@@ -169,6 +169,9 @@ def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
     backend, a string or callable names another (e.g. "aot_eager" to debug)."""
     if compile is False or compile is None:
         return EAGER
+    if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UsageError(f"unknown torch.compile backend {compile!r}; e.g. "
+                         f"{', '.join(torch._dynamo.list_backends())}")
     return compiled_iterations("inductor" if compile is True else compile, device)
 
 

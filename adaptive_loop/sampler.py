@@ -29,6 +29,8 @@ after it reads EOS, tokens committed there before the EOS was drawn included.
 
 from __future__ import annotations
 
+import numbers
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +191,44 @@ def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
                          f"model's context of {limit} tokens")
 
 
+def _integer(label: str, value: Any) -> int:
+    """An int (numpy and 0-d integer tensors too; not a bool or a float), or a UsageError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise UsageError(f"{label} must be an integer, got {value!r}") from None
+
+
+def _real(label: str, value: Any) -> float:
+    """A real number (not a bool), or a UsageError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{label} must be a number, got {value!r}")
+    return float(value)
+
+
+def _arguments(policy: Any, gen_length: Any, steps: Any, block_length: Any,
+               temperature: Any, threshold: Any, factor: Any, cfg_scale: Any, seed: Any,
+               tokenizer: Any) -> tuple[int, int, int | None, float, float | None,
+                                        float | None, float, int | None]:
+    """The caller's arguments, type-checked (their values are checked in `_validate`)."""
+    if not isinstance(policy, HaltingPolicy):
+        raise UsageError(f"policy must be a halting policy, e.g. "
+                         f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
+    if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode")):
+        raise UsageError(f"tokenizer must have encode and decode methods, got {tokenizer!r}")
+    seed = None if seed is None else _integer("seed", seed)
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise UsageError(f"seed must be in [0, 2**63), got {seed}")
+    return (_integer("gen_length", gen_length), _integer("steps", steps),
+            None if block_length is None else _integer("block_length", block_length),
+            _real("temperature", temperature),
+            None if threshold is None else _real("threshold", threshold),
+            None if factor is None else _real("factor", factor),
+            _real("cfg_scale", cfg_scale), seed)
+
+
 def _prompt_rows(model: LoopMDM, prompts: Any,
                  tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
     """Token id rows from strings, id lists, or a (B, T) tensor of unpadded prompts, and the
@@ -213,21 +253,40 @@ def _rows(model: LoopMDM, prompts: Any,
         if prompts.dim() != 2:
             raise UsageError(f"prompt ids must be (batch, length), got shape "
                              f"{tuple(prompts.shape)}")
-        if prompts.shape[1] == 0:
+        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or \
+                prompts.dtype == torch.bool:
+            raise UsageError(f"prompt ids must be integers, got a {prompts.dtype} tensor")
+        if prompts.numel() == 0:
             raise UsageError("give at least one prompt, none of them empty")
         return prompts.tolist(), tokenizer
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, (list, tuple)) for p in prompts):
-        if any(len(p) == 0 for p in prompts):
-            raise UsageError("give at least one prompt, none of them empty")
-        return [list(p) for p in prompts], tokenizer
-    if tokenizer is None:
-        from .checkpoint import tokenizer_for
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise UsageError(f"prompts must be a string, a list of strings or of token id lists, "
+                         f"or a (batch, length) tensor; got {prompts!r}") from None
+    if not prompts:
+        raise UsageError("give at least one prompt, none of them empty")
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            from .checkpoint import tokenizer_for
 
-        tokenizer = tokenizer_for(model)
-    return encode_prompts(tokenizer, prompts), tokenizer
+            tokenizer = tokenizer_for(model)
+        return encode_prompts(tokenizer, prompts), tokenizer
+    rows = []
+    for n, p in enumerate(prompts, 1):
+        if isinstance(p, str):
+            raise UsageError("prompts must be all strings or all token id lists, not a mix")
+        items = p.tolist() if hasattr(p, "tolist") else p
+        try:
+            rows.append([_integer("a prompt token id", i) for i in items])
+        except TypeError:
+            raise UsageError(f"prompt {n} is neither a string nor a list of token ids: "
+                             f"{p!r}") from None
+        if not rows[-1]:
+            raise UsageError("give at least one prompt, none of them empty")
+    return rows, tokenizer
 
 
 class _Stepper:
@@ -338,6 +397,9 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     step, the decoded-block checks, and the copies of tokens and statistics back at the end.
     """
     cfg = model.config
+    gen_length, steps, block_length, temperature, threshold, factor, cfg_scale, seed = \
+        _arguments(policy, gen_length, steps, block_length, temperature, threshold, factor,
+                   cfg_scale, seed, tokenizer)
     rows, tokenizer = _prompt_rows(model, prompts, tokenizer)
     block_length = gen_length if block_length is None else block_length
     prompt_len = max(len(r) for r in rows)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adaptive_loop import CheckpointError, LoopMDM, load_model, save_model
+from adaptive_loop import CheckpointError, LoopMDM, UsageError, load_model, save_model
 
 
 def test_native_round_trip_is_bit_exact(tmp_path, tiny_model):
@@ -20,6 +20,27 @@ def test_native_round_trip_is_bit_exact(tmp_path, tiny_model):
 def test_overrides_change_the_config(tmp_path, tiny_model):
     save_model(tiny_model, tmp_path / "ck")
     assert load_model(tmp_path / "ck", device="cpu", n_loops=9).config.n_loops == 9
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(foo=3), r"config override foo=3: invalid model config: unknown fields \['foo'\]"),
+    (dict(n_loops="3"), "config override n_loops='3': wrong type"),
+    (dict(n_loops=0), "config override n_loops=0: .*loop counts must be >= 1"),
+])
+def test_a_bad_override_is_the_callers_mistake(tmp_path, tiny_model, override, message):
+    """Not the checkpoint's: its config is fine, the argument is not."""
+    save_model(tiny_model, tmp_path / "ck")
+    with pytest.raises(UsageError, match=message):
+        load_model(tmp_path / "ck", device="cpu", **override)
+
+
+def test_dtypes_by_name_or_torch_dtype(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ck")
+    for dtype in ("float64", torch.float64):
+        assert next(load_model(tmp_path / "ck", device="cpu", dtype=dtype).parameters()).dtype \
+            == torch.float64
+    with pytest.raises(UsageError, match="unknown dtype torch.int32"):
+        load_model(tmp_path / "ck", device="cpu", dtype=torch.int32)
 
 
 def test_missing_path(tmp_path):
@@ -63,7 +84,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, tiny_model):
 
 def test_loop_spec_outside_layers(tmp_path, tiny_model):
     save_model(tiny_model, tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="outside"):
+    with pytest.raises(UsageError, match="config override loop_start=2, loop_layers=2: .*outside"):
         load_model(tmp_path / "ck", loop_start=2, loop_layers=2)
 
 

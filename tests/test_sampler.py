@@ -1,5 +1,6 @@
 """Sampler semantics (LLaDA's generate), worked by hand where possible."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,10 +81,19 @@ def test_string_prompts_use_the_model_tokenizer(tiny_model):
     (dict(temperature=float("nan")), "temperature"),
     (dict(remasking="best"), "low_confidence, random"),
     (dict(gen_length=100), "exceeds the model's context"),
+    (dict(gen_length=8.0), "gen_length must be an integer, got 8.0"),
+    (dict(gen_length=True), "gen_length must be an integer, got True"),
+    (dict(steps="4"), "steps must be an integer, got '4'"),
+    (dict(block_length=4.0), "block_length must be an integer"),
+    (dict(temperature=None), "temperature must be a number, got None"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=2 ** 70), "seed must be in"),
+    (dict(policy="entropy"), "policy must be a halting policy"),
+    (dict(tokenizer="x"), "tokenizer must have encode and decode"),
+    (dict(compile="nope"), "unknown torch.compile backend 'nope'"),
 ])
 def test_bad_requests_are_user_errors(tiny_model, prompts, kw, message):
-    args = dict(policy=make("fixed"), gen_length=8, steps=4, **kw) if "gen_length" not in kw \
-        else dict(policy=make("fixed"), steps=kw.pop("steps", 4), **kw)
+    args = {"policy": make("fixed"), "gen_length": 8, "steps": 4, **kw}
     with pytest.raises(UsageError, match=message):
         generate(tiny_model, prompts, **args)
 
@@ -96,6 +106,27 @@ def test_prompt_ids_outside_the_vocabulary_are_user_errors(tiny_model):
     with pytest.raises(UsageError, match="none of them empty"):
         generate(tiny_model, torch.zeros(1, 0, dtype=torch.long), policy=make("fixed"),
                  gen_length=4, steps=2)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (None, "prompts must be a string, a list"), (5, "prompts must be a string, a list"),
+    ([], "give at least one prompt"), (torch.zeros(0, 3, dtype=torch.long), "at least one"),
+    ([[1.7, 2.0]], "a prompt token id must be an integer, got 1.7"),
+    (torch.ones(1, 3), "prompt ids must be integers, got a torch.float32 tensor"),
+    ([[1, 2], "12"], "all strings or all token id lists"),
+    ([7], "prompt 1 is neither a string nor a list of token ids"),
+])
+def test_malformed_prompts_are_user_errors(tiny_model, prompt, message):
+    with pytest.raises(UsageError, match=message):
+        generate(tiny_model, prompt, policy=make("fixed"), gen_length=4, steps=2)
+
+
+def test_prompt_rows_may_be_tensors_or_arrays(tiny_model):
+    rows = [[1, 2, 3], [4, 5]]
+    kw = dict(policy=make("fixed", loops=2), gen_length=4, steps=2)
+    ref = generate(tiny_model, rows, **kw).tokens
+    for given in ([torch.tensor(r) for r in rows], [np.array(r) for r in rows]):
+        assert torch.equal(generate(tiny_model, given, **kw).tokens, ref)
 
 
 def test_warm_start_changes_nothing_in_the_first_step(tiny_model, prompts):
