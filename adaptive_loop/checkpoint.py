@@ -223,6 +223,7 @@ def load_model(source: str | Path | None = None, *, format: str = "auto",
         model = build_model(cfg, convert_foreign(src, fmt, cfg), f"{path} ({fmt} layout)")
         if cfg.tokenizer.get("file"):
             model.tokenizer_dir = src.directory
+    model.checkpoint_path = path  # where it came from (a learned policy finds its head there)
     return model.to(device=dev, dtype=dt).eval()
 
 

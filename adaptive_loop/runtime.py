@@ -329,6 +329,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     short: Shortlist | None = None
     bounds = policy.loop_bounds(model.config.n_loops)
     hi = bounds[1]
+    policy.attach(model)
     policy.begin_step(batch, length, step, steps)
     trace = StepTrace(loops=torch.zeros(batch, length, dtype=torch.int32, device=h.device))
     per_token = block_flops(model.config, length)

@@ -109,6 +109,10 @@ class HaltingPolicy(ABC):
             return False
         return (iteration - lo) % self.check_every == 0
 
+    def attach(self, model: Any) -> None:
+        """Called with the model before each denoising step's loops, ahead of `begin_step`
+        (a learned policy checks here that its head belongs to the model)."""
+
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         """Called before each denoising step; reset any per-token state here."""
 
@@ -130,8 +134,13 @@ class HaltingPolicy(ABC):
         their defaults, e.g. `kl(probe=lens, shortlist=16)`."""
         defaults = {k: p.default for k, p in
                     inspect.signature(type(self).__init__).parameters.items()}
-        args = ", ".join(f"{k}={v}" for k, v in self.params().items() if v != defaults.get(k))
+        args = ", ".join(f"{k}={v}" for k, v in self.label_params().items()
+                         if v != defaults.get(k))
         return f"{self.name}({args})" if args else self.name
+
+    def label_params(self) -> dict[str, Any]:
+        """The parameters `label` may show (those that differ from their defaults are)."""
+        return self.params()
 
 
 _REGISTRY: dict[str, type[HaltingPolicy]] = {}

@@ -11,13 +11,16 @@ per-loop labels "the prediction is already final", so its output is a calibrated
 probability, not a hazard; compounding it across loops would halt earlier than the labels
 support. Thresholding it directly keeps the training target and the decision the same.
 
-`head` is a sidecar file or a checkpoint directory holding one; by default the embedded
-model's. `threshold` defaults to the one the head was scored at in training.
+`head` is a sidecar file or a checkpoint directory holding one; by default the sidecar
+beside the checkpoint the model was loaded from (the embedded model's for a model built in
+Python). A head records the shape of the model it was trained on, and a model of another
+shape is refused. `threshold` defaults to the one the head was scored at in training.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,16 +39,56 @@ class Learned(HaltingPolicy):
                  context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
-        from ..halting_head import head_file, load_head  # lazy: the library imports policies
+        from ..halting_head import head_file  # lazy: the library imports policies
 
-        path = head_file(head)
-        self._head, meta = load_head(path)
+        self._default_head, self._given_threshold = head is None, threshold
+        self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
+        self._load(head_file(head))
+        self._model: Any = None  # the model last attached
+
+    def _load(self, path: Path) -> None:
+        from ..halting_head import load_head
+
+        self._head, self._meta = load_head(path)
         self.head = str(path)
-        threshold = meta.get("threshold", 0.9) if threshold is None else threshold
+        given = self._given_threshold
+        threshold = self._meta.get("threshold", 0.9) if given is None else given
         self.threshold = nonnegative(self.name, "threshold", threshold)
         if self.threshold > 1:
             raise UsageError(f"learned: threshold is a probability in [0, 1], got {threshold}")
-        self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
+
+    def attach(self, model: Any) -> None:
+        """Use the head beside the model's checkpoint when none was named, and refuse a head
+        trained on a model of another shape."""
+        if model is self._model:
+            return
+        from ..halting_head import HEAD_WEIGHTS
+
+        source = getattr(model, "checkpoint_path", None)
+        if self._default_head and source is not None:
+            where = Path(source) if Path(source).is_dir() else Path(source).parent
+            if (where / HEAD_WEIGHTS).resolve() != Path(self.head).resolve():
+                if not (where / HEAD_WEIGHTS).is_file():
+                    raise UsageError(f"learned: no halting head beside the checkpoint {where}; "
+                                     f"train one with `adaptive-loop train-halting "
+                                     f"--checkpoint {where}`, or pass head=PATH")
+                self._load(where / HEAD_WEIGHTS)
+        trained = self._meta.get("model", {})
+        cfg = model.config.to_dict()
+        differ = [f"{k} {v} vs this model's {cfg[k]}" for k, v in trained.items()
+                  if k in cfg and k != "n_loops" and v != cfg[k]]
+        if differ:
+            raise UsageError(f"learned: the halting head {self.head} was trained on another "
+                             f"model ({', '.join(differ)}); train one for this checkpoint with "
+                             f"`adaptive-loop train-halting`, or pass head=PATH")
+        self._model = model
+
+    def label_params(self) -> dict[str, Any]:
+        """Without the head and threshold it was not given (resolved, they differ from the
+        None defaults, but say nothing the user chose)."""
+        return {k: v for k, v in self.params().items()
+                if not (k == "head" and self._default_head)
+                and not (k == "threshold" and self._given_threshold is None)}
 
     def decide(self, signals: Signals) -> Tensor:
         hidden = signals.hidden

@@ -2,17 +2,19 @@
 masked, halted tokens frozen, loop bounds, FLOPs from what ran), then each family's own rule
 on hand-made signals, then parameter errors."""
 
+import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_loop import LoopMDM, LoopMDMConfig, UsageError, generate
+from adaptive_loop import LoopMDM, LoopMDMConfig, UsageError, generate, load_model, save_model
 from adaptive_loop.flops import block_flops, kv_flops
-from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
+from adaptive_loop.halting_head import HEAD_META, HEAD_WEIGHTS, HaltingHead, HeadConfig, save_head
 from adaptive_loop.policies import HaltingPolicy, Signals, available, make
 from adaptive_loop.runtime import run_loops
 
@@ -407,6 +409,38 @@ def test_a_plugins_wrong_decision_is_named(tiny_model, answer, got, compact):
     with pytest.raises(UsageError, match=rf"policy 'says': decide must return a bool tensor "
                                          rf"of shape \(30,\).*{re.escape(got)}"):
         run_loops(tiny_model, h, _Says(answer), needed, compact=compact)
+
+
+def test_learned_defaults_to_the_head_beside_the_models_checkpoint(head_dir, tiny_model,
+                                                                    prompts, tmp_path):
+    """Not the embedded model's head for every model: the one beside the checkpoint the
+    model was loaded from, and a clear error where there is none."""
+    save_model(tiny_model, tmp_path / "ck")
+    model = load_model(tmp_path / "ck", device="cpu")
+    kw = dict(gen_length=4, steps=2)
+    with pytest.raises(UsageError, match="no halting head beside the checkpoint .*ck"):
+        generate(model, prompts, policy=make("learned"), **kw)
+    for name in (HEAD_WEIGHTS, HEAD_META):
+        shutil.copy(head_dir / name, tmp_path / "ck" / name)
+    policy = make("learned")
+    out = generate(model, prompts, policy=policy, **kw)
+    assert policy.head == str(tmp_path / "ck" / HEAD_WEIGHTS) and policy.threshold == 0.5
+    ref = generate(model, prompts, policy=make("learned", head=tmp_path / "ck"), **kw)
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.loops, ref.loops)
+    assert policy.label() == "learned"
+
+
+def test_a_head_trained_on_another_shape_is_refused(head_dir, tiny_model, prompts, tmp_path):
+    for name in (HEAD_WEIGHTS, HEAD_META):
+        shutil.copy(head_dir / name, tmp_path / name)
+    meta = json.loads((tmp_path / HEAD_META).read_text())
+    meta["model"] = {**{k: tiny_model.config.to_dict()[k] for k in ("d_model", "vocab_size")},
+                     "n_layers": 7}
+    (tmp_path / HEAD_META).write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="trained on another model \\(n_layers 7 vs this "
+                                         "model's 3\\)"):
+        generate(tiny_model, prompts, policy=make("learned", head=tmp_path), gen_length=4,
+                 steps=2)
 
 
 def test_learned_errors(head_dir, make_config, monkeypatch, tmp_path):
