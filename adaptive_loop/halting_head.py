@@ -97,11 +97,14 @@ def head_file(path: str | Path | None) -> Path:
         return target
     given = Path(path).expanduser()
     target = given / HEAD_WEIGHTS if given.is_dir() else given
-    if not target.is_file():
-        where = given if given.is_dir() else given.parent
+    if not target.is_file() and given.is_dir():
         raise UsageError(f"learned: no halting head at {target}; train one with `adaptive-loop "
-                         f"train-halting --checkpoint {where}` (it writes {HEAD_WEIGHTS} beside "
+                         f"train-halting --checkpoint {given}` (it writes {HEAD_WEIGHTS} beside "
                          f"the checkpoint), or pass head=PATH")
+    if not target.is_file():
+        raise UsageError(f"learned: no halting head at {target}; head= is a {HEAD_WEIGHTS} "
+                         f"file or a checkpoint directory holding one (`adaptive-loop "
+                         f"train-halting --checkpoint DIR` writes it)")
     return target
 
 

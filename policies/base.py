@@ -86,12 +86,13 @@ class HaltingPolicy(ABC):
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:
-        min_loops = positive_int(self.name, "min_loops", min_loops)
-        check_every = positive_int(self.name, "check_every", check_every)
+        who = self.name or type(self).__name__  # an unregistered subclass may have no name
+        min_loops = positive_int(who, "min_loops", min_loops)
+        check_every = positive_int(who, "check_every", check_every)
         if max_loops is not None:
-            max_loops = positive_int(self.name, "max_loops", max_loops)
+            max_loops = positive_int(who, "max_loops", max_loops)
         if max_loops is not None and max_loops < min_loops:
-            raise UsageError(f"{self.name}: max_loops {max_loops} is below min_loops "
+            raise UsageError(f"{who}: max_loops {max_loops} is below min_loops "
                              f"{min_loops}")
         self.min_loops, self.max_loops, self.check_every = min_loops, max_loops, check_every
 

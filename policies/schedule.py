@@ -7,7 +7,9 @@ levels, so a budget that follows the denoising progress can spend loops where th
 min_loops and max_loops (the model's loop count when unset):
 `peak` (sin(pi x): fewest at the first and last steps), `rising` (x), `falling` (1 - x), where
 x in [0, 1] is the step's position among the steps (0.5 for a single step). Steps count over
-the whole generation, across semi-autoregressive blocks. Every token halts when it reaches the
+the whole generation, across semi-autoregressive blocks; with parallel decoding (`threshold`,
+`factor`) the step count is not fixed, and steps past the nominal `steps` keep the last
+step's budget. Every token halts when it reaches the
 step's budget; the policy asks for no signal and checks once per step, so `check_every` has
 no effect.
 """
@@ -82,7 +84,7 @@ class Schedule(HaltingPolicy):
     def budget_at(self, step: int, steps: int, bounds: tuple[int, int]) -> int:
         """Loops every token runs at denoising step `step` (0-based) of `steps`."""
         lo, hi = bounds
-        x = 0.5 if steps <= 1 else step / (steps - 1)
+        x = 0.5 if steps <= 1 else min(1.0, step / (steps - 1))
         if isinstance(self._plan, str):
             value = lo + (hi - lo) * SHAPES[self._plan](x)
         else:

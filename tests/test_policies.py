@@ -367,7 +367,8 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
     ("schedule", {"budget": "4,0"}, "schedule: budget must be a shape"),
     ("schedule", {"budget": "4,8", "max_loops": 6}, "budget value 8 exceeds max_loops 6"),
     ("schedule", {"budget": "1,4", "min_loops": 2}, "budget value 1 is below min_loops 2"),
-    ("learned", {"head": "/no/such/head"}, "train one with `adaptive-loop train-halting"),
+    ("learned", {"head": "/no/such/head"}, "head= is a halting_head.safetensors file or a "
+                                           "checkpoint directory"),
     ("entropy", {"shortlist": -4}, "entropy: shortlist must be an integer >= 1"),
     ("kl", {"shortlist": 2.5}, "kl: shortlist must be an integer >= 1"),
     ("convergence", {"threshold": "x"}, "convergence: threshold must be >= 0"),
