@@ -94,7 +94,11 @@ def _order(grid: Sequence[Any], param: str, conservative: str) -> list[Any]:
         conservative = "high" if param in HIGH_IS_CONSERVATIVE else "low"
     if conservative not in ("low", "high"):
         raise UsageError(f"--conservative takes low, high or auto, got {conservative!r}")
-    return sorted(set(grid), reverse=conservative == "high")
+    try:
+        return sorted(set(grid), reverse=conservative == "high")
+    except TypeError:  # numbers and text, which have no order between them
+        raise UsageError(f"the candidate values of {param} mix numbers and text "
+                         f"({', '.join(map(str, grid))}); give one kind") from None
 
 
 def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confidence: float,

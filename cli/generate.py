@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from .app import (
+    SEED_MAX,
     CheckEvery,
     Checkpoint,
     Device,
@@ -68,8 +69,9 @@ def generate(
     tokenizer: Annotated[Path | None, typer.Option(
         help="tokenizer.json, tokenizer.model or a directory holding one (default: the "
         "checkpoint's).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise (default 0).")
-                    ] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of the sampling noise (default 0) and, without a PROMPT, of the task problem "
+        "drawn (default: the README's example problem).", min=0, max=SEED_MAX)] = None,
     device: Device = None,
     dtype: Dtype = None,
     compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
@@ -251,7 +253,8 @@ def evaluate(
     checkpoint: Checkpoint = None,
     n: Annotated[int, typer.Option("--n", "--limit", help="Held-out problems (--limit under "
                                    "torchrun, whose parser takes --n for its own).")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out problems.")] = 1234,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out problems.", min=0,
+                                      max=SEED_MAX)] = 1234,
     batch_size: Annotated[int, typer.Option(
         help="Problems per batch (the unit dealt to a rank).")] = 250,
     compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
@@ -327,7 +330,7 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the trained model.")],
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 1500).")] = None,
     seed: Annotated[int | None, typer.Option(
-        help="Seed of initialisation and data (default 0).")] = None,
+        help="Seed of initialisation and data (default 0).", min=0, max=SEED_MAX)] = None,
     device: Device = None,
     eval_every: Annotated[int | None, typer.Option(
         help="Evaluate every N steps (default 500).")] = None,
@@ -366,7 +369,7 @@ def train(
 @app.command("policies")
 def list_policies() -> None:
     """List the halting policies (built-in and from plugins)."""
-    from ..policies import available, policy_class
+    from ..policies import available, broken_plugins, policy_class
 
     table = Table(show_header=True)
     table.add_column("policy")
@@ -377,3 +380,5 @@ def list_policies() -> None:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         table.add_row(name, ", ".join(sorted(cls.needs)) or "-", doc[0] if doc else "")
     out.print(table)
+    for name, why in broken_plugins().items():
+        err.print(f"warning: policy plugin {name!r} not registered: {why}")

@@ -10,7 +10,17 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, _task_of, app, load_checkpoint, out, progress_bar
+from .app import (
+    SEED_MAX,
+    Checkpoint,
+    Device,
+    Dtype,
+    _task_of,
+    app,
+    load_checkpoint,
+    out,
+    progress_bar,
+)
 
 
 def _fmt(value: Any) -> str:
@@ -40,7 +50,8 @@ def train_halting(
     threshold: Annotated[float, typer.Option(
         help="Halt when the head's probability exceeds this (scored here; the policy's "
         "default).")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.", min=0,
+                                      max=SEED_MAX)] = 0,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the head (default: beside --checkpoint; required for the "
         "embedded model, whose head ships with the package).")] = None,

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out, progress_bar
+from .app import SEED_MAX, Checkpoint, Device, Dtype, app, err, load_checkpoint, out, progress_bar
 
 Task = Annotated[str | None, typer.Option(
     help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
@@ -23,7 +23,8 @@ Numeric = Annotated[bool, typer.Option(
     "--numeric", help="Compare answers as numbers (the last number in each).")]
 Limit = Annotated[int | None, typer.Option(
     help="First N examples (a task draws N problems; default 200).")]
-Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.")]
+Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.",
+                                   min=0, max=SEED_MAX)]
 GenLength = Annotated[int | None, typer.Option(
     help="Tokens to generate (default: the task's answer length, else the longest answer).")]
 Steps = Annotated[int | None, typer.Option(help="Denoising steps (default: gen-length).")]

@@ -14,7 +14,16 @@ from . import (  # noqa: F401  (registers the built-ins)
     schedule,
     stability,
 )
-from .base import SIGNALS, HaltingPolicy, Signals, available, make, policy_class, register
+from .base import (
+    SIGNALS,
+    HaltingPolicy,
+    Signals,
+    available,
+    broken_plugins,
+    make,
+    policy_class,
+    register,
+)
 
-__all__ = ["SIGNALS", "HaltingPolicy", "Signals", "available", "make", "policy_class",
-           "register"]
+__all__ = ["SIGNALS", "HaltingPolicy", "Signals", "available", "broken_plugins", "make",
+           "policy_class", "register"]

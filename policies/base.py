@@ -146,6 +146,7 @@ class HaltingPolicy(ABC):
 
 _REGISTRY: dict[str, type[HaltingPolicy]] = {}
 _ENTRY_POINTS_LOADED = False
+_BROKEN: dict[str, str] = {}  # plugin name -> why it was not registered
 
 
 def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
@@ -165,10 +166,25 @@ def _load_entry_points() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in entry_points(group="adaptive_loop.policies"):
-        cls = ep.load()
-        if not getattr(cls, "name", ""):
-            cls.name = ep.name
-        register(cls)
+        if ep.name in _REGISTRY:  # a plugin does not silently replace a built-in policy
+            _BROKEN[ep.name] = (f"{ep.value} clashes with the built-in policy {ep.name!r}; "
+                                f"register it under another name")
+            continue
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, HaltingPolicy)):
+                raise TypeError(f"{ep.value} is not a HaltingPolicy subclass")
+            if not getattr(cls, "name", ""):
+                cls.name = ep.name
+            register(cls)
+        except Exception as err:  # a broken plugin must not break the built-in policies
+            _BROKEN[ep.name] = f"{ep.value} failed to load ({type(err).__name__}: {err})"
+
+
+def broken_plugins() -> dict[str, str]:
+    """Entry-point policies that were not registered, with the reason for each."""
+    _load_entry_points()
+    return dict(_BROKEN)
 
 
 def available() -> list[str]:
@@ -180,6 +196,8 @@ def available() -> list[str]:
 def policy_class(name: str) -> type[HaltingPolicy]:
     """The class registered under `name`."""
     _load_entry_points()
+    if name not in _REGISTRY and name in _BROKEN:
+        raise UsageError(f"policy plugin {name!r}: {_BROKEN[name]}")
     if name not in _REGISTRY:
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(available())}")
     return _REGISTRY[name]

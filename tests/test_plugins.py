@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from adaptive_loop import generate, save_model
+from adaptive_loop import UsageError, generate, save_model
 from adaptive_loop.policies import base, make
 
 PLUGIN = '''
@@ -71,3 +71,42 @@ def test_plugin_from_the_command_line(plugin_path, tmp_path, tiny_model):
     res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "policies"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0 and "myplugin" in res.stdout
+
+
+def test_broken_or_clashing_plugins_leave_the_built_in_policies_working(tmp_path, monkeypatch):
+    """A plugin that does not import, is not a policy, declares an unknown signal or takes a
+    built-in's name is not registered; asked for by name it gets one clear error, and every
+    other policy works."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "badplug.py").write_text(
+        "from adaptive_loop.policies import HaltingPolicy\n"
+        "class NotAPolicy:\n    pass\n"
+        "class Magic(HaltingPolicy):\n    needs = frozenset({'magic'})\n"
+        "    def decide(self, signals):\n        return signals.needed\n")
+    info = root / "badplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[adaptive_loop.policies]\nmissing = no_such_module:Policy\n"
+        "notapolicy = badplug:NotAPolicy\nmagic = badplug:Magic\nentropy = badplug:Magic\n")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_BROKEN", {})
+    assert {"missing", "notapolicy", "magic"}.isdisjoint(base.available())
+    assert type(make("entropy")).__module__ == "adaptive_loop.policies.entropy"
+    broken = base.broken_plugins()
+    assert "ModuleNotFoundError" in broken["missing"]
+    assert "not a HaltingPolicy subclass" in broken["notapolicy"]
+    assert "unknown signals ['magic']" in broken["magic"]
+    assert "clashes with the built-in policy 'entropy'" in broken["entropy"]
+    with pytest.raises(UsageError, match="policy plugin 'missing': no_such_module:Policy "
+                                         "failed to load"):
+        make("missing")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "policies"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "entropy" in run.stdout
+    assert "warning: policy plugin 'magic' not registered" in run.stderr
