@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, UsageError
+from .files import atomic_write, atomic_write_text
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .model import LoopMDM
 from .tokenizer import Tokenizer, from_spec
@@ -43,14 +44,11 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
-    tmp.replace(out / WEIGHTS_FILE)
+    atomic_write(out / WEIGHTS_FILE,
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT_NAME}))
     _copy_tokenizer_file(model, out)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model.config.to_dict()}
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out / CONFIG_FILE)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -11,13 +11,22 @@ from pathlib import Path
 from .errors import UsageError
 
 
+def _file_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask). Some writers (safetensors) create
+    their files readable by the owner only; written files get this mode instead."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a
-    reader never sees a half-written file."""
+    reader never sees a half-written file; the file gets the usual mode for a new file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -100,3 +101,15 @@ def test_embedded_model_loads():
     model = load_model(device="cpu")
     assert isinstance(model, LoopMDM)
     assert model.config.task["name"] == "addition"
+
+
+def test_written_files_get_the_usual_mode(tmp_path, tiny_model):
+    """safetensors creates its files readable by the owner alone; a saved checkpoint is
+    readable as any new file here is."""
+    mask = os.umask(0o022)
+    try:
+        save_model(tiny_model, tmp_path / "ck")
+    finally:
+        os.umask(mask)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ck" / name).stat().st_mode & 0o777 == 0o644, name
