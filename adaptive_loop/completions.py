@@ -36,8 +36,13 @@ COMPUTE = ("looped_flops", "looped_flops_fixed_max", "monitor_flops", "total_flo
            "wall_s")
 
 
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """The objects of a JSONL prompt file; a bad line is an error naming it."""
+ADDED = ("completion", "mean_loops")  # the fields the output adds to each object
+
+
+def read_prompts(path: str | Path, completing: bool = False) -> list[dict[str, Any]]:
+    """The objects of a JSONL prompt file; a bad line is an error naming it. `completing`:
+    they are to be completed, so a field the output would replace is an error too (what the
+    user wrote is never overwritten)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"{path} is a directory; give a JSONL file" if path.is_dir() else
@@ -56,6 +61,10 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise UsageError(f'{path}:{number}: expected an object with a "prompt" string')
+        taken = [key for key in ADDED if completing and key in record]
+        if taken:
+            raise UsageError(f'{path}:{number}: has a "{taken[0]}" field, which the output '
+                             f"would replace; rename it (e.g. \"reference\")")
         records.append(record)
     if not records:
         raise UsageError(f"{path} holds no prompts")

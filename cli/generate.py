@@ -98,7 +98,10 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="With --prompts: prompts per batch.")] = 32,
     force: Annotated[bool, typer.Option(
         "--force", help="With --prompts: replace an --out file that exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with "
+                                          "--prompts: the totals, one line after the "
+                                          "completions' JSON lines when there is no --out)."
+                                          )] = False,
 ) -> None:
     """Generate completions with adaptive loops and report the compute they used.
 
@@ -204,7 +207,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
     from ..distributed import session
     from ..evaluate import default_decoding
 
-    records = read_prompts(path)
+    records = read_prompts(path, completing=True)
     with session(device) as ranks:
         model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
         task = _task_of(model)
@@ -355,8 +358,6 @@ def train(
     for flag, value in (("--steps", steps), ("--eval-every", eval_every)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise UsageError(f"--seed must be in [0, 2^63), got {seed}")
     cfg = TrainConfig()
     overrides = {"steps": steps, "seed": seed, "eval_every": eval_every}
     for key, value in overrides.items():

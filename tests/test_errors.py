@@ -78,6 +78,9 @@ def broken(tmp_path_factory):
     keep.mkdir()
     (keep / "mine.txt").write_text("mine")
     paths["keep"] = keep
+    done = root / "done.jsonl"
+    done.write_text('{"prompt": "98181872+61818127=", "completion": "mine"}\n')
+    paths["done"] = done
     return paths
 
 
@@ -182,7 +185,15 @@ CASES = [
     ("train steps 0", ["train", "--out", "{empty}/t", "--steps", "0"], 2,
      "--steps must be >= 1"),
     ("train huge seed", ["train", "--out", "{empty}/t", "--seed", "99999999999999999999"], 2,
-     "--seed must be in"),
+     "Invalid value for '--seed'"),
+    ("generate huge seed", GEN + ["--seed", "99999999999999999999"], 2,
+     "Invalid value for '--seed'"),
+    ("sweep negative seed", ["sweep", "-p", "fixed:loops=1", "--seed", "-1", "--out",
+                             "{empty}/sw"], 2, "Invalid value for '--seed'"),
+    ("calibrate mixed grid", ["calibrate", "-p", "entropy", "--grid", "0.1,x", "--tolerance",
+                              "0.1", "--confidence", "0.9"], 2, "mix numbers and text"),
+    ("prompts with a completion", GEN + ["--prompts", "{done}", "--out", "{empty}/r.jsonl"], 2,
+     'done.jsonl:1: has a "completion" field, which the output would replace'),
     ("evaluate loops with a policy", ["evaluate", "--loops", "1", "--policy", "entropy",
                                       "--threshold", "0.1"], 2,
      "it takes no --policy entropy, --threshold"),
