@@ -115,6 +115,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
                             betas=(0.9, 0.98))
     data_gen = torch.Generator().manual_seed(cfg.seed)
     first, running = 0, None
+    history: list[dict[str, Any]] = []  # what `log` was given, carried across a resume
+    before = 0.0  # seconds spent by earlier runs of a resumed training
     if state_path is not None and state_path.exists():
         try:
             state = torch.load(state_path, map_location=device, weights_only=True)
@@ -131,12 +133,26 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
         opt.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_gen"])
         first, running = state["step"], state["running"]
+        history, before = list(state.get("history", [])), float(state.get("elapsed_s", 0.0))
     start = last_save = time.perf_counter()
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - start
+
+    def record(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        if log:
+            log(entry)
+
+    for entry in history:  # the earlier runs' record, so that the caller's is whole
+        if log:
+            log(entry)
 
     def snapshot(step: int) -> None:
         _save_state(state_path, {"recipe": config_dict(cfg), "model": model.state_dict(),
                                  "optimizer": opt.state_dict(), "data_gen": data_gen.get_state(),
-                                 "step": step, "running": running})
+                                 "step": step, "running": running, "history": history,
+                                 "elapsed_s": elapsed()})
 
     step = applied = first  # applied: steps whose update is in the weights
     gen_before = data_gen.get_state()
@@ -155,16 +171,14 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
             applied = step + 1
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             last = step + 1 == cfg.steps
-            if log and (step % 50 == 0 or last):
-                log({"step": step, "loss": running, "lr": lr_at(cfg, step),
-                     "elapsed_s": time.perf_counter() - start})
+            if step % 50 == 0 or last:
+                record({"step": step, "loss": running, "lr": lr_at(cfg, step),
+                        "elapsed_s": elapsed()})
             if evaluate and ((step + 1) % cfg.eval_every == 0 or last):
                 model.eval()
                 acc = evaluate(model, cfg.max_train_loops)
                 model.train()
-                if log:
-                    log({"step": step, "eval_accuracy": acc,
-                         "elapsed_s": time.perf_counter() - start})
+                record({"step": step, "eval_accuracy": acc, "elapsed_s": elapsed()})
             if state_path is not None and time.perf_counter() - last_save >= save_every_s:
                 snapshot(step + 1)
                 last_save = time.perf_counter()
@@ -228,9 +242,8 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
             else:
                 bar.update(job, info=f"eval acc {entry['eval_accuracy']:.1%}")
 
-        start = time.perf_counter()
         model = train(cfg, dev, log=log, evaluate=evaluate, state_path=out / STATE_FILE)
-        seconds = time.perf_counter() - start
+        seconds = history[-1]["elapsed_s"]  # the last step's record, earlier runs included
     save_model(model.cpu(), out)
     report = {"train_config": config_dict(cfg), "seconds": seconds, "device": str(dev),
               "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -18,12 +18,13 @@ def test_loss_falls():
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(steps=8, **{**SMALL, "eval_every": 1})
-    whole = train(cfg)
+    cfg = TrainConfig(steps=60, **{**SMALL, "eval_every": 1})
+    whole_log, resumed_log = [], []
+    whole = train(cfg, log=whole_log.append)
     state = tmp_path / STATE_FILE
 
-    def interrupt(model, loops):  # Ctrl-C arrives during step 4's evaluation
-        if interrupt.calls == 4:
+    def interrupt(model, loops):  # Ctrl-C arrives during step 54's evaluation
+        if interrupt.calls == 54:
             raise KeyboardInterrupt
         interrupt.calls += 1
         return 0.0
@@ -31,12 +32,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     interrupt.calls = 0
     with pytest.raises(KeyboardInterrupt):
         train(cfg, evaluate=interrupt, state_path=state, save_every_s=3600.0)
-    assert torch.load(state, weights_only=True)["step"] == 5  # step 4's update was applied
+    assert torch.load(state, weights_only=True)["step"] == 55  # step 54's update was applied
     with pytest.raises(UsageError, match="another recipe"):
-        train(TrainConfig(steps=8, **{**SMALL, "lr": 1e-4}), state_path=state)
-    resumed = train(cfg, state_path=state)
+        train(TrainConfig(steps=60, **{**SMALL, "lr": 1e-4}), state_path=state)
+    resumed = train(cfg, state_path=state, log=resumed_log.append)
     for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
+    # the log carries across the resume: the first run's entries come first, time adds up
+    losses = [[(e["step"], e["loss"]) for e in log if "loss" in e]
+              for log in (whole_log, resumed_log)]
+    assert losses[0] == losses[1] == [(0, losses[0][0][1]), (50, losses[0][1][1]),
+                                      (59, losses[0][2][1])]
+    times = [e["elapsed_s"] for e in resumed_log]
+    assert times == sorted(times)
 
 
 def test_output_directory_is_checked_first(tmp_path):
