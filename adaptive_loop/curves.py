@@ -83,14 +83,21 @@ def curve_csv(points: list[dict[str, Any]]) -> str:
 
 
 # -- plots --------------------------------------------------------------------------------------
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
+def need_matplotlib() -> None:
+    """A UsageError unless matplotlib can be imported (checked before long work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
         from .errors import UsageError
 
         raise UsageError("plots need matplotlib (pip install matplotlib, or the [plot] "
-                         "extra); or pass --no-plot") from None
+                         "extra); or pass --no-plot")
+
+
+def _pyplot() -> Any:
+    need_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

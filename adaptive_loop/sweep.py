@@ -296,7 +296,9 @@ def build_curve(model: LoopMDM, data: EvalSet, decoding: dict[str, Any], seed: i
 
 def write_curve(directory: Path, curve: dict[str, Any], heat_rows: list[dict[str, Any]],
                 prompt_length: int, plot: bool) -> list[Path]:
-    """curve.json, curve.csv, curve.png and heatmaps, each written atomically."""
+    """curve.json, curve.csv, curve.png and heatmaps, each written atomically. Plots that an
+    earlier sweep into the same directory drew and this one does not (its points or its
+    options differ) are removed, so that the directory's files describe one curve."""
     files = [atomic_write_text(directory / "curve.json", json.dumps(curve, indent=1) + "\n"),
              atomic_write_text(directory / "curve.csv", curve_csv(curve["points"]))]
     if plot:
@@ -310,4 +312,8 @@ def write_curve(directory: Path, curve: dict[str, Any], heat_rows: list[dict[str
             loops = [[float("nan") if v is None else v for v in r] for r in row["heatmap"]]
             files.append(plot_heatmap(loops, prompt_length, row["label"],
                                       directory / "heatmaps" / f"{name}.png"))
+    drawn = {Path(f).resolve() for f in files}
+    for stale in [directory / "curve.png", *sorted((directory / "heatmaps").glob("*.png"))]:
+        if stale.is_file() and stale.resolve() not in drawn:
+            stale.unlink()
     return files

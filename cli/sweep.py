@@ -131,6 +131,12 @@ def sweep(
     )
 
     settings = [s for spec in policy for s in parse_policy_grid(spec)]
+    if heatmap and not plot:
+        raise UsageError("--heatmap draws plots; it does not go with --no-plot")
+    if plot:
+        from ..curves import need_matplotlib
+
+        need_matplotlib()  # before any point is computed
     if oracle_loops is None or oracle_loops.strip().lower() == "none":
         oracle = None if oracle_loops is None else []
     else:

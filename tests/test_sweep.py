@@ -92,6 +92,11 @@ def test_small_sweep_writes_points_and_curve(tmp_path, addition_model, own_outpu
     assert len((tmp_path / "out" / POINTS).read_text().splitlines()) == 6
     for name in ("curve.csv", "curve.png", "sweep.json", "heatmaps/fixed_loops=4.png"):
         assert (tmp_path / "out" / name).is_file()
+    # a narrower rerun into the same directory leaves no plot of the earlier curve behind
+    run_sweep(addition_model, data, settings()[:1], tmp_path / "out", oracle_loops=[],
+              plot=False)
+    assert not (tmp_path / "out" / "curve.png").exists()
+    assert not list((tmp_path / "out" / "heatmaps").glob("*.png"))
 
 
 def test_interrupted_sweep_resumes_to_the_same_curve(tmp_path, addition_model, data):
@@ -235,6 +240,7 @@ def test_cli_sweep_help_documents_the_grammar():
     (["--policy", "fixed:loops=x;y"], "is not PARAM=V1,V2"),
     (["--policy", "fixed", "--data", "/no/such.jsonl"], "data file not found"),
     (["--policy", "fixed", "--oracle-loops", "a"], "--oracle-loops takes"),
+    (["--policy", "fixed", "--heatmap", "--no-plot"], "does not go with --no-plot"),
 ])
 def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
     res = run_cli("sweep", "--out", str(tmp_path / "o"), *args)
