@@ -161,9 +161,11 @@ def _batch(model: LoopMDM, rows: list[list[int]], gen_length: int,
 def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
               block_length: int, temperature: float, remasking: str, threshold: float | None,
               factor: float | None, cfg_scale: float, eos_fill: bool) -> None:
-    if gen_length < 1 or steps < 1:
-        raise UsageError(f"gen_length and steps must be >= 1 (got {gen_length}, {steps})")
-    if block_length < 1 or gen_length % block_length:
+    for label, value in (("gen_length", gen_length), ("steps", steps),
+                         ("block_length", block_length)):
+        if value < 1:
+            raise UsageError(f"{label} must be >= 1, got {value}")
+    if gen_length % block_length:
         raise UsageError(f"gen_length {gen_length} is not divisible by block_length "
                          f"{block_length}")
     blocks = gen_length // block_length

@@ -76,6 +76,10 @@ def train_halting(
     if out_dir is None and checkpoint is None:
         raise UsageError("the embedded model's halting head ships with the package; give --out "
                          "DIR (then use it with --param head=DIR)")
+    for flag, value in (("--gen-length", gen_length), ("--steps", steps),
+                        ("--block-length", block_length), ("--train-steps", train_steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     target = out_dir if out_dir is not None else checkpoint
     if (target / HEAD_WEIGHTS).exists() and not overwrite:
         raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "

@@ -51,7 +51,7 @@ def nonnegative(policy: str, label: str, value: Any) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}") from None
+        raise UsageError(f"{policy}: {label} must be a number >= 0, got {value!r}") from None
     if isinstance(value, bool) or not number >= 0:  # also rejects NaN
         raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}")
     return number

@@ -55,7 +55,14 @@ class PredictivePolicy(HaltingPolicy):
                  probe: str = "readout", shortlist: int = 0) -> None:
         super().__init__(min_loops, max_loops, check_every)
         self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
-        self.shortlist = 0 if shortlist == 0 else positive_int(self.name, "shortlist", shortlist)
+        if shortlist == 0:
+            self.shortlist = 0
+        else:
+            try:
+                self.shortlist = positive_int(self.name, "shortlist", shortlist)
+            except UsageError:
+                raise UsageError(f"{self.name}: shortlist must be 0 (off) or an integer >= 1, "
+                                 f"got {shortlist!r}") from None
         self._vocab: Tensor | None = None  # the columns of the current logits (None: all)
         self._allowed: Tensor | None = None  # (M, K) each token's own row's shortlist
         if probe not in PROBES:

@@ -33,6 +33,11 @@ class AdditionTask:
     name: str = "addition"
 
     def __post_init__(self) -> None:
+        for knob, kind in (("digits", int), ("terms", int), ("chain_fraction", (int, float))):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise UsageError(f"addition: {knob} must be "
+                                 f"{'an integer' if kind is int else 'a number'}, got {value!r}")
         if not 1 <= self.digits <= 15:
             raise UsageError(f"addition: digits must be in 1..15, got {self.digits}")
         if not 2 <= self.terms <= 9:
