@@ -37,13 +37,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+_CREATED: list[Path] = []  # directories `writable_dir` made in this process, outermost first
+
+
 def writable_dir(path: str | Path) -> Path:
     """Create the directory and prove it writable, or raise a UsageError saying why."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file; an output directory was expected")
+    missing = [p for p in [out, *out.parents] if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(reversed(missing))
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
@@ -51,6 +56,22 @@ def writable_dir(path: str | Path) -> Path:
         raise UsageError(f"cannot write the output directory {out}: {err.strerror or err}") \
             from None
     return out
+
+
+def forget_created() -> None:
+    """Start a run: the directories made so far are not this run's to remove."""
+    _CREATED.clear()
+
+
+def remove_created_if_empty() -> None:
+    """After a failed run: remove the output directories it made and left empty (innermost
+    first; a directory holding anything stays)."""
+    for directory in reversed(_CREATED):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
+    _CREATED.clear()
 
 
 class JsonLines:

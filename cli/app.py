@@ -179,6 +179,9 @@ def run_main(argv: list[str] | None = None) -> None:
     launcher, whose root cause is then the rank that failed first.
     """
     from ..distributed import PeerFailure, refuse_launch, world_rank
+    from ..files import forget_created, remove_created_if_empty
+
+    forget_created()
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
         os.environ.get("ADAPTIVE_LOOP_DEBUG") == "1"
@@ -205,6 +208,7 @@ def run_main(argv: list[str] | None = None) -> None:
     except AdaptiveLoopError as e:
         if debug:
             traceback.print_exc()
+        remove_created_if_empty()  # a refused run leaves no empty output folder behind
         rank, world = world_rank()
         where = f" (rank {rank} of {world})" if world > 1 else ""
         if isinstance(e, PeerFailure):

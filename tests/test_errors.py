@@ -255,6 +255,18 @@ def test_pickle_payload_never_runs(broken, tmp_path):
     assert not os.path.exists(marker)
 
 
+@pytest.mark.parametrize("argv", [
+    ["sweep", "-p", "fixed:loops=1", "--task", "addition:digits=30", "--out", "{root}/a/b"],
+    ["train", "--out", "{root}/t", "--device", "tpu"],
+])
+def test_a_refused_run_leaves_no_empty_folder(tmp_path, argv, capsys):
+    root = tmp_path / "runs"
+    root.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        run_main([a.format(root=root) for a in argv])
+    assert exc.value.code == 2 and list(root.iterdir()) == []
+
+
 def test_user_files_survive_a_refused_run(broken):
     with pytest.raises(SystemExit):
         run_main(["train", "--out", str(broken["keep"]), "--steps", "1"])
