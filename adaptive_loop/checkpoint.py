@@ -64,8 +64,18 @@ def _read_config(directory: Path, overrides: dict[str, Any]) -> LoopMDMConfig:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not an adaptive-loop config (no \"format\": "
                               f"\"{FORMAT_NAME}\")")
+    version = meta.get("version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version!r}; this adaptive-loop reads "
+                              f"versions up to {FORMAT_VERSION} (a newer release wrote it?)")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path}: no \"model\" section (the model's config)")
     try:
         cfg = LoopMDMConfig.from_dict(meta["model"])
+        if cfg.task:
+            from .tasks import make_task
+
+            make_task(cfg.task)  # a task the config names must exist
     except UsageError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (KeyError, TypeError) as err:

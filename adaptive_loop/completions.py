@@ -101,6 +101,12 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
             encoded.append(tokenizer.encode(record["prompt"]))
         except UsageError as err:
             raise UsageError(f"prompt {number}: {err}") from None
+        limit, gen_length = model.config.max_seq_len, decoding["gen_length"]
+        if not encoded[-1]:
+            raise UsageError(f"prompt {number}: empty (it encodes to no tokens)")
+        if len(encoded[-1]) + gen_length > limit:
+            raise UsageError(f"prompt {number}: {len(encoded[-1])} tokens + gen_length "
+                             f"{gen_length} exceeds the model's context of {limit} tokens")
     batches = length_batches(encoded, batch_size)
     store = None
     if out is not None:

@@ -165,7 +165,8 @@ def load_jsonl(path: str | Path, matcher: AnswerMatcher | None = None,
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UsageError(f"data file not found: {path}")
+        raise UsageError(f"{path} is a directory; give a JSONL file" if path.is_dir() else
+                         f"data file not found: {path}")
     examples: list[Example] = []
     digest = hashlib.sha256()
     with path.open("rb") as fh:

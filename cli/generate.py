@@ -122,6 +122,8 @@ def generate(
                 "pipeline": pipeline}
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
+    if force and out_file is None:
+        raise UsageError("--force lets --out replace an existing file; it goes with --out")
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")

@@ -113,3 +113,17 @@ def test_written_files_get_the_usual_mode(tmp_path, tiny_model):
         os.umask(mask)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "ck" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: meta.update(version=99), "format version 99; this adaptive-loop reads"),
+    (lambda meta: meta.pop("model"), 'no "model" section'),
+    (lambda meta: meta["model"].update(task={"name": "mult"}), "unknown task 'mult'"),
+])
+def test_configs_this_release_cannot_honour_are_refused(tmp_path, tiny_model, change, message):
+    save_model(tiny_model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    change(meta)
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "ck", device="cpu")

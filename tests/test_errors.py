@@ -81,6 +81,9 @@ def broken(tmp_path_factory):
     done = root / "done.jsonl"
     done.write_text('{"prompt": "98181872+61818127=", "completion": "mine"}\n')
     paths["done"] = done
+    long = root / "long.jsonl"
+    long.write_text('{"prompt": "1+2="}\n{"prompt": "' + "1" * 300 + '"}\n')
+    paths["long"] = long
     return paths
 
 
@@ -199,6 +202,9 @@ CASES = [
                              "{empty}/sw"], 2, "Invalid value for '--seed'"),
     ("calibrate mixed grid", ["calibrate", "-p", "entropy", "--grid", "0.1,x", "--tolerance",
                               "0.1", "--confidence", "0.9"], 2, "mix numbers and text"),
+    ("force without out", GEN + ["--force"], 2, "it goes with --out"),
+    ("prompts file with a long prompt", GEN + ["--prompts", "{long}"], 2,
+     "prompt 2: 300 tokens + gen_length 9 exceeds the model's context"),
     ("prompts with a completion", GEN + ["--prompts", "{done}", "--out", "{empty}/r.jsonl"], 2,
      'done.jsonl:1: has a "completion" field, which the output would replace'),
     ("evaluate loops with a policy", ["evaluate", "--loops", "1", "--policy", "entropy",
