@@ -468,17 +468,27 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     wall = time.perf_counter() - start
     stats, loops = _stats(traces, records, data.real_host, fixed, max_loops, stepper.readout,
                           wall, syncs)
-    text = _decode(tokenizer, tokens[:, prompt_len:], cfg.eos_id) if tokenizer else []
+    text = _decode(tokenizer, tokens[:, prompt_len:], cfg.eos_id, rows) if tokenizer else []
     return GenerationResult(tokens=tokens, text=text, stats=stats, loops=loops,
                             prompt_length=prompt_len, prompt_lengths=data.lengths)
 
 
-def _decode(tokenizer: Tokenizer, completions: Tensor, eos_id: int | None) -> list[str]:
+def _decode(tokenizer: Tokenizer, completions: Tensor, eos_id: int | None,
+            prompts: list[list[int]] | None = None) -> list[str]:
+    """Each completion's text up to its first EOS. With the prompts, a completion is decoded
+    after its prompt and the prompt's text taken off, so that what a tokenizer shows only in
+    context (the space that starts a word piece) stays: prompt + completion reads right."""
     out = []
-    for row in completions.tolist():
+    for i, row in enumerate(completions.tolist()):
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
-        out.append(tokenizer.decode(row))
+        alone = tokenizer.decode(row)
+        if prompts is not None:
+            head = tokenizer.decode(prompts[i])
+            whole = tokenizer.decode(prompts[i] + row)
+            if whole.startswith(head):
+                alone = whole[len(head):]
+        out.append(alone)
     return out
 
 

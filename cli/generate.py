@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
@@ -156,7 +157,7 @@ def generate(
         print(json.dumps(payload))
         return
     for p, text in zip(prompt, result.text):
-        line = f"[bold]{p}[/bold][green]{text}[/green]"
+        line = f"[bold]{escape(p)}[/bold][green]{escape(text)}[/green]"
         if task is not None:
             try:
                 line += f"   [dim]{task.describe(p, text)}[/dim]"

@@ -98,3 +98,18 @@ def test_model_without_tokenizer_asks_for_one(tmp_path):
         generate(model, ["hello"], policy=make("fixed"), gen_length=4, steps=4)
     out = generate(model, torch.tensor([[1, 2, 3]]), policy=make("fixed"), gen_length=4, steps=4)
     assert out.text == [] and out.tokens.shape == (1, 7)
+
+
+@pytest.mark.parametrize("build", [_tokenizer_json, _tokenizer_model])
+def test_a_completion_reads_right_after_its_prompt(tmp_path, build):
+    """A word-level or sentencepiece tokenizer drops the space that starts a completion when it
+    decodes it alone; decoded after its prompt, prompt + completion is the whole text."""
+    from adaptive_loop.sampler import _decode
+
+    build(tmp_path)
+    tok = load_tokenizer(tmp_path, mask_id=99)
+    prompt, rest = tok.encode("the cat"), tok.encode("sat on the mat")
+    whole = tok.decode(prompt + rest)
+    assert tok.decode(prompt) + tok.decode(rest) != whole  # the space is lost alone
+    text = _decode(tok, torch.tensor([rest]), None, [prompt])[0]
+    assert tok.decode(prompt) + text == whole
