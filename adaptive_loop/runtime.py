@@ -1,10 +1,10 @@
 """The loop executor: runs one denoising step's loop iterations under a halting policy.
 
 Every real token starts active (padding, False in the key mask, never runs: no token may
-attend to it and nothing reads it). After each iteration the policy sees the signals it declared for
-the active tokens and halts some of them. A halted token is no longer computed: the next
-iteration gathers the active tokens of all rows into one packed (N, d) matrix, runs the looped
-block on it, and scatters the result back. Halted tokens keep serving as keys and values:
+attend to it and nothing reads it). After each iteration the policy sees the signals it
+declared for the active tokens and halts some of them. A halted token is no longer computed:
+the next iteration gathers the active tokens of all rows into one packed (N, d) matrix, runs
+the looped block on it, and scatters the result back. Halted tokens keep serving as keys and values:
 their first-layer keys/values are exactly what recomputing them at any later loop would give
 (the block's input is their frozen state: same input, same weights), written once when they
 halt; deeper layers' keys/values stay frozen at their last computed value.
