@@ -29,8 +29,6 @@ after it reads EOS, tokens committed there before the EOS was drawn included.
 
 from __future__ import annotations
 
-import numbers
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +37,6 @@ import torch
 from torch import Tensor
 
 from .attention import PackPlan, resolve_attention
-from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
 from .model import LoopMDM
 from .policies import HaltingPolicy
@@ -53,8 +50,9 @@ from .remasking import (
     threshold_commit,
     top_k_rows,
 )
+from .requests import check_types, check_values, prompt_rows
 from .runtime import StepTrace, run_loops
-from .tokenizer import Tokenizer, encode_prompts
+from .tokenizer import Tokenizer
 
 _draw, _top_k_rows = draw, top_k_rows  # earlier names, kept for callers
 
@@ -156,139 +154,6 @@ def _batch(model: LoopMDM, rows: list[list[int]], gen_length: int,
     column = torch.arange(width + gen_length, device=device)
     prompt = real & (column < width)[None, :] & (ids != cfg.mask_id)
     return _Batch(ids, real, real if padded else None, positions, prompt, lengths, real_host)
-
-
-def _validate(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
-              block_length: int, temperature: float, remasking: str, threshold: float | None,
-              factor: float | None, cfg_scale: float, eos_fill: bool) -> None:
-    for label, value in (("gen_length", gen_length), ("steps", steps),
-                         ("block_length", block_length)):
-        if value < 1:
-            raise UsageError(f"{label} must be >= 1, got {value}")
-    if gen_length % block_length:
-        raise UsageError(f"gen_length {gen_length} is not divisible by block_length "
-                         f"{block_length}")
-    blocks = gen_length // block_length
-    if steps % blocks:
-        raise UsageError(f"steps {steps} must be a multiple of the number of blocks {blocks} "
-                         f"(gen_length / block_length)")
-    if not temperature >= 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
-    if remasking not in REMASKING:
-        raise UsageError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
-    if threshold is not None and factor is not None:
-        raise UsageError("threshold and factor are two parallel-decoding rules; choose one")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise UsageError(f"the parallel-decoding threshold is a confidence in [0, 1], got "
-                         f"{threshold}")
-    if factor is not None and not factor > 0:
-        raise UsageError(f"factor must be > 0, got {factor}")
-    if not cfg_scale >= 0:
-        raise UsageError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    if eos_fill and model.config.eos_id is None:
-        raise UsageError("eos_fill needs an EOS id, and this model's config has none")
-    limit = model.config.max_seq_len
-    if prompt_len + gen_length > limit:
-        raise UsageError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) exceeds the "
-                         f"model's context of {limit} tokens")
-
-
-def _integer(label: str, value: Any) -> int:
-    """An int (numpy and 0-d integer tensors too; not a bool or a float), or a UsageError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise UsageError(f"{label} must be an integer, got {value!r}") from None
-
-
-def _real(label: str, value: Any) -> float:
-    """A real number (not a bool), or a UsageError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(f"{label} must be a number, got {value!r}")
-    return float(value)
-
-
-def _arguments(policy: Any, gen_length: Any, steps: Any, block_length: Any,
-               temperature: Any, threshold: Any, factor: Any, cfg_scale: Any, seed: Any,
-               tokenizer: Any) -> tuple[int, int, int | None, float, float | None,
-                                        float | None, float, int | None]:
-    """The caller's arguments, type-checked (their values are checked in `_validate`)."""
-    if not isinstance(policy, HaltingPolicy):
-        raise UsageError(f"policy must be a halting policy, e.g. "
-                         f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
-    if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode")):
-        raise UsageError(f"tokenizer must have encode and decode methods, got {tokenizer!r}")
-    seed = None if seed is None else _integer("seed", seed)
-    if seed is not None and not 0 <= seed < 2 ** 63:
-        raise UsageError(f"seed must be in [0, 2**63), got {seed}")
-    return (_integer("gen_length", gen_length), _integer("steps", steps),
-            None if block_length is None else _integer("block_length", block_length),
-            _real("temperature", temperature),
-            None if threshold is None else _real("threshold", threshold),
-            None if factor is None else _real("factor", factor),
-            _real("cfg_scale", cfg_scale), seed)
-
-
-def _prompt_rows(model: LoopMDM, prompts: Any,
-                 tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
-    """Token id rows from strings, id lists, or a (B, T) tensor of unpadded prompts, and the
-    tokenizer that decodes the completions (the model's own for string prompts)."""
-    rows, tokenizer = _rows(model, prompts, tokenizer)
-    vocab = model.config.vocab_size
-    bad = next((i for row in rows for i in row if not 0 <= i < vocab), None)
-    if bad is not None:
-        raise UsageError(f"prompt token id {bad} is outside the model's vocabulary of {vocab}"
-                         + (" (does the tokenizer belong to this model?)" if tokenizer else ""))
-    mask = model.config.mask_id
-    masked = next((n for n, row in enumerate(rows, 1) if mask in row), None)
-    if masked is not None:
-        raise UsageError(f"prompt {masked} contains the mask token (id {mask}); the sampler "
-                         f"fills only the completion, so a prompt may not contain it")
-    return rows, tokenizer
-
-
-def _rows(model: LoopMDM, prompts: Any,
-          tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
-    if isinstance(prompts, Tensor):
-        if prompts.dim() != 2:
-            raise UsageError(f"prompt ids must be (batch, length), got shape "
-                             f"{tuple(prompts.shape)}")
-        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or \
-                prompts.dtype == torch.bool:
-            raise UsageError(f"prompt ids must be integers, got a {prompts.dtype} tensor")
-        if prompts.numel() == 0:
-            raise UsageError("give at least one prompt, none of them empty")
-        return prompts.tolist(), tokenizer
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    try:
-        prompts = list(prompts)
-    except TypeError:
-        raise UsageError(f"prompts must be a string, a list of strings or of token id lists, "
-                         f"or a (batch, length) tensor; got {prompts!r}") from None
-    if not prompts:
-        raise UsageError("give at least one prompt, none of them empty")
-    if all(isinstance(p, str) for p in prompts):
-        if tokenizer is None:
-            from .checkpoint import tokenizer_for
-
-            tokenizer = tokenizer_for(model)
-        return encode_prompts(tokenizer, prompts), tokenizer
-    rows = []
-    for n, p in enumerate(prompts, 1):
-        if isinstance(p, str):
-            raise UsageError("prompts must be all strings or all token id lists, not a mix")
-        items = p.tolist() if hasattr(p, "tolist") else p
-        try:
-            rows.append([_integer("a prompt token id", i) for i in items])
-        except TypeError:
-            raise UsageError(f"prompt {n} is neither a string nor a list of token ids: "
-                             f"{p!r}") from None
-        if not rows[-1]:
-            raise UsageError("give at least one prompt, none of them empty")
-    return rows, tokenizer
 
 
 class _Stepper:
@@ -400,12 +265,12 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     """
     cfg = model.config
     gen_length, steps, block_length, temperature, threshold, factor, cfg_scale, seed = \
-        _arguments(policy, gen_length, steps, block_length, temperature, threshold, factor,
+        check_types(policy, gen_length, steps, block_length, temperature, threshold, factor,
                    cfg_scale, seed, tokenizer)
-    rows, tokenizer = _prompt_rows(model, prompts, tokenizer)
+    rows, tokenizer = prompt_rows(model, prompts, tokenizer)
     block_length = gen_length if block_length is None else block_length
     prompt_len = max(len(r) for r in rows)
-    _validate(model, prompt_len, gen_length, steps, block_length, temperature, remasking,
+    check_values(model, prompt_len, gen_length, steps, block_length, temperature, remasking,
               threshold, factor, cfg_scale, eos_fill)
     device = next(model.parameters()).device
     resolve_attention(attention, device, next(model.parameters()).dtype, cfg.head_dim)
