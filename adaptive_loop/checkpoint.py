@@ -240,9 +240,9 @@ def tokenizer_for(model: LoopMDM) -> Tokenizer:
     checkpoint directory it came with)."""
     cfg = model.config
     if not cfg.tokenizer:
-        raise UsageError("this model's config describes no tokenizer; pass one (tokenizer= "
-                         "in Python, --tokenizer on the command line) or token ids instead of "
-                         "strings")
+        raise UsageError("this model's config describes no tokenizer; pass one (--tokenizer "
+                         "on the command line; in Python tokenizer=, or token ids instead of "
+                         "strings)")
     return from_spec(cfg.tokenizer, getattr(model, "tokenizer_dir", None),
                      {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id})
 
