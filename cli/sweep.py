@@ -94,8 +94,8 @@ def sweep(
         help="Loop counts of the oracle points, comma-separated (default: the fixed grid's loop "
         "counts and the largest loop bound); 'none' for no oracle.")] = None,
     heatmap: Annotated[bool, typer.Option(
-        "--heatmap", help="Also draw loops per (step, position) for every point: "
-        "OUT/heatmaps/*.png.")] = False,
+        "--heatmap", help="Also keep loops per (step, position) for every point (in "
+        "points.jsonl) and draw them as OUT/heatmaps/*.png (unless --no-plot).")] = False,
     plot: Annotated[bool, typer.Option(help="Draw curve.png (needs matplotlib).")] = True,
     gen_length: GenLength = None,
     steps: Steps = None,
@@ -131,8 +131,6 @@ def sweep(
     )
 
     settings = [s for spec in policy for s in parse_policy_grid(spec)]
-    if heatmap and not plot:
-        raise UsageError("--heatmap draws plots; it does not go with --no-plot")
     if plot:
         from ..curves import need_matplotlib
 

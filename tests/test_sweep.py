@@ -240,7 +240,6 @@ def test_cli_sweep_help_documents_the_grammar():
     (["--policy", "fixed:loops=x;y"], "is not PARAM=V1,V2"),
     (["--policy", "fixed", "--data", "/no/such.jsonl"], "data file not found"),
     (["--policy", "fixed", "--oracle-loops", "a"], "--oracle-loops takes"),
-    (["--policy", "fixed", "--heatmap", "--no-plot"], "does not go with --no-plot"),
 ])
 def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
     res = run_cli("sweep", "--out", str(tmp_path / "o"), *args)
