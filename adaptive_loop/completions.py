@@ -80,6 +80,27 @@ class Completed:
     notes: list[str]
 
 
+def encode_records(model: LoopMDM, records: list[dict[str, Any]], tokenizer: Tokenizer,
+                   gen_length: int) -> list[list[int]]:
+    """Every record's prompt as token ids; a prompt that cannot be encoded, encodes to nothing
+    or leaves no room for `gen_length` tokens is an error naming its number. Cheap: callers
+    may run it before any long work to report a mistake early."""
+    limit = model.config.max_seq_len
+    encoded = []
+    for number, record in enumerate(records, start=1):
+        try:
+            ids = tokenizer.encode(record["prompt"])
+        except UsageError as err:
+            raise UsageError(f"prompt {number}: {err}") from None
+        if not ids:
+            raise UsageError(f"prompt {number}: empty (it encodes to no tokens)")
+        if len(ids) + gen_length > limit:
+            raise UsageError(f"prompt {number}: {len(ids)} tokens + gen_length {gen_length} "
+                             f"exceeds the model's context of {limit} tokens")
+        encoded.append(ids)
+    return encoded
+
+
 def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: HaltingPolicy,
                   tokenizer: Tokenizer, decoding: dict[str, Any], seed: int | None = None,
                   batch_size: int = 32, out: str | Path | None = None,
@@ -95,18 +116,7 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     ranks = ranks or Ranks()
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    encoded = []
-    for number, record in enumerate(records, start=1):
-        try:
-            encoded.append(tokenizer.encode(record["prompt"]))
-        except UsageError as err:
-            raise UsageError(f"prompt {number}: {err}") from None
-        limit, gen_length = model.config.max_seq_len, decoding["gen_length"]
-        if not encoded[-1]:
-            raise UsageError(f"prompt {number}: empty (it encodes to no tokens)")
-        if len(encoded[-1]) + gen_length > limit:
-            raise UsageError(f"prompt {number}: {len(encoded[-1])} tokens + gen_length "
-                             f"{gen_length} exceeds the model's context of {limit} tokens")
+    encoded = encode_records(model, records, tokenizer, decoding["gen_length"])
     batches = length_batches(encoded, batch_size)
     store = None
     if out is not None:

@@ -206,7 +206,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                    seed: int | None, batch_size: int, as_json: bool) -> None:
     """`generate --prompts`: every prompt of a JSONL file, in batches, across ranks."""
     from ..checkpoint import tokenizer_for
-    from ..completions import complete_file, read_prompts
+    from ..completions import complete_file, encode_records, read_prompts
     from ..distributed import session
     from ..evaluate import default_decoding
 
@@ -220,6 +220,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                                  "take it from)")
             gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
         tok = _tokenizer(model, tokenizer) or tokenizer_for(model)
+        encode_records(model, records, tok, gen_length)  # a bad prompt, before the progress bar
         with progress_bar(hidden=not ranks.main) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
             job = bar.add_task(label, total=None)
