@@ -21,6 +21,7 @@ from .distributed import Ranks
 from .errors import UsageError
 from .model import LoopMDM
 from .policies import HaltingPolicy
+from .requests import check_values
 from .sampler import GenerationResult, generate
 from .shards import Part, PartStore, run_sharded
 from .tokenizer import Tokenizer
@@ -151,9 +152,14 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
             raise UsageError("cannot infer --gen-length from the answers; give --gen-length")
         dec["gen_length"] = longest
     dec.setdefault("steps", dec["gen_length"])
+    longest = max(len(x) for x in encoded)
+    check_values(model, longest, dec["gen_length"], dec["steps"],
+                 dec.get("block_length") or dec["gen_length"], dec.get("temperature", 0.0),
+                 dec.get("remasking", "low_confidence"), dec.get("threshold"),
+                 dec.get("factor"), dec.get("cfg_scale", 0.0), dec.get("eos_fill", False))
     batches = [Batch(chunk, torch.tensor([encoded[i] for i in chunk]))
                for chunk in length_batches(encoded, batch_size)]
-    return Plan(batches, dec, tokenizer, max(len(x) for x in encoded), len(encoded))
+    return Plan(batches, dec, tokenizer, longest, len(encoded))
 
 
 def run_setting(model: LoopMDM, data: EvalSet, plan: Plan, policy: HaltingPolicy, *,

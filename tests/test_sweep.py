@@ -155,10 +155,13 @@ def test_rerun_with_other_data_is_refused(tmp_path, addition_model, data):
 
 
 def test_a_sweep_that_finished_nothing_gives_way(tmp_path, addition_model, data):
+    """A decoding that cannot run is refused before sweep.json records it; a sweep of other
+    settings that stopped before its first batch (its sweep.json alone) gives way."""
     with pytest.raises(UsageError, match="exceeds the model's context"):
         run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[], plot=False,
                   decoding={"gen_length": 500})
-    assert (tmp_path / "sweep.json").exists()
+    assert not (tmp_path / "sweep.json").exists()
+    (tmp_path / "sweep.json").write_text(json.dumps({"version": 1, "seed": 12345}))
     result = run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[],
                        plot=False)
     assert len(result.curve["points"]) == 1
@@ -240,11 +243,16 @@ def test_cli_sweep_help_documents_the_grammar():
     (["--policy", "fixed:loops=x;y"], "is not PARAM=V1,V2"),
     (["--policy", "fixed", "--data", "/no/such.jsonl"], "data file not found"),
     (["--policy", "fixed", "--oracle-loops", "a"], "--oracle-loops takes"),
+    (["--policy", "fixed", "--gen-length", "0", "--limit", "4"], "gen_length must be >= 1"),
+    (["--policy", "fixed", "--block-length", "4", "--limit", "4"], "not divisible by block"),
 ])
 def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
+    """... and leave nothing behind: no sweep.json recording a setting that cannot run, no
+    empty output folder."""
     res = run_cli("sweep", "--out", str(tmp_path / "o"), *args)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_refuses_an_unwritable_output_before_loading(tmp_path):
