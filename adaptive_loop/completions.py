@@ -105,9 +105,11 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
                   tokenizer: Tokenizer, decoding: dict[str, Any], seed: int | None = None,
                   batch_size: int = 32, out: str | Path | None = None,
                   ranks: Ranks | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Completed | None:
+                  progress: Callable[[int, int], None] | None = None,
+                  encoded: list[list[int]] | None = None) -> Completed | None:
     """Complete every record's prompt under `policy`; `decoding` holds the sampler's
-    arguments (`gen_length`, `steps`, ...).
+    arguments (`gen_length`, `steps`, ...). `encoded`: the prompts' ids when the caller has
+    them from `encode_records` already.
 
     With `out`, the finished batches are kept beside it (`OUT.parts/`) for a resumed run and
     rank 0 writes the output file. Returns the result on rank 0, None on the other ranks.
@@ -116,7 +118,8 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     ranks = ranks or Ranks()
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    encoded = encode_records(model, records, tokenizer, decoding["gen_length"])
+    if encoded is None:
+        encoded = encode_records(model, records, tokenizer, decoding["gen_length"])
     batches = length_batches(encoded, batch_size)
     store = None
     if out is not None:

@@ -94,9 +94,12 @@ def factor_commit(score: Tensor, candidates: Tensor, factor: float) -> Tensor:
     return top_k_rows(score, count) & candidates
 
 
-def fill_after_eos(x: Tensor, generated: Tensor, mask_id: int | None, eos_id: int) -> Tensor:
+def after_first_eos(x: Tensor, generated: Tensor, eos_id: int) -> Tensor:
+    """(B, L) bool: generated positions from a row's first generated EOS on."""
+    return (torch.cumsum(((x == eos_id) & generated).int(), dim=1) > 0) & generated
+
+
+def fill_after_eos(x: Tensor, generated: Tensor, mask_id: int, eos_id: int) -> Tensor:
     """(B, L) bool: masked generated positions after a row's first EOS, which an instruct
-    model would fill with EOS anyway (with `mask_id` None, every generated position after
-    it)."""
-    seen = torch.cumsum(((x == eos_id) & generated).int(), dim=1) > 0
-    return seen & generated if mask_id is None else seen & (x == mask_id) & generated
+    model would fill with EOS anyway."""
+    return after_first_eos(x, generated, eos_id) & (x == mask_id)

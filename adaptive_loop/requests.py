@@ -20,6 +20,8 @@ from .policies import HaltingPolicy
 from .remasking import REMASKING
 from .tokenizer import Tokenizer, encode_prompts
 
+SEED_MAX = 2 ** 63 - 1  # the largest seed torch's generators take
+
 
 def _integer(label: str, value: Any) -> int:
     """An int (numpy and 0-d integer tensors too; not a bool or a float), or a UsageError."""
@@ -39,17 +41,17 @@ def _real(label: str, value: Any) -> float:
 
 
 def check_types(policy: Any, gen_length: Any, steps: Any, block_length: Any,
-               temperature: Any, threshold: Any, factor: Any, cfg_scale: Any, seed: Any,
-               tokenizer: Any) -> tuple[int, int, int | None, float, float | None,
-                                        float | None, float, int | None]:
-    """The caller's arguments, type-checked (their values are checked in `_validate`)."""
+                temperature: Any, threshold: Any, factor: Any, cfg_scale: Any, seed: Any,
+                tokenizer: Any) -> tuple[int, int, int | None, float, float | None,
+                                         float | None, float, int | None]:
+    """The caller's arguments, type-checked (their values are checked in `check_values`)."""
     if not isinstance(policy, HaltingPolicy):
         raise UsageError(f"policy must be a halting policy, e.g. "
                          f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
     if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode")):
         raise UsageError(f"tokenizer must have encode and decode methods, got {tokenizer!r}")
     seed = None if seed is None else _integer("seed", seed)
-    if seed is not None and not 0 <= seed < 2 ** 63:
+    if seed is not None and not 0 <= seed <= SEED_MAX:
         raise UsageError(f"seed must be in [0, 2**63), got {seed}")
     return (_integer("gen_length", gen_length), _integer("steps", steps),
             None if block_length is None else _integer("block_length", block_length),
@@ -97,7 +99,7 @@ def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
 
 
 def prompt_rows(model: LoopMDM, prompts: Any,
-                 tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
+                tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
     """Token id rows from strings, id lists, or a (B, T) tensor of unpadded prompts, and the
     tokenizer that decodes the completions (the model's own for string prompts)."""
     rows, tokenizer = _rows(model, prompts, tokenizer)

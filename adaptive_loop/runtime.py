@@ -324,7 +324,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     pipeline = pipeline and compact  # the masked reference has no plan to pipeline
     run = iterations(compile, h.device)
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
-    keys = None  # built at the first packed plan: the key mask is fixed for the whole run
+    keys = None  # see `keyed`
     shortlist = getattr(policy, "shortlist", 0)  # predictive policies: see predictive.py
     short: Shortlist | None = None
     bounds = policy.loop_bounds(model.config.n_loops)
@@ -339,6 +339,18 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     # sizes
     plan: PackPlan | None = None
     planned, decided, checked = total, False, False
+
+    def keyed(p: PackPlan) -> PackPlan:
+        """`p` with the run's key structure when compacting (built at the first packed plan:
+        the key mask is fixed for the whole run)."""
+        nonlocal keys
+        if not compact:
+            return p
+        if keys is None:
+            keys = packed_keys(backend, batch, length, key_mask, h.device)
+            trace.host_syncs += keys.host_syncs
+        return p.with_keys(keys)
+
     if key_mask is None:
         active = torch.ones(batch, length, dtype=torch.bool, device=h.device)
     else:  # padding starts halted, against zero keys/values that the key mask hides
@@ -347,11 +359,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             real_plan = PackPlan.from_mask(key_mask)
             trace.host_syncs += 1
         if real_plan.size < total:
-            planned, plan = real_plan.size, real_plan
-            if compact:
-                keys = packed_keys(backend, batch, length, key_mask, h.device)
-                trace.host_syncs += keys.host_syncs
-                plan = plan.with_keys(keys)
+            planned, plan = real_plan.size, keyed(real_plan)
             caches = _zero_caches(model, h)
     members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
     reads_logits = "logits" in policy.needs
@@ -360,7 +368,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
 
     def use(done: _Read) -> bool:
         """Plan the next iterations from a read; False when no token is left active."""
-        nonlocal planned, members, probe, plan, keys
+        nonlocal planned, members, probe, plan
         n_active, width, ok, *probe_sizes = done.values()
         trace.host_syncs += 1
         _check_finite(ok, step, done.iteration)
@@ -374,12 +382,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         if n_active < total:
             # the count is on the host already: the positions need no further sync
-            plan = PackPlan.from_sizes(members, n_active, width, done.counts)
-            if compact:
-                if keys is None:
-                    keys = packed_keys(backend, batch, length, key_mask, h.device)
-                    trace.host_syncs += keys.host_syncs
-                plan = plan.with_keys(keys)
+            plan = keyed(PackPlan.from_sizes(members, n_active, width, done.counts))
         return True
 
     halted: Tensor | None = None  # plain compaction: the tokens that halted at the latest check

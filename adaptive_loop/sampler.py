@@ -42,6 +42,7 @@ from .model import LoopMDM
 from .policies import HaltingPolicy
 from .remasking import (
     REMASKING,
+    after_first_eos,
     confidence,
     draw,
     factor_commit,
@@ -176,10 +177,11 @@ class _Stepper:
             self.positions = None if self.positions is None else self.positions.repeat(2, 1)
         self.readout = 0  # readout FLOPs so far
         self.mask_column = torch.tensor([model.config.mask_id], device=batch.x.device)
-        # the real tokens' plan, built once from sizes the host knows: padding never loops
+        # the tokens the loops run (padding never does), counted on the host, and their plan,
+        # built once from those sizes
+        self.real_tokens = int(batch.real_host.sum()) * (2 if cfg_scale > 0 else 1)
         self.real_plan = None if self.key_mask is None else PackPlan.from_sizes(
-            self.key_mask, int(batch.real_host.sum()) * (2 if cfg_scale > 0 else 1),
-            self.key_mask.shape[1])
+            self.key_mask, self.real_tokens, self.key_mask.shape[1])
 
     def scores(self, x: Tensor, needed: Tensor, step: int,
                steps: int) -> tuple[Tensor, Tensor, Tensor, StepTrace]:
@@ -266,12 +268,12 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     cfg = model.config
     gen_length, steps, block_length, temperature, threshold, factor, cfg_scale, seed = \
         check_types(policy, gen_length, steps, block_length, temperature, threshold, factor,
-                   cfg_scale, seed, tokenizer)
+                    cfg_scale, seed, tokenizer)
     rows, tokenizer = prompt_rows(model, prompts, tokenizer)
     block_length = gen_length if block_length is None else block_length
     prompt_len = max(len(r) for r in rows)
     check_values(model, prompt_len, gen_length, steps, block_length, temperature, remasking,
-              threshold, factor, cfg_scale, eos_fill)
+                 threshold, factor, cfg_scale, eos_fill)
     device = next(model.parameters()).device
     resolve_attention(attention, device, next(model.parameters()).dtype, cfg.head_dim)
     generator = torch.Generator(device=device)
@@ -282,13 +284,13 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     batch, length = x.shape
     blocks, steps_per_block = gen_length // block_length, steps // (gen_length // block_length)
     _, max_loops = policy.loop_bounds(cfg.n_loops)
-    model_rows = batch * (2 if cfg_scale > 0 else 1)
-    fixed = step_flops_fixed(cfg, model_rows, length, max_loops,
-                             looped_tokens=int(data.real_host.sum()) * (model_rows // batch))
     column = torch.arange(length, device=device)
     generated = column[None, :] >= prompt_len
     stepper = _Stepper(model, data, policy, compact, cfg_scale, temperature, remasking,
                        generator, warm_start, compile, attention, pipeline)
+    model_rows = batch * (2 if cfg_scale > 0 else 1)
+    fixed = step_flops_fixed(cfg, model_rows, length, max_loops,
+                             looped_tokens=stepper.real_tokens)
     adaptive = threshold is not None or factor is not None
     start = time.perf_counter()
     traces: list[StepTrace] = []
@@ -328,7 +330,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             records.append((b, needed, commit))
             i += 1
     if eos_fill:  # tokens committed after a row's first EOS before it was drawn read as EOS
-        x = torch.where(fill_after_eos(x, generated, None, cfg.eos_id), cfg.eos_id, x)
+        x = torch.where(after_first_eos(x, generated, cfg.eos_id), cfg.eos_id, x)
     tokens = x.cpu()  # waits for the device, so that the wall time covers all its work
     wall = time.perf_counter() - start
     stats, loops = _stats(traces, records, data.real_host, fixed, max_loops, stepper.readout,

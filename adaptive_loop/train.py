@@ -144,8 +144,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
         if log:
             log(entry)
 
-    for entry in history:  # the earlier runs' record, so that the caller's is whole
-        if log:
+    if log:  # the earlier runs' record first, so that the caller's is whole
+        for entry in history:
             log(entry)
 
     def snapshot(step: int) -> None:

@@ -63,7 +63,6 @@ def progress_bar(*columns: Any, hidden: bool = False) -> Any:
     return Progress(*columns, console=err, transient=True,
                     disable=hidden or not err.is_terminal)
 
-SEED_MAX = 2 ** 63 - 1  # what torch's generators take
 Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Checkpoint directory: native, or a layout whose config is "
     "beside the weights (convert others first); default: the embedded model.")]

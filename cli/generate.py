@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
+from ..requests import SEED_MAX
 from .app import (
-    SEED_MAX,
     CheckEvery,
     Checkpoint,
     Device,
@@ -220,7 +220,7 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                                  "take it from)")
             gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
         tok = _tokenizer(model, tokenizer) or tokenizer_for(model)
-        encode_records(model, records, tok, gen_length)  # a bad prompt, before the progress bar
+        encoded = encode_records(model, records, tok, gen_length)  # before the progress bar
         with progress_bar(hidden=not ranks.main) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
             job = bar.add_task(label, total=None)
@@ -228,7 +228,8 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
                                  decoding={"gen_length": gen_length,
                                            "steps": steps or gen_length, **decoding},
                                  seed=seed, batch_size=batch_size, out=out_file, ranks=ranks,
-                                 progress=lambda k, n: bar.update(job, total=n, advance=k))
+                                 progress=lambda k, n: bar.update(job, total=n, advance=k),
+                                 encoded=encoded)
     if done is None:  # not rank 0
         return
     for note in done.notes:

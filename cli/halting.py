@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
+from ..requests import SEED_MAX
 from .app import (
-    SEED_MAX,
     Checkpoint,
     Device,
     Dtype,

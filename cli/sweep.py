@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import SEED_MAX, Checkpoint, Device, Dtype, app, err, load_checkpoint, out, progress_bar
+from ..requests import SEED_MAX
+from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out, progress_bar
 
 Task = Annotated[str | None, typer.Option(
     help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
