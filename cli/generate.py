@@ -296,10 +296,12 @@ def evaluate(
             raise UsageError(f"--loops takes comma-separated integers, got {loops!r}") from None
         settings = [(f"fixed loops={c}", _policy("fixed", None, c, None, None, None))
                     for c in counts]
+        shown = [label for label, _ in settings]
     else:
         pol = _policy(policy, threshold, None, min_loops, max_loops, check_every, checkpoint,
                       param)
-        settings = [(repr(pol), pol)]
+        settings = [(repr(pol), pol)]  # the JSON records every parameter
+        shown = [pol.label()]  # the table, those that differ from the defaults
     with session(device) as ranks:
         model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
         task = _task_of(model)
@@ -326,9 +328,9 @@ def evaluate(
     table.add_column("setting")
     for col in ("accuracy", "mean loops", "looped FLOPs", "x fixed-max", "wall s"):
         table.add_column(col, justify="right")
-    for label, res in rows:
+    for label, (_, res) in zip(shown, rows):
         d = res.to_dict()
-        table.add_row(label, f"{res.accuracy:.1%}", f"{res.mean_loops:.2f}",
+        table.add_row(escape(label), f"{res.accuracy:.1%}", f"{res.mean_loops:.2f}",
                       f"{res.looped_flops:.3e}", f"{d['flops_ratio']:.2f}x", f"{res.wall_s:.2f}")
     out.print(table)
 

@@ -1,6 +1,7 @@
 """The command line: help texts, JSON output, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,10 @@ import pytest
 from adaptive_loop import save_model
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_help_lists_commands():
@@ -79,3 +81,16 @@ def test_version():
 
     res = run("--version")
     assert res.returncode == 0 and res.stdout.strip() == f"adaptive-loop {__version__}"
+
+
+def test_evaluate_table_names_what_was_chosen():
+    """The table names a setting by what differs from the defaults (`fixed`, not
+    `fixed(loops=None)`); `--json` keeps every parameter."""
+    wide = {"COLUMNS": "200"}
+    table = run("evaluate", "--n", "2", "--policy", "entropy", "--threshold", "0.3", env=wide)
+    assert table.returncode == 0, table.stderr
+    assert "│ entropy(threshold=0.3) │" in table.stdout and "min_loops" not in table.stdout
+    plain = run("evaluate", "--n", "2", env=wide)
+    assert "│ fixed " in plain.stdout and "None" not in plain.stdout
+    record = json.loads(run("evaluate", "--n", "2", "--json").stdout)
+    assert record["setting"] == "fixed(loops=None)"
