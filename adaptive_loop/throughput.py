@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -113,11 +113,22 @@ def settings(policies: list[tuple[str, dict[str, Any]]], compile: bool,
     return out
 
 
-def rows_of(chosen: list[Setting],
-            run: Callable[[HaltingPolicy, bool, bool, bool], Measured]) -> list[GenerationRow]:
-    """Run every setting in turn and turn the measurements into rows of ratios."""
+def rows_of(chosen: list[Setting], run: Callable[[HaltingPolicy, bool, bool, bool], Measured],
+            repeats: int = 1, warm: Callable[[HaltingPolicy, bool, bool, bool], Any] | None = None
+            ) -> list[GenerationRow]:
+    """Time every setting and turn the measurements into rows of ratios.
+
+    `warm` runs once per setting first, untimed. Then `repeats` rounds each run every setting
+    once, in turn, and a setting's wall time is its median over the rounds: a machine whose
+    speed drifts (a shared one does, within seconds) then slows every setting alike, instead
+    of whichever setting happened to run during the slow spell."""
     measured = [(s, make(s[0], **s[1])) for s in chosen]
-    results = [(s, policy, run(policy, *s[2:])) for s, policy in measured]
+    if warm is not None:
+        for s, policy in measured:
+            warm(policy, *s[2:])
+    rounds = [[run(policy, *s[2:]) for s, policy in measured] for _ in range(max(1, repeats))]
+    results = [(s, policy, replace(rounds[0][i], wall_s=statistics.median(
+        r[i].wall_s for r in rounds))) for i, (s, policy) in enumerate(measured)]
     masked = {(repr(p), s[3]): m for s, p, m in results if not s[2]}
     base = results[0][2].wall_s
     rows = []
@@ -141,10 +152,10 @@ def rows_of(chosen: list[Setting],
 def bench_generation(model: LoopMDM, n: int = 200,
                      policies: list[tuple[str, dict[str, Any]]] | None = None,
                      seed: int = 1234, compile: bool = False, attention: str = "auto",
-                     pipeline: bool = False) -> list[GenerationRow]:
-    """Generation on the model's built-in task, `n` problems per setting (`settings`). The
-    compiled settings each run once untimed first, so that compilation stays out of the
-    timings."""
+                     pipeline: bool = False, repeats: int = 1) -> list[GenerationRow]:
+    """Generation on the model's built-in task, `n` problems per setting (`settings`): the
+    median wall time of `repeats` interleaved rounds (`rows_of`). The compiled settings each
+    run once untimed first, so that compilation stays out of the timings."""
     from .evaluate import default_decoding, evaluate_task
     from .tasks import make_task
 
@@ -153,10 +164,12 @@ def bench_generation(model: LoopMDM, n: int = 200,
     options = {"seed": seed, "attention": attention}
     evaluate_task(model, task, make("fixed"), n=min(n, 20), **options)  # warm-up
 
-    def run(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> Measured:
+    def warm(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> None:
         if compiled:
             evaluate_task(model, task, policy, n=n, compile=True, pipeline=pipelined,
                           **options)
+
+    def run(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> Measured:
         res = evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,
                             pipeline=pipelined, **options)
         return Measured(
@@ -167,7 +180,8 @@ def bench_generation(model: LoopMDM, n: int = 200,
             token_steps=n * (task.prompt_length + task.answer_length) * decoding["steps"],
             accuracy=res.accuracy)
 
-    return rows_of(settings(policies or DEFAULT_POLICIES, compile, pipeline), run)
+    return rows_of(settings(policies or DEFAULT_POLICIES, compile, pipeline), run, repeats,
+                   warm)
 
 
 def random_prompts(model: LoopMDM, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -184,8 +198,8 @@ def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_
                             seed: int = 0, pipeline: bool = False) -> list[GenerationRow]:
     """Generation of `gen_length` tokens in `steps` denoising steps after `batch` random
     prompts of `prompt_length` tokens, per setting (`settings`): the median wall time of
-    `repeats` runs, after one untimed run of the setting (warm-up; compilation, when
-    compiled)."""
+    `repeats` interleaved rounds (`rows_of`), after one untimed run of each setting (warm-up;
+    compilation, when compiled)."""
     from .sampler import generate
 
     device = next(model.parameters()).device
@@ -202,15 +216,13 @@ def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_
         return time.perf_counter() - start, out  # generate ends copying tokens to the host
 
     def run(policy: HaltingPolicy, *mode: bool) -> Measured:
-        once(policy, *mode)
-        timed = [once(policy, *mode) for _ in range(max(1, repeats))]
-        out = timed[0][1]
+        seconds, out = once(policy, *mode)
         s = out.stats
         return Measured(
-            wall_s=statistics.median(t for t, _ in timed), mean_loops=s.mean_loops,
-            looped_flops=s.looped_flops, fixed_flops=s.looped_flops_fixed_max,
-            total_flops=s.total_flops,
+            wall_s=seconds, mean_loops=s.mean_loops, looped_flops=s.looped_flops,
+            fixed_flops=s.looped_flops_fixed_max, total_flops=s.total_flops,
             monitor_flops=s.monitor_flops, nfe=s.nfe, tokens=batch * gen_length,
             token_steps=out.tokens.numel() * s.nfe, output=out.tokens[:, out.prompt_length:])
 
-    return rows_of(settings(policies or RANDOM_POLICIES, compile, pipeline), run)
+    return rows_of(settings(policies or RANDOM_POLICIES, compile, pipeline), run, repeats,
+                   once)

@@ -37,7 +37,9 @@ def bench(
     length: Annotated[int, typer.Option(help="Positions per row for the iteration timing.")] = 256,
     fractions: Annotated[str, typer.Option(
         help="Mean active fractions (per row spread from f/2 to 3f/2).")] = "0.75,0.5,0.25,0.1",
-    repeats: Annotated[int, typer.Option(help="Timed repeats per figure (median).")] = 10,
+    repeats: Annotated[int, typer.Option(
+        help="Timed repeats per figure (median). Generation runs them as rounds that each "
+        "time every setting once, so that the machine's drift reaches all alike.")] = 10,
     generation: Annotated[bool, typer.Option(
         help="Also time generation: fixed vs adaptive policies, compaction on vs off. On the "
         "checkpoint's task when it has one (the embedded model does), else on random prompts: "
@@ -140,7 +142,7 @@ def bench(
             if model is not None and model.config.task:
                 source = f"{n} problems of the checkpoint's task"
                 timed = bench_generation(model, n=n, compile=compile, attention=backends[0],
-                                         pipeline=pipeline)
+                                         pipeline=pipeline, repeats=repeats)
             else:
                 prompt = max(1, length // 4)
                 gen_length = length - prompt
@@ -152,7 +154,7 @@ def bench(
                     model = LoopMDM(cfg).to(device=dev, dtype=dt).eval()
                 timed = bench_random_generation(model, batch, prompt, gen_length, gen_steps,
                                                 compile=compile, attention=backends[0],
-                                                pipeline=pipeline)
+                                                pipeline=pipeline, repeats=repeats)
             report["generation_source"] = source
             report["generation"] = [r.to_dict() for r in timed]
     if as_json:

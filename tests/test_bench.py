@@ -13,9 +13,11 @@ from adaptive_loop.bench import bench_forward, bench_iteration, utilisation
 from adaptive_loop.flops import block_flops, step_flops_fixed
 from adaptive_loop.policies import make
 from adaptive_loop.throughput import (
+    Measured,
     bench_generation,
     bench_random_generation,
     random_prompts,
+    rows_of,
     settings,
 )
 
@@ -83,6 +85,27 @@ def test_random_generation_compacted_equals_masked(tiny_model):
     assert rows[1].flops_ratio < 1.0  # the threshold halts some tokens on this model
     assert rows[2].flops_ratio >= rows[1].flops_ratio  # pipelined: halted tokens once more
     assert rows[0].tokens_per_s == pytest.approx(3 * 8 / rows[0].wall_s)
+
+
+def test_repeats_run_as_interleaved_rounds():
+    """Each round times every setting once, in turn (drift reaches all settings alike); a
+    setting's wall is its median over the rounds, and the warm-up runs once per setting."""
+    chosen = settings([("convergence", {})], compile=False)  # fixed, on, off
+    calls, walls = [], iter([4.0, 2.0, 3.0, 1.0, 9.0, 6.0, 8.0, 6.0, 3.0])
+
+    def run(policy, compact, compiled, pipelined):
+        calls.append(("run", policy.name, compact))
+        return Measured(wall_s=next(walls), mean_loops=1.0, looped_flops=1, fixed_flops=1,
+                        total_flops=1, monitor_flops=0, nfe=1, tokens=1, token_steps=1)
+
+    def warm(policy, compact, compiled, pipelined):
+        calls.append(("warm", policy.name, compact))
+
+    rows = rows_of(chosen, run, repeats=3, warm=warm)
+    one_round = [("fixed", True), ("convergence", True), ("convergence", False)]
+    assert calls == [("warm", *c) for c in one_round] + [("run", *c) for c in one_round] * 3
+    assert [r.wall_s for r in rows] == [4.0, 6.0, 3.0]  # medians of (4,1,8) (2,9,6) (3,6,3)
+    assert rows[1].wall_ratio == 1.5 and rows[1].speedup == 0.5
 
 
 def test_task_generation_accuracy_is_the_same_with_compaction_on_and_off(addition_model):
