@@ -28,7 +28,8 @@ from .tasks import make_task
 @dataclass
 class TrainConfig:
     task: dict[str, Any] = field(default_factory=lambda: {"name": "addition", "digits": 8,
-                                                          "chain_fraction": 0.7})
+                                                          "chain_fraction": 0.7,
+                                                          "kill_fraction": 0.5})
     d_model: int = 128
     n_heads: int = 4
     d_ff: int = 384
@@ -40,7 +41,7 @@ class TrainConfig:
     loop_layers: int = 1
     n_coda: int = 0
     max_train_loops: int = 8  # S_max
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * this

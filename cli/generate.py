@@ -338,7 +338,7 @@ def evaluate(
 @app.command()
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the trained model.")],
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 1500).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 3000).")] = None,
     seed: Annotated[int | None, typer.Option(
         help="Seed of initialisation and data (default 0).", min=0, max=SEED_MAX)] = None,
     device: Device = None,

@@ -10,7 +10,10 @@ Difficulty knobs: `digits`; `terms`, the number of operands (with three or more 
 takes several values and no longer just resets or passes on, so it cannot be found by looking
 for the nearest deciding digit: it must be carried through the digits one after another); and,
 for two operands, `chain_fraction`: the share of problems given a planted chain (a digit pair
-that generates a carry followed by pairs summing to 9 that propagate it).
+that generates a carry followed by pairs summing to 9 that propagate it), and `kill_fraction`:
+the share of planted chains that carry nothing, because the pair below the run of nines sums
+to 8 or less, or because the run starts at the lowest digit. Without killed chains a model can
+learn that a long run of nines always carries, and answer `12345678+87654321=` with a carry.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ class AdditionTask:
     digits: int = 4  # most digits per operand
     terms: int = 2  # operands per problem
     chain_fraction: float = 0.0  # share of problems with a planted carry chain (2 terms)
+    kill_fraction: float = 0.0  # share of planted chains whose nines carry nothing
     name: str = "addition"
 
     def __post_init__(self) -> None:
-        for knob, kind in (("digits", int), ("terms", int), ("chain_fraction", (int, float))):
+        for knob, kind in (("digits", int), ("terms", int), ("chain_fraction", (int, float)),
+                           ("kill_fraction", (int, float))):
             value = getattr(self, knob)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise UsageError(f"addition: {knob} must be "
@@ -42,11 +47,15 @@ class AdditionTask:
             raise UsageError(f"addition: digits must be in 1..15, got {self.digits}")
         if not 2 <= self.terms <= 9:
             raise UsageError(f"addition: terms must be in 2..9, got {self.terms}")
-        if not 0.0 <= self.chain_fraction <= 1.0:
-            raise UsageError(f"addition: chain_fraction must be in [0, 1], got "
-                             f"{self.chain_fraction}")
+        for knob in ("chain_fraction", "kill_fraction"):
+            if not 0.0 <= getattr(self, knob) <= 1.0:
+                raise UsageError(f"addition: {knob} must be in [0, 1], got "
+                                 f"{getattr(self, knob)}")
         if self.chain_fraction and self.terms != 2:
             raise UsageError("addition: chain_fraction applies to two terms only")
+        if self.kill_fraction and not self.chain_fraction:
+            raise UsageError("addition: kill_fraction needs chain_fraction (it is a share of "
+                             "the planted chains)")
 
     @property
     def prompt_length(self) -> int:
@@ -66,8 +75,11 @@ class AdditionTask:
         return CharTokenizer("0123456789+=", mask_id=12, pad_id=13, eos_id=14)
 
     def spec(self) -> dict:
-        return {"name": self.name, "digits": self.digits, "terms": self.terms,
+        spec = {"name": self.name, "digits": self.digits, "terms": self.terms,
                 "chain_fraction": self.chain_fraction}
+        if self.kill_fraction:  # absent when 0, so earlier specs read back unchanged
+            spec["kill_fraction"] = self.kill_fraction
+        return spec
 
     def _le(self, value: int, width: int) -> str:
         return str(value).zfill(width)[::-1]
@@ -102,8 +114,10 @@ class AdditionTask:
         return torch.where(planted[:, None], self._chained(n, generator), ops)
 
     def _chained(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, 2) full-width operands whose digit pairs generate a carry at position s and
-        propagate it (pair sums of 9) through the next c - 1 positions."""
+        """(n, 2) full-width operands with a chain of length c at position s: a deciding pair
+        at s followed by c - 1 pairs summing to 9. The deciding pair generates a carry (sum of
+        10 or more) that the nines pass on, or, in `kill_fraction` of the chains, sums to 8 or
+        less (or lies below the lowest digit, s = -1) so that the nines carry nothing."""
         d = self.digits
         a = torch.randint(0, 10, (n, d), generator=generator)
         b = torch.randint(0, 10, (n, d), generator=generator)
@@ -111,9 +125,20 @@ class AdditionTask:
         start = (torch.rand(n, 1, generator=generator) * (d - length + 1)).long()
         pos = torch.arange(d)[None, :]
         gen_at = pos == start
-        a = torch.where(gen_at, a.clamp(min=1), a)
-        # b in [10 - a, 9]: the pair generates a carry
-        b = torch.where(gen_at, 10 - a + (torch.rand(n, d, generator=generator) * a).long(), b)
+        a_gen = a.clamp(min=1)
+        b_gen = 10 - a_gen + (torch.rand(n, d, generator=generator) * a_gen).long()  # >= 10
+        if self.kill_fraction:  # drawn only then: chains without kills stay as they were
+            killed = torch.rand(n, 1, generator=generator) < self.kill_fraction
+            low = (torch.rand(n, 1, generator=generator) * (d - length + 2)).long() - 1
+            start = torch.where(killed, low, start)
+            gen_at &= ~killed
+            kill_at = killed & (pos == start)
+            a_kill = torch.randint(0, 9, (n, d), generator=generator)
+            b_kill = (torch.rand(n, d, generator=generator) * (9 - a_kill)).long()  # sum <= 8
+            a = torch.where(kill_at, a_kill, a)
+            b = torch.where(kill_at, b_kill, b)
+        a = torch.where(gen_at, a_gen, a)
+        b = torch.where(gen_at, b_gen, b)
         propagate = (pos > start) & (pos < start + length)
         b = torch.where(propagate, 9 - a, b)
         place = 10 ** torch.arange(d)
