@@ -6,7 +6,10 @@ levels, so a budget that follows the denoising progress can spend loops where th
 (`"4,6,8,6,4"`; as many values as steps gives one per step) or a named shape scaled between
 min_loops and max_loops (the model's loop count when unset):
 `peak` (sin(pi x): fewest at the first and last steps), `rising` (x), `falling` (1 - x), where
-x in [0, 1] is the step's position among the steps (0.5 for a single step). Steps count over
+x = (step + 1/2) / steps is the middle of the step's share of the denoising (0.5 for a single
+step). Taking the middle, not the ends, keeps a shape off its extremes at the first and last
+steps: with the ends, `peak` gave those steps min_loops, and on the embedded model one loop
+there lost nearly every answer. Steps count over
 the whole generation, across semi-autoregressive blocks; with parallel decoding (`threshold`,
 `factor`) the step count is not fixed, and steps past the nominal `steps` keep the last
 step's budget. Every token halts when it reaches the
@@ -84,11 +87,11 @@ class Schedule(HaltingPolicy):
     def budget_at(self, step: int, steps: int, bounds: tuple[int, int]) -> int:
         """Loops every token runs at denoising step `step` (0-based) of `steps`."""
         lo, hi = bounds
-        x = 0.5 if steps <= 1 else min(1.0, step / (steps - 1))
+        step = min(step, steps - 1)  # past the nominal steps: the last step's budget
         if isinstance(self._plan, str):
-            value = lo + (hi - lo) * SHAPES[self._plan](x)
-        else:
-            pos = x * (len(self._plan) - 1)
+            value = lo + (hi - lo) * SHAPES[self._plan]((step + 0.5) / steps)
+        else:  # the values sit at the first and last steps, evenly between
+            pos = (0.5 if steps <= 1 else step / (steps - 1)) * (len(self._plan) - 1)
             i = min(int(pos), len(self._plan) - 1)
             j = min(i + 1, len(self._plan) - 1)
             value = self._plan[i] + (pos - i) * (self._plan[j] - self._plan[i])

@@ -330,14 +330,24 @@ def test_learned_halts_needed_tokens_by_the_head(head_dir):
 @pytest.mark.parametrize("budget, steps, bounds, expected", [
     ("4,6,8,6,4", 5, (1, 8), [4, 6, 8, 6, 4]),
     ("4,8", 5, (1, 8), [4, 5, 6, 7, 8]),
-    ("peak", 5, (1, 6), [1, 5, 6, 5, 1]),
-    ("rising", 3, (2, 6), [2, 4, 6]),
-    ("falling", 3, (2, 6), [6, 4, 2]),
+    # shapes are read at the middle of each step's share: (s + 1/2) / steps
+    ("peak", 5, (1, 6), [3, 5, 6, 5, 3]),
+    ("peak", 3, (1, 8), [5, 8, 5]),
+    ("rising", 3, (2, 6), [3, 4, 5]),
+    ("falling", 3, (2, 6), [5, 4, 3]),
     ("peak", 1, (2, 6), [6]),
+    ("rising", 4, (1, 8), [2, 4, 5, 7]),
 ])
 def test_schedule_budget_per_step(budget, steps, bounds, expected):
     pol = make("schedule", budget=budget)
     assert [pol.budget_at(s, steps, bounds) for s in range(steps)] == expected
+
+
+def test_schedule_steps_past_the_nominal_count_keep_the_last_budget():
+    """Parallel decoding may take more steps than nominal: they keep the last step's budget."""
+    for budget, last in (("rising", 7), ("4,8", 8), ("peak", 5)):
+        pol = make("schedule", budget=budget)
+        assert [pol.budget_at(s, 3, (1, 8)) for s in (2, 3, 9)] == [last] * 3
 
 
 def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
