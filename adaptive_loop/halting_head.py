@@ -16,6 +16,7 @@ Shape legend: G (token, step) trajectories, T loops, d width, N tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -83,6 +84,20 @@ class HaltingHead(nn.Module):
 
 
 # -- the sidecar file --------------------------------------------------------------------------
+def weights_signature(model: LoopMDM) -> str:
+    """16 hex digits that tell apart two checkpoints of one shape: a hash of the signs of the
+    first 4096 values of every floating-point tensor. A sign survives a cast between float32,
+    bfloat16 and float16, so the same weights loaded in another dtype or on another device
+    sign alike, and reading a few values per tensor keeps it cheap for large models."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            digest.update(name.encode())
+            digest.update(bytes((tensor.detach().flatten()[:4096] > 0).to(torch.uint8).cpu()
+                                .tolist()))
+    return digest.hexdigest()[:16]
+
+
 def head_file(path: str | Path | None) -> Path:
     """The head's weights file: `path` itself, `path/halting_head.safetensors` for a checkpoint
     directory, or the embedded model's sidecar for None. UsageError when there is none."""
@@ -347,7 +362,9 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
                      "max_loops": loops, "gen_length": gen_length, "steps": steps,
                      "block_length": block_length or gen_length, "hidden": hidden,
                      "train_steps": train_steps, "lr": lr, "seed": seed},
-        "model": {k: model.config.to_dict()[k] for k in
-                  ("d_model", "n_layers", "loop_start", "loop_layers", "n_loops", "vocab_size")},
+        "model": {**{k: model.config.to_dict()[k] for k in ("d_model", "n_layers", "loop_start",
+                                                             "loop_layers", "n_loops",
+                                                             "vocab_size")},
+                  "weights": weights_signature(model)},
     }
     return head, report

@@ -13,8 +13,10 @@ support. Thresholding it directly keeps the training target and the decision the
 
 `head` is a sidecar file or a checkpoint directory holding one; by default the sidecar
 beside the checkpoint the model was loaded from (the embedded model's for a model built in
-Python). A head records the shape of the model it was trained on, and a model of another
-shape is refused. `threshold` defaults to the one the head was scored at in training.
+Python). A head records the shape of the model it was trained on and a signature of its
+weights (`halting_head.weights_signature`), and a model of another shape or with other
+weights is refused: a head beside a checkpoint that was retrained in place is stale.
+`threshold` defaults to the one the head was scored at in training.
 """
 
 from __future__ import annotations
@@ -81,6 +83,15 @@ class Learned(HaltingPolicy):
             raise UsageError(f"learned: the halting head {self.head} was trained on another "
                              f"model ({', '.join(differ)}); train one for this checkpoint with "
                              f"`adaptive-loop train-halting`, or pass head=PATH")
+        from ..halting_head import weights_signature
+
+        signed = trained.get("weights")  # heads from before the signature have none
+        if signed is not None and signed != weights_signature(model):
+            raise UsageError(f"learned: the halting head {self.head} was trained on other "
+                             f"weights of this model's shape (its weights signature "
+                             f"{signed}, this model's {weights_signature(model)}), so its "
+                             f"decisions would not hold; train one for this checkpoint with "
+                             f"`adaptive-loop train-halting`")
         self._model = model
 
     def label_params(self) -> dict[str, Any]:

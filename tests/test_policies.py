@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from adaptive_loop import LoopMDM, LoopMDMConfig, UsageError, generate, load_model, save_model
 from adaptive_loop.flops import block_flops, kv_flops
-from adaptive_loop.halting_head import HEAD_META, HEAD_WEIGHTS, HaltingHead, HeadConfig, save_head
+from adaptive_loop.halting_head import (
+    HEAD_META,
+    HEAD_WEIGHTS,
+    HaltingHead,
+    HeadConfig,
+    save_head,
+    weights_signature,
+)
 from adaptive_loop.policies import HaltingPolicy, Signals, available, make
 from adaptive_loop.runtime import run_loops
 
@@ -452,6 +459,26 @@ def test_a_head_trained_on_another_shape_is_refused(head_dir, tiny_model, prompt
                                          "model's 3\\)"):
         generate(tiny_model, prompts, policy=make("learned", head=tmp_path), gen_length=4,
                  steps=2)
+
+
+def test_a_head_trained_on_other_weights_is_refused(head_dir, tiny_model, prompts, tmp_path):
+    """A head records its model's weights signature: the same weights pass in any dtype,
+    other weights of the same shape (a checkpoint retrained in place) are refused."""
+    for name in (HEAD_WEIGHTS, HEAD_META):
+        shutil.copy(head_dir / name, tmp_path / name)
+    meta = json.loads((tmp_path / HEAD_META).read_text())
+    meta["model"] = {**{k: tiny_model.config.to_dict()[k] for k in ("d_model", "vocab_size")},
+                     "weights": weights_signature(tiny_model)}
+    (tmp_path / HEAD_META).write_text(json.dumps(meta))
+    kw = dict(gen_length=4, steps=2)
+    generate(tiny_model, prompts, policy=make("learned", head=tmp_path), **kw)
+    cast = LoopMDM(tiny_model.config).to(torch.bfloat16)
+    cast.load_state_dict(tiny_model.state_dict())
+    assert weights_signature(cast) == weights_signature(tiny_model)
+    torch.manual_seed(1234)
+    retrained = LoopMDM(tiny_model.config).eval()
+    with pytest.raises(UsageError, match="trained on other weights of this model's shape"):
+        generate(retrained, prompts, policy=make("learned", head=tmp_path), **kw)
 
 
 def test_learned_errors(head_dir, make_config, monkeypatch, tmp_path):
