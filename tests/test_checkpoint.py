@@ -103,6 +103,26 @@ def test_embedded_model_loads():
     assert model.config.task["name"] == "addition"
 
 
+@pytest.mark.slow
+def test_embedded_model_looks_below_a_run_of_nines():
+    """A run of digit pairs summing to 9 carries only what the pair below it generates: the
+    embedded model is trained on chains that carry and chains that do not, so it cannot
+    answer from the run alone (a model trained on carrying chains only answered
+    12345678+87654321= with a carry, and most such problems wrong)."""
+    from adaptive_loop import generate
+    from adaptive_loop.policies import make
+    from adaptive_loop.tasks import make_task
+
+    model = load_model(device="cpu")
+    task = make_task({**model.config.task, "chain_fraction": 1.0, "kill_fraction": 1.0})
+    problems = task.problems(100, seed=7) + [(task.prompt(87654321, 12345678),
+                                              task.answer(87654321, 12345678))]
+    out = generate(model, [p for p, _ in problems], policy=make("fixed"), **task.decoding)
+    right = [text == answer for text, (_, answer) in zip(out.text, problems)]
+    assert right[-1], out.text[-1]  # 12345678+87654321= reads 999999990
+    assert sum(right) >= 95, sum(right)
+
+
 def test_written_files_get_the_usual_mode(tmp_path, tiny_model):
     """safetensors creates its files readable by the owner alone; a saved checkpoint is
     readable as any new file here is."""
