@@ -61,7 +61,7 @@ class Learned(HaltingPolicy):
 
     def attach(self, model: Any) -> None:
         """Use the head beside the model's checkpoint when none was named, and refuse a head
-        trained on a model of another shape."""
+        trained on a model of another shape or on other weights."""
         if model is self._model:
             return
         from ..halting_head import HEAD_WEIGHTS
