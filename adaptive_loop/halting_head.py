@@ -93,8 +93,8 @@ def weights_signature(model: LoopMDM) -> str:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():
             digest.update(name.encode())
-            digest.update(bytes((tensor.detach().flatten()[:4096] > 0).to(torch.uint8).cpu()
-                                .tolist()))
+            digest.update((tensor.detach().flatten()[:4096] > 0).to(torch.uint8).cpu()
+                          .numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -86,10 +86,10 @@ class Learned(HaltingPolicy):
         from ..halting_head import weights_signature
 
         signed = trained.get("weights")  # heads from before the signature have none
-        if signed is not None and signed != weights_signature(model):
+        if signed is not None and signed != (own := weights_signature(model)):
             raise UsageError(f"learned: the halting head {self.head} was trained on other "
                              f"weights of this model's shape (its weights signature "
-                             f"{signed}, this model's {weights_signature(model)}), so its "
+                             f"{signed}, this model's {own}), so its "
                              f"decisions would not hold; train one for this checkpoint with "
                              f"`adaptive-loop train-halting`")
         self._model = model
