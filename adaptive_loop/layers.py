@@ -1,8 +1,9 @@
 """Transformer layers of a LoopMDM: the LLaMA-style layer and MDLM's DiT layer.
 
-Both share `LayerBase`: a layer is `project` (pre-norm, q/k/v, RoPE) then attention then
-`finish` (output projection, residual, MLP). `dense` runs full rows, `packed` runs compacted
-tokens against a key/value cache updated in place; the runtime uses both.
+Both share `LayerBase`: a layer is `project` (pre-norm, q/k/v, RoPE; `project_kv` for
+tokens that only serve as keys) then attention then `finish` (output projection, residual,
+MLP). `dense` runs full rows, `packed` runs compacted tokens against a key/value cache
+updated in place; the runtime uses both.
 
 RoPE tables come in two forms: shared tables (max_seq_len, D), position j being row j, or
 per-row tables (B, L, D) already gathered at each token's position (left-padded batches, where
@@ -92,9 +93,24 @@ class LayerBase(nn.Module):
     n_kv: int
     head_dim: int
 
+    qkv: nn.Linear  # the fused [Q; K; V] projection
+
+    def attn_input(self, h: Tensor) -> Tensor:
+        """What the fused q/k/v projection reads: the normalised (and modulated) h."""
+        raise NotImplementedError
+
     def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (..., d) -> q (..., H, D), k and v (..., G, D), RoPE applied to q and k."""
-        raise NotImplementedError
+        return self._heads(self.qkv(self.attn_input(h)), cos, sin)
+
+    def project_kv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """h (..., d) -> k and v (..., G, D), RoPE applied to k: for tokens that only serve
+        as keys, without the query projection (the K and V rows of the fused weight)."""
+        start = self.n_heads * self.head_dim
+        bias = None if self.qkv.bias is None else self.qkv.bias[start:]
+        kv = F.linear(self.attn_input(h), self.qkv.weight[start:], bias)
+        k, v = kv.view(*kv.shape[:-1], 2 * self.n_kv, self.head_dim).split(self.n_kv, dim=-2)
+        return apply_rope(k, cos, sin), v
 
     def finish(self, h: Tensor, attn: Tensor) -> Tensor:
         """Residual add of the attention output (..., H*D), then the MLP block."""
@@ -131,7 +147,7 @@ class LayerBase(nn.Module):
     def write_kv(self, h: Tensor, rope: Rope, rows: Tensor, pos: Tensor, cache: KV) -> None:
         """Write the keys/values of the tokens at (rows, pos), each (N,), computed from their
         states h (N, d), into `cache` (B, G, L, D) in place; nothing else runs."""
-        _, k, v = self.project(h, *rope_at(rope, rows, pos))  # (N, G, D)
+        k, v = self.project_kv(h, *rope_at(rope, rows, pos))  # (N, G, D)
         cache[0][rows, :, pos] = k
         cache[1][rows, :, pos] = v
 
@@ -171,8 +187,8 @@ class Layer(LayerBase):
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # [gate; up]
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self._heads(self.qkv(self.norm_1(h)), cos, sin)
+    def attn_input(self, h: Tensor) -> Tensor:
+        return self.norm_1(h)
 
     def finish(self, h: Tensor, attn: Tensor) -> Tensor:
         h = h + self.attn_out(attn)
@@ -218,10 +234,9 @@ class DiTLayer(LayerBase):
         self.mlp_out = nn.Linear(cfg.d_ff, d, bias=True)
         self.modulation = nn.Parameter(torch.zeros(6, d))
 
-    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def attn_input(self, h: Tensor) -> Tensor:
         m = self.modulation
-        x = modulate(self.norm_1(h), m[0], m[1], h.dtype)
-        return self._heads(self.qkv(x), cos, sin)
+        return modulate(self.norm_1(h), m[0], m[1], h.dtype)
 
     def finish(self, h: Tensor, attn: Tensor) -> Tensor:
         m = self.modulation

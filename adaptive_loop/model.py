@@ -166,7 +166,7 @@ class LoopMDM(nn.Module):
         if coda:
             last = coda[-1]
             cos, sin = rope_rows(self.rope, h.shape[1])
-            _, k, v = last.project(h, cos, sin)  # keys/values of every position
+            k, v = last.project_kv(h, cos, sin)  # keys/values of every position
             kv = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
             hq = last.packed(hq, self.rope, plan, kv, key_mask)
         return self.head(hq, vocab)

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from adaptive_loop import LoopMDM
 from adaptive_loop.attention import PackPlan
+from adaptive_loop.layers import rope_rows
 
 
 def test_forward_shapes_and_loop_count_matters(make_config):
@@ -37,6 +39,25 @@ def test_packed_layer_equals_dense_layer(make_config):
     cache = (k.contiguous(), v.contiguous())
     packed = layer.packed(h.reshape(-1, 32)[plan.index], model.rope, plan, cache)
     assert torch.allclose(packed, dense.reshape(-1, 32)[plan.index], atol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", ["llama", "dit"])
+def test_key_value_projection_alone_equals_the_full_projection(make_config, flavour):
+    """A token that only serves as a key gets its keys and values without the query rows of
+    the fused weight: the same numbers as the full projection (grouped heads, RoPE on k)."""
+    torch.manual_seed(0)
+    model = LoopMDM(make_config(flavour=flavour)).eval()
+    layer = model.layers[1]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()  # DiT's modulation too, which starts at zero
+    h = torch.randn(2, 9, 32)
+    cos, sin = rope_rows(model.rope, 9)
+    _, k, v = layer.project(h, cos, sin)
+    k_only, v_only = layer.project_kv(h, cos, sin)
+    assert k_only.shape == k.shape == (2, 9, model.config.n_kv_heads, model.config.head_dim)
+    torch.testing.assert_close(k_only, k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v_only, v, rtol=1e-6, atol=1e-6)
 
 
 def test_readout_on_a_subset_equals_full_readout(make_config):
