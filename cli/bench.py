@@ -33,6 +33,9 @@ def bench(
     preset: Annotated[str, typer.Option(
         help="Random-weight shape for the iteration timing: embedded, tiny, smdm-170m-shape, "
         "1b-shape.")] = "embedded",
+    loops: Annotated[int | None, typer.Option(
+        help="Loop count of a random-weight preset (default: the preset's, 4 for the SMDM "
+        "shapes; the LoopMDM paper loops 12). A checkpoint runs its own.")] = None,
     batch: Annotated[int, typer.Option(help="Rows for the iteration timing.")] = 16,
     length: Annotated[int, typer.Option(help="Positions per row for the iteration timing.")] = 256,
     fractions: Annotated[str, typer.Option(
@@ -105,6 +108,12 @@ def bench(
     if batch < 1 or length < 2 or repeats < 1:
         raise UsageError(f"--batch and --repeats must be >= 1 and --length >= 2, got {batch}, "
                          f"{repeats} and {length}")
+    if loops is not None and loops < 1:
+        raise UsageError(f"--loops must be >= 1, got {loops}")
+    if loops is not None and (checkpoint or preset == "embedded"):
+        raise UsageError("--loops sets a random-weight preset's loop count; a checkpoint (the "
+                         "embedded model too) runs its own: choose --preset smdm-170m-shape, "
+                         "1b-shape or tiny")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     model = None
@@ -113,7 +122,8 @@ def bench(
     if preset == "embedded":
         cfg = LoopMDMConfig.from_dict({**model.config.to_dict(), "max_seq_len": length})
     elif preset in PRESETS:
-        cfg = LoopMDMConfig.from_name(preset, max_seq_len=max(length, 64))
+        extra = {} if loops is None else {"n_loops": loops}
+        cfg = LoopMDMConfig.from_name(preset, max_seq_len=max(length, 64), **extra)
     else:
         raise UsageError(f"unknown preset {preset!r}; choose embedded or one of "
                          f"{', '.join(PRESETS)}")

@@ -1,7 +1,7 @@
 """Halting policies: `make(name, **params)`, `available()`, `register`.
 
 Built in: `fixed`, `convergence`, `entropy`, `kl`, `acceleration`, `stability`, `learned`,
-`schedule`. See `base.py` for the protocol.
+`schedule`, `random` (a control). See `base.py` for the protocol.
 """
 
 from . import (  # noqa: F401  (registers the built-ins)
@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (registers the built-ins)
     fixed,
     kl,
     learned,
+    random_halting,
     schedule,
     stability,
 )

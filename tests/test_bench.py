@@ -120,10 +120,10 @@ def test_bench_json_on_a_random_preset():
     res = subprocess.run(
         [sys.executable, "-m", "adaptive_loop.cli", "bench", "--preset", "tiny", "--batch", "2",
          "--length", "16", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
-         "cpu", "--json"], capture_output=True, text=True, timeout=300)
+         "cpu", "--loops", "5", "--json"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    cfg = LoopMDMConfig.from_name("tiny", max_seq_len=64)
+    cfg = LoopMDMConfig.from_name("tiny", max_seq_len=64, n_loops=5)
     (forward,) = report["forward"]
     assert forward["flops"] == sum(step_flops_fixed(cfg, 2, 16, cfg.n_loops).values())
     assert forward["mfu"] == pytest.approx(
@@ -135,3 +135,5 @@ def test_bench_json_on_a_random_preset():
         "2 random prompts of 4 tokens, 12 generated in 3 steps"
     on = [g for g in report["generation"] if g["compact"] and g["speedup"] is not None]
     assert len(on) == 3 and all(g["agreement"] == 1.0 for g in on)
+    assert report["generation"][0]["mean_loops"] == 5.0  # fixed, at the preset's new count
+    assert [g["label"] for g in on][-1] == "random(rate=0.2)"

@@ -25,7 +25,7 @@ from adaptive_loop.halting_head import (
 from adaptive_loop.policies import HaltingPolicy, Signals, available, make
 from adaptive_loop.runtime import run_loops
 
-NEW = ("kl", "acceleration", "stability", "learned", "schedule")
+NEW = ("kl", "acceleration", "stability", "learned", "schedule", "random")
 
 # settings under which each policy halts some tokens of the tiny model and not others
 HALTING = {
@@ -36,6 +36,7 @@ HALTING = {
     "stability": {"patience": 1, "context_threshold": 0.3},
     "learned": {"threshold": 0.5, "context_threshold": 0.3},
     "schedule": {"budget": "2,6"},  # per step, not per token
+    "random": {"rate": 0.4},
 }
 # settings under which each policy never halts before max_loops = 5
 NEVER = {
@@ -46,6 +47,7 @@ NEVER = {
     "stability": {"patience": 100, "context_threshold": 0.0},
     "learned": {"threshold": 1.0, "context_threshold": 0.0},
     "schedule": {"budget": "5"},
+    "random": {"rate": 0.0},
 }
 
 
@@ -180,6 +182,8 @@ HALTING_SPACE = st.one_of(
         {"patience": st.integers(1, 4), "context_threshold": st.floats(0, 1)})),
     st.tuples(st.just("learned"), st.fixed_dictionaries(
         {"threshold": st.floats(0, 1), "context_threshold": st.floats(0, 1)})),
+    st.tuples(st.just("random"), st.fixed_dictionaries(
+        {"rate": st.floats(0, 1), "seed": st.integers(0, 2 ** 40)})),
 )
 
 
@@ -323,6 +327,46 @@ def test_acceleration_needs_two_consecutive_hits():
         x = x + 1
 
 
+def _random_halting_loops(pol, batch, length, step=0, hi=12):
+    """Each position's halting loop under `pol`, checking every loop up to `hi` (1..hi)."""
+    pol.begin_step(batch, length, step, step + 1)
+    loops = torch.full((batch * length,), hi)
+    active = torch.arange(batch * length)
+    for i in range(1, hi):
+        if pol.checks_at(i, (pol.min_loops, hi)) and active.numel():
+            halt = pol.decide(Signals(iteration=i, step=step, steps=step + 1, index=active,
+                                      needed=torch.zeros_like(active, dtype=torch.bool)))
+            loops[active[halt]] = i
+            active = active[~halt]
+    return loops
+
+
+def test_random_halting_follows_its_rate_and_repeats():
+    pol = make("random", rate=0.2)
+    loops = _random_halting_loops(pol, 40, 250)
+    # the truncated geometric law: mean min + (1 - p)(1 - (1 - p)^(max - min)) / p, and a share
+    # p of the tokens at the first loop; 10,000 draws put both within a few standard errors
+    assert pol.mean_loops((1, 12)) == pytest.approx(4.6564, abs=1e-4)
+    assert loops.float().mean().item() == pytest.approx(4.6564, abs=0.12)
+    assert loops.eq(1).float().mean().item() == pytest.approx(0.2, abs=0.015)
+    assert loops.min() == 1 and loops.max() == 12
+    # the same seed and step repeat, whichever tokens are asked about; another seed or step
+    # draws anew
+    assert torch.equal(loops, _random_halting_loops(make("random", rate=0.2), 40, 250))
+    assert not torch.equal(loops, _random_halting_loops(make("random", rate=0.2, seed=1), 40,
+                                                        250))
+    assert not torch.equal(loops, _random_halting_loops(pol, 40, 250, step=1))
+    pol.begin_step(40, 250, 0, 1)
+    some = torch.tensor([7, 3000, 9999])
+    first = pol.decide(Signals(iteration=3, step=0, steps=1, index=some,
+                               needed=torch.zeros(3, dtype=torch.bool)))
+    assert first.tolist() == loops[some].le(3).tolist()
+    # min_loops and check_every: halting only at checked loops, from min_loops on
+    spaced = _random_halting_loops(make("random", rate=0.5, min_loops=2, check_every=3), 4, 100)
+    assert set(spaced.unique().tolist()) <= {2, 5, 8, 11, 12}
+    assert _random_halting_loops(make("random", rate=1.0), 2, 5).eq(1).all()
+
+
 def test_learned_halts_needed_tokens_by_the_head(head_dir):
     pol = make("learned", head=head_dir, context_threshold=0.3)
     assert pol.threshold == 0.5  # taken from the sidecar
@@ -392,6 +436,10 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
     ("convergence", {"min_loops": float("inf")}, "convergence: min_loops must be an integer"),
     ("schedule", {"budget": "2", "min_loops": "3"}, "budget value 2 is below min_loops 3"),
     ("schedule", {"budget": True}, "schedule: budget must be a shape"),
+    ("random", {"rate": 1.5}, "random: rate is a probability in [0, 1], got 1.5"),
+    ("random", {"rate": "x"}, "random: rate must be a number >= 0"),
+    ("random", {"seed": -1}, "random: seed must be an integer >= 0, got -1"),
+    ("random", {"seed": 0.5}, "random: seed must be an integer >= 0, got 0.5"),
 ])
 def test_bad_parameters_name_themselves(name, params, message):
     with pytest.raises(UsageError, match=re.escape(message)):
