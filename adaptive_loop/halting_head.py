@@ -71,6 +71,12 @@ class HaltingHead(nn.Module):
         log_delta = torch.log(delta.float().clamp_min(0) + 1e-6)
         return torch.cat([hidden.float(), log_delta[:, None], t[:, None]], dim=-1)
 
+    def flops(self) -> int:
+        """Matrix-product FLOPs of one token's logit (the standardisation and activation are
+        elementwise and left out, as the model's count leaves out norms)."""
+        n_in, hidden = self.config.d_model + 2, self.config.hidden
+        return 2 * n_in if hidden == 0 else 2 * n_in * hidden + 2 * hidden
+
     def logit(self, features: Tensor) -> Tensor:
         """Raw features (N, d + 2) -> logits (N,)."""
         return self.net((features - self.mean) / self.scale).squeeze(-1)

@@ -54,7 +54,7 @@ class StepTrace:
     looped_flops: int = 0  # looped-block FLOPs executed (iterations and first-layer K/V writes)
     refreshed: int = 0  # halted tokens whose first-layer keys/values were written from their
     # final state (compacted runs; the others recompute them within an iteration)
-    monitor_flops: int = 0  # FLOPs spent computing policy signals (probes)
+    monitor_flops: int = 0  # FLOPs spent on policy signals (probes) and decisions (a head)
     host_syncs: int = 0
 
     @property
@@ -414,6 +414,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
                        step, steps, trace, short, probe)
         halt = _checked(policy, policy.decide(sig), index)
+        trace.monitor_flops += policy.decision_flops(index.numel())
         if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
             short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
             trace.host_syncs += 1

@@ -121,6 +121,12 @@ class HaltingPolicy(ABC):
     def decide(self, signals: Signals) -> Tensor:
         """(N,) bool: True where the active token halts now."""
 
+    def decision_flops(self, tokens: int) -> int:
+        """FLOPs `decide` spends on `tokens` active tokens beyond the signals the runtime
+        computed (counted with them as monitoring): the matrix products of a learned head.
+        Rules that compare numbers spend none worth counting."""
+        return 0
+
     def params(self) -> dict[str, Any]:
         """The constructor arguments, for reports and JSON."""
         names = inspect.signature(type(self).__init__).parameters

@@ -101,6 +101,10 @@ class Learned(HaltingPolicy):
                 if not (k == "head" and self._default_head)
                 and not (k == "threshold" and self._given_threshold is None)}
 
+    def decision_flops(self, tokens: int) -> int:
+        """The head runs on every active token (the needed ones use its answer)."""
+        return tokens * self._head.flops()
+
     def decide(self, signals: Signals) -> Tensor:
         hidden = signals.hidden
         width = self._head.config.d_model

@@ -477,6 +477,18 @@ def test_a_plugins_wrong_decision_is_named(tiny_model, answer, got, compact):
         run_loops(tiny_model, h, _Says(answer), needed, compact=compact)
 
 
+def test_a_learned_heads_products_count_as_monitoring(tiny_model, head_dir):
+    """The head runs on every active token at every check: its FLOPs join the monitoring
+    count (learned reads no logits, so they are all of it)."""
+    h, needed = _state(tiny_model)
+    pol = policy("learned", head_dir, max_loops=6, **HALTING["learned"])
+    _, trace = run_loops(tiny_model, h, pol, needed)
+    checked = [n for i, n in enumerate(trace.active_tokens, start=1) if i < 6]
+    assert pol._head.flops() == 2 * (32 + 2)  # a linear gate over the state, delta and loop
+    assert trace.monitor_flops == sum(checked) * pol._head.flops() > 0
+    assert make("convergence").decision_flops(10) == 0
+
+
 def test_learned_defaults_to_the_head_beside_the_models_checkpoint(head_dir, tiny_model,
                                                                     prompts, tmp_path):
     """Not the embedded model's head for every model: the one beside the checkpoint the
