@@ -7,15 +7,17 @@ loop iterations (CUDA graphs for the dense one) vs eager; synchronising CUDA cal
 generation vs the runtime's own `host_syncs` account. Timings: one loop iteration with uneven
 active fractions vs the full iteration per attention backend, eager and compiled (d=2048 and
 the 170M-class shape), the matmul peak, the fixed-loop forward of the 1B-class shape (d=2048)
-against that peak, generation of the 170M-class shape at batch 32 and of the embedded model
-under fixed and adaptive policies with compaction on and off, eager and compiled, and each
+against that peak, generation of the 170M-class shape at batch 32 (at 4 and at 12 loops) and
+of the embedded model under fixed and adaptive policies with compaction on and off, eager and
+compiled, and each
 policy's monitoring cost per check on the 170M-class shape.
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
 short still leaves everything it finished. `--device cpu --smoke` runs every section at toy
 sizes on the CPU (the tests do, in about two minutes), so the script is known to work before
-a GPU session runs it.
+a GPU session runs it. At the end every GPU target of the issues is read off the results
+(`targets`: the best figure, where it was measured, the limit, met or not).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -275,6 +278,56 @@ def _smdm_generation(results: dict, compiled: bool, loops: int = 4,
     print(key, json.dumps(results[key]), flush=True)
 
 
+def _best(rows: list[dict], key: str, pick: Callable[..., Any], where: Callable[[dict], str]
+          ) -> tuple[float | None, str]:
+    """The best `key` among rows (pick: min or max) and where it was measured."""
+    rows = [r for r in rows if r.get(key) is not None]
+    if not rows:
+        return None, ""
+    row = pick(rows, key=lambda r: r[key])
+    return row[key], where(row)
+
+
+def targets(results: dict) -> list[dict]:
+    """The issues' GPU targets read off the results: per target the best figure measured,
+    where, the limit and whether it is met (None where its section did not run). Model-driven
+    policies and random halting are reported apart for the generation target: on random
+    weights only the second spreads halting loops as a trained model would."""
+    out = []
+
+    def add(name: str, value: float | None, where: str, limit: float, below: bool) -> None:
+        met = None if value is None else (value <= limit if below else value >= limit)
+        out.append({"target": name, "measured": value, "limit": limit, "met": met,
+                    "where": where})
+
+    forwards = [dict(results[k], mode=k) for k in ("forward_1b", "forward_1b_compiled")
+                if results.get(k)]
+    add("d=2048 fixed-loop forward, share of the bf16 matmul peak", *_best(
+        forwards, "mfu", max, lambda r: r["mode"]), 0.60, below=False)
+    iterations = results.get("iteration_d2048", [])
+    for fraction, limit in ((0.5, 0.6), (0.25, 0.35)):
+        add(f"d=2048 iteration with {fraction:.0%} of tokens active, vs full", *_best(
+            [r for r in iterations if r["fraction"] == fraction], "ratio", min,
+            lambda r: f"{r['attention']}, {'compiled' if r['compiled'] else 'eager'}"),
+            limit, below=True)
+    monitor = [dict(r, family=r["policy"].split("(")[0]) for r in
+               results.get("monitor_smdm", [])]
+    for family, limit in (("convergence", 0.03), ("entropy", 0.15), ("kl", 0.15)):
+        add(f"monitoring of {family} per check, vs one iteration (170M shape)", *_best(
+            [r for r in monitor if r["family"] == family], "ratio", min,
+            lambda r: r["label"]), limit, below=True)
+    runs = [dict(r, run=k) for k in ("generation_smdm_b32", "generation_smdm_b32_loops12",
+                                     "generation_smdm_b32_compiled")
+            for r in results.get(k, [])]
+    for who, chosen in (("model-driven policies", lambda r: "random" not in r["label"]),
+                        ("random halting", lambda r: "random" in r["label"])):
+        add(f"170M generation at batch 32, compaction on vs off ({who})", *_best(
+            [r for r in runs if chosen(r)], "speedup", max,
+            lambda r: f"{r['label']}, {r['run']}{', pipelined' if r['pipelined'] else ''}"),
+            1.5, below=False)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -343,8 +396,16 @@ def main() -> None:
         results["seconds"][name] = round(time.monotonic() - start, 1)
         path.write_text(json.dumps(results, indent=1))
         print(name, f"{results['seconds'][name]} s", flush=True)
+    try:
+        results["targets"] = targets(results)
+    except Exception:  # the figures above are written whatever happens here
+        results["targets_error"] = traceback.format_exc()[-3000:]
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+    for t in results.get("targets", []):
+        value = "not run" if t["measured"] is None else f"{t['measured']:.3f}"
+        verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        print(f"{verdict:8s} {t['target']}: {value} (limit {t['limit']}) {t['where']}")
 
 
 if __name__ == "__main__":

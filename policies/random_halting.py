@@ -19,7 +19,8 @@ about 5).
 K is drawn once per position at a step's first check, from a generator seeded with `seed` and
 the step, on the tokens' device: a token's halting loop does not depend on which other tokens
 are active (compacted and masked runs agree), and the same seed, step, shape and device
-repeat exactly. CPU and CUDA generators draw different numbers.
+repeat exactly. The draws follow the position in the batch, not the prompt, so at a given
+step every batch of one shape draws alike; CPU and CUDA generators draw different numbers.
 """
 
 from __future__ import annotations

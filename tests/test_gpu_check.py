@@ -31,3 +31,11 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     eager = [g for g in report["generation_smdm_b32"] if g["agreement"] is not None]
     assert eager and all(g["agreement"] == 1.0 for g in eager)
     assert {r["compiled"] for r in report["iteration_d2048"]} == {False, True}
+    # every target of the issues is read off the results, with a verdict
+    assert "targets_error" not in report
+    assert len(report["targets"]) == 8
+    for t in report["targets"]:
+        assert t["measured"] is not None and t["where"] and isinstance(t["met"], bool), t
+    speedups = [g["speedup"] for g in report["generation_smdm_b32_loops12"]
+                if g["speedup"] is not None and "random" in g["label"]]
+    assert report["targets"][-1]["measured"] >= max(speedups)
