@@ -9,8 +9,7 @@ active fractions vs the full iteration per attention backend, eager and compiled
 the 170M-class shape), the matmul peak, the fixed-loop forward of the 1B-class shape (d=2048)
 against that peak, generation of the 170M-class shape at batch 32 (at 4 and at 12 loops) and
 of the embedded model under fixed and adaptive policies with compaction on and off, eager and
-compiled, and each
-policy's monitoring cost per check on the 170M-class shape.
+compiled, and each policy's monitoring cost per check on the 170M-class shape.
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
@@ -292,7 +291,8 @@ def targets(results: dict) -> list[dict]:
     """The issues' GPU targets read off the results: per target the best figure measured,
     where, the limit and whether it is met (None where its section did not run). Model-driven
     policies and random halting are reported apart for the generation target: on random
-    weights only the second spreads halting loops as a trained model would."""
+    weights the first halt nearly every token at the same loop, and only the second spreads
+    the halting loops over the tokens."""
     out = []
 
     def add(name: str, value: float | None, where: str, limit: float, below: bool) -> None:
