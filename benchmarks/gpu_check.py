@@ -4,18 +4,20 @@ Checks: CUDA bf16 logits vs CPU float32 (bf16 tolerance); compacted vs masked ru
 (float32, so the comparison is tight); never-halting vs fixed tokens; packed attention with
 FlexAttention (block mask from row offsets) vs padded SDPA vs a per-row reference; compiled
 loop iterations (CUDA graphs for the dense one) vs eager; synchronising CUDA calls of one
-generation vs the runtime's own `host_syncs` account. Timings: one loop iteration with uneven
-active fractions vs the full iteration per attention backend, eager and compiled (d=2048 and
-the 170M-class shape), the matmul peak, the fixed-loop forward of the 1B-class shape (d=2048)
-against that peak, generation of the 170M-class shape at batch 32 (at 4 and at 12 loops) and
-of the embedded model under fixed and adaptive policies with compaction on and off, eager and
-compiled, and each policy's monitoring cost per check on the 170M-class shape.
+generation vs the runtime's own `host_syncs` account; peak memory of a loop run of 32
+iterations vs one of 6. Timings: one loop iteration with uneven active fractions vs the full
+iteration per attention backend, eager and compiled (d=2048 and the 170M-class shape), the
+matmul peak, the fixed-loop forward of the 1B-class shape (d=2048) against that peak,
+generation of the 170M-class shape at batch 32 (at 4 and at 12 loops) and of the embedded model
+under fixed and adaptive policies with compaction on and off, eager and compiled, and each
+policy's monitoring cost per check on the 170M-class shape.
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
 short still leaves everything it finished. `--device cpu --smoke` runs every section at toy
 sizes on the CPU (the tests do, in about two minutes), so the script is known to work before
-a GPU session runs it. At the end every GPU target of the issues is read off the results
+a GPU session runs it. At the end every correctness check is read off the results (`checks`:
+the figure, its limit, whether it holds), and so is every GPU target of the issues
 (`targets`: the best figure, where it was measured, the limit, met or not).
 """
 
@@ -123,6 +125,33 @@ def check_correctness(results: dict) -> None:
     never = generate(gpu, prompts, policy=make("convergence", threshold=0.0, max_loops=loops),
                      gen_length=n, steps=n)
     results["never_halting_equals_fixed"] = bool(torch.equal(fixed.tokens, never.tokens))
+    check_loop_memory(results)
+
+
+def check_loop_memory(results: dict) -> None:
+    """Peak CUDA memory of a loop run does not grow with its iterations: a run of 32 loops,
+    its active counts shrinking as tokens halt at random, peaks no higher than one of 6
+    (packed iterations reuse what the first, fuller ones freed)."""
+    if not T.cuda:
+        results["loop_memory"] = "needs CUDA"
+        return
+    model = _tiny()
+    h = model.prelude(model.embed(torch.randint(0, 16, (4, 48), device=T.device)))
+    needed = torch.ones(4, 48, dtype=torch.bool, device=T.device)
+
+    def peak(loops: int) -> int:
+        policy = make("random", rate=0.05, max_loops=loops)
+        run_loops(model, h, policy, needed)  # warm the allocator
+        torch.cuda.synchronize(T.device)
+        torch.cuda.reset_peak_memory_stats(T.device)
+        base = torch.cuda.memory_allocated(T.device)
+        run_loops(model, h, policy, needed)
+        torch.cuda.synchronize(T.device)
+        return torch.cuda.max_memory_allocated(T.device) - base
+
+    short, long = peak(6), peak(32)
+    results["loop_memory"] = {"peak_bytes_6_loops": short, "peak_bytes_32_loops": long,
+                              "no_growth": long <= short}
 
 
 def _naive(q, k, v, plan, key_mask):
@@ -328,6 +357,46 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def checks(results: dict) -> list[dict]:
+    """The correctness checks read off the results: per check the figure, the limit it is held
+    to and whether it holds (None where its section did not run or needs CUDA). Equalities
+    hold exactly; agreements and differences carry bf16's rounding (float32 for the attention
+    kernels, against a per-row float32 reference)."""
+    out = []
+
+    def add(name: str, value: Any, limit: Any, below: bool = False) -> None:
+        if value is None or isinstance(value, str):
+            ok = None
+        elif isinstance(limit, bool):
+            ok = value is limit
+        else:
+            ok = value <= limit if below else value >= limit
+        out.append({"check": name, "measured": value, "limit": limit, "ok": ok})
+
+    add("CUDA bf16 vs CPU float32 logits: argmax agreement",
+        results.get("bf16_vs_fp32_argmax_agree"), 0.95)
+    for key in ("compact_vs_masked_loops_equal", "never_halting_equals_fixed",
+                "runtime_flex_vs_padded_loops_equal", "compiled_padded_vs_eager_loops_equal",
+                "compiled_flex_vs_eager_loops_equal"):
+        add(key.replace("_", " "), results.get(key), True)
+    for dtype, limit in (("float32", 1e-3), ("bfloat16", 3e-2)):
+        for backend in ("flex", "padded"):
+            add(f"{backend} attention vs per-row reference, max abs ({dtype})",
+                results.get(f"{backend}_vs_reference_max_abs_{dtype}"), limit, below=True)
+    for key in ("generate_flex_vs_padded_token_agreement",
+                "compiled_generate_fixed_token_agreement",
+                "compiled_generate_convergence_token_agreement"):
+        add(key.replace("_", " "), results.get(key), 0.99)
+    syncs = {k: v for k, v in results.items() if k.startswith("host_syncs_")}
+    for key, value in sorted(syncs.items()) or [("host_syncs", results.get("host_syncs"))]:
+        add(f"{key.replace('_', ' ')}: observed within counted",
+            value.get("within_account") if isinstance(value, dict) else value, True)
+    memory = results.get("loop_memory")
+    add("loop memory: 32 iterations peak no higher than 6",
+        memory.get("no_growth") if isinstance(memory, dict) else memory, True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -396,12 +465,16 @@ def main() -> None:
         results["seconds"][name] = round(time.monotonic() - start, 1)
         path.write_text(json.dumps(results, indent=1))
         print(name, f"{results['seconds'][name]} s", flush=True)
-    try:
-        results["targets"] = targets(results)
-    except Exception:  # the figures above are written whatever happens here
-        results["targets_error"] = traceback.format_exc()[-3000:]
+    for key, read in (("checks", checks), ("targets", targets)):
+        try:
+            results[key] = read(results)
+        except Exception:  # the figures above are written whatever happens here
+            results[f"{key}_error"] = traceback.format_exc()[-3000:]
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+    for c in results.get("checks", []):
+        verdict = {True: "ok", False: "FAILED", None: "-"}[c["ok"]]
+        print(f"{verdict:8s} {c['check']}: {c['measured']} (limit {c['limit']})")
     for t in results.get("targets", []):
         value = "not run" if t["measured"] is None else f"{t['measured']:.3f}"
         verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]

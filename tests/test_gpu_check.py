@@ -31,6 +31,13 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     eager = [g for g in report["generation_smdm_b32"] if g["agreement"] is not None]
     assert eager and all(g["agreement"] == 1.0 for g in eager)
     assert {r["compiled"] for r in report["iteration_d2048"]} == {False, True}
+    # every correctness check is read off the results; on the CPU all hold but the CUDA-only
+    assert "checks_error" not in report
+    verdicts = {c["check"]: c["ok"] for c in report["checks"]}
+    assert len(verdicts) == 15 and False not in verdicts.values(), verdicts
+    assert {k for k, ok in verdicts.items() if ok is None} == {
+        "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6"}
+    assert report["loop_memory"] == report["host_syncs"] == "needs CUDA"
     # every target of the issues is read off the results, with a verdict
     assert "targets_error" not in report
     assert len(report["targets"]) == 8
@@ -39,3 +46,25 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     speedups = [g["speedup"] for g in report["generation_smdm_b32_loops12"]
                 if g["speedup"] is not None and "random" in g["label"]]
     assert report["targets"][-1]["measured"] >= max(speedups)
+
+
+def test_checks_tell_a_failure_from_a_check_that_did_not_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_check import checks
+
+    report = {"bf16_vs_fp32_argmax_agree": 0.9, "compact_vs_masked_loops_equal": False,
+              "never_halting_equals_fixed": True, "flex_vs_reference_max_abs_bfloat16": 0.01,
+              "padded_vs_reference_max_abs_bfloat16": 0.2,
+              "host_syncs_kl_eager": {"observed": 3, "counted": 2, "within_account": False},
+              "host_syncs_kl_compiled": {"observed": 1, "counted": 2, "within_account": True},
+              "loop_memory": {"no_growth": True}}
+    verdicts = {c["check"]: c["ok"] for c in checks(report)}
+    assert verdicts["CUDA bf16 vs CPU float32 logits: argmax agreement"] is False
+    assert verdicts["compact vs masked loops equal"] is False
+    assert verdicts["never halting equals fixed"] is True
+    assert verdicts["flex attention vs per-row reference, max abs (bfloat16)"] is True
+    assert verdicts["padded attention vs per-row reference, max abs (bfloat16)"] is False
+    assert verdicts["host syncs kl eager: observed within counted"] is False
+    assert verdicts["host syncs kl compiled: observed within counted"] is True
+    assert verdicts["loop memory: 32 iterations peak no higher than 6"] is True
+    assert verdicts["runtime flex vs padded loops equal"] is None  # its section did not run
