@@ -48,8 +48,9 @@ class StepTrace:
     """What the looped block did in one denoising step."""
 
     loops: Tensor  # (B, L) iterations each token ran
-    # tokens computed per executed iteration: the active ones (with `pipeline`, also those
-    # that halted at the latest check)
+    # tokens active per executed iteration, which a compacted run computes (with `pipeline`,
+    # also those that halted at the latest check); the masked reference computes every token
+    # and records the same counts
     active_tokens: list[int] = field(default_factory=list)
     looped_flops: int = 0  # looped-block FLOPs executed (iterations and first-layer K/V writes)
     refreshed: int = 0  # halted tokens whose first-layer keys/values were written from their
