@@ -21,8 +21,17 @@ def _file_mode() -> int:
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a
-    reader never sees a half-written file; the file gets the usual mode for a new file."""
+    reader never sees a half-written file; the file gets the usual mode for a new file.
+
+    A symbolic link is followed (the file it points to is replaced; the link stays), and a path
+    that is not a regular file (a device such as /dev/null, a pipe) is written in place: a
+    rename would put a plain file where it was."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        write(path)
+        return path
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)

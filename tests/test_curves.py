@@ -3,6 +3,9 @@
 import csv
 import io
 import json
+import os
+import stat
+import threading
 
 import pytest
 from scipy.stats import beta
@@ -102,3 +105,24 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write_text(target, None)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_atomic_write_keeps_a_link_and_writes_through_a_pipe(tmp_path):
+    """A symbolic link stays a link (its target is replaced); a path that is no regular file
+    (here a named pipe, as /dev/null is a device) is written in place, not renamed over."""
+    target = atomic_write_text(tmp_path / "real.json", "old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert atomic_write_text(link, "new") == target
+    assert link.is_symlink() and target.read_text() == "new"
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_text()), daemon=True)
+    reader.start()
+    atomic_write_text(pipe, "through")
+    reader.join(timeout=10)
+    assert got == ["through"]
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
