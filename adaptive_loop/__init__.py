@@ -18,6 +18,7 @@ if not (_here / "policies").is_dir() and (_here.parent / "policies" / "base.py")
 
 from . import policies
 from .checkpoint import (
+    attach_tokenizer,
     convert_checkpoint,
     embedded_path,
     load_model,
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "AdaptiveLoopError", "CheckpointError", "GenerationError", "GenerationResult",
-    "GenerationStats", "LoopMDM", "LoopMDMConfig", "StepTrace", "UsageError", "embedded_path",
-    "convert_checkpoint", "generate", "inspect_model", "load_model", "load_tokenizer",
-    "policies", "resolve_config", "run_loops", "save_model", "tokenizer_for",
+    "GenerationStats", "LoopMDM", "LoopMDMConfig", "StepTrace", "UsageError", "attach_tokenizer",
+    "convert_checkpoint", "embedded_path", "generate", "inspect_model", "load_model",
+    "load_tokenizer", "policies", "resolve_config", "run_loops", "save_model", "tokenizer_for",
 ]

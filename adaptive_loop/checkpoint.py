@@ -235,14 +235,28 @@ def load_model(source: str | Path | None = None, *, format: str = "auto",
     return model.to(device=dev, dtype=dt).eval()
 
 
+def attach_tokenizer(model: LoopMDM, source: str | Path) -> LoopMDM:
+    """Use the tokenizer at `source` (tokenizer.json, tokenizer.model or a directory holding
+    one) wherever this model turns text into ids, in place of the one its config describes:
+    for a checkpoint that carries none. Its special ids are the model config's."""
+    from .tokenizer import load_tokenizer
+
+    cfg = model.config
+    model.tokenizer = load_tokenizer(source, cfg.mask_id, cfg.pad_id, cfg.eos_id)
+    return model
+
+
 def tokenizer_for(model: LoopMDM) -> Tokenizer:
-    """The tokenizer the model's config describes (a file-backed one is read from the
-    checkpoint directory it came with)."""
+    """The tokenizer attached to the model (`attach_tokenizer`), else the one its config
+    describes (a file-backed one is read from the checkpoint directory it came with)."""
+    attached = getattr(model, "tokenizer", None)
+    if attached is not None:
+        return attached
     cfg = model.config
     if not cfg.tokenizer:
         raise UsageError("this model's config describes no tokenizer; pass one (--tokenizer "
-                         "on the command line; in Python tokenizer=, or token ids instead of "
-                         "strings)")
+                         "on the command line; in Python attach_tokenizer(model, path), or "
+                         "token ids instead of strings)")
     return from_spec(cfg.tokenizer, getattr(model, "tokenizer_dir", None),
                      {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id})
 

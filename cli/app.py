@@ -83,6 +83,9 @@ MaxLoops = Annotated[int | None, typer.Option(help="Most loops a token may run (
                                               "model's loop count).")]
 CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops (default "
                                                 "1).")]
+TokenizerPath = Annotated[Path | None, typer.Option(
+    "--tokenizer", help="tokenizer.json, tokenizer.model or a directory holding one (default: "
+    "the checkpoint's).")]
 Params = Annotated[list[str] | None, typer.Option(
     "--param", help="Any other policy parameter as KEY=VALUE, repeatable: e.g. --param "
     "probe=lens --param context_threshold=0.3 --param patience=3.")]
@@ -138,18 +141,21 @@ def _policy(name: str, threshold: float | None, loops: int | None, min_loops: in
     return make(name, **{**params, **more})
 
 
-def load_checkpoint(checkpoint: Path | None, device: Any = None, dtype: Any = None) -> Any:
+def load_checkpoint(checkpoint: Path | None, device: Any = None, dtype: Any = None,
+                    tokenizer: Path | None = None) -> Any:
     """`load_model` for the commands whose --checkpoint takes a checkpoint as it is: one in a
-    layout that needs a config it does not carry is pointed at `convert`, which takes one."""
-    from ..checkpoint import load_model
+    layout that needs a config it does not carry is pointed at `convert`, which takes one.
+    With `tokenizer` (--tokenizer) the model turns text into ids with that one."""
+    from ..checkpoint import attach_tokenizer, load_model
     from ..errors import ConfigNeeded
 
     try:
-        return load_model(checkpoint, device=device, dtype=dtype)
+        model = load_model(checkpoint, device=device, dtype=dtype)
     except ConfigNeeded as e:
         raise UsageError(f"{e.problem}: convert it once with `adaptive-loop convert {checkpoint} "
                          f"DIR --format {e.format} --config ...` (--config: {e.wanted}), then "
                          f"pass --checkpoint DIR") from None
+    return model if tokenizer is None else attach_tokenizer(model, tokenizer)
 
 
 @contextmanager

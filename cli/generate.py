@@ -25,6 +25,7 @@ from .app import (
     Params,
     Policy,
     Threshold,
+    TokenizerPath,
     _policy,
     _task_of,
     app,
@@ -67,9 +68,7 @@ def generate(
         "--cfg", help="Classifier-free guidance scale (0: off).")] = 0.0,
     eos_fill: Annotated[bool, typer.Option(
         help="Fill every position after a row's first EOS with EOS.")] = False,
-    tokenizer: Annotated[Path | None, typer.Option(
-        help="tokenizer.json, tokenizer.model or a directory holding one (default: the "
-        "checkpoint's).")] = None,
+    tokenizer: TokenizerPath = None,
     seed: Annotated[int | None, typer.Option(
         help="Seed of the sampling noise (default 0) and, without a PROMPT, of the task problem "
         "drawn (default: the README's example problem).", min=0, max=SEED_MAX)] = None,
@@ -136,7 +135,7 @@ def generate(
     if out_file is not None:
         raise UsageError("--out goes with --prompts FILE.jsonl")
     refuse_launch("generate without --prompts")
-    model = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     task = _task_of(model)
     if not prompt:
         if task is None:
@@ -148,8 +147,7 @@ def generate(
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
     result = run(model, prompt, policy=halting, gen_length=gen_length,
-                 steps=steps or gen_length, seed=seed, tokenizer=_tokenizer(model, tokenizer),
-                 **decoding)
+                 steps=steps or gen_length, seed=seed, **decoding)
     stats = result.stats
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
@@ -173,16 +171,6 @@ def generate(
     table.add_row("monitoring FLOPs", f"{stats.monitor_flops:.3e}")
     table.add_row("NFE / wall", f"{stats.nfe} / {stats.wall_s:.3f} s")
     out.print(table)
-
-
-def _tokenizer(model: Any, path: Path | None) -> Any:
-    """The tokenizer given with --tokenizer, else None (the checkpoint's own)."""
-    if path is None:
-        return None
-    from ..tokenizer import load_tokenizer
-
-    c = model.config
-    return load_tokenizer(path, c.mask_id, c.pad_id, c.eos_id)
 
 
 def _results_path(target: Path, prompts: Path, force: bool) -> None:
@@ -212,14 +200,15 @@ def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: 
 
     records = read_prompts(path, completing=True)
     with session(device) as ranks:
-        model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
+        model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype,
+                                tokenizer=tokenizer)
         task = _task_of(model)
         if gen_length is None:
             if task is None:
                 raise UsageError("give --gen-length (this checkpoint has no built-in task to "
                                  "take it from)")
             gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
-        tok = _tokenizer(model, tokenizer) or tokenizer_for(model)
+        tok = tokenizer_for(model)
         encoded = encode_records(model, records, tok, gen_length)  # before the progress bar
         with progress_bar(hidden=not ranks.main) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"

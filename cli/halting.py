@@ -15,6 +15,7 @@ from .app import (
     Checkpoint,
     Device,
     Dtype,
+    TokenizerPath,
     _task_of,
     app,
     load_checkpoint,
@@ -33,6 +34,7 @@ def train_halting(
     prompts: Annotated[Path | None, typer.Option(
         help="JSON lines of {\"prompt\": ...}; default: problems of the model's built-in task."
     )] = None,
+    tokenizer: TokenizerPath = None,
     n: Annotated[int, typer.Option("--n", help="Problems to draw from the built-in task.")] = 512,
     gen_length: Annotated[int | None, typer.Option(
         help="Tokens generated per prompt (default: the built-in task's answer length).")] = None,
@@ -85,7 +87,7 @@ def train_halting(
         raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "
                          "it, or --out another directory")
     writable_dir(target)
-    model = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     task = _task_of(model)
     if prompts is not None:
         texts = [record["prompt"] for record in read_prompts(prompts)]

@@ -12,7 +12,17 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..requests import SEED_MAX
-from .app import Checkpoint, Device, Dtype, app, err, load_checkpoint, out, progress_bar
+from .app import (
+    Checkpoint,
+    Device,
+    Dtype,
+    TokenizerPath,
+    app,
+    err,
+    load_checkpoint,
+    out,
+    progress_bar,
+)
 
 Task = Annotated[str | None, typer.Option(
     help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
@@ -36,13 +46,13 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON."
 
 def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task: str | None,
            data: Path | None, answer_regex: str | None, numeric: bool, limit: int | None,
-           seed: int) -> tuple[Any, Any]:
+           seed: int, tokenizer: Path | None) -> tuple[Any, Any]:
     from ..datasets import AnswerMatcher, resolve_eval_set
 
     matcher = AnswerMatcher(answer_regex, numeric)
     if data is not None and not Path(data).expanduser().is_file():
         raise UsageError(f"data file not found: {data}")
-    model = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     evalset = resolve_eval_set(model.config.task, task=task, data=data, limit=limit, seed=seed,
                                matcher=matcher)
     return model, evalset
@@ -87,6 +97,7 @@ def sweep(
     checkpoint: Checkpoint = None,
     task: Task = None,
     data: Data = None,
+    tokenizer: TokenizerPath = None,
     answer_regex: AnswerRegex = None,
     numeric: Numeric = False,
     limit: Limit = None,
@@ -147,7 +158,7 @@ def sweep(
     prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
     with session(device) as ranks:
         model, evalset = _setup(checkpoint, ranks.device(device), dtype, task, data,
-                                answer_regex, numeric, limit, seed)
+                                answer_regex, numeric, limit, seed, tokenizer)
         if oracle is None:
             oracle = default_oracle_loops(model, settings)
         with _progress(as_json or not ranks.main) as bar:
@@ -199,6 +210,7 @@ def calibrate(
     checkpoint: Checkpoint = None,
     task: Task = None,
     data: Data = None,
+    tokenizer: TokenizerPath = None,
     answer_regex: AnswerRegex = None,
     numeric: Numeric = False,
     limit: Limit = None,
@@ -232,7 +244,7 @@ def calibrate(
     plan_settings(name, values, tolerance=tolerance, confidence=confidence, param=param,
                   base=base, conservative=conservative, split=split)  # mistakes before loading
     model, evalset = _setup(checkpoint, device, dtype, task, data, answer_regex, numeric, limit,
-                            seed)
+                            seed, tokenizer)
     with _progress(as_json) as bar:
         job = bar.add_task("settings", total=None)
 

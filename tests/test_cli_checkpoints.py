@@ -108,3 +108,31 @@ def test_inspect_check_loads_the_weights_and_names_broken_ones(tmp_path, tiny_mo
     res = run("inspect", str(tmp_path / "nan"), "--check")
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "layers.1.down.weight holds NaN or infinite values" in res.stderr
+
+
+def test_commands_that_read_text_take_a_tokenizer(tmp_path):
+    """A checkpoint that carries no tokenizer: every command that turns text into ids says to
+    pass --tokenizer, and takes one."""
+    write_mdlm(tmp_path / "m")
+    assert run("convert", str(tmp_path / "m"), str(tmp_path / "native"), "--loop-start", "1",
+               "--loop-layers", "2", "--loops", "2").returncode == 0
+    write_tokenizer_json(tmp_path / "tok")
+    rows = [{"prompt": "the cat sat on", "answer": "the mat"},
+            {"prompt": "a dog ran", "answer": "in the park"},
+            {"prompt": "the sun", "answer": "is hot"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--checkpoint", str(tmp_path / "native"), "--device", "cpu"]
+    commands = {
+        "sweep": ["sweep", "-p", "fixed:loops=1", "--data", str(tmp_path / "d.jsonl"),
+                  "--out", str(tmp_path / "sw"), "--no-plot", "--oracle-loops", "none"],
+        "calibrate": ["calibrate", "-p", "convergence", "--tolerance", "0.5", "--confidence",
+                      "0.5", "--grid", "0.1,0.5", "--data", str(tmp_path / "d.jsonl")],
+        "train-halting": ["train-halting", "--prompts", str(tmp_path / "d.jsonl"),
+                          "--gen-length", "2", "--train-steps", "2", "--out",
+                          str(tmp_path / "head")],
+    }
+    for name, args in commands.items():
+        res = run(*args, *common)
+        assert res.returncode == 2 and "pass one (--tokenizer" in res.stderr, (name, res.stderr)
+        res = run(*args, *common, "--tokenizer", str(tmp_path / "tok"), "--json")
+        assert res.returncode == 0 and "Traceback" not in res.stderr, (name, res.stderr)
