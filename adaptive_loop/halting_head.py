@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .errors import CheckpointError, UsageError
+from .errors import AdaptiveLoopError, CheckpointError, UsageError
 from .files import atomic_write, atomic_write_text, writable_dir
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
@@ -336,7 +336,8 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
               (0 < held_out < 1, f"held_out must be in (0, 1), got {held_out}"),
               (0 <= threshold <= 1, f"threshold must be in [0, 1], got {threshold}"),
               (hidden >= 0, f"hidden must be >= 0, got {hidden}"),
-              (train_steps >= 1 and lr > 0, "train_steps must be >= 1 and lr > 0"),
+              (train_steps >= 1, f"train_steps must be >= 1, got {train_steps}"),
+              (0 < lr <= 1, f"lr must be in (0, 1] (Adam's step size), got {lr}"),
               (gen_length >= 1 and steps >= 1, "gen_length and steps must be >= 1")]
     for ok, message in checks:
         if not ok:
@@ -360,6 +361,9 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     in_test = test[data.prompt]
     head, losses = fit(data.select(~in_test), HeadConfig(model.config.d_model, hidden, loops),
                        steps=train_steps, lr=lr, seed=seed)
+    if not all(bool(p.isfinite().all()) for p in head.net.parameters()):
+        raise AdaptiveLoopError(f"train-halting: training diverged (the head's weights are not "
+                                f"finite after {train_steps} steps at lr {lr}); lower --lr")
     report = {
         "threshold": threshold,
         "metrics": score(head, data.select(in_test), threshold),

@@ -106,6 +106,8 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
                 break
             except ValueError:
                 continue
+        if key.strip() in out:
+            raise UsageError(f"--param {key.strip()} is given twice")
         out[key.strip()] = value
     return out
 

@@ -46,7 +46,7 @@ def train_halting(
         help="Loop count whose predictions define the labels (default: the model's).")] = None,
     hidden: Annotated[int, typer.Option(help="MLP hidden width; 0: a linear gate.")] = 0,
     train_steps: Annotated[int, typer.Option(help="Adam steps.")] = 300,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-2,
+    lr: Annotated[float, typer.Option(help="Adam's learning rate, in (0, 1].")] = 1e-2,
     held_out: Annotated[float, typer.Option(
         help="Fraction of the prompts kept out of training to score the head.")] = 0.2,
     threshold: Annotated[float, typer.Option(

@@ -87,6 +87,22 @@ def test_training_errors(tiny_model, tmp_path):
     assert "\n" not in str(err.value) and "do not match" in str(err.value)
 
 
+def test_a_diverged_head_is_refused_not_saved(tiny_model, monkeypatch):
+    from adaptive_loop import AdaptiveLoopError, halting_head
+
+    real_fit = halting_head.fit
+
+    def diverging(*args, **kwargs):
+        head, losses = real_fit(*args, **kwargs)
+        with torch.no_grad():
+            next(head.net.parameters()).fill_(float("nan"))
+        return head, losses
+
+    monkeypatch.setattr(halting_head, "fit", diverging)
+    with pytest.raises(AdaptiveLoopError, match="training diverged .* lower --lr"):
+        train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=3, train_steps=2)
+
+
 def test_train_halting_prompt_files_fail_in_one_line(tmp_path):
     """train-halting reads --prompts as generate does: a bad line, a binary file or a
     directory is one line naming the problem."""
