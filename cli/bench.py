@@ -119,6 +119,11 @@ def bench(
     model = None
     if checkpoint or preset == "embedded":
         model = load_checkpoint(checkpoint, device=dev, dtype=dt)
+        context = model.config.max_seq_len
+        if generation and not model.config.task and length > context:
+            raise UsageError(f"--length {length} exceeds this checkpoint's context of {context} "
+                             f"tokens (it has no task, so generation runs random prompts of "
+                             f"--length tokens in all); pass --length {context} or less")
     if preset == "embedded":
         cfg = LoopMDMConfig.from_dict({**model.config.to_dict(), "max_seq_len": length})
     elif preset in PRESETS:
