@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, CheckpointNotFound, UsageError
 from .files import atomic_write, atomic_write_text
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .model import LoopMDM
@@ -180,7 +180,7 @@ def _locate(source: str | Path | None, format: str,
     path = embedded_path() if source is None else Path(source).expanduser()
     check_format(format)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointNotFound(f"checkpoint not found: {path}")
     fmt, opened = detect_format(path) if format == "auto" else (format, None)
     if fmt == "native":
         _no_config(config)

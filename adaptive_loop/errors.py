@@ -23,6 +23,13 @@ class CheckpointError(AdaptiveLoopError):
     """A checkpoint that cannot be found, read or matched to its config."""
 
 
+class CheckpointNotFound(CheckpointError):
+    """A checkpoint path that does not exist: a mistyped argument, so exit code 2 like any
+    other path given that is not there."""
+
+    exit_code = 2
+
+
 class GenerationError(AdaptiveLoopError):
     """A generation request the model cannot serve (prompt too long, NaNs while looping...)."""
 

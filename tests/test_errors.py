@@ -98,7 +98,7 @@ GEN = ["generate", "--device", "cpu"]
 CASES = [
     # (id, argv (with {name} placeholders for broken checkpoints), exit code, message)
     ("unknown policy", GEN + ["--policy", "nope"], 2, "unknown policy 'nope'; choose one of"),
-    ("missing checkpoint", GEN + ["--checkpoint", "/no/such/dir"], 1, "checkpoint not found"),
+    ("missing checkpoint", GEN + ["--checkpoint", "/no/such/dir"], 2, "checkpoint not found"),
     ("no weights", GEN + ["--checkpoint", "{no_weights}"], 1, "model.safetensors"),
     ("truncated weights", GEN + ["--checkpoint", "{truncated}"], 1, "corrupt"),
     ("bad config json", GEN + ["--checkpoint", "{bad_json}"], 1, "not a readable JSON file"),
@@ -166,7 +166,7 @@ CASES = [
     ("train into a used dir", ["train", "--out", "{keep}", "--steps", "1"], 2,
      "already holds files"),
     ("train threads 0", ["train", "--out", "{empty}/t", "--threads", "0"], 2, "--threads"),
-    ("inspect missing", ["inspect", "/no/such/ckpt"], 1, "not found"),
+    ("inspect missing", ["inspect", "/no/such/ckpt"], 2, "not found"),
     ("param without value", GEN + ["--param", "patience"], 2, "--param takes KEY=VALUE"),
     ("param given twice", GEN + ["--threshold", "0.1", "--param", "threshold=0.2"], 2,
      "given twice"),

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from ..config import LoopMDMConfig
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, CheckpointNotFound, UsageError
 from . import llada, mdlm, smdm
 from .smdm import SMDM_PRESETS
 from .source import PICKLE_SUFFIXES, Source, read_json
@@ -68,7 +68,7 @@ def detect_format(path: str | Path) -> tuple[str, Source | None]:
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointNotFound(f"checkpoint not found: {path}")
     if is_native(path):
         return "native", None
     if path.is_dir() and not (path / "config.json").is_file() and not any(

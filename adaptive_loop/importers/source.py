@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFound
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 INDEX_FILE = "model.safetensors.index.json"
@@ -105,7 +105,7 @@ class Source:
     def open(cls, path: str | Path) -> Source:
         path = Path(path).expanduser()
         if not path.exists():
-            raise CheckpointError(f"checkpoint not found: {path}")
+            raise CheckpointNotFound(f"checkpoint not found: {path}")
         if path.is_dir():
             return cls(path, path, _weight_files(path))
         if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
