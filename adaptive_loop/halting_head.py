@@ -105,8 +105,9 @@ def weights_signature(model: LoopMDM) -> str:
 
 
 def head_file(path: str | Path | None) -> Path:
-    """The head's weights file: `path` itself, `path/halting_head.safetensors` for a checkpoint
-    directory, or the embedded model's sidecar for None. UsageError when there is none."""
+    """The head's weights file: `path` itself (or, for the head's JSON, the weights beside it),
+    `path/halting_head.safetensors` for a checkpoint directory, or the embedded model's sidecar
+    for None. UsageError when there is none."""
     if path is None:
         from .checkpoint import embedded_path
 
@@ -118,6 +119,8 @@ def head_file(path: str | Path | None) -> Path:
         return target
     given = Path(path).expanduser()
     target = given / HEAD_WEIGHTS if given.is_dir() else given
+    if target.suffix == ".json" and target.with_suffix(".safetensors").is_file():
+        target = target.with_suffix(".safetensors")  # the head's config named: its weights
     if not target.is_file() and given.is_dir():
         raise UsageError(f"learned: no halting head at {target}; train one with `adaptive-loop "
                          f"train-halting --checkpoint {given}` (it writes {HEAD_WEIGHTS} beside "

@@ -61,6 +61,8 @@ def test_head_trains_and_its_sidecar_round_trips(tiny_model, tmp_path):
 
     pol = make("learned", head=tmp_path)
     assert pol.threshold == 0.7
+    for named in (tmp_path / HEAD_WEIGHTS, tmp_path / HEAD_META):  # either file names the head
+        assert make("learned", head=named).threshold == 0.7
     out = generate(tiny_model, PROMPTS[:2], policy=pol, gen_length=4, steps=4)
     assert out.loops.max() <= tiny_model.config.n_loops
 
