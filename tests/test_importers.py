@@ -166,8 +166,22 @@ def test_pickle_with_code_is_refused(tmp_path):
     """weights_only loading refuses arbitrary objects: nothing in the file is executed."""
     torch.save({"model": smdm_state(SMDM_TINY), "extra": _Payload()}, tmp_path / "w.pth")
     (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"holds Python objects other than tensors "
+                       r"\(print\).*weights_only=True") as err:
         load_model(tmp_path / "w.pth", format="smdm")
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_damaged_pickle_is_named_damaged(tmp_path):
+    torch.save(smdm_state(SMDM_TINY), tmp_path / "w.pth")
+    (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))
+    data = (tmp_path / "w.pth").read_bytes()
+    for name, content in (("cut.pth", data[: len(data) // 2]), ("text.pth", b"garbage\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="damaged, truncated or not a torch "
+                           "checkpoint") as err:
+            load_model(tmp_path / name, format="smdm")
+        assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
 class _Payload:

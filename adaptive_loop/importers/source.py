@@ -9,6 +9,7 @@ containers: code that comes with a checkpoint is never executed.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,29 @@ def _weight_files(directory: Path) -> list[Path]:
                           f"{', '.join('*' + s for s in PICKLE_SUFFIXES)})")
 
 
+def _pickle_problem(path: Path, err: Exception) -> str:
+    """One line on why `torch.load(weights_only=True)` refused a file: Python objects other
+    than tensors in it (it would run code), or a damaged file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
+    named = re.search(r"GLOBAL (\S+)", text)
+    if "Unsupported global" in text and named:
+        return (f"{path}: holds Python objects other than tensors ({named.group(1)}), which "
+                f"adaptive-loop never loads: it reads pickles only with torch.load(weights_only"
+                f"=True), so nothing in a checkpoint runs. Save its state dict alone "
+                f"(torch.save(ckpt['state_dict'], path)) or as .safetensors")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = detail.group(1) if detail else (text.strip().split(". ")[0].splitlines() or
+                                             [type(err).__name__])[0]
+    return (f"{path}: damaged, truncated or not a torch checkpoint ({reason.strip()[:160]}); "
+            f"save it again, or as .safetensors")
+
+
 def _load_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state dict, other top-level entries) of a torch pickle, read as plain data only."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError... depending on damage
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: cannot be read as plain tensors ({reason[:200]}). adaptive-loop loads "
-            f"pickles only with torch.load(weights_only=True) and never runs code from a "
-            f"checkpoint: save its state dict alone (torch.save(ckpt['state_dict'], path)) or "
-            f"as .safetensors") from None
+        raise CheckpointError(_pickle_problem(path, err)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     for key in ("model", "state_dict"):
