@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from .errors import UsageError
 
 FLAVOURS = ("llama", "dit")
+MAX_SEQ_LEN = 1 << 20  # RoPE tables are built to max_seq_len: a bound on what they may take
 ROPE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -51,6 +53,7 @@ class LoopMDMConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        self._check_types()
         checks = [
             (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by "
@@ -58,6 +61,11 @@ class LoopMDMConfig:
             ((self.d_model // self.n_heads) % 2 == 0, "head size must be even for RoPE"),
             (self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple "
              f"of n_kv_heads {self.n_kv_heads}"),
+            (self.vocab_size >= 1 and self.d_ff >= 1 and self.n_kv_heads >= 1,
+             "vocab_size, d_ff and n_kv_heads must be positive"),
+            (self.norm_eps > 0 and self.rope_base > 0, "norm_eps and rope_base must be positive"),
+            (1 <= self.max_seq_len <= MAX_SEQ_LEN, f"max_seq_len must be in [1, {MAX_SEQ_LEN}], "
+             f"got {self.max_seq_len}"),
             (self.n_layers >= 1, "n_layers must be >= 1"),
             (self.loop_layers >= 1, "loop_layers must be >= 1"),
             (0 <= self.loop_start and self.loop_start + self.loop_layers <= self.n_layers,
@@ -74,6 +82,25 @@ class LoopMDMConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(f"invalid model config: {message}")
+
+    def _check_types(self) -> None:
+        """Every field of the type its annotation names (a hand-edited config.json can hold
+        anything): integers are not booleans or floats, floats are finite numbers."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.endswith("| None"):
+                continue
+            base = kind.split(" |")[0]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, wanted = {
+                "int": (number and isinstance(value, int), "an integer"),
+                "float": (number and math.isfinite(value), "a finite number"),
+                "str": (isinstance(value, str), "a string"),
+                "bool": (isinstance(value, bool), "true or false"),
+            }.get(base, (isinstance(value, dict), "an object"))
+            if not ok:
+                raise UsageError(f"invalid model config: {f.name} must be {wanted}, got "
+                                 f"{json.dumps(value) if _plain(value) else repr(value)}")
 
     @property
     def head_dim(self) -> int:
@@ -114,6 +141,14 @@ class LoopMDMConfig:
         if name not in PRESETS:
             raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _plain(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # Presets. `tiny` is for tests; the `*-shape` presets carry the layer shapes of public MDMs with a

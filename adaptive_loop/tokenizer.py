@@ -186,8 +186,14 @@ def from_spec(spec: dict[str, Any], directory: str | Path | None = None,
     """
     kind = spec.get("kind")
     if kind == "char":
-        chars = spec.get("specials", {})
-        return CharTokenizer(spec["chars"], chars["mask"], chars.get("pad"), chars.get("eos"))
+        own, chars = spec.get("specials", {}), spec.get("chars")
+        if not isinstance(chars, str) or not chars or not isinstance(own, dict):
+            raise UsageError("the model config's char tokenizer needs \"chars\", a string of "
+                             "the characters in id order (and \"specials\", if any, an object)")
+        ids = {**(specials or {}), **own}  # the model config's ids unless the spec names its own
+        if ids.get("mask") is None:
+            raise UsageError("the model config's char tokenizer names no mask id")
+        return CharTokenizer(chars, ids["mask"], ids.get("pad"), ids.get("eos"))
     if kind in _KINDS:
         if directory is None:
             raise UsageError(f"the model's {kind} tokenizer file is not available; pass a "

@@ -19,6 +19,16 @@ def test_parts_of_the_loop_spec():
     (dict(d_model=130, n_heads=4), "not divisible"),
     (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(vocab_size=8, mask_id=8), "mask_id 8"),
+    (dict(d_ff=None), "d_ff must be an integer, got null"),
+    (dict(n_loops=2.5), "n_loops must be an integer, got 2.5"),
+    (dict(n_loops=True), "n_loops must be an integer, got true"),
+    (dict(norm_eps="x"), 'norm_eps must be a finite number, got "x"'),
+    (dict(rope_base=float("inf")), "rope_base must be a finite number, got Infinity"),
+    (dict(tie_embeddings=1), "tie_embeddings must be true or false, got 1"),
+    (dict(tokenizer=["a"]), r'tokenizer must be an object, got \["a"\]'),
+    (dict(max_seq_len=1 << 30), r"max_seq_len must be in \[1, 1048576\]"),
+    (dict(d_ff=0), "d_ff and n_kv_heads must be positive"),
+    (dict(norm_eps=0.0), "norm_eps and rope_base must be positive"),
 ])
 def test_validation_names_the_problem(bad, message):
     with pytest.raises(UsageError, match=message):
@@ -33,3 +43,8 @@ def test_unknown_preset_lists_presets():
 def test_unknown_field_is_rejected():
     with pytest.raises(UsageError, match="bogus"):
         LoopMDMConfig.from_dict({"bogus": 1})
+
+
+def test_numbers_of_either_kind_where_a_float_is_meant():
+    cfg = LoopMDMConfig(rope_base=500000, norm_eps=1e-6, pad_id=None)
+    assert cfg.rope_base == 500000 and cfg.n_kv_heads == cfg.n_heads

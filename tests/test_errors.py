@@ -59,6 +59,13 @@ def broken(tmp_path_factory):
     meta["model"]["d_ff"] = 48
     (d / "config.json").write_text(json.dumps(meta))
     paths["shape"] = d
+    for name, field, value in (("null_field", "d_ff", None), ("float_context", "max_seq_len", 1e12),
+                               ("bool_loops", "n_loops", True)):
+        d = copy(name)
+        meta = json.loads((d / "config.json").read_text())
+        meta["model"][field] = value
+        (d / "config.json").write_text(json.dumps(meta))
+        paths[name] = d
     d = copy("nan")
     state = load_file(str(d / "model.safetensors"))
     state["layers.1.down.weight"][0, 0] = float("nan")
@@ -103,6 +110,11 @@ CASES = [
     ("truncated weights", GEN + ["--checkpoint", "{truncated}"], 1, "corrupt"),
     ("bad config json", GEN + ["--checkpoint", "{bad_json}"], 1, "not a readable JSON file"),
     ("missing key", GEN + ["--checkpoint", "{missing_key}"], 1, "'layers.0.qkv.weight'"),
+    ("config field null", ["inspect", "{null_field}"], 1, "d_ff must be an integer, got null"),
+    ("config context a float", ["inspect", "{float_context}"], 1,
+     "max_seq_len must be an integer, got 1000000000000.0"),
+    ("config loops a boolean", GEN + ["--checkpoint", "{bool_loops}"], 1,
+     "n_loops must be an integer, got true"),
     ("unexpected key", GEN + ["--checkpoint", "{extra_key}"], 1, "layers.9.qkv.weight"),
     ("shape mismatch", GEN + ["--checkpoint", "{shape}"], 1, "has shape (128, 32)"),
     ("non-finite weights", GEN + ["--checkpoint", "{nan}"], 1, "layers.1.down.weight holds NaN"),

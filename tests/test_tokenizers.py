@@ -12,9 +12,21 @@ from layouts import SMDM_TINY, smdm_state, write_llada
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from adaptive_loop import UsageError, generate, load_model, save_model, tokenizer_for
+from adaptive_loop import (
+    UsageError,
+    attach_tokenizer,
+    generate,
+    load_model,
+    save_model,
+    tokenizer_for,
+)
 from adaptive_loop.policies import make
-from adaptive_loop.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from adaptive_loop.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    from_spec,
+    load_tokenizer,
+)
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot",
              "cats and dogs play"] * 5
@@ -98,6 +110,24 @@ def test_model_without_tokenizer_asks_for_one(tmp_path):
         generate(model, ["hello"], policy=make("fixed"), gen_length=4, steps=4)
     out = generate(model, torch.tensor([[1, 2, 3]]), policy=make("fixed"), gen_length=4, steps=4)
     assert out.text == [] and out.tokens.shape == (1, 7)
+    (tmp_path / "tok").mkdir()
+    _tokenizer_json(tmp_path / "tok")
+    assert attach_tokenizer(model, tmp_path / "tok") is model
+    assert tokenizer_for(model) is model.tokenizer and model.tokenizer.mask_id == \
+        model.config.mask_id
+    out = generate(model, ["the cat"], policy=make("fixed"), gen_length=4, steps=4)
+    assert out.tokens.shape == (1, 6) and len(out.text) == 1
+
+
+def test_a_char_tokenizer_spec_takes_the_models_ids_and_a_bad_one_fails_in_one_line():
+    tok = from_spec({"kind": "char", "chars": "ab"}, None, {"mask": 2, "pad": None})
+    assert (tok.mask_id, tok.encode("ba")) == (2, [1, 0])
+    assert from_spec({"kind": "char", "chars": "ab", "specials": {"mask": 5}}, None,
+                     {"mask": 2}).mask_id == 5  # the spec's own ids come first
+    for spec in ({"kind": "char"}, {"kind": "char", "chars": 7},
+                 {"kind": "char", "chars": "ab", "specials": [1]}):
+        with pytest.raises(UsageError, match='char tokenizer needs "chars"'):
+            from_spec(spec, None, {"mask": 2})
 
 
 @pytest.mark.parametrize("build", [_tokenizer_json, _tokenizer_model])
