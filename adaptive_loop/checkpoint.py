@@ -37,6 +37,11 @@ def embedded_path() -> Path:
     return Path(str(resources.files("adaptive_loop") / "data" / "embedded"))
 
 
+# files beside a native checkpoint that describe its weights (the learned policy's head, the
+# training record); `convert` carries them over
+SIDECARS = ("halting_head.safetensors", "halting_head.json", "training.json")
+
+
 def save_model(model: LoopMDM, directory: str | Path) -> Path:
     """Write `model` in the native format; returns the directory."""
     out = Path(directory)
@@ -274,6 +279,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
 
     Returns:
         The converted model (on the CPU).
+
+    A native source's sidecars (its halting head, `training.json`) are copied along: a cast
+    or a new loop spec leaves the weights they describe as they were.
     """
     out = Path(destination).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -281,4 +289,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
                        **overrides)
     save_model(model, out)
+    origin = Path(model.checkpoint_path)
+    if origin.is_dir() and (origin / CONFIG_FILE).is_file():
+        for name in SIDECARS:
+            if (origin / name).is_file():
+                shutil.copyfile(origin / name, out / name)
     return model

@@ -45,9 +45,14 @@ def convert(
     with config_option():
         model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
                                    **_spec(loop_start, loop_layers, loops))
+    from ..checkpoint import SIDECARS
+
     c = model.config
-    out.print(f"wrote {dst}: {c.n_layers} layers, looped block [{c.loop_start}, "
-              f"{c.loop_start + c.loop_layers}) x {c.n_loops}")
+    kept = [name for name in SIDECARS if (dst / name).is_file()]
+    layers = f"{c.n_layers} layer{'s' * (c.n_layers != 1)}"
+    out.print(f"wrote {dst}: {layers}, looped block [{c.loop_start}, "
+              f"{c.loop_start + c.loop_layers}) x {c.n_loops}"
+              + (f" (with {', '.join(kept)})" if kept else ""))
 
 
 @app.command()

@@ -147,3 +147,18 @@ def test_configs_this_release_cannot_honour_are_refused(tmp_path, tiny_model, ch
     (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path / "ck", device="cpu")
+
+
+def test_convert_carries_a_native_checkpoints_sidecars(tmp_path):
+    """The embedded model converted to bfloat16 keeps its halting head (the weights' signs, which
+    the head's signature records, survive the cast), so `learned` runs on the copy."""
+    from adaptive_loop import convert_checkpoint, embedded_path, generate
+    from adaptive_loop.checkpoint import SIDECARS
+    from adaptive_loop.policies import make
+
+    convert_checkpoint(embedded_path(), tmp_path / "c", dtype="bfloat16")
+    for name in SIDECARS:
+        assert (tmp_path / "c" / name).read_bytes() == (embedded_path() / name).read_bytes()
+    model = load_model(tmp_path / "c", device="cpu")
+    out = generate(model, ["98181872+61818127="], policy=make("learned"), gen_length=9, steps=3)
+    assert out.stats.mean_loops < model.config.n_loops
