@@ -1,20 +1,19 @@
 """`schedule`: a loop budget per denoising step, the same for every token of the step.
 
-LoopMDM (arXiv 2605.26106) reports that the gains of looping peak at intermediate noise
-levels, so a budget that follows the denoising progress can spend loops where they pay.
-`budget` is either a comma-separated list of loop counts interpolated linearly over the steps
-(`"4,6,8,6,4"`; as many values as steps gives one per step) or a named shape scaled between
-min_loops and max_loops (the model's loop count when unset):
-`peak` (sin(pi x): fewest at the first and last steps), `rising` (x), `falling` (1 - x), where
-x = (step + 1/2) / steps is the middle of the step's share of the denoising (0.5 for a single
-step). Taking the middle, not the ends, keeps a shape off its extremes at the first and last
-steps: with the ends, `peak` gave those steps min_loops, and on the embedded model one loop
-there lost nearly every answer. Steps count over
-the whole generation, across semi-autoregressive blocks; with parallel decoding (`threshold`,
-`factor`) the step count is not fixed, and steps past the nominal `steps` keep the last
-step's budget. Every token halts when it reaches the
-step's budget; the policy asks for no signal and checks once per step, so `check_every` has
-no effect.
+LoopMDM (arXiv 2605.26106) reports that the gains of looping peak at intermediate noise levels,
+so a budget that follows the denoising progress can spend loops where they pay. `budget` is
+either a list of loop counts interpolated linearly over the steps, separated by commas or
+slashes (`"4,6,8,6,4"` or `"4/6/8/6/4"`, the form a sweep grid takes, where commas separate the
+grid's values; as many values as steps gives one per step) or a named shape scaled between
+min_loops and max_loops (the model's loop count when unset): `peak` (sin(pi x): fewest at the
+first and last steps), `rising` (x), `falling` (1 - x), where x = (step + 1/2) / steps is the
+middle of the step's share of the denoising (0.5 for a single step). Taking the middle, not the
+ends, keeps a shape off its extremes at the first and last steps: with the ends, `peak` gave
+those steps min_loops, and on the embedded model one loop there lost nearly every answer. Steps
+count over the whole generation, across semi-autoregressive blocks; with parallel decoding
+(`threshold`, `factor`) the step count is not fixed, and steps past the nominal `steps` keep
+the last step's budget. Every token halts when it reaches the step's budget; the policy asks
+for no signal and checks once per step, so `check_every` has no effect.
 """
 
 from __future__ import annotations
@@ -41,14 +40,14 @@ def _parse(budget: str | Sequence[int]) -> list[int] | str:
     if isinstance(budget, str) and budget.strip() in SHAPES:
         return budget.strip()
     if isinstance(budget, str):
-        items = budget.split(",")
+        items = budget.replace("/", ",").split(",")
     elif isinstance(budget, Sequence):
         items = list(budget)
     else:  # one loop count for every step
         items = [budget]
     if not items or (isinstance(budget, str) and not budget.strip()):
         raise UsageError(f"schedule: budget must be a shape ({', '.join(SHAPES)}) or "
-                         f"comma-separated loop counts, got {budget!r}")
+                         f"loop counts separated by commas or slashes, got {budget!r}")
     values = []
     for item in items:
         try:
@@ -56,7 +55,8 @@ def _parse(budget: str | Sequence[int]) -> list[int] | str:
                                        if isinstance(item, str) else item))
         except UsageError:
             raise UsageError(f"schedule: budget must be a shape ({', '.join(SHAPES)}) or "
-                             f"comma-separated loop counts >= 1, got {budget!r}") from None
+                             f"loop counts >= 1 separated by commas or slashes, got "
+                             f"{budget!r}") from None
     return values
 
 

@@ -380,6 +380,7 @@ def test_learned_halts_needed_tokens_by_the_head(head_dir):
 
 @pytest.mark.parametrize("budget, steps, bounds, expected", [
     ("4,6,8,6,4", 5, (1, 8), [4, 6, 8, 6, 4]),
+    ("4/6/8/6/4", 5, (1, 8), [4, 6, 8, 6, 4]),  # slashes: the form a sweep grid takes
     ("4,8", 5, (1, 8), [4, 5, 6, 7, 8]),
     # shapes are read at the middle of each step's share: (s + 1/2) / steps
     ("peak", 5, (1, 6), [3, 5, 6, 5, 3]),

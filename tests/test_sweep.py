@@ -53,6 +53,9 @@ def test_grid_grammar_is_a_product_in_written_order():
         {"threshold": 0.2, "min_loops": 1}, {"threshold": 0.2, "min_loops": 2}]
     assert parse_policy_grid("fixed") == [Setting("fixed")]
     assert got[0].label == "entropy(threshold=0.5,min_loops=1)"
+    # a per-step schedule in a grid: slashes inside a value, commas between values
+    budgets = parse_policy_grid("schedule:budget=4/6/8,8/6/4,5")
+    assert [s.kwargs["budget"] for s in budgets] == ["4/6/8", "8/6/4", 5]
 
 
 @pytest.mark.parametrize("spec, message", [
