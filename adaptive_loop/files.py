@@ -29,7 +29,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: a directory is in the way")
+    if path.exists() and not path.is_file():
         write(path)
         return path
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

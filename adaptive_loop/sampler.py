@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .attention import PackPlan, resolve_attention
+from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
 from .model import LoopMDM
 from .policies import HaltingPolicy
@@ -265,6 +266,9 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     upload, each checked loop iteration (see `runtime.run_loops`), the readout plan of every
     step, the decoded-block checks, and the copies of tokens and statistics back at the end.
     """
+    if not isinstance(model, LoopMDM):
+        raise UsageError(f"generate takes a loaded model (adaptive_loop.load_model(path)), got "
+                         f"{type(model).__name__} {str(model)[:80]!r}")
     cfg = model.config
     gen_length, steps, block_length, temperature, threshold, factor, cfg_scale, seed = \
         check_types(policy, gen_length, steps, block_length, temperature, threshold, factor,

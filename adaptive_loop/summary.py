@@ -34,8 +34,9 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
     with torch.device("meta"):
         model = LoopMDM(cfg)
     length = cfg.max_seq_len if length is None else length
-    if length < 1:
-        raise UsageError(f"--length must be >= 1, got {length}")
+    if not 1 <= length <= cfg.max_seq_len:
+        raise UsageError(f"--length must be in [1, {cfg.max_seq_len}] (the model's context), "
+                         f"got {length}")
     embeddings = [model.embed_tokens, model.norm] + \
         ([] if cfg.tie_embeddings else [model.lm_head])
     params = {"prelude": _count(model.prelude_layers), "block": _count(model.block_layers),

@@ -78,8 +78,9 @@ def parse_policy_spec(spec: str) -> tuple[str, list[tuple[str, list[Any]]]]:
     axes: list[tuple[str, list[Any]]] = []
     for item in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, values = item.partition("=")
-        parsed = [parse_value(v) for v in values.split(",") if v.strip()]
-        if not eq or not key.strip() or not parsed:
+        items = values.split(",")
+        parsed = [parse_value(v) for v in items if v.strip()]
+        if not eq or not key.strip() or len(parsed) < len(items):
             raise UsageError(f"bad policy spec {spec!r}: {item!r} is not PARAM=V1,V2,...")
         if key.strip() in dict(axes):
             raise UsageError(f"bad policy spec {spec!r}: {key.strip()} is given twice")
@@ -150,8 +151,10 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     if path.exists():
         try:
             old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UsageError(f"{path}: not valid JSON; use another --out") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            old = None
+        if not isinstance(old, dict):
+            raise UsageError(f"{path}: not a sweep's manifest; use another --out") from None
         if old == new:
             return
         if worked:

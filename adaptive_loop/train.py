@@ -127,9 +127,13 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
                                                "running"} <= set(state):
             raise CheckpointError(f"{state_path} is not a resumable training state (damaged or "
                                   f"from elsewhere); delete it to start over")
-        if state.get("recipe") != config_dict(cfg):
-            raise UsageError(f"{state_path} holds a run with another recipe; choose another "
-                             f"output directory or delete that file")
+        recipe, old = config_dict(cfg), state.get("recipe")
+        if old != recipe:
+            old = old if isinstance(old, dict) else {}
+            differ = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+            raise UsageError(f"{state_path} holds a run with another recipe (it differs in "
+                             f"{', '.join(differ)}); choose another output directory or delete "
+                             f"that file")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_gen"])

@@ -238,7 +238,9 @@ def calibrate(
         raise UsageError(f"the candidate values of {param} come from --grid or from --policy, "
                          f"not both")
     if grid is not None:
-        values = [parse_value(v) for v in grid.split(",") if v.strip()]
+        if any(not v.strip() for v in grid.split(",")):
+            raise UsageError(f"--grid takes comma-separated values, got {grid!r}")
+        values = [parse_value(v) for v in grid.split(",")]
     else:
         values = given or [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
     plan_settings(name, values, tolerance=tolerance, confidence=confidence, param=param,

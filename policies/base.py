@@ -47,13 +47,15 @@ def positive_int(policy: str, label: str, value: Any) -> int:
 
 
 def nonnegative(policy: str, label: str, value: Any) -> float:
-    """`value` as a float >= 0 (inf allowed), or a UsageError naming the parameter."""
+    """`value` as a finite float >= 0, or a UsageError naming the parameter (an infinite one
+    would halt every token at its first check, as any large number does, and could not be
+    written as JSON)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"{policy}: {label} must be a number >= 0, got {value!r}") from None
-    if isinstance(value, bool) or not number >= 0:  # also rejects NaN
-        raise UsageError(f"{policy}: {label} must be >= 0, got {value!r}")
+    if isinstance(value, bool) or not 0 <= number < math.inf:  # also rejects NaN
+        raise UsageError(f"{policy}: {label} must be a finite number >= 0, got {value!r}")
     return number
 
 

@@ -412,8 +412,9 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
 
 # -- parameter errors --------------------------------------------------------------------------
 @pytest.mark.parametrize("name, params, message", [
-    ("kl", {"threshold": -1}, "kl: threshold must be >= 0"),
-    ("kl", {"threshold": float("nan")}, "kl: threshold must be >= 0"),
+    ("kl", {"threshold": -1}, "kl: threshold must be a finite number >= 0"),
+    ("kl", {"threshold": float("nan")}, "kl: threshold must be a finite number >= 0"),
+    ("entropy", {"threshold": float("inf")}, "entropy: threshold must be a finite number >= 0"),
     ("kl", {"context_threshold": "abc"}, "kl: context_threshold must be a number >= 0"),
     ("kl", {"patience": 2}, "takes no parameter patience"),
     ("acceleration", {"threshold": float("nan")}, "acceleration: threshold must be"),

@@ -290,6 +290,13 @@ def test_bad_options_are_user_errors(tiny_model, prompts, kw, message):
         generate(tiny_model, prompts, policy=make("fixed"), gen_length=8, steps=4, **kw)
 
 
+@pytest.mark.parametrize("model", ["ckpt/", None])
+def test_a_path_where_a_model_goes_is_a_user_error(prompts, model):
+    with pytest.raises(UsageError, match=r"generate takes a loaded model \(adaptive_loop"
+                       r"\.load_model\(path\)\)"):
+        generate(model, prompts, policy=make("fixed"), gen_length=8, steps=4)
+
+
 def test_commit_rules_by_hand():
     inf = float("-inf")
     score = torch.tensor([[0.9, 0.2, 0.7, inf], [0.3, 0.1, inf, inf], [0.97, 0.9, 0.5, 0.2]],

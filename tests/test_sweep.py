@@ -61,6 +61,7 @@ def test_grid_grammar_is_a_product_in_written_order():
 @pytest.mark.parametrize("spec, message", [
     ("nope:threshold=1", "unknown policy 'nope'"),
     ("fixed:loops", "is not PARAM=V1,V2"),
+    ("convergence:threshold=0.1,,0.2", "is not PARAM=V1,V2"),
     ("fixed:loops=1;loops=2", "given twice"),
     ("convergence:threshold=-1", r"convergence\(threshold=-1\): .*threshold must be"),
     ("convergence:threshold=abc", r"convergence\(threshold=abc\): "),
@@ -175,6 +176,20 @@ def test_a_directory_of_other_files_is_refused(tmp_path, addition_model, data):
     with pytest.raises(UsageError, match="holds files but no sweep.json"):
         run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[], plot=False)
     assert (tmp_path / "curve.json").read_text() == "mine"
+
+
+def test_a_manifest_or_output_of_the_wrong_kind_is_one_line(tmp_path, addition_model, data):
+    for text in ("[1, 2]", "{not json"):
+        (tmp_path / "sweep.json").write_text(text)
+        with pytest.raises(UsageError, match="sweep.json: not a sweep's manifest"):
+            run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[],
+                      plot=False)
+    out = tmp_path / "out"
+    run_sweep(addition_model, data, settings()[:1], out, oracle_loops=[], plot=False)
+    (out / "curve.json").unlink()
+    (out / "curve.json").mkdir()  # then resumed: every point is done, the curve is written
+    with pytest.raises(UsageError, match="curve.json: a directory is in the way"):
+        run_sweep(addition_model, data, settings()[:1], out, oracle_loops=[], plot=False)
 
 
 def test_unwritable_output_is_refused_before_any_work(tmp_path, addition_model, data):

@@ -33,7 +33,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, evaluate=interrupt, state_path=state, save_every_s=3600.0)
     assert torch.load(state, weights_only=True)["step"] == 55  # step 54's update was applied
-    with pytest.raises(UsageError, match="another recipe"):
+    with pytest.raises(UsageError, match=r"another recipe \(it differs in eval_every, lr\)"):
         train(TrainConfig(steps=60, **{**SMALL, "lr": 1e-4}), state_path=state)
     resumed = train(cfg, state_path=state, log=resumed_log.append)
     for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
