@@ -48,7 +48,7 @@ def convert(
     from ..checkpoint import SIDECARS
 
     c = model.config
-    kept = [name for name in SIDECARS if (dst / name).is_file()]
+    kept = [name for name in SIDECARS if (dst.expanduser() / name).is_file()]
     layers = f"{c.n_layers} layer{'s' * (c.n_layers != 1)}"
     out.print(f"wrote {dst}: {layers}, looped block [{c.loop_start}, "
               f"{c.loop_start + c.loop_layers}) x {c.n_loops}"
