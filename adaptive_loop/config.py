@@ -100,7 +100,7 @@ class LoopMDMConfig:
             }.get(base, (isinstance(value, dict), "an object"))
             if not ok:
                 raise UsageError(f"invalid model config: {f.name} must be {wanted}, got "
-                                 f"{json.dumps(value) if _plain(value) else repr(value)}")
+                                 f"{_shown(value)}")
 
     @property
     def head_dim(self) -> int:
@@ -143,12 +143,12 @@ class LoopMDMConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _plain(value: Any) -> bool:
+def _shown(value: Any) -> str:
+    """A config value as its JSON reads (null, true, "x"), or its repr where it has none."""
     try:
-        json.dumps(value)
+        return json.dumps(value)
     except (TypeError, ValueError):
-        return False
-    return True
+        return repr(value)
 
 
 # Presets. `tiny` is for tests; the `*-shape` presets carry the layer shapes of public MDMs with a

@@ -154,7 +154,7 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             old = None
         if not isinstance(old, dict):
-            raise UsageError(f"{path}: not a sweep's manifest; use another --out") from None
+            raise UsageError(f"{path}: not a sweep's manifest; use another --out")
         if old == new:
             return
         if worked:

@@ -57,11 +57,20 @@ err = _console(stderr=True)
 
 def progress_bar(*columns: Any, hidden: bool = False) -> Any:
     """A transient progress bar on stderr (rich's default columns unless given), drawn only
-    on a terminal: a pipe or a file gets no bar lines."""
+    on a terminal: a pipe or a file gets no bar lines. A bar not drawn never starts rich's
+    live display, whose stop writes an empty line in some rich versions (13.0), ahead of any
+    error line."""
     from rich.progress import Progress
 
-    return Progress(*columns, console=err, transient=True,
-                    disable=hidden or not err.is_terminal)
+    class Hidden(Progress):
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    kind = Hidden if hidden or not err.is_terminal else Progress
+    return kind(*columns, console=err, transient=True, disable=kind is Hidden)
 
 Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Checkpoint directory: native, or a layout whose config is "

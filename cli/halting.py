@@ -82,8 +82,6 @@ def train_halting(
                         ("--block-length", block_length), ("--train-steps", train_steps)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if not 0 < lr <= 1:  # before the progress bar, which a refusal inside training would end
-        raise UsageError(f"--lr must be in (0, 1] (Adam's step size), got {lr}")
     target = out_dir if out_dir is not None else checkpoint
     if (target / HEAD_WEIGHTS).exists() and not overwrite:
         raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "
