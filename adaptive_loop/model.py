@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .attention import PackPlan
 from .config import LoopMDMConfig
+from .errors import UsageError
 from .layers import (
     KV,
     DiTLayer,
@@ -181,6 +182,10 @@ class LoopMDM(nn.Module):
             key_mask: (B, L) bool, False for padding that no token may attend to.
             positions: (B, L) RoPE positions (default 0..L-1 in every row).
         """
+        if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_seq_len:
+            raise UsageError(f"input_ids must be (batch, length) with length <= the model's "
+                             f"context of {self.config.max_seq_len}, got shape "
+                             f"{tuple(input_ids.shape)}")
         n_loops = self.config.n_loops if n_loops is None else n_loops
         with self.at_positions(positions):
             h = self.prelude(self.embed(input_ids), key_mask)

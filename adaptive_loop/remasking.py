@@ -4,7 +4,9 @@ Everything here works on whole batches with tensor ops (no Python loop over rows
 - `draw`: Gumbel-max in float64 (LLaDA's `add_gumbel_noise`); temperature 0 is argmax.
 - `confidence`: LLaDA's `low_confidence` (probability of the drawn token) and `random`
   (uniform scores); Dream's `margin` (top-1 minus top-2 probability) and `entropy` (negative
-  entropy, sum p log(p + 1e-10)). Probabilities are the softmax of the un-noised logits.
+  entropy, sum p log(p + 1e-10)). Probabilities are the softmax of the un-noised logits over
+  the whole vocabulary, the mask token's included, as LLaDA's code computes them (the sampler
+  leaves the mask out of the draw only), and without the temperature (Dream divides by it).
 - commit rules, given per-row scores (B, L) with -inf where a position is not a candidate:
   `top_k_rows` (LLaDA's fixed schedule), `threshold_commit` and `factor_commit` (Fast-dLLM's
   parallel decoding).

@@ -61,6 +61,13 @@ def check_types(policy: Any, gen_length: Any, steps: Any, block_length: Any,
             _real("cfg_scale", cfg_scale), seed)
 
 
+def check_flags(**flags: Any) -> None:
+    """Switches must be booleans (numpy's and 0/1 pass): `compact="no"` would read as true."""
+    for label, value in flags.items():
+        if isinstance(value, (str, bytes)) or value not in (True, False):
+            raise UsageError(f"{label} must be True or False, got {value!r}")
+
+
 def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
                  block_length: int, temperature: float, remasking: str,
                  threshold: float | None, factor: float | None, cfg_scale: float,

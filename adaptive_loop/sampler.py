@@ -52,7 +52,7 @@ from .remasking import (
     threshold_commit,
     top_k_rows,
 )
-from .requests import check_types, check_values, prompt_rows
+from .requests import check_flags, check_types, check_values, prompt_rows
 from .runtime import StepTrace, run_loops
 from .tokenizer import Tokenizer
 
@@ -215,9 +215,10 @@ class _Stepper:
             half = plan.size // 2
             cond, un = logits[:half].float(), logits[half:].float()
             logits, index = un + (self.cfg_scale + 1) * (cond - un), index[:half]
-        if cfg.mask_id < logits.shape[-1]:  # never commit the mask itself
-            logits = logits.index_fill(-1, self.mask_column, -torch.inf)
-        drawn = draw(logits, self.temperature, self.generator)
+        candidates = logits
+        if cfg.mask_id < logits.shape[-1]:  # never draw the mask itself (scores keep it)
+            candidates = logits.index_fill(-1, self.mask_column, -torch.inf)
+        drawn = draw(candidates, self.temperature, self.generator)
         return index, drawn, confidence(logits, drawn, self.remasking, self.generator), trace
 
 
@@ -273,6 +274,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     gen_length, steps, block_length, temperature, threshold, factor, cfg_scale, seed = \
         check_types(policy, gen_length, steps, block_length, temperature, threshold, factor,
                     cfg_scale, seed, tokenizer)
+    check_flags(eos_fill=eos_fill, compact=compact, warm_start=warm_start, pipeline=pipeline)
     rows, tokenizer = prompt_rows(model, prompts, tokenizer)
     block_length = gen_length if block_length is None else block_length
     prompt_len = max(len(r) for r in rows)

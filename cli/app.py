@@ -186,6 +186,14 @@ def _task_of(model: Any) -> Any:
     return make_task(model.config.task) if model.config.task else None
 
 
+_abort_hint: list[str] = []  # what a Ctrl-C keeps, said after "aborted"
+
+
+def on_abort(hint: str) -> None:
+    """Have Ctrl-C during this command say `hint` after "aborted" (e.g. how to resume)."""
+    _abort_hint[:] = [hint]
+
+
 def run_main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning user errors into one line and an exit code.
 
@@ -198,6 +206,7 @@ def run_main(argv: list[str] | None = None) -> None:
     from ..files import forget_created, remove_created_if_empty
 
     forget_created()
+    _abort_hint.clear()
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
         os.environ.get("ADAPTIVE_LOOP_DEBUG") == "1"
@@ -208,10 +217,11 @@ def run_main(argv: list[str] | None = None) -> None:
         if name is not None and name not in SHARDED and name in command.commands:
             refuse_launch(name)
         code = command.main(args=args, prog_name="adaptive-loop", standalone_mode=False)
+        if code == ABORTED:  # Ctrl-C, as newer Typer reports it
+            _aborted()
         sys.exit(code if isinstance(code, int) else 0)  # --help and the like return a code
-    except ABORT:  # Ctrl-C
-        err.print("aborted", markup=False, highlight=False)
-        sys.exit(130)
+    except ABORT:  # Ctrl-C, as older Typer and click report it
+        _aborted()
     except PARSER_ERRORS as e:  # the parser's: a bad option value, an unknown option...
         if type(e).__name__ == "NoArgsIsHelpError":
             e.show()
@@ -240,6 +250,12 @@ def run_main(argv: list[str] | None = None) -> None:
         raise
 
 
+def _aborted() -> None:
+    err.print("; ".join(["aborted", *_abort_hint]), markup=False, highlight=False,
+              soft_wrap=True)
+    sys.exit(ABORTED)
+
+
 def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """The parser's error and abort classes: Typer's own, and click's where Typer uses it."""
     errors: list[type[BaseException]] = []
@@ -257,6 +273,7 @@ def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[Ba
 
 
 PARSER_ERRORS, ABORT = _parser_exceptions()
+ABORTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
 PEER_GRACE_S = 10.0
 SHARDED = {"sweep", "generate", "evaluate"}  # commands that split their work across ranks
 

@@ -31,6 +31,7 @@ from .app import (
     app,
     err,
     load_checkpoint,
+    on_abort,
     out,
     progress_bar,
 )
@@ -129,6 +130,8 @@ def generate(
             raise UsageError("give prompts as arguments or with --prompts, not both")
         if out_file is not None:
             _results_path(out_file.expanduser(), prompts, force)
+            on_abort(f"finished batches are kept in {out_file}.parts; run the same command "
+                     f"again to resume")
         _complete_file(prompts, out_file, halting, checkpoint, device, dtype, tokenizer,
                        gen_length, steps, decoding, seed, batch_size, as_json)
         return
@@ -283,6 +286,9 @@ def evaluate(
             counts = [int(x) for x in loops.split(",")]
         except ValueError:
             raise UsageError(f"--loops takes comma-separated integers, got {loops!r}") from None
+        twice = sorted({c for c in counts if counts.count(c) > 1})
+        if twice:
+            raise UsageError(f"--loops lists {', '.join(map(str, twice))} more than once")
         settings = [(f"fixed loops={c}", _policy("fixed", None, c, None, None, None))
                     for c in counts]
         shown = [label for label, _ in settings]
@@ -349,7 +355,7 @@ def train(
         if threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    from ..train import TrainConfig, train_and_save
+    from ..train import STATE_FILE, TrainConfig, train_and_save
 
     for flag, value in (("--steps", steps), ("--eval-every", eval_every)):
         if value is not None and value < 1:
@@ -359,6 +365,8 @@ def train(
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
+    on_abort(f"progress is kept in {out_dir / STATE_FILE}; run the same command again "
+             f"to resume")
     train_and_save(cfg, out_dir, device=device, console=err, force=force)
     out.print(f"saved to {out_dir}")
 

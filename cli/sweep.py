@@ -20,6 +20,7 @@ from .app import (
     app,
     err,
     load_checkpoint,
+    on_abort,
     out,
     progress_bar,
 )
@@ -156,6 +157,7 @@ def sweep(
             raise UsageError(f"--oracle-loops takes comma-separated integers or 'none', got "
                              f"{oracle_loops!r}") from None
     prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
+    on_abort(f"finished points are kept in {out_dir}; run the same command again to resume")
     with session(device) as ranks:
         model, evalset = _setup(checkpoint, ranks.device(device), dtype, task, data,
                                 answer_regex, numeric, limit, seed, tokenizer)

@@ -105,7 +105,7 @@ def smdm_reference(state: dict[str, Tensor], lit: dict, ids: Tensor, order: list
 # -- MDLM: DiT backbone ---------------------------------------------------------------------------
 MDLM_TINY = {"model_type": "mdlm", "vocab_size": 30, "model_length": 64, "hidden_dim": 32,
              "cond_dim": 16, "n_blocks": 4, "n_heads": 4, "dropout": 0.1,
-             "time_conditioning": False}
+             "time_conditioning": False, "mask_token_id": 29}
 
 
 def mdlm_state(cfg: dict, seed: int = 0, inv_freq: bool = True) -> dict[str, Tensor]:
@@ -137,13 +137,14 @@ def mdlm_state(cfg: dict, seed: int = 0, inv_freq: bool = True) -> dict[str, Ten
 
 
 def mdlm_reference(state: dict[str, Tensor], cfg: dict, ids: Tensor, order: list[int],
-                   sigma: float = 0.0) -> Tensor:
+                   sigma: float = 0.0, bf16_rope: bool = True) -> Tensor:
     """MDLM's DIT at noise level sigma: c = silu(MLP(emb(sigma))) with emb the 256-dim
     sinusoidal embedding (cosines then sines, max period 10000); per block adaLN(c) chunks
     shift/scale/gate for attention then MLP, float32 LayerNorm without bias scaled by its
     weight, x * (1 + scale) + shift, rotate-half RoPE on q and k (not v), residual
     x + gate * out, GELU-tanh MLP with biases; output layer: its own (shift, scale), then a
-    linear with bias."""
+    linear with bias. The cos/sin tables are rounded to bfloat16, as MDLM's autocast region
+    casts them to the dtype of q/k (`bf16_rope=False`: kept in float32)."""
     s = {k.removeprefix("backbone."): v for k, v in state.items()}
     d, heads = cfg["hidden_dim"], cfg["n_heads"]
     size = d // heads
@@ -159,6 +160,8 @@ def mdlm_reference(state: dict[str, Tensor], cfg: dict, ids: Tensor, order: list
     angles = torch.einsum("i,j->ij", torch.arange(length).float(), inv)
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    if bf16_rope:
+        cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
 
     def ln(x: Tensor, w: Tensor) -> Tensor:
         return F.layer_norm(x.float(), [d]) * w

@@ -242,6 +242,8 @@ CASES = [
     ("evaluate loops with a policy", ["evaluate", "--loops", "1", "--policy", "entropy",
                                       "--threshold", "0.1"], 2,
      "it takes no --policy entropy, --threshold"),
+    ("evaluate loops repeated", ["evaluate", "--loops", "2,4,2"], 2,
+     "--loops lists 2 more than once"),
 ]
 
 
@@ -344,3 +346,32 @@ def test_generate_fuzz(tiny_model, prompts, gen_length, steps, block, temperatur
         return
     assert out.tokens.shape == (prompts.shape[0], prompts.shape[1] + gen_length)
     assert (out.tokens[:, prompts.shape[1]:] != tiny_model.config.mask_id).all()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv, where, hint", [
+    (["train", "--out", "{root}/t", "--steps", "1"], "adaptive_loop.train.train_and_save",
+     "aborted; progress is kept in {root}/t/train_state.pt; run the same command again to "
+     "resume"),
+    (["sweep", "-p", "fixed:loops=1", "--out", "{root}/s", "--no-plot"],
+     "adaptive_loop.sweep.run_sweep",
+     "aborted; finished points are kept in {root}/s; run the same command again to resume"),
+    (["generate", "--prompts", "{root}/p.jsonl", "--out", "{root}/r.jsonl"],
+     "adaptive_loop.completions.complete_file",
+     "aborted; finished batches are kept in {root}/r.jsonl.parts; run the same command again "
+     "to resume"),
+    (["evaluate", "--n", "2"], "adaptive_loop.evaluate.evaluate_task", "aborted"),
+])
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, hint):
+    """Ctrl-C exits 130 with one line; a command that resumes says what it kept and how."""
+    module, _, name = where.rpartition(".")
+    monkeypatch.setattr(f"{module}.{name}", _interrupt)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "12+34="}\n')
+    with pytest.raises(SystemExit) as exc:
+        run_main([a.format(root=tmp_path) for a in argv + ["--device", "cpu"]])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "Traceback" not in err
+    assert err.strip() == hint.format(root=tmp_path), err

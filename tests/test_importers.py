@@ -88,6 +88,74 @@ def test_mdlm_logits_match_reference(tmp_path, spec):
     assert rel_err(got, ref[..., :29]) <= TOL
 
 
+def test_mdlm_bf16_rope_tables_matter(tmp_path):
+    """MDLM rounds its RoPE tables to bfloat16 (cast to q/k's dtype under autocast); float32
+    tables would differ from its forward by more than the tolerance."""
+    state = write_mdlm(tmp_path / "m")
+    model = load_model(tmp_path / "m", device="cpu")
+    assert model.config.rope_dtype == "bfloat16"
+    exact = mdlm_reference(state, MDLM_TINY, IDS, list(range(4)), bf16_rope=False)
+    with torch.no_grad():
+        assert rel_err(model(IDS), exact[..., :29]) > TOL
+
+
+def test_mdlm_mask_id_is_given_or_known(tmp_path):
+    """The mask id comes from the config, or from the vocabulary of MDLM's released setups
+    (text8's tokenizer: [MASK] = 4, not the last id, so every output row stays); any other
+    checkpoint must say it, and a config given is read over the checkpoint's own."""
+    text8 = {k: v for k, v in MDLM_TINY.items() if k != "mask_token_id"}
+    state = write_mdlm(tmp_path / "text8", {**text8, "vocab_size": 35})
+    model = load_model(tmp_path / "text8", device="cpu")
+    assert model.config.mask_id == 4
+    with torch.no_grad():
+        got = model(IDS)
+    ref = mdlm_reference(state, {**text8, "vocab_size": 35}, IDS, list(range(4)))
+    assert got.shape == (2, 11, 35) and rel_err(got, ref) <= TOL
+
+    write_mdlm(tmp_path / "odd", text8)
+    with pytest.raises(UsageError, match="a vocabulary of 30 ids is none of MDLM's released"
+                       " setups.*pass config= a JSON with mask_token_id"):
+        load_model(tmp_path / "odd", device="cpu")
+    (tmp_path / "mask.json").write_text('{"mask_token_id": 29}')
+    for config in (tmp_path / "mask.json", {"mask_token_id": 29}):
+        model = load_model(tmp_path / "odd", config=config, device="cpu")
+        assert model.config.mask_id == 29 and model.config.out_vocab == 29
+    assert load_model(tmp_path / "odd", mask_id=3, device="cpu").config.out_vocab == 30
+
+
+def test_mdlm_lightning_checkpoint_loads_its_ema_weights(tmp_path):
+    """A Lightning checkpoint saved with its `ema` entry loads the EMA weights (MDLM's
+    evaluation swaps them in): shadow_params follow the backbone's parameters in order."""
+    from layouts import mdlm_state
+
+    state = mdlm_state(MDLM_TINY)
+    names = [k for k in state if not k.endswith("rotary_emb.inv_freq")]
+    shadow = [state[k] * 0.9 for k in names]
+    ema = {**state, **dict(zip(names, shadow))}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "ema": {"decay": 0.9999, "num_updates": 7,
+                                             "shadow_params": shadow}}, path)
+    model = load_model(path, format="mdlm", config=MDLM_TINY, device="cpu")
+    ref = mdlm_reference(ema, MDLM_TINY, IDS, list(range(4)))[..., :29]
+    raw = mdlm_reference(state, MDLM_TINY, IDS, list(range(4)))[..., :29]
+    with torch.no_grad():
+        got = model(IDS)
+    assert rel_err(got, ref) <= TOL < rel_err(got, raw)
+
+    torch.save({"state_dict": state, "ema": {"shadow_params": shadow[1:]}}, path)
+    with pytest.raises(CheckpointError, match="ema.shadow_params do not line up"):
+        load_model(path, format="mdlm", config=MDLM_TINY, device="cpu")
+
+
+def test_mdlm_unexpected_keys_are_refused(tmp_path):
+    state = write_mdlm(tmp_path / "m")
+    save_file({**state, "backbone.blocks.0.norm1.bias": torch.zeros(32)},
+              str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected key 'backbone.blocks.0.norm1.bias' "
+                       "for the mdlm layout"):
+        load_model(tmp_path / "m", device="cpu")
+
+
 def test_mdlm_time_conditioning_is_refused(tmp_path):
     write_mdlm(tmp_path / "m", {**MDLM_TINY, "time_conditioning": True})
     with pytest.raises(CheckpointError, match="time_conditioning is true"):
@@ -106,6 +174,40 @@ def test_llada_logits_match_reference(tmp_path, spec):
     order = list(range(4)) if spec is None else unrolled(4, *spec)
     with torch.no_grad():
         assert rel_err(model(IDS), llada_reference(state, LLADA_TINY, IDS, order)) <= TOL
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope": None}, "positions other than RoPE \\(rope False \\(its default when left out"),
+    ({"layer_norm_type": None}, "layer_norm_type 'default' \\(its default when left out\\)"),
+    ({"weight_tying": None}, "unexpected key 'model.transformer.ff_out.weight' for the llada "
+     "layout with weight_tying"),
+    ({"bias_for_layer_norm": True}, "biases is not supported"),
+    ({"layer_norm_with_affine": False}, "norms without weights"),
+])
+def test_llada_fields_left_out_mean_llada_defaults(tmp_path, change, message):
+    """A field left out of config.json means LLaDA's own default (plain LayerNorm, learned
+    positions, tied embeddings...), which either fails to line up or is refused by name."""
+    cfg = {k: v for k, v in {**LLADA_TINY, **change}.items() if v is not None}
+    write_llada(tmp_path / "l", cfg)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "l", device="cpu")
+
+
+def test_llada_unexpected_keys_are_refused(tmp_path):
+    """A tensor the importer would not use (a norm bias, learned positions) is an error, not
+    silently dropped; the vocabulary comes from the embedding's shape."""
+    state = write_llada(tmp_path / "l")
+    cfg = {k: v for k, v in LLADA_TINY.items() if k not in ("embedding_size", "vocab_size")}
+    (tmp_path / "l" / "config.json").write_text(json.dumps(cfg))
+    assert load_model(tmp_path / "l", device="cpu").config.vocab_size == 40
+    extra = {**state, "model.transformer.blocks.0.attn_norm.bias": torch.zeros(32)}
+    save_file(extra, str(tmp_path / "l" / "model.safetensors"))
+    for shard in tmp_path.glob("l/model-*"):
+        shard.unlink()
+    (tmp_path / "l" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="unexpected key 'model.transformer.blocks.0."
+                       "attn_norm.bias' for the llada layout$"):
+        load_model(tmp_path / "l", device="cpu")
 
 
 @pytest.mark.parametrize("layout", ["smdm", "mdlm", "llada"])

@@ -1,7 +1,9 @@
+import re
+
 import pytest
 import torch
 
-from adaptive_loop import LoopMDM
+from adaptive_loop import LoopMDM, UsageError
 from adaptive_loop.attention import PackPlan
 from adaptive_loop.layers import rope_rows
 
@@ -13,6 +15,16 @@ def test_forward_shapes_and_loop_count_matters(make_config):
     one, three = model(ids, n_loops=1), model(ids, n_loops=3)
     assert one.shape == (2, 9, model.config.out_vocab)
     assert not torch.allclose(one, three)
+
+
+def test_forward_refuses_input_past_the_context(make_config):
+    model = LoopMDM(make_config()).eval()
+    context = model.config.max_seq_len
+    model(torch.zeros(1, context, dtype=torch.long))
+    for shape in ((1, context + 1), (context,)):
+        with pytest.raises(UsageError, match=re.escape(
+                f"length <= the model's context of {context}, got shape {tuple(shape)}")):
+            model(torch.zeros(*shape, dtype=torch.long))
 
 
 def test_forward_is_the_unrolled_network(make_config):

@@ -46,8 +46,8 @@ def _factor_pick(conf_row: torch.Tensor, mask_row: torch.Tensor, factor: float) 
 def reference_generate(model, prompt, steps, gen_length, block_length, remasking="low_confidence",
                        cfg_scale=0.0, threshold=None, factor=None):
     """LLaDA's generate loop (plus Dream's scores and Fast-dLLM's rules) at temperature 0,
-    with the mask token's logit excluded (MDLM's rule; LLaDA's trained models give it no
-    weight, random ones do)."""
+    with the mask token left out of the argmax (MDLM's rule; LLaDA's trained models give it
+    no weight, random ones do) but kept in the softmax the scores come from, as LLaDA's."""
     mask_id = model.config.mask_id
     batch, plen = prompt.shape
     x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.long)
@@ -68,9 +68,10 @@ def reference_generate(model, prompt, steps, gen_length, block_length, remasking
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
                 logits = model(x, n_loops=LOOPS)
+            drawable = logits.clone()
             if mask_id < logits.shape[-1]:
-                logits[..., mask_id] = -np.inf
-            x0 = torch.argmax(logits, dim=-1)
+                drawable[..., mask_id] = -np.inf
+            x0 = torch.argmax(drawable, dim=-1)
             if remasking == "low_confidence" and threshold is None and factor is None:
                 p = F.softmax(logits, dim=-1)  # LLaDA: softmax in the logits' dtype
                 x0_p = torch.gather(p, -1, x0[..., None])[..., 0].double()

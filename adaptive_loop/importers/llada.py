@@ -24,6 +24,14 @@ from .source import Source, read_json
 
 PREFIX = "model.transformer."
 LLADA_MASK = 126336
+DEFAULTS = {  # LLaDA's ModelConfig defaults: a config.json leaving a field out means these
+    "block_type": "sequential", "layer_norm_type": "default", "activation_type": "swiglu",
+    "rope": False, "alibi": False, "weight_tying": True, "include_bias": False,
+    "include_qkv_bias": False, "bias_for_layer_norm": None, "layer_norm_with_affine": True,
+    "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False,
+    "block_group_size": 1, "max_sequence_length": 1024, "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5, "mlp_ratio": 4,
+}
 
 
 def _raw_config(source: Source, config: str | Path | None) -> tuple[dict[str, Any], str]:
@@ -42,16 +50,23 @@ def _raw_config(source: Source, config: str | Path | None) -> tuple[dict[str, An
 def read_config(source: Source, config: str | Path | None,
                 overrides: dict[str, Any]) -> LoopMDMConfig:
     raw, where = _raw_config(source, config)
-    get = raw.get
+    given = {k: v for k, v in raw.items() if v is not None}
+    cfg = {**DEFAULTS, **given}
+    get = cfg.get
+
+    def shown(key: str) -> str:
+        return f"{key} {cfg[key]!r}" + ("" if key in given else " (its default when left out)")
+
     unsupported = [
-        (get("block_type", "llama") != "llama", f"block_type {get('block_type')!r}"),
-        (get("layer_norm_type", "rms") != "rms", f"layer_norm_type {get('layer_norm_type')!r}"),
-        (get("activation_type", "silu") != "silu", f"activation_type {get('activation_type')!r}"),
-        (get("alibi", False) or not get("rope", True), "positions other than RoPE"),
-        (get("include_bias", False) or get("include_qkv_bias", False), "biases"),
-        (get("attention_layer_norm", False), "query/key layer norm"),
-        (get("input_emb_norm", False) or get("scale_logits", False), "scaled embeddings/logits"),
-        (get("block_group_size", 1) != 1, "block groups"),
+        (get("block_type") != "llama", shown("block_type")),
+        (get("layer_norm_type") != "rms", shown("layer_norm_type")),
+        (get("activation_type") != "silu", shown("activation_type")),
+        (get("alibi") or not get("rope"), "positions other than RoPE (" + shown("rope") + ")"),
+        (get("include_bias") or get("include_qkv_bias") or get("bias_for_layer_norm"), "biases"),
+        (not get("layer_norm_with_affine"), "norms without weights"),
+        (get("attention_layer_norm"), "query/key layer norm"),
+        (get("input_emb_norm") or get("scale_logits"), "scaled embeddings/logits"),
+        (get("block_group_size") != 1, "block groups"),
     ]
     for bad, what in unsupported:
         if bad:
@@ -63,15 +78,17 @@ def read_config(source: Source, config: str | Path | None,
         raise CheckpointError(f"{where}: missing {err.args[0]!r}; is this a LLaDA "
                               f"config.json?") from None
     kv = get("n_kv_heads") or (1 if get("multi_query_attention") else heads)
+    wte = source.shapes().get(PREFIX + "wte.weight")
+    if wte is None:
+        raise CheckpointError(f"{source.path}: missing key {PREFIX + 'wte.weight'!r} for the "
+                              f"llada layout")
     base = {
-        "flavour": "llama", "vocab_size": get("embedding_size") or raw["vocab_size"],
-        "d_model": d, "n_heads": heads, "n_kv_heads": kv,
-        "d_ff": get("mlp_hidden_size") or get("mlp_ratio", 4) * d, "n_layers": layers,
-        "max_seq_len": get("max_sequence_length", 4096), "rope_base": float(get("rope_theta",
-                                                                                10000.0)),
-        "norm_eps": get("rms_norm_eps", 1e-5), "mask_id": get("mask_token_id") or LLADA_MASK,
-        "eos_id": get("eos_token_id"), "pad_id": get("pad_token_id"),
-        "tie_embeddings": bool(get("weight_tying", False)),
+        "flavour": "llama", "vocab_size": wte[0], "d_model": d, "n_heads": heads,
+        "n_kv_heads": kv, "d_ff": get("mlp_hidden_size") or get("mlp_ratio") * d,
+        "n_layers": layers, "max_seq_len": get("max_sequence_length"),
+        "rope_base": float(get("rope_theta")), "norm_eps": get("rms_norm_eps"),
+        "mask_id": get("mask_token_id") or LLADA_MASK, "eos_id": get("eos_token_id"),
+        "pad_id": get("pad_token_id"), "tie_embeddings": bool(get("weight_tying")),
         "tokenizer": tokenizer_spec(source),
     }
     found = count_layers(source.keys(), PREFIX + "blocks.")
@@ -84,8 +101,10 @@ def read_config(source: Source, config: str | Path | None,
 def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     """The checkpoint's tensors under native names (q/k/v and gate/up fused)."""
     state = source.state()
+    used: set[str] = set()
 
     def take(name: str) -> Tensor:
+        used.add(PREFIX + name)
         return source.take(state, PREFIX + name)
 
     out = {"embed_tokens.weight": take("wte.weight"), "norm.weight": take("ln_f.weight")}
@@ -104,4 +123,9 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
                                                      take(p + "up_proj.weight")]),
             f"layers.{i}.down.weight": take(p + "ff_out.weight"),
         })
+    extra = sorted(set(state) - used)
+    if extra:
+        raise CheckpointError(f"{source.path}: unexpected key {extra[0]!r} for the llada layout"
+                              + (" with weight_tying" if extra[0] == PREFIX + "ff_out.weight"
+                                 else ""))
     return out

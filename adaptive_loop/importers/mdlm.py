@@ -12,9 +12,22 @@ scale and gate for attention and MLP. Without time conditioning sigma is always 
 constants: the importer evaluates them once. Time-conditioned checkpoints are refused, since
 the looped runtime has no per-step noise-level input.
 
-The mask token is the last id (V - 1). MDLM's SUBS parameterisation never predicts it (its
-logit is set to -inf), so the importer drops that row of the output layer: logits cover ids
-0..V-2 and equal the backbone's for those ids.
+The mask token is the tokenizer's own where it has one, else an id appended after the
+vocabulary (V - 1). The config may name it (`mask_token_id`); otherwise the importer knows the
+tokenizers of MDLM's released setups (GPT-2 + appended mask for OpenWebText, bert-base-uncased
+for LM1B, its character tokenizer for text8) by their vocabulary size and refuses any other.
+MDLM's SUBS parameterisation never predicts the mask (its logit is set to -inf); when it is the
+last id the importer drops that row of the output layer, so logits cover ids 0..V-2 and equal
+the backbone's for those ids (elsewhere the sampler never draws it either).
+
+A Lightning checkpoint saved with its `ema` entry (`{"state_dict": ..., "ema": ...}`) loads
+the EMA weights, which MDLM evaluates and samples with: `ema.shadow_params` lists the
+backbone's parameters in order (every `backbone.` tensor but the rotary buffer), each checked
+against its tensor's shape.
+
+RoPE: MDLM applies the rotary tables to q and k inside its bfloat16 autocast region, after
+casting them to the dtype of q/k (bfloat16), so the tables the model was trained with are
+rounded to bfloat16; the importer keeps that rounding (`rope_dtype`), as for SMDM.
 """
 
 from __future__ import annotations
@@ -34,6 +47,11 @@ from .source import Source, read_json
 
 FREQ_DIM = 256  # size of MDLM's sinusoidal noise-level embedding
 GPT2_EOS = 50256  # <|endoftext|>, for the GPT-2 vocabulary (+ mask) MDLM's OWT models use
+KNOWN_MASKS = {  # vocabulary size -> mask id, for the tokenizers of MDLM's released setups
+    GPT2_EOS + 2: GPT2_EOS + 1,  # GPT-2 has no mask token: MDLM appends one (OpenWebText)
+    30522: 103,  # bert-base-uncased's [MASK] (LM1B)
+    35: 4,  # MDLM's text8 character tokenizer's [MASK]
+}
 
 
 def _prefix(keys: list[str]) -> str:
@@ -41,16 +59,17 @@ def _prefix(keys: list[str]) -> str:
 
 
 def _raw_config(source: Source, config: str | Path | dict | None) -> tuple[dict[str, Any], str]:
-    """MDLM settings: an explicit JSON, the HF `config.json`, or a checkpoint's plain
-    `hyper_parameters`. Both the HF names (hidden_dim, model_length) and the training config's
-    `model` section (hidden_size, length) are accepted."""
+    """MDLM settings: the HF `config.json`, with an explicit JSON or dict read over it, or a
+    checkpoint's plain `hyper_parameters`. Both the HF names (hidden_dim, model_length) and
+    the training config's `model` section (hidden_size, length) are accepted."""
+    own = source.config_json() or {}
     if isinstance(config, dict):
-        raw, where = config, "config"
+        raw, where = {**own, **config}, "config"
     elif config is not None:
         path = Path(config).expanduser()
         if not path.is_file():
             raise UsageError(f"MDLM config file not found: {path}")
-        raw, where = read_json(path), str(path)
+        raw, where = {**own, **read_json(path)}, str(path)
     elif source.config_json() is not None:
         raw, where = source.config_json() or {}, str(source.directory / "config.json")
     else:
@@ -79,18 +98,33 @@ def read_config(source: Source, config: str | Path | None,
                               f"models at noise level 0 only (time_conditioning: false, as the "
                               f"released OWT model) because the looped runtime has no per-step "
                               f"noise-level input")
-    mask = raw.get("mask_token_id", raw.get("mask_index", vocab - 1))
+    mask = mask_id(source, raw, overrides, vocab)
     base = {
         "flavour": "dit", "vocab_size": vocab, "mask_id": mask,
         "lm_head_vocab": vocab - 1 if mask == vocab - 1 else None,
         "d_model": width, "n_heads": heads, "d_ff": shapes[pre + "blocks.0.mlp.0.weight"][0],
         "n_layers": count_layers(list(shapes), pre + "blocks."),
         "max_seq_len": raw.get("model_length", raw.get("length", 1024)),
-        "rope_base": 10000.0, "norm_eps": 1e-5,
+        "rope_base": 10000.0, "rope_dtype": "bfloat16", "norm_eps": 1e-5,
         "eos_id": GPT2_EOS if vocab == GPT2_EOS + 2 else None,
         "tokenizer": tokenizer_spec(source),
     }
     return with_loop_spec(base, overrides, where)
+
+
+def mask_id(source: Source, raw: dict[str, Any], overrides: dict[str, Any], vocab: int) -> int:
+    """The mask id: given (`mask_id=`, or the config's `mask_token_id`/`mask_index`), or known
+    from the vocabulary size; any other checkpoint must say it."""
+    for given in (overrides.get("mask_id"), raw.get("mask_token_id"), raw.get("mask_index")):
+        if given is not None:
+            return given
+    if vocab in KNOWN_MASKS:
+        return KNOWN_MASKS[vocab]
+    raise ConfigNeeded(
+        f"{source.path}: its config does not name the mask token's id (a vocabulary of "
+        f"{vocab} ids is none of MDLM's released setups; MDLM takes the tokenizer's mask "
+        f"token, or appends one as the last id, {vocab - 1}, when it has none)",
+        "a JSON with mask_token_id (it is read over the checkpoint's config.json)", "mdlm")
 
 
 def conditioning(state: dict[str, Tensor], sigma: float = 0.0) -> Tensor:
@@ -106,11 +140,35 @@ def conditioning(state: dict[str, Tensor], sigma: float = 0.0) -> Tensor:
     return F.silu(h)
 
 
+def ema_weights(source: Source, full: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`full` with the backbone's parameters replaced by the EMA ones, where the checkpoint
+    holds them (MDLM's `ema.shadow_params`: backbone parameters in order, then the noise
+    schedule's, if any)."""
+    ema = source.meta.get("ema")
+    if not isinstance(ema, dict) or "shadow_params" not in ema:
+        return full
+    shadow = ema["shadow_params"]
+    pre = _prefix(list(full))
+    names = [k for k in full if k.startswith(pre) and k != pre + "rotary_emb.inv_freq"]
+    if not isinstance(shadow, (list, tuple)) or len(shadow) < len(names) or any(
+            not isinstance(t, Tensor) or t.shape != full[n].shape
+            for n, t in zip(names, shadow)):
+        raise CheckpointError(f"{source.path}: its ema.shadow_params do not line up with the "
+                              f"backbone's {len(names)} parameters; save it without 'ema' to "
+                              f"load the raw weights")
+    return {**full, **dict(zip(names, shadow))}
+
+
 def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
-    """The checkpoint's tensors under native names, adaLN folded into constants."""
-    full = source.state()
+    """The checkpoint's tensors under native names (EMA weights where it has them), adaLN
+    folded into constants."""
+    full = ema_weights(source, source.state())
     state = strip_prefix(full, _prefix(list(full)))
-    take = source.take
+    used = {"rotary_emb.inv_freq"}
+
+    def take(state: dict[str, Tensor], key: str) -> Tensor:
+        used.add(key)
+        return source.take(state, key)
     for key in ("sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias", "sigma_map.mlp.2.weight",
                 "sigma_map.mlp.2.bias"):
         take(state, key)
@@ -147,4 +205,8 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
         "lm_head.weight": take(state, "output_layer.linear.weight")[:rows].contiguous(),
         "lm_head.bias": take(state, "output_layer.linear.bias")[:rows].contiguous(),
     })
+    extra = sorted(set(state) - used)
+    if extra:
+        raise CheckpointError(f"{source.path}: unexpected key {_prefix(list(full)) + extra[0]!r}"
+                              f" for the mdlm layout")
     return out

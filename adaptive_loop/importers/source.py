@@ -73,8 +73,9 @@ def _pickle_problem(path: Path, err: Exception) -> str:
     if "Unsupported global" in text and named:
         return (f"{path}: holds Python objects other than tensors ({named.group(1)}), which "
                 f"adaptive-loop never loads: it reads pickles only with torch.load(weights_only"
-                f"=True), so nothing in a checkpoint runs. Save its state dict alone "
-                f"(torch.save(ckpt['state_dict'], path)) or as .safetensors")
+                f"=True), so nothing in a checkpoint runs. Save its tensors alone, e.g. "
+                f"torch.save({{k: ckpt[k] for k in ('state_dict', 'ema') if k in ckpt}}, path) "
+                f"(MDLM's 'ema' holds the weights it evaluates with), or as .safetensors")
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     reason = detail.group(1) if detail else (text.strip().split(". ")[0].splitlines() or
                                              [type(err).__name__])[0]
