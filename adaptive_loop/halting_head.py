@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,7 +175,7 @@ class Trajectories:
 
     hidden: Tensor  # (G, T, d) state after each loop, float32
     delta: Tensor  # (G, T) relative change of each loop
-    labels: Tensor  # (G, T) bool: prediction after loop t == prediction after loop T
+    labels: Tensor  # (G, T) bool: prediction after loop t is already the one after loop T
     prompt: Tensor  # (G,) which prompt the trajectory belongs to
 
     def select(self, keep: Tensor) -> Trajectories:
@@ -187,17 +188,32 @@ class Trajectories:
                               ("hidden", "delta", "labels", "prompt")))
 
 
+LABELS = ("argmax", "kl")
+
+
+def label_loops(outputs: Tensor, label: str, eps: float) -> Tensor:
+    """(M, T) predicted ids ("argmax") or (M, T, V) log-probabilities ("kl") after each loop ->
+    (M, T) bool: whether the prediction after loop t is already the final one (same argmax,
+    or KL(p_T || p_t) < eps with the last loop's distribution p_T as the reference)."""
+    if label == "argmax":
+        return outputs == outputs[:, -1:]
+    final = outputs[:, -1:]
+    return (final.exp() * (final - outputs)).sum(-1).clamp_min(0.0) < eps
+
+
 class _Recorder(HaltingPolicy):
     """Never halts (every token runs `loops`); after every loop, the last included, records
-    each needed token's state, the runtime's `delta` signal and its predicted id. Run through
+    each needed token's state, the runtime's `delta` signal and its prediction (its id, or its
+    log-probabilities for the KL label, kept for the current step only: (M, T, V)). Run through
     the real sampler, so the trajectory is the fixed sampler's exactly and the features are the
     very signals the `learned` policy will see."""
 
     name = "record"
     needs = frozenset({"hidden", "delta", "logits"})
 
-    def __init__(self, loops: int) -> None:
+    def __init__(self, loops: int, label: str = "argmax", eps: float = 1e-3) -> None:
         super().__init__(1, loops)
+        self.label, self.eps = label, eps
         self.parts: list[Trajectories] = []
         self._length, self._loops = 1, []
 
@@ -210,31 +226,34 @@ class _Recorder(HaltingPolicy):
 
     def decide(self, signals: Signals) -> Tensor:
         rows = needed_rows(signals.needed, signals.logits.shape[0])
+        logits = signals.logits.float()
+        output = logits.argmax(-1) if self.label == "argmax" else logits.log_softmax(-1)
         self._loops.append((signals.index[rows], signals.hidden[rows].float(),
-                            signals.delta[rows], signals.logits.argmax(-1)))
+                            signals.delta[rows], output))
         return torch.zeros_like(signals.index, dtype=torch.bool)
 
     def flush(self) -> None:
         """Turn the loops recorded in the current step into trajectories."""
         if self._loops:
             index = self._loops[0][0]  # nobody halts: the same tokens after every loop
-            pred = torch.stack([r[3] for r in self._loops], 1)  # (M, T)
+            outputs = torch.stack([r[3] for r in self._loops], 1)  # (M, T) or (M, T, V)
             self.parts.append(Trajectories(
                 torch.stack([r[1] for r in self._loops], 1).cpu(),
                 torch.stack([r[2] for r in self._loops], 1).cpu(),
-                (pred == pred[:, -1:]).cpu(), torch.div(index, self._length,
-                                                        rounding_mode="floor").cpu()))
+                label_loops(outputs, self.label, self.eps).cpu(),
+                torch.div(index, self._length, rounding_mode="floor").cpu()))
         self._loops = []
 
 
 def collect(model: LoopMDM, prompts: Sequence[str] | Tensor, *, max_loops: int,
+            label: str = "argmax", eps: float = 1e-3,
             **decoding: Any) -> tuple[Trajectories, Tensor]:
     """Decode `prompts` with every token looped `max_loops` times (the fixed sampler; greedy
     unless `decoding` says otherwise) and record, for each needed token of each step, its
     state, relative change and whether its prediction after each loop is already the one after
-    the last. `decoding`: `generate`'s keywords (gen_length, steps, block_length, ...).
+    the last (`label_loops`). `decoding`: `generate`'s keywords (gen_length, steps, ...).
     Returns the records (`prompt` = row of `prompts`) and the final tokens."""
-    recorder = _Recorder(max_loops)
+    recorder = _Recorder(max_loops, label, eps)
     out = generate(model, prompts, policy=recorder, **decoding)
     recorder.flush()
     return Trajectories.cat(recorder.parts), out.tokens
@@ -308,6 +327,7 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
                        steps: int | None = None, block_length: int | None = None,
                        max_loops: int | None = None, hidden: int = 0, train_steps: int = 300,
                        lr: float = 1e-2, held_out: float = 0.2, threshold: float = 0.9,
+                       label: str = "argmax", label_eps: float = 1e-3,
                        seed: int = 0, batch_size: int = 128,
                        progress: Callable[[int], None] | None = None
                        ) -> tuple[HaltingHead, dict[str, Any]]:
@@ -318,6 +338,8 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
         prompts: prompt strings (encoded with the model's tokenizer; lengths may differ).
         gen_length, steps, block_length: the decoding whose trajectories are recorded.
         max_loops: the fixed loop count that defines the labels (default: the model's).
+        label: "argmax" (1 where the token's prediction after a loop equals its prediction
+            after max_loops) or "kl" (1 where KL(p_max || p_t) < label_eps).
         hidden: MLP hidden width; 0 is a linear gate.
         train_steps, lr: Adam steps and learning rate.
         held_out: fraction of the prompts kept out of training to score the head.
@@ -341,6 +363,9 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
               (hidden >= 0, f"hidden must be >= 0, got {hidden}"),
               (train_steps >= 1, f"train_steps must be >= 1, got {train_steps}"),
               (0 < lr <= 1, f"lr must be in (0, 1] (Adam's step size), got {lr}"),
+              (label in LABELS, f"label must be one of {', '.join(LABELS)}, got {label!r}"),
+              (math.isfinite(label_eps) and label_eps > 0,
+               f"label_eps must be a finite number > 0, got {label_eps}"),
               (gen_length >= 1 and steps >= 1, "gen_length and steps must be >= 1")]
     for ok, message in checks:
         if not ok:
@@ -354,8 +379,8 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     for members in length_batches(encoded, batch_size):
         chunk = torch.tensor(members)
         ids = torch.tensor([encoded[i] for i in members])
-        data, _ = collect(model, ids, max_loops=loops, gen_length=gen_length, steps=steps,
-                          block_length=block_length)
+        data, _ = collect(model, ids, max_loops=loops, label=label, eps=label_eps,
+                          gen_length=gen_length, steps=steps, block_length=block_length)
         data.prompt = chunk[data.prompt]  # row of the batch -> number of the prompt
         parts.append(data)
         if progress:
@@ -372,7 +397,9 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
         "metrics": score(head, data.select(in_test), threshold),
         "train_metrics": {**score(head, data.select(~in_test), threshold), **losses},
         "training": {"prompts": len(prompts), "held_out_prompts": int(test.sum()),
-                     "max_loops": loops, "gen_length": gen_length, "steps": steps,
+                     "max_loops": loops, "label": label,
+                     **({"label_eps": label_eps} if label == "kl" else {}),
+                     "gen_length": gen_length, "steps": steps,
                      "block_length": block_length or gen_length, "hidden": hidden,
                      "train_steps": train_steps, "lr": lr, "seed": seed},
         "model": {**{k: model.config.to_dict()[k] for k in ("d_model", "n_layers", "loop_start",

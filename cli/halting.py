@@ -44,6 +44,10 @@ def train_halting(
         help="Semi-autoregressive block length (default: gen-length).")] = None,
     max_loops: Annotated[int | None, typer.Option(
         help="Loop count whose predictions define the labels (default: the model's).")] = None,
+    label: Annotated[str, typer.Option(
+        help="argmax: 1 where a loop's predicted id is already the one at max loops; kl: 1 "
+        "where KL(p at max loops || p after the loop) < --label-eps.")] = "argmax",
+    label_eps: Annotated[float, typer.Option(help="The KL label's bound (nats).")] = 1e-3,
     hidden: Annotated[int, typer.Option(help="MLP hidden width; 0: a linear gate.")] = 0,
     train_steps: Annotated[int, typer.Option(help="Adam steps.")] = 300,
     lr: Annotated[float, typer.Option(help="Adam's learning rate, in (0, 1].")] = 1e-2,
@@ -65,8 +69,9 @@ def train_halting(
 ) -> None:
     """Train the learned halting head on a frozen model and save it beside the checkpoint.
 
-    Labels: 1 where a token's prediction after a loop equals its prediction at max loops,
-    along real trajectories of the fixed max-loop sampler (the model stays frozen).
+    Labels: 1 where a token's prediction after a loop equals its prediction at max loops
+    (--label kl: is within --label-eps of it in KL), along real trajectories of the fixed
+    max-loop sampler (the model stays frozen).
     Prints precision and recall of the halting decision on held-out prompts.
     """
     from ..checkpoint import embedded_path
@@ -107,7 +112,8 @@ def train_halting(
         job = bar.add_task("collecting trajectories", total=len(texts))
         head, report = train_halting_head(
             model, texts, gen_length=gen_length, steps=steps, block_length=block_length,
-            max_loops=max_loops, hidden=hidden, train_steps=train_steps, lr=lr,
+            max_loops=max_loops, label=label, label_eps=label_eps, hidden=hidden,
+            train_steps=train_steps, lr=lr,
             held_out=held_out, threshold=threshold, seed=seed,
             progress=lambda k: bar.advance(job, k))
     source = checkpoint if checkpoint is not None else embedded_path()

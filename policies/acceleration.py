@@ -1,10 +1,13 @@
 """`acceleration`: halt a token once its loop updates stop changing (second difference).
 
-The exit rule of Pappone et al., "Two-Scale Latent Dynamics for Recurrent-Depth Transformers"
-(arXiv 2509.23314): with the update Delta_k = h_k - h_{k-1}, a token is a candidate to halt when
-the second difference ||Delta_k - Delta_prev|| / ||h_k|| is below `threshold`, and it halts
-when that holds on `hits` consecutive checks (two by default: the paper's two-hit rule, which
-keeps a single small update from stopping a token early). Delta_prev is the update seen at the
+The second-difference exit rule of Pappone et al., "Two-Scale Latent Dynamics for
+Recurrent-Depth Transformers" (arXiv 2509.23314), measured relative to the state: with the
+update Delta_k = h_k - h_{k-1}, a token is a candidate to halt when ||Delta_k - Delta_prev||
+divided by ||h_k|| is below `threshold`, and it halts when that holds on `hits` consecutive
+checks (two by default: the paper's two-hit rule, which keeps a single small update from
+stopping a token early). The paper thresholds the second difference itself; dividing by the
+state's norm makes one threshold serve models whose states differ in scale (and whose norm
+grows over the loops, as the embedded model's does). Delta_prev is the update seen at the
 previous check (the previous loop when check_every is 1), so the first check only records it.
 Applies to every token alike, needed or not. Threshold 0 never halts.
 """

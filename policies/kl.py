@@ -1,12 +1,12 @@
 """`kl`: halt a needed token once its predictive distribution stops moving.
 
 Huginn's `kl` exit criterion (Geiping et al., "Scaling up Test-Time Compute with Latent
-Reasoning: A Recurrent Depth Approach", arXiv 2502.05171): KL(p_t || p_prev) < threshold, where
+Reasoning: A Recurrent Depth Approach", arXiv 2502.05171): KL(p_prev || p_t) < threshold, where
 p_t is the token's prediction (coda + head) after this loop and p_prev its prediction at the
-previous check (Huginn uses 1e-3 in its code, 5e-4 in the paper). The first check of a step
-only records p, so a needed token halts at the second check at the earliest. Tokens whose
-prediction is not needed follow the convergence rule (`context_threshold`). Threshold 0 never
-halts a needed token.
+previous check, the reference distribution, as in Huginn's code (which uses 1e-3). The first
+check of a step only records p, so a needed token halts at the second check at the earliest.
+Tokens whose prediction is not needed follow the convergence rule (`context_threshold`).
+Threshold 0 never halts a needed token.
 
 Memory: the previous distributions are kept for the needed tokens only, (M, V), never
 (B * L, V).
@@ -60,7 +60,8 @@ class KL(PredictivePolicy):
             self._prev = prev.new_zeros(self._prev.shape[0], prev.shape[-1])
             self._prev[slot] = torch.log_softmax(prev, dim=-1)
             self._shortlisted = True
-        # KL(p_t || p_prev) = sum p_t (log p_t - log p_prev); clamped: rounding can dip below 0
-        kl = F.kl_div(self._prev[slot], logp, reduction="none", log_target=True).sum(-1)
+        # KL(p_prev || p_t) = sum p_prev (log p_prev - log p_t); clamped: rounding can dip
+        # below 0
+        kl = F.kl_div(logp, self._prev[slot], reduction="none", log_target=True).sum(-1)
         self._prev[slot] = logp
         return kl.clamp_min(0.0) < self.threshold

@@ -17,7 +17,7 @@ from adaptive_loop.halting_head import (
     save_head,
     train_halting_head,
 )
-from adaptive_loop.policies import make
+from adaptive_loop.policies import HaltingPolicy, make
 
 PROMPTS = ["abcdef", "bcdefa", "cdefab", "defabc", "efabcd", "fabcde", "ghijkl", "hijklg",
            "mnoabc", "noabcm"]
@@ -36,6 +36,50 @@ def test_trajectories_are_the_fixed_samplers(tiny_model, prompts):
     assert data.hidden.shape == (3 * 10, 5, tiny_model.config.d_model)
     assert data.labels[:, -1].all()  # the last loop agrees with itself
     assert not data.labels.all()  # earlier loops sometimes disagree
+
+
+class _LogProbs(HaltingPolicy):
+    """Never halts; keeps the needed tokens' log-probabilities after every loop of a step."""
+
+    name = "logprobs"
+    needs = frozenset({"logits"})
+
+    def __init__(self, loops: int) -> None:
+        super().__init__(1, loops)
+        self.steps: list[list[torch.Tensor]] = []
+
+    def checks_at(self, iteration, bounds):
+        return True
+
+    def begin_step(self, batch, length, step, steps):
+        self.steps.append([])
+
+    def decide(self, signals):
+        self.steps[-1].append(signals.logits.float().log_softmax(-1))
+        return torch.zeros_like(signals.index, dtype=torch.bool)
+
+
+def test_kl_labels_are_kl_to_the_last_loop(tiny_model, prompts):
+    """`label="kl"`: 1 where KL(p after max loops || p after loop t) < eps, computed here by
+    hand from the same decoding's log-probabilities."""
+    seen = _LogProbs(5)
+    generate(tiny_model, prompts, policy=seen, gen_length=4, steps=4)
+    logp = torch.cat([torch.stack(loops, 1) for loops in seen.steps])  # (G, T, V)
+    final = logp[:, -1:]
+    kl = (final.exp() * (final - logp)).sum(-1)  # (G, T)
+    assert kl[:, :-1].max() > 0
+    eps = float(kl[:, :-1].median())
+    data, _ = collect(tiny_model, prompts, max_loops=5, label="kl", eps=eps, gen_length=4,
+                      steps=4)
+    assert torch.equal(data.labels, kl < eps)
+    assert data.labels[:, -1].all() and not data.labels.all()
+    with pytest.raises(UsageError, match="label must be one of argmax, kl, got 'l2'"):
+        train_halting_head(tiny_model, PROMPTS, gen_length=4, label="l2")
+    with pytest.raises(UsageError, match="label_eps must be a finite number > 0"):
+        train_halting_head(tiny_model, PROMPTS, gen_length=4, label="kl", label_eps=0.0)
+    _, report = train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=3,
+                                   train_steps=2, label="kl", label_eps=eps)
+    assert (report["training"]["label"], report["training"]["label_eps"]) == ("kl", eps)
 
 
 def test_head_trains_and_its_sidecar_round_trips(tiny_model, tmp_path):
@@ -149,9 +193,11 @@ def test_train_halting_cli_then_generate_with_it(tiny_model, tmp_path):
     res = run(*again)
     assert res.returncode == 2 and "already holds a halting head; pass --overwrite" in res.stderr
     assert (ck / HEAD_WEIGHTS).read_bytes() == before
-    res = run(*again, "--overwrite")
+    res = run(*again, "--overwrite", "--label", "kl", "--label-eps", "0.01")
     assert res.returncode == 0, res.stderr
     assert (ck / HEAD_WEIGHTS).read_bytes() != before
+    training = json.loads((ck / HEAD_META).read_text())["training"]
+    assert (training["label"], training["label_eps"]) == ("kl", 0.01)
     assert not [p.name for p in ck.iterdir() if ".tmp" in p.name]
 
 

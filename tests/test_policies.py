@@ -227,6 +227,22 @@ def test_kl_halts_when_the_prediction_stops_moving():
     assert pol.decide(sig).tolist() == [True, False]
 
 
+def test_kl_takes_the_previous_prediction_as_reference():
+    """KL(p_prev || p_t), as Huginn's exit evaluator: between the two directions of one pair of
+    distributions, the threshold lies so that only that one halts."""
+    prev, now = torch.tensor([[3.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, -4.0]])
+    lp, lq = prev.log_softmax(-1), now.log_softmax(-1)
+    forward = float((lp.exp() * (lp - lq)).sum())  # KL(p_prev || p_t)
+    backward = float((lq.exp() * (lq - lp)).sum())  # KL(p_t || p_prev)
+    assert forward < backward
+    for threshold, halts in (((forward + backward) / 2, True), (forward * 0.99, False)):
+        pol = make("kl", threshold=threshold, context_threshold=0.0)
+        pol.begin_step(1, 1, 0, 1)
+        for i, logits in enumerate((prev, now), start=1):
+            decided = pol.decide(_signals(i, [0], [True], delta=torch.ones(1), logits=logits))
+        assert decided.tolist() == [halts]
+
+
 def test_stability_counts_consecutive_unchanged_checks():
     pol = make("stability", patience=2, context_threshold=0.0)
     pol.begin_step(1, 2, 0, 1)
