@@ -117,7 +117,9 @@ class HFTokenizer(FileTokenizer):
 
 
 class SentencePieceTokenizer(FileTokenizer):
-    """A SentencePiece `tokenizer.model` (SMDM's Llama-2 tokenizer). No BOS is added."""
+    """A SentencePiece `tokenizer.model` (SMDM's Llama-2 tokenizer). Encoding starts with the
+    model's BOS where it defines one, as transformers' Llama tokenizer does (SMDM's data and
+    evaluation tokenise through it, so every sequence it trained on begins with BOS)."""
 
     kind = "sentencepiece"
 
@@ -140,7 +142,8 @@ class SentencePieceTokenizer(FileTokenizer):
         return self._sp.GetPieceSize()
 
     def encode(self, text: str) -> list[int]:
-        return list(self._sp.EncodeAsIds(text))
+        bos = self._sp.bos_id()
+        return ([bos] if bos >= 0 else []) + list(self._sp.EncodeAsIds(text))
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds(self._visible(ids))

@@ -177,7 +177,8 @@ HALTING_SPACE = st.one_of(
     st.tuples(st.just("kl"), st.fixed_dictionaries(
         {"threshold": st.floats(0, 1), "context_threshold": st.floats(0, 1)})),
     st.tuples(st.just("acceleration"), st.fixed_dictionaries(
-        {"threshold": st.floats(0, 1), "hits": st.integers(1, 3)})),
+        {"threshold": st.floats(0, 1), "hits": st.integers(1, 3),
+         "scale": st.sampled_from(["state", "none"])})),
     st.tuples(st.just("stability"), st.fixed_dictionaries(
         {"patience": st.integers(1, 4), "context_threshold": st.floats(0, 1)})),
     st.tuples(st.just("learned"), st.fixed_dictionaries(
@@ -343,6 +344,18 @@ def test_acceleration_needs_two_consecutive_hits():
         x = x + 1
 
 
+def test_acceleration_scale_none_is_the_absolute_second_difference():
+    """Updates 1 then 1.5 along a state of norm ~100: second difference 0.5, relative 0.005.
+    At threshold 0.1 the relative rule halts (one hit), the paper's absolute one does not."""
+    for scale, expected in (("state", True), ("none", False)):
+        pol = make("acceleration", threshold=0.1, hits=1, scale=scale)
+        pol.begin_step(1, 1, 0, 1)
+        x = torch.tensor([[100.0, 0.0]])
+        decided = [pol.decide(_signals(i, [0], [False], hidden=x + step, previous=x)).item()
+                   for i, step in ((1, 1.0), (2, 1.5))]
+        assert decided == [False, expected]
+
+
 def _random_halting_loops(pol, batch, length, step=0, hi=12):
     """Each position's halting loop under `pol`, checking every loop up to `hi` (1..hi)."""
     pol.begin_step(batch, length, step, step + 1)
@@ -435,6 +448,7 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
     ("kl", {"patience": 2}, "takes no parameter patience"),
     ("acceleration", {"threshold": float("nan")}, "acceleration: threshold must be"),
     ("acceleration", {"hits": 0}, "acceleration: hits must be an integer >= 1"),
+    ("acceleration", {"scale": "l2"}, "acceleration: scale must be 'state'"),
     ("stability", {"patience": 0}, "stability: patience must be an integer >= 1"),
     ("stability", {"patience": 1.5}, "stability: patience must be an integer >= 1"),
     ("stability", {"min_loops": 0}, "stability: min_loops must be an integer >= 1"),

@@ -74,6 +74,8 @@ def test_sentencepiece_model_beside_smdm_weights(tmp_path):
     tok = tokenizer_for(model)
     assert isinstance(tok, SentencePieceTokenizer)
     ids = tok.encode("the cat sat")
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert ids == [processor.bos_id(), *processor.EncodeAsIds("the cat sat")]  # as Llama's
     assert tok.decode(ids) == "the cat sat"
     assert tok.decode(ids + [model.config.mask_id]) == "the cat sat"  # mask id is past the vocab
 
