@@ -56,7 +56,7 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 10,
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def uneven_mask(batch: int, length: int, fraction: float,

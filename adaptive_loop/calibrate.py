@@ -24,11 +24,8 @@ from .datasets import EvalSet
 from .errors import UsageError
 from .measure import plan_batches, run_setting
 from .model import LoopMDM
-from .policies import HaltingPolicy, make
+from .policies import HaltingPolicy, make, policy_class
 from .sweep import Setting, policy_of
-
-# parameters for which a larger value halts later (is more conservative)
-HIGH_IS_CONSERVATIVE = frozenset({"loops", "min_loops", "max_loops", "check_every", "patience"})
 
 
 def binomial_pvalue(k: int, n: int, tolerance: float) -> float:
@@ -89,9 +86,13 @@ class CalibrationReport:
         return {**self.__dict__, "guarantee": self.guarantee}
 
 
-def _order(grid: Sequence[Any], param: str, conservative: str) -> list[Any]:
+def _order(grid: Sequence[Any], policy: str, param: str, conservative: str) -> list[Any]:
+    """The grid, most conservative value first: with "auto", high first for the parameters
+    the policy names in `later_when_higher` (loop counts, `patience`, `hits`, the learned
+    head's `threshold`), else low first (thresholds on a change or an uncertainty)."""
     if conservative == "auto":
-        conservative = "high" if param in HIGH_IS_CONSERVATIVE else "low"
+        later = policy_class(policy).later_when_higher
+        conservative = "high" if param in later else "low"
     if conservative not in ("low", "high"):
         raise UsageError(f"--conservative takes low, high or auto, got {conservative!r}")
     try:
@@ -118,7 +119,7 @@ def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confide
     base = dict(base or {})
     base.pop(param, None)
     settings = [Setting(policy, tuple({**base, param: v}.items()))
-                for v in _order(grid, param, conservative)]
+                for v in _order(grid, policy, param, conservative)]
     return [(s, policy_of(s)) for s in settings]
 
 

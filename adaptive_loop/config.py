@@ -74,6 +74,10 @@ class LoopMDMConfig:
             (self.n_loops >= 1 and self.max_train_loops >= 1, "loop counts must be >= 1"),
             (0 <= self.mask_id < self.vocab_size, f"mask_id {self.mask_id} outside the "
              f"vocabulary of {self.vocab_size}"),
+            (self.lm_head_vocab is None or 1 <= self.lm_head_vocab <= self.vocab_size,
+             f"lm_head_vocab {self.lm_head_vocab} outside [1, vocab_size {self.vocab_size}]"),
+            (self.lm_head_vocab is None or not self.tie_embeddings, "lm_head_vocab needs an "
+             "untied head (tie_embeddings predicts every embedding row)"),
             (self.flavour in FLAVOURS, f"unknown flavour {self.flavour!r}; choose one of "
              f"{', '.join(FLAVOURS)}"),
             (self.rope_dtype in ROPE_DTYPES, f"unknown rope_dtype {self.rope_dtype!r}; choose one "

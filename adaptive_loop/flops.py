@@ -42,11 +42,12 @@ def readout_flops(cfg: LoopMDMConfig, queries: int, positions: int, keys: int,
                   columns: int | None = None) -> int:
     """Coda + head for `queries` tokens when `positions` tokens serve as keys (all coda layers
     but the last run on every position; the last one runs its keys/values on every position
-    and the rest on the queries only); `columns`: a head restricted to that many."""
+    and the whole layer on the queries, whose fused projection computes their keys/values
+    again); `columns`: a head restricted to that many."""
     if cfg.n_coda == 0:
         return queries * head_flops(cfg, columns)
     full = (cfg.n_coda - 1) * positions * layer_flops(cfg, keys)
-    last = positions * kv_flops(cfg) + queries * (layer_flops(cfg, keys) - kv_flops(cfg))
+    last = positions * kv_flops(cfg) + queries * layer_flops(cfg, keys)
     return full + last + queries * head_flops(cfg, columns)
 
 
@@ -59,5 +60,6 @@ def step_flops_fixed(cfg: LoopMDMConfig, batch: int, length: int, loops: int,
     return {
         "prelude": cfg.n_prelude * tokens * layer_flops(cfg, length),
         "looped": loops * looped_tokens * block_flops(cfg, length),
-        "readout": readout_flops(cfg, tokens, tokens, length),
+        "readout": cfg.n_coda * tokens * layer_flops(cfg, length)  # dense: every position
+        + tokens * head_flops(cfg),
     }

@@ -218,10 +218,12 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
             sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index], vocab)
             trace.monitor_flops += probe.size * head_flops(model.config, columns)
         else:
-            sig.logits = model.readout(h, probe, key_mask, vocab) if probe.size else \
-                h.new_zeros(0, columns or model.config.out_vocab)
-            trace.monitor_flops += readout_flops(model.config, probe.size, batch * length,
-                                                 length, columns)
+            if probe.size:
+                sig.logits = model.readout(h, probe, key_mask, vocab)
+                trace.monitor_flops += readout_flops(model.config, probe.size,
+                                                     batch * length, length, columns)
+            else:  # no needed token left active: nothing runs, nothing is charged
+                sig.logits = h.new_zeros(0, columns or model.config.out_vocab)
         if shortlist is not None:
             sig.logits, sig.allowed = shortlist.restrict(sig.logits, probe.rows)
     return sig

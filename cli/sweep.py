@@ -205,7 +205,8 @@ def calibrate(
         help="Candidate values of --param, comma-separated (default: 0.005 to 0.5).")] = None,
     param: Annotated[str, typer.Option(help="The parameter to calibrate.")] = "threshold",
     conservative: Annotated[str, typer.Option(
-        help="Which end of the grid halts latest: low, high or auto (high for loop counts).")
+        help="Which end of the grid halts latest: low, high or auto (the policy's own: high "
+        "for loop counts, patience, hits and learned's threshold, else low).")
     ] = "auto",
     split: Annotated[float, typer.Option(help="Fraction of examples used to calibrate; the "
                                          "rest checks the guarantee.")] = 0.5,

@@ -27,6 +27,7 @@ from .predictive import nonnegative, positive_int
 class Acceleration(HaltingPolicy):
     name = "acceleration"
     needs = frozenset({"hidden"})
+    later_when_higher = HaltingPolicy.later_when_higher | {"hits"}
 
     def __init__(self, threshold: float = 0.05, hits: int = 2, scale: str = "state",
                  min_loops: int = 1, max_loops: int | None = None,

@@ -85,6 +85,9 @@ class HaltingPolicy(ABC):
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    # parameters for which a larger value halts later (`calibrate` tests those from the top)
+    later_when_higher: ClassVar[frozenset[str]] = frozenset(
+        {"loops", "min_loops", "max_loops", "check_every"})
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:

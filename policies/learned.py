@@ -36,6 +36,7 @@ from .predictive import nonnegative
 class Learned(HaltingPolicy):
     name = "learned"
     needs = frozenset({"hidden", "delta"})
+    later_when_higher = HaltingPolicy.later_when_higher | {"threshold"}
 
     def __init__(self, head: str | Path | None = None, threshold: float | None = None,
                  context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,

@@ -20,6 +20,7 @@ from .predictive import PredictivePolicy, positive_int
 @register
 class Stability(PredictivePolicy):
     name = "stability"
+    later_when_higher = PredictivePolicy.later_when_higher | {"patience"}
 
     def __init__(self, patience: int = 2, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None,

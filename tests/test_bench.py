@@ -61,6 +61,38 @@ def test_forward_and_iteration_flops_follow_the_flop_convention(make_config):
     assert all(r.full_flops == 2 * 16 * block_flops(cfg, 16) for r in rows)
 
 
+@pytest.mark.parametrize("coda", [0, 1, 2])
+def test_counted_flops_are_the_matrix_products_that_run(make_config, coda):
+    """The dense forward and a planned readout, counted by torch's FLOP counter: every matrix
+    product but attention's (which the CPU kernels keep from the counter; 4 d L per query and
+    layer is added by hand)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adaptive_loop import LoopMDM
+    from adaptive_loop.attention import PackPlan
+    from adaptive_loop.flops import readout_flops
+
+    cfg = make_config(n_layers=2 + coda, loop_start=1, loop_layers=1, n_loops=2)
+    model, d, length = LoopMDM(cfg).eval(), cfg.d_model, 10
+    attention = 4 * d * length  # per query and layer
+
+    def counted(fn):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    ids = torch.randint(0, 16, (2, length))
+    layers = cfg.n_prelude + 2 * cfg.loop_layers + cfg.n_coda
+    fixed = sum(step_flops_fixed(cfg, 2, length, 2).values())
+    assert counted(lambda: model(ids)) == fixed - layers * 2 * length * attention
+    needed = torch.zeros(2, length, dtype=torch.bool)
+    needed[0, 3] = needed[1, 5] = needed[1, 7] = True
+    h = torch.randn(2, length, d)
+    attended = max(cfg.n_coda - 1, 0) * 2 * length + (3 if cfg.n_coda else 0)
+    assert counted(lambda: model.readout(h, PackPlan.from_mask(needed))) == \
+        readout_flops(cfg, 3, 2 * length, length) - attended * attention
+
+
 def test_random_generation_compacted_equals_masked(tiny_model):
     """The benchmark's own check: with compaction on, every generated token equals the
     masked reference's (CPU float32), and the ratios are computed from the rows' walls."""
@@ -85,6 +117,23 @@ def test_random_generation_compacted_equals_masked(tiny_model):
     assert rows[1].flops_ratio < 1.0  # the threshold halts some tokens on this model
     assert rows[2].flops_ratio >= rows[1].flops_ratio  # pipelined: halted tokens once more
     assert rows[0].tokens_per_s == pytest.approx(3 * 8 / rows[0].wall_s)
+
+
+def test_time_call_reduces_with_the_given_function(monkeypatch):
+    """The matmul peak takes the fastest run (`reduce=min`), so a busy spell lowers a
+    utilisation figure instead of raising it; the default is the median. A fake clock that
+    each call advances by the next of [3, 1, 5, 2, 4] seconds (after one warm-up call)."""
+    from adaptive_loop import bench
+
+    clock = {"now": 0.0, "steps": iter([9.0, 3.0, 1.0, 5.0, 2.0, 4.0] * 2)}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+
+    def call():
+        clock["now"] += next(clock["steps"])
+
+    cpu = torch.device("cpu")
+    assert bench.time_call(call, cpu, repeats=5, warmup=1, reduce=min) == 1.0
+    assert bench.time_call(call, cpu, repeats=5, warmup=1) == 3.0
 
 
 def test_repeats_run_as_interleaved_rounds():

@@ -9,7 +9,7 @@ from math import comb
 import pytest
 
 from adaptive_loop import UsageError, save_model
-from adaptive_loop.calibrate import binomial_pvalue, calibrate, learn_then_test
+from adaptive_loop.calibrate import binomial_pvalue, calibrate, learn_then_test, plan_settings
 from adaptive_loop.datasets import resolve_eval_set
 
 
@@ -63,6 +63,19 @@ def test_calibrate_end_to_end(addition_model):
     assert last["certified"] or last["pvalue"] > 0.1
     assert len(report.rows) == 5 or not last["certified"]
     assert "with probability >= 0.9" in report.guarantee
+
+
+@pytest.mark.parametrize("policy, param, first", [
+    ("entropy", "threshold", 0.1), ("convergence", "threshold", 0.1),
+    ("learned", "threshold", 0.9),  # halts when c_t > threshold: high halts later
+    ("stability", "patience", 3), ("acceleration", "hits", 3), ("acceleration", "threshold", 0.1),
+    ("random", "rate", 0.1), ("fixed", "loops", 3),
+])
+def test_auto_orders_each_policys_grid_from_its_conservative_end(policy, param, first):
+    grid = [0.5, 0.1, 0.9] if isinstance(first, float) else [2, 1, 3]
+    settings = plan_settings(policy, grid, tolerance=0.1, confidence=0.9, param=param)
+    values = [dict(s.params)[param] for s, _ in settings]
+    assert values[0] == first and values == sorted(values, reverse=first == max(grid))
 
 
 def test_calibrate_rejects_bad_arguments(addition_model):

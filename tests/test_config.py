@@ -29,6 +29,8 @@ def test_parts_of_the_loop_spec():
     (dict(max_seq_len=1 << 30), r"max_seq_len must be in \[1, 1048576\]"),
     (dict(d_ff=0), "d_ff and n_kv_heads must be positive"),
     (dict(norm_eps=0.0), "norm_eps and rope_base must be positive"),
+    (dict(vocab_size=8, lm_head_vocab=9), r"lm_head_vocab 9 outside \[1, vocab_size 8\]"),
+    (dict(vocab_size=8, lm_head_vocab=7, tie_embeddings=True), "lm_head_vocab needs an untied"),
 ])
 def test_validation_names_the_problem(bad, message):
     with pytest.raises(UsageError, match=message):

@@ -521,6 +521,17 @@ def test_a_learned_heads_products_count_as_monitoring(tiny_model, head_dir):
     assert make("convergence").decision_flops(10) == 0
 
 
+@pytest.mark.parametrize("name", ["entropy", "kl", "stability"])
+def test_no_needed_token_left_costs_no_monitoring(tiny_model, name):
+    """With no needed token active the readout probe does not run, and is not charged (the
+    coda's K/V projection of every position would be, were it counted)."""
+    h, needed = _state(tiny_model)
+    assert tiny_model.config.n_layers > tiny_model.config.loop_start + 1  # a coda layer
+    _, none = run_loops(tiny_model, h, make(name, max_loops=4), torch.zeros_like(needed))
+    _, some = run_loops(tiny_model, h, make(name, max_loops=4), needed)
+    assert none.monitor_flops == 0 < some.monitor_flops
+
+
 def test_learned_defaults_to_the_head_beside_the_models_checkpoint(head_dir, tiny_model,
                                                                     prompts, tmp_path):
     """Not the embedded model's head for every model: the one beside the checkpoint the
