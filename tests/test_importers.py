@@ -66,6 +66,16 @@ def test_smdm_pth_with_model_key_and_bf16_rope_matters(tmp_path):
         assert rel_err(exact(IDS), ref) > TOL
 
 
+def test_smdm_mask_is_the_tokenizer_vocabulary_size(tmp_path):
+    """SMDM writes the mask as the tokenizer's vocabulary size (its 32000), which a padded
+    vocabulary places before the padding rows, not at the extra embedding row."""
+    lit = {**SMDM_TINY, "vocab_size": 37}  # padded to 40 (multiple of 8), 41 embedding rows
+    save_file(smdm_state(lit), str(tmp_path / "w.safetensors"))
+    (tmp_path / "lit_config.json").write_text(json.dumps(lit))
+    cfg = load_model(tmp_path / "w.safetensors", device="cpu").config
+    assert (cfg.mask_id, cfg.vocab_size, cfg.out_vocab) == (37, 41, 40)
+
+
 def test_smdm_presets_have_smdm_shapes():
     p = SMDM_PRESETS["Diff_LLaMA_170M"]
     assert (p["n_layer"], p["n_embd"], p["n_head"], p["intermediate_size"]) == (18, 768, 12, 3072)

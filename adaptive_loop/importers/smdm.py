@@ -1,8 +1,11 @@
 """SMDM checkpoints (ML-GSAI/SMDM: lit-gpt's `TransEncoder`, a bidirectional LLaMA).
 
-Layout: `transformer.wte.weight` (padded_vocab + 1 rows: the last is the mask token),
+Layout: `transformer.wte.weight` (padded_vocab + 1 rows, so that the mask has one),
 `transformer.h.{i}.{norm_1, attn.attn, attn.proj, norm_2, mlp.swiglu.w1|w2|w3}.weight`,
-`transformer.ln_f.weight`, `lm_head.weight` (padded_vocab rows: the mask is never predicted).
+`transformer.ln_f.weight`, `lm_head.weight` (padded_vocab rows). SMDM's training and
+evaluation write the mask as the tokenizer's vocabulary size (32000, hard-coded for the
+Llama-2 tokenizer), the config's `vocab_size`: for its presets that is also padded_vocab, the
+extra embedding row, which the head never predicts.
 The fused QKV projection is laid out per query group, (groups, q_per_kv + 2, head, d): each
 group's query heads, then its key head, then its value head. The MLP is w3(silu(w1 x) * w2 x).
 RoPE is rotate-half, base 10000, with cos/sin tables rounded to bfloat16.
@@ -103,8 +106,8 @@ def read_config(source: Source, config: str | Path | None,
     multiple = lit["padding_multiple"]
     padded = lit["padded_vocab_size"] or -(-lit["vocab_size"] // multiple) * multiple
     base = {
-        "flavour": "llama", "vocab_size": padded + 1, "lm_head_vocab": padded, "mask_id": padded,
-        "d_model": lit["n_embd"], "n_heads": lit["n_head"],
+        "flavour": "llama", "vocab_size": padded + 1, "lm_head_vocab": padded,
+        "mask_id": lit["vocab_size"], "d_model": lit["n_embd"], "n_heads": lit["n_head"],
         "n_kv_heads": lit["n_query_groups"] or lit["n_head"], "d_ff": lit["intermediate_size"],
         "n_layers": lit["n_layer"], "max_seq_len": lit["block_size"],
         "norm_eps": lit["norm_eps"], "rope_base": 10000.0, "rope_dtype": "bfloat16",
