@@ -64,7 +64,11 @@ def check_types(policy: Any, gen_length: Any, steps: Any, block_length: Any,
 def check_flags(**flags: Any) -> None:
     """Switches must be booleans (numpy's and 0/1 pass): `compact="no"` would read as true."""
     for label, value in flags.items():
-        if isinstance(value, (str, bytes)) or value not in (True, False):
+        try:
+            ok = not isinstance(value, (str, bytes)) and value in (True, False)
+        except (TypeError, ValueError, RuntimeError):  # an array with no single truth value
+            ok = False
+        if not ok:
             raise UsageError(f"{label} must be True or False, got {value!r}")
 
 

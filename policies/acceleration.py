@@ -8,9 +8,9 @@ checks (two by default: the paper's two-hit rule, which keeps a single small upd
 stopping a token early). The paper thresholds the second difference itself (`scale="none"`
 here); dividing by the state's norm (`scale="state"`, the default) makes one threshold serve
 models whose states differ in scale, and whose norm grows over the loops, as the embedded
-model's does. Delta_prev is the update seen at the
-previous check (the previous loop when check_every is 1), so the first check only records it.
-Applies to every token alike, needed or not. Threshold 0 never halts.
+model's does. Delta_prev is the update seen at the previous check (the previous loop when
+check_every is 1), so the first check only records it. Applies to every token alike, needed
+or not. Threshold 0 never halts.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ def test_string_prompts_use_the_model_tokenizer(tiny_model):
     (dict(compact="no"), "compact must be True or False, got 'no'"),
     (dict(warm_start=None), "warm_start must be True or False, got None"),
     (dict(eos_fill=2), "eos_fill must be True or False, got 2"),
+    (dict(pipeline=torch.tensor([True, False])), "pipeline must be True or False"),
 ])
 def test_bad_requests_are_user_errors(tiny_model, prompts, kw, message):
     args = {"policy": make("fixed"), "gen_length": 8, "steps": 4, **kw}
