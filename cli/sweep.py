@@ -26,7 +26,8 @@ from .app import (
 )
 
 Task = Annotated[str | None, typer.Option(
-    help="Built-in task with its knobs, e.g. addition:digits=3 (default: the model's own task).")]
+    help="Built-in task with its knobs, e.g. addition:chain_fraction=1.0 (default: the model's "
+    "own task; a model trained on one task's shape may not solve another's).")]
 Data = Annotated[Path | None, typer.Option(
     help="JSONL file of {\"prompt\": ..., \"answer\": ...} lines.")]
 AnswerRegex = Annotated[str | None, typer.Option(
@@ -39,7 +40,8 @@ Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of samp
                                    min=0, max=SEED_MAX)]
 GenLength = Annotated[int | None, typer.Option(
     help="Tokens to generate (default: the task's answer length, else the longest answer).")]
-Steps = Annotated[int | None, typer.Option(help="Denoising steps (default: gen-length).")]
+Steps = Annotated[int | None, typer.Option(
+    help="Denoising steps (default: the task's, else gen-length).")]
 BlockLength = Annotated[int | None, typer.Option(help="Semi-autoregressive block length.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per batch.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]

@@ -5,7 +5,7 @@ Recurrent-Depth Transformers" (arXiv 2509.23314), measured relative to the state
 update Delta_k = h_k - h_{k-1}, a token is a candidate to halt when ||Delta_k - Delta_prev||
 divided by ||h_k|| is below `threshold`, and it halts when that holds on `hits` consecutive
 checks (two by default: the paper's two-hit rule, which keeps a single small update from
-stopping a token early). The paper thresholds the second difference itself (`scale="none"`
+stopping a token early). The paper thresholds the second difference itself (`scale="absolute"`
 here); dividing by the state's norm (`scale="state"`, the default) makes one threshold serve
 models whose states differ in scale, and whose norm grows over the loops, as the embedded
 model's does. Delta_prev is the update seen at the previous check (the previous loop when
@@ -35,9 +35,9 @@ class Acceleration(HaltingPolicy):
         super().__init__(min_loops, max_loops, check_every)
         self.threshold = nonnegative(self.name, "threshold", threshold)
         self.hits = positive_int(self.name, "hits", hits)
-        if scale not in ("state", "none"):
+        if scale not in ("state", "absolute"):
             raise UsageError(f"acceleration: scale must be 'state' (relative to ||h_k||) or "
-                             f"'none' (the paper's absolute second difference), got {scale!r}")
+                             f"'absolute' (the paper's second difference), got {scale!r}")
         self.scale = scale
         self._size = 0
         self._last: Tensor | None = None  # (B * L, d) update at the previous check

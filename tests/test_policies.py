@@ -178,7 +178,7 @@ HALTING_SPACE = st.one_of(
         {"threshold": st.floats(0, 1), "context_threshold": st.floats(0, 1)})),
     st.tuples(st.just("acceleration"), st.fixed_dictionaries(
         {"threshold": st.floats(0, 1), "hits": st.integers(1, 3),
-         "scale": st.sampled_from(["state", "none"])})),
+         "scale": st.sampled_from(["state", "absolute"])})),
     st.tuples(st.just("stability"), st.fixed_dictionaries(
         {"patience": st.integers(1, 4), "context_threshold": st.floats(0, 1)})),
     st.tuples(st.just("learned"), st.fixed_dictionaries(
@@ -344,10 +344,10 @@ def test_acceleration_needs_two_consecutive_hits():
         x = x + 1
 
 
-def test_acceleration_scale_none_is_the_absolute_second_difference():
+def test_acceleration_scale_absolute_is_the_papers_second_difference():
     """Updates 1 then 1.5 along a state of norm ~100: second difference 0.5, relative 0.005.
     At threshold 0.1 the relative rule halts (one hit), the paper's absolute one does not."""
-    for scale, expected in (("state", True), ("none", False)):
+    for scale, expected in (("state", True), ("absolute", False)):
         pol = make("acceleration", threshold=0.1, hits=1, scale=scale)
         pol.begin_step(1, 1, 0, 1)
         x = torch.tensor([[100.0, 0.0]])
