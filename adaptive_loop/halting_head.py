@@ -226,8 +226,8 @@ class _Recorder(HaltingPolicy):
 
     def decide(self, signals: Signals) -> Tensor:
         rows = needed_rows(signals.needed, signals.logits.shape[0])
-        logits = signals.logits.float()
-        output = logits.argmax(-1) if self.label == "argmax" else logits.log_softmax(-1)
+        logits = signals.logits
+        output = logits.argmax(-1) if self.label == "argmax" else logits.float().log_softmax(-1)
         self._loops.append((signals.index[rows], signals.hidden[rows].float(),
                             signals.delta[rows], output))
         return torch.zeros_like(signals.index, dtype=torch.bool)

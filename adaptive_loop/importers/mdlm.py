@@ -62,16 +62,16 @@ def _raw_config(source: Source, config: str | Path | dict | None) -> tuple[dict[
     """MDLM settings: the HF `config.json`, with an explicit JSON or dict read over it, or a
     checkpoint's plain `hyper_parameters`. Both the HF names (hidden_dim, model_length) and
     the training config's `model` section (hidden_size, length) are accepted."""
-    own = source.config_json() or {}
+    own = source.config_json()
     if isinstance(config, dict):
-        raw, where = {**own, **config}, "config"
+        raw, where = {**(own or {}), **config}, "config"
     elif config is not None:
         path = Path(config).expanduser()
         if not path.is_file():
             raise UsageError(f"MDLM config file not found: {path}")
-        raw, where = {**own, **read_json(path)}, str(path)
-    elif source.config_json() is not None:
-        raw, where = source.config_json() or {}, str(source.directory / "config.json")
+        raw, where = {**(own or {}), **read_json(path)}, str(path)
+    elif own is not None:
+        raw, where = own, str(source.directory / "config.json")
     else:
         hyper = source.meta.get("hyper_parameters")
         raw = hyper.get("config", hyper) if isinstance(hyper, dict) else {}
@@ -164,11 +164,7 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     folded into constants."""
     full = ema_weights(source, source.state())
     state = strip_prefix(full, _prefix(list(full)))
-    used = {"rotary_emb.inv_freq"}
-
-    def take(state: dict[str, Tensor], key: str) -> Tensor:
-        used.add(key)
-        return source.take(state, key)
+    take = source.take
     for key in ("sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias", "sigma_map.mlp.2.weight",
                 "sigma_map.mlp.2.bias"):
         take(state, key)
@@ -176,7 +172,7 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     d, head_dim = cfg.d_model, cfg.head_dim
     if "rotary_emb.inv_freq" in state:
         want = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        if not torch.allclose(state["rotary_emb.inv_freq"].float(), want, rtol=1e-3):
+        if not torch.allclose(take(state, "rotary_emb.inv_freq").float(), want, rtol=1e-3):
             raise CheckpointError(f"{source.path}: rotary_emb.inv_freq is not base 10000 over "
                                   f"the head size {head_dim}; unsupported rotary settings")
 
@@ -205,8 +201,5 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
         "lm_head.weight": take(state, "output_layer.linear.weight")[:rows].contiguous(),
         "lm_head.bias": take(state, "output_layer.linear.bias")[:rows].contiguous(),
     })
-    extra = sorted(set(state) - used)
-    if extra:
-        raise CheckpointError(f"{source.path}: unexpected key {_prefix(list(full)) + extra[0]!r}"
-                              f" for the mdlm layout")
+    source.refuse_unused(state, "mdlm", prefix=_prefix(list(full)))
     return out

@@ -130,14 +130,12 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     out = {"embed_tokens.weight": wte,
            "norm.weight": source.take(state, "transformer.ln_f.weight"),
            "lm_head.weight": source.take(state, "lm_head.weight")}
-    used = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"}
     for i in range(cfg.n_layers):
         p = f"transformer.h.{i}."
         names = {k: p + k for k in ("norm_1.weight", "attn.attn.weight", "attn.proj.weight",
                                     "norm_2.weight", "mlp.swiglu.w1.weight",
                                     "mlp.swiglu.w2.weight", "mlp.swiglu.w3.weight")}
         t = {k: source.take(state, name) for k, name in names.items()}
-        used.update(names.values())
         fused = t["attn.attn.weight"]
         expect_shape(source, names["attn.attn.weight"], fused, ((heads + 2 * groups) * size, d))
         grouped = fused.view(groups, heads // groups + 2, size, d)
@@ -153,7 +151,5 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
                                                      t["mlp.swiglu.w2.weight"]]),
             f"layers.{i}.down.weight": t["mlp.swiglu.w3.weight"],
         })
-    extra = sorted(set(state) - used)
-    if extra:
-        raise CheckpointError(f"{source.path}: unexpected key {extra[0]!r} for the smdm layout")
+    source.refuse_unused(state, "smdm")
     return out

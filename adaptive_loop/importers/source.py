@@ -114,6 +114,7 @@ class Source:
     files: list[Path]
     meta: dict[str, Any] = field(default_factory=dict)  # non-tensor entries of a pickle
     _state: dict[str, Tensor] | None = None
+    _taken: set[str] = field(default_factory=set)  # keys `take` handed out
 
     @classmethod
     def open(cls, path: str | Path) -> Source:
@@ -179,4 +180,16 @@ class Source:
         """state[key], or a CheckpointError naming the missing key."""
         if key not in state:
             raise CheckpointError(f"{self.path}: missing key {key!r} for this layout")
+        self._taken.add(key)
         return state[key]
+
+    def refuse_unused(self, state: dict[str, Tensor], layout: str, prefix: str = "",
+                      notes: dict[str, str] | None = None) -> None:
+        """A CheckpointError naming the first key of `state` that `take` never handed out: a
+        tensor the importer would drop (`prefix` is put back in front of it; `notes` adds a
+        word on a key known to come from a setting, such as weight tying)."""
+        extra = sorted(set(state) - self._taken)
+        if extra:
+            note = (notes or {}).get(extra[0], "")
+            raise CheckpointError(f"{self.path}: unexpected key {prefix + extra[0]!r} for the "
+                                  f"{layout} layout{note}")
