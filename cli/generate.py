@@ -383,7 +383,10 @@ def list_policies() -> None:
     for name in available():
         cls = policy_class(name)
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        table.add_row(name, ", ".join(sorted(cls.needs)) or "-", doc[0] if doc else "")
+        signals = ", ".join(sorted(cls.needs)) or "-"
+        if cls.needs_note:
+            signals += f" ({cls.needs_note})"
+        table.add_row(name, signals, doc[0] if doc else "")
     out.print(table)
     for name, why in broken_plugins().items():
         err.print(f"warning: policy plugin {name!r} not registered: {why}")

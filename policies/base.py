@@ -85,6 +85,8 @@ class HaltingPolicy(ABC):
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    # how `needs` changes with the parameters, for listings (the instance's `needs` is read)
+    needs_note: ClassVar[str] = ""
     # parameters for which a larger value halts later (`calibrate` tests those from the top)
     later_when_higher: ClassVar[frozenset[str]] = frozenset(
         {"loops", "min_loops", "max_loops", "check_every"})

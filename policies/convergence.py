@@ -15,7 +15,8 @@ from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, nonnegative, regist
 @register
 class Convergence(HaltingPolicy):
     name = "convergence"
-    needs = frozenset({"delta"})  # {"cosine"} with metric="cosine"
+    needs = frozenset({"delta"})
+    needs_note = "cosine with metric=cosine"
 
     def __init__(self, threshold: float = CONTEXT_THRESHOLD, metric: str = "l2", min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:

@@ -95,3 +95,12 @@ def test_evaluate_table_names_what_was_chosen():
     assert "│ fixed " in plain.stdout and "None" not in plain.stdout
     record = json.loads(run("evaluate", "--n", "2", "--json").stdout)
     assert record["setting"] == "fixed(loops=None)"
+
+
+def test_policies_lists_the_signals_each_policy_reads():
+    res = run("policies", env={"COLUMNS": "240"})
+    assert res.returncode == 0, res.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in res.stdout.splitlines() if line.count("│") >= 3}
+    assert rows["entropy"] == "delta, logits" and rows["fixed"] == "-"
+    assert rows["convergence"] == "delta (cosine with metric=cosine)"
