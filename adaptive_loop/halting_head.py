@@ -67,8 +67,11 @@ class HaltingHead(nn.Module):
 
     def features(self, hidden: Tensor, delta: Tensor, loop: int | Tensor) -> Tensor:
         """(N, d), (N,), loop index (int or (N,)) -> raw features (N, d + 2), float32."""
-        t = torch.as_tensor(loop, dtype=torch.float32, device=hidden.device)
-        t = t.expand(hidden.shape[0]) / self.config.loop_scale
+        if isinstance(loop, Tensor):
+            t = loop.to(torch.float32).expand(hidden.shape[0])
+        else:  # filled on the device, not copied there (a copy would wait for the device)
+            t = torch.full((hidden.shape[0],), float(loop), device=hidden.device)
+        t = t / self.config.loop_scale
         log_delta = torch.log(delta.float().clamp_min(0) + 1e-6)
         return torch.cat([hidden.float(), log_delta[:, None], t[:, None]], dim=-1)
 

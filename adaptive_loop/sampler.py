@@ -177,7 +177,10 @@ class _Stepper:
             self.key_mask = None if self.key_mask is None else self.key_mask.repeat(2, 1)
             self.positions = None if self.positions is None else self.positions.repeat(2, 1)
         self.readout = 0  # readout FLOPs so far
-        self.mask_column = torch.tensor([model.config.mask_id], device=batch.x.device)
+        # filled on the device: a tensor built from a Python list would be a host-to-device
+        # copy, which waits for the device
+        self.mask_column = torch.full((1,), model.config.mask_id, dtype=torch.long,
+                                      device=batch.x.device)
         # the tokens the loops run (padding never does), counted on the host, and their plan,
         # built once from those sizes
         self.real_tokens = int(batch.real_host.sum()) * (2 if cfg_scale > 0 else 1)

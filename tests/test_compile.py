@@ -200,6 +200,33 @@ def test_host_syncs_within_the_account(cuda_model, compile, pipeline, name, para
     assert len(syncs) <= out.stats.host_syncs, syncs[:3]
 
 
+@pytest.mark.parametrize("name, params", [
+    ("convergence", {"threshold": 0.3}), ("entropy", {"threshold": 2.0}),
+    ("kl", {"threshold": 0.05, "probe": "lens", "shortlist": 4}), ("stability", {}),
+    ("acceleration", {"threshold": 0.5}), ("learned", {}), ("random", {"rate": 0.3}),
+    ("schedule", {"budget": "2,4"}),
+])
+def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, name, params):
+    """`torch.tensor(data, device=...)` copies host data to the device and waits for it (on
+    CUDA, sync debug mode reports each one, beyond the runtime's account); the generation path
+    fills tensors on the device instead. Seen on the CPU by watching those constructors."""
+    from adaptive_loop import load_model
+
+    model = load_model()  # its shipped halting head serves `learned`
+    prompts = ["12345678+87654321=", "5+5="]
+    calls = []
+    for fn in ("tensor", "as_tensor"):
+        real = getattr(torch, fn)
+
+        def spy(*args, real=real, fn=fn, **kwargs):
+            if kwargs.get("device") is not None or len(args) > 2:
+                calls.append(fn)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(torch, fn, spy)
+    out = generate(model, prompts, policy=make(name, **params), gen_length=9, steps=3)
+    assert out.tokens.shape[0] == 2 and calls == []
+
+
 @cuda
 @pytest.mark.cuda
 def test_cuda_compiled_equals_eager(cuda_model):

@@ -68,3 +68,48 @@ def test_checks_tell_a_failure_from_a_check_that_did_not_run(monkeypatch):
     assert verdicts["host syncs kl compiled: observed within counted"] is True
     assert verdicts["loop memory: 32 iterations peak no higher than 6"] is True
     assert verdicts["runtime flex vs padded loops equal"] is None  # its section did not run
+
+
+def test_a_terminated_run_keeps_what_finished_and_its_verdicts(tmp_path):
+    """The shell's `timeout` sends SIGTERM: the section running then is dropped, the ones
+    before it stay in the JSON, with the checks and targets read off them."""
+    import signal
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu",
+                             "--smoke", "--out", str(out)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = proc.stdout.readline()  # "<section> <seconds> s" once the first one finished
+    assert first.startswith("correctness "), first
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "terminated in" in rest
+    report = json.loads((out / "gpu_check.json").read_text())
+    finished, stopped = list(report["seconds"]), report["stopped_in"].split()[0]
+    assert finished[0] == "correctness" and stopped not in finished, report["stopped_in"]
+    assert "iteration_smdm_compiled" not in finished  # the last section
+    verdicts = {c["check"]: c["ok"] for c in report["checks"]}
+    assert verdicts["compact vs masked loops equal"] is True
+    assert verdicts["runtime flex vs padded loops equal"] is None  # its section never ran
+    assert len(report["targets"]) == 8
+
+
+def test_the_budget_counts_from_the_launch(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_check import seconds_since_launch
+
+    assert 0.0 < seconds_since_launch() < 24 * 3600
+
+
+def test_iteration_targets_compare_with_the_fastest_full_iteration(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_check import targets
+
+    rows = [{"fraction": f, "attention": "flex", "compiled": compiled, "full_ms": full,
+             "compact_ms": compact}
+            for f in (0.5, 0.25) for compiled, full, compact in ((False, 10.0, 6.5),
+                                                                  (True, 12.0, 6.6))]
+    got = {t["target"]: t for t in targets({"iteration_d2048": rows})}
+    half = got["d=2048 iteration with 50% of tokens active, vs the fastest full one"]
+    # 6.6 / 12 = 0.55 against its own compiled full iteration would pass; 6.5 / 10 does not
+    assert half["measured"] == 0.65 and half["met"] is False and half["where"] == "flex, eager"
