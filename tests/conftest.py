@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests_support import TINY_TOKENIZER, tiny_config  # noqa: F401  (re-exported)
+from tests_support import TINY_TOKENIZER, spread_model, tiny_config  # noqa: F401  (re-exported)
 
 from adaptive_loop import LoopMDM, LoopMDMConfig
 
@@ -16,15 +16,15 @@ def make_config():
 
 @pytest.fixture
 def tiny_model() -> LoopMDM:
-    torch.manual_seed(0)
-    model = LoopMDM(tiny_config(n_loops=4)).eval()
-    # larger weights than the default init make hidden-state changes differ a lot between
-    # tokens, so thresholds halt some tokens and not others
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(6.0)
-    return model
+    return spread_model()
+
+
+@pytest.fixture(params=[1, 2], ids=["block1", "block2"])
+def looped_model(request) -> LoopMDM:
+    """tiny_model, then the same with a looped block of two layers: beyond a block's first
+    layer a halted token's keys/values are kept from its last loop, not recomputed, which only
+    a block of several layers exercises."""
+    return spread_model(request.param)
 
 
 @pytest.fixture

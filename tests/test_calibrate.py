@@ -7,10 +7,12 @@ import sys
 from math import comb
 
 import pytest
+import torch
 
-from adaptive_loop import UsageError, save_model
+from adaptive_loop import UsageError, generate, save_model
 from adaptive_loop.calibrate import binomial_pvalue, calibrate, learn_then_test, plan_settings
 from adaptive_loop.datasets import resolve_eval_set
+from adaptive_loop.policies import make
 
 
 def binom_cdf(k, n, p):
@@ -63,6 +65,55 @@ def test_calibrate_end_to_end(addition_model):
     assert last["certified"] or last["pvalue"] > 0.1
     assert len(report.rows) == 5 or not last["certified"]
     assert "with probability >= 0.9" in report.guarantee
+
+
+def generated(model, data, policy):
+    """The generated ids of every problem, all in one batch (as `calibrate` runs 40 prompts of
+    one length), straight from `generate`."""
+    out = generate(model, [ex.prompt for ex in data.examples], policy=policy, seed=0,
+                   **data.decoding)
+    return out.tokens[:, out.prompt_length:]
+
+
+def calibration_part(n, split, seed):
+    """The examples `calibrate` calibrates on: the first round(n * split) of a permutation
+    seeded with `seed`; the others are held out."""
+    part = torch.zeros(n, dtype=torch.bool)
+    part[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:round(n * split)]] = True
+    return part
+
+
+def test_calibrate_counts_each_splits_disagreements_with_the_fixed_run(addition_model):
+    """Every row's calibration and held-out disagreements equal a count made apart: each problem
+    generated with fixed loops=4 and with the candidate, compared token by token, per part of
+    the seeded split. On this model thresholds up to 0.2 never disagree, 0.5 disagrees on 9
+    calibration and 3 held-out problems (fixed-sequence testing stops there at D = 0.3) and 1.0
+    on 17 and 13. `holdout_ok` is the held-out rate against D: 3/20 holds, 13/20 does not,
+    whatever the calibration verdict (0.5 is not certified, yet holds out)."""
+    data = resolve_eval_set(addition_model.config.task, limit=40, seed=1234)
+    cal = calibration_part(40, 0.5, seed=0)
+    reference = generated(addition_model, data, make("fixed", loops=4))
+    rows = []
+    for grid in ([0.0, 0.2, 0.5, 1.0], [1.0]):
+        report = calibrate(addition_model, data, "convergence", grid, tolerance=0.3,
+                           confidence=0.9, split=0.5, seed=0)
+        assert report.reference_loops == 4 and report.n_holdout == 20
+        rows += report.rows
+    counts = {}
+    for row in rows:
+        differs = (generated(addition_model, data, make("convergence", threshold=row["value"]))
+                   != reference).any(1)
+        counts[row["value"]] = (int(differs[cal].sum()), int(differs[~cal].sum()))
+        assert (row["calibration_disagreements"], row["holdout_disagreements"]) == \
+            counts[row["value"]]
+        assert row["holdout_rate"] == counts[row["value"]][1] / 20
+        assert row["holdout_ok"] == (counts[row["value"]][1] / 20 <= 0.3)
+    assert [r["value"] for r in rows] == [0.0, 0.2, 0.5, 1.0]
+    # the count has something to find, unequal between the parts, and both verdicts occur
+    assert counts[0.0] == (0, 0) and counts[0.5][0] != counts[0.5][1]
+    assert counts[1.0][0] != counts[1.0][1]
+    assert [r["holdout_ok"] for r in rows[2:]] == [True, False]
+    assert not rows[2]["certified"]
 
 
 @pytest.mark.parametrize("policy, param, first", [

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from adaptive_loop import CheckpointError, UsageError, load_model, save_model
 from adaptive_loop.importers import SMDM_PRESETS, detect_format
 
-TOL = 1e-4
+TOL = 2e-5  # relative logit error; float32 reordering alone gives about 4e-6 here
 IDS = torch.randint(0, 30, (2, 11), generator=torch.Generator().manual_seed(3))
 
 

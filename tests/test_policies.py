@@ -2,6 +2,7 @@
 masked, halted tokens frozen, loop bounds, FLOPs from what ran), then each family's own rule
 on hand-made signals, then parameter errors."""
 
+import functools
 import json
 import math
 import re
@@ -11,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests_support import spread_model
 
 from adaptive_loop import LoopMDM, LoopMDMConfig, UsageError, generate, load_model, save_model
 from adaptive_loop.flops import block_flops, kv_flops
@@ -117,7 +119,8 @@ def test_never_halting_settings_equal_fixed(name, tiny_model, prompts, head_dir)
 
 
 @pytest.mark.parametrize("name", sorted(HALTING))
-def test_compacted_equals_masked_reference(name, tiny_model, head_dir):
+def test_compacted_equals_masked_reference(name, looped_model, head_dir):
+    tiny_model = looped_model
     h, needed = _state(tiny_model)
     pol = policy(name, head_dir, max_loops=6, **HALTING[name])
     packed, t1 = run_loops(tiny_model, h, pol, needed, compact=True)
@@ -154,6 +157,32 @@ def test_loops_within_bounds_and_flops_from_what_ran(name, tiny_model, head_dir)
     assert sum(trace.active_tokens) == int(trace.loops.sum())
 
 
+# settings under which each rule halts every token as soon as it can decide, and after how many
+# checks from min_loops on that is, for needed and for context tokens: rules that read the
+# current state decide at once, rules that compare two checks one check later
+AT_ONCE = {
+    "convergence": ({"threshold": 1e9}, 0, 0),
+    "entropy": ({"threshold": 1e9, "context_threshold": 1e9}, 0, 0),
+    "learned": ({"threshold": 0.0, "context_threshold": 1e9}, 0, 0),
+    "random": ({"rate": 1.0}, 0, 0),
+    "kl": ({"threshold": 1e9, "context_threshold": 1e9}, 1, 0),
+    "acceleration": ({"threshold": 1e9, "hits": 1}, 1, 1),
+}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("name", sorted(AT_ONCE))
+def test_a_rule_that_halts_everything_runs_min_loops(name, every, tiny_model, head_dir):
+    """min_loops is reached, not only respected: a rule that would halt every token runs it
+    exactly min_loops, or one check more where it compares two checks."""
+    h, needed = _state(tiny_model)
+    params, later, context_later = AT_ONCE[name]
+    pol = policy(name, head_dir, min_loops=3, max_loops=8, check_every=every, **params)
+    _, trace = run_loops(tiny_model, h, pol, needed)
+    assert set(trace.loops[needed].unique().tolist()) == {3 + later * every}
+    assert set(trace.loops[~needed].unique().tolist()) == {3 + context_later * every}
+
+
 @pytest.mark.parametrize("name", sorted(set(HALTING) - {"schedule"}))
 def test_check_every_only_halts_on_checked_loops(name, tiny_model, head_dir):
     h, needed = _state(tiny_model)
@@ -169,6 +198,8 @@ def test_kl_keeps_distributions_of_needed_tokens_only(tiny_model):
     assert pol._prev.shape == (int(needed.sum()), tiny_model.config.out_vocab)
     assert trace.loops[needed].min() >= 2  # the first check only records p
 
+
+_spread = functools.lru_cache(spread_model)  # the tiny models, built once for every example
 
 HALTING_SPACE = st.one_of(
     st.tuples(st.just("convergence"), st.fixed_dictionaries({"threshold": st.floats(0, 1)})),
@@ -191,10 +222,12 @@ HALTING_SPACE = st.one_of(
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=HALTING_SPACE, lo=st.integers(1, 3), extra=st.integers(0, 3),
-       every=st.integers(1, 2), seed=st.integers(0, 1000), density=st.floats(0, 1))
-def test_property_compacted_equals_masked_within_bounds(tiny_model, head_dir, spec, lo, extra,
-                                                         every, seed, density):
+       every=st.integers(1, 2), seed=st.integers(0, 1000), density=st.floats(0, 1),
+       layers=st.integers(1, 2))
+def test_property_compacted_equals_masked_within_bounds(head_dir, spec, lo, extra, every, seed,
+                                                         density, layers):
     name, params = spec
+    tiny_model = _spread(layers)
     h, needed = _state(tiny_model, seed=seed, density=density)
     pol = policy(name, head_dir, min_loops=lo, max_loops=lo + extra, check_every=every,
                  **params)

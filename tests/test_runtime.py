@@ -7,6 +7,7 @@ import torch
 from adaptive_loop import LoopMDM, generate
 from adaptive_loop.attention import PackPlan
 from adaptive_loop.flops import block_flops, kv_flops
+from adaptive_loop.layers import rope_rows
 from adaptive_loop.policies import HaltingPolicy, make
 from adaptive_loop.runtime import run_loops
 
@@ -24,7 +25,8 @@ def _halting_mix(model, h, needed, policy):
     return loops.min() < loops.max()
 
 
-def test_compacted_equals_masked_reference(tiny_model):
+def test_compacted_equals_masked_reference(looped_model):
+    tiny_model = looped_model
     h, needed = _state(tiny_model)
     for policy in (make("convergence", threshold=0.3, max_loops=6),
                    make("convergence", threshold=0.05, metric="cosine", max_loops=6),
@@ -37,10 +39,11 @@ def test_compacted_equals_masked_reference(tiny_model):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"pipeline": True}, {"attention": "flex"}])
-def test_padding_never_runs(tiny_model, kwargs):
+def test_padding_never_runs(looped_model, kwargs):
     """Left padding (False in the key mask) starts halted: it runs no loop and costs no FLOPs,
     the real tokens compute what the masked reference computes, and padding keeps its input
     state in both."""
+    tiny_model = looped_model
     h, needed = _state(tiny_model)
     key_mask = torch.ones(3, 10, dtype=torch.bool)
     key_mask[1, :4], key_mask[2, :7] = False, False
@@ -91,11 +94,15 @@ def test_halted_tokens_are_frozen(tiny_model):
         assert torch.equal(out[halted_at_k], ref[halted_at_k])
 
 
-def test_loops_within_bounds(tiny_model):
+@pytest.mark.parametrize("threshold, loops", [(1e9, {3}), (0.0, {6}), (0.5, None)])
+def test_loops_reach_their_bounds_and_stay_within(tiny_model, threshold, loops):
+    """Halting everything runs exactly min_loops, halting nothing exactly max_loops; in
+    between every token stays within them."""
     h, needed = _state(tiny_model)
-    policy = make("convergence", threshold=0.5, min_loops=2, max_loops=5)
+    policy = make("convergence", threshold=threshold, min_loops=3, max_loops=6)
     _, trace = run_loops(tiny_model, h, policy, needed)
-    assert trace.loops.min() >= 2 and trace.loops.max() <= 5
+    got = set(trace.loops.unique().tolist())
+    assert got == loops if loops else got <= {3, 4, 5, 6} and len(got) > 1
 
 
 def test_executed_flops_are_the_sum_over_active_tokens(tiny_model):
@@ -210,10 +217,11 @@ PIPELINED = [
 
 @pytest.mark.parametrize("attention", ["padded", "flex"])
 @pytest.mark.parametrize("name, params", PIPELINED)
-def test_pipelined_plans_compute_the_same_function(tiny_model, name, params, attention):
+def test_pipelined_plans_compute_the_same_function(looped_model, name, params, attention):
     """Planning each iteration from the decisions of one check earlier computes the tokens
     that halted at the latest check once more, with their state and keys/values kept: the
     loops and the final state are those of the unpipelined run, the extra work is counted."""
+    tiny_model = looped_model
     h, needed = _state(tiny_model)
     ref, a = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed,
                        attention=attention)
@@ -229,9 +237,10 @@ def test_pipelined_plans_compute_the_same_function(tiny_model, name, params, att
 
 
 @pytest.mark.parametrize("name, params", PIPELINED[:3])
-def test_pipelined_generation_equals_unpipelined(tiny_model, name, params):
+def test_pipelined_generation_equals_unpipelined(looped_model, name, params):
     """The same through the sampler, with left-padded prompts of different lengths (a key
     mask) and classifier-free guidance (doubled rows)."""
+    tiny_model = looped_model
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]]
     for cfg_scale in (0.0, 1.5):
         runs = [generate(tiny_model, prompts, policy=make(name, max_loops=6, **params),
@@ -251,23 +260,53 @@ class _EvenHaltAtOne(HaltingPolicy):
         return halt if signals.iteration == 1 else torch.zeros_like(halt)
 
 
+def _written_out(model, h, frozen, after, loops, keep_kv=True):
+    """The block run `loops` times on every token, written out with plain attention: tokens
+    in `frozen` keep their state from loop `after` on, and at every layer after the first the
+    keys/values they had in that loop (at the first, their frozen state gives the exact ones
+    again); with keep_kv=False, those recomputed every loop instead."""
+    cos, sin = rope_rows(model.rope, h.shape[1])
+
+    def layer_pass(layer, x, kept=None):
+        q, k, v = layer.project(x, cos, sin)  # (B, L, H|G, D)
+        if kept is not None:
+            k = torch.where(frozen[..., None, None], kept[0], k)
+            v = torch.where(frozen[..., None, None], kept[1], v)
+        groups = q.shape[2] // k.shape[2]
+        kk, vv = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+        scores = torch.einsum("blhd,bmhd->bhlm", q, kk) / q.shape[-1] ** 0.5
+        attn = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), vv)
+        return layer.finish(x, attn.flatten(2)), (k, v)
+
+    state, kept = h, None
+    for loop in range(1, loops + 1):
+        x, kvs = state, []
+        for j, layer in enumerate(model.block_layers):
+            x, kv = layer_pass(layer, x, kept[j] if kept is not None and j > 0 else None)
+            kvs.append(kv)
+        state = x if loop <= after else torch.where(frozen[..., None], state, x)
+        if loop == after and keep_kv:
+            kept = kvs
+    return state
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"compact": False}, {"pipeline": True},
                                     {"attention": "flex"}])
-def test_halted_tokens_serve_the_keys_of_their_final_state(tiny_model, kwargs):
-    """A token halted after loop 1 shows every later loop the first-layer keys/values its
-    frozen state gives, which is what running it again would compute. The reference is
-    written out: the one-layer block run densely on every token, halted states held."""
-    layer = tiny_model.block_layers[0]
-    assert tiny_model.config.loop_layers == 1
-    h, needed = _state(tiny_model)
+def test_halted_tokens_serve_the_keys_of_their_final_state(looped_model, kwargs):
+    """A token halted after loop 1 shows every later loop, at the block's first layer, the
+    keys/values its frozen state gives (what running it again would compute), and at deeper
+    layers those of its last loop. The reference is written out with plain attention."""
+    model = looped_model
+    h, needed = _state(model)
     even = torch.arange(h.shape[0] * h.shape[1]).view(h.shape[:2]) % 2 == 0
     with torch.no_grad():
-        ref = layer.dense(h, tiny_model.rope)[0]
-        for _ in range(2):
-            ref = torch.where(even[..., None], ref, layer.dense(ref, tiny_model.rope)[0])
-    out, trace = run_loops(tiny_model, h, _EvenHaltAtOne(max_loops=3), needed, **kwargs)
+        ref = _written_out(model, h, even, after=1, loops=3)
+    out, trace = run_loops(model, h, _EvenHaltAtOne(max_loops=3), needed, **kwargs)
     assert torch.equal(trace.loops, torch.where(even, 1, 3).int())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # recomputing the deeper keys/values is another function
+        recomputed = _written_out(model, h, even, after=1, loops=3, keep_kv=False)
+    assert torch.allclose(out, recomputed, atol=1e-5) == (model.config.loop_layers == 1)
 
 
 @pytest.mark.parametrize("name, params", [
@@ -276,10 +315,11 @@ def test_halted_tokens_serve_the_keys_of_their_final_state(tiny_model, kwargs):
     ("convergence", {"threshold": 10.0, "check_every": 3}),
     ("convergence", {"threshold": 0.3, "check_every": 2}),
 ])
-def test_pipelined_reads_are_used_one_iteration_later_even_between_checks(tiny_model, name,
+def test_pipelined_reads_are_used_one_iteration_later_even_between_checks(looped_model, name,
                                                                           params):
     """A pipelined read plans from the iteration after next, not from the next check: tokens
     that halted run one gated iteration more, never until the loop's end."""
+    tiny_model = looped_model
     h, needed = _state(tiny_model)
     ref, a = run_loops(tiny_model, h, make(name, max_loops=8, **params), needed)
     got, b = run_loops(tiny_model, h, make(name, max_loops=8, **params), needed, pipeline=True)

@@ -136,6 +136,37 @@ def test_llada_low_confidence_parity(tiny_model, prompts, steps, gen, block):
                              block_length=block), ref)
 
 
+class WarmStarted:
+    """The model as warm start runs it, written out: from the second call on, each position
+    whose input id did not change starts its loops from its state after the last call's loops
+    instead of the prelude's output."""
+
+    def __init__(self, model):
+        self.model, self.config, self.last = model, model.config, None
+
+    def __call__(self, x, n_loops):
+        m = self.model
+        h = m.prelude(m.embed(x))
+        if self.last is not None:
+            h = torch.where((x == self.last[0])[..., None], self.last[1], h)
+        for _ in range(n_loops):
+            h, _ = m.loop_once(h)
+        self.last = (x.clone(), h)  # the decoding loop writes into x in place
+        return m.readout(h)
+
+
+@pytest.mark.parametrize("steps, block", [(4, 8), (4, 4)])
+def test_warm_start_parity(tiny_model, prompts, steps, block):
+    """Warm start against the written-out decoding loop: the same tokens, and not those of a
+    cold start (the prompt runs its loops again on top of the last step's)."""
+    ref = reference_generate(WarmStarted(tiny_model), prompts, steps, 8, block)
+    ours = _ours(tiny_model, prompts, gen_length=8, steps=steps, block_length=block,
+                 warm_start=True)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, _ours(tiny_model, prompts, gen_length=8, steps=steps,
+                                       block_length=block))
+
+
 @pytest.mark.parametrize("remasking", ["margin", "entropy"])
 def test_dream_orderings_parity(tiny_model, prompts, remasking):
     ref = reference_generate(tiny_model, prompts, 4, 8, 4, remasking=remasking)
@@ -153,14 +184,17 @@ def test_classifier_free_guidance_parity(tiny_model, prompts):
                                        block_length=4))
 
 
-@pytest.mark.parametrize("rule", [dict(threshold=0.6), dict(threshold=0.95), dict(factor=1.0),
-                                  dict(factor=0.3)])
+@pytest.mark.parametrize("rule", [dict(threshold=0.12), dict(threshold=0.15), dict(factor=2.0),
+                                  dict(factor=3.0)])
 def test_fast_dllm_parallel_decoding_parity(no_mask_model, prompts, rule):
+    """Fast-dLLM's threshold and factor rules against the reference, at settings where some
+    steps commit several tokens and others one (this model's confidences lie about 0.1 to
+    0.2: a threshold of 0.6 would commit one token a step, as plain decoding does)."""
     ref = reference_generate(no_mask_model, prompts, 4, 8, 4, **rule)
     out = generate(no_mask_model, prompts, policy=make("fixed", loops=LOOPS), gen_length=8,
                    steps=4, block_length=4, **rule)
     assert torch.equal(out.tokens, ref)
-    assert out.stats.nfe <= 8  # a step commits at least one token per row
+    assert 2 < out.stats.nfe < 8  # 8 masks a row: neither all at once nor one by one
 
 
 def test_threshold_commits_several_per_step(no_mask_model, prompts):
@@ -200,6 +234,23 @@ def test_padding_is_neither_looped_nor_counted(tiny_model, cfg_scale):
     assert out.stats.looped_flops == out.stats.looped_flops_fixed_max
     per_token = block_flops(tiny_model.config, 10) * (2 if cfg_scale else 1)
     assert out.stats.looped_flops == 2 * 3 * int(real.sum()) * per_token
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_draws_follow_the_softmax_at_the_temperature(temperature):
+    """Gumbel-max as LLaDA writes it, argmax(exp(l) / (-log U)^T), draws id i with
+    probability softmax(l / T)_i: 40000 seeded draws land within 4 standard errors of it (and
+    far from softmax(l), which a draw ignoring T would follow)."""
+    from adaptive_loop.remasking import draw
+
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    n = 40000
+    ids = draw(logits.expand(n, 4), temperature, torch.Generator().manual_seed(0))
+    seen = torch.bincount(ids, minlength=4).double() / n
+    want = (logits.double() / temperature).softmax(-1)
+    tolerance = 4 * (want * (1 - want) / n).sqrt()
+    assert ((seen - want).abs() <= tolerance).all(), (seen, want)
+    assert ((seen - logits.double().softmax(-1)).abs() > 10 * tolerance).any()
 
 
 def test_the_mask_token_is_never_committed():

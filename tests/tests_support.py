@@ -1,9 +1,25 @@
 """Helpers shared by tests that need them outside fixtures."""
 
-from adaptive_loop import LoopMDMConfig
+import torch
+
+from adaptive_loop import LoopMDM, LoopMDMConfig
 
 TINY_TOKENIZER = {"kind": "char", "chars": "abcdefghijklmno", "specials": {"mask": 16, "pad": 15}}
 
 
 def tiny_config(**overrides) -> LoopMDMConfig:
     return LoopMDMConfig.from_name("tiny", tokenizer=TINY_TOKENIZER, **overrides)
+
+
+def spread_model(loop_layers: int = 1) -> LoopMDM:
+    """The tiny random model (seed 0) with a looped block of `loop_layers` layers, its weights
+    scaled up: hidden-state changes then differ a lot between tokens, so thresholds halt some
+    tokens and not others."""
+    torch.manual_seed(0)
+    cfg = tiny_config(n_loops=4, n_layers=2 + loop_layers, loop_layers=loop_layers)
+    model = LoopMDM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model
