@@ -70,7 +70,11 @@ def _read_config(directory: Path, overrides: dict[str, Any]) -> LoopMDMConfig:
         raise CheckpointError(f"{path}: not an adaptive-loop config (no \"format\": "
                               f"\"{FORMAT_NAME}\")")
     version = meta.get("version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: \"version\" must be a positive integer (the format "
+                              f"version, {FORMAT_VERSION} for this release), got "
+                              f"{json.dumps(version)}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {version!r}; this adaptive-loop reads "
                               f"versions up to {FORMAT_VERSION} (a newer release wrote it?)")
     if not isinstance(meta.get("model"), dict):
@@ -111,9 +115,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state(model: LoopMDM, state: dict[str, torch.Tensor], where: str) -> None:
-    """Raise a CheckpointError naming missing/unexpected keys, bad shapes or non-finite
-    values, before anything is loaded."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    """Raise a CheckpointError naming missing/unexpected keys, bad shapes, integer or boolean
+    tensors where the model has floating-point weights, or non-finite values, before anything
+    is loaded."""
+    own = model.state_dict()
+    expected = {k: v.shape for k, v in own.items()}
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -129,6 +135,10 @@ def check_state(model: LoopMDM, state: dict[str, torch.Tensor], where: str) -> N
         if tuple(state[key].shape) != tuple(shape):
             raise CheckpointError(f"{where}: {key} has shape {tuple(state[key].shape)} but the "
                                   f"config needs {tuple(shape)}")
+        if own[key].is_floating_point() and not state[key].is_floating_point():
+            dtype = str(state[key].dtype).removeprefix("torch.")
+            raise CheckpointError(f"{where}: {key} holds {dtype} values but the model needs "
+                                  f"floating-point weights (float32, bfloat16, float16...)")
         if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values")
 

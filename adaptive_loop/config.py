@@ -54,15 +54,18 @@ class LoopMDMConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         self._check_types()
-        checks = [
+        # sizes first, on their own: the checks after them divide by n_heads and n_kv_heads
+        self._require([
             (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
+            (self.vocab_size >= 1 and self.d_ff >= 1 and self.n_kv_heads >= 1,
+             "vocab_size, d_ff and n_kv_heads must be positive"),
+        ])
+        self._require([
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by "
              f"n_heads {self.n_heads}"),
             ((self.d_model // self.n_heads) % 2 == 0, "head size must be even for RoPE"),
             (self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple "
              f"of n_kv_heads {self.n_kv_heads}"),
-            (self.vocab_size >= 1 and self.d_ff >= 1 and self.n_kv_heads >= 1,
-             "vocab_size, d_ff and n_kv_heads must be positive"),
             (self.norm_eps > 0 and self.rope_base > 0, "norm_eps and rope_base must be positive"),
             (1 <= self.max_seq_len <= MAX_SEQ_LEN, f"max_seq_len must be in [1, {MAX_SEQ_LEN}], "
              f"got {self.max_seq_len}"),
@@ -72,8 +75,10 @@ class LoopMDMConfig:
              f"loop spec [{self.loop_start}, {self.loop_start + self.loop_layers}) lies outside "
              f"the model's {self.n_layers} layers"),
             (self.n_loops >= 1 and self.max_train_loops >= 1, "loop counts must be >= 1"),
-            (0 <= self.mask_id < self.vocab_size, f"mask_id {self.mask_id} outside the "
-             f"vocabulary of {self.vocab_size}"),
+            *[(value is None or 0 <= value < self.vocab_size, f"{name} {value} outside the "
+               f"vocabulary of {self.vocab_size} (ids 0..{self.vocab_size - 1})")
+              for name, value in (("mask_id", self.mask_id), ("pad_id", self.pad_id),
+                                  ("eos_id", self.eos_id))],
             (self.lm_head_vocab is None or 1 <= self.lm_head_vocab <= self.vocab_size,
              f"lm_head_vocab {self.lm_head_vocab} outside [1, vocab_size {self.vocab_size}]"),
             (self.lm_head_vocab is None or not self.tie_embeddings, "lm_head_vocab needs an "
@@ -82,7 +87,10 @@ class LoopMDMConfig:
              f"{', '.join(FLAVOURS)}"),
             (self.rope_dtype in ROPE_DTYPES, f"unknown rope_dtype {self.rope_dtype!r}; choose one "
              f"of {', '.join(ROPE_DTYPES)}"),
-        ]
+        ])
+
+    @staticmethod
+    def _require(checks: list[tuple[bool, str]]) -> None:
         for ok, message in checks:
             if not ok:
                 raise UsageError(f"invalid model config: {message}")

@@ -162,3 +162,52 @@ def test_convert_carries_a_native_checkpoints_sidecars(tmp_path):
     model = load_model(tmp_path / "c", device="cpu")
     out = generate(model, ["98181872+61818127="], policy=make("learned"), gen_length=9, steps=3)
     assert out.stats.mean_loops < model.config.n_loops
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_or_boolean_weights_are_named(tmp_path, tiny_model, dtype):
+    """A weight stored as integers or booleans is refused by name, not left to torch (which
+    fails deep inside load_state_dict)."""
+    save_model(tiny_model, tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(path))
+    state["layers.0.down.weight"] = state["layers.0.down.weight"].to(dtype)
+    save_file(state, str(path))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=f"layers.0.down.weight holds {name} values but "
+                       "the model needs floating-point weights"):
+        load_model(tmp_path / "ck", device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_heads=0), "invalid model config: d_model and n_heads must be positive"),
+    (dict(n_kv_heads=0), "invalid model config: vocab_size, d_ff and n_kv_heads must be "
+     "positive"),
+    (dict(pad_id=99), r"pad_id 99 outside the vocabulary of 17 \(ids 0..16\)"),
+    (dict(eos_id=17), r"eos_id 17 outside the vocabulary of 17"),
+    (dict(pad_id=-1), r"pad_id -1 outside the vocabulary of 17"),
+    (dict(mask_id=17), r"mask_id 17 outside the vocabulary of 17"),
+])
+def test_bad_model_config_values_are_named(tmp_path, tiny_model, change, message):
+    """Sizes are checked before anything divides by them; every special token id must be a
+    row of the embedding (a pad id outside it passed the checks, then failed in torch when
+    prompts of different lengths were padded)."""
+    save_model(tiny_model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["model"].update(change)
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "ck", device="cpu")
+
+
+@pytest.mark.parametrize("version, shown", [("1", '"1"'), (True, "true"), (1.0, "1.0"),
+                                            (0, "0")])
+def test_a_format_version_of_the_wrong_type_says_so(tmp_path, tiny_model, version, shown):
+    """Not "a newer release wrote it?": the field must be an integer."""
+    save_model(tiny_model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["version"] = version
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f'"version" must be a positive integer '
+                       rf"\(the format version, 1 for this release\), got {shown}$"):
+        load_model(tmp_path / "ck", device="cpu")

@@ -299,3 +299,177 @@ def test_a_damaged_pickle_is_named_damaged(tmp_path):
 class _Payload:
     def __reduce__(self):
         return (print, ("never printed",))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"padding_multiple": 0}, "padding_multiple must be a positive integer, got 0"),
+    ({"vocab_size": "x"}, 'vocab_size must be a positive integer, got "x"'),
+    ({"padded_vocab_size": "64"}, 'padded_vocab_size must be a positive integer or null, got '
+     '"64"'),
+    ({"n_layer": "1"}, 'n_layer must be a positive integer, got "1"'),
+    ({"rotary_percentage": "1.0"}, 'rotary_percentage must be a finite number, got "1.0"'),
+    ({"bias": "false"}, 'bias must be true or false, got "false"'),
+    ({"n_query_groups": 0}, "n_query_groups must be a positive integer or null, got 0"),
+])
+def test_smdm_config_values_of_the_wrong_type_are_named(tmp_path, change, message):
+    """A lit-gpt config field of the wrong type is named with the type it needs, before any
+    arithmetic on it (padding_multiple 0 divided by zero; "1.0" read as an unsupported
+    setting; "1" as one layer)."""
+    _smdm(tmp_path)
+    (tmp_path / "lit_config.json").write_text(json.dumps({**SMDM_TINY, **change}))
+    with pytest.raises(CheckpointError, match=f"lit_config.json: {message}$"):
+        load_model(tmp_path / "weights.safetensors", device="cpu")
+
+
+def _resaved(path, state, key, tensor):
+    """`state` with `key` replaced by `tensor`, written as one safetensors file at `path`."""
+    save_file({**state, key: tensor}, str(path))
+
+
+@pytest.mark.parametrize("key, tensor, message", [
+    ("transformer.h.1.mlp.swiglu.w2.weight", torch.zeros(48, 31),
+     r"transformer.h.1.mlp.swiglu.w2.weight has shape \(48, 31\) but the config needs "
+     r"\(48, 32\)"),
+    ("transformer.h.1.mlp.swiglu.w1.weight", torch.zeros(47, 32),
+     r"transformer.h.1.mlp.swiglu.w1.weight has shape \(47, 32\) but the config needs "
+     r"\(48, 32\)"),
+    ("transformer.h.0.mlp.swiglu.w1.weight", torch.zeros(48, 32, dtype=torch.int64),
+     "transformer.h.0.mlp.swiglu.w1.weight holds int64 values; expected floating-point"),
+])
+def test_smdm_tensors_are_checked_before_they_are_combined(tmp_path, key, tensor, message):
+    """Each tensor is checked against the config before the importer fuses it with another
+    (torch.cat failed with a size mismatch, or promoted integers to floats silently)."""
+    state, path = _smdm(tmp_path)
+    _resaved(path, state, key, tensor)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path, device="cpu")
+
+
+@pytest.mark.parametrize("key, tensor, message", [
+    ("blocks.0.q_proj.weight", torch.zeros(32, 31),
+     r"blocks.0.q_proj.weight has shape \(32, 31\) but the config needs \(32, 32\)"),
+    ("blocks.2.up_proj.weight", torch.zeros(48, 30),
+     r"blocks.2.up_proj.weight has shape \(48, 30\) but the config needs \(48, 32\)"),
+    ("blocks.0.k_proj.weight", torch.zeros(16, 32, dtype=torch.int64),
+     "blocks.0.k_proj.weight holds int64 values; expected floating-point"),
+    ("wte.weight", torch.zeros(40), r"wte.weight has shape \(40,\); expected 2 dimensions"),
+])
+def test_llada_tensors_are_checked_before_they_are_combined(tmp_path, key, tensor, message):
+    from layouts import llada_state
+
+    write_llada(tmp_path / "l")
+    for shard in tmp_path.glob("l/model*"):
+        shard.unlink()
+    _resaved(tmp_path / "l" / "model.safetensors", llada_state(LLADA_TINY),
+             "model.transformer." + key, tensor)
+    with pytest.raises(CheckpointError, match="model.transformer." + message):
+        load_model(tmp_path / "l", device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": "x"}, 'rope_theta must be a positive number, got "x"'),
+    ({"rope_theta": [1]}, r"rope_theta must be a positive number, got \[1\]"),
+    ({"n_layers": "4"}, 'n_layers must be a positive integer, got "4"'),
+    ({"weight_tying": "false"}, 'weight_tying must be true or false, got "false"'),
+    ({"mask_token_id": "39"}, 'mask_token_id must be an integer or null, got "39"'),
+])
+def test_llada_config_values_of_the_wrong_type_are_named(tmp_path, change, message):
+    write_llada(tmp_path / "l")
+    (tmp_path / "l" / "config.json").write_text(json.dumps({**LLADA_TINY, **change}))
+    with pytest.raises(CheckpointError, match=f"config.json: {message}$"):
+        load_model(tmp_path / "l", device="cpu")
+
+
+def test_a_checkpoints_own_bad_setting_is_its_fault_not_the_callers(tmp_path):
+    """A special id outside the vocabulary in the checkpoint's config.json is a CheckpointError
+    (no loop spec or override of the caller's is involved); a bad override stays a UsageError."""
+    write_llada(tmp_path / "l", {**LLADA_TINY, "pad_token_id": 99})
+    with pytest.raises(CheckpointError, match="config.json: invalid model config: pad_id 99 "
+                       "outside the vocabulary of 40"):
+        load_model(tmp_path / "l", device="cpu")
+    write_llada(tmp_path / "ok")
+    with pytest.raises(UsageError, match="eos_id 99 outside") as err:
+        load_model(tmp_path / "ok", device="cpu", eos_id=99)
+    assert not isinstance(err.value, CheckpointError)
+    write_mdlm(tmp_path / "m")  # its mask id is read with the override given over it
+    with pytest.raises(UsageError, match="mask_id 99 outside") as err:
+        load_model(tmp_path / "m", device="cpu", mask_id=99)
+    assert not isinstance(err.value, CheckpointError)
+    with pytest.raises(UsageError, match="loop_start must be an integer, got '1'"):
+        load_model(tmp_path / "ok", device="cpu", loop_start="1", loop_layers=2)
+
+
+@pytest.mark.parametrize("key, tensor, message", [
+    ("blocks.0.mlp.0.weight", None, "missing key 'backbone.blocks.0.mlp.0.weight' for the mdlm "
+     "layout"),
+    ("vocab_embed.embedding", torch.zeros(30), r"backbone.vocab_embed.embedding has shape "
+     r"\(30,\); expected 2 dimensions \(vocabulary, width\)"),
+    ("vocab_embed.embedding", torch.zeros(30, 32, 1), r"backbone.vocab_embed.embedding has "
+     r"shape \(30, 32, 1\); expected 2 dimensions"),
+    ("sigma_map.mlp.2.weight", torch.zeros(16, 15), r"backbone.sigma_map.mlp.2.weight has shape "
+     r"\(16, 15\) but the conditioning width 16 .* needs \(16, 16\)"),
+    ("blocks.1.adaLN_modulation.weight", torch.zeros(160, 16), r"blocks.1.adaLN_modulation."
+     r"weight has shape \(160, 16\) but d_model 32 and the conditioning width 16 .* need "
+     r"\(192, 16\)"),
+    ("output_layer.linear.weight", torch.zeros(40, 32), r"backbone.output_layer.linear.weight "
+     r"has shape \(40, 32\) but the config needs \(30, 32\)"),
+    ("sigma_map.mlp.0.bias", torch.zeros(16, dtype=torch.int32), "backbone.sigma_map.mlp.0.bias "
+     "holds int32 values"),
+])
+def test_mdlm_tensors_missing_or_misshapen_are_named(tmp_path, key, tensor, message):
+    """A missing tensor is named (not a KeyError), one of the wrong rank is named with its
+    shape (not an unpacking ValueError), and one the adaLN constants are computed from is
+    checked before the matrix product; the output layer's extra rows were cut off silently."""
+    state = write_mdlm(tmp_path / "m")
+    if tensor is None:
+        state.pop("backbone." + key)
+    else:
+        state["backbone." + key] = tensor
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "m", device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_heads": "4"}, 'n_heads must be a positive integer or null, got "4"'),
+    ({"model_length": 0}, "model_length must be a positive integer, got 0"),
+    ({"time_conditioning": "false"}, 'time_conditioning must be true or false, got "false"'),
+])
+def test_mdlm_config_values_of_the_wrong_type_are_named(tmp_path, change, message):
+    write_mdlm(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**MDLM_TINY, **change}))
+    with pytest.raises(CheckpointError, match=f"config.json: {message}$"):
+        load_model(tmp_path / "m", device="cpu")
+
+
+def test_foreign_files_that_cannot_be_read_are_named(tmp_path):
+    """A corrupt safetensors file read for its shapes with the format given, and a shard index
+    whose weight_map does not name files, are CheckpointErrors naming the file."""
+    write_mdlm(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="model.safetensors: unreadable or corrupt"):
+        load_model(tmp_path / "m", format="mdlm", device="cpu")
+    write_llada(tmp_path / "l")
+    index = tmp_path / "l" / "model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    meta["weight_map"] = {k: 1 for k in meta["weight_map"]}
+    index.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match='"weight_map" values must be shard file names'):
+        load_model(tmp_path / "l", device="cpu")
+
+
+def test_an_unforeseen_data_error_names_the_file_and_layout(tmp_path, monkeypatch):
+    """The safety net around the layout modules: with a check taken out, the torch error that a
+    misshapen tensor then raises is reported as a CheckpointError naming the file and layout,
+    with the original exception chained for --debug."""
+    from adaptive_loop.importers import smdm
+
+    state, path = _smdm(tmp_path)
+    _resaved(path, state, "transformer.h.1.mlp.swiglu.w2.weight", torch.zeros(48, 31))
+    monkeypatch.setattr(smdm, "expect_shape", lambda *args, **kwargs: None)
+    with pytest.raises(CheckpointError, match=r"weights.safetensors: cannot read its tensors as "
+                       r"the smdm layout \(RuntimeError: .*\); is it a smdm checkpoint") as err:
+        load_model(path, device="cpu")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert "\n" not in str(err.value)

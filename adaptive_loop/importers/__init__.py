@@ -11,10 +11,13 @@ settings only, no tensors loaded where the file format allows) and `convert_stat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..config import LoopMDMConfig
@@ -112,9 +115,33 @@ def read_foreign(path: str | Path, format: str, config: str | Path | None = None
         raise UsageError(f"unknown checkpoint layout {format!r}; choose one of "
                          f"{', '.join(LAYOUTS)}")
     source = source or Source.open(path)
-    return LAYOUTS[format].read_config(source, config, overrides), source
+    with _reading(source, format, "config"):
+        return LAYOUTS[format].read_config(source, config, overrides), source
 
 
 def convert_foreign(source: Source, format: str, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     """The checkpoint's tensors under native parameter names, for `cfg`."""
-    return LAYOUTS[format].convert_state(source, cfg)
+    with _reading(source, format, "tensors"):
+        return LAYOUTS[format].convert_state(source, cfg)
+
+
+# what a converter raises on data it did not foresee (a value of the wrong type, a tensor of
+# the wrong shape); its own checks raise CheckpointError first wherever they can
+_DATA_ERRORS = (KeyError, ValueError, TypeError, IndexError, RuntimeError, ZeroDivisionError)
+
+
+@contextmanager
+def _reading(source: Source, format: str, what: str) -> Iterator[None]:
+    """A safety net around a layout module reading a foreign checkpoint: an error its checks
+    did not foresee, raised by the checkpoint's data, becomes a CheckpointError naming the file,
+    the layout and the problem; the original stays chained (`__cause__`; --debug shows it)."""
+    try:
+        yield
+    except _DATA_ERRORS as err:
+        if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
+            raise  # the machine's limit, not the checkpoint's fault
+        problem = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        problem = " ".join(problem.split())[:200] or "no details"
+        raise CheckpointError(f"{source.path}: cannot read its {what} as the {format} layout "
+                              f"({type(err).__name__}: {problem}); is it a {format} checkpoint "
+                              f"and its config its own?") from err

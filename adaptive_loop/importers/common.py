@@ -1,7 +1,9 @@
-"""What every importer shares: the loop spec, tokenizer discovery, shape checks."""
+"""What every importer shares: the loop spec, tokenizer discovery, type and shape checks."""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from torch import Tensor
@@ -22,6 +24,9 @@ def with_loop_spec(base: dict[str, Any], overrides: dict[str, Any], where: str) 
     """
     n_layers = base["n_layers"]
     start, count = overrides.get("loop_start"), overrides.get("loop_layers")
+    for name, value in (("loop_start", start), ("loop_layers", count)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise UsageError(f"{name} must be an integer, got {value!r}")
     if start is None and count is None:
         spec = {"loop_start": 0, "loop_layers": n_layers}
     elif start is None or count is None:
@@ -39,7 +44,13 @@ def with_loop_spec(base: dict[str, Any], overrides: dict[str, Any], where: str) 
     try:
         return LoopMDMConfig.from_dict(fields)
     except UsageError as err:
-        raise UsageError(f"{where}: {err}") from None
+        plain = {k: v for k, v in base.items() if k not in overrides}  # as the file has it
+        plain.update(loop_start=0, loop_layers=n_layers, n_loops=1, max_train_loops=1)
+        try:
+            LoopMDMConfig.from_dict(plain)
+        except UsageError:  # the checkpoint's own settings, whatever the caller asked
+            raise CheckpointError(f"{where}: {err}") from None
+        raise UsageError(f"{where}: {err}") from None  # the caller's loop spec or overrides
 
 
 def tokenizer_spec(source: Source) -> dict[str, Any]:
@@ -51,11 +62,55 @@ def tokenizer_spec(source: Source) -> dict[str, Any]:
     return {"kind": kind, "file": found.name}
 
 
-def expect_shape(source: Source, key: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
-    """Raise a CheckpointError when a tensor's shape disagrees with the config."""
+# what each kind of config field must hold (`check_fields`), in words for the error
+KINDS = {
+    "count": "a positive integer", "int": "an integer", "number": "a finite number",
+    "positive": "a positive number", "bool": "true or false", "str": "a string",
+}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {
+        "count": number and isinstance(value, int) and value >= 1,
+        "int": number and isinstance(value, int),
+        "number": number and math.isfinite(value),
+        "positive": number and math.isfinite(value) and value > 0,
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+
+
+def check_fields(values: dict[str, Any], kinds: dict[str, str], where: str) -> None:
+    """Raise a CheckpointError naming the first field of a foreign config whose value is not of
+    its kind (see KINDS; a kind ending in "?" also allows null). Fields absent from `values`
+    are not checked: the caller's defaults apply to them."""
+    for name, kind in kinds.items():
+        if name not in values:
+            continue
+        value = values[name]
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        if not _fits(value, kind):
+            try:
+                shown = json.dumps(value)
+            except (TypeError, ValueError):
+                shown = repr(value)
+            raise CheckpointError(f"{where}: {name} must be {KINDS[kind]}"
+                                  f"{' or null' if kinds[name].endswith('?') else ''}, got "
+                                  f"{shown}")
+
+
+def expect_shape(source: Source, key: str, tensor: Tensor, shape: tuple[int, ...],
+                 needs: str | None = None) -> None:
+    """Raise a CheckpointError when a tensor's shape disagrees with the config (or with what
+    `needs` says requires the shape, such as "the width of tensor X needs")."""
     if tuple(tensor.shape) != shape:
-        raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)} but the "
-                              f"config needs {shape}; is the config the checkpoint's own?")
+        why = f"{needs} {shape}" if needs else \
+            f"the config needs {shape}; is the config the checkpoint's own?"
+        raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)} but {why}")
 
 
 def count_layers(keys: list[str], prefix: str) -> int:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import LoopMDMConfig
 from ..errors import CheckpointError, ConfigNeeded, UsageError
-from .common import count_layers, tokenizer_spec, with_loop_spec
+from .common import check_fields, count_layers, expect_shape, tokenizer_spec, with_loop_spec
 from .source import Source, read_json
 
 PREFIX = "model.transformer."
@@ -31,6 +31,19 @@ DEFAULTS = {  # LLaDA's ModelConfig defaults: a config.json leaving a field out 
     "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False,
     "block_group_size": 1, "max_sequence_length": 1024, "rope_theta": 10000.0,
     "rms_norm_eps": 1e-5, "mlp_ratio": 4,
+}
+
+# what each config.json field read here must hold (common.KINDS; "?": null allowed)
+FIELD_KINDS = {
+    "d_model": "count", "n_heads": "count", "n_layers": "count", "n_kv_heads": "count?",
+    "multi_query_attention": "bool?", "mlp_hidden_size": "count?", "mlp_ratio": "count",
+    "max_sequence_length": "count", "rope_theta": "positive", "rms_norm_eps": "positive",
+    "mask_token_id": "int?", "eos_token_id": "int?", "pad_token_id": "int?",
+    "block_type": "str", "layer_norm_type": "str", "activation_type": "str", "rope": "bool",
+    "alibi": "bool", "weight_tying": "bool", "include_bias": "bool", "include_qkv_bias": "bool",
+    "bias_for_layer_norm": "bool?", "layer_norm_with_affine": "bool",
+    "attention_layer_norm": "bool", "input_emb_norm": "bool", "scale_logits": "bool",
+    "block_group_size": "count",
 }
 
 
@@ -52,6 +65,7 @@ def read_config(source: Source, config: str | Path | None,
     raw, where = _raw_config(source, config)
     given = {k: v for k, v in raw.items() if v is not None}
     cfg = {**DEFAULTS, **given}
+    check_fields(cfg, FIELD_KINDS, where)
     get = cfg.get
 
     def shown(key: str) -> str:
@@ -73,7 +87,7 @@ def read_config(source: Source, config: str | Path | None,
             raise CheckpointError(f"{where}: {what} is not supported (LLaDA's LLaMA block: RMS "
                                   f"norms, SiLU gate, RoPE, no biases)")
     try:
-        d, heads, layers = raw["d_model"], raw["n_heads"], raw["n_layers"]
+        d, heads, layers = given["d_model"], given["n_heads"], given["n_layers"]
     except KeyError as err:
         raise CheckpointError(f"{where}: missing {err.args[0]!r}; is this a LLaDA "
                               f"config.json?") from None
@@ -82,6 +96,9 @@ def read_config(source: Source, config: str | Path | None,
     if wte is None:
         raise CheckpointError(f"{source.path}: missing key {PREFIX + 'wte.weight'!r} for the "
                               f"llada layout")
+    if len(wte) != 2:
+        raise CheckpointError(f"{source.path}: {PREFIX + 'wte.weight'} has shape {wte}; "
+                              f"expected 2 dimensions (vocabulary, d_model)")
     base = {
         "flavour": "llama", "vocab_size": wte[0], "d_model": d, "n_heads": heads,
         "n_kv_heads": kv, "d_ff": get("mlp_hidden_size") or get("mlp_ratio") * d,
@@ -101,25 +118,29 @@ def read_config(source: Source, config: str | Path | None,
 def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     """The checkpoint's tensors under native names (q/k/v and gate/up fused)."""
     state = source.state()
+    d, ff, kv = cfg.d_model, cfg.d_ff, cfg.n_kv_heads * cfg.head_dim
 
-    def take(name: str) -> Tensor:
-        return source.take(state, PREFIX + name)
+    def take(name: str, shape: tuple[int, ...]) -> Tensor:
+        tensor = source.take(state, PREFIX + name)
+        expect_shape(source, PREFIX + name, tensor, shape)
+        return tensor
 
-    out = {"embed_tokens.weight": take("wte.weight"), "norm.weight": take("ln_f.weight")}
+    out = {"embed_tokens.weight": take("wte.weight", (cfg.vocab_size, d)),
+           "norm.weight": take("ln_f.weight", (d,))}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = take("ff_out.weight")
+        out["lm_head.weight"] = take("ff_out.weight", (cfg.out_vocab, d))
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         out.update({
-            f"layers.{i}.norm_1.weight": take(p + "attn_norm.weight"),
-            f"layers.{i}.qkv.weight": torch.cat([take(p + "q_proj.weight"),
-                                                 take(p + "k_proj.weight"),
-                                                 take(p + "v_proj.weight")]),
-            f"layers.{i}.attn_out.weight": take(p + "attn_out.weight"),
-            f"layers.{i}.norm_2.weight": take(p + "ff_norm.weight"),
-            f"layers.{i}.gate_up.weight": torch.cat([take(p + "ff_proj.weight"),
-                                                     take(p + "up_proj.weight")]),
-            f"layers.{i}.down.weight": take(p + "ff_out.weight"),
+            f"layers.{i}.norm_1.weight": take(p + "attn_norm.weight", (d,)),
+            f"layers.{i}.qkv.weight": torch.cat([take(p + "q_proj.weight", (d, d)),
+                                                 take(p + "k_proj.weight", (kv, d)),
+                                                 take(p + "v_proj.weight", (kv, d))]),
+            f"layers.{i}.attn_out.weight": take(p + "attn_out.weight", (d, d)),
+            f"layers.{i}.norm_2.weight": take(p + "ff_norm.weight", (d,)),
+            f"layers.{i}.gate_up.weight": torch.cat([take(p + "ff_proj.weight", (ff, d)),
+                                                     take(p + "up_proj.weight", (ff, d))]),
+            f"layers.{i}.down.weight": take(p + "ff_out.weight", (d, ff)),
         })
     source.refuse_unused(state, "llada", notes={PREFIX + "ff_out.weight": " with weight_tying"})
     return out

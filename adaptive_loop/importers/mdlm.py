@@ -42,7 +42,14 @@ from torch import Tensor
 
 from ..config import LoopMDMConfig
 from ..errors import CheckpointError, ConfigNeeded, UsageError
-from .common import count_layers, strip_prefix, tokenizer_spec, with_loop_spec
+from .common import (
+    check_fields,
+    count_layers,
+    expect_shape,
+    strip_prefix,
+    tokenizer_spec,
+    with_loop_spec,
+)
 from .source import Source, read_json
 
 FREQ_DIM = 256  # size of MDLM's sinusoidal noise-level embedding
@@ -51,6 +58,12 @@ KNOWN_MASKS = {  # vocabulary size -> mask id, for the tokenizers of MDLM's rele
     GPT2_EOS + 2: GPT2_EOS + 1,  # GPT-2 has no mask token: MDLM appends one (OpenWebText)
     30522: 103,  # bert-base-uncased's [MASK] (LM1B)
     35: 4,  # MDLM's text8 character tokenizer's [MASK]
+}
+
+# what each config field read here must hold (common.KINDS; "?": null allowed)
+FIELD_KINDS = {
+    "n_heads": "count?", "model_length": "count", "length": "count",
+    "time_conditioning": "bool", "mask_token_id": "int?", "mask_index": "int?",
 }
 
 
@@ -75,6 +88,7 @@ def _raw_config(source: Source, config: str | Path | dict | None) -> tuple[dict[
     else:
         hyper = source.meta.get("hyper_parameters")
         raw = hyper.get("config", hyper) if isinstance(hyper, dict) else {}
+        raw = raw if isinstance(raw, dict) else {}  # none to read: the caller must give one
         where = f"{source.path} hyper_parameters"
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     return {**raw, **model}, where
@@ -84,11 +98,16 @@ def read_config(source: Source, config: str | Path | None,
                 overrides: dict[str, Any]) -> LoopMDMConfig:
     shapes = source.shapes()
     pre = _prefix(list(shapes))
-    embed_key = pre + "vocab_embed.embedding"
-    if embed_key not in shapes:
-        raise CheckpointError(f"{source.path}: missing key {embed_key!r} for the mdlm layout")
+    embed_key, mlp_key = pre + "vocab_embed.embedding", pre + "blocks.0.mlp.0.weight"
+    for key, dims in ((embed_key, "(vocabulary, width)"), (mlp_key, "(hidden, width)")):
+        if key not in shapes:
+            raise CheckpointError(f"{source.path}: missing key {key!r} for the mdlm layout")
+        if len(shapes[key]) != 2:
+            raise CheckpointError(f"{source.path}: {key} has shape {shapes[key]}; expected 2 "
+                                  f"dimensions {dims}")
     vocab, width = shapes[embed_key]
     raw, where = _raw_config(source, config)
+    check_fields(raw, FIELD_KINDS, where)
     heads = raw.get("n_heads")
     if heads is None:
         raise ConfigNeeded(f"{source.path}: the number of attention heads is not in the "
@@ -102,7 +121,7 @@ def read_config(source: Source, config: str | Path | None,
     base = {
         "flavour": "dit", "vocab_size": vocab, "mask_id": mask,
         "lm_head_vocab": vocab - 1 if mask == vocab - 1 else None,
-        "d_model": width, "n_heads": heads, "d_ff": shapes[pre + "blocks.0.mlp.0.weight"][0],
+        "d_model": width, "n_heads": heads, "d_ff": shapes[mlp_key][0],
         "n_layers": count_layers(list(shapes), pre + "blocks."),
         "max_seq_len": raw.get("model_length", raw.get("length", 1024)),
         "rope_base": 10000.0, "rope_dtype": "bfloat16", "norm_eps": 1e-5,
@@ -163,43 +182,57 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     """The checkpoint's tensors under native names (EMA weights where it has them), adaLN
     folded into constants."""
     full = ema_weights(source, source.state())
-    state = strip_prefix(full, _prefix(list(full)))
-    take = source.take
-    for key in ("sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias", "sigma_map.mlp.2.weight",
-                "sigma_map.mlp.2.bias"):
-        take(state, key)
+    pre = _prefix(list(full))
+    state = strip_prefix(full, pre)
+    d, head_dim, ff, vocab = cfg.d_model, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+
+    def take(key: str, shape: tuple[int, ...], needs: str | None = None) -> Tensor:
+        tensor = source.take(state, key, prefix=pre)
+        expect_shape(source, pre + key, tensor, shape, needs)
+        return tensor
+
+    first = source.take(state, "sigma_map.mlp.0.weight", prefix=pre)
+    cond = first.shape[0] if first.dim() else 0  # the width of the conditioning vector c
+    by_cond = f"the conditioning width {cond} ({pre}sigma_map.mlp.0.weight's rows)"
+    need_cond = f"{by_cond} needs"
+    for key, shape in (("sigma_map.mlp.0.weight", (cond, FREQ_DIM)),
+                       ("sigma_map.mlp.0.bias", (cond,)),
+                       ("sigma_map.mlp.2.weight", (cond, cond)),
+                       ("sigma_map.mlp.2.bias", (cond,))):
+        take(key, shape, need_cond)
     c = conditioning(state)  # (1, cond)
-    d, head_dim = cfg.d_model, cfg.head_dim
     if "rotary_emb.inv_freq" in state:
         want = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        if not torch.allclose(take(state, "rotary_emb.inv_freq").float(), want, rtol=1e-3):
+        inv_freq = take("rotary_emb.inv_freq", tuple(want.shape))
+        if not torch.allclose(inv_freq.float(), want, rtol=1e-3):
             raise CheckpointError(f"{source.path}: rotary_emb.inv_freq is not base 10000 over "
                                   f"the head size {head_dim}; unsupported rotary settings")
 
     def modulation(prefix: str, rows: int) -> Tensor:
-        w, b = take(state, prefix + ".weight"), take(state, prefix + ".bias")
+        w = take(prefix + ".weight", (rows * d, cond), f"d_model {d} and {by_cond} need")
+        b = take(prefix + ".bias", (rows * d,))
         return F.linear(c, w.float(), b.float()).view(rows, d)  # chunk i = row i
 
-    out = {"embed_tokens.weight": take(state, "vocab_embed.embedding")}
+    out = {"embed_tokens.weight": take("vocab_embed.embedding", (vocab, d))}
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         out.update({
-            f"layers.{i}.norm_1.weight": take(state, p + "norm1.weight"),
-            f"layers.{i}.qkv.weight": take(state, p + "attn_qkv.weight"),
-            f"layers.{i}.attn_out.weight": take(state, p + "attn_out.weight"),
-            f"layers.{i}.norm_2.weight": take(state, p + "norm2.weight"),
-            f"layers.{i}.mlp_in.weight": take(state, p + "mlp.0.weight"),
-            f"layers.{i}.mlp_in.bias": take(state, p + "mlp.0.bias"),
-            f"layers.{i}.mlp_out.weight": take(state, p + "mlp.2.weight"),
-            f"layers.{i}.mlp_out.bias": take(state, p + "mlp.2.bias"),
+            f"layers.{i}.norm_1.weight": take(p + "norm1.weight", (d,)),
+            f"layers.{i}.qkv.weight": take(p + "attn_qkv.weight", (3 * d, d)),
+            f"layers.{i}.attn_out.weight": take(p + "attn_out.weight", (d, d)),
+            f"layers.{i}.norm_2.weight": take(p + "norm2.weight", (d,)),
+            f"layers.{i}.mlp_in.weight": take(p + "mlp.0.weight", (ff, d)),
+            f"layers.{i}.mlp_in.bias": take(p + "mlp.0.bias", (ff,)),
+            f"layers.{i}.mlp_out.weight": take(p + "mlp.2.weight", (d, ff)),
+            f"layers.{i}.mlp_out.bias": take(p + "mlp.2.bias", (d,)),
             f"layers.{i}.modulation": modulation(p + "adaLN_modulation", 6),
         })
     rows = cfg.out_vocab
     out.update({
-        "norm.weight": take(state, "output_layer.norm_final.weight"),
+        "norm.weight": take("output_layer.norm_final.weight", (d,)),
         "norm.modulation": modulation("output_layer.adaLN_modulation", 2),
-        "lm_head.weight": take(state, "output_layer.linear.weight")[:rows].contiguous(),
-        "lm_head.bias": take(state, "output_layer.linear.bias")[:rows].contiguous(),
+        "lm_head.weight": take("output_layer.linear.weight", (vocab, d))[:rows].contiguous(),
+        "lm_head.bias": take("output_layer.linear.bias", (vocab,))[:rows].contiguous(),
     })
-    source.refuse_unused(state, "mdlm", prefix=_prefix(list(full)))
+    source.refuse_unused(state, "mdlm", prefix=pre)
     return out

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import LoopMDMConfig
 from ..errors import CheckpointError, ConfigNeeded, UsageError
-from .common import count_layers, expect_shape, tokenizer_spec, with_loop_spec
+from .common import check_fields, count_layers, expect_shape, tokenizer_spec, with_loop_spec
 from .source import Source, read_json
 
 # lit-gpt Config defaults, for fields a config JSON leaves out (lit_gpt/config.py)
@@ -62,6 +62,16 @@ SMDM_PRESETS: dict[str, dict[str, Any]] = {
     for size, (layers, heads, width, ff) in _SHAPES.items()
 }
 
+# what each lit-gpt field read here must hold (common.KINDS; "?": null allowed)
+FIELD_KINDS = {
+    "block_size": "count", "vocab_size": "count", "padding_multiple": "count",
+    "padded_vocab_size": "count?", "n_layer": "count", "n_head": "count", "n_embd": "count",
+    "rotary_percentage": "number", "parallel_residual": "bool", "bias": "bool",
+    "n_query_groups": "count?", "shared_attention_norm": "bool", "_norm_class": "str",
+    "norm_eps": "positive", "_mlp_class": "str", "intermediate_size": "count?",
+    "condense_ratio": "number",
+}
+
 LLAMA2_EOS = 2  # </s> of the Llama-2 SentencePiece vocabulary every preset uses
 
 
@@ -87,6 +97,7 @@ def read_config(source: Source, config: str | Path | None,
                 overrides: dict[str, Any]) -> LoopMDMConfig:
     raw, where = _litgpt_config(source, config)
     lit = {**LITGPT_DEFAULTS, **raw}
+    check_fields(lit, FIELD_KINDS, where)
     unsupported = [
         (lit["rotary_percentage"] != 1.0, f"rotary_percentage {lit['rotary_percentage']}"),
         (lit["parallel_residual"], "parallel_residual true"),
@@ -125,19 +136,24 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     """The checkpoint's tensors under native names (QKV rows reordered to [Q; K; V])."""
     state = source.state()
     heads, groups, size, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-    wte = source.take(state, "transformer.wte.weight")
-    expect_shape(source, "transformer.wte.weight", wte, (cfg.vocab_size, d))
-    out = {"embed_tokens.weight": wte,
-           "norm.weight": source.take(state, "transformer.ln_f.weight"),
-           "lm_head.weight": source.take(state, "lm_head.weight")}
+    ff = cfg.d_ff
+
+    def take(key: str, shape: tuple[int, ...]) -> Tensor:
+        tensor = source.take(state, key)
+        expect_shape(source, key, tensor, shape)
+        return tensor
+
+    out = {"embed_tokens.weight": take("transformer.wte.weight", (cfg.vocab_size, d)),
+           "norm.weight": take("transformer.ln_f.weight", (d,)),
+           "lm_head.weight": take("lm_head.weight", (cfg.out_vocab, d))}
     for i in range(cfg.n_layers):
         p = f"transformer.h.{i}."
-        names = {k: p + k for k in ("norm_1.weight", "attn.attn.weight", "attn.proj.weight",
-                                    "norm_2.weight", "mlp.swiglu.w1.weight",
-                                    "mlp.swiglu.w2.weight", "mlp.swiglu.w3.weight")}
-        t = {k: source.take(state, name) for k, name in names.items()}
+        shapes = {"norm_1.weight": (d,), "attn.attn.weight": ((heads + 2 * groups) * size, d),
+                  "attn.proj.weight": (d, d), "norm_2.weight": (d,),
+                  "mlp.swiglu.w1.weight": (ff, d), "mlp.swiglu.w2.weight": (ff, d),
+                  "mlp.swiglu.w3.weight": (d, ff)}
+        t = {k: take(p + k, shape) for k, shape in shapes.items()}
         fused = t["attn.attn.weight"]
-        expect_shape(source, names["attn.attn.weight"], fused, ((heads + 2 * groups) * size, d))
         grouped = fused.view(groups, heads // groups + 2, size, d)
         q = grouped[:, :-2].reshape(heads * size, d)  # query head h = group * q_per_kv + j
         k = grouped[:, -2].reshape(groups * size, d)

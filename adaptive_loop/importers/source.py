@@ -43,6 +43,10 @@ def _weight_files(directory: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no \"weight_map\" listing the shards")
+        odd = [name for name in weight_map.values() if not isinstance(name, str)]
+        if odd:
+            raise CheckpointError(f"{index}: \"weight_map\" values must be shard file names "
+                                  f"(strings), got {json.dumps(odd[0])}")
         files = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -136,27 +140,27 @@ class Source:
     def keys(self) -> list[str]:
         """Every tensor name; safetensors headers are read without loading the tensors."""
         if self._state is None and all(f.suffix == ".safetensors" for f in self.files):
-            names: list[str] = []
-            for f in self.files:
-                try:
-                    with safe_open(str(f), framework="pt") as handle:
-                        names.extend(handle.keys())
-                except Exception as err:  # the safetensors error type differs by release
-                    raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
-                                          f"({err})") from None
-            return names
+            return list(self._header_shapes())
         return list(self.state())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape; safetensors headers are read without loading the tensors."""
         if self._state is None and all(f.suffix == ".safetensors" for f in self.files):
-            shapes: dict[str, tuple[int, ...]] = {}
-            for f in self.files:
+            return self._header_shapes()
+        return {k: tuple(v.shape) for k, v in self.state().items()}
+
+    def _header_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape from the safetensors headers, in file order."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in self.files:
+            try:
                 with safe_open(str(f), framework="pt") as handle:
                     for key in handle.keys():
                         shapes[key] = tuple(handle.get_slice(key).get_shape())
-            return shapes
-        return {k: tuple(v.shape) for k, v in self.state().items()}
+            except Exception as err:  # the safetensors error type differs by release
+                raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
+                                      f"({err})") from None
+        return shapes
 
     def state(self) -> dict[str, Tensor]:
         """Every tensor, loaded on the CPU in its stored dtype (read once, then cached)."""
@@ -176,12 +180,19 @@ class Source:
             self._state = state
         return self._state
 
-    def take(self, state: dict[str, Tensor], key: str) -> Tensor:
-        """state[key], or a CheckpointError naming the missing key."""
+    def take(self, state: dict[str, Tensor], key: str, prefix: str = "") -> Tensor:
+        """state[key], or a CheckpointError naming the missing key or a tensor that is not
+        floating point (every weight of the layouts read here is); `prefix` is put back in
+        front of the key in the message, as the checkpoint's file names it."""
         if key not in state:
-            raise CheckpointError(f"{self.path}: missing key {key!r} for this layout")
+            raise CheckpointError(f"{self.path}: missing key {prefix + key!r} for this layout")
+        tensor = state[key]
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{self.path}: {prefix + key} holds {dtype} values; expected "
+                                  f"floating-point weights (float32, bfloat16, float16...)")
         self._taken.add(key)
-        return state[key]
+        return tensor
 
     def refuse_unused(self, state: dict[str, Tensor], layout: str, prefix: str = "",
                       notes: dict[str, str] | None = None) -> None:
