@@ -28,7 +28,7 @@ from .measure import length_batches
 from .model import LoopMDM
 from .policies import HaltingPolicy
 from .sampler import generate
-from .shards import Part, PartStore, finish, plan_id, run_sharded
+from .shards import Part, PartStore, finish, plan_id, run_sharded, well_formed
 from .sweep import model_fingerprint
 from .tokenizer import Tokenizer
 
@@ -140,6 +140,9 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
 
     share = sum(len(batches[i]) for i in ranks.deal(len(batches)))
     parts = run_sharded("complete", len(batches), compute, ranks, store=store,
+                        reusable=lambda part, i: well_formed(
+                            part, len(batches[i]), ("completions", "mean_loops"),
+                            ("loop_sum", "loop_count", "max_loops", *COMPUTE)),
                         progress=(lambda i: progress(len(batches[i]), share)) if progress
                         else None)
     if parts is None:  # not rank 0

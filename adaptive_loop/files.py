@@ -92,10 +92,12 @@ class JsonLines:
     unreadable line means the file is damaged and is an error naming the line.
     """
 
-    def __init__(self, path: str | Path, what: str, required: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: str | Path, what: str, required: tuple[str, ...] = (),
+                 check: Callable[[dict], bool] = lambda row: True) -> None:
         self.path = Path(path)
         self.what = what  # "a sweep point": for error messages
         self.required = required  # keys every object must have
+        self.check = check  # and what else it must satisfy
 
     def load(self) -> tuple[list[dict], str | None]:
         """The objects in file order, and a note when a torn last line was dropped."""
@@ -118,7 +120,8 @@ class JsonLines:
                 row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 row = None
-            if not isinstance(row, dict) or any(k not in row for k in self.required):
+            if not isinstance(row, dict) or any(k not in row for k in self.required) or \
+                    not self.check(row):
                 raise UsageError(f"{self.path}:{number}: not {self.what}; the file is damaged "
                                  f"(delete that line or use another --out)")
             rows.append(row)

@@ -23,7 +23,7 @@ from .model import LoopMDM
 from .policies import HaltingPolicy
 from .requests import check_values
 from .sampler import GenerationResult, generate
-from .shards import Part, PartStore, run_sharded
+from .shards import Part, PartStore, run_sharded, well_formed
 from .tokenizer import Tokenizer
 
 
@@ -191,15 +191,23 @@ def run_parts(plan: Plan, compute: Callable[[int], Part], *, heatmap: bool,
         if progress:
             progress(len(plan.batches[i].positions))
 
+    def reusable(part: Part, i: int) -> bool:
+        return well_formed(part, len(plan.batches[i].positions), PART_LISTS, PART_NUMBERS) \
+            and (not heatmap or "heat" in part)
+
     parts = run_sharded(job, len(plan.batches), compute, ranks or Ranks(), store=store,
-                        offset=offset, progress=tick,
-                        reusable=lambda part: not heatmap or "heat" in part)
+                        offset=offset, progress=tick, reusable=reusable)
     if parts is None:
         return None
     out = Outcome([""] * plan.size, [()] * plan.size, [False] * plan.size, 0.0, 0)
     for batch, part in zip(plan.batches, parts):
         out.add(part, batch, plan, heatmap)
     return out
+
+
+PART_LISTS = ("completions", "tokens", "correct")  # a part's entries per row, and its totals
+PART_NUMBERS = ("loop_sum", "loop_count", "looped_flops", "looped_flops_fixed_max",
+                "monitor_flops", "total_flops", "nfe", "wall_s", "max_loops")
 
 
 def part_of(res: GenerationResult, batch: Batch, data: EvalSet, plan: Plan,

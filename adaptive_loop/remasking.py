@@ -32,14 +32,16 @@ def num_transfer_tokens(block_masked: Tensor, steps: int) -> Tensor:
 
 
 def draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Gumbel-max in float64: argmax(exp(logits) / (-log U)^temperature); 0 is argmax.
-    (M, V) -> (M,)."""
+    """Gumbel-max in float64: argmax(exp(logits) / (-log U)^temperature), LLaDA's form, taken
+    in logs, logits - temperature * log(-log U), the same argmax without the overflow of
+    exp() and of the power at high temperatures (which left no finite score to pick); 0 is
+    argmax. (M, V) -> (M,)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.double()
     u = torch.rand(logits.shape, generator=generator, device=logits.device,
                    dtype=torch.float64)
-    return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
 def confidence(logits: Tensor, drawn: Tensor, remasking: str,

@@ -7,6 +7,7 @@ deep inside torch.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import Any
@@ -88,8 +89,11 @@ def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
     if steps % blocks:
         raise UsageError(f"steps {steps} must be a multiple of the number of blocks {blocks} "
                          f"(gen_length / block_length)")
-    if not temperature >= 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
+    if steps > gen_length:
+        raise UsageError(f"steps {steps} exceeds gen_length {gen_length}: each step commits "
+                         f"at least one token, so the extra steps would commit none")
+    if not 0 <= temperature < math.inf:
+        raise UsageError(f"temperature must be a finite number >= 0, got {temperature}")
     if remasking not in REMASKING:
         raise UsageError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
     if threshold is not None and factor is not None:
@@ -99,8 +103,8 @@ def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
                          f"{threshold}")
     if factor is not None and not factor > 0:
         raise UsageError(f"factor must be > 0, got {factor}")
-    if not cfg_scale >= 0:
-        raise UsageError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if not 0 <= cfg_scale < math.inf:
+        raise UsageError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
     if eos_fill and model.config.eos_id is None:
         raise UsageError("eos_fill needs an EOS id, and this model's config has none")
     limit = model.config.max_seq_len

@@ -73,11 +73,25 @@ def finish(store: PartStore | None, ranks: Ranks) -> None:
             pass  # something else lives there (a rank of another run): leave it
 
 
+def well_formed(part: Any, rows: int, lists: tuple[str, ...], numbers: tuple[str, ...]) -> bool:
+    """Whether a kept part reads as one: a dict whose `lists` hold an entry per row of its
+    batch and whose `numbers` are numbers. One that does not (a damaged file) is computed
+    again rather than trusted."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return isinstance(part, dict) and \
+        all(isinstance(part.get(k), list) and len(part[k]) == rows for k in lists) and \
+        all(number(part.get(k)) for k in numbers)
+
+
 def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks: Ranks, *,
                 store: PartStore | None = None, offset: int = 0,
                 progress: Callable[[int], None] | None = None,
-                reusable: Callable[[Part], bool] = lambda part: True) -> list[Part] | None:
-    """Run this rank's batches of `job` (reusing stored ones that are `reusable`) and gather.
+                reusable: Callable[[Part, int], bool] = lambda part, i: True
+                ) -> list[Part] | None:
+    """Run this rank's batches of `job` (reusing stored ones that are `reusable`, given the
+    part and its batch index) and gather.
 
     Returns every batch's part in batch order on rank 0, None on the other ranks. `progress`
     is called with each finished batch index of this rank.
@@ -85,7 +99,7 @@ def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks:
     parts: dict[int, Part] = {}
     for i in ranks.deal(n_batches, offset):
         part = store.get(job, i) if store is not None else None
-        if part is None or not reusable(part):
+        if part is None or not reusable(part, i):
             part = compute(i)
             if store is not None:
                 store.put(job, i, part)

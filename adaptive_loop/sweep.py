@@ -124,11 +124,22 @@ def model_fingerprint(model: LoopMDM) -> dict[str, Any]:
     return {"config": model.config.to_dict(), "weights": digest.hexdigest()[:16]}
 
 
+def _point_reads(row: dict[str, Any]) -> bool:
+    """Whether a kept row has what a finished point's row has: its names and numbers."""
+    names = all(isinstance(row.get(k), str) for k in ("key", "label", "policy"))
+    numbers = all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                  for k in ("n", "correct", "mean_loops", "looped_flops", "total_flops",
+                            "looped_flops_fixed_max", "monitor_flops", "nfe", "wall_s",
+                            "max_loops"))
+    return names and numbers and isinstance(row.get("params"), dict)
+
+
 class PointStore:
     """`points.jsonl`: finished points, one JSON object per line."""
 
     def __init__(self, directory: Path) -> None:
-        self.lines = JsonLines(directory / POINTS, "a sweep point", required=("key",))
+        self.lines = JsonLines(directory / POINTS, "a sweep point", required=("key",),
+                               check=_point_reads)
         self.path = self.lines.path
 
     def load(self) -> tuple[dict[str, dict[str, Any]], str | None]:

@@ -85,6 +85,17 @@ class FileTokenizer:
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "file": self.path.name}
 
+    @staticmethod
+    def _text(text: str) -> str:
+        """`text`, refused in one line where it is no Unicode text the file could read: a
+        lone surrogate (what Python makes of bytes that are not UTF-8)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"the prompt {text!r} is not valid text at character {e.start} "
+                             f"(bytes that are not UTF-8?)") from None
+        return text
+
 
 class HFTokenizer(FileTokenizer):
     """A Hugging Face `tokenizer.json`. Encoding applies the file's own post-processor (a
@@ -110,7 +121,7 @@ class HFTokenizer(FileTokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(self._text(text)).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(self._visible(ids), skip_special_tokens=True)
@@ -143,7 +154,7 @@ class SentencePieceTokenizer(FileTokenizer):
 
     def encode(self, text: str) -> list[int]:
         bos = self._sp.bos_id()
-        return ([bos] if bos >= 0 else []) + list(self._sp.EncodeAsIds(text))
+        return ([bos] if bos >= 0 else []) + list(self._sp.EncodeAsIds(self._text(text)))
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds(self._visible(ids))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -44,10 +45,16 @@ def _main(version: Annotated[bool, typer.Option(
 
 def _console(stderr: bool = False) -> Console:
     """A console that keeps table rows on one line when writing to a file or a pipe (which
-    have no width; a set COLUMNS still wins), and fits the terminal otherwise."""
+    have no width; a set COLUMNS still wins), and fits the terminal otherwise. A COLUMNS that
+    is no positive number is ignored (rich would print nothing at width 0)."""
     console = Console(stderr=stderr)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
+    columns = os.environ.get("COLUMNS")
+    if columns is not None and columns.isdigit() and int(columns) > 0:
+        return console
+    if not console.is_terminal:
         console.width = 120
+    elif columns is not None:
+        console.width = shutil.get_terminal_size((120, 24)).columns
     return console
 
 
@@ -246,8 +253,29 @@ def run_main(argv: list[str] | None = None) -> None:
         _leave_for_launcher(f"error{where}: {e}")
         sys.exit(e.exit_code)
     except Exception as e:
-        _leave_for_launcher("".join(traceback.format_exception(e)))
-        raise
+        line = _environment_error(e)
+        if line is None:  # a bug: its traceback is the report
+            _leave_for_launcher("".join(traceback.format_exception(e)))
+            raise
+        if debug:
+            traceback.print_exc()
+        remove_created_if_empty()
+        err.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+        _leave_for_launcher(f"error: {line}")
+        sys.exit(1)
+
+
+def _environment_error(e: Exception) -> str | None:
+    """One line for a failure of the machine rather than of the program (a full disk, a
+    path the system refuses, a compiler torch.compile cannot run), or None for a bug."""
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return f"{e.strerror or e}{where}"
+    if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        first = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+        return f"torch.compile failed ({type(e).__name__}: {first[:200]}); run without " \
+            f"--compile, or with --debug for the traceback"
+    return None
 
 
 def _aborted() -> None:

@@ -178,15 +178,15 @@ def generate(
 
 def _results_path(target: Path, prompts: Path, force: bool) -> None:
     """Refuse an --out that would lose a file: the prompts themselves, a directory, or an
-    existing file not left by a stopped run of this command (which resumes) unless --force."""
+    existing file unless --force (a stopped run leaves only OUT.parts/, never OUT, so an OUT
+    that exists holds results someone kept, resumable or not)."""
     from ..files import writable_dir
 
     if not target.name or target.is_dir():
         raise UsageError(f"--out takes a file path, got {str(target)!r}")
     if target.resolve() == prompts.resolve():
         raise UsageError("--out is the --prompts file; write the results elsewhere")
-    resuming = Path(f"{target}.parts").is_dir()
-    if (target.exists() or target.is_symlink()) and not resuming and not force:
+    if (target.exists() or target.is_symlink()) and not force:
         raise UsageError(f"{target} exists; pass --force to replace it, or --out another file")
     writable_dir(target.parent)
 

@@ -87,7 +87,10 @@ def train_halting(
                         ("--block-length", block_length), ("--train-steps", train_steps)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    target = out_dir if out_dir is not None else checkpoint
+    if out_dir is None and not Path(checkpoint).expanduser().exists():  # not made, but named
+        load_checkpoint(checkpoint)
+    target = out_dir if out_dir is not None else \
+        checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent
     if (target / HEAD_WEIGHTS).exists() and not overwrite:
         raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "
                          "it, or --out another directory")

@@ -44,6 +44,11 @@ class Learned(HaltingPolicy):
         super().__init__(min_loops, max_loops, check_every)
         from ..halting_head import head_file  # lazy: the library imports policies
 
+        if isinstance(head, int) and not isinstance(head, bool):
+            head = str(head)  # `head=5` on a command line: a folder named 5
+        if head is not None and not isinstance(head, (str, Path)):
+            raise UsageError(f"learned: head must be a path, got {head!r} (a folder named so "
+                             f"is written head=./{head})")
         self._default_head, self._given_threshold = head is None, threshold
         self.context_threshold = nonnegative(self.name, "context_threshold", context_threshold)
         self._load(head_file(head))

@@ -47,7 +47,7 @@ def test_generate_json_on_a_checkpoint(tmp_path, tiny_model):
     (["generate", "--policy", "entropy", "--threshold", "-1"],
      "threshold must be a finite number >= 0"),
     (["generate", "--remasking", "best"], "unknown remasking"),
-    (["generate", "--cfg", "-1"], "cfg_scale must be >= 0"),
+    (["generate", "--cfg", "-1"], "cfg_scale must be a finite number >= 0"),
     (["generate", "abc"], "cannot encode"),
 ])
 def test_user_errors_are_one_line(args, message):

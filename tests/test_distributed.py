@@ -56,6 +56,30 @@ def test_stored_batches_are_reused_and_other_plans_ignored(tmp_path):
     assert calls == [0, 1, 2, 0, 1, 2]
 
 
+def test_a_kept_part_that_does_not_read_as_one_is_computed_again(tmp_path):
+    """A part line that is JSON of the plan but lacks what the job reads, or holds the wrong
+    number of rows, is not trusted: its batch runs again."""
+    from adaptive_loop.shards import well_formed
+
+    def reusable(part, i):
+        return well_formed(part, 2, ("rows",), ("total",))
+
+    good = {"rows": [1, 2], "total": 3}
+    store = PartStore(tmp_path, Ranks(), "p")
+    for i, part in enumerate([good, {"rows": [1, 2]}, {"rows": [1], "total": 3},
+                              {"rows": [1, 2], "total": "3"}, {"rows": [1, 2], "total": True}]):
+        store.put("job", i, part)
+    calls = []
+
+    def compute(i):
+        calls.append(i)
+        return good
+
+    parts = run_sharded("job", 5, compute, Ranks(), store=PartStore(tmp_path, Ranks(), "p"),
+                        reusable=reusable)
+    assert calls == [1, 2, 3, 4] and parts == [good] * 5
+
+
 def test_torn_part_line_is_dropped_and_a_damaged_one_refused(tmp_path):
     store = PartStore(tmp_path, Ranks(), "p")
     store.put("job", 0, {"value": 1})

@@ -84,6 +84,8 @@ def broken(tmp_path_factory):
     keep = root / "keep"
     keep.mkdir()
     (keep / "mine.txt").write_text("mine")
+    (keep / "theirs.jsonl").write_text("theirs")  # beside a folder of parts: still theirs
+    (keep / "theirs.jsonl.parts").mkdir()
     paths["keep"] = keep
     done = root / "done.jsonl"
     done.write_text('{"prompt": "98181872+61818127=", "completion": "mine"}\n')
@@ -215,6 +217,8 @@ CASES = [
      "min_loops must be an integer >= 1, got 1.5"),
     ("out exists", GEN + ["--prompts", "{text}", "--out", "{keep}/mine.txt"], 2,
      "exists; pass --force"),
+    ("out exists beside parts", GEN + ["--prompts", "{text}", "--out", "{keep}/theirs.jsonl"],
+     2, "theirs.jsonl exists; pass --force"),
     ("out is the prompts", GEN + ["--prompts", "{text}", "--out", "{text}"], 2,
      "--out is the --prompts file"),
     ("out is a directory", GEN + ["--prompts", "{text}", "--out", "{keep}"], 2,
@@ -298,6 +302,7 @@ def test_pickle_payload_never_runs(broken, tmp_path):
 @pytest.mark.parametrize("argv", [
     ["sweep", "-p", "fixed:loops=1", "--task", "addition:digits=30", "--out", "{root}/a/b"],
     ["train", "--out", "{root}/t", "--device", "tpu"],
+    ["train-halting", "--checkpoint", "{root}/typo"],
 ])
 def test_a_refused_run_leaves_no_empty_folder(tmp_path, argv, capsys):
     root = tmp_path / "runs"
@@ -311,6 +316,39 @@ def test_user_files_survive_a_refused_run(broken):
     with pytest.raises(SystemExit):
         run_main(["train", "--out", str(broken["keep"]), "--steps", "1"])
     assert (broken["keep"] / "mine.txt").read_text() == "mine"
+
+
+class _CompileFailure(Exception):
+    """As torch.compile's errors are: raised from torch's compiler packages."""
+
+
+_CompileFailure.__module__ = "torch._inductor.exc"
+
+
+@pytest.mark.parametrize("raised, line", [
+    (OSError(28, "No space left on device"), "error: No space left on device\n"),
+    (PermissionError(13, "Permission denied", "/sys/x"), "error: Permission denied: /sys/x\n"),
+    (_CompileFailure("InvalidCxxCompiler: No working C++ compiler found\nmore"),
+     "error: torch.compile failed (_CompileFailure: InvalidCxxCompiler: No working C++ compiler "
+     "found); run without --compile, or with --debug for the traceback\n"),
+])
+def test_a_failing_machine_gives_one_line(monkeypatch, capsys, raised, line):
+    """A full disk, a path the system refuses or a compiler torch cannot run is the machine's
+    failure, not the program's: one line, exit 1."""
+    def fail():
+        raise raised
+    monkeypatch.setattr("adaptive_loop.policies.available", fail)
+    with pytest.raises(SystemExit) as exc:
+        run_main(["policies"])
+    assert exc.value.code == 1 and capsys.readouterr().err == line
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def fail():
+        raise ValueError("a bug")
+    monkeypatch.setattr("adaptive_loop.policies.available", fail)
+    with pytest.raises(ValueError, match="a bug"):
+        run_main(["policies"])
 
 
 def test_debug_shows_the_traceback(capsys):

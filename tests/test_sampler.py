@@ -52,12 +52,16 @@ def test_blocks_are_decoded_left_to_right(tiny_model, prompts):
 
 
 def test_mean_loops_needed_is_over_the_tokens_read(tiny_model, prompts):
-    """Steps that read no prediction (more steps than tokens in a block) do not drag the mean
-    of the read tokens' loops down: under fixed loops it is the loop count."""
-    out = generate(tiny_model, prompts, policy=make("fixed", loops=3), gen_length=4, steps=8,
+    """Under fixed loops the mean over the tokens whose prediction was read is the loop count,
+    step by step and overall; steps that would read none (more steps than tokens) are
+    refused."""
+    out = generate(tiny_model, prompts, policy=make("fixed", loops=3), gen_length=4, steps=4,
                    block_length=2)
-    assert 0.0 in [s.mean_loops_needed for s in out.stats.steps]  # such steps happened
+    assert [s.mean_loops_needed for s in out.stats.steps] == [3.0] * 4
     assert out.stats.mean_loops_needed == out.stats.mean_loops == 3.0
+    with pytest.raises(UsageError, match="steps 8 exceeds gen_length 4"):
+        generate(tiny_model, prompts, policy=make("fixed", loops=3), gen_length=4, steps=8,
+                 block_length=2)
 
 
 def test_same_seed_same_tokens(tiny_model, prompts):

@@ -253,6 +253,16 @@ def test_draws_follow_the_softmax_at_the_temperature(temperature):
     assert ((seen - logits.double().softmax(-1)).abs() > 10 * tolerance).any()
 
 
+def test_a_high_temperature_still_draws_real_tokens():
+    """At a temperature where LLaDA's exp(l) / (-log U)^T overflows (no finite score left to
+    pick), the draw in logs still picks a real token, never the excluded mask."""
+    from adaptive_loop.remasking import draw
+
+    logits = torch.tensor([[0.0, 1.0, -torch.inf, 2.0]]).expand(2000, 4)
+    ids = draw(logits, 1e6, torch.Generator().manual_seed(0))
+    assert (ids != 2).all() and set(ids.tolist()) == {0, 1, 3}
+
+
 def test_the_mask_token_is_never_committed():
     """At a high temperature the embedded model's draws reach every id, the mask's included
     unless it is excluded: every committed position must hold a real token."""
@@ -332,14 +342,18 @@ def test_decoded_text_stops_at_eos():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(threshold=0.9, factor=1.0), "choose one"),
-    (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
+    (dict(cfg_scale=-1.0), "cfg_scale must be a finite number >= 0"),
     (dict(factor=0.0), "factor must be > 0"),
     (dict(eos_fill=True), "EOS id"),
     (dict(remasking="best"), "low_confidence, random, margin, entropy"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+    (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number >= 0, got inf"),
+    (dict(steps=9), "steps 9 exceeds gen_length 8: each step commits at least one token"),
 ])
 def test_bad_options_are_user_errors(tiny_model, prompts, kw, message):
+    kw = {"steps": 4, **kw}
     with pytest.raises(UsageError, match=message):
-        generate(tiny_model, prompts, policy=make("fixed"), gen_length=8, steps=4, **kw)
+        generate(tiny_model, prompts, policy=make("fixed"), gen_length=8, **kw)
 
 
 @pytest.mark.parametrize("model", ["ckpt/", None])

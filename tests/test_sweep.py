@@ -149,6 +149,12 @@ def test_a_damaged_middle_line_is_refused_with_its_number(tmp_path, addition_mod
     (out / POINTS).write_text("garbage\n" + "".join(lines))
     with pytest.raises(UsageError, match=r"points.jsonl:1: not a sweep point"):
         run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False)
+    # a line that is JSON with the point's key, but not what a finished point holds
+    for damage in ({"correct": "12"}, {"correct": None}, {"params": []}):
+        (out / POINTS).write_text(json.dumps({**json.loads(lines[0]), **damage}) + "\n"
+                                  + lines[1])
+        with pytest.raises(UsageError, match=r"points.jsonl:1: not a sweep point"):
+            run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False)
 
 
 def test_rerun_with_other_data_is_refused(tmp_path, addition_model, data):

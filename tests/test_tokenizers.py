@@ -89,6 +89,17 @@ def test_explicit_tokenizer_path(tmp_path, tiny_model):
     assert out.tokens.shape == (2, 6) and len(out.text) == 2
 
 
+@pytest.mark.parametrize("make_file", [_tokenizer_json, _tokenizer_model])
+def test_text_that_is_not_unicode_is_refused_in_one_line(tmp_path, make_file):
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which neither file tokenizer
+    can take: the prompt is named instead of the library's type error."""
+    make_file(tmp_path)
+    tok = load_tokenizer(tmp_path, mask_id=40)
+    assert tok.encode("the cat")
+    with pytest.raises(UsageError, match=r"is not valid text at character 4 \(bytes that"):
+        tok.encode("the \udcff cat")
+
+
 @pytest.mark.parametrize("setup, message", [
     ("empty", "no tokenizer.json or tokenizer.model"),
     ("missing", "tokenizer not found"),
