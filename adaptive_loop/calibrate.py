@@ -116,6 +116,9 @@ def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confide
         raise UsageError(f"--split must lie in (0, 1), got {split}")
     if not grid:
         raise UsageError("give at least one candidate value (--grid)")
+    repeated = [v for i, v in enumerate(grid) if v in list(grid)[:i]]
+    if repeated:  # each value would be tested twice, and fixed-sequence testing count it so
+        raise UsageError(f"--grid gives {repeated[0]} more than once")
     base = dict(base or {})
     base.pop(param, None)
     settings = [Setting(policy, tuple({**base, param: v}.items()))

@@ -154,7 +154,8 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
     dec.setdefault("steps", dec["gen_length"])
     longest = max(len(x) for x in encoded)
     check_values(model, longest, dec["gen_length"], dec["steps"],
-                 dec.get("block_length") or dec["gen_length"], dec.get("temperature", 0.0),
+                 dec["gen_length"] if dec.get("block_length") is None else dec["block_length"],
+                 dec.get("temperature", 0.0),
                  dec.get("remasking", "low_confidence"), dec.get("threshold"),
                  dec.get("factor"), dec.get("cfg_scale", 0.0), dec.get("eos_fill", False))
     batches = [Batch(chunk, torch.tensor([encoded[i] for i in chunk]))

@@ -80,10 +80,12 @@ def progress_bar(*columns: Any, hidden: bool = False) -> Any:
     return kind(*columns, console=err, transient=True, disable=kind is Hidden)
 
 Checkpoint = Annotated[Path | None, typer.Option(
-    "--checkpoint", "-c", help="Checkpoint directory: native, or a layout whose config is "
-    "beside the weights (convert others first); default: the embedded model.")]
-Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: CUDA when available.")]
-Dtype = Annotated[str | None, typer.Option(help="float32 or bfloat16; default: float32 on CPU, "
+    "--checkpoint", "-c", help="Checkpoint directory or weight file: native, or a layout whose "
+    "config is beside the weights (convert others first); default: the embedded model.")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N; default: CUDA when "
+                                            "available.")]
+Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, "
+                                           "bf16, fp16, fp64); default: float32 on CPU, "
                                            "bfloat16 on CUDA.")]
 Policy = Annotated[str, typer.Option("--policy", "-p", help="Halting policy (see `adaptive-loop "
                                      "policies`).")]

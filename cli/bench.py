@@ -110,6 +110,8 @@ def bench(
                          f"{repeats} and {length}")
     if loops is not None and loops < 1:
         raise UsageError(f"--loops must be >= 1, got {loops}")
+    if generation and n < 1:  # checked before minutes of timing, not after
+        raise UsageError(f"--n must be >= 1, got {n}")
     if loops is not None and (checkpoint or preset == "embedded"):
         raise UsageError("--loops sets a random-weight preset's loop count; a checkpoint (the "
                          "embedded model too) runs its own: choose --preset smdm-170m-shape, "

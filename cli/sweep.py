@@ -54,7 +54,8 @@ def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task:
 
     matcher = AnswerMatcher(answer_regex, numeric)
     if data is not None and not Path(data).expanduser().is_file():
-        raise UsageError(f"data file not found: {data}")
+        raise UsageError(f"{data} is a directory; give a JSONL file"
+                         if Path(data).expanduser().is_dir() else f"data file not found: {data}")
     model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     evalset = resolve_eval_set(model.config.task, task=task, data=data, limit=limit, seed=seed,
                                matcher=matcher)

@@ -138,6 +138,9 @@ def test_calibrate_rejects_bad_arguments(addition_model):
                   split=0.01)
     with pytest.raises(UsageError, match="threshold must be"):
         calibrate(addition_model, data, "convergence", [-1], tolerance=0.1, confidence=0.9)
+    with pytest.raises(UsageError, match="--grid gives 0.1 more than once"):
+        calibrate(addition_model, data, "convergence", [0.1, 0.2, 0.1], tolerance=0.1,
+                  confidence=0.9)
 
 
 def test_cli_calibrate(tmp_path, addition_model):

@@ -217,6 +217,9 @@ CASES = [
      "min_loops must be an integer >= 1, got 1.5"),
     ("out exists", GEN + ["--prompts", "{text}", "--out", "{keep}/mine.txt"], 2,
      "exists; pass --force"),
+    ("bench with no problems", ["bench", "--n", "0"], 2, "--n must be >= 1, got 0"),
+    ("sweep data is a directory", ["sweep", "-p", "fixed", "--out", "{empty}/sw", "--data",
+                                   "{keep}"], 2, "is a directory; give a JSONL file"),
     ("out exists beside parts", GEN + ["--prompts", "{text}", "--out", "{keep}/theirs.jsonl"],
      2, "theirs.jsonl exists; pass --force"),
     ("out is the prompts", GEN + ["--prompts", "{text}", "--out", "{text}"], 2,
@@ -303,6 +306,7 @@ def test_pickle_payload_never_runs(broken, tmp_path):
     ["sweep", "-p", "fixed:loops=1", "--task", "addition:digits=30", "--out", "{root}/a/b"],
     ["train", "--out", "{root}/t", "--device", "tpu"],
     ["train-halting", "--checkpoint", "{root}/typo"],
+    ["sweep", "-p", "fixed", "--out", "{root}/s", "--block-length", "0", "--limit", "3"],
 ])
 def test_a_refused_run_leaves_no_empty_folder(tmp_path, argv, capsys):
     root = tmp_path / "runs"
