@@ -174,8 +174,17 @@ def sweep(
                 shown = label if ranks.world == 1 else f"{label} (rank 0 of {ranks.world})"
                 bar.reset(examples, total=n, description=shown)
 
+            total, done = len(dict.fromkeys(settings)) + len(set(oracle)), [0]
+            log = not as_json and ranks.main and not err.is_terminal  # a log gets a line a point
+
             def finished(row: dict[str, Any], cached: bool) -> None:
                 bar.advance(points)
+                done[0] += 1
+                if log and row:
+                    err.print(f"point {done[0]}/{total}: {row['label']}: {row['correct']}/"
+                              f"{row['n']} correct, {row['mean_loops']:.2f} loops"
+                              f"{' (kept from an earlier run)' if cached else ''}",
+                              markup=False, highlight=False, soft_wrap=True)
 
             hooks = SweepHooks(started, lambda k: bar.advance(examples, k), finished)
             result = run_sweep(model, evalset, settings, out_dir, oracle_loops=oracle,

@@ -249,6 +249,13 @@ def test_cli_sweep_json(tmp_path, addition_model):
                     "--device", "cpu")
     assert table.returncode == 0, table.stderr
     assert "Pareto frontier" in table.stdout and "oracle(loops=4)" in table.stdout
+    # off a terminal no bar is drawn; each point says it is done, here kept from the first run
+    logged = table.stderr.splitlines()
+    assert len(logged) == 6 and all(line.endswith("(kept from an earlier run)")
+                                    for line in logged), table.stderr
+    first = next(p for p in curve["points"] if logged[0].startswith(f"point 1/6: {p['label']}:"))
+    assert f": {first['correct']}/20 correct, {first['mean_loops']:.2f} loops" in logged[0]
+    assert res.stderr == ""  # --json: the curve on stdout, nothing else
     rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
     points = [p for p in curve["points"] if p["policy"] != "oracle"]
     assert len(rows) == len(curve["points"])  # every point, not only the frontier
