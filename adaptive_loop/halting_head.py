@@ -373,8 +373,10 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     for ok, message in checks:
         if not ok:
             raise UsageError(f"train-halting: {message}")
-    tokenizer = tokenizer_for(model)
-    encoded = [tokenizer.encode(p) for p in prompts]
+    from .completions import encode_records  # a bad prompt is named by its number
+
+    encoded = encode_records(model, [{"prompt": p} for p in prompts], tokenizer_for(model),
+                             gen_length)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
     test = torch.zeros(len(prompts), dtype=torch.bool)
     test[order[: min(len(prompts) - 1, max(1, round(held_out * len(prompts))))]] = True

@@ -93,6 +93,9 @@ def broken(tmp_path_factory):
     long = root / "long.jsonl"
     long.write_text('{"prompt": "1+2="}\n{"prompt": "' + "1" * 300 + '"}\n')
     paths["long"] = long
+    blank = root / "blank.jsonl"
+    blank.write_text('{"prompt": "1+2="}\n{"prompt": ""}\n')
+    paths["blank"] = blank
     return paths
 
 
@@ -218,6 +221,12 @@ CASES = [
     ("out exists", GEN + ["--prompts", "{text}", "--out", "{keep}/mine.txt"], 2,
      "exists; pass --force"),
     ("bench with no problems", ["bench", "--n", "0"], 2, "--n must be >= 1, got 0"),
+    ("train-halting on an empty prompt", ["train-halting", "--prompts", "{blank}", "--out",
+                                          "{empty}/h", "--gen-length", "4"], 2,
+     "prompt 2: empty (it encodes to no tokens)"),
+    ("train-halting on a long prompt", ["train-halting", "--prompts", "{long}", "--out",
+                                        "{empty}/h", "--gen-length", "4"], 2,
+     "prompt 2: 300 tokens + gen_length 4 exceeds"),
     ("sweep data is a directory", ["sweep", "-p", "fixed", "--out", "{empty}/sw", "--data",
                                    "{keep}"], 2, "is a directory; give a JSONL file"),
     ("out exists beside parts", GEN + ["--prompts", "{text}", "--out", "{keep}/theirs.jsonl"],
