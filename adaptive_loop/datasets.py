@@ -188,6 +188,10 @@ def load_jsonl(path: str | Path, matcher: AnswerMatcher | None = None,
                 raise UsageError(f"{path}:{number}: \"prompt\" must be a non-empty string")
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
                 raise UsageError(f"{path}:{number}: \"answer\" must be a string or a number")
+            if matcher is not None and matcher.numeric and \
+                    parse_number(matcher.reference(str(answer))) is None:
+                raise UsageError(f"{path}:{number}: the answer {str(answer)!r} holds no number "
+                                 f"for --numeric to compare (nothing could match it)")
             examples.append(Example(prompt, str(answer)))
     if not examples:
         raise UsageError(f"{path}: no examples")

@@ -31,8 +31,10 @@ def _ratio(value: float | None) -> str:
 @app.command()
 def bench(
     preset: Annotated[str, typer.Option(
-        help="Random-weight shape for the iteration timing: embedded, tiny, smdm-170m-shape, "
-        "1b-shape.")] = "embedded",
+        help="Shape for the iteration, forward and signal timings (random weights): embedded "
+        "(the --checkpoint's shape when one is given), tiny, smdm-170m-shape, 1b-shape. "
+        "Generation runs the --checkpoint, or the embedded model for embedded, else the "
+        "preset.")] = "embedded",
     loops: Annotated[int | None, typer.Option(
         help="Loop count of a random-weight preset (default: the preset's, 4 for the SMDM "
         "shapes; the LoopMDM paper loops 12). A checkpoint runs its own.")] = None,

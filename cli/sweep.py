@@ -31,9 +31,12 @@ Task = Annotated[str | None, typer.Option(
 Data = Annotated[Path | None, typer.Option(
     help="JSONL file of {\"prompt\": ..., \"answer\": ...} lines.")]
 AnswerRegex = Annotated[str | None, typer.Option(
-    help="Score the first group of this regex in completion and answer (GSM8K: '#### (.*)$').")]
+    help="Score the first group of this regex (the whole match when it has none) in the "
+    "completion and the answer, line by line; a completion without a match is wrong (GSM8K: "
+    "'#### (.*)$').")]
 Numeric = Annotated[bool, typer.Option(
-    "--numeric", help="Compare answers as numbers (the last number in each).")]
+    "--numeric", help="Compare answers as numbers (the last number in each; a text without a "
+    "number never matches).")]
 Limit = Annotated[int | None, typer.Option(
     help="First N examples (a task draws N problems; default 200).")]
 Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.",

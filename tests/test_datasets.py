@@ -109,3 +109,13 @@ def test_task_knobs_not_given_keep_the_models_values():
     assert data.identity["task"]["digits"] == 3  # the task's default is 4
     data = resolve_eval_set(model_task, task="addition:digits=2", limit=2)
     assert data.identity["task"]["digits"] == 2
+
+
+def test_numeric_scoring_of_an_answer_without_a_number_is_refused(tmp_path):
+    """--numeric on an answer that holds no number would score every completion wrong, in
+    silence: the line is named instead (after the regex, when there is one)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "answer": "#### 12"}\n{"prompt": "b", "answer": "none"}\n')
+    with pytest.raises(UsageError, match=r"d.jsonl:2: the answer 'none' holds no number"):
+        load_jsonl(path, AnswerMatcher(GSM8K, numeric=True))
+    assert len(load_jsonl(path, AnswerMatcher(GSM8K)).examples) == 2  # exact match: fine
