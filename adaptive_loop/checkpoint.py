@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -192,6 +193,9 @@ def _locate(source: str | Path | None, format: str,
             config: str | Path | None) -> tuple[Path, str, Source | None]:
     """The checkpoint's path, its format ("auto" detected) and, for imported layouts, the
     opened source; the user errors every loader shares are raised here."""
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise UsageError(f"a checkpoint is a path (a directory or a weight file), got "
+                         f"{source!r}")
     path = embedded_path() if source is None else Path(source).expanduser()
     check_format(format)
     if not path.exists():

@@ -211,3 +211,9 @@ def test_a_format_version_of_the_wrong_type_says_so(tmp_path, tiny_model, versio
     with pytest.raises(CheckpointError, match=f'"version" must be a positive integer '
                        rf"\(the format version, 1 for this release\), got {shown}$"):
         load_model(tmp_path / "ck", device="cpu")
+
+
+def test_a_checkpoint_that_is_not_a_path_is_a_user_error():
+    with pytest.raises(UsageError, match=r"a checkpoint is a path \(a directory or a weight "
+                                         r"file\), got 5"):
+        load_model(5)
