@@ -87,10 +87,12 @@ def train_halting(
                         ("--block-length", block_length), ("--train-steps", train_steps)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if out_dir is None and not Path(checkpoint).expanduser().exists():  # not made, but named
-        load_checkpoint(checkpoint)
-    target = out_dir if out_dir is not None else \
-        checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    target = out_dir
+    if target is None:  # beside the checkpoint, which must exist (a typo is not created)
+        given = Path(checkpoint).expanduser()
+        if not given.exists():
+            load_checkpoint(checkpoint)  # its own "not found" line
+        target = given if given.is_dir() else given.parent
     if (target / HEAD_WEIGHTS).exists() and not overwrite:
         raise UsageError(f"{target} already holds a halting head; pass --overwrite to replace "
                          "it, or --out another directory")
