@@ -112,7 +112,7 @@ class LoopMDMConfig:
             }.get(base, (isinstance(value, dict), "an object"))
             if not ok:
                 raise UsageError(f"invalid model config: {f.name} must be {wanted}, got "
-                                 f"{_shown(value)}")
+                                 f"{shown(value)}")
 
     @property
     def head_dim(self) -> int:
@@ -155,7 +155,7 @@ class LoopMDMConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A config value as its JSON reads (null, true, "x"), or its repr where it has none."""
     try:
         return json.dumps(value)

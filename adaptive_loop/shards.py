@@ -73,16 +73,18 @@ def finish(store: PartStore | None, ranks: Ranks) -> None:
             pass  # something else lives there (a rank of another run): leave it
 
 
+def is_number(value: Any) -> bool:
+    """A number as JSON reads it back (true and false are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def well_formed(part: Any, rows: int, lists: tuple[str, ...], numbers: tuple[str, ...]) -> bool:
     """Whether a kept part reads as one: a dict whose `lists` hold an entry per row of its
     batch and whose `numbers` are numbers. One that does not (a damaged file) is computed
     again rather than trusted."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     return isinstance(part, dict) and \
         all(isinstance(part.get(k), list) and len(part[k]) == rows for k in lists) and \
-        all(number(part.get(k)) for k in numbers)
+        all(is_number(part.get(k)) for k in numbers)
 
 
 def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks: Ranks, *,

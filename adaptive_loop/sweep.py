@@ -39,7 +39,7 @@ from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
 from .policies import HaltingPolicy, make
-from .shards import PartStore, finish, plan_id
+from .shards import PartStore, finish, is_number, plan_id
 
 POINTS, MANIFEST, PARTS = "points.jsonl", "sweep.json", ".parts"
 
@@ -127,10 +127,9 @@ def model_fingerprint(model: LoopMDM) -> dict[str, Any]:
 def _point_reads(row: dict[str, Any]) -> bool:
     """Whether a kept row has what a finished point's row has: its names and numbers."""
     names = all(isinstance(row.get(k), str) for k in ("key", "label", "policy"))
-    numbers = all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
-                  for k in ("n", "correct", "mean_loops", "looped_flops", "total_flops",
-                            "looped_flops_fixed_max", "monitor_flops", "nfe", "wall_s",
-                            "max_loops"))
+    numbers = all(is_number(row.get(k)) for k in (
+        "n", "correct", "mean_loops", "looped_flops", "looped_flops_fixed_max", "monitor_flops",
+        "total_flops", "nfe", "wall_s", "max_loops"))
     return names and numbers and isinstance(row.get("params"), dict)
 
 

@@ -170,21 +170,23 @@ def sweep(
         if oracle is None:
             oracle = default_oracle_loops(model, settings)
         with _progress(as_json or not ranks.main) as bar:
-            points = bar.add_task("points", total=len(dict.fromkeys(settings)) + len(set(oracle)))
+            total = len(dict.fromkeys(settings)) + len(set(oracle))
+            points = bar.add_task("points", total=total)
             examples = bar.add_task("examples", total=len(evalset))
 
             def started(label: str, n: int) -> None:
                 shown = label if ranks.world == 1 else f"{label} (rank 0 of {ranks.world})"
                 bar.reset(examples, total=n, description=shown)
 
-            total, done = len(dict.fromkeys(settings)) + len(set(oracle)), [0]
             log = not as_json and ranks.main and not err.is_terminal  # a log gets a line a point
+            done = 0
 
             def finished(row: dict[str, Any], cached: bool) -> None:
+                nonlocal done
                 bar.advance(points)
-                done[0] += 1
+                done += 1
                 if log and row:
-                    err.print(f"point {done[0]}/{total}: {row['label']}: {row['correct']}/"
+                    err.print(f"point {done}/{total}: {row['label']}: {row['correct']}/"
                               f"{row['n']} correct, {row['mean_loops']:.2f} loops"
                               f"{' (kept from an earlier run)' if cached else ''}",
                               markup=False, highlight=False, soft_wrap=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from torch import Tensor
 
-from ..config import LoopMDMConfig
+from ..config import LoopMDMConfig, shown
 from ..errors import CheckpointError, UsageError
 from ..tokenizer import find_tokenizer_file
 from .source import Source
@@ -94,13 +93,9 @@ def check_fields(values: dict[str, Any], kinds: dict[str, str], where: str) -> N
                 continue
             kind = kind[:-1]
         if not _fits(value, kind):
-            try:
-                shown = json.dumps(value)
-            except (TypeError, ValueError):
-                shown = repr(value)
             raise CheckpointError(f"{where}: {name} must be {KINDS[kind]}"
                                   f"{' or null' if kinds[name].endswith('?') else ''}, got "
-                                  f"{shown}")
+                                  f"{shown(value)}")
 
 
 def expect_shape(source: Source, key: str, tensor: Tensor, shape: tuple[int, ...],
