@@ -312,8 +312,10 @@ def evaluate(
                                     warm_start=warm_start,
                                     progress=lambda k: bar.advance(job, k))
                 rows.append((label, res))
-                if as_json and res is not None:
-                    print(json.dumps({"setting": label, **res.to_dict()}))
+                if as_json and res is not None:  # None in the label: the model's own count
+                    lo, hi = pol.loop_bounds(model.config.n_loops)
+                    print(json.dumps({"setting": label, "min_loops": lo, "max_loops": hi,
+                                      **res.to_dict()}))
     if not ranks.main:
         return
     if as_json:

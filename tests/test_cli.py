@@ -86,7 +86,8 @@ def test_version():
 
 def test_evaluate_table_names_what_was_chosen():
     """The table names a setting by what differs from the defaults (`fixed`, not
-    `fixed(loops=None)`); `--json` keeps every parameter."""
+    `fixed(loops=None)`); `--json` keeps every parameter as given, and the loop bounds as
+    resolved against the model."""
     wide = {"COLUMNS": "200"}
     table = run("evaluate", "--n", "2", "--policy", "entropy", "--threshold", "0.3", env=wide)
     assert table.returncode == 0, table.stderr
@@ -95,6 +96,9 @@ def test_evaluate_table_names_what_was_chosen():
     assert "│ fixed " in plain.stdout and "None" not in plain.stdout
     record = json.loads(run("evaluate", "--n", "2", "--json").stdout)
     assert record["setting"] == "fixed(loops=None)"
+    assert (record["min_loops"], record["max_loops"]) == (8, 8)  # the model's count, resolved
+    counts = run("evaluate", "--n", "2", "--json", "--loops", "2,12").stdout.splitlines()
+    assert [json.loads(r)["max_loops"] for r in counts] == [2, 12]
 
 
 def test_policies_lists_the_signals_each_policy_reads():
