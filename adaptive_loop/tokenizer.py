@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from torch import Tensor
-
 from .errors import UsageError
 
 
@@ -228,12 +225,3 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
         raise UsageError("give at least one prompt, none of them empty")
     return ids
 
-
-def encode_batch(tokenizer: Tokenizer, prompts: list[str]) -> Tensor:
-    """Equal-length prompts -> LongTensor (B, T)."""
-    ids = encode_prompts(tokenizer, prompts)
-    lengths = {len(x) for x in ids}
-    if len(lengths) > 1:
-        raise UsageError(f"prompts in one batch must have the same length in tokens; got "
-                         f"{sorted(lengths)}")
-    return torch.tensor(ids, dtype=torch.long)
