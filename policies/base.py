@@ -128,6 +128,12 @@ class HaltingPolicy(ABC):
     def decide(self, signals: Signals) -> Tensor:
         """(N,) bool: True where the active token halts now."""
 
+    def fingerprint(self) -> str | None:
+        """A short hash of what decides this policy's halting beyond its parameters (a learned
+        head's weights), or None when its parameters say it all. Read after `attach`: a sweep
+        keeps a finished point only while it is unchanged."""
+        return None
+
     def decision_flops(self, tokens: int) -> int:
         """FLOPs `decide` spends on `tokens` active tokens beyond the signals the runtime
         computed (counted with them as monitoring): the matrix products of a learned head.
@@ -136,8 +142,7 @@ class HaltingPolicy(ABC):
 
     def params(self) -> dict[str, Any]:
         """The constructor arguments, for reports and JSON."""
-        names = inspect.signature(type(self).__init__).parameters
-        return {k: getattr(self, k) for k in names if k != "self" and hasattr(self, k)}
+        return {k: getattr(self, k) for k in init_parameters(type(self)) if hasattr(self, k)}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
@@ -146,8 +151,7 @@ class HaltingPolicy(ABC):
     def label(self) -> str:
         """A short name for tables: the policy's name and the parameters that differ from
         their defaults, e.g. `kl(probe=lens, shortlist=16)`."""
-        defaults = {k: p.default for k, p in
-                    inspect.signature(type(self).__init__).parameters.items()}
+        defaults = {k: p.default for k, p in init_parameters(type(self)).items()}
         args = ", ".join(f"{k}={v}" for k, v in self.label_params().items()
                          if v != defaults.get(k))
         return f"{self.name}({args})" if args else self.name
@@ -155,6 +159,18 @@ class HaltingPolicy(ABC):
     def label_params(self) -> dict[str, Any]:
         """The parameters `label` may show (those that differ from their defaults are)."""
         return self.params()
+
+
+def init_parameters(cls: type[HaltingPolicy]) -> dict[str, inspect.Parameter]:
+    """A policy class's named constructor parameters, with the base class's after its own
+    when its `__init__` passes `**kwargs` on to them."""
+    signature = inspect.signature(cls.__init__).parameters
+    named = {k: p for k, p in signature.items()
+             if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if cls is not HaltingPolicy and any(p.kind is p.VAR_KEYWORD for p in signature.values()):
+        named.update({k: p for k, p in init_parameters(HaltingPolicy).items()
+                      if k not in named})
+    return named
 
 
 _REGISTRY: dict[str, type[HaltingPolicy]] = {}
@@ -174,21 +190,30 @@ def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
 
 
 def _load_entry_points() -> None:
+    """Register the entry points' policies, each under its entry point's name. A class that
+    names itself otherwise, or a name already taken, is recorded as broken instead: a plugin
+    never silently replaces another policy (a subclass of a built-in inherits its `name`, so
+    the class's own `name` alone would)."""
     global _ENTRY_POINTS_LOADED
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
+    built_in = set(_REGISTRY)
     for ep in entry_points(group="adaptive_loop.policies"):
-        if ep.name in _REGISTRY:  # a plugin does not silently replace a built-in policy
-            _BROKEN[ep.name] = (f"{ep.value} clashes with the built-in policy {ep.name!r}; "
-                                f"register it under another name")
+        if ep.name in _REGISTRY:
+            owner = "the built-in policy" if ep.name in built_in else "another plugin's policy"
+            _BROKEN[ep.name] = (f"{ep.value} clashes with {owner} {ep.name!r}; register it "
+                                f"under another name")
             continue
         try:
             cls = ep.load()
             if not (isinstance(cls, type) and issubclass(cls, HaltingPolicy)):
                 raise TypeError(f"{ep.value} is not a HaltingPolicy subclass")
-            if not getattr(cls, "name", ""):
-                cls.name = ep.name
+            own = cls.__dict__.get("name")
+            if own and own != ep.name:
+                raise ValueError(f"the class names itself {own!r}; its entry point must use "
+                                 f"that name too")
+            cls.name = ep.name
             register(cls)
         except Exception as err:  # a broken plugin must not break the built-in policies
             _BROKEN[ep.name] = f"{ep.value} failed to load ({type(err).__name__}: {err})"
@@ -220,10 +245,9 @@ def make(name: str, **params: Any) -> HaltingPolicy:
     """Build a policy by name; `None` parameters take the policy's defaults."""
     cls = policy_class(name)
     params = {k: v for k, v in params.items() if v is not None}
-    accepted = inspect.signature(cls.__init__).parameters
-    extra = sorted(set(params) - set(accepted))
+    valid = list(init_parameters(cls))
+    extra = sorted(set(params) - set(valid))
     if extra:
-        valid = [k for k in accepted if k not in ("self", "args", "kwargs")]
         raise UsageError(f"policy {name!r} takes no parameter {', '.join(extra)}; it takes "
                          f"{', '.join(valid)}")
     return cls(**params)

@@ -110,3 +110,49 @@ def test_broken_or_clashing_plugins_leave_the_built_in_policies_working(tmp_path
                          capture_output=True, text=True)
     assert run.returncode == 0 and "entropy" in run.stdout
     assert "warning: policy plugin 'magic' not registered" in run.stderr
+
+
+def test_a_plugin_is_registered_under_its_entry_points_name(tmp_path, monkeypatch):
+    """A subclass of a built-in inherits its `name`, yet registers under its entry point's name
+    and leaves the built-in in place; a class naming itself otherwise, or a second plugin
+    taking a name, is refused; a plugin passing `**kwargs` on takes the common knobs."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "subplug.py").write_text(
+        "from adaptive_loop.policies import HaltingPolicy\n"
+        "from adaptive_loop.policies.entropy import Entropy\n"
+        "class Tweaked(Entropy):\n    pass\n"
+        "class Named(Entropy):\n    name = 'othername'\n"
+        "class Also(Entropy):\n    pass\n"
+        "class Passing(HaltingPolicy):\n    needs = frozenset({'delta'})\n"
+        "    def __init__(self, threshold=0.3, **kwargs):\n"
+        "        super().__init__(**kwargs)\n        self.threshold = threshold\n"
+        "    def decide(self, signals):\n        return signals.delta < self.threshold\n")
+    info = root / "subplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: subplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[adaptive_loop.policies]\ntweaked = subplug:Tweaked\nnamed = subplug:Named\n"
+        "passing = subplug:Passing\n")
+    other = root / "zzplug-0.1.dist-info"  # a second distribution taking a plugin's name
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: zzplug\nVersion: 0.1\n")
+    (other / "entry_points.txt").write_text("[adaptive_loop.policies]\ntweaked = subplug:Also\n")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_BROKEN", {})
+    assert {"tweaked", "passing"} <= set(base.available())
+    assert type(make("entropy")).__module__ == "adaptive_loop.policies.entropy"
+    first = type(make("tweaked")).__name__  # the distributions' order is the file system's
+    assert first in ("Tweaked", "Also") and make("tweaked").name == "tweaked"
+    assert "othername" not in base.available()
+    broken = base.broken_plugins()
+    assert "names itself 'othername'" in broken["named"]
+    assert "clashes with another plugin's policy 'tweaked'" in broken["tweaked"]
+    pol = make("passing", threshold=0.2, min_loops=2, max_loops=5)
+    assert (pol.min_loops, pol.max_loops, pol.threshold) == (2, 5, 0.2)
+    assert repr(pol) == ("passing(threshold=0.2, min_loops=2, max_loops=5, check_every=1)")
+    with pytest.raises(UsageError, match="takes no parameter bogus; it takes threshold, "
+                                         "min_loops, max_loops, check_every"):
+        make("passing", bogus=1)
