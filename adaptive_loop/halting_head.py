@@ -96,15 +96,17 @@ class HaltingHead(nn.Module):
 # -- the sidecar file --------------------------------------------------------------------------
 def weights_signature(model: LoopMDM) -> str:
     """16 hex digits that tell apart two checkpoints of one shape: a hash of the signs of the
-    first 4096 values of every floating-point tensor. A sign survives a cast between float32,
-    bfloat16 and float16, so the same weights loaded in another dtype or on another device
-    sign alike, and reading a few values per tensor keeps it cheap for large models."""
+    first 4096 values of every floating-point tensor, as float16 holds them. A sign survives a
+    cast between float32, bfloat16 and float16 (taken in float16, a value too small for it
+    reads 0 whatever the model's dtype), so the same weights loaded in another dtype or on
+    another device sign alike, and reading a few values per tensor keeps it cheap for large
+    models."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():
             digest.update(name.encode())
-            digest.update((tensor.detach().flatten()[:4096] > 0).to(torch.uint8).cpu()
-                          .numpy().tobytes())
+            head = tensor.detach().flatten()[:4096].to(torch.float16)
+            digest.update((head > 0).to(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -30,4 +30,5 @@ class Convergence(HaltingPolicy):
     def decide(self, signals: Signals) -> Tensor:
         if self.metric == "l2":
             return signals.delta < self.threshold
-        return (1.0 - signals.cosine) < self.threshold
+        # a cosine can round above 1: clamped, so that threshold 0 never halts
+        return (1.0 - signals.cosine).clamp_min(0.0) < self.threshold

@@ -21,6 +21,8 @@ weights is refused: a head beside a checkpoint that was retrained in place is st
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,14 @@ class Learned(HaltingPolicy):
         return {k: v for k, v in self.params().items()
                 if not (k == "head" and self._default_head)
                 and not (k == "threshold" and self._given_threshold is None)}
+
+    def fingerprint(self) -> str:
+        """The head's weights and the threshold its JSON gives (the default one)."""
+        digest = hashlib.sha256(json.dumps(self._meta.get("threshold")).encode())
+        for name, tensor in self._head.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def decision_flops(self, tokens: int) -> int:
         """The head runs on every active token (the needed ones use its answer)."""

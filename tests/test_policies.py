@@ -608,9 +608,14 @@ def test_a_head_trained_on_other_weights_is_refused(head_dir, tiny_model, prompt
     (tmp_path / HEAD_META).write_text(json.dumps(meta))
     kw = dict(gen_length=4, steps=2)
     generate(tiny_model, prompts, policy=make("learned", head=tmp_path), **kw)
-    cast = LoopMDM(tiny_model.config).to(torch.bfloat16)
-    cast.load_state_dict(tiny_model.state_dict())
-    assert weights_signature(cast) == weights_signature(tiny_model)
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = LoopMDM(tiny_model.config).to(dtype)
+        cast.load_state_dict(tiny_model.state_dict())
+        assert weights_signature(cast) == weights_signature(tiny_model)
+    tiny = LoopMDM(tiny_model.config)  # weights too small for float16 read 0 in every dtype
+    tiny.load_state_dict({k: v * 1e-9 for k, v in tiny_model.state_dict().items()})
+    signature = weights_signature(tiny)
+    assert weights_signature(tiny.half()) == signature  # (half() casts in place)
     torch.manual_seed(1234)
     retrained = LoopMDM(tiny_model.config).eval()
     with pytest.raises(UsageError, match="trained on other weights of this model's shape"):
@@ -627,3 +632,14 @@ def test_learned_errors(head_dir, make_config, monkeypatch, tmp_path):
     h, needed = _state(wide)
     with pytest.raises(UsageError, match="width 32, but this model's are 64 wide"):
         run_loops(wide, h, make("learned", head=head_dir), needed)
+
+
+def test_cosine_convergence_at_threshold_0_never_halts_a_rounded_cosine():
+    """A cosine of nearly equal states can round above 1 (1 - cos < 0): threshold 0 still
+    never halts, as it promises."""
+    cos = torch.tensor([1.0 + 1e-7, 1.0, 1.0 - 1e-7, 0.5])
+    signals = Signals(iteration=1, step=0, steps=1, index=torch.arange(4),
+                      needed=torch.zeros(4, dtype=torch.bool), cosine=cos)
+    assert not make("convergence", threshold=0.0, metric="cosine").decide(signals).any()
+    assert make("convergence", threshold=1e-6, metric="cosine").decide(signals).tolist() == [
+        True, True, True, False]
