@@ -47,6 +47,7 @@ class RowKeys:
     loop run builds it once for all its iterations."""
 
     key_row: Tensor  # (KB * BLOCK,) row of each flattened key; -2 for padding and the tail
+    # (KB: the tiles B*L needs, rounded up to a power of two)
     per_tile: Tensor  # (B, KB) real keys of row b in key tile j
     block: int
 
@@ -55,7 +56,10 @@ def row_keys(batch: int, length: int, key_mask: Tensor | None, device: torch.dev
              block: int = BLOCK) -> RowKeys:
     """Per-row key counts per key tile, and each key's row, from the (B, L) key mask."""
     n_keys = batch * length
-    tiles = -(-n_keys // block)
+    # whole tiles, as many as the next power of two: the key length is static in compiled
+    # code (see `row_blocks`), so each new one compiles anew, and torch stops compiling after
+    # a few (then FlexAttention runs unfused); batches of many lengths share a few sizes
+    tiles = 1 << (-(-n_keys // block) - 1).bit_length()
     keys = torch.arange(n_keys, device=device)
     real = torch.ones(n_keys, dtype=torch.int32, device=device) if key_mask is None else \
         key_mask.reshape(-1).int()
@@ -118,8 +122,9 @@ def row_blocks(rows: Tensor, counts: Tensor, keys: RowKeys) -> RowBlocks:
     q_hi = torch.where(real, ends[row_of_key], 0)
     q_lo = torch.where(real, q_hi - counts[row_of_key], 0)
     for span in (q_lo, q_hi):
-        # their size (B*L padded) is fixed for a loop run, so compiled code may treat it as
-        # static; a symbolic size here also breaks the CPU kernel's code generation (torch 2.13)
+        # their size (B*L padded to a power of two of tiles) is fixed for a loop run, so
+        # compiled code may treat it as static; a symbolic size here also breaks the CPU
+        # kernel's code generation (torch 2.13)
         torch._dynamo.mark_static(span, 0)
     return RowBlocks(kv_num, kv_idx, full_num, full_idx, q_lo, q_hi, block)
 

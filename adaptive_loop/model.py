@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +77,16 @@ class LoopMDM(nn.Module):
                                else device)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> LoopMDM:
+        """Move or cast as any module does, then rebuild the RoPE tables if a cast reached
+        them: they stay float32 (rounded as `rope_dtype` says) whatever dtype the weights
+        take, since a bfloat16 table would round every angle."""
+        super()._apply(fn, *args, **kwargs)
+        cos = getattr(self, "rope_cos", None)
+        if cos is not None and cos.dtype != torch.float32:
+            self.reset_rope()
+        return self
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -295,7 +295,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         policy: the halting policy.
         needed: (B, L) the tokens whose prediction the sampler reads after this step.
         key_mask: (B, L) bool, False for padding that no token may attend to. Padding is
-            never computed, looped or counted.
+            never looped or counted in `loops`; the compacted path never computes it (the
+            masked reference computes every position, padding too, and its FLOPs say so).
         compact: run only active tokens (False: the masked reference).
         step, steps: the denoising step (0-based) and how many there are, for the policy.
         compile: compile the iteration functions (see `iterations`); off by default.
@@ -316,8 +317,9 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
 
     Host syncs: one per checked iteration (the active counts, the finite check and, for
     policies that read predictions, the sizes of the next check's probe, all in one read),
-    plus the shortlist's once per step, the key structure of varlen once per run, and the
-    probe of the first check when `needed_plan` is not given. With `pipeline` on CUDA each
+    plus the shortlist's once per step, the key structure of varlen once per run, the probe
+    of the first check when `needed_plan` is not given, and the finite check of the final
+    state when the last iteration was not checked. With `pipeline` on CUDA each
     read but the step's last waits for work one check old.
 
     Returns the final loop state (B, L, d) and the step's trace.
@@ -381,9 +383,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             _write_first_kv(model, h, caches[0], halted, planned - n_active)
             trace.refreshed += planned - n_active
             trace.looped_flops += (planned - n_active) * kv_flops(model.config)
+        # nothing halted since the plan was built (padding alone made it): it still holds
+        unchanged = not pipeline and plan is not None and n_active == planned
         planned, members = n_active, done.mask
         probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
-        if n_active < total:
+        if n_active < total and not unchanged:
             # the count is on the host already: the positions need no further sync
             plan = keyed(PackPlan.from_sizes(members, n_active, width, done.counts))
         return True

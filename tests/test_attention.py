@@ -3,6 +3,7 @@ flash-attn varlen layout, each against a naive per-row reference."""
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -95,12 +96,15 @@ def test_block_mask_from_offsets_equals_dense_construction(block, length, fracti
     keys = row_keys(plan.batch, length, key_mask, plan.index.device, block=block)
     blocks = row_blocks(plan.rows, plan.counts, keys)
     n, n_keys = plan.size, plan.batch * length
-    rows, real = plan.rows, key_mask.reshape(-1)
+    # the keys in whole tiles, as many as the next power of two (so few lengths compile)
+    kv_len = blocks.q_lo.numel()
+    assert kv_len == block * 2 ** math.ceil(math.log2(-(-n_keys // block))) >= n_keys
+    rows, real = plan.rows, F.pad(key_mask.reshape(-1), (0, kv_len - n_keys))
 
     def dense_rule(b, h, q, kv):
         return (rows[q] == torch.div(kv, length, rounding_mode="floor")) & real[kv]
 
-    ref = create_block_mask(dense_rule, 1, 1, n, n_keys, device="cpu", BLOCK_SIZE=block)
+    ref = create_block_mask(dense_rule, 1, 1, n, kv_len, device="cpu", BLOCK_SIZE=block)
     ours = block_mask(blocks)
     q_tiles, kv_tiles = ref.kv_indices.shape[-2:]
     assert ours.kv_indices.shape[-2:] == (q_tiles, kv_tiles)
@@ -124,7 +128,8 @@ def test_block_mask_from_offsets_equals_dense_construction(block, length, fracti
     full = spread(_tiles(ours.full_kv_num_blocks, ours.full_kv_indices, q_tiles, kv_tiles))
     implied = (partial & inside) | full
     truth = torch.zeros_like(implied)
-    truth[:n, :n_keys] = (rows[:, None] == torch.arange(n_keys)[None, :] // length) & real
+    truth[:n, :n_keys] = (rows[:, None] == torch.arange(n_keys)[None, :] // length) & \
+        real[:n_keys]
     assert torch.equal(implied, truth)
 
 

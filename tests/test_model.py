@@ -114,3 +114,18 @@ def test_positions_and_key_mask_make_a_padded_row_its_unpadded_self(make_config)
     assert torch.allclose(got, alone, atol=1e-5)
     assert model.rope[0].dim() == 2  # the per-row tables are gone after the call
     assert not torch.allclose(shifted, alone, atol=1e-4)  # positions do matter
+
+
+@pytest.mark.parametrize("rope_dtype", ["float32", "bfloat16"])
+def test_a_cast_keeps_the_rope_tables_of_the_config(make_config, rope_dtype):
+    """Casting the weights to bfloat16 or float16 leaves the RoPE tables float32, rounded only
+    as `rope_dtype` says: a bfloat16 table would round every angle."""
+    model = LoopMDM(make_config(rope_dtype=rope_dtype, max_seq_len=4096))
+    want = (model.rope_cos.clone(), model.rope_sin.clone())
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = model.to(dtype)
+        assert cast.embed_tokens.weight.dtype == dtype
+        assert cast.rope_cos.dtype == cast.rope_sin.dtype == torch.float32
+        assert torch.equal(cast.rope_cos, want[0]) and torch.equal(cast.rope_sin, want[1])
+    if rope_dtype == "float32":  # the tables a bfloat16 cast would have left
+        assert not torch.equal(want[0].bfloat16().float(), want[0])
