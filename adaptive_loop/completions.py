@@ -27,7 +27,7 @@ from .files import atomic_write_text
 from .measure import length_batches
 from .model import LoopMDM
 from .policies import HaltingPolicy
-from .sampler import generate
+from .sampler import batch_seed, generate
 from .shards import Part, PartStore, finish, plan_id, run_sharded, well_formed
 from .sweep import model_fingerprint
 from .tokenizer import Tokenizer
@@ -130,8 +130,8 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     def compute(i: int) -> Part:
         ids = torch.tensor([encoded[j] for j in batches[i]])
         with torch.no_grad():
-            res = generate(model, ids, policy=policy, tokenizer=tokenizer, seed=seed,
-                           **decoding)
+            res = generate(model, ids, policy=policy, tokenizer=tokenizer,
+                           seed=batch_seed(seed, i), **decoding)
         per_row = res.loops.double().mean(dim=(0, 2)).tolist()
         s = res.stats
         return {"completions": list(res.text), "mean_loops": per_row,

@@ -22,7 +22,7 @@ from .errors import UsageError
 from .model import LoopMDM
 from .policies import HaltingPolicy
 from .requests import check_values
-from .sampler import GenerationResult, generate
+from .sampler import GenerationResult, batch_seed, generate
 from .shards import Part, PartStore, run_sharded, well_formed
 from .tokenizer import Tokenizer
 
@@ -129,7 +129,8 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
     """Encode every prompt (a failure names the example) and group equal lengths into batches.
 
     `decoding` overrides the data's own sampler arguments; `gen_length` defaults to the longest
-    reference answer in tokens and `steps` to `gen_length`.
+    answer in tokens, as written whole (a regex finds its part only in a completion that
+    writes all of it), and `steps` to `gen_length`.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -142,17 +143,17 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
             raise UsageError(f"{data.name}, example {i + 1}: {err}") from None
     dec = {**data.decoding, **{k: v for k, v in (decoding or {}).items() if v is not None}}
     if "gen_length" not in dec:
-        longest = 0
+        answer = 0
         for ex in data.examples:
             try:
-                longest = max(longest, len(tokenizer.encode(data.matcher.reference(ex.answer))))
+                answer = max(answer, len(tokenizer.encode(ex.answer.strip())))
             except UsageError:
                 pass  # an answer the tokenizer cannot write says nothing about length
-        if longest == 0:
+        if answer == 0:
             raise UsageError("cannot infer --gen-length from the answers; give --gen-length")
-        dec["gen_length"] = longest
+        dec["gen_length"] = answer
     dec.setdefault("steps", dec["gen_length"])
-    longest = max(len(x) for x in encoded)
+    longest = max(len(x) for x in encoded)  # prompt
     check_values(model, longest, dec["gen_length"], dec["steps"],
                  dec["gen_length"] if dec.get("block_length") is None else dec["block_length"],
                  dec.get("temperature", 0.0),
@@ -176,8 +177,8 @@ def run_setting(model: LoopMDM, data: EvalSet, plan: Plan, policy: HaltingPolicy
     """
     def compute(i: int) -> Part:
         batch = plan.batches[i]
-        res = generate(model, batch.ids, policy=policy, tokenizer=plan.tokenizer, seed=seed,
-                       **plan.decoding)
+        res = generate(model, batch.ids, policy=policy, tokenizer=plan.tokenizer,
+                       seed=batch_seed(seed, i), **plan.decoding)
         return part_of(res, batch, data, plan, heatmap)
 
     return run_parts(plan, compute, heatmap=heatmap, progress=progress, ranks=ranks,

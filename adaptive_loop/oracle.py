@@ -28,7 +28,7 @@ from .flops import block_flops
 from .measure import Outcome, Plan, part_of, run_parts
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
-from .sampler import generate
+from .sampler import batch_seed, generate
 from .shards import Part, PartStore
 
 
@@ -40,13 +40,10 @@ class _ArgmaxProbe(HaltingPolicy):
     needs = frozenset({"logits"})
 
     def __init__(self, loops: int) -> None:
+        # checks run at iterations below the maximum, so S + 1 lets us see loop S
         super().__init__(min_loops=1, max_loops=loops + 1)
         self.loops = loops
         self.steps: list[tuple[tuple[int, int], Tensor, list[Tensor]]] = []
-
-    def loop_bounds(self, default_loops: int) -> tuple[int, int]:
-        # checks run at iterations below the maximum, so S + 1 lets us see loop S
-        return 1, self.loops + 1
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         self.steps.append(((batch, length), torch.empty(0, dtype=torch.long), []))
@@ -92,13 +89,16 @@ def run_oracle(model: LoopMDM, data: EvalSet, plan: Plan, loops: int, *,
     ranks as `measure.run_setting` does)."""
     if loops < 1:
         raise UsageError(f"oracle loops must be >= 1, got {loops}")
+    if plan.decoding.get("cfg_scale"):  # its probe would read both passes' predictions
+        raise UsageError("the oracle reads each token's own prediction, which classifier-free "
+                         "guidance replaces: run it without cfg_scale")
     cfg = model.config
 
     def compute(i: int) -> Part:
         batch = plan.batches[i]
         probe = _ArgmaxProbe(loops)
-        res = generate(model, batch.ids, policy=probe, tokenizer=plan.tokenizer, seed=seed,
-                       **plan.decoding)
+        res = generate(model, batch.ids, policy=probe, tokenizer=plan.tokenizer,
+                       seed=batch_seed(seed, i), **plan.decoding)
         per_step = []
         for shape, index, argmaxes in probe.steps:
             stacked = torch.stack(argmaxes) if argmaxes else torch.zeros(0, 0, dtype=torch.long)

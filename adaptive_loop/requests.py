@@ -103,6 +103,10 @@ def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
                          f"{threshold}")
     if factor is not None and not factor > 0:
         raise UsageError(f"factor must be > 0, got {factor}")
+    if (threshold is not None or factor is not None) and remasking == "entropy":
+        raise UsageError("threshold and factor decoding compare scores in [0, 1]; remasking "
+                         "'entropy' scores by negative entropy, so none would pass: use "
+                         "low_confidence or margin")
     if not 0 <= cfg_scale < math.inf:
         raise UsageError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
     if eos_fill and model.config.eos_id is None:

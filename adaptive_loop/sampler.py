@@ -56,10 +56,8 @@ from .requests import check_flags, check_types, check_values, prompt_rows
 from .runtime import StepTrace, run_loops
 from .tokenizer import Tokenizer
 
-_draw, _top_k_rows = draw, top_k_rows  # earlier names, kept for callers
-
-__all__ = ["REMASKING", "GenerationResult", "GenerationStats", "StepStats", "generate",
-           "num_transfer_tokens"]
+__all__ = ["REMASKING", "GenerationResult", "GenerationStats", "StepStats", "batch_seed",
+           "generate", "num_transfer_tokens"]
 
 
 @dataclass
@@ -225,6 +223,13 @@ class _Stepper:
         return index, drawn, confidence(logits, drawn, self.remasking, self.generator), trace
 
 
+def batch_seed(seed: int | None, batch: int) -> int:
+    """The sampling seed of batch `batch` (0, 1, ...) of a run seeded with `seed`: `seed`
+    itself for the first, so that a run of one batch draws as `generate(..., seed=seed)`, and
+    seeds far apart for the others, so that two batches holding the same prompt draw apart."""
+    return ((0 if seed is None else seed) + batch * 0x9E3779B97F4A7C15) % 2**63
+
+
 @torch.no_grad()
 def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor, *,
              policy: HaltingPolicy, gen_length: int, steps: int, block_length: int | None = None,
@@ -250,7 +255,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
         factor: Fast-dLLM's factor rule instead of a fixed threshold.
         cfg_scale: classifier-free guidance scale (0: off).
         eos_fill: commit EOS after each row's first EOS.
-        seed: seeds the noise (temperature > 0 or random remasking).
+        seed: seeds the noise (temperature > 0 or random remasking); None draws as 0 does.
         tokenizer: encodes string prompts and decodes completions.
         compact: run halted tokens out of the computation (False: the masked reference).
         warm_start: start a step's loops, for every position whose input did not change

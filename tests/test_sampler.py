@@ -6,7 +6,8 @@ import torch
 
 from adaptive_loop import UsageError, generate
 from adaptive_loop.policies import make
-from adaptive_loop.sampler import _top_k_rows, num_transfer_tokens
+from adaptive_loop.remasking import top_k_rows
+from adaptive_loop.sampler import num_transfer_tokens
 
 
 def test_num_transfer_tokens_splits_evenly_remainder_first():
@@ -18,7 +19,7 @@ def test_num_transfer_tokens_splits_evenly_remainder_first():
 
 def test_top_k_rows_picks_each_rows_highest():
     score = torch.tensor([[0.1, 0.9, 0.5, -torch.inf], [0.3, 0.2, 0.1, 0.0]])
-    picked = _top_k_rows(score, torch.tensor([2, 1]))
+    picked = top_k_rows(score, torch.tensor([2, 1]))
     assert picked.tolist() == [[False, True, True, False], [True, False, False, False]]
 
 

@@ -349,6 +349,8 @@ def test_decoded_text_stops_at_eos():
     (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
     (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number >= 0, got inf"),
     (dict(steps=9), "steps 9 exceeds gen_length 8: each step commits at least one token"),
+    (dict(threshold=0.0, remasking="entropy"), "remasking 'entropy' scores by negative entropy"),
+    (dict(factor=1.0, remasking="entropy"), "so none would pass: use low_confidence or margin"),
 ])
 def test_bad_options_are_user_errors(tiny_model, prompts, kw, message):
     kw = {"steps": 4, **kw}
