@@ -69,15 +69,23 @@ class CalibrationReport:
     reference_loops: int
     n_calibration: int
     n_holdout: int
+    base: dict[str, Any] = field(default_factory=dict)  # the policy's other parameters
     rows: list[dict[str, Any]] = field(default_factory=list)
     chosen: dict[str, Any] | None = None
 
     @property
+    def policy_label(self) -> str:
+        """The policy with the parameters it was calibrated under, e.g. `entropy(min_loops=2)`."""
+        args = ", ".join(f"{k}={v}" for k, v in self.base.items())
+        return f"{self.policy}({args})" if args else self.policy
+
+    @property
     def guarantee(self) -> str:
         if self.chosen is None:
-            return (f"no {self.param} is certified: even the most conservative one may disagree "
-                    f"with fixed loops={self.reference_loops} more than {self.tolerance:g}")
-        return (f"{self.policy} {self.param}={self.chosen['value']}: with probability >= "
+            return (f"no {self.param} of {self.policy_label} is certified: even the most "
+                    f"conservative one may disagree with fixed loops={self.reference_loops} "
+                    f"more than {self.tolerance:g}")
+        return (f"{self.policy_label} {self.param}={self.chosen['value']}: with probability >= "
                 f"{self.confidence:g}, its disagreement rate with fixed loops="
                 f"{self.reference_loops} is <= {self.tolerance:g} (Learn-then-Test, "
                 f"fixed-sequence, {self.n_calibration} calibration examples)")
@@ -163,7 +171,9 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
 
     reference = run(f"fixed(loops={top})", make("fixed", loops=top))
     ref_tokens = reference.tokens
-    report = CalibrationReport(policy, param, tolerance, confidence, top, n_cal, n - n_cal)
+    others = {k: v for k, v in (base or {}).items() if k != param}
+    report = CalibrationReport(policy, param, tolerance, confidence, top, n_cal, n - n_cal,
+                               others)
     delta = 1.0 - confidence
     for setting, pol in planned:
         res = run(setting.label, pol)

@@ -20,8 +20,9 @@ def _file_mode() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a
-    reader never sees a half-written file; the file gets the usual mode for a new file.
+    """Call `write(tmp)` on a temporary file beside `path`, sync it, then rename it over
+    `path`, so a reader never sees a half-written file, even after a crash of the machine;
+    the file gets the usual mode for a new file.
 
     A symbolic link is followed (the file it points to is replaced; the link stays), and a path
     that is not a regular file (a device such as /dev/null, a pipe) is written in place: a
@@ -38,6 +39,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, _file_mode())
+        with tmp.open("rb") as fh:  # on disk before the rename: a crash leaves old or new
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -99,8 +102,9 @@ class JsonLines:
         self.required = required  # keys every object must have
         self.check = check  # and what else it must satisfy
 
-    def load(self) -> tuple[list[dict], str | None]:
-        """The objects in file order, and a note when a torn last line was dropped."""
+    def load(self, repair: bool = True) -> tuple[list[dict], str | None]:
+        """The objects in file order, and a note when a torn last line was dropped (and, with
+        `repair`, cut from the file: leave that to the file's writer)."""
         if not self.path.exists():
             return [], None
         try:
@@ -125,7 +129,7 @@ class JsonLines:
                 raise UsageError(f"{self.path}:{number}: not {self.what}; the file is damaged "
                                  f"(delete that line or use another --out)")
             rows.append(row)
-        if good < len(data):
+        if repair and good < len(data):
             with self.path.open("r+b") as fh:
                 fh.truncate(good)
         return rows, note

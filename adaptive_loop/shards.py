@@ -6,8 +6,10 @@ is computed exactly as a one-process run computes it, and rank 0 combines the ba
 order, so the combined result does not depend on the number of ranks.
 
 Each rank appends every finished batch to its own file, `rank-R.jsonl` in a parts directory,
-flushed and synced. A rerun reuses the batches that its own file holds (whatever the number of
-ranks was before), so a stopped run loses at most the batches that were in flight.
+flushed and synced. A rerun reuses the batches that its own file holds, and those in the files
+of ranks beyond its number (left by an earlier run with more ranks; every rank reads them, and
+no rank writes them), so a stopped run rerun with as many ranks or a divisor of them loses at
+most the batches that were in flight.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def plan_id(*identity: Any) -> str:
 
 
 class PartStore:
-    """This rank's finished batches, `DIR/rank-R.jsonl`; lines of another plan are ignored."""
+    """This rank's finished batches, `DIR/rank-R.jsonl`, and those of ranks beyond this run's
+    number; it appends to its own. Lines of another plan are ignored."""
 
     def __init__(self, directory: str | Path, ranks: Ranks, plan: str) -> None:
         self.directory = Path(directory)
@@ -40,11 +43,16 @@ class PartStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UsageError(f"cannot write {self.directory}: {err.strerror or err}") from None
-        self.lines = JsonLines(self.directory / f"rank-{ranks.rank}.jsonl", "a finished batch",
-                               required=("plan", "job", "batch", "part"))
+        def lines(path: Path) -> JsonLines:
+            return JsonLines(path, "a finished batch", required=("plan", "job", "batch", "part"))
+
+        self.lines = lines(self.directory / f"rank-{ranks.rank}.jsonl")
         self.plan = plan
-        rows, self.note = self.lines.load()
-        self.parts = {(r["job"], r["batch"]): r["part"] for r in rows if r["plan"] == plan}
+        rows: list[dict[str, Any]] = []
+        for path in stale_files(self.directory, ranks.world):
+            rows += lines(path).load(repair=False)[0]  # read by every rank: none cuts it
+        own, self.note = self.lines.load()
+        self.parts = {(r["job"], r["batch"]): r["part"] for r in rows + own if r["plan"] == plan}
 
     def get(self, job: str, batch: int) -> Part | None:
         return self.parts.get((job, batch))
@@ -58,15 +66,24 @@ class PartStore:
         self.lines.path.unlink(missing_ok=True)
 
 
+def stale_files(directory: Path, world: int) -> list[Path]:
+    """The part files of ranks an earlier run had beyond `world`."""
+    ranks = (p.name[len("rank-"):-len(".jsonl")] for p in directory.glob("rank-*.jsonl"))
+    return sorted(directory / f"rank-{r}.jsonl" for r in ranks if r.isdigit() and int(r) >= world)
+
+
 def finish(store: PartStore | None, ranks: Ranks) -> None:
-    """Once rank 0 has written the results: every rank deletes its file, then rank 0 the
-    directory. Every rank calls it (it waits for all)."""
+    """Once rank 0 has written the results: every rank deletes its file, then rank 0 those of
+    ranks an earlier run had beyond this one's, and the directory. Every rank calls it (it
+    waits for all)."""
     if store is None:
         return
     ranks.barrier()
     store.remove()
     ranks.barrier()
     if ranks.main:
+        for path in stale_files(store.directory, ranks.world):
+            path.unlink(missing_ok=True)
         try:
             store.directory.rmdir()
         except OSError:

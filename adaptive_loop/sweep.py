@@ -40,6 +40,7 @@ from .model import LoopMDM
 from .oracle import run_oracle
 from .policies import HaltingPolicy, make
 from .shards import PartStore, finish, is_number, plan_id
+from .tokenizer import tokenizer_identity
 
 POINTS, MANIFEST, PARTS = "points.jsonl", "sweep.json", ".parts"
 
@@ -57,7 +58,10 @@ class Setting:
 
     @property
     def key(self) -> str:
-        return f"{self.policy}:{json.dumps(self.kwargs, sort_keys=True)}"
+        """The point's identity: its parameters in any order, a whole float as an int."""
+        values = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                  for k, v in self.params}
+        return f"{self.policy}:{json.dumps(values, sort_keys=True)}"
 
     @property
     def label(self) -> str:
@@ -170,7 +174,7 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         if worked:
             differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise UsageError(f"{directory} holds a sweep with other {', '.join(differ)}; use "
-                             f"another --out (or delete {path.name} and {POINTS})")
+                             f"another --out (or empty that directory)")
     elif any(not p.name.startswith(".") for p in directory.iterdir()):
         raise UsageError(f"{directory} holds files but no {MANIFEST}: not a sweep to resume; "
                          f"use another --out")
@@ -202,8 +206,8 @@ def default_oracle_loops(model: LoopMDM, settings: list[Setting]) -> list[int]:
     return sorted(fixed | {max(tops | {n_loops})})
 
 
-def _row(setting: Setting, res: Outcome) -> dict[str, Any]:
-    row = {"key": setting.key, "label": setting.label, "policy": setting.policy,
+def _row(setting: Setting, key: str, res: Outcome) -> dict[str, Any]:
+    row = {"key": key, "label": setting.label, "policy": setting.policy,
            "params": setting.kwargs, **res.summary()}
     heat = res.heatmap()
     if heat is not None:
@@ -238,14 +242,18 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     ranks = ranks or Ranks()
     directory = prepare_output_dir(out_dir)
     hooks = hooks or SweepHooks()
-    settings = list(dict.fromkeys(settings))
+    unique: dict[str, Setting] = {}
+    for s in settings:  # a point given twice, in any order of its parameters, runs once
+        unique.setdefault(s.key, s)
+    settings = list(unique.values())
     if not settings and not oracle_loops:
         raise UsageError("nothing to sweep: give at least one --policy")
     plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
     if oracle_loops is None:
         oracle_loops = default_oracle_loops(model, settings)
     manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
-                "decoding": plan.decoding, "seed": seed}
+                "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
+                "seed": seed, "batch_size": batch_size}
     done: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     if ranks.main:
@@ -256,17 +264,21 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     store = PartStore(directory / PARTS, ranks,
                       plan_id(manifest, [b.positions for b in plan.batches]))
     notes += [store.note] if store.note else []
-    jobs: list[tuple[Setting, Callable[..., Outcome | None]]] = []
+    jobs: list[tuple[Setting, str, Callable[..., Outcome | None]]] = []
     for s in settings:
         policy = policy_of(s)
-        jobs.append((s, lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
+        policy.attach(model)  # a learned head resolves (and is checked) before any work
+        mark = policy.fingerprint()  # a kept point whose head has changed runs again
+        jobs.append((s, s.key if mark is None else f"{s.key}#{mark}",
+                     lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
     for loops in sorted(set(oracle_loops)):
-        jobs.append((Setting(ORACLE, (("loops", loops),)),
+        oracle = Setting(ORACLE, (("loops", loops),))
+        jobs.append((oracle, oracle.key,
                      lambda n=loops, **kw: run_oracle(model, data, plan, n, **kw)))
     rows = []
-    for offset, (setting, run) in enumerate(jobs):
-        if setting.key in finished:
-            row = done.get(setting.key, {})
+    for offset, (setting, key, run) in enumerate(jobs):
+        if key in finished:
+            row = done.get(key, {})
             if heatmap and "heatmap" not in row and ranks.main:
                 notes.append(f"{setting.label} was finished without --heatmap: no heatmap")
             rows.append(row)
@@ -278,8 +290,8 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
             hooks.point_started(setting.label, sum(len(plan.batches[i].positions) for i in share))
         with torch.no_grad():
             res = run(seed=seed, heatmap=heatmap, progress=hooks.examples_done, ranks=ranks,
-                      store=store, job=setting.key, offset=offset)
-        row = _row(setting, res) if res is not None else {}
+                      store=store, job=key, offset=offset)
+        row = _row(setting, key, res) if res is not None else {}
         if ranks.main:
             PointStore(directory).append(row)
         rows.append(row)

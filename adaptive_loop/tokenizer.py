@@ -11,6 +11,7 @@ the model config, since the tokenizers of public MDMs do not know the mask token
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +58,10 @@ class CharTokenizer:
                                       ("eos", self.eos_id)) if v is not None}
         return {"kind": "char", "chars": self.chars, "specials": specials}
 
+    def identity(self) -> dict[str, Any]:
+        """What tells two tokenizers apart in a record (see `tokenizer_identity`)."""
+        return self.spec()
+
 
 class FileTokenizer:
     """Common part of the tokenizers read from a file: specials and decoding rules."""
@@ -81,6 +86,12 @@ class FileTokenizer:
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "file": self.path.name}
+
+    def identity(self) -> dict[str, Any]:
+        """The kind, a hash of the file's bytes and the special ids."""
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        return {"kind": self.kind, "sha256": digest, "mask": self.mask_id, "pad": self.pad_id,
+                "eos": self.eos_id}
 
     @staticmethod
     def _text(text: str) -> str:
@@ -216,6 +227,13 @@ def from_spec(spec: dict[str, Any], directory: str | Path | None = None,
         return _KINDS[kind](path, ids.get("mask", 0), ids.get("pad"), ids.get("eos"))
     raise UsageError(f"unknown tokenizer kind {kind!r} in the model config (known: 'char', "
                      f"{', '.join(repr(k) for k in _KINDS)})")
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any] | str:
+    """What tells two tokenizers apart in a record such as a sweep's manifest: the library's
+    own say what they read (their spec, or a hash of their file); another class, its name."""
+    identity = getattr(tokenizer, "identity", None)
+    return identity() if callable(identity) else type(tokenizer).__qualname__
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:

@@ -51,7 +51,8 @@ def generate(
     param: Params = None,
     checkpoint: Checkpoint = None,
     steps: Annotated[int | None, typer.Option(
-        help="Denoising steps (default: the embedded task's, else gen-length).")] = None,
+        help="Denoising steps (default: the built-in task's when --gen-length is not given, "
+             "else gen-length).")] = None,
     gen_length: Annotated[int | None, typer.Option(
         help="Tokens to generate (default: the embedded task's answer length).")] = None,
     block_length: Annotated[int | None, typer.Option(
@@ -323,7 +324,8 @@ def evaluate(
     table = Table(title=f"{task.name}, {n} held-out problems", caption=(
         "x fixed-max: looped FLOPs over every token running the setting's maximum loops"))
     table.add_column("setting")
-    for col in ("accuracy", "mean loops", "looped FLOPs", "x fixed-max", "wall s"):
+    wall = "wall s" if ranks.world == 1 else "s, all ranks"  # each batch's time, summed
+    for col in ("accuracy", "mean loops", "looped FLOPs", "x fixed-max", wall):
         table.add_column(col, justify="right")
     for label, (_, res) in zip(shown, rows):
         d = res.to_dict()

@@ -39,7 +39,8 @@ def train_halting(
     gen_length: Annotated[int | None, typer.Option(
         help="Tokens generated per prompt (default: the built-in task's answer length).")] = None,
     steps: Annotated[int | None, typer.Option(
-        help="Denoising steps (default: the built-in task's, else gen-length).")] = None,
+        help="Denoising steps (default: the built-in task's when --gen-length is not given, "
+             "else gen-length).")] = None,
     block_length: Annotated[int | None, typer.Option(
         help="Semi-autoregressive block length (default: gen-length).")] = None,
     max_loops: Annotated[int | None, typer.Option(

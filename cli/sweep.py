@@ -42,9 +42,11 @@ Limit = Annotated[int | None, typer.Option(
 Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.",
                                    min=0, max=SEED_MAX)]
 GenLength = Annotated[int | None, typer.Option(
-    help="Tokens to generate (default: the task's answer length, else the longest answer).")]
+    help="Tokens to generate (default: the task's answer length, else the longest answer, "
+         "as written whole).")]
 Steps = Annotated[int | None, typer.Option(
-    help="Denoising steps (default: the task's, else gen-length).")]
+    help="Denoising steps (default: the task's, also with --gen-length; data without a task: "
+         "gen-length).")]
 BlockLength = Annotated[int | None, typer.Option(help="Semi-autoregressive block length.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per batch.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -252,7 +254,11 @@ def calibrate(
     from ..sweep import parse_policy_spec
 
     name, axes = parse_policy_spec(policy)
-    base = {k: v[0] for k, v in axes if len(v) == 1 and k != param}
+    several = [k for k, v in axes if len(v) > 1 and k != param]
+    if several:
+        raise UsageError(f"calibrate tests one parameter, {param} (--param); give "
+                         f"{several[0]} one value in --policy")
+    base = {k: v[0] for k, v in axes if k != param}
     given = dict(axes).get(param)
     if grid is not None and given is not None:
         raise UsageError(f"the candidate values of {param} come from --grid or from --policy, "
@@ -282,7 +288,7 @@ def calibrate(
     if as_json:
         print(json.dumps(report.to_dict()))
         return
-    table = Table(title=f"{name}: {param} vs fixed loops={report.reference_loops} "
+    table = Table(title=f"{report.policy_label}: {param} vs fixed loops={report.reference_loops} "
                   f"({report.n_calibration} calibration / {report.n_holdout} held-out)")
     for col in (param, "calib. disagree", "p-value", "certified", "held-out disagree",
                 "accuracy", "loops", "FLOPs vs max"):

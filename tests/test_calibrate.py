@@ -158,3 +158,17 @@ def test_cli_calibrate(tmp_path, addition_model):
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "must lie in (0, 1)" in bad.stderr
+    several = subprocess.run([*base[:-4], "--policy", "convergence:min_loops=2,3", "--limit",
+                              "20", "--device", "cpu", "--tolerance", "0.3", "--confidence", "0.9"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert several.returncode == 2 and "Traceback" not in several.stderr
+    assert "calibrate tests one parameter, threshold (--param); give min_loops one value" in \
+        several.stderr
+    kept = subprocess.run([*base[:-4], "--policy", "convergence:min_loops=3", "--limit", "20",
+                           "--device", "cpu", "--grid", "0,0.5", "--tolerance", "0.3",
+                           "--confidence", "0.9", "--json"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    report = json.loads(kept.stdout)
+    assert report["base"] == {"min_loops": 3}
+    assert report["guarantee"].startswith("convergence(min_loops=3) threshold=")
+    assert all(r["mean_loops"] >= 3 for r in report["rows"])  # applied, not only named

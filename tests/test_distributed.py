@@ -56,6 +56,29 @@ def test_stored_batches_are_reused_and_other_plans_ignored(tmp_path):
     assert calls == [0, 1, 2, 0, 1, 2]
 
 
+def test_batches_of_ranks_beyond_this_runs_are_reused_then_removed(tmp_path):
+    """A run with fewer ranks than the stopped one reads the files of the ranks it lacks (their
+    batches are not computed again), and deletes them when it finishes."""
+    from adaptive_loop.files import JsonLines
+    from adaptive_loop.shards import finish
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    JsonLines(parts / "rank-1.jsonl", "a finished batch").append(
+        {"plan": "p", "job": "job", "batch": 1, "part": {"value": 1}})
+    calls = []
+
+    def compute(i):
+        calls.append(i)
+        return {"value": i}
+
+    store = PartStore(parts, Ranks(), "p")
+    assert run_sharded("job", 3, compute, Ranks(), store=store) == [{"value": i} for i in range(3)]
+    assert calls == [0, 2]
+    finish(store, Ranks())
+    assert not parts.exists()
+
+
 def test_a_kept_part_that_does_not_read_as_one_is_computed_again(tmp_path):
     """A part line that is JSON of the plan but lacks what the job reads, or holds the wrong
     number of rows, is not trusted: its batch runs again."""

@@ -164,6 +164,38 @@ def test_rerun_with_other_data_is_refused(tmp_path, addition_model, data):
         run_sweep(addition_model, other, settings()[:1], tmp_path, oracle_loops=[], plot=False)
 
 
+def test_rerun_with_another_batch_size_or_tokenizer_is_refused(tmp_path, addition_model, data,
+                                                               monkeypatch):
+    """Both change a point's figures (NFE counts batches; a tokenizer reads prompts and
+    answers), so a kept point made under others would sit in the curve beside new ones."""
+    import dataclasses
+
+    from adaptive_loop.checkpoint import tokenizer_for
+
+    kw = dict(oracle_loops=[], plot=False)
+    run_sweep(addition_model, data, settings()[:1], tmp_path, batch_size=10, **kw)
+    with pytest.raises(UsageError, match="holds a sweep with other batch_size"):
+        run_sweep(addition_model, data, settings()[:1], tmp_path, batch_size=5, **kw)
+    own = tokenizer_for(addition_model)
+    swapped = dataclasses.replace(own, chars=own.chars[1] + own.chars[0] + own.chars[2:])
+    monkeypatch.setattr(addition_model, "tokenizer", swapped, raising=False)
+    with pytest.raises(UsageError, match="holds a sweep with other tokenizer; use another "
+                                         "--out \\(or empty that directory\\)"):
+        run_sweep(addition_model, data, settings()[:1], tmp_path, batch_size=10, **kw)
+
+
+def test_a_point_given_twice_runs_once(tmp_path, addition_model, data):
+    """Parameters in another order, or a whole number written as a float, name the same
+    point."""
+    twice = [*parse_policy_grid("convergence:threshold=0.3;min_loops=2"),
+             *parse_policy_grid("convergence:min_loops=2;threshold=0.3"),
+             *parse_policy_grid("fixed:loops=2"), *parse_policy_grid("fixed:loops=2.0")]
+    res = run_sweep(addition_model, data, twice, tmp_path, oracle_loops=[], plot=False)
+    assert [p["label"] for p in res.curve["points"]] == [
+        "convergence(threshold=0.3,min_loops=2)", "fixed(loops=2)"]
+    assert len((tmp_path / POINTS).read_text().splitlines()) == 2
+
+
 def test_a_sweep_that_finished_nothing_gives_way(tmp_path, addition_model, data):
     """A decoding that cannot run is refused before sweep.json records it; a sweep of other
     settings that stopped before its first batch (its sweep.json alone) gives way."""
@@ -228,6 +260,10 @@ def test_oracle_keeps_the_fixed_answers_and_never_loops_more(addition_model, dat
     assert heat.shape == (3, 6 + 3) and 1 <= float(heat.min()) and float(heat.max()) <= 4
     one = run_oracle(addition_model, data, plan, 1)
     assert one.mean_loops == 1.0
+    guided = plan_batches(addition_model, data, batch_size=8,
+                          decoding={"steps": 3, "cfg_scale": 1.0})
+    with pytest.raises(UsageError, match="classifier-free guidance replaces"):
+        run_oracle(addition_model, data, guided, 4)
 
 
 def run_cli(*args):
@@ -323,3 +359,75 @@ def test_sweep_killed_with_sigkill_resumes_to_the_same_curve(tmp_path, addition_
     assert again.returncode == 0, again.stderr
     assert _without_wall(json.loads((out / "curve.json").read_text())) == \
         _without_wall(json.loads((tmp_path / "whole" / "curve.json").read_text()))
+
+
+def test_batches_holding_the_same_prompts_draw_apart(addition_model, data):
+    """Each batch samples with its own seed (`batch_seed`), so repeating a prompt across
+    batches gives several samples, not one per batch position; the first batch draws as
+    `generate` does with the run's seed."""
+    import dataclasses
+
+    from adaptive_loop import generate
+    from adaptive_loop.checkpoint import tokenizer_for
+    from adaptive_loop.completions import complete_file
+    from adaptive_loop.sampler import batch_seed
+
+    assert batch_seed(7, 0) == 7 and batch_seed(None, 0) == 0
+    assert len({batch_seed(s, b) for s in range(4) for b in range(4)}) == 16
+    twice = dataclasses.replace(data, examples=data.examples[:4] * 2)
+    plan = plan_batches(addition_model, twice, batch_size=4,
+                        decoding={"steps": 3, "temperature": 5.0})
+    res = run_setting(addition_model, twice, plan, make("fixed", loops=2), seed=3)
+    assert res.tokens[:4] != res.tokens[4:]
+    alone = generate(addition_model, [ex.prompt for ex in twice.examples[:4]],
+                     policy=make("fixed", loops=2), seed=3, **plan.decoding)
+    assert res.completions[:4] == alone.text
+    records = [{"prompt": data.examples[0].prompt}] * 8
+    done = complete_file(addition_model, records, policy=make("fixed", loops=2),
+                         tokenizer=tokenizer_for(addition_model), decoding=plan.decoding,
+                         seed=0, batch_size=2)
+    assert len({r["completion"] for r in done.records}) > 2
+
+
+def test_a_learned_point_runs_again_when_its_head_changed(tmp_path, addition_model, data):
+    """A kept `learned` point is reused while its head is the same, and computed again once
+    the head was retrained in place (its parameters, a path, did not change)."""
+    import math
+
+    from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
+
+    def head(threshold_delta):  # c_t > 0.5 exactly when the relative change < threshold_delta
+        h = HaltingHead(HeadConfig(d_model=addition_model.config.d_model))
+        with torch.no_grad():
+            h.net.weight.zero_()
+            h.net.weight[0, addition_model.config.d_model] = -4.0
+            h.net.bias.fill_(4.0 * math.log(threshold_delta + 1e-6))
+        (tmp_path / "head").mkdir(exist_ok=True)
+        save_head(h, tmp_path / "head", {"threshold": 0.5})
+
+    head(0.5)
+    grid = parse_policy_grid(f"learned:head={tmp_path / 'head'}")
+    kw = dict(oracle_loops=[], plot=False)
+    first = run_sweep(addition_model, data, grid, tmp_path / "out", **kw).curve["points"][0]
+    again = run_sweep(addition_model, data, grid, tmp_path / "out", **kw).curve["points"][0]
+    assert again == first  # kept
+    assert len((tmp_path / "out" / POINTS).read_text().splitlines()) == 1
+    head(1e-4)  # halts later
+    later = run_sweep(addition_model, data, grid, tmp_path / "out", **kw).curve["points"][0]
+    assert len((tmp_path / "out" / POINTS).read_text().splitlines()) == 2
+    assert later["mean_loops"] > first["mean_loops"]
+
+
+def test_gen_length_covers_the_whole_answer_a_regex_reads(tmp_path, addition_model, data):
+    """With an answer regex the completion must write the whole answer for the regex to find
+    its group in it, so the inferred length is the whole answer's, not the group's."""
+    from adaptive_loop.datasets import AnswerMatcher
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer + "+"}) + "\n"
+                            for ex in data.examples))
+    for regex in (None, r"^(\d+)\+"):
+        evalset = resolve_eval_set(addition_model.config.task, data=path,
+                                   matcher=AnswerMatcher(regex=regex))
+        plan = plan_batches(addition_model, evalset)
+        assert plan.decoding["gen_length"] == max(len(ex.answer) for ex in data.examples) + 1
