@@ -295,7 +295,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
         The converted model (on the CPU).
 
     A native source's sidecars (its halting head, `training.json`) are copied along: a cast
-    or a new loop spec leaves the weights they describe as they were.
+    or a new loop spec leaves the weights they describe as they were. The halting head is left
+    out when the new loop spec is not the one it was trained under (the learned policy would
+    refuse it); the returned model's `left_out` names the files left out.
     """
     out = Path(destination).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -303,9 +305,36 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
                        **overrides)
     save_model(model, out)
+    model.left_out = []
     origin = Path(model.checkpoint_path)
-    if origin.is_dir() and (origin / CONFIG_FILE).is_file():
-        for name in SIDECARS:
-            if (origin / name).is_file():
+    if not (origin.is_dir() and _is_native(origin / CONFIG_FILE)):
+        return model
+    fits = _head_fits(origin / SIDECARS[1], model.config)
+    for name in SIDECARS:
+        if (origin / name).is_file():
+            if name in SIDECARS[:2] and not fits:
+                model.left_out.append(name)
+            else:
                 shutil.copyfile(origin / name, out / name)
     return model
+
+
+def _is_native(config_file: Path) -> bool:
+    """Whether a config.json is the native format's (not a Hugging Face layout's)."""
+    try:
+        meta = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
+def _head_fits(head_json: Path, cfg: LoopMDMConfig) -> bool:
+    """Whether a halting head's record of its model agrees with `cfg` (the loop count aside),
+    as the learned policy checks it."""
+    try:
+        trained = json.loads(head_json.read_text()).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return True  # no record to disagree: copied as it is
+    now = cfg.to_dict()
+    return not isinstance(trained, dict) or all(
+        v == now[k] for k, v in trained.items() if k in now and k != "n_loops")

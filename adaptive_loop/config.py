@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -106,7 +105,7 @@ class LoopMDMConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             ok, wanted = {
                 "int": (number and isinstance(value, int), "an integer"),
-                "float": (number and math.isfinite(value), "a finite number"),
+                "float": (number and _finite(value), "a finite number"),
                 "str": (isinstance(value, str), "a string"),
                 "bool": (isinstance(value, bool), "true or false"),
             }.get(base, (isinstance(value, dict), "an object"))
@@ -141,18 +140,19 @@ class LoopMDMConfig:
             raise UsageError(f"invalid model config: unknown fields {unknown}")
         return cls(**data)
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> LoopMDMConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LoopMDMConfig:
         if name not in PRESETS:
             raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a number is finite as a float (an integer too large for one is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def shown(value: Any) -> str:

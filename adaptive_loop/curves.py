@@ -68,8 +68,9 @@ def annotate(points: list[dict[str, Any]], max_train_loops: int | None = None) -
         p["pareto"] = flag
         ref = oracle_flops_at(p["accuracy"], oracle)
         p["oracle_multiple"] = p["looped_flops"] / ref if ref else None
-    for p in oracle:
-        p["pareto"], p["oracle_multiple"] = False, 1.0
+    for p in oracle:  # at least 1: the point is among those it is compared with
+        p["pareto"] = False
+        p["oracle_multiple"] = p["looped_flops"] / oracle_flops_at(p["accuracy"], oracle)
 
 
 def curve_csv(points: list[dict[str, Any]]) -> str:
@@ -104,14 +105,32 @@ def _pyplot() -> Any:
     return plt
 
 
+def plot_lines(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The points grouped into a curve's lines, by legend label: a line per policy, split by
+    each parameter its points sweep beyond the first (`entropy (probe=lens)`)."""
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_policy.setdefault(p["policy"], []).append(p)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for name, group in by_policy.items():
+        keys = dict.fromkeys(k for p in group for k in p["params"])
+        swept = [k for k in keys
+                 if len({json.dumps(p["params"].get(k), sort_keys=True) for p in group}) > 1]
+        for p in group:
+            split = ", ".join(f"{k}={p['params'].get(k)}" for k in swept[1:])
+            lines.setdefault(f"{name} ({split})" if split else name, []).append(p)
+    return lines
+
+
 def plot_curve(curve: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy against looped FLOPs per problem: a line per policy with 95% intervals, the
-    frontier circled, the oracle dashed, and the fixed-loop cost of `max_train_loops` marked."""
+    """Accuracy against looped FLOPs per problem: a line per policy (`plot_lines`) with 95%
+    intervals, the frontier circled, the oracle dashed, and the fixed-loop cost of
+    `max_train_loops` marked."""
     plt = _pyplot()
     points = curve["points"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name in dict.fromkeys(p["policy"] for p in points):
-        group = sorted((p for p in points if p["policy"] == name), key=lambda p: p["looped_flops"])
+    for name, group in plot_lines(points).items():
+        group = sorted(group, key=lambda p: p["looped_flops"])
         x = np.array([p["looped_flops"] / p["n"] for p in group])
         y = np.array([p["accuracy"] for p in group])
         err = np.array([[p["accuracy"] - p["ci_low"] for p in group],

@@ -83,5 +83,6 @@ def check_weights(source: str | Path | None = None, *, format: str = "auto",
     if model.config.tokenizer:
         tok = tokenizer_for(model)
         tokenizer = {"kind": model.config.tokenizer.get("kind"), "vocab_size": tok.vocab_size}
-    return {"tensors": len(state), "values": sum(t.numel() for t in state.values()),
+    unique = {t.data_ptr(): t for t in state.values()}  # a tied head is the embedding
+    return {"tensors": len(unique), "values": sum(t.numel() for t in unique.values()),
             "vocab_size": model.config.vocab_size, "tokenizer": tokenizer}

@@ -1,8 +1,9 @@
 """Training a LoopMDM from scratch on a built-in task.
 
 Each step draws a loop count S ~ U{1..S_max} (LoopMDM's recipe: the MDM loss after the last
-loop), masks every answer token with probability t ~ U(0, 1] (the prompt is never masked),
-and takes cross-entropy on the masked tokens. The same code runs on CPU or CUDA.
+loop), masks every answer token with probability t ~ U[0, 1) (at least 0.001; the prompt is
+never masked) plus one answer token per row drawn at random, so that each row has one, and
+takes cross-entropy on the masked tokens. The same code runs on CPU or CUDA.
 """
 
 from __future__ import annotations
@@ -115,12 +116,14 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                             betas=(0.9, 0.98))
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    first, running = 0, None
+    first, running, owed = 0, None, None
     history: list[dict[str, Any]] = []  # what `log` was given, carried across a resume
     before = 0.0  # seconds spent by earlier runs of a resumed training
     if state_path is not None and state_path.exists():
         try:
-            state = torch.load(state_path, map_location=device, weights_only=True)
+            # on the CPU: the data stream's state must stay there (the loads below move the
+            # model's and optimiser's tensors to the device)
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception:  # empty, truncated or not a torch file: nothing to resume from
             state = None
         if not isinstance(state, dict) or not {"model", "optimizer", "data_gen", "step",
@@ -139,6 +142,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
         data_gen.set_state(state["data_gen"])
         first, running = state["step"], state["running"]
         history, before = list(state.get("history", [])), float(state.get("elapsed_s", 0.0))
+        owed = state.get("eval_owed")  # an evaluation the interrupt cut short
     start = last_save = time.perf_counter()
 
     def elapsed() -> float:
@@ -157,11 +161,22 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
         _save_state(state_path, {"recipe": config_dict(cfg), "model": model.state_dict(),
                                  "optimizer": opt.state_dict(), "data_gen": data_gen.get_state(),
                                  "step": step, "running": running, "history": history,
-                                 "elapsed_s": elapsed()})
+                                 "elapsed_s": elapsed(), "eval_owed": owed})
+
+    def evaluation(step: int) -> None:
+        nonlocal owed
+        owed = step  # until it is recorded: an interrupt leaves it to the resumed run
+        model.eval()
+        acc = evaluate(model, cfg.max_train_loops)
+        model.train()
+        record({"step": step, "eval_accuracy": acc, "elapsed_s": elapsed()})
+        owed = None
 
     step = applied = first  # applied: steps whose update is in the weights
     gen_before = data_gen.get_state()
     try:
+        if evaluate and owed is not None:
+            evaluation(owed)
         for step in range(first, cfg.steps):
             gen_before = data_gen.get_state()
             for group in opt.param_groups:
@@ -180,10 +195,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
                 record({"step": step, "loss": running, "lr": lr_at(cfg, step),
                         "elapsed_s": elapsed()})
             if evaluate and ((step + 1) % cfg.eval_every == 0 or last):
-                model.eval()
-                acc = evaluate(model, cfg.max_train_loops)
-                model.train()
-                record({"step": step, "eval_accuracy": acc, "elapsed_s": elapsed()})
+                evaluation(step)
             if state_path is not None and time.perf_counter() - last_save >= save_every_s:
                 snapshot(step + 1)
                 last_save = time.perf_counter()
@@ -206,9 +218,14 @@ def prepare_train_dir(out_dir: str | Path, force: bool = False) -> Path:
     something other than an unfinished run of ours (unless `force`)."""
     out = Path(out_dir).expanduser()
     present = [p.name for p in out.iterdir()] if out.is_dir() else []
+    for name in present:  # a snapshot that a kill cut short: the one before it holds
+        if name.startswith(f".{STATE_FILE}.tmp"):
+            (out / name).unlink(missing_ok=True)
+    present = [name for name in present if not name.startswith(f".{STATE_FILE}.tmp")]
     if not force and any(name != STATE_FILE for name in present):
         raise UsageError(f"{out} already holds files ({', '.join(sorted(present)[:3])}); choose "
-                         f"a new directory or pass --force to overwrite")
+                         f"a new directory or pass --force to write into it (its files of "
+                         f"the same names are replaced)")
     return writable_dir(out)
 
 

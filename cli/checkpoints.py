@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .app import Dtype, app, config_option, out
+from .app import app, config_option, out
 
 Format = Annotated[str, typer.Option(
     "--format", "-f", help="Checkpoint layout: auto, native, smdm, mdlm or llada.")]
@@ -17,7 +17,8 @@ Config = Annotated[str | None, typer.Option(
     "--config", help="smdm: a lit-gpt config JSON or a preset name (e.g. Diff_LLaMA_170M); "
     "mdlm/llada: a config.json path when it is not beside the weights.")]
 LoopStart = Annotated[int | None, typer.Option(
-    help="First looped layer (with --loop-layers; default: the plain MDM, all layers once).")]
+    help="First looped layer (with --loop-layers; default: a native checkpoint's own loop spec, "
+         "an import's plain MDM: all layers once).")]
 LoopLayers = Annotated[int | None, typer.Option(help="Number of contiguous looped layers.")]
 LoopCount = Annotated[int | None, typer.Option(
     "--loops", help="Default loop count S stored in the config (default 1 for imports).")]
@@ -37,7 +38,9 @@ def convert(
     loop_start: LoopStart = None,
     loop_layers: LoopLayers = None,
     loops: LoopCount = None,
-    dtype: Dtype = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="dtype of the written weights: float32, bfloat16, float16 or float64 (or fp32, "
+             "bf16, fp16, fp64); default float32, whatever the source's.")] = None,
 ) -> None:
     """Convert a checkpoint (SMDM, MDLM, LLaDA or native) to the native format."""
     from ..checkpoint import convert_checkpoint
@@ -53,6 +56,10 @@ def convert(
     out.print(f"wrote {dst}: {layers}, looped block [{c.loop_start}, "
               f"{c.loop_start + c.loop_layers}) x {c.n_loops}"
               + (f" (with {', '.join(kept)})" if kept else ""))
+    if model.left_out:
+        out.print(f"left out the halting head ({', '.join(model.left_out)}): it was trained "
+                  f"under another loop spec; train one for this one with `adaptive-loop "
+                  f"train-halting --checkpoint {dst}`", highlight=False)
 
 
 @app.command()
@@ -98,7 +105,9 @@ def inspect(
     table.add_row(f"FLOPs (L={flops['sequence_length']})",
                   f"{flops['per_loop']:.3e} per loop, {flops['per_step']:.3e} per step")
     tok = info["tokenizer"]
-    table.add_row("tokenizer", f"{tok['kind']}" + (f" ({tok['file']})" if "file" in tok else "")
+    table.add_row("tokenizer", f"{tok['kind']}" + (f" ({tok['file']}"
+                                                    + ("" if tok["found"] else ", missing")
+                                                    + ")" if "file" in tok else "")
                   + f"; mask {tok['mask_id']}, pad {tok['pad_id']}, eos {tok['eos_id']}")
     if check:
         got = info["check"]

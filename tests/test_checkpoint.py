@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,6 +164,33 @@ def test_convert_carries_a_native_checkpoints_sidecars(tmp_path):
     model = load_model(tmp_path / "c", device="cpu")
     out = generate(model, ["98181872+61818127="], policy=make("learned"), gen_length=9, steps=3)
     assert out.stats.mean_loops < model.config.n_loops
+
+
+def test_convert_leaves_out_a_head_of_another_loop_spec(tmp_path, tiny_model):
+    """A head records the loop spec it was trained under, and the learned policy refuses it
+    under another: converting to a new loop spec leaves the head out (and says so), keeps
+    the training record, and a plain cast keeps the head."""
+    from adaptive_loop import convert_checkpoint
+    from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
+
+    save_model(tiny_model, tmp_path / "ck")
+    c = tiny_model.config
+    trained = {k: getattr(c, k) for k in ("d_model", "vocab_size", "n_layers", "loop_start",
+                                          "loop_layers")}
+    save_head(HaltingHead(HeadConfig(d_model=c.d_model)), tmp_path / "ck", {"model": trained})
+    (tmp_path / "ck" / "training.json").write_text("{}\n")
+    moved = convert_checkpoint(tmp_path / "ck", tmp_path / "moved", loop_start=0, loop_layers=2)
+    assert moved.left_out == ["halting_head.safetensors", "halting_head.json"]
+    assert sorted(p.name for p in (tmp_path / "moved").glob("*.json")) == [
+        "config.json", "training.json"]
+    cast = convert_checkpoint(tmp_path / "ck", tmp_path / "cast", dtype="bfloat16")
+    assert cast.left_out == [] and (tmp_path / "cast" / "halting_head.json").is_file()
+    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "convert",
+                          str(tmp_path / "ck"), str(tmp_path / "cli"), "--loop-start", "0",
+                          "--loop-layers", "2"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    assert "left out the halting head" in res.stdout and "with training.json" in res.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])

@@ -2,6 +2,7 @@
 checkpoint: thin commands over the library, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ from adaptive_loop.flops import block_flops, step_flops_fixed
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})  # table cells not cut
 
 
 def test_inspect_reports_counts_and_flops(tmp_path):
@@ -108,6 +110,22 @@ def test_inspect_check_loads_the_weights_and_names_broken_ones(tmp_path, tiny_mo
     res = run("inspect", str(tmp_path / "nan"), "--check")
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "layers.1.down.weight holds NaN or infinite values" in res.stderr
+
+
+def test_inspect_counts_a_tied_head_once_and_shows_a_missing_tokenizer(tmp_path, make_config):
+    from adaptive_loop import LoopMDM, save_model
+
+    model = LoopMDM(make_config(tie_embeddings=True))
+    save_model(model, tmp_path / "tied")
+    check = json.loads(run("inspect", str(tmp_path / "tied"), "--check", "--json").stdout)
+    assert check["check"]["tensors"] == len(model.state_dict()) - 1
+    assert check["check"]["values"] == sum(p.numel() for p in model.parameters()) == \
+        check["parameters"]["total"]
+    meta = json.loads((tmp_path / "tied" / "config.json").read_text())
+    meta["model"]["tokenizer"] = {"kind": "huggingface", "file": "tokenizer.json"}
+    (tmp_path / "tied" / "config.json").write_text(json.dumps(meta))
+    res = run("inspect", str(tmp_path / "tied"))
+    assert res.returncode == 0 and "huggingface (tokenizer.json, missing)" in res.stdout
 
 
 def test_commands_that_read_text_take_a_tokenizer(tmp_path):

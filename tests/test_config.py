@@ -1,12 +1,15 @@
+import json
+
 import pytest
 
 from adaptive_loop import LoopMDMConfig, UsageError
 
 
-def test_json_round_trip(tmp_path):
+def test_json_round_trip():
     cfg = LoopMDMConfig.from_name("tiny", n_loops=7, task={"name": "addition", "digits": 3})
-    cfg.to_json(tmp_path / "c.json")
-    assert LoopMDMConfig.from_json(tmp_path / "c.json") == cfg
+    assert LoopMDMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(UsageError, match="unknown fields \\['loop'\\]"):
+        LoopMDMConfig.from_name("tiny", loop=2)
 
 
 def test_parts_of_the_loop_spec():
@@ -24,6 +27,7 @@ def test_parts_of_the_loop_spec():
     (dict(n_loops=True), "n_loops must be an integer, got true"),
     (dict(norm_eps="x"), 'norm_eps must be a finite number, got "x"'),
     (dict(rope_base=float("inf")), "rope_base must be a finite number, got Infinity"),
+    (dict(rope_base=10**400), "rope_base must be a finite number, got 1000"),
     (dict(tie_embeddings=1), "tie_embeddings must be true or false, got 1"),
     (dict(tokenizer=["a"]), r'tokenizer must be an object, got \["a"\]'),
     (dict(max_seq_len=1 << 30), r"max_seq_len must be in \[1, 1048576\]"),

@@ -66,15 +66,17 @@ def _point(policy, loops, correct, flops, n=10):
 
 def test_annotate_marks_frontier_multiples_and_training_range():
     points = [_point("fixed", 2, 5, 200), _point("fixed", 8, 9, 800),
-              _point("convergence", 8, 9, 500), _point("oracle", 8, 9, 250)]
+              _point("convergence", 8, 9, 500), _point("oracle", 8, 9, 250),
+              _point("oracle", 6, 9, 260)]
     annotate(points, max_train_loops=4)
-    fixed2, fixed8, conv, oracle = points
-    assert [p["pareto"] for p in points] == [True, False, True, False]
+    fixed2, fixed8, conv, oracle, oracle6 = points
+    assert [p["pareto"] for p in points] == [True, False, True, False, False]
     assert conv["oracle_multiple"] == pytest.approx(2.0)
     assert fixed8["oracle_multiple"] == pytest.approx(3.2)
     assert fixed2["oracle_multiple"] == pytest.approx(0.8)  # below the oracle's accuracy
     assert oracle["oracle_multiple"] == 1.0
-    assert [p["beyond_train_max"] for p in points] == [False, True, True, True]
+    assert oracle6["oracle_multiple"] == pytest.approx(1.04)  # another oracle point is cheaper
+    assert [p["beyond_train_max"] for p in points] == [False, True, True, True, True]
     assert fixed2["accuracy"] == 0.5 and fixed2["ci_low"] < 0.5 < fixed2["ci_high"]
 
 
@@ -126,3 +128,16 @@ def test_atomic_write_keeps_a_link_and_writes_through_a_pipe(tmp_path):
     assert got == ["through"]
     assert stat.S_ISFIFO(pipe.lstat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
+
+
+def test_plot_lines_split_a_policy_by_its_second_swept_parameter():
+    """A grid over threshold x probe draws a line per probe (each along the thresholds), not
+    one line zig-zagging between them; a parameter every point shares splits nothing."""
+    from adaptive_loop.curves import plot_lines
+
+    points = [{"policy": "entropy", "params": {"threshold": t, "probe": probe, "shortlist": 3}}
+              for t in (0.1, 0.5) for probe in ("lens", "readout")]
+    points += [{"policy": "fixed", "params": {"loops": n}} for n in (2, 4)]
+    lines = plot_lines(points)
+    assert list(lines) == ["entropy (probe=lens)", "entropy (probe=readout)", "fixed"]
+    assert [p["params"]["threshold"] for p in lines["entropy (probe=lens)"]] == [0.1, 0.5]

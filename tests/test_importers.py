@@ -203,6 +203,13 @@ def test_llada_fields_left_out_mean_llada_defaults(tmp_path, change, message):
         load_model(tmp_path / "l", device="cpu")
 
 
+def test_llada_mask_id_0_is_kept(tmp_path):
+    """A mask id of 0 is an id, not a field left out (LLaDA's own default applies only to a
+    missing one)."""
+    write_llada(tmp_path / "l", {**LLADA_TINY, "mask_token_id": 0})
+    assert load_model(tmp_path / "l", device="cpu").config.mask_id == 0
+
+
 def test_llada_unexpected_keys_are_refused(tmp_path):
     """A tensor the importer would not use (a norm bias, learned positions) is an error, not
     silently dropped; the vocabulary comes from the embedding's shape."""
@@ -395,6 +402,9 @@ def test_a_checkpoints_own_bad_setting_is_its_fault_not_the_callers(tmp_path):
     write_llada(tmp_path / "ok")
     with pytest.raises(UsageError, match="eos_id 99 outside") as err:
         load_model(tmp_path / "ok", device="cpu", eos_id=99)
+    assert not isinstance(err.value, CheckpointError)
+    with pytest.raises(UsageError, match="mask_id 39 outside the vocabulary of 20") as err:
+        load_model(tmp_path / "ok", device="cpu", vocab_size=20)  # the caller's, not the file's
     assert not isinstance(err.value, CheckpointError)
     write_mdlm(tmp_path / "m")  # its mask id is read with the override given over it
     with pytest.raises(UsageError, match="mask_id 99 outside") as err:

@@ -20,14 +20,18 @@ def test_loss_falls():
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = TrainConfig(steps=60, **{**SMALL, "eval_every": 1})
     whole_log, resumed_log = [], []
-    whole = train(cfg, log=whole_log.append)
+
+    def score(model, loops):  # an evaluation that depends on the weights
+        return float(model.embed_tokens.weight.detach().double().sum())
+
+    whole = train(cfg, log=whole_log.append, evaluate=score)
     state = tmp_path / STATE_FILE
 
     def interrupt(model, loops):  # Ctrl-C arrives during step 54's evaluation
         if interrupt.calls == 54:
             raise KeyboardInterrupt
         interrupt.calls += 1
-        return 0.0
+        return score(model, loops)
 
     interrupt.calls = 0
     with pytest.raises(KeyboardInterrupt):
@@ -35,7 +39,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert torch.load(state, weights_only=True)["step"] == 55  # step 54's update was applied
     with pytest.raises(UsageError, match=r"another recipe \(it differs in eval_every, lr\)"):
         train(TrainConfig(steps=60, **{**SMALL, "lr": 1e-4}), state_path=state)
-    resumed = train(cfg, state_path=state, log=resumed_log.append)
+    resumed = train(cfg, state_path=state, log=resumed_log.append, evaluate=score)
     for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     # the log carries across the resume: the first run's entries come first, time adds up
@@ -45,9 +49,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
                                       (59, losses[0][2][1])]
     times = [e["elapsed_s"] for e in resumed_log]
     assert times == sorted(times)
+    # the evaluation the interrupt cut short runs first on resuming: the record is whole
+    evals = [[(e["step"], e["eval_accuracy"]) for e in log if "eval_accuracy" in e]
+             for log in (whole_log, resumed_log)]
+    assert evals[0] == evals[1] and [step for step, _ in evals[0]] == list(range(60))
 
 
 def test_output_directory_is_checked_first(tmp_path):
+    (tmp_path / STATE_FILE).write_bytes(b"")
+    (tmp_path / f".{STATE_FILE}.tmp4242").write_bytes(b"half")  # a snapshot a kill cut short
+    assert prepare_train_dir(tmp_path) == tmp_path  # an unfinished run of ours: resumable
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    (tmp_path / STATE_FILE).unlink()
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(UsageError, match="already holds files"):
         prepare_train_dir(tmp_path)

@@ -43,7 +43,9 @@ def with_loop_spec(base: dict[str, Any], overrides: dict[str, Any], where: str) 
     try:
         return LoopMDMConfig.from_dict(fields)
     except UsageError as err:
-        plain = {k: v for k, v in base.items() if k not in overrides}  # as the file has it
+        # as the file has it: its own fields, less those an importer already took from the
+        # caller (MDLM's mask id), which the dataclass default stands in for
+        plain = {k: v for k, v in base.items() if k not in overrides or overrides[k] != v}
         plain.update(loop_start=0, loop_layers=n_layers, n_loops=1, max_train_loops=1)
         try:
             LoopMDMConfig.from_dict(plain)

@@ -104,7 +104,7 @@ def read_config(source: Source, config: str | Path | None,
         "n_kv_heads": kv, "d_ff": get("mlp_hidden_size") or get("mlp_ratio") * d,
         "n_layers": layers, "max_seq_len": get("max_sequence_length"),
         "rope_base": float(get("rope_theta")), "norm_eps": get("rms_norm_eps"),
-        "mask_id": get("mask_token_id") or LLADA_MASK, "eos_id": get("eos_token_id"),
+        "mask_id": get("mask_token_id", LLADA_MASK), "eos_id": get("eos_token_id"),
         "pad_id": get("pad_token_id"), "tie_embeddings": bool(get("weight_tying")),
         "tokenizer": tokenizer_spec(source),
     }

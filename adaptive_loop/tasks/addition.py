@@ -67,8 +67,9 @@ class AdditionTask:
 
     @property
     def decoding(self) -> dict[str, int]:
-        """The task's decoding: the whole answer is one block, three digits committed per
-        denoising step (so each step must resolve carries in depth, not across steps)."""
+        """The task's decoding: the whole answer is one block, committed in answer_length // 3
+        denoising steps (about three digits a step, the remainder in the first steps; so each
+        step must resolve carries in depth, not across steps)."""
         return {"gen_length": self.answer_length, "steps": max(1, self.answer_length // 3)}
 
     def tokenizer(self) -> CharTokenizer:
