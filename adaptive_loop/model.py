@@ -70,11 +70,10 @@ class LoopMDM(nn.Module):
             self.apply(self._init)
 
     def reset_rope(self) -> None:
-        """(Re)build the RoPE tables, e.g. after the model was built on the meta device."""
+        """(Re)build the RoPE tables, e.g. after the model was built on the meta device. They
+        are computed on the CPU (cheap) and moved: the same numbers on every device."""
         device = self.embed_tokens.weight.device
-        # on meta, compute on the CPU (cheap) rather than tracing meta kernels
-        cos, sin = rope_tables(self.config, torch.device("cpu") if device.type == "meta"
-                               else device)
+        cos, sin = rope_tables(self.config, torch.device("cpu"))
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 

@@ -199,7 +199,8 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     """The signals `policy` declared, for the active tokens; logits (of the needed ones only)
     over the whole vocabulary, or over the step's shortlist once there is one."""
     d = h.shape[-1]
-    cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
+    if policy.needs & {"delta", "cosine", "hidden"}:  # (a rule that reads none gathers none)
+        cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
     sig = Signals(iteration=iteration, step=step, steps=steps, index=index,
                   needed=needed.reshape(-1)[index])
     if "delta" in policy.needs:
