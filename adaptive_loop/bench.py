@@ -23,6 +23,15 @@ from .model import LoopMDM
 from .runtime import _dense_iteration, iterations
 
 
+def random_model(cfg: LoopMDMConfig, device: torch.device | str, dtype: torch.dtype) -> LoopMDM:
+    """A random-weight model for timing, initialised where it runs: on a GPU that takes a
+    second where the CPU takes tens of seconds for a 1B-class shape (the CPU draws the same
+    weights as before; other devices draw their own)."""
+    with torch.device(device):
+        model = LoopMDM(cfg)
+    return model.to(dtype=dtype).eval()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,7 +100,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     compiled too, and the first calls, untimed, compile). The same active masks serve every
     backend and mode."""
     torch.manual_seed(seed)
-    model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
+    model = random_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
     masks = [(f, uneven_mask(batch, length, f, gen).to(device)) for f in fractions]
@@ -171,7 +180,7 @@ def bench_forward(cfg: LoopMDMConfig, batch: int, length: int, device: torch.dev
     times, coda and head over every position: what a step costs without halting), eager and,
     for True in `modes`, through `torch.compile` (its first calls, untimed, compile)."""
     torch.manual_seed(seed)
-    model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
+    model = random_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen).to(device)
     flops = sum(step_flops_fixed(cfg, batch, length, cfg.n_loops).values())
@@ -225,7 +234,7 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     from .runtime import Shortlist, StepTrace, _signals
 
     torch.manual_seed(seed)
-    model = LoopMDM(cfg).to(device=device, dtype=dtype).eval()
+    model = random_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
     active = torch.ones(batch, length, dtype=torch.bool, device=device)

@@ -90,13 +90,13 @@ def bench(
         bench_iteration,
         bench_monitor,
         matmul_peak,
+        random_model,
         relative,
         rows_to_dicts,
         utilisation,
     )
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
-    from ..model import LoopMDM
     from ..throughput import bench_generation, bench_random_generation
 
     fracs = _floats(fractions, "--fractions")
@@ -170,7 +170,7 @@ def bench(
                           f"in {gen_steps} steps")
                 if model is None:  # the preset's random weights
                     torch.manual_seed(0)
-                    model = LoopMDM(cfg).to(device=dev, dtype=dt).eval()
+                    model = random_model(cfg, dev, dt)
                 timed = bench_random_generation(model, batch, prompt, gen_length, gen_steps,
                                                 compile=compile, attention=backends[0],
                                                 pipeline=pipeline, repeats=repeats)

@@ -98,7 +98,7 @@ def test_the_budget_counts_from_the_launch(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from gpu_check import seconds_since_launch
 
-    assert 0.0 < seconds_since_launch() < 24 * 3600
+    assert 0.0 < seconds_since_launch() <= 60.0  # a misread clock cannot skip every section
 
 
 def test_iteration_targets_compare_with_the_fastest_full_iteration(monkeypatch):
