@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, CheckpointNotFound, UsageError
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .model import LoopMDM
 from .tokenizer import Tokenizer, from_spec
@@ -302,8 +302,15 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     out = Path(destination).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty directory; choose a new destination")
-    model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
-                       **overrides)
+    created = not out.exists()
+    writable_dir(out)  # a destination that cannot be written is refused before any loading
+    try:
+        model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
+                           **overrides)
+    except BaseException:
+        if created:  # a failed load leaves no empty folder behind
+            out.rmdir()
+        raise
     save_model(model, out)
     model.left_out = []
     origin = Path(model.checkpoint_path)

@@ -193,6 +193,21 @@ def test_convert_leaves_out_a_head_of_another_loop_spec(tmp_path, tiny_model):
     assert "left out the halting head" in res.stdout and "with training.json" in res.stdout
 
 
+def test_convert_refuses_a_destination_it_cannot_write_before_loading(tmp_path):
+    """As every command that writes a folder: one line, exit 2, before the (long) load."""
+    (tmp_path / "file").write_text("")
+    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "convert",
+                          "/no/such/checkpoint", str(tmp_path / "file" / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "cannot write the output directory" in res.stderr
+    from adaptive_loop import convert_checkpoint
+    from adaptive_loop.errors import CheckpointNotFound
+
+    with pytest.raises(CheckpointNotFound):
+        convert_checkpoint(tmp_path / "missing", tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # nothing left behind by a failed load
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 def test_integer_or_boolean_weights_are_named(tmp_path, tiny_model, dtype):
     """A weight stored as integers or booleans is refused by name, not left to torch (which
