@@ -29,24 +29,37 @@ class HalfwayPolicy(HaltingPolicy):
 '''
 
 
-@pytest.fixture
-def plugin_path(tmp_path):
-    """A tiny installed distribution: a module and its `*.dist-info` with the entry point."""
-    root = tmp_path / "site"
-    root.mkdir()
-    (root / "myplugin_policies.py").write_text(PLUGIN)
-    info = root / "myplugin-0.1.dist-info"
+def distribution(root, name, entry_points, module=None, source=""):
+    """A tiny installed distribution under `root`: its module (when given) and a
+    `*.dist-info` whose entry points are `entry_points` ("name = module:Class" lines)."""
+    root.mkdir(exist_ok=True)
+    if module:
+        (root / f"{module}.py").write_text(source)
+    info = root / f"{name}-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[adaptive_loop.policies]\nmyplugin = myplugin_policies:HalfwayPolicy\n")
+        "[adaptive_loop.policies]\n" + "".join(line + "\n" for line in entry_points))
     return root
 
 
+def fresh_registry(monkeypatch, root):
+    """Entry points read again (from `root` too), and forgotten after the test."""
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_BROKEN", {})
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    return distribution(tmp_path / "site", "myplugin",
+                        ["myplugin = myplugin_policies:HalfwayPolicy"], "myplugin_policies",
+                        PLUGIN)
+
+
 def test_plugin_from_the_library(plugin_path, monkeypatch, tiny_model, prompts):
-    monkeypatch.syspath_prepend(str(plugin_path))
-    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)  # entry points are read once
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # forget it afterwards
+    fresh_registry(monkeypatch, plugin_path)
     assert "myplugin" in base.available()
     pol = make("myplugin", threshold=0.3, max_loops=6)
     assert type(pol).__name__ == "HalfwayPolicy" and pol.name == "myplugin"
@@ -77,23 +90,15 @@ def test_broken_or_clashing_plugins_leave_the_built_in_policies_working(tmp_path
     """A plugin that does not import, is not a policy, declares an unknown signal or takes a
     built-in's name is not registered; asked for by name it gets one clear error, and every
     other policy works."""
-    root = tmp_path / "site"
-    root.mkdir()
-    (root / "badplug.py").write_text(
+    root = distribution(
+        tmp_path / "site", "badplug",
+        ["missing = no_such_module:Policy", "notapolicy = badplug:NotAPolicy",
+         "magic = badplug:Magic", "entropy = badplug:Magic"], "badplug",
         "from adaptive_loop.policies import HaltingPolicy\n"
         "class NotAPolicy:\n    pass\n"
         "class Magic(HaltingPolicy):\n    needs = frozenset({'magic'})\n"
         "    def decide(self, signals):\n        return signals.needed\n")
-    info = root / "badplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[adaptive_loop.policies]\nmissing = no_such_module:Policy\n"
-        "notapolicy = badplug:NotAPolicy\nmagic = badplug:Magic\nentropy = badplug:Magic\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_BROKEN", {})
+    fresh_registry(monkeypatch, root)
     assert {"missing", "notapolicy", "magic"}.isdisjoint(base.available())
     assert type(make("entropy")).__module__ == "adaptive_loop.policies.entropy"
     broken = base.broken_plugins()
@@ -116,9 +121,10 @@ def test_a_plugin_is_registered_under_its_entry_points_name(tmp_path, monkeypatc
     """A subclass of a built-in inherits its `name`, yet registers under its entry point's name
     and leaves the built-in in place; a class naming itself otherwise, or a second plugin
     taking a name, is refused; a plugin passing `**kwargs` on takes the common knobs."""
-    root = tmp_path / "site"
-    root.mkdir()
-    (root / "subplug.py").write_text(
+    root = distribution(
+        tmp_path / "site", "subplug",
+        ["tweaked = subplug:Tweaked", "named = subplug:Named", "passing = subplug:Passing"],
+        "subplug",
         "from adaptive_loop.policies import HaltingPolicy\n"
         "from adaptive_loop.policies.entropy import Entropy\n"
         "class Tweaked(Entropy):\n    pass\n"
@@ -128,20 +134,8 @@ def test_a_plugin_is_registered_under_its_entry_points_name(tmp_path, monkeypatc
         "    def __init__(self, threshold=0.3, **kwargs):\n"
         "        super().__init__(**kwargs)\n        self.threshold = threshold\n"
         "    def decide(self, signals):\n        return signals.delta < self.threshold\n")
-    info = root / "subplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: subplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[adaptive_loop.policies]\ntweaked = subplug:Tweaked\nnamed = subplug:Named\n"
-        "passing = subplug:Passing\n")
-    other = root / "zzplug-0.1.dist-info"  # a second distribution taking a plugin's name
-    other.mkdir()
-    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: zzplug\nVersion: 0.1\n")
-    (other / "entry_points.txt").write_text("[adaptive_loop.policies]\ntweaked = subplug:Also\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_BROKEN", {})
+    distribution(root, "zzplug", ["tweaked = subplug:Also"])  # another taking a plugin's name
+    fresh_registry(monkeypatch, root)
     assert {"tweaked", "passing"} <= set(base.available())
     assert type(make("entropy")).__module__ == "adaptive_loop.policies.entropy"
     first = type(make("tweaked")).__name__  # the distributions' order is the file system's
