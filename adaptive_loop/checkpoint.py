@@ -336,12 +336,12 @@ def _is_native(config_file: Path) -> bool:
 
 
 def _head_fits(head_json: Path, cfg: LoopMDMConfig) -> bool:
-    """Whether a halting head's record of its model agrees with `cfg` (the loop count aside),
-    as the learned policy checks it."""
+    """Whether a halting head's record of its model agrees with `cfg`, as the learned policy
+    checks it."""
+    from .halting_head import model_differences
+
     try:
         trained = json.loads(head_json.read_text()).get("model", {})
     except (OSError, ValueError, AttributeError):
         return True  # no record to disagree: copied as it is
-    now = cfg.to_dict()
-    return not isinstance(trained, dict) or all(
-        v == now[k] for k, v in trained.items() if k in now and k != "n_loops")
+    return not model_differences(trained, cfg.to_dict())

@@ -110,6 +110,16 @@ def weights_signature(model: LoopMDM) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_differences(trained: Any, config: dict[str, Any]) -> list[str]:
+    """How a head's record of its model (`"model"` in its JSON) differs from a model config,
+    as `field head's value vs this model's value`; the loop count aside, which the head reads
+    as a feature. Empty where they agree or there is no record."""
+    if not isinstance(trained, dict):
+        return []
+    return [f"{k} {v} vs this model's {config[k]}" for k, v in trained.items()
+            if k in config and k != "n_loops" and v != config[k]]
+
+
 def head_file(path: str | Path | None) -> Path:
     """The head's weights file: `path` itself (or, for the head's JSON, the weights beside it),
     `path/halting_head.safetensors` for a checkpoint directory, or the embedded model's sidecar

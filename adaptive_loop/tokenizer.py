@@ -242,4 +242,3 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
     if not ids or any(len(x) == 0 for x in ids):
         raise UsageError("give at least one prompt, none of them empty")
     return ids
-

@@ -83,16 +83,14 @@ class Learned(HaltingPolicy):
                                      f"train one with `adaptive-loop train-halting "
                                      f"--checkpoint {where}`, or pass head=PATH")
                 self._load(where / HEAD_WEIGHTS)
+        from ..halting_head import model_differences, weights_signature
+
         trained = self._meta.get("model", {})
-        cfg = model.config.to_dict()
-        differ = [f"{k} {v} vs this model's {cfg[k]}" for k, v in trained.items()
-                  if k in cfg and k != "n_loops" and v != cfg[k]]
+        differ = model_differences(trained, model.config.to_dict())
         if differ:
             raise UsageError(f"learned: the halting head {self.head} was trained on another "
                              f"model ({', '.join(differ)}); train one for this checkpoint with "
                              f"`adaptive-loop train-halting`, or pass head=PATH")
-        from ..halting_head import weights_signature
-
         signed = trained.get("weights")  # heads from before the signature have none
         if signed is not None and signed != (own := weights_signature(model)):
             raise UsageError(f"learned: the halting head {self.head} was trained on other "
