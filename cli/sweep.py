@@ -172,7 +172,7 @@ def sweep(
         if oracle is None:
             oracle = default_oracle_loops(model, settings)
         with _progress(as_json or not ranks.main) as bar:
-            total = len(dict.fromkeys(settings)) + len(set(oracle))
+            total = len({s.key for s in settings}) + len(set(oracle))
             points = bar.add_task("points", total=total)
             examples = bar.add_task("examples", total=len(evalset))
 
