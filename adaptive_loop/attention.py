@@ -4,8 +4,13 @@ Shape legend: B batch rows, L positions, N packed query tokens (any rows), H que
 G key/value heads, D head size.
 
 Packed queries attend to the full key/value rows they belong to. The projections and MLP
-around attention stay on the packed [N, d] matrix; attention has three backends, all built
-once per loop iteration from row offsets (a few tensor ops) and shared by every layer:
+around attention stay on the packed [N, d] matrix. Keys and values live in a flat cache per
+layer, (T, G, D): row b's position j at slot b * L + j, and T >= B * L slots (flex's key
+length is whole tiles; the slots past B * L hold zeros that no query sees). That layout is the
+one every backend reads without a copy: padded SDPA takes a (B, G, L, D) view, flex a
+(1, G, T, D) view, varlen the slots as they are; and a packed token's new keys/values are one
+row write. Attention has three backends, all built once per loop iteration from row offsets
+(a few tensor ops) and shared by every layer:
 - "padded": scatter each row's packed queries into a [B, A, H, D] buffer (A = most packed
   queries in any row) for one SDPA call; padding costs only inside attention.
 - "flex": FlexAttention over the N packed queries and the B*L flattened keys with a block mask
@@ -56,6 +61,14 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) ->
     return F.scaled_dot_product_attention(
         q, _expand_kv(k, n_heads), _expand_kv(v, n_heads), attn_mask=_key_bias(key_mask)
     )
+
+
+def cache_rows(x: Tensor, batch: int, length: int) -> Tensor:
+    """A layer's flat key or value cache (T, G, D) as full rows (B, L, G, D): a view of its
+    first B * L slots. Full-row keys/values (B, L, G, D) are returned as they are."""
+    if x.dim() == 4:
+        return x
+    return x[: batch * length].view(batch, length, *x.shape[1:])
 
 
 def true_index(mask: Tensor, count: int) -> Tensor:
@@ -144,6 +157,11 @@ class PackedKeys:
     varlen: VarlenKeys | None = None  # varlen
     host_syncs: int = 0  # spent building it
 
+    def slots(self, batch: int, length: int) -> int:
+        """T: how many slots a key/value cache for this backend has (B * L, or flex's key
+        length in whole tiles, so that flex reads the cache without padding it)."""
+        return batch * length if self.rows is None else self.rows.key_row.numel()
+
 
 def packed_keys(backend: str, batch: int, length: int, key_mask: Tensor | None,
                 device: torch.device) -> PackedKeys:
@@ -195,12 +213,12 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype,
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
                      key_mask: Tensor | None) -> Tensor:
     """Packed queries against the full rows they belong to, with the backend the plan was
-    prepared for (`PackPlan.with_keys`). q (N, H, D); k/v (B, G, L, D) -> (N, H, D).
+    prepared for (`PackPlan.with_keys`). q (N, H, D); k/v flat caches (T, G, D) -> (N, H, D).
     """
     if plan.flex is not None:
         return flex_attend(q, k, v, plan.flex)
     if plan.varlen is not None:
-        return varlen_attend(q, k, v, plan.varlen)
+        return varlen_attend(q, k, v, plan.varlen, plan.batch * plan.length)
     return padded_attention(q, k, v, plan, key_mask)
 
 
@@ -208,10 +226,11 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
                      key_mask: Tensor | None) -> Tensor:
     """Each row's packed queries scattered into a padded (B, A, H, D) buffer, one SDPA call.
 
-    q (N, H, D); k/v (B, G, L, D) -> (N, H, D).
+    q (N, H, D); k/v flat caches (T, G, D) -> (N, H, D).
     """
     n, n_heads, head_dim = q.shape
     padded = q.new_zeros(plan.batch, plan.width, n_heads, head_dim)  # (B, A, H, D)
     padded[plan.rows, plan.slot] = q
+    k, v = (cache_rows(x, plan.batch, plan.length).transpose(1, 2) for x in (k, v))
     out = dense_attention(padded.transpose(1, 2), k, v, key_mask)  # (B, H, A, D)
     return out.transpose(1, 2)[plan.rows, plan.slot]

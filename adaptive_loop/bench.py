@@ -20,7 +20,7 @@ from .attention import PackPlan, packed_keys, resolve_attention
 from .config import LoopMDMConfig
 from .flops import block_flops, step_flops_fixed
 from .model import LoopMDM
-from .runtime import _dense_iteration, iterations
+from .runtime import _dense_iteration, flat_caches, iterations
 
 
 def random_model(cfg: LoopMDMConfig, device: torch.device | str, dtype: torch.dtype) -> LoopMDM:
@@ -110,8 +110,8 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     flops = batch * length * block_flops(cfg, length)
     rows = []
     with torch.no_grad():
-        _, caches = _dense_iteration(model, h, None, None)
-        caches = [(k.contiguous(), v.contiguous()) for k, v in caches]
+        _, dense = _dense_iteration(model, h, None, None)
+        caches = {b: flat_caches(dense, key.slots(batch, length)) for b, key in keys.items()}
         # fraction by fraction, every mode and backend in turn, each next to its own full
         # iteration: a figure and the figures it is compared with are measured close in time
         for f, active in masks:
@@ -120,7 +120,8 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                                  repeats)
                 for backend, key in keys.items():
 
-                    def compact(active: torch.Tensor = active, run=run, key=key) -> None:
+                    def compact(active: torch.Tensor = active, run=run, key=key,
+                                caches=caches[backend]) -> None:
                         plan = PackPlan.from_mask(active).with_keys(key)
                         run.packed(model, h, plan, caches, None)
 

@@ -144,23 +144,24 @@ def block_mask(blocks: RowBlocks) -> BlockMask:
 
 
 def row_attention(q: Tensor, k: Tensor, v: Tensor, blocks: RowBlocks) -> Tensor:
-    """Packed queries against their own rows. q (N, H, D); k/v (B, G, L, D) -> (N, H, D).
+    """Packed queries against their own rows. q (N, H, D); k/v flat caches (T, G, D) ->
+    (N, H, D).
 
     Queries and keys are padded to whole tiles (the padding belongs to no row, so it is masked
-    out): every kernel then sees tile-aligned lengths, with no ragged last tile to handle.
+    out): every kernel then sees tile-aligned lengths, with no ragged last tile to handle. A
+    cache with as many slots as the tiles hold (`PackedKeys.slots`) is read as it is, a view;
+    a shorter one is padded (a copy).
     """
     n, n_heads, head_dim = q.shape
-    batch, groups, length, _ = k.shape
-    q_pad, k_pad = blocks.q_len - n, blocks.q_lo.numel() - batch * length
-    query = F.pad(q.permute(1, 0, 2).reshape(1, n_heads, n, head_dim),
-                  (0, 0, 0, q_pad))  # (1, H, QB * BLOCK, D)
+    query = F.pad(q.permute(1, 0, 2)[None], (0, 0, 0, blocks.q_len - n))  # (1, H, QB*BLOCK, D)
+    key_len = blocks.q_lo.numel()
 
-    def flat(x: Tensor) -> Tensor:  # (B, G, L, D) -> (1, G, KB * BLOCK, D)
-        return F.pad(x.transpose(0, 1).reshape(1, groups, batch * length, head_dim),
-                     (0, 0, 0, k_pad))
+    def tiles(x: Tensor) -> Tensor:  # (T, G, D) -> (1, G, KB * BLOCK, D)
+        x = x.transpose(0, 1)[None]
+        return x if x.shape[2] == key_len else F.pad(x, (0, 0, 0, key_len - x.shape[2]))
 
-    out = flex_attention(query, flat(k), flat(v), block_mask=block_mask(blocks),
-                         enable_gqa=groups != n_heads)  # (1, H, QB * BLOCK, D)
+    out = flex_attention(query, tiles(k), tiles(v), block_mask=block_mask(blocks),
+                         enable_gqa=k.shape[1] != n_heads)  # (1, H, QB * BLOCK, D)
     return out[0, :, :n].transpose(0, 1)
 
 

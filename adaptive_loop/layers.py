@@ -2,8 +2,9 @@
 
 Both share `LayerBase`: a layer is `project` (pre-norm, q/k/v, RoPE; `project_kv` for
 tokens that only serve as keys) then attention then `finish` (output projection, residual,
-MLP). `dense` runs full rows, `packed` runs compacted tokens against a key/value cache
-updated in place; the runtime uses both.
+MLP). `dense` runs full rows and returns their keys/values (B, L, G, D); `packed` runs
+compacted tokens against a flat key/value cache (T, G, D), slot b * L + j for row b's
+position j (attention.py), updated in place; the runtime uses both.
 
 RoPE tables come in two forms: shared tables (max_seq_len, D), position j being row j, or
 per-row tables (B, L, D) already gathered at each token's position (left-padded batches, where
@@ -19,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import PackPlan, dense_attention, packed_attention
+from .attention import PackPlan, cache_rows, dense_attention, packed_attention
 from .config import LoopMDMConfig
 
-KV = tuple[Tensor, Tensor]  # (B, G, L, D) keys and values of one layer
+KV = tuple[Tensor, Tensor]  # keys and values of one layer: (B, L, G, D) or a flat cache
+# (T, G, D)
 Rope = tuple[Tensor, Tensor]  # cos/sin: (max_seq_len, D) shared or (B, L, D) per-row tables
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -128,35 +130,40 @@ class LayerBase(nn.Module):
 
     def dense(self, h: Tensor, rope: Rope, key_mask: Tensor | None = None,
               kv_keep: tuple[Tensor, KV] | None = None) -> tuple[Tensor, KV]:
-        """Full rows. h (B, L, d) -> (B, L, d) and this layer's (k, v) (B, G, L, D).
+        """Full rows. h (B, L, d) -> (B, L, d) and this layer's (k, v) (B, L, G, D).
 
         `kv_keep = (active (B, L), (k_old, v_old))` keeps the old keys/values of inactive
-        tokens: the masked reference of the compacted path.
+        tokens (full rows or a flat cache): the masked reference of the compacted path.
         """
-        cos, sin = rope_rows(rope, h.shape[1])
+        batch, length = h.shape[:2]
+        cos, sin = rope_rows(rope, length)
         q, k, v = self.project(h, cos, sin)  # (B, L, H|G, D)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, L, D)
         if kv_keep is not None:
             active, (k_old, v_old) = kv_keep
-            keep = active[:, None, :, None]
-            k, v = torch.where(keep, k, k_old), torch.where(keep, v, v_old)
-        attn = dense_attention(q.transpose(1, 2), k, v, key_mask)  # (B, H, L, D)
+            keep = active[:, :, None, None]
+            k = torch.where(keep, k, cache_rows(k_old, batch, length))
+            v = torch.where(keep, v, cache_rows(v_old, batch, length))
+        attn = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               key_mask)  # (B, H, L, D)
         out = self.finish(h, attn.transpose(1, 2).flatten(2))
         return out, (k, v)
 
-    def write_kv(self, h: Tensor, rope: Rope, rows: Tensor, pos: Tensor, cache: KV) -> None:
-        """Write the keys/values of the tokens at (rows, pos), each (N,), computed from their
-        states h (N, d), into `cache` (B, G, L, D) in place; nothing else runs."""
-        k, v = self.project_kv(h, *rope_at(rope, rows, pos))  # (N, G, D)
-        cache[0][rows, :, pos] = k
-        cache[1][rows, :, pos] = v
+    def write_kv(self, h: Tensor, rope: Rope, index: Tensor, length: int, cache: KV) -> None:
+        """Write the keys/values of the tokens at flat positions `index` (N,) (row * L +
+        position), computed from their states h (N, d), into the flat cache (T, G, D) in
+        place; nothing else runs."""
+        rows = torch.div(index, length, rounding_mode="floor")
+        k, v = self.project_kv(h, *rope_at(rope, rows, index - rows * length))  # (N, G, D)
+        cache[0].index_copy_(0, index, k)
+        cache[1].index_copy_(0, index, v)
 
     def packed(self, h: Tensor, rope: Rope, plan: PackPlan, cache: KV,
                key_mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         """Packed tokens. h (N, d) -> (N, d).
 
-        The tokens' new keys/values are written into `cache` (B, G, L, D) in place; every other
-        token keeps the keys/values the cache holds (frozen at their last computed value).
+        The tokens' new keys/values are written into the flat cache (T, G, D) in place; every
+        other token keeps the keys/values the cache holds (frozen at their last computed
+        value).
         With `keep` (N,) bool, only the kept tokens write theirs: the others halted after the
         plan was made and stay frozen too (their outputs are discarded by the caller).
         """
@@ -165,10 +172,10 @@ class LayerBase(nn.Module):
         k_cache, v_cache = cache
         if keep is not None:
             gate = keep[:, None, None]
-            k = torch.where(gate, k, k_cache[plan.rows, :, plan.pos])
-            v = torch.where(gate, v, v_cache[plan.rows, :, plan.pos])
-        k_cache[plan.rows, :, plan.pos] = k
-        v_cache[plan.rows, :, plan.pos] = v
+            k = torch.where(gate, k, k_cache[plan.index])
+            v = torch.where(gate, v, v_cache[plan.index])
+        k_cache.index_copy_(0, plan.index, k)
+        v_cache.index_copy_(0, plan.index, v)
         attn = packed_attention(q, k_cache, v_cache, plan, key_mask)  # (N, H, D)
         return self.finish(h, attn.flatten(1))
 

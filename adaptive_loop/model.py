@@ -177,8 +177,8 @@ class LoopMDM(nn.Module):
         if coda:
             last = coda[-1]
             cos, sin = rope_rows(self.rope, h.shape[1])
-            k, v = last.project_kv(h, cos, sin)  # keys/values of every position
-            kv = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+            k, v = last.project_kv(h, cos, sin)  # keys/values of every position (B, L, G, D)
+            kv = (k.flatten(0, 1).clone(), v.flatten(0, 1).clone())  # a flat cache (B*L, G, D)
             hq = last.packed(hq, self.rope, plan, kv, key_mask)
         return self.head(hq, vocab)
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import PackPlan, packed_keys, resolve_attention, true_index
+from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError, UsageError
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .model import KV, LoopMDM
@@ -346,16 +346,18 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     plan: PackPlan | None = None
     planned, decided, checked = total, False, False
 
-    def keyed(p: PackPlan) -> PackPlan:
-        """`p` with the run's key structure when compacting (built at the first packed plan:
-        the key mask is fixed for the whole run)."""
+    def run_keys() -> PackedKeys:
+        """The run's key structure (built when first needed: the key mask is fixed for the
+        whole run)."""
         nonlocal keys
-        if not compact:
-            return p
         if keys is None:
             keys = packed_keys(backend, batch, length, key_mask, h.device)
             trace.host_syncs += keys.host_syncs
-        return p.with_keys(keys)
+        return keys
+
+    def keyed(p: PackPlan) -> PackPlan:
+        """`p` with the run's key structure when compacting."""
+        return p.with_keys(run_keys()) if compact else p
 
     if key_mask is None:
         active = torch.ones(batch, length, dtype=torch.bool, device=h.device)
@@ -366,7 +368,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             trace.host_syncs += 1
         if real_plan.size < total:
             planned, plan = real_plan.size, keyed(real_plan)
-            caches = _zero_caches(model, h)
+            caches = _zero_caches(model, h, run_keys().slots(batch, length) if compact else
+                                  total)
     members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
@@ -374,12 +377,15 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
 
     def use(done: _Read) -> bool:
         """Plan the next iterations from a read; False when no token is left active."""
-        nonlocal planned, members, probe, plan
+        nonlocal planned, members, probe, plan, caches
         n_active, width, ok, *probe_sizes = done.values()
         trace.host_syncs += 1
         _check_finite(ok, step, done.iteration)
         if n_active == 0:
             return False
+        if compact and n_active < total and caches[0][0].dim() == 4:
+            # packed iterations from now on: the full rows' keys/values into flat caches
+            caches = flat_caches(caches, run_keys().slots(batch, length))
         if compact and not pipeline and n_active < planned and caches is not None:
             _write_first_kv(model, h, caches[0], halted, planned - n_active)
             trace.refreshed += planned - n_active
@@ -408,7 +414,6 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             trace.looped_flops += total * per_token
             trace.active_tokens.append(total if pipeline else planned)
         else:
-            caches = [(k.contiguous(), v.contiguous()) for k, v in caches]
             gate = active.view(-1)[plan.index] if pipeline else None
             h = run.packed(model, h, plan, caches, key_mask, gate)
             trace.looped_flops += planned * per_token
@@ -467,12 +472,25 @@ def _checked(policy: HaltingPolicy, halt: Any, index: Tensor) -> Tensor:
     return halt
 
 
-def _zero_caches(model: LoopMDM, h: Tensor) -> list[KV]:
-    """Key/value caches (B, G, L, D) per block layer, all zero, for a run that starts packed:
-    its first iteration writes every real token's keys/values."""
+def _zero_caches(model: LoopMDM, h: Tensor, slots: int) -> list[KV]:
+    """Flat key/value caches (slots, G, D) per block layer, all zero, for a run that starts
+    packed: its first iteration writes every real token's keys/values."""
     cfg = model.config
-    shape = (h.shape[0], cfg.n_kv_heads, h.shape[1], cfg.head_dim)
+    shape = (slots, cfg.n_kv_heads, cfg.head_dim)
     return [(h.new_zeros(shape), h.new_zeros(shape)) for _ in model.block_layers]
+
+
+def flat_caches(caches: list[KV], slots: int) -> list[KV]:
+    """Full-row keys/values (B, L, G, D) per layer -> the packed iterations' flat caches
+    (slots, G, D) (attention.py), the slots past B * L zero. One copy per run, where the loop
+    turns from full rows to packed tokens."""
+
+    def flat(x: Tensor) -> Tensor:
+        out = x.new_zeros(slots, *x.shape[2:])
+        out[: x.shape[0] * x.shape[1]] = x.flatten(0, 1)
+        return out
+
+    return [(flat(k), flat(v)) for k, v in caches]
 
 
 def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count: int) -> None:
@@ -481,9 +499,8 @@ def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count:
     packed iterations, which no longer run them, see the same keys as the masked reference."""
     length, width = h.shape[1:]
     index = true_index(halted, count)
-    rows = torch.div(index, length, rounding_mode="floor")
-    model.block_layers[0].write_kv(h.reshape(-1, width)[index], model.rope, rows,
-                                   index - rows * length, cache)
+    model.block_layers[0].write_kv(h.reshape(-1, width)[index], model.rope, index, length,
+                                   cache)
 
 
 def _check_finite(ok: int, step: int, iteration: int) -> None:

@@ -60,15 +60,12 @@ class VarlenPlan:
     keys: VarlenKeys
 
 
-def varlen_attend(q: Tensor, k: Tensor, v: Tensor, plan: VarlenPlan) -> Tensor:
-    """Packed queries against their own rows' real keys. q (N, H, D); k/v (B, G, L, D) ->
-    (N, H, D)."""
+def varlen_attend(q: Tensor, k: Tensor, v: Tensor, plan: VarlenPlan, n_keys: int) -> Tensor:
+    """Packed queries against their own rows' real keys. q (N, H, D); k/v flat caches
+    (T, G, D) whose first `n_keys` (B * L) slots hold the rows' keys -> (N, H, D)."""
     from flash_attn import flash_attn_varlen_func
 
-    batch, groups, length, head_dim = k.shape
-    keys = k.transpose(1, 2).reshape(batch * length, groups, head_dim)  # (B*L, G, D)
-    values = v.transpose(1, 2).reshape(batch * length, groups, head_dim)
-    if plan.keys.index is not None:
-        keys, values = keys[plan.keys.index], values[plan.keys.index]  # (K, G, D)
+    index = plan.keys.index
+    keys, values = (x[:n_keys] if index is None else x[index] for x in (k, v))  # (K, G, D)
     return flash_attn_varlen_func(q, keys, values, plan.cu_q, plan.keys.cu_k, plan.max_q,
                                   plan.keys.max_k, dropout_p=0.0, causal=False)

@@ -161,13 +161,15 @@ def check_loop_memory(results: dict) -> None:
 
 
 def _naive(q, k, v, plan, key_mask):
-    """Row by row, in float32: the row's packed queries against the row's real keys."""
+    """Row by row, in float32: the row's packed queries against the row's real keys (k/v
+    flat caches, row b's position j at slot b * L + j)."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    groups = q.shape[1] // k.shape[1]
+    groups, length = q.shape[1] // k.shape[1], plan.length
     for b in range(plan.batch):
         mine = plan.rows == b
-        keys = k[b].float().repeat_interleave(groups, 0)
-        values = v[b].float().repeat_interleave(groups, 0)
+        row = slice(b * length, (b + 1) * length)
+        keys = k[row].transpose(0, 1).float().repeat_interleave(groups, 0)  # (H, L, D)
+        values = v[row].transpose(0, 1).float().repeat_interleave(groups, 0)
         scores = torch.einsum("nhd,hld->hnl", q[mine].float(), keys) / q.shape[-1] ** 0.5
         scores = scores.masked_fill(~key_mask[b], float("-inf"))
         out[mine] = torch.einsum("hnl,hld->nhd", scores.softmax(-1), values)
@@ -186,8 +188,10 @@ def check_attention(results: dict) -> None:
     keys = packed_keys("flex", batch, length, key_mask, active.device)
     for dtype in (torch.float32, torch.bfloat16):
         q = torch.randn(plan.size, heads, dim, generator=g).to(T.device, dtype)
-        k = torch.randn(batch, groups, length, dim, generator=g).to(T.device, dtype)
-        v = torch.randn(batch, groups, length, dim, generator=g).to(T.device, dtype)
+        slots = keys.slots(batch, length)  # flat caches with flex's whole key tiles
+        k = torch.randn(slots, groups, dim, generator=g).to(T.device, dtype)
+        v = torch.randn(slots, groups, dim, generator=g).to(T.device, dtype)
+        k[batch * length:], v[batch * length:] = 0, 0
         ref = _naive(q, k, v, plan, key_mask)
         name = str(dtype).removeprefix("torch.")
         flex = packed_attention(q, k, v, plan.with_keys(keys), key_mask).float()

@@ -39,22 +39,24 @@ def _case(batch=4, length=40, heads=4, groups=2, dim=8, seed=0, fractions=(0.9, 
         key_mask[row, :pad] = False
     plan = PackPlan.from_mask(active)
     q = torch.randn(plan.size, heads, dim, generator=g)
-    k = torch.randn(batch, groups, length, dim, generator=g)
-    v = torch.randn(batch, groups, length, dim, generator=g)
+    k = torch.randn(batch * length, groups, dim, generator=g)  # flat caches
+    v = torch.randn(batch * length, groups, dim, generator=g)
     return plan, q, k, v, key_mask
 
 
 def _naive(q, k, v, plan, key_mask):
-    """Row by row: the row's packed queries against the row's real keys."""
-    heads = q.shape[1]
+    """Row by row: the row's packed queries against the row's real keys (k/v flat caches:
+    row b's position j at slot b * L + j)."""
+    heads, length = q.shape[1], plan.length
     out = torch.empty_like(q)
     for b in range(plan.batch):
         mine = plan.rows == b
         if not mine.any():
             continue
-        keys = k[b].repeat_interleave(heads // k.shape[1], 0)  # (H, L, D)
-        values = v[b].repeat_interleave(heads // v.shape[1], 0)
-        real = key_mask[b] if key_mask is not None else torch.ones(k.shape[2], dtype=torch.bool)
+        row = slice(b * length, (b + 1) * length)
+        keys = k[row].transpose(0, 1).repeat_interleave(heads // k.shape[1], 0)  # (H, L, D)
+        values = v[row].transpose(0, 1).repeat_interleave(heads // v.shape[1], 0)
+        real = key_mask[b] if key_mask is not None else torch.ones(length, dtype=torch.bool)
         scores = torch.einsum("nhd,hld->hnl", q[mine], keys) / q.shape[-1] ** 0.5
         scores = scores.masked_fill(~real, float("-inf"))
         out[mine] = torch.einsum("hnl,hld->nhd", scores.softmax(-1), values)
@@ -67,11 +69,19 @@ def test_flex_equals_padded_equals_naive(masked):
     key_mask = key_mask if masked else None
     ref = _naive(q, k, v, plan, key_mask)
     padded = padded_attention(q, k, v, plan, key_mask)
-    flex_plan = plan.with_keys(packed_keys("flex", plan.batch, plan.length, key_mask, q.device))
+    keys = packed_keys("flex", plan.batch, plan.length, key_mask, q.device)
+    flex_plan = plan.with_keys(keys)
     assert flex_plan.flex is not None
-    flex = packed_attention(q, k, v, flex_plan, key_mask)
+    # a cache with the key tiles' slots (read as it is; its tail is zero) and a B*L one (padded)
+    slots = keys.slots(plan.batch, plan.length)
+    assert slots % 128 == 0 and slots > k.shape[0]
+    tiled_k, tiled_v = (F.pad(x, (0, 0, 0, 0, 0, slots - x.shape[0])) for x in (k, v))
+    flex = packed_attention(q, tiled_k, tiled_v, flex_plan, key_mask)
     torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_attention(q, k, v, flex_plan, key_mask), ref, atol=1e-5,
+                               rtol=1e-5)
+    assert padded_attention(q, tiled_k, tiled_v, plan, key_mask).equal(padded)
 
 
 def _tiles(num, idx, q_tiles, kv_tiles):

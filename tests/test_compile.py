@@ -4,6 +4,8 @@ host syncs than the runtime counts."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from tests_support import tiny_config
@@ -19,6 +21,7 @@ from adaptive_loop.runtime import (
     _dense_iteration,
     _packed_iteration,
     compiled_iterations,
+    flat_caches,
     iterations,
     run_loops,
 )
@@ -46,7 +49,7 @@ def _inputs(model: LoopMDM, batch=3, length=40, seed=0):
     with torch.no_grad():
         h = model.prelude(model.embed(ids), key_mask)
         _, caches = _dense_iteration(model, h, key_mask, None)
-    return h, key_mask, [(k.contiguous(), v.contiguous()) for k, v in caches], g
+    return h, key_mask, caches, g
 
 
 def _plan(active, key_mask, backend):
@@ -59,8 +62,12 @@ def _uneven(g, batch, length, fractions):
     return torch.rand(batch, length, generator=g) < torch.tensor(fractions)[:, None]
 
 
-def _copy(caches):
-    return [(k.clone(), v.clone()) for k, v in caches]
+def _flat(caches, key_mask, backend):
+    """The dense iteration's keys/values (B, L, G, D) as fresh flat caches with the slots
+    `backend` reads (flex: whole key tiles)."""
+    batch, length = key_mask.shape
+    keys = packed_keys(backend, batch, length, key_mask, key_mask.device)
+    return flat_caches(caches, keys.slots(batch, length))
 
 
 @pytest.mark.parametrize("backend", ["padded", "flex"])
@@ -68,13 +75,14 @@ def test_iterations_have_no_graph_breaks(tiny_model, backend):
     h, key_mask, caches, g = _inputs(tiny_model)
     active = _uneven(g, 3, 40, (0.8, 0.3, 0.55))
     plan = _plan(active, key_mask, backend)
+    flat = functools.partial(_flat, caches, key_mask, backend)
     with torch.no_grad():
         keep = torch.rand(plan.size, generator=g) < 0.7  # pipelined: some planned halted
         cases = [
-            (_packed_iteration, (tiny_model, h, plan, _copy(caches), key_mask)),
-            (_packed_iteration, (tiny_model, h, plan, _copy(caches), key_mask, keep)),
+            (_packed_iteration, (tiny_model, h, plan, flat(), key_mask)),
+            (_packed_iteration, (tiny_model, h, plan, flat(), key_mask, keep)),
             (_dense_iteration, (tiny_model, h, key_mask, None)),
-            (_dense_iteration, (tiny_model, h, key_mask, (active, _copy(caches)))),
+            (_dense_iteration, (tiny_model, h, key_mask, (active, flat()))),
         ]
         for fn, args in cases:
             report = torch._dynamo.explain(fn)(*args)
@@ -91,13 +99,14 @@ def test_changing_active_counts_do_not_recompile(tiny_model, backend):
     run = compiled_iterations(counter, torch.device("cpu"))
     assert compiled_iterations(counter, torch.device("cpu")) is run  # cached
     h, key_mask, caches, g = _inputs(tiny_model)
+    flat = functools.partial(_flat, caches, key_mask, backend)
     sizes, frames = set(), []
     with torch.no_grad():
         for fractions in [(0.8, 0.3, 0.55), (0.5, 0.2, 0.9), (0.3, 0.6, 0.1), (0.9, 0.9, 0.4),
                           (0.2, 0.7, 0.6), (0.6, 0.1, 0.3)]:
             plan = _plan(_uneven(g, 3, 40, fractions), key_mask, backend)
             sizes.add((plan.size, plan.width))
-            got_caches, ref_caches = _copy(caches), _copy(caches)
+            got_caches, ref_caches = flat(), flat()
             got = run.packed(tiny_model, h, plan, got_caches, key_mask)
             ref = _packed_iteration(tiny_model, h, plan, ref_caches, key_mask)
             frames.append(counter.frame_count)
@@ -119,8 +128,9 @@ def test_compiled_packed_equals_eager_unequal_rows(tiny_model):
         for backend in ("padded", "flex"):
             plan = _plan(active, key_mask, backend)
             assert len(set(plan.counts.tolist())) == 3
-            got = run.packed(tiny_model, h, plan, _copy(caches), key_mask)
-            ref = _packed_iteration(tiny_model, h, plan, _copy(caches), key_mask)
+            got = run.packed(tiny_model, h, plan, _flat(caches, key_mask, backend), key_mask)
+            ref = _packed_iteration(tiny_model, h, plan, _flat(caches, key_mask, backend),
+                                    key_mask)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -48,7 +48,8 @@ def test_packed_layer_equals_dense_layer(make_config):
     dense, (k, v) = layer.dense(h, model.rope)
     active = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) < 0.5
     plan = PackPlan.from_mask(active)
-    cache = (k.contiguous(), v.contiguous())
+    assert k.shape == v.shape == (3, 8, model.config.n_kv_heads, model.config.head_dim)
+    cache = (k.flatten(0, 1).clone(), v.flatten(0, 1).clone())  # flat (B*L, G, D)
     packed = layer.packed(h.reshape(-1, 32)[plan.index], model.rope, plan, cache)
     assert torch.allclose(packed, dense.reshape(-1, 32)[plan.index], atol=1e-5)
 
