@@ -356,6 +356,18 @@ def test_a_failing_machine_gives_one_line(monkeypatch, capsys, raised, line):
     assert exc.value.code == 1 and capsys.readouterr().err == line
 
 
+@pytest.mark.parametrize("count, line", [
+    (1, "there is no cuda:3: this machine has 1 CUDA device (cuda:0)"),
+    (2, "there is no cuda:3: this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
+])
+def test_a_cuda_index_beyond_the_machine_is_one_line(monkeypatch, capsys, count, line):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(SystemExit) as exc:
+        run_main(["generate", "--device", "cuda:3", "1+1="])
+    assert exc.value.code == 2 and capsys.readouterr().err == f"error: {line}\n"
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     def fail():
         raise ValueError("a bug")
