@@ -261,7 +261,12 @@ def attach_tokenizer(model: LoopMDM, source: str | Path) -> LoopMDM:
     from .tokenizer import load_tokenizer
 
     cfg = model.config
-    model.tokenizer = load_tokenizer(source, cfg.mask_id, cfg.pad_id, cfg.eos_id)
+    tokenizer = load_tokenizer(source, cfg.mask_id, cfg.pad_id, cfg.eos_id)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UsageError(f"{tokenizer.path}: {tokenizer.vocab_size:,} tokens, more than the "
+                         f"{cfg.vocab_size:,} ids this model embeds; it is another model's "
+                         f"tokenizer")
+    model.tokenizer = tokenizer
     return model
 
 
@@ -282,7 +287,7 @@ def tokenizer_for(model: LoopMDM) -> Tokenizer:
 
 def convert_checkpoint(source: str | Path, destination: str | Path, *, format: str = "auto",
                        config: str | Path | None = None, dtype: str | torch.dtype | None = None,
-                       **overrides: Any) -> LoopMDM:
+                       tokenizer: str | Path | None = None, **overrides: Any) -> LoopMDM:
     """Load a checkpoint in any supported layout and write it in the native format.
 
     Args:
@@ -290,6 +295,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
         destination: a new (or empty) directory.
         format, config, **overrides: as for `load_model` (e.g. `loop_start`, `loop_layers`).
         dtype: dtype of the written weights (default float32).
+        tokenizer: a tokenizer file (tokenizer.json, tokenizer.model) or a directory holding
+            one, to write beside the weights and name in the config, in place of the source's
+            (for a checkpoint that comes without one).
 
     Returns:
         The converted model (on the CPU).
@@ -307,6 +315,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     try:
         model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
                            **overrides)
+        if tokenizer is not None:
+            attach_tokenizer(model, tokenizer)
+            model.config.tokenizer = model.tokenizer.spec()
+            model.tokenizer_dir = model.tokenizer.path.parent  # save_model copies it from there
     except BaseException:
         if created:  # a failed load leaves no empty folder behind
             out.rmdir()

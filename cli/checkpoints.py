@@ -41,17 +41,22 @@ def convert(
     dtype: Annotated[str | None, typer.Option(
         help="dtype of the written weights: float32, bfloat16, float16 or float64 (or fp32, "
              "bf16, fp16, fp64); default float32, whatever the source's.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="tokenizer.json, tokenizer.model or a directory holding one, written beside the "
+             "weights in place of the source's: for a checkpoint that comes without one, so "
+             "that later commands need no --tokenizer.")] = None,
 ) -> None:
     """Convert a checkpoint (SMDM, MDLM, LLaDA or native) to the native format."""
     from ..checkpoint import convert_checkpoint
 
     with config_option():
         model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
-                                   **_spec(loop_start, loop_layers, loops))
+                                   tokenizer=tokenizer, **_spec(loop_start, loop_layers, loops))
     from ..checkpoint import SIDECARS
 
     c = model.config
-    kept = [name for name in SIDECARS if (dst.expanduser() / name).is_file()]
+    kept = [name for name in (*SIDECARS, c.tokenizer.get("file")) if name and
+            (dst.expanduser() / name).is_file()]
     layers = f"{c.n_layers} layer{'s' * (c.n_layers != 1)}"
     out.print(f"wrote {dst}: {layers}, looped block [{c.loop_start}, "
               f"{c.loop_start + c.loop_layers}) x {c.n_loops}"

@@ -154,3 +154,38 @@ def test_commands_that_read_text_take_a_tokenizer(tmp_path):
         assert res.returncode == 2 and "pass one (--tokenizer" in res.stderr, (name, res.stderr)
         res = run(*args, *common, "--tokenizer", str(tmp_path / "tok"), "--json")
         assert res.returncode == 0 and "Traceback" not in res.stderr, (name, res.stderr)
+
+
+def test_convert_bundles_a_tokenizer(tmp_path):
+    """convert --tokenizer writes the file beside the weights and names it in the config, so
+    text prompts need no --tokenizer afterwards; a missing file, or another model's tokenizer
+    (more tokens than the model embeds), is refused in one line and leaves no folder behind."""
+    from tokenizers import Tokenizer, models
+
+    write_mdlm(tmp_path / "m")
+    write_tokenizer_json(tmp_path / "tok")
+    src, native = str(tmp_path / "m"), tmp_path / "native"
+    res = run("convert", src, str(native), "--tokenizer", str(tmp_path / "tok"))
+    assert res.returncode == 0, res.stderr
+    assert "(with tokenizer.json)" in res.stdout
+    assert (native / "tokenizer.json").read_bytes() == \
+        (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert load_model(native).config.tokenizer == {"kind": "huggingface",
+                                                   "file": "tokenizer.json"}
+    res = run("generate", "the cat", "--checkpoint", str(native), "--gen-length", "2",
+              "--policy", "fixed", "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    ids = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).encode("the cat").ids
+    assert json.loads(res.stdout)["tokens"][0][:2] == ids
+
+    big = tmp_path / "big.json"
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(500)}, unk_token="w0")).save(str(big))
+    for tokenizer, message in [(tmp_path / "none.json", "tokenizer not found"),
+                               (big, "500 tokens, more than the")]:
+        res = run("convert", src, str(tmp_path / "refused"), "--tokenizer", str(tokenizer))
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+        assert not (tmp_path / "refused").exists()
+    res = run("generate", "the cat", "--checkpoint", str(native), "--tokenizer", str(big),
+              "--device", "cpu")
+    assert res.returncode == 2 and "another model's tokenizer" in res.stderr
