@@ -38,6 +38,10 @@ def convert(
     loop_start: LoopStart = None,
     loop_layers: LoopLayers = None,
     loops: LoopCount = None,
+    max_train_loops: Annotated[int | None, typer.Option(
+        help="The most loops the checkpoint was trained with (S_max), stored in the config: "
+             "sweeps and curves mark the loop counts beyond it. Default: --loops for an "
+             "import, a native checkpoint's own.")] = None,
     dtype: Annotated[str | None, typer.Option(
         help="dtype of the written weights: float32, bfloat16, float16 or float64 (or fp32, "
              "bf16, fp16, fp64); default float32, whatever the source's.")] = None,
@@ -51,7 +55,9 @@ def convert(
 
     with config_option():
         model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
-                                   tokenizer=tokenizer, **_spec(loop_start, loop_layers, loops))
+                                   tokenizer=tokenizer, **_spec(loop_start, loop_layers, loops),
+                                   **({} if max_train_loops is None else
+                                      {"max_train_loops": max_train_loops}))
     from ..checkpoint import SIDECARS
 
     c = model.config

@@ -43,6 +43,13 @@ def test_convert_then_inspect_and_generate(tmp_path):
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["format"] == "native" and info["loop"]["n_loops"] == 2
+    assert info["loop"]["max_train_loops"] == 2  # an import's default: its --loops
+    res = run("convert", str(tmp_path / "m"), str(tmp_path / "trained"), "--loop-start", "1",
+              "--loop-layers", "2", "--loops", "2", "--max-train-loops", "6")
+    assert res.returncode == 0, res.stderr
+    assert load_model(tmp_path / "trained").config.max_train_loops == 6
+    res = run("convert", str(tmp_path / "m"), str(tmp_path / "bad"), "--max-train-loops", "0")
+    assert res.returncode == 2 and "loop counts must be >= 1" in res.stderr
     res = run("inspect", str(tmp_path / "native"))
     assert res.returncode == 0 and "per loop" in res.stdout
     write_tokenizer_json(tmp_path / "tok")
