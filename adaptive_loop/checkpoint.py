@@ -261,13 +261,19 @@ def attach_tokenizer(model: LoopMDM, source: str | Path) -> LoopMDM:
     from .tokenizer import load_tokenizer
 
     cfg = model.config
-    tokenizer = load_tokenizer(source, cfg.mask_id, cfg.pad_id, cfg.eos_id)
+    model.tokenizer = _fitting(load_tokenizer(source, cfg.mask_id, cfg.pad_id, cfg.eos_id), cfg)
+    return model
+
+
+def _fitting(tokenizer: Tokenizer, cfg: LoopMDMConfig) -> Tokenizer:
+    """`tokenizer`, refused when it has more tokens than the model embeds: it belongs to
+    another model, and its ids past the embedding would fail deep inside a forward pass."""
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise UsageError(f"{tokenizer.path}: {tokenizer.vocab_size:,} tokens, more than the "
+        where = getattr(tokenizer, "path", "the model config's tokenizer")
+        raise UsageError(f"{where}: {tokenizer.vocab_size:,} tokens, more than the "
                          f"{cfg.vocab_size:,} ids this model embeds; it is another model's "
                          f"tokenizer")
-    model.tokenizer = tokenizer
-    return model
+    return tokenizer
 
 
 def tokenizer_for(model: LoopMDM) -> Tokenizer:
@@ -281,8 +287,8 @@ def tokenizer_for(model: LoopMDM) -> Tokenizer:
         raise UsageError("this model's config describes no tokenizer; pass one (--tokenizer "
                          "on the command line; in Python attach_tokenizer(model, path), or "
                          "token ids instead of strings)")
-    return from_spec(cfg.tokenizer, getattr(model, "tokenizer_dir", None),
-                     {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id})
+    return _fitting(from_spec(cfg.tokenizer, getattr(model, "tokenizer_dir", None),
+                              {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id}), cfg)
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, *, format: str = "auto",

@@ -196,3 +196,10 @@ def test_convert_bundles_a_tokenizer(tmp_path):
     res = run("generate", "the cat", "--checkpoint", str(native), "--tokenizer", str(big),
               "--device", "cpu")
     assert res.returncode == 2 and "another model's tokenizer" in res.stderr
+    # the same refusal for a checkpoint whose own tokenizer file is another model's
+    (native / "tokenizer.json").write_bytes(big.read_bytes())
+    for args in (["inspect", str(native), "--check"],
+                 ["generate", "the cat", "--checkpoint", str(native), "--gen-length", "2",
+                  "--device", "cpu"]):
+        res = run(*args)
+        assert res.returncode == 2 and "another model's tokenizer" in res.stderr, res.stderr
