@@ -278,7 +278,8 @@ def _fitting(tokenizer: Tokenizer, cfg: LoopMDMConfig) -> Tokenizer:
 
 def tokenizer_for(model: LoopMDM) -> Tokenizer:
     """The tokenizer attached to the model (`attach_tokenizer`), else the one its config
-    describes (a file-backed one is read from the checkpoint directory it came with)."""
+    describes (a file-backed one is read from the checkpoint directory it came with, once:
+    the model keeps it for later calls while its config and directory stay the same)."""
     attached = getattr(model, "tokenizer", None)
     if attached is not None:
         return attached
@@ -287,8 +288,14 @@ def tokenizer_for(model: LoopMDM) -> Tokenizer:
         raise UsageError("this model's config describes no tokenizer; pass one (--tokenizer "
                          "on the command line; in Python attach_tokenizer(model, path), or "
                          "token ids instead of strings)")
-    return _fitting(from_spec(cfg.tokenizer, getattr(model, "tokenizer_dir", None),
-                              {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id}), cfg)
+    specials = {"mask": cfg.mask_id, "pad": cfg.pad_id, "eos": cfg.eos_id}
+    directory = getattr(model, "tokenizer_dir", None)
+    key = json.dumps([cfg.tokenizer, str(directory), specials, cfg.vocab_size], sort_keys=True)
+    kept = getattr(model, "_config_tokenizer", None)
+    if kept is None or kept[0] != key:
+        kept = model._config_tokenizer = (key, _fitting(from_spec(cfg.tokenizer, directory,
+                                                                  specials), cfg))
+    return kept[1]
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, *, format: str = "auto",

@@ -64,6 +64,12 @@ def test_tokenizer_json_beside_llada_weights_and_through_native(tmp_path):
     out = generate(again, ["the cat", "a dog ran in the"], policy=make("fixed"), gen_length=4,
                    steps=4)
     assert len(out.text) == 2 and out.prompt_lengths == [2, 5]
+    # the file is read once per model: later calls get the same tokenizer, until the config
+    # that describes it changes
+    assert tokenizer_for(again) is tokenizer_for(again)
+    first = tokenizer_for(again)
+    again.config.eos_id = 38
+    assert tokenizer_for(again) is not first and tokenizer_for(again).eos_id == 38
 
 
 def test_sentencepiece_model_beside_smdm_weights(tmp_path):
