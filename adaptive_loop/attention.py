@@ -6,15 +6,17 @@ G key/value heads, D head size.
 Packed queries attend to the full key/value rows they belong to. The projections and MLP
 around attention stay on the packed [N, d] matrix. Keys and values live in a flat cache per
 layer, (T, G, D): row b's position j at slot b * L + j, and T >= B * L slots (flex's key
-length is whole tiles; the slots past B * L hold zeros that no query sees). That layout is the
-one every backend reads without a copy: padded SDPA takes a (B, G, L, D) view, flex a
-(1, G, T, D) view, varlen the slots as they are; and a packed token's new keys/values are one
-row write. Attention has three backends, all built once per loop iteration from row offsets
-(a few tensor ops) and shared by every layer:
+length is whole tiles; the slots past B * L hold zeros that no query sees). Each backend reads
+that layout without copying it: padded SDPA takes a (B, G, L, D) view (grouped-query heads
+are still expanded for it), flex a (1, G, T, D) view, varlen the slots as they are (under a
+key mask, its real keys gathered: one copy); and a packed token's new keys/values are one row
+write. Attention has three backends, all built once per loop iteration from row offsets (a
+few tensor ops) and shared by every layer:
 - "padded": scatter each row's packed queries into a [B, A, H, D] buffer (A = most packed
   queries in any row) for one SDPA call; padding costs only inside attention.
-- "flex": FlexAttention over the N packed queries and the B*L flattened keys with a block mask
-  derived from row offsets (flex.py); no padding at all. Fused only in compiled code.
+- "flex": FlexAttention over the N packed queries and the T cache slots as one key sequence
+  with a block mask derived from row offsets (flex.py); no padding at all. Fused only in
+  compiled code.
 - "varlen": flash-attn's variable-length kernel (varlen.py), where flash-attn is installed.
 "auto" picks by what was measured (benchmarks/RESULTS.md): padded on CPU, where eager
 FlexAttention computes the dense mask and a compiled one measured slower than padded SDPA;
@@ -159,7 +161,8 @@ class PackedKeys:
 
     def slots(self, batch: int, length: int) -> int:
         """T: how many slots a key/value cache for this backend has (B * L, or flex's key
-        length in whole tiles, so that flex reads the cache without padding it)."""
+        length in whole tiles, so that flex reads the cache without padding it: at most twice
+        B * L, for the few layers of a looped block)."""
         return batch * length if self.rows is None else self.rows.key_row.numel()
 
 

@@ -269,8 +269,12 @@ def _fitting(tokenizer: Tokenizer, cfg: LoopMDMConfig) -> Tokenizer:
     """`tokenizer`, refused when it has more tokens than the model embeds: it belongs to
     another model, and its ids past the embedding would fail deep inside a forward pass."""
     if tokenizer.vocab_size > cfg.vocab_size:
-        where = getattr(tokenizer, "path", "the model config's tokenizer")
-        raise UsageError(f"{where}: {tokenizer.vocab_size:,} tokens, more than the "
+        path = getattr(tokenizer, "path", None)
+        if path is None:  # a tokenizer the config spells out (char): the config is off
+            raise UsageError(f"the model config's tokenizer spans {tokenizer.vocab_size:,} "
+                             f"ids (its characters and special ids), more than the "
+                             f"{cfg.vocab_size:,} this model embeds")
+        raise UsageError(f"{path}: {tokenizer.vocab_size:,} tokens, more than the "
                          f"{cfg.vocab_size:,} ids this model embeds; it is another model's "
                          f"tokenizer")
     return tokenizer

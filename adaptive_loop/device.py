@@ -25,7 +25,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         raise UsageError("CUDA was requested but no CUDA device is available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise UsageError(f"there is no {dev}: this machine has {count} CUDA "
+        raise UsageError(f"there is no {dev}: this machine has {count} visible CUDA "
                          f"device{'s' if count > 1 else ''} (cuda:0"
                          f"{f' to cuda:{count - 1}' if count > 1 else ''})")
     return dev

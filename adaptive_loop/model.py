@@ -141,11 +141,12 @@ class LoopMDM(nn.Module):
         return h
 
     def loop_once(self, h: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, list[KV]]:
-        """One pass of the looped block over full rows; returns the block's keys/values too."""
+        """One pass of the looped block over full rows; returns each block layer's keys and
+        values too, (B, G, L, D) each."""
         kvs = []
         for layer in self.block_layers:
-            h, kv = layer.dense(h, self.rope, key_mask)
-            kvs.append(kv)
+            h, (k, v) = layer.dense(h, self.rope, key_mask)
+            kvs.append((k.transpose(1, 2), v.transpose(1, 2)))
         return h, kvs
 
     def head(self, h: Tensor, vocab: Tensor | None = None) -> Tensor:
@@ -178,7 +179,9 @@ class LoopMDM(nn.Module):
             last = coda[-1]
             cos, sin = rope_rows(self.rope, h.shape[1])
             k, v = last.project_kv(h, cos, sin)  # keys/values of every position (B, L, G, D)
-            kv = (k.flatten(0, 1).clone(), v.flatten(0, 1).clone())  # a flat cache (B*L, G, D)
+            # a flat cache (B*L, G, D) the layer writes into: k is a fresh tensor (RoPE's
+            # output), v a view of the projection's output, which must not be written
+            kv = (k.flatten(0, 1), v.flatten(0, 1).clone())
             hq = last.packed(hq, self.rope, plan, kv, key_mask)
         return self.head(hq, vocab)
 

@@ -383,7 +383,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         _check_finite(ok, step, done.iteration)
         if n_active == 0:
             return False
-        if compact and n_active < total and caches[0][0].dim() == 4:
+        if compact and n_active < total and caches is not None and caches[0][0].dim() == 4:
             # packed iterations from now on: the full rows' keys/values into flat caches
             caches = flat_caches(caches, run_keys().slots(batch, length))
         if compact and not pipeline and n_active < planned and caches is not None:

@@ -75,7 +75,8 @@ def check_weights(source: str | Path | None = None, *, format: str = "auto",
 
     Raises:
         CheckpointError: weights that do not load, do not match the config or hold NaN/inf.
-        UsageError: a tokenizer file that is missing or does not parse.
+        UsageError: a tokenizer file that is missing, does not parse, or has more tokens
+            than the model embeds.
     """
     model = load_model(source, format=format, config=config, device="cpu", **overrides)
     state = model.state_dict()

@@ -357,8 +357,8 @@ def test_a_failing_machine_gives_one_line(monkeypatch, capsys, raised, line):
 
 
 @pytest.mark.parametrize("count, line", [
-    (1, "there is no cuda:3: this machine has 1 CUDA device (cuda:0)"),
-    (2, "there is no cuda:3: this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
+    (1, "there is no cuda:3: this machine has 1 visible CUDA device (cuda:0)"),
+    (2, "there is no cuda:3: this machine has 2 visible CUDA devices (cuda:0 to cuda:1)"),
 ])
 def test_a_cuda_index_beyond_the_machine_is_one_line(monkeypatch, capsys, count, line):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -162,3 +162,10 @@ def test_a_completion_reads_right_after_its_prompt(tmp_path, build):
     assert tok.decode(prompt) + tok.decode(rest) != whole  # the space is lost alone
     text = _decode(tok, torch.tensor([rest]), None, [prompt])[0]
     assert tok.decode(prompt) + text == whole
+
+
+def test_a_char_tokenizer_wider_than_the_embedding_is_a_config_error(tiny_model):
+    tiny_model.config.tokenizer = {"kind": "char", "chars": "abcdefghijklmnopqrstuvwxyz"}
+    with pytest.raises(UsageError, match=r"the model config's tokenizer spans 26 ids .* more "
+                                         r"than the 17 this model embeds$"):
+        tokenizer_for(tiny_model)
