@@ -359,6 +359,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         """`p` with the run's key structure when compacting."""
         return p.with_keys(run_keys()) if compact else p
 
+    def slots() -> int:
+        """Slots of a flat key/value cache: what the backend reads when compacting; the
+        masked reference reads full rows."""
+        return run_keys().slots(batch, length) if compact else total
+
     if key_mask is None:
         active = torch.ones(batch, length, dtype=torch.bool, device=h.device)
     else:  # padding starts halted, against zero keys/values that the key mask hides
@@ -368,8 +373,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             trace.host_syncs += 1
         if real_plan.size < total:
             planned, plan = real_plan.size, keyed(real_plan)
-            caches = _zero_caches(model, h, run_keys().slots(batch, length) if compact else
-                                  total)
+            caches = _zero_caches(model, h, slots())
     members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
@@ -385,7 +389,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             return False
         if compact and n_active < total and caches is not None and caches[0][0].dim() == 4:
             # packed iterations from now on: the full rows' keys/values into flat caches
-            caches = flat_caches(caches, run_keys().slots(batch, length))
+            caches = flat_caches(caches, slots())
         if compact and not pipeline and n_active < planned and caches is not None:
             _write_first_kv(model, h, caches[0], halted, planned - n_active)
             trace.refreshed += planned - n_active

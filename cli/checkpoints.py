@@ -24,8 +24,10 @@ LoopCount = Annotated[int | None, typer.Option(
     "--loops", help="Default loop count S stored in the config (default 1 for imports).")]
 
 
-def _spec(loop_start: int | None, loop_layers: int | None, loops: int | None) -> dict[str, Any]:
-    spec = {"loop_start": loop_start, "loop_layers": loop_layers, "n_loops": loops}
+def _spec(loop_start: int | None, loop_layers: int | None, loops: int | None,
+          max_train_loops: int | None = None) -> dict[str, Any]:
+    spec = {"loop_start": loop_start, "loop_layers": loop_layers, "n_loops": loops,
+            "max_train_loops": max_train_loops}
     return {k: v for k, v in spec.items() if v is not None}
 
 
@@ -55,9 +57,8 @@ def convert(
 
     with config_option():
         model = convert_checkpoint(src, dst, format=format, config=config, dtype=dtype,
-                                   tokenizer=tokenizer, **_spec(loop_start, loop_layers, loops),
-                                   **({} if max_train_loops is None else
-                                      {"max_train_loops": max_train_loops}))
+                                   tokenizer=tokenizer,
+                                   **_spec(loop_start, loop_layers, loops, max_train_loops))
     from ..checkpoint import SIDECARS
 
     c = model.config
