@@ -35,13 +35,18 @@ def draw(logits: Tensor, temperature: float, generator: torch.Generator | None) 
     """Gumbel-max in float64: argmax(exp(logits) / (-log U)^temperature), LLaDA's form, taken
     in logs, logits - temperature * log(-log U), the same argmax without the overflow of
     exp() and of the power at high temperatures (which left no finite score to pick); 0 is
-    argmax. (M, V) -> (M,)."""
+    argmax. Above temperature 1 the scores are divided by it (the same argmax again), so that
+    no temperature, however large, overflows them: an overflow would turn an excluded -inf
+    logit into NaN, which argmax picks. (M, V) -> (M,)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.double()
     u = torch.rand(logits.shape, generator=generator, device=logits.device,
                    dtype=torch.float64)
-    return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+    gumbel = torch.log(-torch.log(u))  # within [-37, 7] in float64
+    if temperature > 1:
+        return (logits / temperature - gumbel).argmax(-1)
+    return (logits - temperature * gumbel).argmax(-1)
 
 
 def confidence(logits: Tensor, drawn: Tensor, remasking: str,

@@ -428,6 +428,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             continue
         index = plan.index if plan is not None and planned < total else torch.arange(
             total, device=h.device)
+        if reads_logits:  # kept: a pipelined check reads the same members as the one before
+            probe = probe_plan(members & needed, probe, trace)
         sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
                        step, steps, trace, short, probe)
         halt = _checked(policy, policy.decide(sig), index)

@@ -128,14 +128,17 @@ def test_check_every_only_halts_on_checked_loops(tiny_model):
     ("kl", {"threshold": 0.05, "context_threshold": 0.3, "probe": "lens"}),
     ("stability", {"patience": 1, "context_threshold": 0.3}),
 ])
-def test_prediction_probes_cost_no_sync_of_their_own(tiny_model, name, params):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_prediction_probes_cost_no_sync_of_their_own(tiny_model, name, params, pipeline):
     """A policy that reads predictions waits for the device once per checked iteration, as
     every policy does: the sizes of the next probe come with the decision's read, and the
-    first probe is the caller's plan of the needed tokens (the sampler's readout plan)."""
+    first probe is the caller's plan of the needed tokens (the sampler's readout plan), or
+    one the runtime builds once (pipelined, the second check reads the same tokens)."""
     h, needed = _state(tiny_model)
     given, a = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed,
-                         needed_plan=PackPlan.from_mask(needed))
-    built, b = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed)
+                         needed_plan=PackPlan.from_mask(needed), pipeline=pipeline)
+    built, b = run_loops(tiny_model, h, make(name, max_loops=6, **params), needed,
+                         pipeline=pipeline)
     assert torch.equal(given, built) and torch.equal(a.loops, b.loops)
     assert a.loops.min() < a.loops.max(), "the test needs tokens halting at several loops"
     policy = make(name, max_loops=6, **params)
