@@ -24,6 +24,7 @@ from .device import pick_device, pick_dtype
 from .errors import CheckpointError, CheckpointNotFound, UsageError
 from .files import atomic_write, atomic_write_text, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
+from .importers.source import all_finite
 from .model import LoopMDM
 from .tokenizer import Tokenizer, from_spec
 
@@ -140,7 +141,7 @@ def check_state(model: LoopMDM, state: dict[str, torch.Tensor], where: str) -> N
             dtype = str(state[key].dtype).removeprefix("torch.")
             raise CheckpointError(f"{where}: {key} holds {dtype} values but the model needs "
                                   f"floating-point weights (float32, bfloat16, float16...)")
-        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+        if state[key].is_floating_point() and not all_finite(state[key]):
             raise CheckpointError(f"{where}: {key} holds NaN or infinite values")
 
 

@@ -308,6 +308,99 @@ class _Payload:
         return (print, ("never printed",))
 
 
+class _Blocked:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo never run",))
+
+
+def test_pickle_of_a_blocked_module_is_refused_as_such(tmp_path):
+    """torch words a call into a module it blocks (os, subprocess...) differently from other
+    globals; it is still 'Python objects other than tensors', not a damaged file."""
+    torch.save({"model": smdm_state(SMDM_TINY), "extra": _Blocked()}, tmp_path / "w.pth")
+    (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))
+    with pytest.raises(CheckpointError, match=r"holds Python objects other than tensors "
+                       r"\(\w+\.system\)"):
+        load_model(tmp_path / "w.pth", format="smdm")
+
+
+def test_mdlm_bf16_checkpoint_with_its_rope_frequencies_loads(tmp_path):
+    """A checkpoint saved in bfloat16 rounds its stored inv_freq too (and keeps it rounded when
+    saved again in float32): that is no other rotary setting. The logits are those of the
+    same weights stored in float32 (up to the conditioning that the import precomputes in the
+    stored dtype)."""
+    state = write_mdlm(tmp_path / "m", {**MDLM_TINY, "n_heads": 2})  # head size 16: bf16 moves
+    half = {k: v.bfloat16() for k, v in state.items()}  # an inv_freq entry by 0.4%
+    save_file(half, str(tmp_path / "m" / "model.safetensors"))
+    model = load_model(tmp_path / "m", device="cpu")
+    save_file({k: v.float() for k, v in half.items()}, str(tmp_path / "m" / "model.safetensors"))
+    with torch.no_grad():
+        assert rel_err(model(IDS), load_model(tmp_path / "m", device="cpu")(IDS)) <= TOL
+    other = 1.0 / 500000 ** (torch.arange(0, 16, 2).float() / 16)  # another base is refused
+    save_file({**state, "backbone.rotary_emb.inv_freq": other},
+              str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="inv_freq is not base 10000 over the head size 16"):
+        load_model(tmp_path / "m", device="cpu")
+
+
+def test_two_checkpoints_in_one_directory_are_not_merged(tmp_path):
+    """Safetensors files without an index are read as shards of one checkpoint; two files that
+    hold the same tensor are two checkpoints, and which to load is the user's choice."""
+    state = write_llada(tmp_path / "l")
+    for shard in tmp_path.glob("l/model*"):
+        shard.unlink()
+    save_file(state, str(tmp_path / "l" / "iter-1.safetensors"))
+    save_file({k: v * 2 for k, v in state.items()}, str(tmp_path / "l" / "iter-2.safetensors"))
+    with pytest.raises(CheckpointError, match="iter-1.safetensors and iter-2.safetensors both "
+                       r"hold '.*': several checkpoints in one directory\? pass the one file"):
+        load_model(tmp_path / "l", device="cpu")
+    one = load_model(tmp_path / "l" / "iter-1.safetensors", config=tmp_path / "l" /
+                     "config.json", device="cpu")
+    with torch.no_grad():
+        assert rel_err(one(IDS), llada_reference(state, LLADA_TINY, IDS, list(range(4)))) <= TOL
+
+
+@pytest.mark.parametrize("layout, key", [
+    ("smdm", "transformer.h.1.attn.attn.weight"),
+    ("mdlm", "backbone.blocks.1.adaLN_modulation.bias"),
+    ("llada", "model.transformer.blocks.2.up_proj.weight"),
+])
+def test_non_finite_weights_are_named_as_the_checkpoint_names_them(tmp_path, layout, key):
+    if layout == "smdm":
+        state, path = _smdm(tmp_path)
+    else:
+        path = tmp_path / layout
+        state = (write_mdlm if layout == "mdlm" else write_llada)(path)
+        for shard in path.glob("model*"):
+            shard.unlink()
+    bad = state[key].clone()
+    bad.view(-1)[3] = torch.nan
+    save_file({**state, key: bad}, str(path if layout == "smdm" else path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{key} holds NaN or infinite values$"):
+        load_model(path, device="cpu", **({"format": "smdm"} if layout == "smdm" else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_weights_load_and_are_checked(tmp_path, dtype):
+    """float8 tensors have no finiteness check of their own; they load as their float32
+    values, and a NaN among them is still named."""
+    state = {k: v.to(dtype) for k, v in write_llada(tmp_path / "l").items()}
+    for shard in tmp_path.glob("l/model*"):
+        shard.unlink()
+    save_file(state, str(tmp_path / "l" / "model.safetensors"))
+    with torch.no_grad():
+        got = load_model(tmp_path / "l", device="cpu")(IDS)
+    assert rel_err(got, llada_reference({k: v.float() for k, v in state.items()}, LLADA_TINY,
+                                        IDS, list(range(4)))) <= TOL
+    key = "model.transformer.blocks.0.q_proj.weight"
+    bad = state[key].float()
+    bad[0, 0] = torch.nan
+    save_file({**state, key: bad.to(dtype)}, str(tmp_path / "l" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{key} holds NaN"):
+        load_model(tmp_path / "l", device="cpu")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"padding_multiple": 0}, "padding_multiple must be a positive integer, got 0"),
     ({"vocab_size": "x"}, 'vocab_size must be a positive integer, got "x"'),

@@ -110,14 +110,15 @@ def expect_shape(source: Source, key: str, tensor: Tensor, shape: tuple[int, ...
         raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)} but {why}")
 
 
-def count_layers(keys: list[str], prefix: str) -> int:
+def count_layers(source: Source, keys: list[str], prefix: str) -> int:
     """Number of layers i with keys `{prefix}{i}.`."""
     indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys
                if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
     if not indices:
-        raise CheckpointError(f"no layers found under {prefix!r}")
+        raise CheckpointError(f"{source.path}: no layers found under {prefix!r}")
     if indices != set(range(len(indices))):
-        raise CheckpointError(f"layers under {prefix!r} are not numbered 0..{len(indices) - 1}")
+        raise CheckpointError(f"{source.path}: layers under {prefix!r} are not numbered "
+                              f"0..{len(indices) - 1}")
     return len(indices)
 
 

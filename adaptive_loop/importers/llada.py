@@ -108,7 +108,7 @@ def read_config(source: Source, config: str | Path | None,
         "pad_id": get("pad_token_id"), "tie_embeddings": bool(get("weight_tying")),
         "tokenizer": tokenizer_spec(source),
     }
-    found = count_layers(source.keys(), PREFIX + "blocks.")
+    found = count_layers(source, source.keys(), PREFIX + "blocks.")
     if found != layers:
         raise CheckpointError(f"{source.path}: {found} blocks, but {where} has n_layers="
                               f"{layers}")

@@ -122,7 +122,7 @@ def read_config(source: Source, config: str | Path | None,
         "flavour": "dit", "vocab_size": vocab, "mask_id": mask,
         "lm_head_vocab": vocab - 1 if mask == vocab - 1 else None,
         "d_model": width, "n_heads": heads, "d_ff": shapes[mlp_key][0],
-        "n_layers": count_layers(list(shapes), pre + "blocks."),
+        "n_layers": count_layers(source, list(shapes), pre + "blocks."),
         "max_seq_len": raw.get("model_length", raw.get("length", 1024)),
         "rope_base": 10000.0, "rope_dtype": "bfloat16", "norm_eps": 1e-5,
         "eos_id": GPT2_EOS if vocab == GPT2_EOS + 2 else None,
@@ -204,7 +204,9 @@ def convert_state(source: Source, cfg: LoopMDMConfig) -> dict[str, Tensor]:
     if "rotary_emb.inv_freq" in state:
         want = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
         inv_freq = take("rotary_emb.inv_freq", tuple(want.shape))
-        if not torch.allclose(inv_freq.float(), want, rtol=1e-3):
+        # within bfloat16's rounding: a checkpoint once saved in bfloat16 keeps it rounded
+        # (another base or head size is off by far more)
+        if not torch.allclose(inv_freq.float(), want, rtol=1e-2):
             raise CheckpointError(f"{source.path}: rotary_emb.inv_freq is not base 10000 over "
                                   f"the head size {head_dim}; unsupported rotary settings")
 

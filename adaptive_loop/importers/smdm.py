@@ -125,7 +125,7 @@ def read_config(source: Source, config: str | Path | None,
         "eos_id": LLAMA2_EOS if lit["vocab_size"] == 32000 else None,
         "tokenizer": tokenizer_spec(source),
     }
-    found = count_layers(source.keys(), "transformer.h.")
+    found = count_layers(source, source.keys(), "transformer.h.")
     if found != base["n_layers"]:
         raise CheckpointError(f"{source.path}: {found} layers, but {where} has "
                               f"n_layer={base['n_layers']}; is it the checkpoint's config?")

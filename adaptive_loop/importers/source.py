@@ -36,6 +36,14 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or infinity in a floating-point tensor (float8 ones, which have no such check of
+    their own, are checked as float32)."""
+    if tensor.element_size() == 1:
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
+
+
 def _weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory, in the order they should be read."""
     index = directory / INDEX_FILE
@@ -74,7 +82,7 @@ def _pickle_problem(path: Path, err: Exception) -> str:
     than tensors in it (it would run code), or a damaged file."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
     named = re.search(r"GLOBAL (\S+)", text)
-    if "Unsupported global" in text and named:
+    if re.search(r"unsupported global", text, re.IGNORECASE) and named:  # or a blocked module
         return (f"{path}: holds Python objects other than tensors ({named.group(1)}), which "
                 f"adaptive-loop never loads: it reads pickles only with torch.load(weights_only"
                 f"=True), so nothing in a checkpoint runs. Save its tensors alone, e.g. "
@@ -152,31 +160,46 @@ class Source:
     def _header_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape from the safetensors headers, in file order."""
         shapes: dict[str, tuple[int, ...]] = {}
+        owner: dict[str, Path] = {}
         for f in self.files:
             try:
                 with safe_open(str(f), framework="pt") as handle:
-                    for key in handle.keys():
+                    keys = list(handle.keys())
+                    for key in keys:
                         shapes[key] = tuple(handle.get_slice(key).get_shape())
             except Exception as err:  # the safetensors error type differs by release
                 raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
                                       f"({err})") from None
+            self._no_repeats(owner, keys, f)
         return shapes
+
+    def _no_repeats(self, owner: dict[str, Path], keys: Any, file: Path) -> None:
+        """Record which file holds each of `keys`; a key two files hold means they are not
+        shards of one checkpoint (e.g. two checkpoints saved in one directory)."""
+        for key in keys:
+            first = owner.setdefault(key, file)
+            if first != file:
+                raise CheckpointError(f"{self.directory}: {first.name} and {file.name} both hold "
+                                      f"{key!r}: several checkpoints in one directory? pass the "
+                                      f"one file to load")
 
     def state(self) -> dict[str, Tensor]:
         """Every tensor, loaded on the CPU in its stored dtype (read once, then cached)."""
         if self._state is None:
             state: dict[str, Tensor] = {}
+            owner: dict[str, Path] = {}
             for f in self.files:
                 if f.suffix == ".safetensors":
                     try:
-                        state.update(load_file(str(f)))
+                        tensors = load_file(str(f))
                     except Exception as err:
                         raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
                                               f"({err})") from None
                 else:
                     tensors, meta = _load_pickle(f)
-                    state.update(tensors)
                     self.meta.update(meta)
+                self._no_repeats(owner, tensors, f)
+                state.update(tensors)
             self._state = state
         return self._state
 
@@ -191,6 +214,8 @@ class Source:
             dtype = str(tensor.dtype).removeprefix("torch.")
             raise CheckpointError(f"{self.path}: {prefix + key} holds {dtype} values; expected "
                                   f"floating-point weights (float32, bfloat16, float16...)")
+        if not all_finite(tensor):  # named here as the checkpoint names it
+            raise CheckpointError(f"{self.path}: {prefix + key} holds NaN or infinite values")
         self._taken.add(key)
         return tensor
 
