@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, CheckpointNotFound, UsageError
-from .files import atomic_write, atomic_write_text, writable_dir
+from .files import atomic_write_many, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .importers.source import all_finite
 from .model import LoopMDM
@@ -51,11 +51,13 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write(out / WEIGHTS_FILE,
-                 lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT_NAME}))
     _copy_tokenizer_file(model, out)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model.config.to_dict()}
-    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=2) + "\n"
+    atomic_write_many([  # weights and config replaced together, after both are written
+        (out / WEIGHTS_FILE,
+         lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT_NAME})),
+        (out / CONFIG_FILE, lambda tmp: tmp.write_text(text))])
     return out
 
 

@@ -3,8 +3,10 @@ before any work starts."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,25 +28,52 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     A symbolic link is followed (the file it points to is replaced; the link stays), and a path
     that is not a regular file (a device such as /dev/null, a pipe) is written in place: a
-    rename would put a plain file where it was."""
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if path.is_dir():
-        raise UsageError(f"cannot write {path}: a directory is in the way")
-    if path.exists() and not path.is_file():
-        write(path)
-        return path
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    rename would put a plain file where it was. A writer's failure on a full disk (some
+    writers raise their own errors for it) is an OSError saying so."""
+    return atomic_write_many([(path, write)])[0]
+
+
+def atomic_write_many(writes: list[tuple[str | Path, Callable[[Path], None]]]) -> list[Path]:
+    """`atomic_write` for files that belong together (weights and the JSON that describes
+    them): every file is written to its temporary and synced first, and only then are they
+    renamed over their paths, so a write that fails leaves the earlier set whole."""
+    targets, staged = [], []  # staged: (temporary, target)
     try:
-        write(tmp)
-        os.chmod(tmp, _file_mode())
-        with tmp.open("rb") as fh:  # on disk before the rename: a crash leaves old or new
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, write in writes:
+            path = Path(path)
+            if path.is_symlink():
+                path = Path(os.path.realpath(path))
+            if path.is_dir():
+                raise UsageError(f"cannot write {path}: a directory is in the way")
+            targets.append(path)
+            if path.exists() and not path.is_file():
+                _write(write, path, path)
+                continue
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            staged.append((tmp, path))
+            _write(write, tmp, path)
+            os.chmod(tmp, _file_mode())
+            with tmp.open("rb") as fh:  # on disk before the rename: a crash leaves old or new
+                os.fsync(fh.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return targets
+
+
+def _write(write: Callable[[Path], None], to: Path, path: Path) -> None:
+    """`write(to)`; a failure for want of space is an OSError naming `path`, whatever the
+    writer raised (safetensors and torch.save have errors of their own for a short write)."""
+    try:
+        write(to)
+    except OSError:
+        raise
+    except Exception as err:
+        if "No space left" in str(err) or shutil.disk_usage(to.parent).free < 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

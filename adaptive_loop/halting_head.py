@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import AdaptiveLoopError, CheckpointError, UsageError
-from .files import atomic_write, atomic_write_text, writable_dir
+from .files import atomic_write_many, writable_dir
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
 from .policies.predictive import needed_rows
@@ -153,10 +153,13 @@ def save_head(head: HaltingHead, directory: str | Path, report: dict[str, Any]) 
     out = writable_dir(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     meta = {"format": HEAD_FORMAT, "version": 1, "head": asdict(head.config), **report}
-    # each file replaced whole: a killed run leaves the old file or the new one, never half
-    atomic_write_text(out / HEAD_META, json.dumps(meta, indent=1) + "\n")
-    return atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(
-        state, str(tmp), metadata={"format": HEAD_FORMAT}))
+    # both written before either replaces its file: a killed or failed run leaves the old
+    # pair or the new one, never half of either, nor new JSON beside old weights
+    text = json.dumps(meta, indent=1) + "\n"
+    return atomic_write_many([
+        (out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp),
+                                                   metadata={"format": HEAD_FORMAT})),
+        (out / HEAD_META, lambda tmp: tmp.write_text(text))])[0]
 
 
 def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:

@@ -51,8 +51,15 @@ class PartStore:
         rows: list[dict[str, Any]] = []
         for path in stale_files(self.directory, ranks.world):
             rows += lines(path).load(repair=False)[0]  # read by every rank: none cuts it
-        own, self.note = self.lines.load()
+        own, note = self.lines.load()
         self.parts = {(r["job"], r["batch"]): r["part"] for r in rows + own if r["plan"] == plan}
+        other = sum(r["plan"] != plan for r in rows + own)
+        if other:  # said, since finishing this run deletes them
+            note = "; ".join(filter(None, [note, (
+                f"{other} finished batch{'es' if other > 1 else ''} in {self.directory} "
+                f"came from a run with other settings (prompts, policy, decoding or model) "
+                f"and {'are' if other > 1 else 'is'} not reused")]))
+        self.note = note
 
     def get(self, job: str, batch: int) -> Part | None:
         return self.parts.get((job, batch))

@@ -251,6 +251,8 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
     if oracle_loops is None:
         oracle_loops = default_oracle_loops(model, settings)
+    if any(n < 1 for n in oracle_loops):  # before any point runs, not after
+        raise UsageError(f"oracle loops must be >= 1, got {min(oracle_loops)}")
     manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
                 "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
                 "seed": seed, "batch_size": batch_size}

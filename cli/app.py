@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -273,6 +274,18 @@ def _environment_error(e: Exception) -> str | None:
     if isinstance(e, OSError):
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return f"{e.strerror or e}{where}"
+    text = str(e)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and ("can't allocate memory" in text
+                                             or "out of memory" in text.lower())):
+        size = re.search(r"tried to allocate ([\d.]+) ?(\w+)", text, re.IGNORECASE)
+        asked = ""
+        if size:
+            amount, unit = float(size.group(1)), size.group(2)
+            asked = f" ({amount / 2**30:.1f} GiB asked for)" if unit == "bytes" else \
+                f" ({amount:g} {unit} asked for)"
+        return f"out of memory{asked}; try a smaller batch, shorter sequences or a smaller " \
+            f"model"
     if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
         first = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
         return f"torch.compile failed ({type(e).__name__}: {first[:200]}); run without " \

@@ -136,6 +136,10 @@ def bench(
     else:
         raise UsageError(f"unknown preset {preset!r}; choose embedded or one of "
                          f"{', '.join(PRESETS)}")
+    if generation and steps and not (model is not None and model.config.task) and \
+            steps > length - max(1, length // 4):
+        raise UsageError(f"--steps {steps} exceeds the {length - max(1, length // 4)} positions "
+                         f"the generation timing generates (three quarters of --length)")
     for backend in backends:  # a backend that cannot run here fails before any timing
         resolve_attention(backend, dev, dt, cfg.head_dim)
     with err.status("timing loop iterations..."):

@@ -4,6 +4,7 @@ renders the result."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -356,8 +357,10 @@ def train(
     if threads is not None:
         import torch
 
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
+        cpus = os.cpu_count() or 1
+        if not 1 <= threads <= cpus:
+            raise UsageError(f"--threads must be between 1 and the {cpus} CPUs here, got "
+                             f"{threads}")
         torch.set_num_threads(threads)
     from ..train import STATE_FILE, TrainConfig, train_and_save
 

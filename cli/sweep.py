@@ -164,6 +164,8 @@ def sweep(
         except ValueError:
             raise UsageError(f"--oracle-loops takes comma-separated integers or 'none', got "
                              f"{oracle_loops!r}") from None
+        if any(n < 1 for n in oracle):
+            raise UsageError(f"--oracle-loops must be >= 1, got {min(oracle)}")
     prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
     on_abort(f"finished points are kept in {out_dir}; run the same command again to resume")
     with session(device) as ranks:

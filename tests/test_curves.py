@@ -19,7 +19,7 @@ from adaptive_loop.curves import (
     plot_curve,
     plot_heatmap,
 )
-from adaptive_loop.files import atomic_write_text
+from adaptive_loop.files import atomic_write_many, atomic_write_text
 
 
 @pytest.mark.parametrize("k, n", [(0, 20), (7, 20), (20, 20), (63, 100), (1, 1)])
@@ -107,6 +107,48 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write_text(target, None)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_files_written_together_are_replaced_together(tmp_path):
+    """Weights and the JSON describing them: a failure writing either leaves the old pair,
+    and no temporary file behind."""
+    weights = atomic_write_text(tmp_path / "w.bin", "old weights")
+    meta = atomic_write_text(tmp_path / "w.json", "old meta")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise ValueError("writer failed")
+
+    for writes in ([(weights, fail), (meta, lambda t: t.write_text("new meta"))],
+                   [(weights, lambda t: t.write_text("new weights")), (meta, fail)]):
+        with pytest.raises(ValueError, match="writer failed"):
+            atomic_write_many(writes)
+        assert (weights.read_text(), meta.read_text()) == ("old weights", "old meta")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "w.json"]
+    assert atomic_write_many([(weights, lambda t: t.write_text("new weights")),
+                              (meta, lambda t: t.write_text("new meta"))]) == [weights, meta]
+    assert (weights.read_text(), meta.read_text()) == ("new weights", "new meta")
+
+
+def test_a_writer_failing_on_a_full_disk_is_an_os_error(tmp_path, monkeypatch):
+    """safetensors and torch.save raise errors of their own on a short write; with no space
+    left it is the OSError (ENOSPC) the command line reports in one line. A writer's other
+    failures stay as they are."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    def short_write(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 12")
+
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # space left: not the disk
+        atomic_write_many([(tmp_path / "x", short_write)])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30, 0))
+    with pytest.raises(OSError) as err:
+        atomic_write_many([(tmp_path / "x", short_write)])
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_write_keeps_a_link_and_writes_through_a_pipe(tmp_path):

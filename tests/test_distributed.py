@@ -79,6 +79,19 @@ def test_batches_of_ranks_beyond_this_runs_are_reused_then_removed(tmp_path):
     assert not parts.exists()
 
 
+def test_batches_of_a_run_with_other_settings_are_said_not_reused(tmp_path):
+    """A rerun with other settings computes everything again; the kept batches of the
+    earlier run, which finishing deletes, are counted in a note."""
+    first = PartStore(tmp_path, Ranks(), "p")
+    for i in range(3):
+        first.put("job", i, {"value": i})
+    assert first.note is None and PartStore(tmp_path, Ranks(), "p").note is None
+    other = PartStore(tmp_path, Ranks(), "q")
+    assert other.get("job", 0) is None
+    assert other.note == (f"3 finished batches in {tmp_path} came from a run with other "
+                          f"settings (prompts, policy, decoding or model) and are not reused")
+
+
 def test_a_kept_part_that_does_not_read_as_one_is_computed_again(tmp_path):
     """A part line that is JSON of the plan but lacks what the job reads, or holds the wrong
     number of rows, is not trusted: its batch runs again."""

@@ -186,6 +186,13 @@ CASES = [
     ("train into a used dir", ["train", "--out", "{keep}", "--steps", "1"], 2,
      "already holds files"),
     ("train threads 0", ["train", "--out", "{empty}/t", "--threads", "0"], 2, "--threads"),
+    ("train threads past the CPUs", ["train", "--out", "{empty}/t", "--threads", "100000"], 2,
+     "--threads must be between 1 and the"),
+    ("bench steps past the generated positions", ["bench", "--preset", "tiny", "--length", "20",
+                                                  "--steps", "1000"], 2,
+     "--steps 1000 exceeds the 15 positions the generation timing generates"),
+    ("sweep oracle loops 0", ["sweep", "-p", "fixed:loops=1", "--out", "{empty}/s",
+                              "--oracle-loops", "1,0"], 2, "--oracle-loops must be >= 1, got 0"),
     ("inspect missing", ["inspect", "/no/such/ckpt"], 2, "not found"),
     ("inspect length past the context", ["inspect", "--length", "100"], 2,
      "(the model's context), got 100"),
@@ -341,13 +348,19 @@ _CompileFailure.__module__ = "torch._inductor.exc"
 @pytest.mark.parametrize("raised, line", [
     (OSError(28, "No space left on device"), "error: No space left on device\n"),
     (PermissionError(13, "Permission denied", "/sys/x"), "error: Permission denied: /sys/x\n"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 52428800000 bytes. Error code 12"),
+     "error: out of memory (48.8 GiB asked for); try a smaller batch, shorter sequences or a "
+     "smaller model\n"),
+    (MemoryError(), "error: out of memory; try a smaller batch, shorter sequences or a smaller "
+     "model\n"),
     (_CompileFailure("InvalidCxxCompiler: No working C++ compiler found\nmore"),
      "error: torch.compile failed (_CompileFailure: InvalidCxxCompiler: No working C++ compiler "
      "found); run without --compile, or with --debug for the traceback\n"),
 ])
 def test_a_failing_machine_gives_one_line(monkeypatch, capsys, raised, line):
-    """A full disk, a path the system refuses or a compiler torch cannot run is the machine's
-    failure, not the program's: one line, exit 1."""
+    """A full disk, a path the system refuses, memory that runs out or a compiler torch
+    cannot run is the machine's failure, not the program's: one line, exit 1."""
     def fail():
         raise raised
     monkeypatch.setattr("adaptive_loop.policies.available", fail)
