@@ -199,7 +199,9 @@ class SweepResult:
 
 
 def default_oracle_loops(model: LoopMDM, settings: list[Setting]) -> list[int]:
-    """The fixed loop counts in the grid, plus the largest loop bound of any setting."""
+    """The fixed loop counts in the grid, plus the largest loop bound of any setting or the
+    model's own loop count, whichever is larger (so that a grid of small loop counts is
+    still measured against the oracle at the model's loops)."""
     n_loops = model.config.n_loops
     tops = {policy_of(s).loop_bounds(n_loops)[1] for s in settings}
     fixed = {policy_of(s).loop_bounds(n_loops)[1] for s in settings if s.policy == "fixed"}

@@ -113,7 +113,8 @@ def sweep(
     seed: Seed = 1234,
     oracle_loops: Annotated[str | None, typer.Option(
         help="Loop counts of the oracle points, comma-separated (default: the fixed grid's loop "
-        "counts and the largest loop bound); 'none' for no oracle.")] = None,
+        "counts, and the largest loop bound of the grid or the model's own loop count, whichever "
+        "is larger); 'none' for no oracle.")] = None,
     heatmap: Annotated[bool, typer.Option(
         "--heatmap", help="Also keep loops per (step, position) for every point (in "
         "points.jsonl) and draw them as OUT/heatmaps/*.png (unless --no-plot).")] = False,

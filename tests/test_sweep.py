@@ -46,6 +46,17 @@ def _without_wall(curve):
                                 for p in curve["points"]]}
 
 
+def test_default_oracle_points(tiny_model):
+    """The grid's fixed loop counts, and the largest bound of the grid or the model's own loop
+    count, whichever is larger."""
+    from adaptive_loop.sweep import default_oracle_loops
+
+    n = tiny_model.config.n_loops
+    assert default_oracle_loops(tiny_model, parse_policy_grid("fixed:loops=1,2")) == [1, 2, n]
+    grid = parse_policy_grid("fixed:loops=1") + parse_policy_grid(f"convergence:max_loops={n + 4}")
+    assert default_oracle_loops(tiny_model, grid) == [1, n + 4]
+
+
 def test_grid_grammar_is_a_product_in_written_order():
     got = parse_policy_grid("entropy:threshold=0.5,0.2;min_loops=1,2")
     assert [s.kwargs for s in got] == [
