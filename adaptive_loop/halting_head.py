@@ -392,9 +392,17 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
 
     encoded = encode_records(model, [{"prompt": p} for p in prompts], tokenizer_for(model),
                              gen_length)
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
-    test = torch.zeros(len(prompts), dtype=torch.bool)
-    test[order[: min(len(prompts) - 1, max(1, round(held_out * len(prompts))))]] = True
+    # held out by distinct prompt: a prompt given twice decodes the same way twice, so its
+    # copies go to one side together (without repeats: the split of the prompts' numbers)
+    keys = [tuple(ids) for ids in encoded]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) < 2:
+        raise UsageError(f"train-halting: give at least 2 distinct prompts, got "
+                         f"{len(distinct)}")
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))
+    chosen = {distinct[i] for i in order[: min(len(distinct) - 1, max(
+        1, round(held_out * len(distinct))))].tolist()}
+    test = torch.tensor([k in chosen for k in keys], dtype=torch.bool)
     parts = []
     for members in length_batches(encoded, batch_size):
         chunk = torch.tensor(members)

@@ -187,14 +187,17 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            last = step + 1 == cfg.steps
+            due = evaluate is not None and ((step + 1) % cfg.eval_every == 0 or last)
             opt.step()
             applied = step + 1
+            if due:  # owed from the update on (no call in between, so no interrupt either):
+                owed = step  # an interrupt while recording the loss leaves it to the resumed run
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            last = step + 1 == cfg.steps
             if step % 50 == 0 or last:
                 record({"step": step, "loss": running, "lr": lr_at(cfg, step),
                         "elapsed_s": elapsed()})
-            if evaluate and ((step + 1) % cfg.eval_every == 0 or last):
+            if due:
                 evaluation(step)
             if state_path is not None and time.perf_counter() - last_save >= save_every_s:
                 snapshot(step + 1)

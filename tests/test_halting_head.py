@@ -82,6 +82,34 @@ def test_kl_labels_are_kl_to_the_last_loop(tiny_model, prompts):
     assert (report["training"]["label"], report["training"]["label_eps"]) == ("kl", eps)
 
 
+def test_a_prompt_given_twice_is_held_out_whole(tiny_model, monkeypatch):
+    """Copies of a prompt decode alike: they go to training or to held-out together, so the
+    held-out scores are never of prompts the head trained on."""
+    import adaptive_loop.halting_head as hh
+
+    seen = {}
+    fit, score = hh.fit, hh.score
+
+    def spy_fit(data, *args, **kwargs):
+        seen["train"] = set(data.prompt.tolist())
+        return fit(data, *args, **kwargs)
+
+    def spy_score(head, data, threshold):
+        seen.setdefault("held_out", set(data.prompt.tolist()))  # the first call: held-out
+        return score(head, data, threshold)
+
+    monkeypatch.setattr(hh, "fit", spy_fit)
+    monkeypatch.setattr(hh, "score", spy_score)
+    prompts = PROMPTS + PROMPTS[::-1]
+    _, report = train_halting_head(tiny_model, prompts, gen_length=4, max_loops=3,
+                                   train_steps=2, seed=0)
+    held_out = {prompts[i] for i in seen["held_out"]}
+    assert held_out and not held_out & {prompts[i] for i in seen["train"]}
+    assert report["training"]["held_out_prompts"] == 2 * len(held_out)
+    with pytest.raises(UsageError, match="at least 2 distinct prompts, got 1"):
+        train_halting_head(tiny_model, ["abcdef"] * 3, gen_length=4, max_loops=3)
+
+
 def test_head_trains_and_its_sidecar_round_trips(tiny_model, tmp_path):
     head, report = train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=5,
                                       train_steps=60, threshold=0.7, seed=0)

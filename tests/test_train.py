@@ -55,6 +55,32 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert evals[0] == evals[1] and [step for step, _ in evals[0]] == list(range(60))
 
 
+def test_an_interrupt_while_the_loss_is_logged_keeps_the_evaluation_owed(tmp_path):
+    """Ctrl-C while the caller displays the last step's loss: that step's update is in the
+    weights and its evaluation has not run; the resumed run runs it."""
+    cfg = TrainConfig(steps=10, **{**SMALL, "eval_every": 5})
+
+    def score(model, loops):
+        return float(model.embed_tokens.weight.detach().double().sum())
+
+    def evals(log):
+        return [(e["step"], e["eval_accuracy"]) for e in log if "eval_accuracy" in e]
+
+    whole = []
+    train(cfg, log=whole.append, evaluate=score)
+
+    def display(entry):
+        if "loss" in entry and entry["step"] == 9:
+            raise KeyboardInterrupt
+
+    state = tmp_path / STATE_FILE
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=display, evaluate=score, state_path=state, save_every_s=3600.0)
+    resumed = []
+    train(cfg, log=resumed.append, evaluate=score, state_path=state)
+    assert evals(resumed) == evals(whole) and [s for s, _ in evals(whole)] == [4, 9]
+
+
 def test_output_directory_is_checked_first(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(b"")
     (tmp_path / f".{STATE_FILE}.tmp4242").write_bytes(b"half")  # a snapshot a kill cut short
