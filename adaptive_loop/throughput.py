@@ -172,8 +172,8 @@ def bench_generation(model: LoopMDM, n: int = 200,
 
     def warm(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> None:
         if compiled:
-            evaluate_task(model, task, policy, n=n, compile=True, pipeline=pipelined,
-                          **options)
+            evaluate_task(model, task, policy, n=n, compact=compact, compile=True,
+                          pipeline=pipelined, **options)
 
     def run(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> Measured:
         res = evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,

@@ -75,9 +75,10 @@ class Target:
 
     def shape(self, cfg: LoopMDMConfig) -> LoopMDMConfig:
         """`cfg`, or in a smoke run a toy shape (head size 16, the least flex takes on CUDA;
-        two looped layers, as the full shapes have several)."""
+        two looped layers, as the full shapes have several) with `cfg`'s loop count."""
         return LoopMDMConfig.from_name("tiny", n_heads=2, n_kv_heads=1, max_seq_len=64,
-                                       n_layers=4, loop_layers=2) if self.smoke else cfg
+                                       n_layers=4, loop_layers=2,
+                                       n_loops=cfg.n_loops) if self.smoke else cfg
 
     def size(self, full: int, smoke: int) -> int:
         return smoke if self.smoke else full

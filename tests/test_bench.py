@@ -198,6 +198,29 @@ def test_repeats_run_as_interleaved_rounds():
     assert rows[1].wall_ratio == 1.5 and rows[1].speedup == 0.5
 
 
+def test_compiled_task_generation_warms_each_setting_as_it_is_timed(monkeypatch):
+    """The untimed warm-up of a compiled setting runs with the setting's own compaction, so
+    that the masked path's graphs compile there, not inside a timed run."""
+    from types import SimpleNamespace
+
+    from adaptive_loop import evaluate, load_model
+
+    calls = []
+
+    def recording(model, task, policy, *, n, compact=True, compile=False, pipeline=False,
+                  **kwargs):
+        calls.append((compact, compile))
+        return SimpleNamespace(wall_s=1.0, mean_loops=1.0, looped_flops=1, total_flops=1,
+                               looped_flops_fixed_max=1, monitor_flops=0, nfe=1, accuracy=1.0)
+
+    monkeypatch.setattr(evaluate, "evaluate_task", recording)
+    bench_generation(load_model(device="cpu"), n=4, compile=True,
+                     policies=[("convergence", {"threshold": 0.3})])
+    timed = [c for c in calls[1:] if c[1]]  # after the first, uncompiled warm-up
+    warmed, runs = timed[: len(timed) // 2], timed[len(timed) // 2:]
+    assert sorted(warmed) == sorted(runs) and (False, True) in runs
+
+
 def test_task_generation_is_the_same_with_compaction_on_and_off(monkeypatch):
     """On the embedded model's task (12 problems, which it solves: accuracy above zero), the
     compacted run of a policy generates exactly the tokens of its masked reference, so the

@@ -43,6 +43,8 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     assert len(report["targets"]) == 8
     for t in report["targets"]:
         assert t["measured"] is not None and t["where"] and isinstance(t["met"], bool), t
+    fixed12 = [g for g in report["generation_smdm_b32_loops12"] if g["label"].startswith("fixed")]
+    assert fixed12 and all(g["mean_loops"] == 12 for g in fixed12)  # the toy keeps its loops
     speedups = [g["speedup"] for g in report["generation_smdm_b32_loops12"]
                 if g["speedup"] is not None and "random" in g["label"]]
     assert report["targets"][-1]["measured"] >= max(speedups)
