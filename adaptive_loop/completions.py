@@ -49,7 +49,9 @@ def read_prompts(path: str | Path, completing: bool = False) -> list[dict[str, A
                          f"prompt file not found: {path}")
     records = []
     try:
-        lines = path.read_text().splitlines()
+        # lines end at "\n" alone: JSON strings may hold U+2028 and the like, which
+        # str.splitlines() would also cut at
+        lines = path.read_text().split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read {path}: {err}") from None
     for number, line in enumerate(lines, start=1):

@@ -24,7 +24,9 @@ from .tasks import make_task
 
 # the last number in a text: optional sign, digits with optional thousands commas, decimals,
 # exponent
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
+# digits before any exponent, and no letter just before: `e5` (a word, a footnote) is no number
+_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+                     r"(?:[eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class AnswerMatcher:
         match = self._pattern.search(text)
         if match is None:
             return None
-        return (match.group(1) if match.groups() else match.group(0)).strip()
+        part = match.group(1) if match.groups() else match.group(0)
+        return None if part is None else part.strip()  # None: group 1 took no part
 
     def reference(self, answer: str) -> str:
         got = self.extract(answer)

@@ -153,6 +153,15 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
             raise UsageError("cannot infer --gen-length from the answers; give --gen-length")
         dec["gen_length"] = answer
     dec.setdefault("steps", dec["gen_length"])
+    limit = model.config.max_seq_len
+    for i, ids in enumerate(encoded):  # named here: the checks below see only the longest
+        if not ids:
+            raise UsageError(f"{data.name}, example {i + 1}: empty prompt (it encodes to no "
+                             f"tokens)")
+        if isinstance(dec["gen_length"], int) and len(ids) + dec["gen_length"] > limit:
+            raise UsageError(f"{data.name}, example {i + 1}: {len(ids)} prompt tokens + "
+                             f"gen_length {dec['gen_length']} exceeds the model's context of "
+                             f"{limit} tokens")
     longest = max(len(x) for x in encoded)  # prompt
     check_values(model, longest, dec["gen_length"], dec["steps"],
                  dec["gen_length"] if dec.get("block_length") is None else dec["block_length"],

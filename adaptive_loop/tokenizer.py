@@ -107,7 +107,10 @@ class FileTokenizer:
 
 class HFTokenizer(FileTokenizer):
     """A Hugging Face `tokenizer.json`. Encoding applies the file's own post-processor (a
-    LLaDA or Llama file adds BOS, as `tokenizer(text)` does in transformers)."""
+    LLaDA or Llama file adds BOS, as `tokenizer(text)` does in transformers), and neither
+    the truncation nor the padding a file may have been saved with (transformers turns both
+    off for a plain `tokenizer(text)`): a prompt is never cut, nor padded with ids of its
+    own."""
 
     kind = "huggingface"
 
@@ -123,6 +126,8 @@ class HFTokenizer(FileTokenizer):
             self._tok = _Tokenizer.from_file(str(self.path))
         except Exception as err:  # the library raises plain Exceptions for bad files
             raise UsageError(f"{self.path}: not a readable tokenizer.json ({err})") from None
+        self._tok.no_truncation()
+        self._tok.no_padding()
 
     @property
     def vocab_size(self) -> int:

@@ -52,6 +52,31 @@ def test_numeric_equivalence():
     assert AnswerMatcher(numeric=True).correct("so -3 it is", "-3.0")
     assert parse_number("from 2 to 3e2") == 300.0
     assert parse_number("no digits") is None
+    # an exponent needs digits before it, and a number starts after no letter
+    assert parse_number("The answer is 42 (see e5)") == 42.0
+    assert parse_number("Q3 total: 12") == 12.0 and parse_number(".5") == 0.5
+    assert AnswerMatcher(numeric=True).correct("42, see e5", "42")
+
+
+def test_a_prompt_file_line_may_hold_unicode_line_separators(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (json.dumps(ensure_ascii=False)
+    writes them so): a record's line ends at a newline only."""
+    from adaptive_loop.completions import read_prompts
+
+    rows = [{"prompt": "1+2=", "note": "a\u2028b"}, {"prompt": "3+4=", "note": "c\u0085d\u2029"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                    encoding="utf-8")
+    assert read_prompts(path) == rows
+
+
+def test_a_regex_group_that_took_no_part_is_no_answer():
+    """`(yes)|(no)` matches "no" with group 1 empty-handed: the completion has no answer
+    to score (wrong), where it used to fail the whole run."""
+    m = AnswerMatcher(r"(yes)|(no)")
+    assert m.extract("no") is None and m.extract("yes") == "yes"
+    assert not m.correct("no", "yes") and m.correct("yes", "yes")
+    assert m.reference("no") == "no"  # a reference without a part is used whole
 
 
 def test_exact_match_is_the_default_and_strips_whitespace():

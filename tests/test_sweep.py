@@ -260,6 +260,16 @@ def test_settle_loops_by_hand():
     assert loops.tolist() == [[2, 2, 1, 2], [2, 2, 2, 2]]
 
 
+def test_a_prompt_too_long_for_the_context_is_named(tmp_path, addition_model):
+    path = tmp_path / "long.jsonl"
+    long = "1+" * addition_model.config.max_seq_len + "1="
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n"
+                            for p in ("1+1=", long)))
+    with pytest.raises(UsageError, match=r"long.jsonl, example 2: \d+ prompt tokens \+ "
+                       r"gen_length 1 exceeds the model's context of \d+ tokens"):
+        plan_batches(addition_model, load_jsonl(path))
+
+
 def test_oracle_keeps_the_fixed_answers_and_never_loops_more(addition_model, data):
     plan = plan_batches(addition_model, data, batch_size=8, decoding={"steps": 3})
     fixed = run_setting(addition_model, data, plan, make("fixed", loops=4))

@@ -72,6 +72,18 @@ def test_tokenizer_json_beside_llada_weights_and_through_native(tmp_path):
     assert tokenizer_for(again) is not first and tokenizer_for(again).eos_id == 38
 
 
+def test_a_tokenizer_json_saved_with_truncation_or_padding_encodes_whole(tmp_path):
+    """As transformers' plain `tokenizer(text)`: a file's saved truncation and padding are
+    off, so a prompt is neither cut nor padded with ids of its own."""
+    tok = _tokenizer_json(tmp_path)
+    want = tok.encode("the cat sat on the mat").ids
+    tok.enable_truncation(max_length=3)
+    tok.enable_padding(length=12, pad_id=0, pad_token="[UNK]")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path, mask_id=40)
+    assert ours.encode("the cat sat on the mat") == want and len(want) == 6
+
+
 def test_sentencepiece_model_beside_smdm_weights(tmp_path):
     save_file(smdm_state(SMDM_TINY), str(tmp_path / "w.safetensors"))
     (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))
