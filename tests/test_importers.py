@@ -315,6 +315,13 @@ class _Blocked:
         return (os.system, ("echo never run",))
 
 
+def test_a_layout_without_its_layers_names_the_file(tmp_path):
+    write_mdlm(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: no layers found under "
+                       f"'transformer.h.'$"):
+        load_model(tmp_path / "m", format="smdm", config="Diff_LLaMA_6M", device="cpu")
+
+
 def test_pickle_of_a_blocked_module_is_refused_as_such(tmp_path):
     """torch words a call into a module it blocks (os, subprocess...) differently from other
     globals; it is still 'Python objects other than tensors', not a damaged file."""
