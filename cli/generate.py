@@ -84,7 +84,10 @@ def generate(
         "some accuracy lost on the embedded model).")] = False,
     compile_loops: Annotated[bool, typer.Option(
         "--compile", help="Compile the loop iterations with torch.compile (the first call pays "
-        "the compilation; on CUDA the dense iteration replays as a CUDA graph).")] = False,
+        "the compilation; on CUDA the dense iteration replays as a CUDA graph). Each batch "
+        "shape (rows x positions) compiles once; past torch's recompile limit (8 by default) "
+        "further shapes run eager, so a --prompts file of many prompt lengths gains less.")
+    ] = False,
     attention: Annotated[str, typer.Option(
         help="Attention of the packed active tokens: auto, padded, flex or varlen (auto: "
         "padded on CPU, flex on CUDA, varlen where flash-attn is installed).")] = "auto",

@@ -185,6 +185,9 @@ def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
     unknown = set(cls.needs) - SIGNALS
     if unknown:
         raise ValueError(f"{cls.name}: unknown signals {sorted(unknown)}; known {sorted(SIGNALS)}")
+    if inspect.isabstract(cls):  # it could never be built
+        raise TypeError(f"{cls.name}: does not define "
+                        f"{', '.join(sorted(cls.__abstractmethods__))}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -250,4 +253,9 @@ def make(name: str, **params: Any) -> HaltingPolicy:
     if extra:
         raise UsageError(f"policy {name!r} takes no parameter {', '.join(extra)}; it takes "
                          f"{', '.join(valid)}")
+    needed = [k for k, p in init_parameters(cls).items()
+              if p.default is p.empty and k not in params]
+    if needed:  # a plugin's parameter without a default
+        raise UsageError(f"policy {name!r} needs {', '.join(needed)} (e.g. --param "
+                         f"{needed[0]}=VALUE)")
     return cls(**params)

@@ -93,11 +93,18 @@ def test_broken_or_clashing_plugins_leave_the_built_in_policies_working(tmp_path
     root = distribution(
         tmp_path / "site", "badplug",
         ["missing = no_such_module:Policy", "notapolicy = badplug:NotAPolicy",
-         "magic = badplug:Magic", "entropy = badplug:Magic"], "badplug",
+         "magic = badplug:Magic", "entropy = badplug:Magic", "abstract = badplug:Abstract",
+         "required = badplug:Required"], "badplug",
         "from adaptive_loop.policies import HaltingPolicy\n"
         "class NotAPolicy:\n    pass\n"
         "class Magic(HaltingPolicy):\n    needs = frozenset({'magic'})\n"
-        "    def decide(self, signals):\n        return signals.needed\n")
+        "    def decide(self, signals):\n        return signals.needed\n"
+        "class Abstract(HaltingPolicy):\n    needs = frozenset({'delta'})\n"
+        "class Required(HaltingPolicy):\n    needs = frozenset({'delta'})\n"
+        "    def __init__(self, threshold, min_loops=1, max_loops=None, check_every=1):\n"
+        "        super().__init__(min_loops, max_loops, check_every)\n"
+        "        self.threshold = threshold\n"
+        "    def decide(self, signals):\n        return signals.delta < self.threshold\n")
     fresh_registry(monkeypatch, root)
     assert {"missing", "notapolicy", "magic"}.isdisjoint(base.available())
     assert type(make("entropy")).__module__ == "adaptive_loop.policies.entropy"
@@ -106,6 +113,11 @@ def test_broken_or_clashing_plugins_leave_the_built_in_policies_working(tmp_path
     assert "not a HaltingPolicy subclass" in broken["notapolicy"]
     assert "unknown signals ['magic']" in broken["magic"]
     assert "clashes with the built-in policy 'entropy'" in broken["entropy"]
+    assert "abstract: does not define decide" in broken["abstract"]  # could never be built
+    # a parameter without a default must be given: said in one line, not a TypeError
+    with pytest.raises(UsageError, match="policy 'required' needs threshold"):
+        make("required")
+    assert make("required", threshold=0.5).threshold == 0.5
     with pytest.raises(UsageError, match="policy plugin 'missing': no_such_module:Policy "
                                          "failed to load"):
         make("missing")
