@@ -232,7 +232,7 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     with a shortlist is timed at a later check of a step, on the shortlist that its first check
     built (the first check of each step reads the whole vocabulary, as without one)."""
     from .policies import make
-    from .runtime import Shortlist, StepTrace, _signals
+    from .runtime import Shortlist, StepTrace, _signals, probe_plan
 
     torch.manual_seed(seed)
     model = random_model(cfg, device, dtype)
@@ -255,14 +255,16 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
             if getattr(policy, "shortlist", 0):
                 trace = StepTrace(loops=active.int())
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
-                               trace, probe=probe)
+                               trace, probe=probe_plan(active & needed, probe, trace))
                 policy.decide(sig)
                 short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
 
             def signals(policy=policy, short=short) -> None:
-                trace = StepTrace(loops=active.int())
+                trace = StepTrace(loops=active.int())  # the probe's plan is part of the cost
+                plan = probe_plan(active & needed, probe, trace) if "logits" in policy.needs \
+                    else None
                 sig = _signals(policy, model, h, prev, active, index, needed, None, 2, 0, 1,
-                               trace, short, probe)
+                               trace, short, plan)
                 policy.decide(sig)
 
             rows.append(MonitorRow(repr(policy), full * 1e3,

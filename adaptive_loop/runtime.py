@@ -195,9 +195,10 @@ def probe_plan(mask: Tensor, probe: Probe, trace: StepTrace) -> PackPlan:
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
              index: Tensor, needed: Tensor, key_mask: Tensor | None, iteration: int, step: int,
              steps: int, trace: StepTrace, shortlist: Shortlist | None = None,
-             probe: Probe = None) -> Signals:
-    """The signals `policy` declared, for the active tokens; logits (of the needed ones only)
-    over the whole vocabulary, or over the step's shortlist once there is one."""
+             probe: PackPlan | None = None) -> Signals:
+    """The signals `policy` declared, for the active tokens; logits (of the needed ones only,
+    `probe`: their plan, from `probe_plan`) over the whole vocabulary, or over the step's
+    shortlist once there is one."""
     d = h.shape[-1]
     if policy.needs & {"delta", "cosine", "hidden"}:  # (a rule that reads none gathers none)
         cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
@@ -210,7 +211,7 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     if "hidden" in policy.needs:
         sig.hidden, sig.previous = cur, old
     if "logits" in policy.needs:
-        probe = probe_plan(active & needed, probe, trace)
+        assert probe is not None, "a policy reading logits needs the probe's plan"
         batch, length = active.shape
         vocab = None if shortlist is None else shortlist.vocab
         columns = None if vocab is None else vocab.numel()
@@ -429,7 +430,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         index = plan.index if plan is not None and planned < total else torch.arange(
             total, device=h.device)
         if reads_logits:  # kept: a pipelined check reads the same members as the one before
-            probe = probe_plan(members & needed, probe, trace)
+            probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
         sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
                        step, steps, trace, short, probe)
         halt = _checked(policy, policy.decide(sig), index)

@@ -136,10 +136,12 @@ def bench(
     else:
         raise UsageError(f"unknown preset {preset!r}; choose embedded or one of "
                          f"{', '.join(PRESETS)}")
+    prompt = max(1, length // 4)  # random prompts' length when there is no task to time
+    gen_length = length - prompt
     if generation and steps and not (model is not None and model.config.task) and \
-            steps > length - max(1, length // 4):
-        raise UsageError(f"--steps {steps} exceeds the {length - max(1, length // 4)} positions "
-                         f"the generation timing generates (three quarters of --length)")
+            steps > gen_length:
+        raise UsageError(f"--steps {steps} exceeds the {gen_length} positions the generation "
+                         f"timing generates (three quarters of --length)")
     for backend in backends:  # a backend that cannot run here fails before any timing
         resolve_attention(backend, dev, dt, cfg.head_dim)
     with err.status("timing loop iterations..."):
@@ -167,8 +169,6 @@ def bench(
                 timed = bench_generation(model, n=n, compile=compile, attention=backends[0],
                                          pipeline=pipeline, repeats=repeats)
             else:
-                prompt = max(1, length // 4)
-                gen_length = length - prompt
                 gen_steps = steps or max(1, gen_length // 4)
                 source = (f"{batch} random prompts of {prompt} tokens, {gen_length} generated "
                           f"in {gen_steps} steps")
