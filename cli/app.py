@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from ..errors import AdaptiveLoopError, UsageError
+from .main import ABORTED
 
 app = typer.Typer(
     name="adaptive-loop", no_args_is_help=True, add_completion=False,
@@ -214,7 +215,9 @@ def run_main(argv: list[str] | None = None) -> None:
     """
     from ..distributed import PeerFailure, refuse_launch, world_rank
     from ..files import forget_created, remove_created_if_empty
+    from .main import load_app
 
+    load_app()  # every command registered, however this function was reached
     forget_created()
     _abort_hint.clear()
 
@@ -316,7 +319,6 @@ def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[Ba
 
 
 PARSER_ERRORS, ABORT = _parser_exceptions()
-ABORTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
 PEER_GRACE_S = 10.0
 SHARDED = {"sweep", "generate", "evaluate"}  # commands that split their work across ranks
 

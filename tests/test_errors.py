@@ -451,3 +451,44 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, h
     err = capsys.readouterr().err
     assert exc.value.code == 130 and "Traceback" not in err
     assert err.strip() == hint.format(root=tmp_path), err
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """The entry point imports nothing heavy before it can catch Ctrl-C: one interrupted while
+    torch loads ends as one during a command does ("aborted", 130), not in a traceback."""
+    import subprocess
+    import sys
+
+    script = (
+        "import builtins, sys\n"
+        "import adaptive_loop, adaptive_loop.cli.main as entry\n"
+        "assert 'torch' not in sys.modules, 'the package imported torch up front'\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "entry.main(['generate'])\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 130 and res.stderr == "aborted\n", res.stderr
+
+
+def test_the_package_names_load_on_first_use():
+    """Every public name resolves (to the object its module defines); an unknown one is the
+    usual AttributeError / ImportError."""
+    import importlib
+
+    import adaptive_loop
+
+    for name in adaptive_loop.__all__:
+        value = getattr(adaptive_loop, name)
+        assert value is not None and name in dir(adaptive_loop)
+        if name != "policies":
+            home = importlib.import_module(f"adaptive_loop.{adaptive_loop._HOME[name]}")
+            assert value is getattr(home, name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        adaptive_loop.nothing  # noqa: B018
+    with pytest.raises(ImportError):
+        from adaptive_loop import nothing  # noqa: F401
