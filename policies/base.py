@@ -179,15 +179,29 @@ _BROKEN: dict[str, str] = {}  # plugin name -> why it was not registered
 
 
 def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
-    """Class decorator: make a policy available under `cls.name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} needs a class attribute `name`")
+    """Class decorator: make a policy available under `cls.name`.
+
+    A class defined again under its own name (a notebook cell run twice) replaces the earlier
+    one; a built-in policy's name is refused, as is a name a subclass only inherits."""
+    if not (isinstance(cls, type) and issubclass(cls, HaltingPolicy)):
+        raise UsageError(f"register takes a HaltingPolicy subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise UsageError(f"{cls.__qualname__} needs a class attribute `name` (a string)")
     unknown = set(cls.needs) - SIGNALS
     if unknown:
-        raise ValueError(f"{cls.name}: unknown signals {sorted(unknown)}; known {sorted(SIGNALS)}")
+        raise UsageError(f"{cls.name}: unknown signals {sorted(unknown)}; known "
+                         f"{sorted(SIGNALS)}")
     if inspect.isabstract(cls):  # it could never be built
-        raise TypeError(f"{cls.name}: does not define "
-                        f"{', '.join(sorted(cls.__abstractmethods__))}")
+        raise UsageError(f"{cls.name}: does not define "
+                         f"{', '.join(sorted(cls.__abstractmethods__))}")
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and taken is not cls:
+        if "name" not in cls.__dict__:
+            raise UsageError(f"{cls.__qualname__} inherits the name {cls.name!r} from "
+                             f"{taken.__qualname__}; give it a `name` of its own")
+        if taken.__module__.startswith(__package__ + "."):
+            raise UsageError(f"{cls.name!r} is a built-in policy; register "
+                             f"{cls.__qualname__} under another name")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -162,3 +162,37 @@ def test_a_plugin_is_registered_under_its_entry_points_name(tmp_path, monkeypatc
     with pytest.raises(UsageError, match="takes no parameter bogus; it takes threshold, "
                                          "min_loops, max_loops, check_every"):
         make("passing", bogus=1)
+
+
+def test_register_in_python_keeps_the_built_ins():
+    """`register` refuses what could never work or would shadow a built-in policy, each with a
+    UsageError; a class defined again under its own name replaces the earlier one."""
+    from adaptive_loop.policies.entropy import Entropy
+
+    class Inherits(Entropy):
+        pass
+
+    class Shadows(Entropy):
+        name = "entropy"
+
+    plain = type("Plain", (), {"name": "plain", "needs": frozenset()})
+    for cls, message in [(Inherits, "inherits the name 'entropy' from Entropy"),
+                         (Shadows, "'entropy' is a built-in policy"),
+                         (plain, "takes a HaltingPolicy subclass"),
+                         (5, "takes a HaltingPolicy subclass")]:
+        with pytest.raises(UsageError, match=message):
+            base.register(cls)
+    assert type(make("entropy")) is Entropy
+
+    made = []
+    for _ in range(2):  # the same cell run twice
+        @base.register
+        class Twice(HaltingPolicy):
+            name = "twice-defined"
+
+            def decide(self, signals):
+                return signals.index >= 0
+
+        made.append(Twice)
+    assert type(make("twice-defined")) is made[1]
+    del base._REGISTRY["twice-defined"]
