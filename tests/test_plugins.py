@@ -187,7 +187,7 @@ def test_register_in_python_keeps_the_built_ins():
     made = []
     for _ in range(2):  # the same cell run twice
         @base.register
-        class Twice(HaltingPolicy):
+        class Twice(base.HaltingPolicy):
             name = "twice-defined"
 
             def decide(self, signals):
