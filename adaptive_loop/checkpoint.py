@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import shutil
 from importlib import resources
@@ -45,9 +46,13 @@ SIDECARS = ("halting_head.safetensors", "halting_head.json", "training.json")
 
 
 def save_model(model: LoopMDM, directory: str | Path) -> Path:
-    """Write `model` in the native format; returns the directory."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write `model` in the native format; returns the directory (made if missing). Weights
+    and config already there are replaced, together."""
+    if not isinstance(model, LoopMDM):
+        raise UsageError(f"save_model takes a LoopMDM, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise UsageError(f"save_model needs a directory path, got {directory!r}")
+    out = writable_dir(directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -199,6 +204,9 @@ def _locate(source: str | Path | None, format: str,
     if source is not None and not isinstance(source, (str, os.PathLike)):
         raise UsageError(f"a checkpoint is a path (a directory or a weight file), got "
                          f"{source!r}")
+    if isinstance(source, str) and not source:
+        raise UsageError("a checkpoint path is empty; give a directory or a weight file (or "
+                         "None for the embedded model)")
     path = embedded_path() if source is None else Path(source).expanduser()
     check_format(format)
     if not path.exists():
@@ -254,7 +262,22 @@ def load_model(source: str | Path | None = None, *, format: str = "auto",
         if cfg.tokenizer.get("file"):
             model.tokenizer_dir = src.directory
     model.checkpoint_path = path  # where it came from (a learned policy finds its head there)
+    _fits(model, dt, path)
     return model.to(device=dev, dtype=dt).eval()
+
+
+def _fits(model: LoopMDM, dtype: torch.dtype, where: Path) -> None:
+    """Refuse a cast to a narrower range that would turn weights infinite (float16 ends at
+    65504), naming the first tensor that does not fit."""
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or not tensor.numel() or \
+                torch.finfo(tensor.dtype).max <= limit:
+            continue
+        largest = float(tensor.abs().max())
+        if largest > limit:
+            raise CheckpointError(f"{where}: {name} holds {largest:.4g}, beyond {dtype}'s "
+                                  f"range (largest {limit:g}); load it in bfloat16 or float32")
 
 
 def attach_tokenizer(model: LoopMDM, source: str | Path) -> LoopMDM:

@@ -52,6 +52,12 @@ class LoopMDMConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and value, alone and against the others (a UsageError names the
+        first that is wrong). Run when the config is made, and again by `LoopMDM` for a
+        config changed since."""
         self._check_types()
         # sizes first, on their own: the checks after them divide by n_heads and n_kv_heads
         self._require([
@@ -78,6 +84,9 @@ class LoopMDMConfig:
                f"vocabulary of {self.vocab_size} (ids 0..{self.vocab_size - 1})")
               for name, value in (("mask_id", self.mask_id), ("pad_id", self.pad_id),
                                   ("eos_id", self.eos_id))],
+            (self.eos_id is None or self.eos_id != self.mask_id, f"eos_id and mask_id are "
+             f"both {self.mask_id}: the sampler never commits the mask token, so it could "
+             f"never write EOS"),
             (self.lm_head_vocab is None or 1 <= self.lm_head_vocab <= self.vocab_size,
              f"lm_head_vocab {self.lm_head_vocab} outside [1, vocab_size {self.vocab_size}]"),
             (self.lm_head_vocab is None or not self.tie_embeddings, "lm_head_vocab needs an "

@@ -18,6 +18,7 @@ D head size, V vocabulary.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,6 +49,10 @@ class LoopMDM(nn.Module):
     """Looped masked diffusion LM: `model(input_ids, n_loops) -> logits (B, L, V)`."""
 
     def __init__(self, cfg: LoopMDMConfig) -> None:
+        if not isinstance(cfg, LoopMDMConfig):
+            raise UsageError(f"LoopMDM takes a LoopMDMConfig (e.g. "
+                             f"LoopMDMConfig.from_name(\"tiny\")), got {_described(cfg)}")
+        cfg.check()  # again: a field may have been changed since the config was made
         super().__init__()
         self.config = cfg
         dit = cfg.flavour == "dit"
@@ -190,18 +195,77 @@ class LoopMDM(nn.Module):
         """Fixed-loop pass. input_ids (B, L) -> logits (B, L, V).
 
         Args:
-            input_ids: token ids (B, L).
-            n_loops: loop count S (default: the config's).
+            input_ids: token ids (B, L), integers in [0, vocab_size).
+            n_loops: loop count S >= 0 (default: the config's).
             key_mask: (B, L) bool, False for padding that no token may attend to.
-            positions: (B, L) RoPE positions (default 0..L-1 in every row).
+            positions: (B, L) integer RoPE positions in [0, max_seq_len) (default 0..L-1 in
+                every row).
+
+        The arguments are checked first (a UsageError names what is wrong; ids and positions
+        are read back once to check their range); `fixed_pass` is the same pass unchecked.
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_seq_len:
-            raise UsageError(f"input_ids must be (batch, length) with length <= the model's "
-                             f"context of {self.config.max_seq_len}, got shape "
-                             f"{tuple(input_ids.shape)}")
-        n_loops = self.config.n_loops if n_loops is None else n_loops
+        n_loops = self._check_inputs(input_ids, n_loops, key_mask, positions)
+        return self.fixed_pass(input_ids, n_loops, key_mask, positions)
+
+    def fixed_pass(self, input_ids: Tensor, n_loops: int, key_mask: Tensor | None = None,
+                   positions: Tensor | None = None) -> Tensor:
+        """`forward` without its argument checks (and without their read-back), for timing
+        and compiling."""
         with self.at_positions(positions):
             h = self.prelude(self.embed(input_ids), key_mask)
             for _ in range(n_loops):
                 h, _ = self.loop_once(h, key_mask)
             return self.readout(h, key_mask=key_mask)
+
+    def _check_inputs(self, input_ids: Any, n_loops: Any, key_mask: Any,
+                      positions: Any) -> int:
+        """`forward`'s arguments checked (see there); returns the loop count to run."""
+        c = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64,
+                                                                         torch.int32):
+            raise UsageError(f"input_ids must be a tensor of integer token ids (int64), got "
+                             f"{_described(input_ids)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] > c.max_seq_len:
+            raise UsageError(f"input_ids must be (batch, length) with length <= the model's "
+                             f"context of {c.max_seq_len}, got shape {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+        if n_loops is None:
+            n_loops = c.n_loops
+        try:
+            if isinstance(n_loops, bool):
+                raise TypeError
+            n_loops = operator.index(n_loops)
+        except TypeError:
+            n_loops = -1
+        if n_loops < 0:
+            raise UsageError(f"n_loops must be an integer >= 0, got {n_loops!r}")
+        for label, value, kinds, wanted in (
+                ("key_mask", key_mask, (torch.bool,), "a bool"),
+                ("positions", positions, (torch.int64, torch.int32), "an integer")):
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.dtype not in kinds or \
+                    tuple(value.shape) != shape or value.device != input_ids.device:
+                raise UsageError(f"{label} must be {wanted} tensor of input_ids' shape "
+                                 f"{shape} on its device, got {_described(value)}")
+        if input_ids.numel() == 0:
+            return n_loops
+        bounds = [input_ids.min(), input_ids.max()]
+        if positions is not None:
+            bounds += [positions.min(), positions.max()]
+        low, high, *where = torch.stack(bounds).tolist()  # the one read-back
+        if low < 0 or high >= c.vocab_size:
+            raise UsageError(f"input_ids holds id {low if low < 0 else high}, outside the "
+                             f"model's vocabulary of {c.vocab_size} (ids 0..{c.vocab_size - 1})")
+        if where and (where[0] < 0 or where[1] >= c.max_seq_len):
+            raise UsageError(f"positions must lie in [0, {c.max_seq_len}) (the model's "
+                             f"context), got {where[0] if where[0] < 0 else where[1]}")
+        return n_loops
+
+
+def _described(value: Any) -> str:
+    """A short description of a tensor argument (or whatever came instead)."""
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape " \
+               f"{tuple(value.shape)} on {value.device}"
+    return f"{type(value).__name__} {value!r}"[:120]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from .errors import AdaptiveLoopError, UsageError
 from .model import LoopMDM
 from .policies import HaltingPolicy
 from .remasking import REMASKING
@@ -24,7 +24,7 @@ from .tokenizer import Tokenizer, encode_prompts
 SEED_MAX = 2 ** 63 - 1  # the largest seed torch's generators take
 
 
-def _integer(label: str, value: Any) -> int:
+def integer(label: str, value: Any) -> int:
     """An int (numpy and 0-d integer tensors too; not a bool or a float), or a UsageError."""
     try:
         if isinstance(value, bool):
@@ -51,11 +51,11 @@ def check_types(policy: Any, gen_length: Any, steps: Any, block_length: Any,
                          f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
     if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode")):
         raise UsageError(f"tokenizer must have encode and decode methods, got {tokenizer!r}")
-    seed = None if seed is None else _integer("seed", seed)
+    seed = None if seed is None else integer("seed", seed)
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise UsageError(f"seed must be in [0, 2**63), got {seed}")
-    return (_integer("gen_length", gen_length), _integer("steps", steps),
-            None if block_length is None else _integer("block_length", block_length),
+    return (integer("gen_length", gen_length), integer("steps", steps),
+            None if block_length is None else integer("block_length", block_length),
             _real("temperature", temperature),
             None if threshold is None else _real("threshold", threshold),
             None if factor is None else _real("factor", factor),
@@ -120,8 +120,11 @@ def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
 def prompt_rows(model: LoopMDM, prompts: Any,
                 tokenizer: Tokenizer | None) -> tuple[list[list[int]], Tokenizer | None]:
     """Token id rows from strings, id lists, or a (B, T) tensor of unpadded prompts, and the
-    tokenizer that decodes the completions (the model's own for string prompts)."""
+    tokenizer that decodes the completions (the caller's, else the model's own; None for id
+    prompts to a model without one)."""
     rows, tokenizer = _rows(model, prompts, tokenizer)
+    if tokenizer is None:  # id prompts: the completions read in the model's own, if it has one
+        tokenizer = _own_tokenizer(model)
     vocab = model.config.vocab_size
     bad = next((i for row in rows for i in row if not 0 <= i < vocab), None)
     if bad is not None:
@@ -133,6 +136,19 @@ def prompt_rows(model: LoopMDM, prompts: Any,
         raise UsageError(f"prompt {masked} contains the mask token (id {mask}); the sampler "
                          f"fills only the completion, so a prompt may not contain it")
     return rows, tokenizer
+
+
+def _own_tokenizer(model: LoopMDM) -> Tokenizer | None:
+    """The model's tokenizer (attached or described by its config), or None when it has none
+    or it cannot be read: id prompts need none, so its absence is no error."""
+    from .checkpoint import tokenizer_for
+
+    if getattr(model, "tokenizer", None) is None and not model.config.tokenizer:
+        return None
+    try:
+        return tokenizer_for(model)
+    except AdaptiveLoopError:
+        return None
 
 
 def _rows(model: LoopMDM, prompts: Any,
@@ -168,7 +184,7 @@ def _rows(model: LoopMDM, prompts: Any,
             raise UsageError("prompts must be all strings or all token id lists, not a mix")
         items = p.tolist() if hasattr(p, "tolist") else p
         try:
-            rows.append([_integer("a prompt token id", i) for i in items])
+            rows.append([integer("a prompt token id", i) for i in items])
         except TypeError:
             raise UsageError(f"prompt {n} is neither a string nor a list of token ids: "
                              f"{p!r}") from None

@@ -41,6 +41,7 @@ from .errors import GenerationError, UsageError
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
+from .requests import check_flags, integer
 
 
 @dataclass
@@ -170,6 +171,9 @@ def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
     backend, a string or callable names another (e.g. "aot_eager" to debug)."""
     if compile is False or compile is None:
         return EAGER
+    if not (compile is True or isinstance(compile, str) or callable(compile)):
+        raise UsageError(f"compile must be True, False, a torch.compile backend's name or a "
+                         f"backend callable, got {compile!r}")
     if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise UsageError(f"unknown torch.compile backend {compile!r}; e.g. "
                          f"{', '.join(torch._dynamo.list_backends())}")
@@ -283,6 +287,43 @@ class _Read:
         return self.host.tolist()
 
 
+def _check_call(model: Any, h: Any, policy: Any, needed: Any, key_mask: Any, step: Any,
+                steps: Any, **flags: Any) -> tuple[int, int]:
+    """`run_loops`' arguments against each other and the model, from their metadata alone
+    (no read-back); returns step and steps as ints."""
+    if not isinstance(model, LoopMDM):
+        raise UsageError(f"model must be a LoopMDM, got {type(model).__name__}")
+    if not isinstance(policy, HaltingPolicy):
+        raise UsageError(f"policy must be a halting policy, e.g. "
+                         f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
+    c, weight = model.config, model.embed_tokens.weight
+    if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[2] != c.d_model or \
+            h.dtype != weight.dtype or h.device != weight.device:
+        got = f"{h.dtype} tensor of shape {tuple(h.shape)} on {h.device}" \
+            if isinstance(h, Tensor) else type(h).__name__
+        raise UsageError(f"h must be the loop state (batch, length, {c.d_model}) in the "
+                         f"model's {weight.dtype} on {weight.device} (e.g. "
+                         f"model.prelude(model.embed(ids))), got {got}")
+    if h.shape[1] > c.max_seq_len:
+        raise UsageError(f"h has {h.shape[1]} positions, beyond the model's context of "
+                         f"{c.max_seq_len}")
+    for label, value, optional in (("needed", needed, False), ("key_mask", key_mask, True)):
+        if value is None and optional:
+            continue
+        if not isinstance(value, Tensor) or value.dtype != torch.bool or \
+                value.shape != h.shape[:2] or value.device != h.device:
+            got = f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}" \
+                if isinstance(value, Tensor) else type(value).__name__
+            raise UsageError(f"{label} must be a bool tensor {tuple(h.shape[:2])} (h's batch "
+                             f"and length) on {h.device}, got {got}")
+    check_flags(**flags)
+    step, steps = integer("step", step), integer("steps", steps)
+    if step < 0 or steps < 1:  # step may pass steps: threshold decoding runs until done
+        raise UsageError(f"step must be >= 0 (0-based) and steps >= 1, got step {step} of "
+                         f"{steps}")
+    return step, steps
+
+
 @torch.no_grad()
 def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, *,
               key_mask: Tensor | None = None, compact: bool = True, step: int = 0,
@@ -300,7 +341,9 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             never looped or counted in `loops`; the compacted path never computes it (the
             masked reference computes every position, padding too, and its FLOPs say so).
         compact: run only active tokens (False: the masked reference).
-        step, steps: the denoising step (0-based) and how many there are, for the policy.
+        step, steps: the denoising step (0-based) and how many there are, for the policy
+            (under threshold decoding the steps run until the text is done, so step may
+            reach steps and beyond).
         compile: compile the iteration functions (see `iterations`); off by default.
         attention: packed attention backend: "auto", "padded", "flex" or "varlen".
         needed_plan: the plan of `needed`, when the caller has built it (the sampler reads
@@ -324,8 +367,13 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     state when the last iteration was not checked. With `pipeline` on CUDA each
     read but the step's last waits for work one check old.
 
+    The arguments are checked from their shapes, dtypes and devices (no read-back); a
+    mistake is a UsageError naming the argument.
+
     Returns the final loop state (B, L, d) and the step's trace.
     """
+    step, steps = _check_call(model, h, policy, needed, key_mask, step, steps,
+                              compact=compact, pipeline=pipeline)
     batch, length, _ = h.shape
     total = batch * length
     pipeline = pipeline and compact  # the masked reference has no plan to pipeline

@@ -53,7 +53,7 @@ from .remasking import (
     top_k_rows,
 )
 from .requests import check_flags, check_types, check_values, prompt_rows
-from .runtime import StepTrace, run_loops
+from .runtime import StepTrace, iterations, run_loops
 from .tokenizer import Tokenizer
 
 __all__ = ["REMASKING", "GenerationResult", "GenerationStats", "StepStats", "batch_seed",
@@ -102,7 +102,7 @@ class GenerationStats:
 @dataclass
 class GenerationResult:
     tokens: Tensor  # (B, T + gen_length): left-padded prompts and completions, as LLaDA returns
-    text: list[str]  # decoded completions, each up to its first EOS
+    text: list[str]  # decoded completions, each up to its first EOS ([] with no tokenizer)
     stats: GenerationStats
     loops: Tensor  # (steps, B, T + gen_length) loops per token per step (conditional rows)
     prompt_length: int  # T: the longest prompt; completions start at this column
@@ -256,7 +256,8 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
         cfg_scale: classifier-free guidance scale (0: off).
         eos_fill: commit EOS after each row's first EOS.
         seed: seeds the noise (temperature > 0 or random remasking); None draws as 0 does.
-        tokenizer: encodes string prompts and decodes completions.
+        tokenizer: encodes string prompts and decodes completions (default: the model's
+            own, for id prompts too; `text` is empty when there is none).
         compact: run halted tokens out of the computation (False: the masked reference).
         warm_start: start a step's loops, for every position whose input did not change
             since the previous step, from that step's final loop state instead of the
@@ -290,6 +291,7 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
                  threshold, factor, cfg_scale, eos_fill)
     device = next(model.parameters()).device
     resolve_attention(attention, device, next(model.parameters()).dtype, cfg.head_dim)
+    iterations(compile, device)  # an unknown backend is refused before any work
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
 

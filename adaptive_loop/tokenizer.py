@@ -12,6 +12,8 @@ the model config, since the tokenizers of public MDMs do not know the mask token
 from __future__ import annotations
 
 import hashlib
+import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,6 +191,13 @@ def load_tokenizer(path: str | Path, mask_id: int, pad_id: int | None = None,
                    eos_id: int | None = None) -> Tokenizer:
     """A tokenizer from `tokenizer.json`, `tokenizer.model` or a directory holding one; the
     special ids come from the model config."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise UsageError(f"a tokenizer is a path (tokenizer.json, tokenizer.model or a "
+                         f"directory holding one), got {path!r}")
+    for label, value in (("mask_id", mask_id), ("pad_id", pad_id), ("eos_id", eos_id)):
+        if (value is not None or label == "mask_id") and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+            raise UsageError(f"{label} must be a token id (an integer >= 0), got {value!r}")
     path = Path(path).expanduser()
     if path.is_dir():
         found = find_tokenizer_file(path)

@@ -1,6 +1,7 @@
 """CUDA correctness checks and GPU timings, written as JSON under --out.
 
-Checks: CUDA bf16 logits vs CPU float32 (bf16 tolerance); compacted vs masked runtime on CUDA
+Checks: CUDA bf16 logits vs CPU float32 (bf16 tolerance; on random ids and on the task's own
+inputs, where the answers' predictions must agree); compacted vs masked runtime on CUDA
 (float32, so the comparison is tight); never-halting vs fixed tokens; packed attention with
 FlexAttention (block mask from row offsets) vs padded SDPA vs a per-row reference; compiled
 loop iterations (CUDA graphs for the dense one) vs eager; synchronising CUDA calls of one
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from adaptive_loop import LoopMDM, LoopMDMConfig, generate, load_model
+from adaptive_loop import LoopMDM, LoopMDMConfig, generate, load_model, tokenizer_for
 from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, padded_attention
 from adaptive_loop.bench import (
     bench_forward,
@@ -107,15 +108,33 @@ def _problems(model: LoopMDM, n: int) -> tuple[list, int]:
     return [p for p, _ in task.problems(n, 0)], task.answer_length
 
 
+def _task_inputs(model: LoopMDM, n: int) -> tuple[torch.Tensor, int]:
+    """The first step's inputs of `n` task problems (prompt, then the answer masked) and the
+    column where the answers start: what the model reads when it predicts."""
+    prompts, answer = _problems(model, n)
+    tokenizer = tokenizer_for(model)
+    rows = [tokenizer.encode(p) for p in prompts]
+    start = len(rows[0])
+    rows = [r + [model.config.mask_id] * answer for r in rows if len(r) == start]
+    return torch.tensor(rows), start
+
+
 def check_correctness(results: dict) -> None:
     cpu = load_model(device="cpu")
     gpu = load_model(device=T.device, dtype=T.dtype)
-    ids = torch.randint(0, 12, (8, cpu.config.max_seq_len))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 12, (8, cpu.config.max_seq_len), generator=g)
+    task, start = _task_inputs(cpu, T.size(64, 8))
     with torch.inference_mode():
-        ref = cpu(ids).float()
-        got = gpu(ids.to(T.device)).float().cpu()
+        ref, ref_task = cpu(noise).float(), cpu(task)[:, start:].float()
+        got = gpu(noise.to(T.device)).float().cpu()
+        got_task = gpu(task.to(T.device))[:, start:].float().cpu()
     results["bf16_vs_fp32_max_abs"] = float((got - ref).abs().max())
     results["bf16_vs_fp32_argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    # on the task's own inputs, at the answer columns: the predictions the sampler reads
+    results["bf16_vs_fp32_task_max_abs"] = float((got_task - ref_task).abs().max())
+    results["bf16_vs_fp32_task_argmax_agree"] = float(
+        (got_task.argmax(-1) == ref_task.argmax(-1)).float().mean())
 
     model = _tiny()
     h = model.prelude(model.embed(torch.randint(0, 16, (4, 32), device=T.device)))
@@ -214,8 +233,15 @@ def check_attention(results: dict) -> None:
     policy = make("convergence")
     outs = {a: generate(gpu, prompts, policy=policy, gen_length=n, steps=n, attention=a)
             for a in ("padded", "flex")}
-    results["generate_flex_vs_padded_token_agreement"] = float(
-        (outs["flex"].tokens == outs["padded"].tokens).float().mean())
+    results["generate_flex_vs_padded_token_agreement"] = _agreement(outs["flex"], outs["padded"])
+    results["generate_flex_vs_padded_loops_agreement"] = float(
+        (outs["flex"].loops == outs["padded"].loops).float().mean())
+
+
+def _agreement(a: Any, b: Any) -> float:
+    """The share of generated tokens two generations agree on (the prompts always do)."""
+    start = a.prompt_length
+    return float((a.tokens[:, start:] == b.tokens[:, start:]).float().mean())
 
 
 def check_compiled(results: dict) -> None:
@@ -241,8 +267,9 @@ def check_compiled(results: dict) -> None:
         for _ in range(2):
             compiled = generate(gpu, prompts, policy=make(name), gen_length=n, steps=n,
                                 compile=True)
-        results[f"compiled_generate_{name}_token_agreement"] = float(
-            (compiled.tokens == eager.tokens).float().mean())
+        results[f"compiled_generate_{name}_token_agreement"] = _agreement(compiled, eager)
+        results[f"compiled_generate_{name}_loops_agreement"] = float(
+            (compiled.loops == eager.loops).float().mean())
 
 
 def check_host_syncs(results: dict) -> None:
@@ -388,8 +415,10 @@ def checks(results: dict) -> list[dict]:
             ok = value <= limit if below else value >= limit
         out.append({"check": name, "measured": value, "limit": limit, "ok": ok})
 
-    add("CUDA bf16 vs CPU float32 logits: argmax agreement",
+    add("CUDA bf16 vs CPU float32 logits: argmax agreement (random ids)",
         results.get("bf16_vs_fp32_argmax_agree"), 0.95)
+    add("CUDA bf16 vs CPU float32 logits: argmax agreement (task inputs, answer columns)",
+        results.get("bf16_vs_fp32_task_argmax_agree"), 0.99)
     for key in ("compact_vs_masked_loops_equal", "never_halting_equals_fixed",
                 "runtime_flex_vs_padded_loops_equal", "compiled_padded_vs_eager_loops_equal",
                 "compiled_flex_vs_eager_loops_equal"):

@@ -261,3 +261,38 @@ def test_a_checkpoint_that_is_not_a_path_is_a_user_error():
     with pytest.raises(UsageError, match=r"a checkpoint is a path \(a directory or a weight "
                                          r"file\), got 5"):
         load_model(5)
+
+
+def test_save_and_load_refuse_what_is_no_path_or_model(tmp_path):
+    """save_model checks its destination as `convert` does (before writing anything), and an
+    empty path is no checkpoint (it would have read the current directory)."""
+    from adaptive_loop import LoopMDMConfig
+
+    model = LoopMDM(LoopMDMConfig.from_name("tiny"))
+    (tmp_path / "afile").write_text("mine")
+    for args, message in [((model, tmp_path / "afile"), "is a file; an output directory"),
+                          ((model, tmp_path / "afile" / "sub"), "cannot write the output"),
+                          ((model, None), "needs a directory path, got None"),
+                          ((model, ""), "needs a directory path, got ''"),
+                          ((model.state_dict(), tmp_path / "x"), "takes a LoopMDM, got")]:
+        with pytest.raises(UsageError, match=message):
+            save_model(*args)
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="a checkpoint path is empty"):
+        load_model("")
+
+
+def test_a_cast_that_would_overflow_is_refused(tmp_path):
+    """float16 ends at 65504: a weight beyond it would load as infinity (and `convert` would
+    write a checkpoint no load accepts). The load names the tensor; bfloat16 keeps it."""
+    from adaptive_loop import LoopMDMConfig
+
+    model = LoopMDM(LoopMDMConfig.from_name("tiny"))
+    with torch.no_grad():
+        model.layers[0].gate_up.weight[0, 0] = 1e5
+    save_model(model, tmp_path / "big")
+    with pytest.raises(CheckpointError, match=r"layers.0.gate_up.weight holds 1e\+05, beyond "
+                       r"torch.float16's range \(largest 65504\)"):
+        load_model(tmp_path / "big", device="cpu", dtype="float16")
+    kept = load_model(tmp_path / "big", device="cpu", dtype="bfloat16")
+    assert all(torch.isfinite(p).all() for p in kept.parameters())

@@ -35,6 +35,7 @@ def test_parts_of_the_loop_spec():
     (dict(norm_eps=0.0), "norm_eps and rope_base must be positive"),
     (dict(vocab_size=8, lm_head_vocab=9), r"lm_head_vocab 9 outside \[1, vocab_size 8\]"),
     (dict(vocab_size=8, lm_head_vocab=7, tie_embeddings=True), "lm_head_vocab needs an untied"),
+    (dict(mask_id=3, eos_id=3), "eos_id and mask_id are both 3"),
 ])
 def test_validation_names_the_problem(bad, message):
     with pytest.raises(UsageError, match=message):
@@ -54,3 +55,17 @@ def test_unknown_field_is_rejected():
 def test_numbers_of_either_kind_where_a_float_is_meant():
     cfg = LoopMDMConfig(rope_base=500000, norm_eps=1e-6, pad_id=None)
     assert cfg.rope_base == 500000 and cfg.n_kv_heads == cfg.n_heads
+
+
+def test_the_model_checks_its_config_again():
+    """A field changed after the config was made is checked when a model is built from it,
+    and anything but a config is refused in one line."""
+    from adaptive_loop import LoopMDM
+
+    cfg = LoopMDMConfig.from_name("tiny")
+    cfg.n_heads = 3
+    with pytest.raises(UsageError, match="not divisible by n_heads 3"):
+        LoopMDM(cfg)
+    for wrong in ("tiny", {"d_model": 64}, None):
+        with pytest.raises(UsageError, match="LoopMDM takes a LoopMDMConfig"):
+            LoopMDM(wrong)

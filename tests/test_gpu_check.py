@@ -28,13 +28,15 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     assert report["compact_vs_masked_loops_equal"] and report["never_halting_equals_fixed"]
     assert report["runtime_flex_vs_padded_loops_equal"]
     assert report["generate_flex_vs_padded_token_agreement"] == 1.0
+    assert report["generate_flex_vs_padded_loops_agreement"] == 1.0
+    assert report["bf16_vs_fp32_task_argmax_agree"] == 1.0  # float32 on both sides here
     eager = [g for g in report["generation_smdm_b32"] if g["agreement"] is not None]
     assert eager and all(g["agreement"] == 1.0 for g in eager)
     assert {r["compiled"] for r in report["iteration_d2048"]} == {False, True}
     # every correctness check is read off the results; on the CPU all hold but the CUDA-only
     assert "checks_error" not in report
     verdicts = {c["check"]: c["ok"] for c in report["checks"]}
-    assert len(verdicts) == 15 and False not in verdicts.values(), verdicts
+    assert len(verdicts) == 16 and False not in verdicts.values(), verdicts
     assert {k for k, ok in verdicts.items() if ok is None} == {
         "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6"}
     assert report["loop_memory"] == report["host_syncs"] == "needs CUDA"

@@ -27,6 +27,42 @@ def test_forward_refuses_input_past_the_context(make_config):
             model(torch.zeros(*shape, dtype=torch.long))
 
 
+def test_forward_refuses_what_it_would_misread(make_config):
+    """A float key mask would be added to the attention scores (padding not hidden); negative
+    positions would wrap to the end of the RoPE table; out-of-vocabulary ids would crash on
+    the CPU and assert on a GPU. Each is one UsageError naming the argument; the unchecked
+    `fixed_pass` computes what `forward` does."""
+    torch.manual_seed(0)
+    model = LoopMDM(make_config()).eval()
+    c = model.config
+    ids = torch.randint(1, c.vocab_size, (2, 8))
+    real = torch.ones(2, 8, dtype=torch.bool)
+    real[0, :3] = False
+    cases = [
+        (dict(key_mask=real.float()), "key_mask must be a bool tensor"),
+        (dict(key_mask=real[:, :4]), "key_mask must be a bool tensor of input_ids' shape"),
+        (dict(positions=torch.full((2, 8), -1)), "positions must lie in .0, 64.*got -1"),
+        (dict(positions=torch.full((2, 8), 64)), "got 64"),
+        (dict(positions=torch.zeros(2, 8)), "positions must be an integer tensor"),
+        (dict(n_loops=-1), "n_loops must be an integer >= 0, got -1"),
+        (dict(n_loops=2.5), "n_loops must be an integer >= 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UsageError, match=message):
+            model(ids, **kwargs)
+    beyond, below = ids.clone(), ids.clone()
+    beyond[1, 4], below[0, 2] = c.vocab_size, -2
+    for bad, message in [(ids.float(), "integer token ids"), (ids.tolist(), "got list"),
+                         (beyond, f"id {c.vocab_size}, outside the model's vocabulary of "
+                          f"{c.vocab_size}"),
+                         (below, "id -2, outside")]:
+        with pytest.raises(UsageError, match=message):
+            model(bad)
+    positions = (torch.arange(8) - 3).clamp(min=0).expand(2, 8) * real
+    assert torch.equal(model(ids, 2, real, positions), model.fixed_pass(ids, 2, real, positions))
+    assert torch.equal(model(ids, n_loops=0), model.fixed_pass(ids, 0))
+
+
 def test_forward_is_the_unrolled_network(make_config):
     """S loops == the layers applied in order with the block repeated S times."""
     torch.manual_seed(0)

@@ -329,3 +329,34 @@ def test_pipelined_reads_are_used_one_iteration_later_even_between_checks(looped
     assert torch.equal(a.loops, b.loops)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert b.iterations <= a.iterations + 1
+
+
+def test_run_loops_refuses_what_it_would_misread(tiny_model):
+    """Each mistake is one UsageError naming the argument, before any work: an integer state
+    ran to an all-zero result, a `needed` of the wrong shape passed under `fixed`, and
+    compact="no" read as true."""
+    from adaptive_loop import UsageError
+
+    h, needed = _state(tiny_model)
+    fixed = make("fixed", loops=2)
+    cases = [
+        (dict(h=h.long()), "h must be the loop state"),
+        (dict(h=h[0]), "h must be the loop state"),
+        (dict(h=h[..., :8]), "h must be the loop state"),
+        (dict(h=h.double()), "in the model's torch.float32"),
+        (dict(needed=needed[:, :4]), "needed must be a bool tensor .3, 10."),
+        (dict(needed=needed.float()), "needed must be a bool tensor"),
+        (dict(needed=None), "needed must be a bool tensor"),
+        (dict(key_mask=needed.long()), "key_mask must be a bool tensor"),
+        (dict(policy="entropy"), "policy must be a halting policy"),
+        (dict(compact="no"), "compact must be True or False"),
+        (dict(steps=0), "steps >= 1"),
+        (dict(step=-1), "step must be >= 0"),
+        (dict(step=1.5), "step must be an integer"),
+    ]
+    for change, message in cases:
+        args = dict(h=h, policy=fixed, needed=needed) | change
+        with pytest.raises(UsageError, match=message):
+            run_loops(tiny_model, args.pop("h"), args.pop("policy"), args.pop("needed"), **args)
+    with pytest.raises(UsageError, match="model must be a LoopMDM"):
+        run_loops(None, h, fixed, needed)

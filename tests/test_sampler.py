@@ -96,6 +96,7 @@ def test_string_prompts_use_the_model_tokenizer(tiny_model):
     (dict(policy="entropy"), "policy must be a halting policy"),
     (dict(tokenizer="x"), "tokenizer must have encode and decode"),
     (dict(compile="nope"), "unknown torch.compile backend 'nope'"),
+    (dict(compile=1), "compile must be True, False, a torch.compile backend's name"),
     (dict(compact="no"), "compact must be True or False, got 'no'"),
     (dict(warm_start=None), "warm_start must be True or False, got None"),
     (dict(eos_fill=2), "eos_fill must be True or False, got 2"),

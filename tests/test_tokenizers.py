@@ -134,6 +134,15 @@ def test_tokenizer_errors(tmp_path, setup, message):
         load_tokenizer(path, mask_id=0)
 
 
+def test_load_tokenizer_checks_its_arguments(tmp_path):
+    for args, message in [((None, 0), "a tokenizer is a path"), (("", 0), "got ''"),
+                          ((tmp_path, "x"), "mask_id must be a token id"),
+                          ((tmp_path, -1), "mask_id must be a token id .* got -1"),
+                          ((tmp_path, 0, None, 2.0), "eos_id must be a token id")]:
+        with pytest.raises(UsageError, match=message):
+            load_tokenizer(*args)
+
+
 def test_model_without_tokenizer_asks_for_one(tmp_path):
     write_llada(tmp_path / "l")
     model = load_model(tmp_path / "l", device="cpu")
@@ -148,6 +157,9 @@ def test_model_without_tokenizer_asks_for_one(tmp_path):
         model.config.mask_id
     out = generate(model, ["the cat"], policy=make("fixed"), gen_length=4, steps=4)
     assert out.tokens.shape == (1, 6) and len(out.text) == 1
+    ids = generate(model, [model.tokenizer.encode("the cat")], policy=make("fixed"),
+                   gen_length=4, steps=4)  # id prompts read in the model's tokenizer too
+    assert torch.equal(ids.tokens, out.tokens) and ids.text == out.text
 
 
 def test_a_char_tokenizer_spec_takes_the_models_ids_and_a_bad_one_fails_in_one_line():
