@@ -56,14 +56,17 @@ def test_checks_tell_a_failure_from_a_check_that_did_not_run(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from gpu_check import checks
 
-    report = {"bf16_vs_fp32_argmax_agree": 0.9, "compact_vs_masked_loops_equal": False,
+    report = {"bf16_vs_fp32_argmax_agree": 0.9, "bf16_vs_fp32_task_argmax_agree": 0.985,
+              "compact_vs_masked_loops_equal": False,
               "never_halting_equals_fixed": True, "flex_vs_reference_max_abs_bfloat16": 0.01,
               "padded_vs_reference_max_abs_bfloat16": 0.2,
               "host_syncs_kl_eager": {"observed": 3, "counted": 2, "within_account": False},
               "host_syncs_kl_compiled": {"observed": 1, "counted": 2, "within_account": True},
               "loop_memory": {"no_growth": True}}
     verdicts = {c["check"]: c["ok"] for c in checks(report)}
-    assert verdicts["CUDA bf16 vs CPU float32 logits: argmax agreement"] is False
+    assert verdicts["CUDA bf16 vs CPU float32 logits: argmax agreement (random ids)"] is False
+    assert verdicts["CUDA bf16 vs CPU float32 logits: argmax agreement (task inputs, answer "
+                    "columns)"] is False
     assert verdicts["compact vs masked loops equal"] is False
     assert verdicts["never halting equals fixed"] is True
     assert verdicts["flex attention vs per-row reference, max abs (bfloat16)"] is True
