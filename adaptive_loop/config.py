@@ -151,7 +151,7 @@ class LoopMDMConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LoopMDMConfig:
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 

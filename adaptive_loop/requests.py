@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import AdaptiveLoopError, UsageError
 from .model import LoopMDM
-from .policies import HaltingPolicy
+from .policies.base import check_policy
 from .remasking import REMASKING
 from .tokenizer import Tokenizer, encode_prompts
 
@@ -46,9 +46,7 @@ def check_types(policy: Any, gen_length: Any, steps: Any, block_length: Any,
                 tokenizer: Any) -> tuple[int, int, int | None, float, float | None,
                                          float | None, float, int | None]:
     """The caller's arguments, type-checked (their values are checked in `check_values`)."""
-    if not isinstance(policy, HaltingPolicy):
-        raise UsageError(f"policy must be a halting policy, e.g. "
-                         f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
+    check_policy(policy)
     if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode")):
         raise UsageError(f"tokenizer must have encode and decode methods, got {tokenizer!r}")
     seed = None if seed is None else integer("seed", seed)

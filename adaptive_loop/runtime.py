@@ -41,6 +41,7 @@ from .errors import GenerationError, UsageError
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
+from .policies.base import check_policy
 from .requests import check_flags, integer
 
 
@@ -293,9 +294,7 @@ def _check_call(model: Any, h: Any, policy: Any, needed: Any, key_mask: Any, ste
     (no read-back); returns step and steps as ints."""
     if not isinstance(model, LoopMDM):
         raise UsageError(f"model must be a LoopMDM, got {type(model).__name__}")
-    if not isinstance(policy, HaltingPolicy):
-        raise UsageError(f"policy must be a halting policy, e.g. "
-                         f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
+    check_policy(policy)
     c, weight = model.config, model.embed_tokens.weight
     if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[2] != c.d_model or \
             h.dtype != weight.dtype or h.device != weight.device:

@@ -13,6 +13,7 @@ from .checkpoint import embedded_path, load_model, resolve_config, tokenizer_for
 from .errors import UsageError
 from .flops import block_flops, step_flops_fixed
 from .model import LoopMDM
+from .requests import integer
 
 
 def _count(modules: list[torch.nn.Module]) -> int:
@@ -33,7 +34,7 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
     cfg, fmt = resolve_config(source, format=format, config=config, **overrides)
     with torch.device("meta"):
         model = LoopMDM(cfg)
-    length = cfg.max_seq_len if length is None else length
+    length = cfg.max_seq_len if length is None else integer("length", length)
     if not 1 <= length <= cfg.max_seq_len:
         raise UsageError(f"--length must be in [1, {cfg.max_seq_len}] (the model's context), "
                          f"got {length}")

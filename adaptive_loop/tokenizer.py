@@ -252,7 +252,15 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any] | str:
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
     """Encode prompts of any lengths; every prompt must give at least one token."""
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = []
+    for n, prompt in enumerate(prompts, 1):
+        row = tokenizer.encode(prompt)
+        row = row.tolist() if hasattr(row, "tolist") else row  # an array of ids
+        if not isinstance(row, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in row):
+            raise UsageError(f"the tokenizer's encode must return a list of integer token "
+                             f"ids; for prompt {n} it returned {str(row)[:80]}")
+        ids.append(list(row))
     if not ids or any(len(x) == 0 for x in ids):
         raise UsageError("give at least one prompt, none of them empty")
     return ids

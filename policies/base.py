@@ -161,6 +161,26 @@ class HaltingPolicy(ABC):
         return self.params()
 
 
+def check_policy(policy: Any) -> None:
+    """A policy the runtime can run, or a UsageError: a HaltingPolicy whose `__init__` ran and
+    whose `needs` are known signals (a class made without `register` is not checked there)."""
+    if not isinstance(policy, HaltingPolicy):
+        raise UsageError(f"policy must be a halting policy, e.g. "
+                         f"adaptive_loop.policies.make(\"entropy\"); got {policy!r}")
+    who = policy.name or type(policy).__name__
+    cls = type(policy)
+    read = [*(("min_loops", "max_loops") if cls.loop_bounds is HaltingPolicy.loop_bounds
+              else ()),
+            *(("min_loops", "check_every") if cls.checks_at is HaltingPolicy.checks_at else ())]
+    if not all(hasattr(policy, k) for k in read):  # what the base class's methods read
+        raise UsageError(f"policy {who!r} was not initialised: its __init__ must call "
+                         f"super().__init__(...)")
+    needs = policy.needs
+    if not isinstance(needs, (set, frozenset)) or not needs <= SIGNALS:
+        raise UsageError(f"policy {who!r}: needs must be a set of signals from "
+                         f"{sorted(SIGNALS)}, got {needs!r}")
+
+
 def init_parameters(cls: type[HaltingPolicy]) -> dict[str, inspect.Parameter]:
     """A policy class's named constructor parameters, with the base class's after its own
     when its `__init__` passes `**kwargs` on to them."""
@@ -250,6 +270,8 @@ def available() -> list[str]:
 
 def policy_class(name: str) -> type[HaltingPolicy]:
     """The class registered under `name`."""
+    if not isinstance(name, str):
+        raise UsageError(f"a policy is named by a string, e.g. \"entropy\"; got {name!r}")
     _load_entry_points()
     if name not in _REGISTRY and name in _BROKEN:
         raise UsageError(f"policy plugin {name!r}: {_BROKEN[name]}")

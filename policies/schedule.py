@@ -41,7 +41,7 @@ def _parse(budget: str | Sequence[int]) -> list[int] | str:
         return budget.strip()
     if isinstance(budget, str):
         items = budget.replace("/", ",").split(",")
-    elif isinstance(budget, Sequence):
+    elif isinstance(budget, Sequence) and not isinstance(budget, (bytes, bytearray)):
         items = list(budget)
     else:  # one loop count for every step
         items = [budget]

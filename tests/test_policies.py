@@ -643,3 +643,33 @@ def test_cosine_convergence_at_threshold_0_never_halts_a_rounded_cosine():
     assert not make("convergence", threshold=0.0, metric="cosine").decide(signals).any()
     assert make("convergence", threshold=1e-6, metric="cosine").decide(signals).tolist() == [
         True, True, True, False]
+
+
+def test_a_policy_the_runtime_cannot_run_is_one_line(tiny_model, prompts):
+    """An unregistered policy instance is checked where it is used: its __init__ must have
+    run and its needs must be known signals. Names and budgets of the wrong type are refused
+    where they are read."""
+    class Unknown(HaltingPolicy):
+        needs = frozenset({"foo"})
+
+        def decide(self, signals):
+            return signals.index >= 0
+
+    class Uninitialised(HaltingPolicy):
+        def __init__(self):
+            pass
+
+        def decide(self, signals):
+            return signals.index >= 0
+
+    for policy, message in [(Unknown(), r"needs must be a set of signals from .*'foo'"),
+                            (Uninitialised(), "not initialised: its __init__ must call")]:
+        with pytest.raises(UsageError, match=message):
+            generate(tiny_model, prompts, policy=policy, gen_length=4, steps=2)
+        h = tiny_model.prelude(tiny_model.embed(prompts))
+        with pytest.raises(UsageError, match=message):
+            run_loops(tiny_model, h, policy, torch.ones(prompts.shape, dtype=torch.bool))
+    with pytest.raises(UsageError, match="a policy is named by a string"):
+        make(["entropy"])
+    with pytest.raises(UsageError, match="schedule: budget must be"):
+        make("schedule", budget=b"4,6")  # bytes are no list of loop counts

@@ -193,3 +193,19 @@ def test_a_char_tokenizer_wider_than_the_embedding_is_a_config_error(tiny_model)
     with pytest.raises(UsageError, match=r"the model config's tokenizer spans 26 ids .* more "
                                          r"than the 17 this model embeds$"):
         tokenizer_for(tiny_model)
+
+
+def test_a_custom_tokenizer_must_give_integer_ids():
+    from adaptive_loop import LoopMDM, LoopMDMConfig
+
+    class Floats:
+        def encode(self, text):
+            return [1.0, 2.0]
+
+        def decode(self, ids):
+            return ""
+
+    model = LoopMDM(LoopMDMConfig.from_name("tiny"))
+    with pytest.raises(UsageError, match=r"encode must return a list of integer token ids; "
+                       r"for prompt 1 it returned \[1.0, 2.0\]"):
+        generate(model, ["x"], policy=make("fixed"), gen_length=2, steps=1, tokenizer=Floats())
