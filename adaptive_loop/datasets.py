@@ -53,7 +53,8 @@ class AnswerMatcher:
     Args:
         regex: extract this pattern's first group (or whole match when it has no group) from the
             completion and from the reference, searching line by line (`re.MULTILINE`). A
-            completion without a match is wrong; a reference without one is used whole.
+            completion without a match (or whose match is blank) is wrong; a reference
+            without one is used whole. A regex that matches empty text is refused.
         numeric: compare the (extracted) texts as numbers, the last number in each.
     """
 
@@ -67,6 +68,10 @@ class AnswerMatcher:
                 object.__setattr__(self, "_pattern", re.compile(self.regex, re.MULTILINE))
             except re.error as err:
                 raise UsageError(f"invalid answer regex {self.regex!r}: {err}") from None
+            if self._pattern.search("") is not None:
+                raise UsageError(f"answer regex {self.regex!r} matches empty text, so it "
+                                 f"finds an answer in every completion; make it match the "
+                                 f"answer itself, e.g. '#### (\\S+)'")
 
     def extract(self, text: str) -> str | None:
         """The part of `text` that is scored, or None when the regex does not match."""
@@ -76,7 +81,8 @@ class AnswerMatcher:
         if match is None:
             return None
         part = match.group(1) if match.groups() else match.group(0)
-        return None if part is None else part.strip()  # None: group 1 took no part
+        part = None if part is None else part.strip()  # None: group 1 took no part
+        return part or None  # nothing extracted is no answer
 
     def reference(self, answer: str) -> str:
         got = self.extract(answer)

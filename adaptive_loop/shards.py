@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,16 @@ def is_number(value: Any) -> bool:
 
 def well_formed(part: Any, rows: int, lists: tuple[str, ...], numbers: tuple[str, ...]) -> bool:
     """Whether a kept part reads as one: a dict whose `lists` hold an entry per row of its
-    batch and whose `numbers` are numbers. One that does not (a damaged file) is computed
-    again rather than trusted."""
+    batch and whose `numbers` are counts and measures (finite, not negative). One that does
+    not (a damaged file) is computed again rather than trusted."""
     return isinstance(part, dict) and \
         all(isinstance(part.get(k), list) and len(part[k]) == rows for k in lists) and \
-        all(is_number(part.get(k)) for k in numbers)
+        all(is_count(part.get(k)) for k in numbers)
+
+
+def is_count(value: Any) -> bool:
+    """A number that counts or measures something: finite and not negative."""
+    return is_number(value) and math.isfinite(value) and value >= 0
 
 
 def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks: Ranks, *,

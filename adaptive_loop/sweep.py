@@ -39,7 +39,7 @@ from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
 from .policies import HaltingPolicy, make
-from .shards import PartStore, finish, is_number, plan_id
+from .shards import PartStore, finish, is_count, plan_id
 from .tokenizer import tokenizer_identity
 
 POINTS, MANIFEST, PARTS = "points.jsonl", "sweep.json", ".parts"
@@ -128,21 +128,23 @@ def model_fingerprint(model: LoopMDM) -> dict[str, Any]:
     return {"config": model.config.to_dict(), "weights": digest.hexdigest()[:16]}
 
 
-def _point_reads(row: dict[str, Any]) -> bool:
-    """Whether a kept row has what a finished point's row has: its names and numbers."""
+def _point_reads(row: dict[str, Any], n: int) -> bool:
+    """Whether a kept row has what a finished point's row of this sweep (`n` examples) has:
+    its names, and numbers a run can give (counts and measures; `correct` of those `n`)."""
     names = all(isinstance(row.get(k), str) for k in ("key", "label", "policy"))
-    numbers = all(is_number(row.get(k)) for k in (
+    numbers = all(is_count(row.get(k)) for k in (
         "n", "correct", "mean_loops", "looped_flops", "looped_flops_fixed_max", "monitor_flops",
         "total_flops", "nfe", "wall_s", "max_loops"))
-    return names and numbers and isinstance(row.get("params"), dict)
+    return names and numbers and isinstance(row.get("params"), dict) and \
+        row["n"] == n and row["correct"] <= n
 
 
 class PointStore:
-    """`points.jsonl`: finished points, one JSON object per line."""
+    """`points.jsonl`: finished points of a sweep of `n` examples, one JSON object per line."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, n: int) -> None:
         self.lines = JsonLines(directory / POINTS, "a sweep point", required=("key",),
-                               check=_point_reads)
+                               check=lambda row: _point_reads(row, n))
         self.path = self.lines.path
 
     def load(self) -> tuple[dict[str, dict[str, Any]], str | None]:
@@ -262,7 +264,7 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     notes: list[str] = []
     if ranks.main:
         check_manifest(directory, manifest)
-        done, note = PointStore(directory).load()
+        done, note = PointStore(directory, len(data.examples)).load()
         notes += [note] if note else []
     finished = set(ranks.broadcast(sorted(done)))
     store = PartStore(directory / PARTS, ranks,
@@ -297,7 +299,7 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
                       store=store, job=key, offset=offset)
         row = _row(setting, key, res) if res is not None else {}
         if ranks.main:
-            PointStore(directory).append(row)
+            PointStore(directory, len(data.examples)).append(row)
         rows.append(row)
         if hooks.point_finished:
             hooks.point_finished(row, False)

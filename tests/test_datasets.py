@@ -144,3 +144,15 @@ def test_numeric_scoring_of_an_answer_without_a_number_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"d.jsonl:2: the answer 'none' holds no number"):
         load_jsonl(path, AnswerMatcher(GSM8K, numeric=True))
     assert len(load_jsonl(path, AnswerMatcher(GSM8K)).examples) == 2  # exact match: fine
+
+
+def test_an_answer_regex_must_find_something():
+    """A regex that matches empty text would find an 'answer' in every completion (and score
+    every one right against an answer it also reads as empty): refused. A match that is blank
+    is no answer."""
+    for regex in ["", "x*", "^", r"(\d+)?"]:
+        with pytest.raises(UsageError, match="matches empty text"):
+            AnswerMatcher(regex)
+    matcher = AnswerMatcher(r"#### ?(\S*)")
+    assert not matcher.correct("#### ", "") and not matcher.correct("####", "7")
+    assert matcher.correct("so #### 42", "#### 42")

@@ -103,7 +103,9 @@ def test_a_kept_part_that_does_not_read_as_one_is_computed_again(tmp_path):
     good = {"rows": [1, 2], "total": 3}
     store = PartStore(tmp_path, Ranks(), "p")
     for i, part in enumerate([good, {"rows": [1, 2]}, {"rows": [1], "total": 3},
-                              {"rows": [1, 2], "total": "3"}, {"rows": [1, 2], "total": True}]):
+                              {"rows": [1, 2], "total": "3"}, {"rows": [1, 2], "total": True},
+                              {"rows": [1, 2], "total": -5},
+                              {"rows": [1, 2], "total": float("nan")}]):
         store.put("job", i, part)
     calls = []
 
@@ -111,9 +113,9 @@ def test_a_kept_part_that_does_not_read_as_one_is_computed_again(tmp_path):
         calls.append(i)
         return good
 
-    parts = run_sharded("job", 5, compute, Ranks(), store=PartStore(tmp_path, Ranks(), "p"),
+    parts = run_sharded("job", 7, compute, Ranks(), store=PartStore(tmp_path, Ranks(), "p"),
                         reusable=reusable)
-    assert calls == [1, 2, 3, 4] and parts == [good] * 5
+    assert calls == [1, 2, 3, 4, 5, 6] and parts == [good] * 7
 
 
 def test_torn_part_line_is_dropped_and_a_damaged_one_refused(tmp_path):

@@ -161,7 +161,12 @@ def test_a_damaged_middle_line_is_refused_with_its_number(tmp_path, addition_mod
     with pytest.raises(UsageError, match=r"points.jsonl:1: not a sweep point"):
         run_sweep(addition_model, data, settings()[:2], out, oracle_loops=[], plot=False)
     # a line that is JSON with the point's key, but not what a finished point holds
-    for damage in ({"correct": "12"}, {"correct": None}, {"params": []}):
+    first = json.loads(lines[0])
+    for damage in ({"correct": "12"}, {"correct": None}, {"params": []},
+                   # numbers no run of this sweep gives: more right than asked, another
+                   # count of examples, a negative or infinite measure
+                   {"correct": first["n"] + 1}, {"n": first["n"] * 100}, {"n": 0},
+                   {"mean_loops": -1}, {"wall_s": float("inf")}):
         (out / POINTS).write_text(json.dumps({**json.loads(lines[0]), **damage}) + "\n"
                                   + lines[1])
         with pytest.raises(UsageError, match=r"points.jsonl:1: not a sweep point"):
