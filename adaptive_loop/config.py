@@ -21,6 +21,10 @@ from .errors import UsageError
 
 FLAVOURS = ("llama", "dit")
 MAX_SEQ_LEN = 1 << 20  # RoPE tables are built to max_seq_len: a bound on what they may take
+# the most loops any count may ask for (config, policies, sweeps): far past where looping
+# helps (the paper's models run up to a few dozen), yet bounded, so that a mistyped count is
+# refused rather than run for days
+MAX_LOOPS = 10_000
 ROPE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -79,7 +83,9 @@ class LoopMDMConfig:
             (0 <= self.loop_start and self.loop_start + self.loop_layers <= self.n_layers,
              f"loop spec [{self.loop_start}, {self.loop_start + self.loop_layers}) lies outside "
              f"the model's {self.n_layers} layers"),
-            (self.n_loops >= 1 and self.max_train_loops >= 1, "loop counts must be >= 1"),
+            (1 <= self.n_loops <= MAX_LOOPS and 1 <= self.max_train_loops <= MAX_LOOPS,
+             f"loop counts must be in [1, {MAX_LOOPS}], got n_loops {self.n_loops}, "
+             f"max_train_loops {self.max_train_loops}"),
             *[(value is None or 0 <= value < self.vocab_size, f"{name} {value} outside the "
                f"vocabulary of {self.vocab_size} (ids 0..{self.vocab_size - 1})")
               for name, value in (("mask_id", self.mask_id), ("pad_id", self.pad_id),

@@ -22,6 +22,9 @@ from .remasking import REMASKING
 from .tokenizer import Tokenizer, encode_prompts
 
 SEED_MAX = 2 ** 63 - 1  # the largest seed torch's generators take
+# guidance scales past this rank by the guidance term alone, and at about 1e37 the guided
+# logits un + (F + 1) * (cond - un) overflow float32 and the draw reads NaN
+CFG_MAX = 1e6
 
 
 def integer(label: str, value: Any) -> int:
@@ -105,8 +108,9 @@ def check_values(model: LoopMDM, prompt_len: int, gen_length: int, steps: int,
         raise UsageError("threshold and factor decoding compare scores in [0, 1]; remasking "
                          "'entropy' scores by negative entropy, so none would pass: use "
                          "low_confidence or margin")
-    if not 0 <= cfg_scale < math.inf:
-        raise UsageError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
+    if not 0 <= cfg_scale <= CFG_MAX:
+        raise UsageError(f"cfg_scale must be a finite number >= 0 and at most {CFG_MAX:g} "
+                         f"(stronger guidance overflows float32 logits), got {cfg_scale}")
     if eos_fill and model.config.eos_id is None:
         raise UsageError("eos_fill needs an EOS id, and this model's config has none")
     limit = model.config.max_seq_len

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .config import MAX_LOOPS
 from .curves import ORACLE, annotate, curve_csv, plot_curve, plot_heatmap
 from .datasets import EvalSet, parse_value
 from .distributed import Ranks
@@ -255,8 +256,9 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
     if oracle_loops is None:
         oracle_loops = default_oracle_loops(model, settings)
-    if any(n < 1 for n in oracle_loops):  # before any point runs, not after
-        raise UsageError(f"oracle loops must be >= 1, got {min(oracle_loops)}")
+    bad = next((n for n in oracle_loops if not 1 <= n <= MAX_LOOPS), None)
+    if bad is not None:  # before any point runs, not after
+        raise UsageError(f"oracle loops must be in [1, {MAX_LOOPS}], got {bad}")
     manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
                 "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
                 "seed": seed, "batch_size": batch_size}

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..config import MAX_LOOPS
 from ..errors import UsageError
 from ..requests import SEED_MAX
 from .app import (
@@ -165,8 +166,9 @@ def sweep(
         except ValueError:
             raise UsageError(f"--oracle-loops takes comma-separated integers or 'none', got "
                              f"{oracle_loops!r}") from None
-        if any(n < 1 for n in oracle):
-            raise UsageError(f"--oracle-loops must be >= 1, got {min(oracle)}")
+        bad = next((n for n in oracle if not 1 <= n <= MAX_LOOPS), None)
+        if bad is not None:
+            raise UsageError(f"--oracle-loops must be in [1, {MAX_LOOPS}], got {bad}")
     prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
     on_abort(f"finished points are kept in {out_dir}; run the same command again to resume")
     with session(device) as ranks:

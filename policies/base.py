@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from ..config import MAX_LOOPS
 from ..errors import UsageError
 
 # Signals a policy may declare. "delta": relative L2 change of the hidden state; "cosine":
@@ -34,8 +35,8 @@ SIGNALS = frozenset({"delta", "cosine", "hidden", "logits"})
 CONTEXT_THRESHOLD = 0.5
 
 
-def positive_int(policy: str, label: str, value: Any) -> int:
-    """`value` as an int >= 1, or a UsageError naming the parameter."""
+def positive_int(policy: str, label: str, value: Any, most: int = 2 ** 31 - 1) -> int:
+    """`value` as an int in [1, most], or a UsageError naming the parameter."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -43,7 +44,14 @@ def positive_int(policy: str, label: str, value: Any) -> int:
     if isinstance(value, bool) or not (math.isfinite(number) and number >= 1
                                        and number == int(number)):
         raise UsageError(f"{policy}: {label} must be an integer >= 1, got {value!r}")
+    if number > most:
+        raise UsageError(f"{policy}: {label} must be at most {most}, got {value!r}")
     return int(number)
+
+
+def loop_count(policy: str, label: str, value: Any) -> int:
+    """A loop count: an int in [1, MAX_LOOPS], or a UsageError naming the parameter."""
+    return positive_int(policy, label, value, most=MAX_LOOPS)
 
 
 def nonnegative(policy: str, label: str, value: Any) -> float:
@@ -94,10 +102,10 @@ class HaltingPolicy(ABC):
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:
         who = self.name or type(self).__name__  # an unregistered subclass may have no name
-        min_loops = positive_int(who, "min_loops", min_loops)
+        min_loops = loop_count(who, "min_loops", min_loops)
         check_every = positive_int(who, "check_every", check_every)
         if max_loops is not None:
-            max_loops = positive_int(who, "max_loops", max_loops)
+            max_loops = loop_count(who, "max_loops", max_loops)
         if max_loops is not None and max_loops < min_loops:
             raise UsageError(f"{who}: max_loops {max_loops} is below min_loops "
                              f"{min_loops}")

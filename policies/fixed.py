@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import HaltingPolicy, Signals, positive_int, register
+from .base import HaltingPolicy, Signals, loop_count, register
 
 
 @register
@@ -14,7 +14,7 @@ class Fixed(HaltingPolicy):
 
     def __init__(self, loops: int | None = None) -> None:
         if loops is not None:
-            loops = positive_int(self.name, "loops", loops)
+            loops = loop_count(self.name, "loops", loops)
         super().__init__(min_loops=loops or 1, max_loops=loops)
         self.loops = loops
 

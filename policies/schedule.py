@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..config import MAX_LOOPS
 from ..errors import UsageError
-from .base import HaltingPolicy, Signals, register
-from .predictive import positive_int
+from .base import HaltingPolicy, Signals, loop_count, register
 
 SHAPES: dict[str, Callable[[float], float]] = {
     "peak": lambda x: math.sin(math.pi * x),
@@ -51,12 +51,12 @@ def _parse(budget: str | Sequence[int]) -> list[int] | str:
     values = []
     for item in items:
         try:
-            values.append(positive_int("schedule", "budget", item.strip()
-                                       if isinstance(item, str) else item))
+            values.append(loop_count("schedule", "budget", item.strip()
+                                     if isinstance(item, str) else item))
         except UsageError:
             raise UsageError(f"schedule: budget must be a shape ({', '.join(SHAPES)}) or "
-                             f"loop counts >= 1 separated by commas or slashes, got "
-                             f"{budget!r}") from None
+                             f"loop counts in [1, {MAX_LOOPS}] separated by commas or slashes, "
+                             f"got {budget!r}") from None
     return values
 
 

@@ -28,7 +28,7 @@ def test_overrides_change_the_config(tmp_path, tiny_model):
 @pytest.mark.parametrize("override, message", [
     (dict(foo=3), r"config override foo=3: invalid model config: unknown fields \['foo'\]"),
     (dict(n_loops="3"), "config override n_loops='3': .*n_loops must be an integer"),
-    (dict(n_loops=0), "config override n_loops=0: .*loop counts must be >= 1"),
+    (dict(n_loops=0), "config override n_loops=0: .*loop counts must be in \\[1, 10000\\]"),
 ])
 def test_a_bad_override_is_the_callers_mistake(tmp_path, tiny_model, override, message):
     """Not the checkpoint's: its config is fine, the argument is not."""
