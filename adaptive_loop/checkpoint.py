@@ -27,7 +27,7 @@ from .files import atomic_write_many, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .importers.source import all_finite
 from .model import LoopMDM
-from .tokenizer import Tokenizer, from_spec
+from .tokenizer import CharTokenizer, Tokenizer, from_spec
 
 FORMAT_NAME = "adaptive-loop"
 FORMAT_VERSION = 1
@@ -303,6 +303,8 @@ def _fitting(tokenizer: Tokenizer, cfg: LoopMDMConfig) -> Tokenizer:
         raise UsageError(f"{path}: {tokenizer.vocab_size:,} tokens, more than the "
                          f"{cfg.vocab_size:,} ids this model embeds; it is another model's "
                          f"tokenizer")
+    if isinstance(tokenizer, CharTokenizer):
+        tokenizer.check_specials()
     return tokenizer
 
 

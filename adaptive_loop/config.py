@@ -90,6 +90,8 @@ class LoopMDMConfig:
                f"vocabulary of {self.vocab_size} (ids 0..{self.vocab_size - 1})")
               for name, value in (("mask_id", self.mask_id), ("pad_id", self.pad_id),
                                   ("eos_id", self.eos_id))],
+            (self.pad_id is None or self.pad_id != self.mask_id, f"pad_id and mask_id are "
+             f"both {self.mask_id}: padding would read as positions to fill"),
             (self.eos_id is None or self.eos_id != self.mask_id, f"eos_id and mask_id are "
              f"both {self.mask_id}: the sampler never commits the mask token, so it could "
              f"never write EOS"),

@@ -39,6 +39,16 @@ class CharTokenizer:
     def __post_init__(self) -> None:
         self._lookup = {c: i for i, c in enumerate(self.chars)}
 
+    def check_specials(self) -> None:
+        """Refuse a special id that is also a character's: the model would mask, or end the
+        text at, that character."""
+        taken = next((v for v in (self.mask_id, self.pad_id, self.eos_id)
+                      if v is not None and 0 <= v < len(self.chars)), None)
+        if taken is not None:
+            raise UsageError(f"the char tokenizer's special id {taken} is also its character "
+                             f"{self.chars[taken]!r}; special ids follow the "
+                             f"{len(self.chars)} characters")
+
     @property
     def vocab_size(self) -> int:
         specials = [i for i in (self.mask_id, self.pad_id, self.eos_id) if i is not None]
@@ -226,7 +236,12 @@ def from_spec(spec: dict[str, Any], directory: str | Path | None = None,
         if not isinstance(chars, str) or not chars or not isinstance(own, dict):
             raise UsageError("the model config's char tokenizer needs \"chars\", a string of "
                              "the characters in id order (and \"specials\", if any, an object)")
-        ids = {**(specials or {}), **own}  # the model config's ids unless the spec names its own
+        given = {k: v for k, v in (specials or {}).items() if v is not None}
+        clash = next((k for k, v in own.items() if k in given and v != given[k]), None)
+        if clash is not None:
+            raise UsageError(f"the model config's {clash}_id is {given[clash]}, but its char "
+                             f"tokenizer's specials give {clash} {own[clash]!r}; make them agree")
+        ids = {**given, **own}  # the model config's ids, and those only the spec names
         if ids.get("mask") is None:
             raise UsageError("the model config's char tokenizer names no mask id")
         return CharTokenizer(chars, ids["mask"], ids.get("pad"), ids.get("eos"))

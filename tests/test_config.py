@@ -36,6 +36,7 @@ def test_parts_of_the_loop_spec():
     (dict(vocab_size=8, lm_head_vocab=9), r"lm_head_vocab 9 outside \[1, vocab_size 8\]"),
     (dict(vocab_size=8, lm_head_vocab=7, tie_embeddings=True), "lm_head_vocab needs an untied"),
     (dict(mask_id=3, eos_id=3), "eos_id and mask_id are both 3"),
+    (dict(mask_id=3, pad_id=3), "pad_id and mask_id are both 3"),
     (dict(n_loops=10 ** 20), r"loop counts must be in \[1, 10000\]"),
 ])
 def test_validation_names_the_problem(bad, message):

@@ -165,8 +165,13 @@ def test_model_without_tokenizer_asks_for_one(tmp_path):
 def test_a_char_tokenizer_spec_takes_the_models_ids_and_a_bad_one_fails_in_one_line():
     tok = from_spec({"kind": "char", "chars": "ab"}, None, {"mask": 2, "pad": None})
     assert (tok.mask_id, tok.encode("ba")) == (2, [1, 0])
-    assert from_spec({"kind": "char", "chars": "ab", "specials": {"mask": 5}}, None,
-                     {"mask": 2}).mask_id == 5  # the spec's own ids come first
+    assert from_spec({"kind": "char", "chars": "ab", "specials": {"mask": 2, "eos": 3}}, None,
+                     {"mask": 2}).eos_id == 3  # an id only the spec names is taken
+    # ids that contradict the config, or a character, would decode and mask other tokens
+    # than the model does
+    with pytest.raises(UsageError, match="mask_id is 2, but its char tokenizer's specials "
+                                         "give mask 5"):
+        from_spec({"kind": "char", "chars": "ab", "specials": {"mask": 5}}, None, {"mask": 2})
     for spec in ({"kind": "char"}, {"kind": "char", "chars": 7},
                  {"kind": "char", "chars": "ab", "specials": [1]}):
         with pytest.raises(UsageError, match='char tokenizer needs "chars"'):
@@ -186,6 +191,13 @@ def test_a_completion_reads_right_after_its_prompt(tmp_path, build):
     assert tok.decode(prompt) + tok.decode(rest) != whole  # the space is lost alone
     text = _decode(tok, torch.tensor([rest]), None, [prompt])[0]
     assert tok.decode(prompt) + text == whole
+
+
+def test_a_char_tokenizer_special_id_that_is_a_character_is_a_config_error(tiny_model):
+    mask = tiny_model.config.mask_id
+    tiny_model.config.tokenizer = {"kind": "char", "chars": "abcdefghijklmnopq"[:mask + 1]}
+    with pytest.raises(UsageError, match=f"special id {mask} is also its character "):
+        tokenizer_for(tiny_model)
 
 
 def test_a_char_tokenizer_wider_than_the_embedding_is_a_config_error(tiny_model):
