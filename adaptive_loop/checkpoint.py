@@ -25,7 +25,7 @@ from .device import pick_device, pick_dtype
 from .errors import CheckpointError, CheckpointNotFound, UsageError
 from .files import atomic_write_many, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
-from .importers.source import all_finite
+from .importers.source import all_finite, safetensors_error
 from .model import LoopMDM
 from .tokenizer import CharTokenizer, Tokenizer, from_spec
 
@@ -120,7 +120,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # the safetensors error type differs between releases
-        raise CheckpointError(f"{path}: unreadable or corrupt safetensors file ({err})") from None
+        raise safetensors_error(path, err) from None
 
 
 def check_state(model: LoopMDM, state: dict[str, torch.Tensor], where: str) -> None:

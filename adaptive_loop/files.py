@@ -83,6 +83,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 _CREATED: list[Path] = []  # directories `writable_dir` made in this process, outermost first
 
 
+def why_unreadable(path: str | Path) -> str | None:
+    """The system's reason a file cannot be opened for reading (e.g. "Permission denied"),
+    or None when it can: a reader's failure is then the file's contents."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
 def writable_dir(path: str | Path) -> Path:
     """Create the directory and prove it writable, or raise a UsageError saying why."""
     out = Path(path).expanduser()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import AdaptiveLoopError, CheckpointError, UsageError
-from .files import atomic_write_many, writable_dir
+from .files import atomic_write_many, why_unreadable, writable_dir
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
 from .policies.predictive import needed_rows
@@ -179,6 +179,9 @@ def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:
     try:
         head.load_state_dict(load_file(str(weights)))
     except Exception as err:  # corrupt safetensors, wrong keys or shapes
+        reason = why_unreadable(weights)
+        if reason is not None:
+            raise CheckpointError(f"{weights}: cannot read it: {reason}") from None
         first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else ""
         raise CheckpointError(f"{weights}: weights that do not match {meta_path.name} or cannot "
                               f"be read ({first[:200]}); retrain with `adaptive-loop "

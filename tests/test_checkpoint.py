@@ -296,3 +296,16 @@ def test_a_cast_that_would_overflow_is_refused(tmp_path):
         load_model(tmp_path / "big", device="cpu", dtype="float16")
     kept = load_model(tmp_path / "big", device="cpu", dtype="bfloat16")
     assert all(torch.isfinite(p).all() for p in kept.parameters())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_weights_that_cannot_be_read_say_why(tmp_path):
+    """The safetensors reader calls a file it may not open missing; the error gives the
+    system's reason instead (and does not call the file damaged)."""
+    from adaptive_loop import LoopMDMConfig
+
+    save_model(LoopMDM(LoopMDMConfig.from_name("tiny")), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").chmod(0)
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read it: Permission "
+                                              "denied"):
+        load_model(tmp_path / "m", device="cpu")

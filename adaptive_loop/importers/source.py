@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..errors import CheckpointError, CheckpointNotFound
+from ..files import why_unreadable
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,6 +35,15 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def safetensors_error(path: Path, err: Exception) -> CheckpointError:
+    """The error for a safetensors file its reader refused: the system's reason when the file
+    cannot be read at all (its reader would call a locked file missing), else damage."""
+    reason = why_unreadable(path)
+    if reason is not None:
+        return CheckpointError(f"{path}: cannot read it: {reason}")
+    return CheckpointError(f"{path}: unreadable or corrupt safetensors file ({err})")
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -168,8 +178,7 @@ class Source:
                     for key in keys:
                         shapes[key] = tuple(handle.get_slice(key).get_shape())
             except Exception as err:  # the safetensors error type differs by release
-                raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
-                                      f"({err})") from None
+                raise safetensors_error(f, err) from None
             self._no_repeats(owner, keys, f)
         return shapes
 
@@ -193,8 +202,7 @@ class Source:
                     try:
                         tensors = load_file(str(f))
                     except Exception as err:
-                        raise CheckpointError(f"{f}: unreadable or corrupt safetensors file "
-                                              f"({err})") from None
+                        raise safetensors_error(f, err) from None
                 else:
                     tensors, meta = _load_pickle(f)
                     self.meta.update(meta)
