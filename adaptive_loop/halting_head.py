@@ -344,6 +344,35 @@ def score(head: HaltingHead, data: Trajectories, threshold: float) -> dict[str, 
     }
 
 
+def check_room(model: LoopMDM, prompts: int, gen_length: int, steps: int,
+               block_length: int | None, max_loops: int) -> None:
+    """Refuse, before any work, a run whose trajectories would not fit in the memory this
+    machine has free: every needed token of every step keeps its state after each loop
+    (float32), and fitting makes features of the same size."""
+    free = _free_memory()
+    if free is None:
+        return
+    blocks = gen_length // (block_length or gen_length)
+    needed = gen_length * (steps / max(blocks, 1) + 1) / 2  # token-steps per prompt, about
+    size = 2 * prompts * needed * max_loops * (model.config.d_model + 2) * 4
+    if size > free:
+        raise UsageError(f"train-halting: {prompts:,} prompts would keep about "
+                         f"{size / 2**30:,.1f} GiB of trajectories, and this machine has "
+                         f"{free / 2**30:,.1f} GiB free; use fewer prompts")
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: int,
                        steps: int | None = None, block_length: int | None = None,
                        max_loops: int | None = None, hidden: int = 0, train_steps: int = 300,
@@ -391,6 +420,7 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     for ok, message in checks:
         if not ok:
             raise UsageError(f"train-halting: {message}")
+    check_room(model, len(prompts), gen_length, steps, block_length, loops)
     from .completions import encode_records  # a bad prompt is named by its number
 
     encoded = encode_records(model, [{"prompt": p} for p in prompts], tokenizer_for(model),

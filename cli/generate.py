@@ -101,7 +101,8 @@ def generate(
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="With --prompts: write the completed objects here (a stopped run "
         "resumes from OUT.parts/).")] = None,
-    batch_size: Annotated[int, typer.Option(help="With --prompts: prompts per batch.")] = 32,
+    batch_size: Annotated[int | None, typer.Option(
+        help="With --prompts: prompts per batch (default 32).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="With --prompts: replace an --out file that exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with "
@@ -130,6 +131,9 @@ def generate(
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if force and out_file is None:
         raise UsageError("--force lets --out replace an existing file; it goes with --out")
+    if pipeline and not compact:
+        raise UsageError("--pipeline plans the compacted loop's iterations; the masked "
+                         "reference (--no-compact) has none to plan, so give one or the other")
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")
@@ -138,10 +142,14 @@ def generate(
             on_abort(f"finished batches are kept in {out_file}.parts; run the same command "
                      f"again to resume")
         _complete_file(prompts, out_file, halting, checkpoint, device, dtype, tokenizer,
-                       gen_length, steps, decoding, seed, batch_size, as_json)
+                       gen_length, steps, decoding, seed, 32 if batch_size is None else
+                       batch_size, as_json)
         return
     if out_file is not None:
         raise UsageError("--out goes with --prompts FILE.jsonl")
+    if batch_size is not None:
+        raise UsageError("--batch-size splits a --prompts file into batches; prompts given as "
+                         "arguments run as one batch")
     refuse_launch("generate without --prompts")
     model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     task = _task_of(model)

@@ -35,7 +35,8 @@ def train_halting(
         help="JSON lines of {\"prompt\": ...}; default: problems of the model's built-in task."
     )] = None,
     tokenizer: TokenizerPath = None,
-    n: Annotated[int, typer.Option("--n", help="Problems to draw from the built-in task.")] = 512,
+    n: Annotated[int | None, typer.Option(
+        "--n", help="Problems to draw from the built-in task (default 512).")] = None,
     gen_length: Annotated[int | None, typer.Option(
         help="Tokens generated per prompt (default: the built-in task's answer length).")] = None,
     steps: Annotated[int | None, typer.Option(
@@ -48,7 +49,8 @@ def train_halting(
     label: Annotated[str, typer.Option(
         help="argmax: 1 where a loop's predicted id is already the one at max loops; kl: 1 "
         "where KL(p at max loops || p after the loop) < --label-eps.")] = "argmax",
-    label_eps: Annotated[float, typer.Option(help="The KL label's bound (nats).")] = 1e-3,
+    label_eps: Annotated[float | None, typer.Option(
+        help="The KL label's bound, in nats (default 1e-3).")] = None,
     hidden: Annotated[int, typer.Option(help="MLP hidden width; 0: a linear gate.")] = 0,
     train_steps: Annotated[int, typer.Option(help="Adam steps.")] = 300,
     lr: Annotated[float, typer.Option(help="Adam's learning rate, in (0, 1].")] = 1e-2,
@@ -79,11 +81,18 @@ def train_halting(
     from ..completions import read_prompts
     from ..evaluate import default_decoding
     from ..files import writable_dir
-    from ..halting_head import HEAD_WEIGHTS, save_head, train_halting_head
+    from ..halting_head import HEAD_WEIGHTS, check_room, save_head, train_halting_head
 
     if out_dir is None and checkpoint is None:
         raise UsageError("the embedded model's halting head ships with the package; give --out "
                          "DIR (then use it with --param head=DIR)")
+    if prompts is not None and n is not None:
+        raise UsageError("--n draws problems from the built-in task; with --prompts the file "
+                         "gives the prompts, so give one or the other")
+    if label_eps is not None and label != "kl":
+        raise UsageError("--label-eps bounds the KL label; it goes with --label kl")
+    n = 512 if n is None else n
+    label_eps = 1e-3 if label_eps is None else label_eps
     for flag, value in (("--gen-length", gen_length), ("--steps", steps),
                         ("--block-length", block_length), ("--train-steps", train_steps)):
         if value is not None and value < 1:
@@ -100,20 +109,22 @@ def train_halting(
     writable_dir(target)
     model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     task = _task_of(model)
-    if prompts is not None:
-        texts = [record["prompt"] for record in read_prompts(prompts)]
-    elif task is not None:
-        if n < 2:
-            raise UsageError(f"--n must be >= 2, got {n}")
-        # a seed stream apart from the held-out evaluation problems (seed 1234)
-        texts = [p for p, _ in task.problems(n, 10_000 + seed)]
-    else:
+    if prompts is None and task is None:
         raise UsageError("this checkpoint has no built-in task; give --prompts FILE.jsonl")
     if gen_length is None:
         if task is None:
             raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+    if prompts is not None:
+        texts = [record["prompt"] for record in read_prompts(prompts)]
+    else:
+        if n < 2:
+            raise UsageError(f"--n must be >= 2, got {n}")
+        check_room(model, n, gen_length, steps or gen_length, block_length,
+                   max_loops or model.config.n_loops)  # before drawing the problems
+        # a seed stream apart from the held-out evaluation problems (seed 1234)
+        texts = [p for p, _ in task.problems(n, 10_000 + seed)]
     with progress_bar(hidden=as_json) as bar:
         job = bar.add_task("collecting trajectories", total=len(texts))
         head, report = train_halting_head(

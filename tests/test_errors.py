@@ -4,6 +4,7 @@ traceback. The CLI runs in-process here (the subprocess path is covered in test_
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -157,6 +158,16 @@ CASES = [
      "lr must be in (0, 1]"),
     ("train-halting zero steps", ["train-halting", "--out", "{empty}/h", "--steps", "0"], 2,
      "--steps must be >= 1, got 0"),
+    ("train-halting --n with --prompts", ["train-halting", "--out", "{empty}/h", "--n", "5",
+                                          "--prompts", "{blank}"], 2,
+     "--n draws problems from the built-in task; with --prompts the file gives the prompts"),
+    ("train-halting --label-eps without kl", ["train-halting", "--out", "{empty}/h",
+                                              "--label-eps", "0.1"], 2,
+     "--label-eps bounds the KL label; it goes with --label kl"),
+    ("generate --batch-size without --prompts", GEN + ["--batch-size", "4"], 2,
+     "--batch-size splits a --prompts file into batches"),
+    ("generate --pipeline --no-compact", GEN + ["--pipeline", "--no-compact"], 2,
+     "--pipeline plans the compacted loop's iterations"),
     ("task knob not a number", ["sweep", "-p", "fixed:loops=1", "--task", "addition:digits=x",
                                 "--out", "{empty}/sw"], 2, "addition: digits must be an integer"),
     ("param not a number", GEN + ["--param", "threshold=abc"], 2,
@@ -499,3 +510,15 @@ def test_the_package_names_load_on_first_use():
         adaptive_loop.nothing  # noqa: B018
     with pytest.raises(ImportError):
         from adaptive_loop import nothing  # noqa: F401
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads Linux's free memory")
+def test_train_halting_past_the_memory_is_refused_before_any_work(tmp_path, capsys):
+    """The kernel would kill the run with no message once the trajectories outgrew memory
+    (after the problems alone had taken gigabytes); it is refused before they are drawn."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(["train-halting", "--out", str(tmp_path / "h"), "--n", "100000000",
+                  "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "100,000,000 prompts would keep about" in err, err
+    assert "GiB free; use fewer prompts" in err and not (tmp_path / "h").exists()
