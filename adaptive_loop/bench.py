@@ -150,8 +150,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
     """Measured FLOP/s of a square matmul, its fastest run: the peak that utilisation figures
     divide by. The fastest rather than the median, so that a busy machine lowers utilisation
     figures instead of pushing them past 100%. `n` defaults to 8192 on CUDA (smaller
-    matmuls leave a GPU's peak unreached) and 2048 elsewhere."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    matmuls leave a GPU's peak unreached) and elsewhere to 2048, or less where one matmul of
+    that size would take over a quarter of a second (float16 on most CPUs runs at a few
+    hundredths of float32's rate: 2048 would take most of a minute per run)."""
+    if n is None and device.type == "cuda":
+        n = 8192
+    elif n is None:
+        probe = matmul_peak(device, dtype, n=256, repeats=1)
+        n = int(min(2048, max(256, (0.25 * probe / 2) ** (1 / 3))) // 64 * 64)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = time_call(lambda: a @ b, device, repeats, warmup=2, reduce=min)

@@ -100,10 +100,12 @@ def bench(
     from ..throughput import bench_generation, bench_random_generation
 
     fracs = _floats(fractions, "--fractions")
-    backends = [a.strip() for a in attention.split(",") if a.strip()]
-    if not backends or any(a not in ATTENTION for a in backends):
+    backends = [a.strip() for a in attention.split(",")]
+    if not all(backends) or any(a not in ATTENTION for a in backends):
         raise UsageError(f"--attention takes a comma-separated list of {', '.join(ATTENTION)}; "
                          f"got {attention!r}")
+    if len(set(backends)) < len(backends):
+        raise UsageError(f"--attention names a backend twice: {attention!r}")
     _floats(str(needed), "--needed")
     if steps < 0:
         raise UsageError(f"--steps must be 0 (automatic) or more, got {steps}")
