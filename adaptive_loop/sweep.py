@@ -256,6 +256,9 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     settings = list(unique.values())
     if not settings and not oracle_loops:
         raise UsageError("nothing to sweep: give at least one --policy")
+    if heatmap and (directory / "heatmaps").exists() and not (directory / "heatmaps").is_dir():
+        raise UsageError(f"{directory / 'heatmaps'} is a file; the heatmaps go into a "
+                         f"directory of that name")
     plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
     if oracle_loops is None:
         oracle_loops = default_oracle_loops(model, settings)

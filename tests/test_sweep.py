@@ -457,3 +457,15 @@ def test_gen_length_covers_the_whole_answer_a_regex_reads(tmp_path, addition_mod
                                    matcher=AnswerMatcher(regex=regex))
         plan = plan_batches(addition_model, evalset)
         assert plan.decoding["gen_length"] == max(len(ex.answer) for ex in data.examples) + 1
+
+
+def test_a_file_where_the_heatmaps_go_is_refused_before_any_point(tmp_path, addition_model,
+                                                                   data):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "heatmaps").write_text("mine")
+    started = []
+    with pytest.raises(UsageError, match="heatmaps is a file; the heatmaps go into a directory"):
+        run_sweep(addition_model, data, settings()[:1], tmp_path / "out", heatmap=True,
+                  oracle_loops=[], plot=False,
+                  hooks=SweepHooks(point_started=lambda label, n: started.append(label)))
+    assert started == [] and (tmp_path / "out" / "heatmaps").read_text() == "mine"

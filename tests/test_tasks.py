@@ -75,6 +75,8 @@ def test_kill_fraction_leaves_earlier_specs_unchanged():
     ({"kill_fraction": 0.5}, "kill_fraction needs chain_fraction"),
     ({"chain_fraction": 0.5, "kill_fraction": 2}, r"kill_fraction must be in \[0, 1\]"),
     ({"chain_fraction": 0.5, "kill_fraction": "half"}, "kill_fraction must be a number"),
+    ({"chain_fraction": 0.7, "terms": 3}, r"chain_fraction \(here 0.7\) plants carry chains "
+     r"in sums of two terms only; with terms=3 give chain_fraction=0"),
 ])
 def test_kill_fraction_errors(spec, message):
     with pytest.raises(UsageError, match=message):

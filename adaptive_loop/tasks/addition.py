@@ -52,7 +52,9 @@ class AdditionTask:
                 raise UsageError(f"addition: {knob} must be in [0, 1], got "
                                  f"{getattr(self, knob)}")
         if self.chain_fraction and self.terms != 2:
-            raise UsageError("addition: chain_fraction applies to two terms only")
+            raise UsageError(f"addition: chain_fraction (here {self.chain_fraction:g}) plants "
+                             f"carry chains in sums of two terms only; with terms="
+                             f"{self.terms} give chain_fraction=0 (and kill_fraction=0)")
         if self.kill_fraction and not self.chain_fraction:
             raise UsageError("addition: kill_fraction needs chain_fraction (it is a share of "
                              "the planted chains)")
