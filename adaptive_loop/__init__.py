@@ -49,11 +49,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "policies":
-        return _import_module(f"{__name__}.policies")
     home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if home is None:  # a submodule (adaptive_loop.runtime...), loaded as attribute access
+        try:
+            return _import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise  # a module it imports is missing: say so
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = getattr(_import_module(f"{__name__}.{home}"), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -44,3 +44,14 @@ class ConfigNeeded(UsageError):
 
     def message(self, option: str) -> str:
         return f"{self.problem}; pass {option} {self.wanted}"
+
+
+def described(value: object) -> str:
+    """A short, one-line description of an argument for an error message: a tensor's dtype,
+    shape and device, else the value's type and repr (whitespace collapsed, cut to 120)."""
+    if type(value).__module__.startswith("torch"):  # a tensor (torch is not imported here)
+        dtype = str(value.dtype).removeprefix("torch.")  # type: ignore[attr-defined]
+        article = "an" if dtype[0] in "aeiou" else "a"
+        return f"{article} {dtype} tensor of shape {tuple(value.shape)} on " \
+               f"{value.device}"  # type: ignore[attr-defined]
+    return " ".join(f"{type(value).__name__} {value!r}".split())[:120]

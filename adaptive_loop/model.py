@@ -18,7 +18,6 @@ D head size, V vocabulary.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from .attention import PackPlan
 from .config import LoopMDMConfig
-from .errors import UsageError
+from .errors import UsageError, described
 from .layers import (
     KV,
     DiTLayer,
@@ -51,7 +50,7 @@ class LoopMDM(nn.Module):
     def __init__(self, cfg: LoopMDMConfig) -> None:
         if not isinstance(cfg, LoopMDMConfig):
             raise UsageError(f"LoopMDM takes a LoopMDMConfig (e.g. "
-                             f"LoopMDMConfig.from_name(\"tiny\")), got {_described(cfg)}")
+                             f"LoopMDMConfig.from_name(\"tiny\")), got {described(cfg)}")
         cfg.check()  # again: a field may have been changed since the config was made
         super().__init__()
         self.config = cfg
@@ -224,32 +223,31 @@ class LoopMDM(nn.Module):
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64,
                                                                          torch.int32):
             raise UsageError(f"input_ids must be a tensor of integer token ids (int64), got "
-                             f"{_described(input_ids)}")
+                             f"{described(input_ids)}")
         if input_ids.dim() != 2 or input_ids.shape[1] > c.max_seq_len:
             raise UsageError(f"input_ids must be (batch, length) with length <= the model's "
                              f"context of {c.max_seq_len}, got shape {tuple(input_ids.shape)}")
         shape = tuple(input_ids.shape)
         if n_loops is None:
             n_loops = c.n_loops
-        try:
-            if isinstance(n_loops, bool):
-                raise TypeError
-            n_loops = operator.index(n_loops)
-        except TypeError:
-            n_loops = -1
+        from .requests import integer  # (requests imports this module)
+
+        n_loops = integer("n_loops", n_loops)
         if n_loops < 0:
-            raise UsageError(f"n_loops must be an integer >= 0, got {n_loops!r}")
+            raise UsageError(f"n_loops must be an integer >= 0, got {n_loops}")
         for label, value, kinds, wanted in (
                 ("key_mask", key_mask, (torch.bool,), "a bool"),
                 ("positions", positions, (torch.int64, torch.int32), "an integer")):
             if value is None:
                 continue
             if not isinstance(value, Tensor) or value.dtype not in kinds or \
-                    tuple(value.shape) != shape or value.device != input_ids.device:
+                    value.device != input_ids.device or value.dim() > 2 or \
+                    not _broadcasts(tuple(value.shape), shape):
                 raise UsageError(f"{label} must be {wanted} tensor of input_ids' shape "
-                                 f"{shape} on its device, got {_described(value)}")
-        if input_ids.numel() == 0:
-            return n_loops
+                                 f"{shape} (or one that broadcasts to it) on its device, got "
+                                 f"{described(value)}")
+        if input_ids.numel() == 0 or torch.compiler.is_compiling():
+            return n_loops  # (a compiled forward leaves the read-back out of its graph)
         bounds = [input_ids.min(), input_ids.max()]
         if positions is not None:
             bounds += [positions.min(), positions.max()]
@@ -263,9 +261,9 @@ class LoopMDM(nn.Module):
         return n_loops
 
 
-def _described(value: Any) -> str:
-    """A short description of a tensor argument (or whatever came instead)."""
-    if isinstance(value, Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape " \
-               f"{tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"[:120]
+def _broadcasts(given: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of shape `given` broadcasts to `shape` (shared rows, say)."""
+    try:
+        return torch.broadcast_shapes(given, shape) == shape
+    except RuntimeError:
+        return False

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
-from .errors import GenerationError, UsageError
+from .errors import GenerationError, UsageError, described
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
@@ -298,11 +298,9 @@ def _check_call(model: Any, h: Any, policy: Any, needed: Any, key_mask: Any, ste
     c, weight = model.config, model.embed_tokens.weight
     if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[2] != c.d_model or \
             h.dtype != weight.dtype or h.device != weight.device:
-        got = f"{h.dtype} tensor of shape {tuple(h.shape)} on {h.device}" \
-            if isinstance(h, Tensor) else type(h).__name__
         raise UsageError(f"h must be the loop state (batch, length, {c.d_model}) in the "
                          f"model's {weight.dtype} on {weight.device} (e.g. "
-                         f"model.prelude(model.embed(ids))), got {got}")
+                         f"model.prelude(model.embed(ids))), got {described(h)}")
     if h.shape[1] > c.max_seq_len:
         raise UsageError(f"h has {h.shape[1]} positions, beyond the model's context of "
                          f"{c.max_seq_len}")
@@ -311,10 +309,8 @@ def _check_call(model: Any, h: Any, policy: Any, needed: Any, key_mask: Any, ste
             continue
         if not isinstance(value, Tensor) or value.dtype != torch.bool or \
                 value.shape != h.shape[:2] or value.device != h.device:
-            got = f"{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}" \
-                if isinstance(value, Tensor) else type(value).__name__
             raise UsageError(f"{label} must be a bool tensor {tuple(h.shape[:2])} (h's batch "
-                             f"and length) on {h.device}, got {got}")
+                             f"and length) on {h.device}, got {described(value)}")
     check_flags(**flags)
     step, steps = integer("step", step), integer("steps", steps)
     if step < 0 or steps < 1:  # step may pass steps: threshold decoding runs until done

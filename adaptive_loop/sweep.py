@@ -35,7 +35,7 @@ from .curves import ORACLE, annotate, curve_csv, plot_curve, plot_heatmap
 from .datasets import EvalSet, parse_value
 from .distributed import Ranks
 from .errors import UsageError
-from .files import JsonLines, atomic_write_text, why_unreadable, writable_dir
+from .files import JsonLines, atomic_write_text, writable_dir
 from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
@@ -168,11 +168,10 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     if path.exists():
         try:
             old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        except OSError as err:  # a sweep's manifest this user may not read is still one
+            raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
-        reason = why_unreadable(path)
-        if reason is not None:  # a sweep's manifest this user may not read is still one
-            raise UsageError(f"cannot read {path}: {reason}")
         if not isinstance(old, dict):
             raise UsageError(f"{path}: not a sweep's manifest; use another --out")
         if old == new:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UsageError
+from .errors import UsageError, described
 
 
 class Tokenizer(Protocol):
@@ -237,6 +237,7 @@ def from_spec(spec: dict[str, Any], directory: str | Path | None = None,
             raise UsageError("the model config's char tokenizer needs \"chars\", a string of "
                              "the characters in id order (and \"specials\", if any, an object)")
         given = {k: v for k, v in (specials or {}).items() if v is not None}
+        own = {k: v for k, v in own.items() if v is not None}  # null: the config's id stands
         clash = next((k for k, v in own.items() if k in given and v != given[k]), None)
         if clash is not None:
             raise UsageError(f"the model config's {clash}_id is {given[clash]}, but its char "
@@ -272,10 +273,10 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
         row = tokenizer.encode(prompt)
         row = row.tolist() if hasattr(row, "tolist") else row  # an array of ids
         if not isinstance(row, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in row):
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in row):
             raise UsageError(f"the tokenizer's encode must return a list of integer token "
-                             f"ids; for prompt {n} it returned {str(row)[:80]}")
-        ids.append(list(row))
+                             f"ids; for prompt {n} it returned {described(row)}")
+        ids.append([int(i) for i in row])
     if not ids or any(len(x) == 0 for x in ids):
         raise UsageError("give at least one prompt, none of them empty")
     return ids

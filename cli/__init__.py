@@ -1,10 +1,12 @@
 """The `adaptive-loop` command line: thin Typer commands over the library.
 
-`app` (the Typer app with every command registered) loads on first use; the entry point is
-`adaptive_loop.cli.main:main`.
+`main` is the entry point; `app` (the Typer app with every command registered) loads on first
+use, so that importing this package costs nothing until a command runs.
 """
 
-__all__ = ["app"]
+from .main import main
+
+__all__ = ["app", "main"]
 
 
 def __getattr__(name: str):

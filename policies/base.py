@@ -184,7 +184,7 @@ def check_policy(policy: Any) -> None:
         raise UsageError(f"policy {who!r} was not initialised: its __init__ must call "
                          f"super().__init__(...)")
     needs = policy.needs
-    if not isinstance(needs, (set, frozenset)) or not needs <= SIGNALS:
+    if not isinstance(needs, (set, frozenset, tuple, list)) or not set(needs) <= SIGNALS:
         raise UsageError(f"policy {who!r}: needs must be a set of signals from "
                          f"{sorted(SIGNALS)}, got {needs!r}")
 

@@ -483,7 +483,8 @@ def test_ctrl_c_while_torch_loads_is_one_line():
 
     script = (
         "import builtins, sys\n"
-        "import adaptive_loop, adaptive_loop.cli.main as entry\n"
+        "import adaptive_loop\n"
+        "from adaptive_loop.cli.main import main\n"
         "assert 'torch' not in sys.modules, 'the package imported torch up front'\n"
         "real = builtins.__import__\n"
         "def interrupted(name, *args, **kwargs):\n"
@@ -491,7 +492,7 @@ def test_ctrl_c_while_torch_loads_is_one_line():
         "        raise KeyboardInterrupt\n"
         "    return real(name, *args, **kwargs)\n"
         "builtins.__import__ = interrupted\n"
-        "entry.main(['generate'])\n")
+        "main(['generate'])\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 130 and res.stderr == "aborted\n", res.stderr
@@ -510,6 +511,10 @@ def test_the_package_names_load_on_first_use():
         if name != "policies":
             home = importlib.import_module(f"adaptive_loop.{adaptive_loop._HOME[name]}")
             assert value is getattr(home, name)
+    assert adaptive_loop.runtime.run_loops is adaptive_loop.run_loops  # submodules too
+    from adaptive_loop.cli import main
+
+    assert callable(main) and main.__module__ == "adaptive_loop.cli.main"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         adaptive_loop.nothing  # noqa: B018
     with pytest.raises(ImportError):

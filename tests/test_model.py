@@ -45,7 +45,8 @@ def test_forward_refuses_what_it_would_misread(make_config):
         (dict(positions=torch.full((2, 8), 64)), "got 64"),
         (dict(positions=torch.zeros(2, 8)), "positions must be an integer tensor"),
         (dict(n_loops=-1), "n_loops must be an integer >= 0, got -1"),
-        (dict(n_loops=2.5), "n_loops must be an integer >= 0"),
+        (dict(n_loops=2.5), "n_loops must be an integer, got 2.5"),
+        (dict(n_loops="3"), "n_loops must be an integer, got '3'"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UsageError, match=message):
@@ -61,6 +62,13 @@ def test_forward_refuses_what_it_would_misread(make_config):
     positions = (torch.arange(8) - 3).clamp(min=0).expand(2, 8) * real
     assert torch.equal(model(ids, 2, real, positions), model.fixed_pass(ids, 2, real, positions))
     assert torch.equal(model(ids, n_loops=0), model.fixed_pass(ids, 0))
+    # rows may share their positions or key mask (shapes that broadcast to the ids')
+    shared = model(ids, 2, real[1:], torch.arange(8)[None])
+    assert torch.equal(shared, model(ids, 2, real[1:].expand(2, 8), torch.arange(8).expand(2, 8)))
+    import numpy as np  # an array is named in one line, whatever its repr spans
+
+    with pytest.raises(UsageError, match=r"got ndarray array\(\[\[1, 2\], \[3, 4\]\]\)$"):
+        model(np.array([[1, 2], [3, 4]]))
 
 
 def test_forward_is_the_unrolled_network(make_config):

@@ -167,6 +167,8 @@ def test_a_char_tokenizer_spec_takes_the_models_ids_and_a_bad_one_fails_in_one_l
     assert (tok.mask_id, tok.encode("ba")) == (2, [1, 0])
     assert from_spec({"kind": "char", "chars": "ab", "specials": {"mask": 2, "eos": 3}}, None,
                      {"mask": 2}).eos_id == 3  # an id only the spec names is taken
+    assert from_spec({"kind": "char", "chars": "ab", "specials": {"mask": 2, "eos": None}},
+                     None, {"mask": 2, "eos": 3}).eos_id == 3  # null: the config's id stands
     # ids that contradict the config, or a character, would decode and mask other tokens
     # than the model does
     with pytest.raises(UsageError, match="mask_id is 2, but its char tokenizer's specials "
@@ -217,7 +219,16 @@ def test_a_custom_tokenizer_must_give_integer_ids():
         def decode(self, ids):
             return ""
 
+    class NumpyInts(Floats):
+        def encode(self, text):
+            import numpy as np
+
+            return [np.int64(1), np.int32(2)]
+
     model = LoopMDM(LoopMDMConfig.from_name("tiny"))
     with pytest.raises(UsageError, match=r"encode must return a list of integer token ids; "
-                       r"for prompt 1 it returned \[1.0, 2.0\]"):
+                       r"for prompt 1 it returned list \[1.0, 2.0\]"):
         generate(model, ["x"], policy=make("fixed"), gen_length=2, steps=1, tokenizer=Floats())
+    out = generate(model, ["x"], policy=make("fixed"), gen_length=2, steps=1,
+                   tokenizer=NumpyInts())
+    assert out.tokens[0, :2].tolist() == [1, 2]
