@@ -352,7 +352,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     A native source's sidecars (its halting head, `training.json`) are copied along: a cast
     or a new loop spec leaves the weights they describe as they were. The halting head is left
     out when the new loop spec is not the one it was trained under (the learned policy would
-    refuse it); the returned model's `left_out` names the files left out.
+    refuse it), or when it cannot be read; the returned model's `left_out` names the files
+    left out and `left_out_reason` says why.
     """
     out = Path(destination).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -371,18 +372,34 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
             out.rmdir()
         raise
     save_model(model, out)
-    model.left_out = []
+    model.left_out, model.left_out_reason = [], ""
     origin = Path(model.checkpoint_path)
     if not (origin.is_dir() and _is_native(origin / CONFIG_FILE)):
         return model
-    fits = _head_fits(origin / SIDECARS[1], model.config)
+    reason = _head_left_out(origin, model.config)
     for name in SIDECARS:
         if (origin / name).is_file():
-            if name in SIDECARS[:2] and not fits:
+            if name in SIDECARS[:2] and reason:
                 model.left_out.append(name)
             else:
                 shutil.copyfile(origin / name, out / name)
+    model.left_out_reason = reason if model.left_out else ""
     return model
+
+
+def _head_left_out(origin: Path, cfg: LoopMDMConfig) -> str:
+    """Why the halting head beside a native checkpoint is not copied along ("" to copy it):
+    it was trained under another loop spec, or it cannot be read."""
+    from .halting_head import HEAD_WEIGHTS, load_head
+
+    if not _head_fits(origin / SIDECARS[1], cfg):
+        return "it was trained under another loop spec"
+    if (origin / HEAD_WEIGHTS).is_file():
+        try:
+            load_head(origin)
+        except CheckpointError as err:
+            return f"it cannot be read ({err})"
+    return ""
 
 
 def _is_native(config_file: Path) -> bool:

@@ -69,8 +69,8 @@ def convert(
               f"{c.loop_start + c.loop_layers}) x {c.n_loops}"
               + (f" (with {', '.join(kept)})" if kept else ""))
     if model.left_out:
-        out.print(f"left out the halting head ({', '.join(model.left_out)}): it was trained "
-                  f"under another loop spec; train one for this one with `adaptive-loop "
+        out.print(f"left out the halting head ({', '.join(model.left_out)}): "
+                  f"{model.left_out_reason}; train one for this one with `adaptive-loop "
                   f"train-halting --checkpoint {dst}`", highlight=False)
 
 

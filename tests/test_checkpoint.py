@@ -191,6 +191,13 @@ def test_convert_leaves_out_a_head_of_another_loop_spec(tmp_path, tiny_model):
                          env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
     assert "left out the halting head" in res.stdout and "with training.json" in res.stdout
+    assert "it was trained under another loop spec" in res.stdout
+    # a head that cannot be read is not copied along either (it failed only when used)
+    (tmp_path / "ck" / "halting_head.safetensors").write_bytes(b"garbage")
+    damaged = convert_checkpoint(tmp_path / "ck", tmp_path / "damaged", dtype="bfloat16")
+    assert damaged.left_out == ["halting_head.safetensors", "halting_head.json"]
+    assert damaged.left_out_reason.startswith("it cannot be read (")
+    assert not (tmp_path / "damaged" / "halting_head.safetensors").exists()
 
 
 def test_convert_refuses_a_destination_it_cannot_write_before_loading(tmp_path):
