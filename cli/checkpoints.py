@@ -51,6 +51,9 @@ def convert(
         help="tokenizer.json, tokenizer.model or a directory holding one, written beside the "
              "weights in place of the source's: for a checkpoint that comes without one, so "
              "that later commands need no --tokenizer.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object: the destination, the written config, the "
+        "files copied along and those left out (and why).")] = False,
 ) -> None:
     """Convert a checkpoint (SMDM, MDLM, LLaDA or native) to the native format."""
     from ..checkpoint import convert_checkpoint
@@ -64,6 +67,11 @@ def convert(
     c = model.config
     kept = [name for name in (*SIDECARS, c.tokenizer.get("file")) if name and
             (dst.expanduser() / name).is_file()]
+    if as_json:
+        print(json.dumps({"destination": str(dst), "config": c.to_dict(), "kept": kept,
+                          "left_out": model.left_out,
+                          "left_out_reason": model.left_out_reason}))
+        return
     layers = f"{c.n_layers} layer{'s' * (c.n_layers != 1)}"
     out.print(f"wrote {dst}: {layers}, looped block [{c.loop_start}, "
               f"{c.loop_start + c.loop_layers}) x {c.n_loops}"

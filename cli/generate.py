@@ -357,6 +357,9 @@ def train(
         help="Evaluate every N steps (default 500).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch (default: torch's own choice).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object at the end: the training record "
+        "(training.json: recipe, held-out accuracy along the way, time, machine).")] = False,
     force: Annotated[bool, typer.Option(
         help="Write into --out even if it already holds files.")] = False,
 ) -> None:
@@ -386,14 +389,35 @@ def train(
     on_abort(f"progress is kept in {out_dir / STATE_FILE}; run the same command again "
              f"to resume")
     train_and_save(cfg, out_dir, device=device, console=err, force=force)
+    if as_json:  # the record written beside the weights
+        print(json.dumps({"out": str(out_dir), **json.loads(
+            (out_dir / "training.json").read_text())}))
+        return
     out.print(f"saved to {out_dir}")
 
 
 @app.command("policies")
-def list_policies() -> None:
+def list_policies(
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object: each policy's signals, parameters and their "
+        "defaults, and the plugins that could not be registered.")] = False,
+) -> None:
     """List the halting policies (built-in and from plugins)."""
     from ..policies import available, broken_plugins, policy_class
+    from ..policies.base import init_parameters
 
+    if as_json:
+        listed = []
+        for name in available():
+            cls = policy_class(name)
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            params = {k: None if p.default is p.empty else p.default
+                      for k, p in init_parameters(cls).items()}
+            listed.append({"name": name, "signals": sorted(cls.needs),
+                           "signals_note": cls.needs_note, "about": doc[0] if doc else "",
+                           "params": params})
+        print(json.dumps({"policies": listed, "broken": broken_plugins()}, default=str))
+        return
     table = Table(show_header=True)
     table.add_column("policy")
     table.add_column("signals")

@@ -108,3 +108,30 @@ def test_policies_lists_the_signals_each_policy_reads():
             for line in res.stdout.splitlines() if line.count("│") >= 3}
     assert rows["entropy"] == "delta, logits" and rows["fixed"] == "-"
     assert rows["convergence"] == "delta (cosine with metric=cosine)"
+
+
+def test_every_command_that_reports_takes_json(tmp_path, capsys):
+    """Scripts read `--json` from every command; the three that lacked it print one object
+    holding what their tables and lines say."""
+    from adaptive_loop import embedded_path
+    from adaptive_loop.cli.app import run_main
+    from adaptive_loop.policies import available
+
+    def json_of(*argv):
+        with pytest.raises(SystemExit) as exc:
+            run_main([*argv, "--json"])
+        assert exc.value.code == 0
+        return json.loads(capsys.readouterr().out)
+
+    listed = json_of("policies")
+    assert [p["name"] for p in listed["policies"]] == available()
+    entropy = next(p for p in listed["policies"] if p["name"] == "entropy")
+    assert entropy["signals"] == ["delta", "logits"] and entropy["params"]["threshold"] == 0.1
+    converted = json_of("convert", str(embedded_path()), str(tmp_path / "c"), "--dtype", "bf16")
+    assert converted["destination"] == str(tmp_path / "c") and converted["left_out"] == []
+    assert "halting_head.safetensors" in converted["kept"]
+    trained = json_of("train", "--out", str(tmp_path / "t"), "--steps", "2", "--eval-every",
+                      "2", "--device", "cpu")
+    assert trained["out"] == str(tmp_path / "t") and trained["train_config"]["steps"] == 2
+    for command in ("policies", "convert", "train"):
+        assert "--json" in run(command, "--help").stdout
