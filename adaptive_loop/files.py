@@ -4,6 +4,7 @@ before any work starts."""
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ def atomic_write_many(writes: list[tuple[str | Path, Callable[[Path], None]]]) -
             if path.exists() and not path.is_file():
                 _write(write, path, path)
                 continue
+            remove_stale_temporaries(path)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             staged.append((tmp, path))
             _write(write, tmp, path)
@@ -61,6 +63,28 @@ def atomic_write_many(writes: list[tuple[str | Path, Callable[[Path], None]]]) -
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
     return targets
+
+
+def remove_stale_temporaries(path: Path) -> list[str]:
+    """Delete the temporaries of `path` (`.NAME.tmpPID`) that a killed writer left: those whose
+    process is gone. Returns their names."""
+    removed = []
+    for old in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = old.name[len(path.name) + 5:]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+            removed.append(old.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write(write: Callable[[Path], None], to: Path, path: Path) -> None:

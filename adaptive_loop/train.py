@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from .config import LoopMDMConfig
 from .errors import CheckpointError, UsageError
-from .files import atomic_write, atomic_write_text, writable_dir
+from .files import atomic_write, atomic_write_text, remove_stale_temporaries, writable_dir
 from .model import LoopMDM
 from .tasks import make_task
 
@@ -90,6 +91,7 @@ def mdm_loss(model: LoopMDM, tokens: torch.Tensor, prompt_len: int, n_loops: int
 
 
 STATE_FILE = "train_state.pt"  # resumable state, beside the output while training runs
+RECORD_FILE = "training.json"  # the recipe, the eval history, time and machine
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -220,12 +222,14 @@ def prepare_train_dir(out_dir: str | Path, force: bool = False) -> Path:
     """Refuse, before any work, a directory that cannot be written or that already holds
     something other than an unfinished run of ours (unless `force`)."""
     out = Path(out_dir).expanduser()
+    ours = (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE)
+    if out.is_dir():  # what a killed write left (a snapshot cut short: the one before holds)
+        for name in ours:
+            remove_stale_temporaries(out / name)
     present = [p.name for p in out.iterdir()] if out.is_dir() else []
-    for name in present:  # a snapshot that a kill cut short: the one before it holds
-        if name.startswith(f".{STATE_FILE}.tmp"):
-            (out / name).unlink(missing_ok=True)
-    present = [name for name in present if not name.startswith(f".{STATE_FILE}.tmp")]
-    if not force and any(name != STATE_FILE for name in present):
+    if STATE_FILE in present:  # an unfinished run, perhaps killed while saving the result
+        present = [name for name in present if name not in ours]
+    if not force and present:
         raise UsageError(f"{out} already holds files ({', '.join(sorted(present)[:3])}); choose "
                          f"a new directory or pass --force to write into it (its files of "
                          f"the same names are replaced)")
@@ -273,6 +277,6 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
     report = {"train_config": config_dict(cfg), "seconds": seconds, "device": str(dev),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "history": history}
-    atomic_write_text(out / "training.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / RECORD_FILE, json.dumps(report, indent=1) + "\n")
     (out / STATE_FILE).unlink(missing_ok=True)
     return report

@@ -316,3 +316,19 @@ def test_weights_that_cannot_be_read_say_why(tmp_path):
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read it: Permission "
                                               "denied"):
         load_model(tmp_path / "m", device="cpu")
+
+
+def test_a_write_clears_the_temporaries_a_killed_writer_left(tmp_path):
+    """`.NAME.tmpPID` of a process that is gone is removed by the next write of NAME; one of a
+    live process (a writer at work) is left alone."""
+    import subprocess
+
+    from adaptive_loop.files import atomic_write_text
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale, live = tmp_path / f".out.json.tmp{child.pid}", tmp_path / f".out.json.tmp{os.getppid()}"
+    stale.write_text("half")
+    live.write_text("at work")
+    atomic_write_text(tmp_path / "out.json", "{}\n")
+    assert not stale.exists() and live.exists() and (tmp_path / "out.json").read_text() == "{}\n"

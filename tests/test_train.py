@@ -81,11 +81,28 @@ def test_an_interrupt_while_the_loss_is_logged_keeps_the_evaluation_owed(tmp_pat
     assert evals(resumed) == evals(whole) and [s for s, _ in evals(whole)] == [4, 9]
 
 
+def _dead_pid() -> int:
+    """The id of a process that has ended (a killed writer's, for its temporaries' names)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_output_directory_is_checked_first(tmp_path):
+    dead = _dead_pid()
     (tmp_path / STATE_FILE).write_bytes(b"")
-    (tmp_path / f".{STATE_FILE}.tmp4242").write_bytes(b"half")  # a snapshot a kill cut short
+    (tmp_path / f".{STATE_FILE}.tmp{dead}").write_bytes(b"half")  # a snapshot a kill cut short
     assert prepare_train_dir(tmp_path) == tmp_path  # an unfinished run of ours: resumable
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    # killed while saving the result: the weights in place, the config's temporary beside them
+    (tmp_path / "model.safetensors").write_bytes(b"new")
+    (tmp_path / f".config.json.tmp{dead}").write_bytes(b"half")
+    assert prepare_train_dir(tmp_path) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", STATE_FILE]
+    (tmp_path / "model.safetensors").unlink()
     (tmp_path / STATE_FILE).unlink()
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(UsageError, match="already holds files"):
