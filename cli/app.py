@@ -245,6 +245,8 @@ def run_main(argv: list[str] | None = None) -> None:
                   soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
     except AdaptiveLoopError as e:
+        if _interrupted(e):  # Ctrl-C inside a reader that turned it into a damaged file
+            _aborted()
         if debug:
             traceback.print_exc()
         remove_created_if_empty()  # a refused run leaves no empty output folder behind
@@ -259,6 +261,8 @@ def run_main(argv: list[str] | None = None) -> None:
         _leave_for_launcher(f"error{where}: {e}")
         sys.exit(e.exit_code)
     except Exception as e:
+        if _interrupted(e):  # Ctrl-C inside a library that raised its own error from it
+            _aborted()
         line = _environment_error(e)
         if line is None:  # a bug: its traceback is the report
             _leave_for_launcher("".join(traceback.format_exception(e)))
@@ -269,6 +273,19 @@ def run_main(argv: list[str] | None = None) -> None:
         err.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
         _leave_for_launcher(f"error: {line}")
         sys.exit(1)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a Ctrl-C caused `e`: a library that catches KeyboardInterrupt inside (an
+    extension module's initialisation, a file reader) raises an error of its own from it."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _environment_error(e: Exception) -> str | None:

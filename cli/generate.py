@@ -191,8 +191,9 @@ def generate(
 
 def _results_path(target: Path, prompts: Path, force: bool) -> None:
     """Refuse an --out that would lose a file: the prompts themselves, a directory, or an
-    existing file unless --force (a stopped run leaves only OUT.parts/, never OUT, so an OUT
-    that exists holds results someone kept, resumable or not)."""
+    existing file unless --force (a run stopped before its end leaves only OUT.parts/, never
+    OUT, so an OUT that exists holds results someone kept; one stopped between writing OUT
+    and removing OUT.parts/, or a --force run stopped, leaves both)."""
     from ..files import writable_dir
 
     if not target.name or target.is_dir():
@@ -200,6 +201,11 @@ def _results_path(target: Path, prompts: Path, force: bool) -> None:
     if target.resolve() == prompts.resolve():
         raise UsageError("--out is the --prompts file; write the results elsewhere")
     if (target.exists() or target.is_symlink()) and not force:
+        parts = target.with_name(f"{target.name}.parts")
+        if parts.is_dir():
+            raise UsageError(f"{target} exists, beside {parts.name}/ (batches a stopped run "
+                             f"kept): pass --force to finish that run from them and replace "
+                             f"{target.name}, or --out another file")
         raise UsageError(f"{target} exists; pass --force to replace it, or --out another file")
     writable_dir(target.parent)
 

@@ -259,7 +259,8 @@ CASES = [
     ("sweep data is a directory", ["sweep", "-p", "fixed", "--out", "{empty}/sw", "--data",
                                    "{keep}"], 2, "is a directory; give a JSONL file"),
     ("out exists beside parts", GEN + ["--prompts", "{text}", "--out", "{keep}/theirs.jsonl"],
-     2, "theirs.jsonl exists; pass --force"),
+     2, "theirs.jsonl exists, beside theirs.jsonl.parts/ (batches a stopped run kept): pass "
+        "--force to finish that run from them"),
     ("out is the prompts", GEN + ["--prompts", "{text}", "--out", "{text}"], 2,
      "--out is the --prompts file"),
     ("out is a directory", GEN + ["--prompts", "{text}", "--out", "{keep}"], 2,
@@ -531,3 +532,20 @@ def test_train_halting_past_the_memory_is_refused_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "100,000,000 prompts would keep about" in err, err
     assert "GiB free; use fewer prompts" in err and not (tmp_path / "h").exists()
+
+
+def _import_interrupted(*args, **kwargs):
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed") from None  # what an extension raises
+
+
+def test_ctrl_c_that_a_library_turned_into_its_own_error_is_an_abort(monkeypatch, capsys):
+    """A Ctrl-C while an extension module initialises, or inside a file reader, reaches us as
+    that library's error (an ImportError, a reader's 'corrupt file'); it is still "aborted"
+    and 130, not a traceback or a damaged-checkpoint line."""
+    monkeypatch.setattr("adaptive_loop.evaluate.evaluate_task", _import_interrupted)
+    with pytest.raises(SystemExit) as exc:
+        run_main(["evaluate", "--n", "2", "--device", "cpu"])
+    assert exc.value.code == 130 and capsys.readouterr().err.strip() == "aborted"
