@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, CheckpointNotFound, UsageError
-from .files import atomic_write_many, writable_dir
+from .files import atomic_write_many, remove_stale_temporaries, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .importers.source import all_finite, safetensors_error
 from .model import LoopMDM
@@ -371,19 +371,29 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
         if created:  # a failed load leaves no empty folder behind
             out.rmdir()
         raise
-    save_model(model, out)
-    model.left_out, model.left_out_reason = [], ""
-    origin = Path(model.checkpoint_path)
-    if not (origin.is_dir() and _is_native(origin / CONFIG_FILE)):
-        return model
-    reason = _head_left_out(origin, model.config)
-    for name in SIDECARS:
-        if (origin / name).is_file():
-            if name in SIDECARS[:2] and reason:
-                model.left_out.append(name)
-            else:
-                shutil.copyfile(origin / name, out / name)
-    model.left_out_reason = reason if model.left_out else ""
+    # staged whole beside the destination and renamed onto it at the end: a run killed
+    # halfway leaves no half checkpoint there (and its stage is removed by the next run)
+    remove_stale_temporaries(out)
+    stage = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        save_model(model, stage)
+        model.left_out, model.left_out_reason = [], ""
+        origin = Path(model.checkpoint_path)
+        if origin.is_dir() and _is_native(origin / CONFIG_FILE):
+            reason = _head_left_out(origin, model.config)
+            for name in SIDECARS:
+                if (origin / name).is_file():
+                    if name in SIDECARS[:2] and reason:
+                        model.left_out.append(name)
+                    else:
+                        shutil.copyfile(origin / name, stage / name)
+            model.left_out_reason = reason if model.left_out else ""
+        os.replace(stage, out)  # onto the empty directory made above
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return model
 
 

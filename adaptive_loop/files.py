@@ -72,7 +72,10 @@ def remove_stale_temporaries(path: Path) -> list[str]:
     for old in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
         pid = old.name[len(path.name) + 5:]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
+            if old.is_dir() and not old.is_symlink():  # a directory staged whole
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
             removed.append(old.name)
     return removed
 

@@ -332,3 +332,36 @@ def test_a_write_clears_the_temporaries_a_killed_writer_left(tmp_path):
     live.write_text("at work")
     atomic_write_text(tmp_path / "out.json", "{}\n")
     assert not stale.exists() and live.exists() and (tmp_path / "out.json").read_text() == "{}\n"
+
+
+def test_convert_builds_the_checkpoint_aside_and_renames_it_whole(tmp_path, monkeypatch):
+    """A convert stopped halfway left a destination holding the weights but not the head,
+    which the rerun then refused as not empty. The checkpoint is now staged beside the
+    destination and renamed onto it at the end; a failure leaves neither, and a stage a killed
+    run left is removed by the next."""
+    import shutil
+    import subprocess
+
+    from adaptive_loop import LoopMDMConfig, convert_checkpoint
+
+    save_model(LoopMDM(LoopMDMConfig.from_name("tiny")), tmp_path / "ck")
+    (tmp_path / "ck" / "training.json").write_text("{}\n")
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device", "training.json")
+
+    monkeypatch.setattr(shutil, "copyfile", fail)
+    with pytest.raises(OSError):
+        convert_checkpoint(tmp_path / "ck", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    monkeypatch.undo()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".out.tmp{child.pid}"  # what a killed run left
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "out").mkdir()
+    convert_checkpoint(tmp_path / "ck", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "training.json"]
