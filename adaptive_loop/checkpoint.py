@@ -372,9 +372,15 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
             out.rmdir()
         raise
     # staged whole beside the destination and renamed onto it at the end: a run killed
-    # halfway leaves no half checkpoint there (and its stage is removed by the next run)
-    remove_stale_temporaries(out)
-    stage = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    # halfway leaves no half checkpoint there (and its stage is removed by the next run). Not
+    # where the destination holds the working directory: a rename would leave this process,
+    # and the shell it came from, in a directory that no longer exists.
+    target = out.resolve()
+    here = Path.cwd().resolve()
+    stage = target
+    if target != here and target not in here.parents:
+        remove_stale_temporaries(target)
+        stage = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         save_model(model, stage)
         model.left_out, model.left_out_reason = [], ""
@@ -388,9 +394,11 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
                     else:
                         shutil.copyfile(origin / name, stage / name)
             model.left_out_reason = reason if model.left_out else ""
-        os.replace(stage, out)  # onto the empty directory made above
+        if stage != target:
+            os.replace(stage, target)  # onto the empty directory made above
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage != target:
+            shutil.rmtree(stage, ignore_errors=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise

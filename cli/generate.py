@@ -382,7 +382,7 @@ def train(
             raise UsageError(f"--threads must be between 1 and the {cpus} CPUs here, got "
                              f"{threads}")
         torch.set_num_threads(threads)
-    from ..train import STATE_FILE, TrainConfig, train_and_save
+    from ..train import RECORD_FILE, STATE_FILE, TrainConfig, train_and_save
 
     for flag, value in (("--steps", steps), ("--eval-every", eval_every)):
         if value is not None and value < 1:
@@ -397,7 +397,7 @@ def train(
     train_and_save(cfg, out_dir, device=device, console=err, force=force)
     if as_json:  # the record written beside the weights
         print(json.dumps({"out": str(out_dir), **json.loads(
-            (out_dir / "training.json").read_text())}))
+            (out_dir / RECORD_FILE).read_text())}))
         return
     out.print(f"saved to {out_dir}")
 

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,4 +365,9 @@ def test_convert_builds_the_checkpoint_aside_and_renames_it_whole(tmp_path, monk
     convert_checkpoint(tmp_path / "ck", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "training.json"]
+    (tmp_path / "here").mkdir()  # into the working directory: written in place, not renamed
+    monkeypatch.chdir(tmp_path / "here")
+    convert_checkpoint(tmp_path / "ck", ".")
+    assert sorted(p.name for p in Path.cwd().iterdir()) == [
         "config.json", "model.safetensors", "training.json"]
