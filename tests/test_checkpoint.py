@@ -322,13 +322,11 @@ def test_weights_that_cannot_be_read_say_why(tmp_path):
 def test_a_write_clears_the_temporaries_a_killed_writer_left(tmp_path):
     """`.NAME.tmpPID` of a process that is gone is removed by the next write of NAME; one of a
     live process (a writer at work) is left alone."""
-    import subprocess
+    from tests_support import dead_pid
 
     from adaptive_loop.files import atomic_write_text
 
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale, live = tmp_path / f".out.json.tmp{child.pid}", tmp_path / f".out.json.tmp{os.getppid()}"
+    stale, live = tmp_path / f".out.json.tmp{dead_pid()}", tmp_path / f".out.json.tmp{os.getppid()}"
     stale.write_text("half")
     live.write_text("at work")
     atomic_write_text(tmp_path / "out.json", "{}\n")
@@ -341,7 +339,8 @@ def test_convert_builds_the_checkpoint_aside_and_renames_it_whole(tmp_path, monk
     destination and renamed onto it at the end; a failure leaves neither, and a stage a killed
     run left is removed by the next."""
     import shutil
-    import subprocess
+
+    from tests_support import dead_pid
 
     from adaptive_loop import LoopMDMConfig, convert_checkpoint
 
@@ -356,9 +355,7 @@ def test_convert_builds_the_checkpoint_aside_and_renames_it_whole(tmp_path, monk
         convert_checkpoint(tmp_path / "ck", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     monkeypatch.undo()
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = tmp_path / f".out.tmp{child.pid}"  # what a killed run left
+    stale = tmp_path / f".out.tmp{dead_pid()}"  # what a killed run left
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     (tmp_path / "out").mkdir()

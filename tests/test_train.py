@@ -81,18 +81,10 @@ def test_an_interrupt_while_the_loss_is_logged_keeps_the_evaluation_owed(tmp_pat
     assert evals(resumed) == evals(whole) and [s for s, _ in evals(whole)] == [4, 9]
 
 
-def _dead_pid() -> int:
-    """The id of a process that has ended (a killed writer's, for its temporaries' names)."""
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_output_directory_is_checked_first(tmp_path):
-    dead = _dead_pid()
+    from tests_support import dead_pid
+
+    dead = dead_pid()
     (tmp_path / STATE_FILE).write_bytes(b"")
     (tmp_path / f".{STATE_FILE}.tmp{dead}").write_bytes(b"half")  # a snapshot a kill cut short
     assert prepare_train_dir(tmp_path) == tmp_path  # an unfinished run of ours: resumable
