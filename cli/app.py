@@ -233,8 +233,8 @@ def run_main(argv: list[str] | None = None) -> None:
         if code == ABORTED:  # Ctrl-C, as newer Typer reports it
             _aborted()
         sys.exit(code if isinstance(code, int) else 0)  # --help and the like return a code
-    except ABORT:  # Ctrl-C, as older Typer and click report it
-        _aborted()
+    except (*ABORT, KeyboardInterrupt):  # Ctrl-C, as older Typer and click report it, or
+        _aborted()  # one before the parser ran
     except PARSER_ERRORS as e:  # the parser's: a bad option value, an unknown option...
         if type(e).__name__ == "NoArgsIsHelpError":
             e.show()

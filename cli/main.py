@@ -7,10 +7,13 @@ command: "aborted" and exit code 130, no traceback.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Any
 
 ABORTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
+_interrupts: list[int] = []  # the Ctrl-Cs this process has had (0: the command has ended)
 
 
 def load_app() -> tuple[Any, Any]:
@@ -21,13 +24,39 @@ def load_app() -> tuple[Any, Any]:
     return app, run_main
 
 
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """The first Ctrl-C during a command raises KeyboardInterrupt, as Python's own handler
+    does, and the command says "aborted" (and what it kept). A later one (a second Ctrl-C, or
+    one that arrives while the first's exit runs) or one after the command has ended ends the
+    process at once with the same code: Python's handler would raise inside the exit and end
+    the process by the signal, with no line and no exit code."""
+    _interrupts.append(signum)
+    if _interrupts == [signum]:
+        raise KeyboardInterrupt
+    for stream in (sys.stdout, sys.stderr):  # what was printed stays printed
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001  (a write the signal interrupted)
+            pass
+    os._exit(ABORTED)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `adaptive-loop` command. Owns the process: the Ctrl-C handler is set here, not in
+    `run_main`, which tests and scripts call inside their own process."""
+    try:
+        signal.signal(signal.SIGINT, _on_interrupt)
+    except ValueError:  # not the main thread: the caller's handler stays
+        pass
     try:
         _, run_main = load_app()
     except KeyboardInterrupt:
         sys.stderr.write("aborted\n")
         sys.exit(ABORTED)
-    run_main(argv)
+    try:
+        run_main(argv)
+    finally:
+        _interrupts.append(0)
 
 
 def __getattr__(name: str):

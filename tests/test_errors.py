@@ -476,6 +476,41 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, h
     assert err.strip() == hint.format(root=tmp_path), err
 
 
+_SECOND_CTRL_C = (
+    "import atexit, os, signal, sys\n"
+    "from adaptive_loop.cli.main import load_app, main\n"
+    "import adaptive_loop.distributed as launch\n"
+    "from adaptive_loop.cli import app\n"
+    "load_app()\n"
+    "def ctrl_c(*args, **kwargs):\n"
+    "    os.kill(os.getpid(), signal.SIGINT)\n"
+    "if sys.argv[1] == 'twice':\n"
+    "    launch.refuse_launch = ctrl_c  # before the parser runs\n"
+    "    said = app.err.print\n"
+    "    app.err.print = lambda *a, **k: (said(*a, **k), ctrl_c())  # again while it exits\n"
+    "else:\n"
+    "    atexit.register(ctrl_c)  # after the command has printed everything\n"
+    "main(['policies', '--json'])\n")
+
+
+@pytest.mark.parametrize("when", ["twice", "after"])
+def test_a_late_or_second_ctrl_c_still_exits_130(when):
+    """A Ctrl-C before the parser runs says "aborted"; a second one while that exit runs, or
+    one after the command has ended, still ends with 130 and what was printed, not by the
+    signal with a traceback."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C, when], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    if when == "twice":
+        assert res.stderr == "aborted\n" and res.stdout == ""
+    else:
+        assert "entropy" in [p["name"] for p in json.loads(res.stdout)["policies"]]
+
+
 def test_ctrl_c_while_torch_loads_is_one_line():
     """The entry point imports nothing heavy before it can catch Ctrl-C: one interrupted while
     torch loads ends as one during a command does ("aborted", 130), not in a traceback."""
