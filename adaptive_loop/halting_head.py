@@ -148,13 +148,28 @@ def head_file(path: str | Path | None) -> Path:
     return target
 
 
+def weights_digest(state: dict[str, Tensor]) -> str:
+    """16 hex digits of a hash of every value of a head's weights (as float32): the head's JSON
+    records it, so weights from one save are never read with the config and threshold of
+    another."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy()
+                      .tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_head(head: HaltingHead, directory: str | Path, report: dict[str, Any]) -> Path:
     """Write the sidecar (weights + JSON with the config and `report`) into `directory`."""
     out = writable_dir(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    meta = {"format": HEAD_FORMAT, "version": 1, "head": asdict(head.config), **report}
+    meta = {"format": HEAD_FORMAT, "version": 1, "head": asdict(head.config),
+            "weights_digest": weights_digest(state), **report}
     # both written before either replaces its file: a killed or failed run leaves the old
-    # pair or the new one, never half of either, nor new JSON beside old weights
+    # pair or the new one, never half of either; the weights are renamed first, and a run
+    # killed between the two renames leaves new weights beside the old JSON, which the digest
+    # tells apart
     text = json.dumps(meta, indent=1) + "\n"
     return atomic_write_many([
         (out / HEAD_WEIGHTS, lambda tmp: save_file(state, str(tmp),
@@ -177,7 +192,8 @@ def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:
         raise CheckpointError(f"{meta_path}: not a halting head's config ({type(err).__name__}"
                               f"); retrain with `adaptive-loop train-halting`") from None
     try:
-        head.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        head.load_state_dict(state)
     except Exception as err:  # corrupt safetensors, wrong keys or shapes
         reason = why_unreadable(weights)
         if reason is not None:
@@ -186,6 +202,11 @@ def load_head(path: str | Path | None) -> tuple[HaltingHead, dict[str, Any]]:
         raise CheckpointError(f"{weights}: weights that do not match {meta_path.name} or cannot "
                               f"be read ({first[:200]}); retrain with `adaptive-loop "
                               f"train-halting`") from None
+    recorded = meta.get("weights_digest")
+    if recorded is not None and recorded != weights_digest(state):
+        raise CheckpointError(f"{weights}: not the weights {meta_path.name} describes (a save "
+                              f"stopped between replacing the two files?); retrain with "
+                              f"`adaptive-loop train-halting --overwrite`")
     return head.eval(), meta
 
 

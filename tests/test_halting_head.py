@@ -161,6 +161,27 @@ def test_training_errors(tiny_model, tmp_path):
     assert "\n" not in str(err.value) and "do not match" in str(err.value)
 
 
+def test_new_weights_beside_old_json_are_refused(tmp_path):
+    """The JSON records a digest of its weights: weights of another save beside it (a run
+    killed between replacing the two files) are refused rather than read with the other
+    save's threshold; a head whose JSON has no digest (an earlier release's) still loads."""
+    from adaptive_loop.halting_head import HaltingHead, HeadConfig
+
+    torch.manual_seed(0)
+    first, second = (HaltingHead(HeadConfig(32, 0, 4)) for _ in range(2))
+    save_head(first, tmp_path / "a", {"threshold": 0.5})
+    save_head(second, tmp_path / "b", {"threshold": 0.9})
+    assert load_head(tmp_path / "a")[1]["threshold"] == 0.5
+    (tmp_path / "a" / HEAD_WEIGHTS).write_bytes((tmp_path / "b" / HEAD_WEIGHTS).read_bytes())
+    with pytest.raises(CheckpointError, match="not the weights halting_head.json describes"):
+        load_head(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / HEAD_META).read_text())
+    del meta["weights_digest"]
+    (tmp_path / "a" / HEAD_META).write_text(json.dumps(meta))
+    head, _ = load_head(tmp_path / "a")
+    assert torch.equal(head.state_dict()["net.weight"], second.state_dict()["net.weight"])
+
+
 def test_a_diverged_head_is_refused_not_saved(tiny_model, monkeypatch):
     from adaptive_loop import AdaptiveLoopError, halting_head
 
