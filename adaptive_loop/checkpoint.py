@@ -1,14 +1,16 @@
 """Checkpoints: the native format, imported layouts and the embedded default model.
 
 Native format: a directory with `config.json` (`{"format": "adaptive-loop", "version": 1,
-"model": <LoopMDMConfig>}`), `model.safetensors` (the model's state dict) and, when the model
-has one, its tokenizer file (`tokenizer.json` or `tokenizer.model`). Checkpoints of SMDM, MDLM
+"save_id": ..., "model": <LoopMDMConfig>}`), `model.safetensors` (the model's state dict, with
+the same `save_id` in its metadata) and, when the model has one, its tokenizer file
+(`tokenizer.json` or `tokenizer.model`). Checkpoints of SMDM, MDLM
 and LLaDA load through `adaptive_loop.importers` (see `load_model`).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import LoopMDMConfig
@@ -57,11 +60,16 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     _copy_tokenizer_file(model, out)
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model.config.to_dict()}
+    fields = model.config.to_dict()
+    # both files record the config they were saved with: weights renamed into place beside
+    # the config.json of an earlier save (a run killed between the two renames) are refused
+    save_id = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "save_id": save_id,
+            "model": fields}
     text = json.dumps(meta, indent=2) + "\n"
     atomic_write_many([  # weights and config replaced together, after both are written
-        (out / WEIGHTS_FILE,
-         lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT_NAME})),
+        (out / WEIGHTS_FILE, lambda tmp: save_file(
+            state, str(tmp), metadata={"format": FORMAT_NAME, "save_id": save_id})),
         (out / CONFIG_FILE, lambda tmp: tmp.write_text(text))])
     return out
 
@@ -179,10 +187,27 @@ def build_model(cfg: LoopMDMConfig, state: dict[str, torch.Tensor], where: str) 
 def load_native(directory: Path, overrides: dict[str, Any]) -> LoopMDM:
     cfg = _read_config(directory, overrides)
     state = _read_weights(directory / WEIGHTS_FILE)
+    _check_same_save(directory)
     model = build_model(cfg, state, str(directory / WEIGHTS_FILE))
     if cfg.tokenizer.get("file"):
         model.tokenizer_dir = directory
     return model
+
+
+def _check_same_save(directory: Path) -> None:
+    """Refuse weights saved with another config than the config.json beside them. Both files
+    record the save's config digest (`save_id`); files without one (written by hand, or by
+    an earlier release) are not checked, and editing config.json keeps its id."""
+    try:
+        recorded = json.loads((directory / CONFIG_FILE).read_text()).get("save_id")
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
+            written = (handle.metadata() or {}).get("save_id")
+    except Exception:  # noqa: BLE001  (both files were read before; nothing to compare)
+        return
+    if recorded is not None and written is not None and recorded != written:
+        raise CheckpointError(f"{directory}: {WEIGHTS_FILE} was saved with another "
+                              f"{CONFIG_FILE} than the one beside it (a save stopped between "
+                              f"replacing the two files?); save the model again")
 
 
 def resolve_config(source: str | Path | None = None, *, format: str = "auto",

@@ -368,3 +368,28 @@ def test_convert_builds_the_checkpoint_aside_and_renames_it_whole(tmp_path, monk
     convert_checkpoint(tmp_path / "ck", ".")
     assert sorted(p.name for p in Path.cwd().iterdir()) == [
         "config.json", "model.safetensors", "training.json"]
+
+
+def test_weights_of_another_save_beside_a_config_are_refused(tmp_path, tiny_model):
+    """Weights and config.json record the config they were saved with: weights of a save with
+    another config beside them (a run killed between replacing the two files) are refused;
+    editing config.json by hand keeps its record, and files without one are not checked."""
+    from dataclasses import replace
+
+    other = LoopMDM(replace(tiny_model.config, n_loops=tiny_model.config.n_loops + 1))
+    other.load_state_dict(tiny_model.state_dict())
+    save_model(tiny_model, tmp_path / "a")
+    save_model(other, tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").write_bytes(
+        (tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="was saved with another config.json"):
+        load_model(tmp_path / "a", device="cpu")
+
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    meta["model"]["n_loops"] = 2  # an edit by hand
+    (tmp_path / "b" / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "b", device="cpu").config.n_loops == 2
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    del meta["save_id"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "a", device="cpu").config == tiny_model.config
