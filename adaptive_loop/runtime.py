@@ -371,6 +371,9 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
                               compact=compact, pipeline=pipeline)
     batch, length, _ = h.shape
     total = batch * length
+    if total == 0:  # no tokens: nothing to loop
+        return h.clone(), StepTrace(loops=torch.zeros(batch, length, dtype=torch.int32,
+                                                      device=h.device))
     pipeline = pipeline and compact  # the masked reference has no plan to pipeline
     run = iterations(compile, h.device)
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)

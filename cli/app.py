@@ -100,8 +100,9 @@ Loops = Annotated[int | None, typer.Option(help="Loop count of the fixed policy 
 MinLoops = Annotated[int | None, typer.Option(help="Loops every token runs before it may halt "
                                               "(default 1).")]
 MaxLoops = Annotated[int | None, typer.Option(help="Most loops a token may run (default: the "
-                                              "model's loop count).")]
-CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops (default "
+                                              "model's loop count, or --min-loops if higher).")]
+CheckEvery = Annotated[int | None, typer.Option(help="Ask the policy every N loops, after loops "
+                                                "min, min+N, ... below the maximum (default "
                                                 "1).")]
 TokenizerPath = Annotated[Path | None, typer.Option(
     "--tokenizer", help="tokenizer.json, tokenizer.model or a directory holding one (default: "

@@ -56,8 +56,8 @@ def loop_count(policy: str, label: str, value: Any) -> int:
 
 def nonnegative(policy: str, label: str, value: Any) -> float:
     """`value` as a finite float >= 0, or a UsageError naming the parameter (an infinite one
-    would halt every token at its first check, as any large number does, and could not be
-    written as JSON)."""
+    would halt every token as early as its rule allows, as any large number does, and could
+    not be written as JSON)."""
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -13,7 +13,8 @@ those steps min_loops, and on the embedded model one loop there lost nearly ever
 count over the whole generation, across semi-autoregressive blocks; with parallel decoding
 (`threshold`, `factor`) the step count is not fixed, and steps past the nominal `steps` keep
 the last step's budget. Every token halts when it reaches the step's budget; the policy asks
-for no signal and checks once per step, so `check_every` has no effect.
+for no signal and checks once per step, at the budget, so it refuses a `check_every` other
+than 1.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Schedule(HaltingPolicy):
     def __init__(self, budget: str | Sequence[int] = "peak", min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
+        if self.check_every != 1:
+            raise UsageError(f"schedule: check_every has no effect (every token stops at its "
+                             f"step's budget), got {check_every!r}; leave it out")
         self._plan = _parse(budget)
         self.budget = budget if isinstance(budget, str) else ",".join(map(str, self._plan))
         if isinstance(self._plan, list):

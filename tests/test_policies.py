@@ -497,6 +497,8 @@ def test_schedule_runs_each_step_at_its_budget(tiny_model, prompts):
     ("schedule", {"budget": "4,0"}, "schedule: budget must be a shape"),
     ("schedule", {"budget": "4,8", "max_loops": 6}, "budget value 8 exceeds max_loops 6"),
     ("schedule", {"budget": "1,4", "min_loops": 2}, "budget value 1 is below min_loops 2"),
+    ("schedule", {"check_every": 2}, "schedule: check_every has no effect"),
+    ("convergence", {"metric": "cosine", "threshold": -1}, "threshold must be a finite number"),
     ("learned", {"head": "/no/such/head"}, "head= is a halting_head.safetensors file or a "
                                            "checkpoint directory"),
     ("entropy", {"shortlist": -4}, "entropy: shortlist must be 0 (off) or an integer >= 1"),
@@ -677,3 +679,18 @@ def test_a_policy_the_runtime_cannot_run_is_one_line(tiny_model, prompts):
         make(["entropy"])
     with pytest.raises(UsageError, match="schedule: budget must be"):
         make("schedule", budget=b"4,6")  # bytes are no list of loop counts
+
+
+def test_each_convergence_metric_has_its_own_default_threshold():
+    """Cosine's default is l2's 0.5 carried over to the same turn of the state (half its
+    square: 0.125), not l2's number read as 1 - cos (an angle of 60 degrees); a label shows a
+    threshold only where it is not its metric's default."""
+    import math
+
+    l2, cosine = make("convergence"), make("convergence", metric="cosine")
+    assert (l2.threshold, cosine.threshold) == (0.5, 0.125)
+    theta = 2 * math.asin(l2.threshold / 2)  # equal norms: relative change 2 sin(theta / 2)
+    assert math.isclose(1 - math.cos(theta), cosine.threshold)
+    assert (l2.label(), cosine.label()) == ("convergence", "convergence(metric=cosine)")
+    assert make("convergence", metric="cosine", threshold=0.5).label() == \
+        "convergence(threshold=0.5, metric=cosine)"

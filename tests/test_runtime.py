@@ -360,3 +360,12 @@ def test_run_loops_refuses_what_it_would_misread(tiny_model):
             run_loops(tiny_model, args.pop("h"), args.pop("policy"), args.pop("needed"), **args)
     with pytest.raises(UsageError, match="model must be a LoopMDM"):
         run_loops(None, h, fixed, needed)
+
+
+@pytest.mark.parametrize("shape", [(0, 10), (3, 0)])
+def test_run_loops_on_no_tokens_returns_them_unchanged(tiny_model, shape):
+    """A batch of no rows, or rows of no positions, loops nothing under any policy."""
+    h = torch.zeros(*shape, tiny_model.config.d_model)
+    for name in ("entropy", "convergence", "kl", "fixed"):
+        out, trace = run_loops(tiny_model, h, make(name), torch.zeros(shape, dtype=torch.bool))
+        assert out.shape == h.shape and trace.loops.shape == shape
