@@ -490,7 +490,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         flat[index] = flat[index] & ~halt
         decided = True
         counts = active.sum(1)
-        finite = torch.isfinite(h.reshape(-1, h.shape[-1])[index]).all()
+        finite = all_finite(h.reshape(-1, h.shape[-1])[index])
         read = [counts.sum(), counts.max(), finite.long()]
         if reads_logits:  # the next check's probe: its sizes come with this read
             probe_counts = (active & needed).sum(1)
@@ -505,7 +505,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         _check_finite(pending.values()[2], step, pending.iteration)
     if not checked:  # the last iteration went unchecked
         trace.host_syncs += 1
-        if not bool(torch.isfinite(h).all()):
+        if not bool(all_finite(h)):
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
@@ -554,6 +554,13 @@ def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count:
     index = true_index(halted, count)
     model.block_layers[0].write_kv(h.reshape(-1, width)[index], model.rope, index, length,
                                    cache)
+
+
+def all_finite(x: Tensor) -> Tensor:
+    """Whether every value of `x` is finite, as a 0-d bool tensor (no sync): its sum in
+    float64, which a non-finite value makes non-finite and finite float32 values can never
+    overflow. A third of the time of `isfinite(x).all()`, which writes a mask of x's size."""
+    return torch.isfinite(x.sum(dtype=torch.float64))
 
 
 def _check_finite(ok: int, step: int, iteration: int) -> None:

@@ -1,6 +1,8 @@
 """The runtime's invariants: compacted == masked, never-halting == fixed, halted tokens frozen,
 loop bounds respected, FLOPs counted from what ran."""
 
+import math
+
 import pytest
 import torch
 
@@ -369,3 +371,22 @@ def test_run_loops_on_no_tokens_returns_them_unchanged(tiny_model, shape):
     for name in ("entropy", "convergence", "kl", "fixed"):
         out, trace = run_loops(tiny_model, h, make(name), torch.zeros(shape, dtype=torch.bool))
         assert out.shape == h.shape and trace.loops.shape == shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite_at_the_extremes(dtype):
+    """The runtime's finite check sums in float64: the largest finite values of the dtype,
+    many of them, are still finite; one inf, -inf or NaN anywhere is not."""
+    from adaptive_loop.runtime import all_finite
+
+    top = torch.finfo(dtype).max
+    x = torch.full((1000, 64), top, dtype=dtype)
+    assert bool(all_finite(x)) and bool(all_finite(-x))
+    for bad in (math.inf, -math.inf, math.nan):
+        y = x.clone()
+        y[517, 3] = bad
+        assert not bool(all_finite(y)) and bool(torch.isfinite(y).all()) is False
+    mixed = x.clone()
+    mixed[0, 0], mixed[1, 1] = math.inf, -math.inf  # their sum is NaN: still caught
+    assert not bool(all_finite(mixed))
+    assert bool(all_finite(torch.empty(0, 64, dtype=dtype)))
