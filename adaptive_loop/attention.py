@@ -58,10 +58,18 @@ def _key_bias(key_mask: Tensor | None) -> Tensor | None:
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    """Bidirectional attention over full rows. q (B, H, L, D), k/v (B, G, L, D) -> (B, H, L, D)."""
+    """Bidirectional attention over full rows. q (B, H, L, D), k/v (B, G, L, D) -> (B, H, L, D).
+
+    Grouped key/value heads are read in place on the CPU (SDPA's `enable_gqa`: the same
+    numbers, without a copy of every row's keys and values per layer and loop, which costs
+    most where few queries remain active). On CUDA they are expanded: the kernel that takes
+    a key mask takes no grouped heads, and would fall back to the slowest one."""
     n_heads = q.shape[1]
+    mask = _key_bias(key_mask)
+    if k.shape[1] != n_heads and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return F.scaled_dot_product_attention(
-        q, _expand_kv(k, n_heads), _expand_kv(v, n_heads), attn_mask=_key_bias(key_mask)
+        q, _expand_kv(k, n_heads), _expand_kv(v, n_heads), attn_mask=mask
     )
 
 

@@ -232,3 +232,20 @@ def test_true_index_equals_nonzero(fraction):
     plan = PackPlan.from_mask(mask)
     assert torch.equal(plan.index, flat.nonzero().squeeze(1))
     assert plan.width == int(mask.sum(1).max())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_heads_read_in_place_equal_expanded_heads(masked):
+    """On the CPU grouped key/value heads go to SDPA as they are (enable_gqa): the result is
+    the one of each group's heads copied out to its queries, bit for bit."""
+    from adaptive_loop.attention import dense_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 11, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    key_mask = torch.rand(3, 11) > 0.3 if masked else None
+    if key_mask is not None:
+        key_mask[:, 0] = True
+    expanded = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1),
+        attn_mask=None if key_mask is None else key_mask[:, None, None, :])
+    assert torch.equal(dense_attention(q, k, v, key_mask), expanded)
