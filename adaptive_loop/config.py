@@ -180,8 +180,9 @@ def shown(value: Any) -> str:
         return repr(value)
 
 
-# Presets. `tiny` is for tests; the `*-shape` presets carry the layer shapes of public MDMs with a
-# loop spec added, for random-weight timing (shapes from SMDM's Diff_LLaMA configs).
+# Presets. `tiny` is for tests; the `*-shape` presets are model shapes with a loop spec added,
+# for random-weight timing: SMDM's Diff_LLaMA_170M, and a LLaMA-style 1B shape (22 layers of
+# width 2048, 16 heads, SwiGLU 5504: LLaMA's 8/3 ratio rounded up to a multiple of 64).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=17, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=3,
                  loop_start=1, loop_layers=1, n_loops=3, max_seq_len=64, mask_id=16),

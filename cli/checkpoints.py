@@ -21,7 +21,8 @@ LoopStart = Annotated[int | None, typer.Option(
          "an import's plain MDM: all layers once).")]
 LoopLayers = Annotated[int | None, typer.Option(help="Number of contiguous looped layers.")]
 LoopCount = Annotated[int | None, typer.Option(
-    "--loops", help="Default loop count S stored in the config (default 1 for imports).")]
+    "--loops", help="Loop count S (convert: the default stored in the config, 1 for imports "
+    "unless given; inspect: the one the figures are for).")]
 
 
 def _spec(loop_start: int | None, loop_layers: int | None, loops: int | None,
