@@ -1,7 +1,8 @@
 """The `adaptive-loop` command line: thin Typer commands over the library.
 
-`main` is the entry point; `app` (the Typer app with every command registered) loads on first
-use, so that importing this package costs nothing until a command runs.
+`main(argv)` runs one command (`entry`, the console command, also owns the process's Ctrl-C
+handler); `app` (the Typer app with every command registered) loads on first use, so that
+importing this package costs nothing until a command runs.
 """
 
 from .main import main

@@ -42,19 +42,26 @@ def _on_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `adaptive-loop` command. Owns the process: the Ctrl-C handler is set here, not in
-    `run_main`, which tests and scripts call inside their own process."""
-    try:
-        signal.signal(signal.SIGINT, _on_interrupt)
-    except ValueError:  # not the main thread: the caller's handler stays
-        pass
+    """Run one command (`argv`, default the process's arguments); exits with its code. A
+    Ctrl-C says "aborted" and exits 130, as Python's own handler lets it; `entry`, the
+    console command, adds the handling of a second one."""
     try:
         _, run_main = load_app()
     except KeyboardInterrupt:
         sys.stderr.write("aborted\n")
         sys.exit(ABORTED)
+    run_main(argv)
+
+
+def entry() -> None:
+    """The `adaptive-loop` command and `python -m adaptive_loop.cli`: `main` in a process of
+    its own, whose Ctrl-C handler it sets (see `_on_interrupt`) unless the process was started
+    with Ctrl-C ignored. Code that calls `main` inside its own process keeps its handler."""
+    _interrupts.clear()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
-        run_main(argv)
+        main()
     finally:
         _interrupts.append(0)
 

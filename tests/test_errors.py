@@ -479,39 +479,61 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, h
     assert err.strip() == hint.format(root=tmp_path), err
 
 
-_SECOND_CTRL_C = (
+_CTRL_C = (
     "import atexit, os, signal, sys\n"
-    "from adaptive_loop.cli.main import load_app, main\n"
+    "from adaptive_loop.cli.main import entry, load_app\n"
     "import adaptive_loop.distributed as launch\n"
     "from adaptive_loop.cli import app\n"
     "load_app()\n"
     "def ctrl_c(*args, **kwargs):\n"
     "    os.kill(os.getpid(), signal.SIGINT)\n"
-    "if sys.argv[1] == 'twice':\n"
+    "when = sys.argv[1]\n"
+    "if when in ('twice', 'ignored'):\n"
     "    launch.refuse_launch = ctrl_c  # before the parser runs\n"
+    "if when == 'twice':\n"
     "    said = app.err.print\n"
     "    app.err.print = lambda *a, **k: (said(*a, **k), ctrl_c())  # again while it exits\n"
-    "else:\n"
+    "if when == 'after':\n"
     "    atexit.register(ctrl_c)  # after the command has printed everything\n"
-    "main(['policies', '--json'])\n")
+    "if when == 'ignored':\n"
+    "    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a process started with it ignored\n"
+    "sys.argv = ['adaptive-loop', 'policies', '--json']\n"
+    "entry()\n")
 
 
-@pytest.mark.parametrize("when", ["twice", "after"])
+@pytest.mark.parametrize("when", ["twice", "after", "ignored"])
 def test_a_late_or_second_ctrl_c_still_exits_130(when):
-    """A Ctrl-C before the parser runs says "aborted"; a second one while that exit runs, or
-    one after the command has ended, still ends with 130 and what was printed, not by the
-    signal with a traceback."""
+    """The command's own process: a Ctrl-C before the parser runs says "aborted"; a second one
+    while that exit runs, or one after the command has ended, still ends with 130 and what was
+    printed, not by the signal with a traceback. A process started with Ctrl-C ignored keeps
+    ignoring it."""
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C, when], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _CTRL_C, when], capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode == 130, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr
+    if when == "ignored":
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode == 130, (res.returncode, res.stderr)
     if when == "twice":
         assert res.stderr == "aborted\n" and res.stdout == ""
     else:
         assert "entropy" in [p["name"] for p in json.loads(res.stdout)["policies"]]
+
+
+def test_main_called_inside_a_process_leaves_its_ctrl_c_handler_alone():
+    """`main` run by other code (a test, a script) sets no handler of its own: the caller's
+    Ctrl-C still raises KeyboardInterrupt there after the command."""
+    import signal
+
+    from adaptive_loop.cli.main import main
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):
+        main(["policies", "--json"])
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_while_torch_loads_is_one_line():
