@@ -8,10 +8,10 @@ around attention stay on the packed [N, d] matrix. Keys and values live in a fla
 layer, (T, G, D): row b's position j at slot b * L + j, and T >= B * L slots (flex's key
 length is whole tiles; the slots past B * L hold zeros that no query sees). Each backend reads
 that layout without copying it: padded SDPA takes a (B, G, L, D) view (grouped-query heads
-are still expanded for it), flex a (1, G, T, D) view, varlen the slots as they are (under a
-key mask, its real keys gathered: one copy); and a packed token's new keys/values are one row
-write. Attention has three backends, all built once per loop iteration from row offsets (a
-few tensor ops) and shared by every layer:
+read in place on the CPU, expanded on CUDA; see `dense_attention`), flex a (1, G, T, D) view,
+varlen the slots as they are (under a key mask, its real keys gathered: one copy); and a
+packed token's new keys/values are one row write. Attention has three backends, all built
+once per loop iteration from row offsets (a few tensor ops) and shared by every layer:
 - "padded": scatter each row's packed queries into a [B, A, H, D] buffer (A = most packed
   queries in any row) for one SDPA call; padding costs only inside attention.
 - "flex": FlexAttention over the N packed queries and the T cache slots as one key sequence

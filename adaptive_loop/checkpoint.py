@@ -63,7 +63,7 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     fields = model.config.to_dict()
     # both files record the config they were saved with: weights renamed into place beside
     # the config.json of an earlier save (a run killed between the two renames) are refused
-    save_id = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    save_id = _config_digest(fields)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "save_id": save_id,
             "model": fields}
     text = json.dumps(meta, indent=2) + "\n"
@@ -194,20 +194,31 @@ def load_native(directory: Path, overrides: dict[str, Any]) -> LoopMDM:
     return model
 
 
+def _config_digest(fields: dict[str, Any]) -> str:
+    """16 hex digits of a model config: the `save_id` both files of a native save record."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _check_same_save(directory: Path) -> None:
     """Refuse weights saved with another config than the config.json beside them. Both files
-    record the save's config digest (`save_id`); files without one (written by hand, or by
-    an earlier release) are not checked, and editing config.json keeps its id."""
+    record the digest of the config they were saved with (`save_id`); weights whose digest is
+    neither the one config.json records nor that of its config as it now reads are refused.
+    So a config.json edited by hand keeps its weights, and files without the record (written
+    by hand, or by an earlier release) are not checked. A save killed between its two renames
+    with the config unchanged leaves a consistent pair, which passes."""
     try:
-        recorded = json.loads((directory / CONFIG_FILE).read_text()).get("save_id")
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        recorded = meta.get("save_id")
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
             written = (handle.metadata() or {}).get("save_id")
+        current = _config_digest(meta["model"])
     except Exception:  # noqa: BLE001  (both files were read before; nothing to compare)
         return
-    if recorded is not None and written is not None and recorded != written:
+    if recorded is not None and written is not None and written not in (recorded, current):
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} was saved with another "
                               f"{CONFIG_FILE} than the one beside it (a save stopped between "
-                              f"replacing the two files?); save the model again")
+                              f"replacing the two files?); save the model again, or, if "
+                              f"the two belong together, delete \"save_id\" from {CONFIG_FILE}")
 
 
 def resolve_config(source: str | Path | None = None, *, format: str = "auto",

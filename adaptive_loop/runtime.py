@@ -371,7 +371,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
                               compact=compact, pipeline=pipeline)
     batch, length, _ = h.shape
     total = batch * length
-    if total == 0:  # no tokens: nothing to loop
+    if total == 0:  # no tokens: nothing to loop (a policy that does not fit is still refused)
+        policy.attach(model)
         return h.clone(), StepTrace(loops=torch.zeros(batch, length, dtype=torch.int32,
                                                       device=h.device))
     pipeline = pipeline and compact  # the masked reference has no plan to pipeline
@@ -557,9 +558,12 @@ def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count:
 
 
 def all_finite(x: Tensor) -> Tensor:
-    """Whether every value of `x` is finite, as a 0-d bool tensor (no sync): its sum in
-    float64, which a non-finite value makes non-finite and finite float32 values can never
-    overflow. A third of the time of `isfinite(x).all()`, which writes a mask of x's size."""
+    """Whether every value of `x` is finite, as a 0-d bool tensor (no sync): for a state of
+    32 bits or fewer its sum in float64, which a non-finite value makes non-finite and finite
+    values of such a dtype can never overflow; a third of the time of `isfinite(x).all()`,
+    which writes a mask of x's size (still used for a float64 state, whose sum could)."""
+    if x.dtype == torch.float64:
+        return torch.isfinite(x).all()
     return torch.isfinite(x.sum(dtype=torch.float64))
 
 

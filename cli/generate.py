@@ -417,11 +417,11 @@ def list_policies(
         for name in available():
             cls = policy_class(name)
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-            params = {k: None if p.default is p.empty else p.default
+            params = {k: cls.param_defaults.get(k, None if p.default is p.empty else p.default)
                       for k, p in init_parameters(cls).items()}
             listed.append({"name": name, "signals": sorted(cls.needs),
                            "signals_note": cls.needs_note, "about": doc[0] if doc else "",
-                           "params": params})
+                           "params": params, "params_note": cls.params_note})
         print(json.dumps({"policies": listed, "broken": broken_plugins()}, default=str))
         return
     table = Table(show_header=True)

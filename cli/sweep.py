@@ -226,8 +226,8 @@ def calibrate(
     confidence: Annotated[float, typer.Option(
         help="C: probability with which the guarantee must hold, e.g. 0.9.")],
     grid: Annotated[str | None, typer.Option(
-        help="Candidate values of --param, comma-separated (default, for a threshold: 0.005 "
-        "to 0.5; other parameters need a grid).")] = None,
+        help="Candidate values of --param, comma-separated (default, for a threshold or "
+        "context_threshold: 0.005 to 0.5; other parameters need a grid).")] = None,
     param: Annotated[str, typer.Option(help="The parameter to calibrate.")] = "threshold",
     conservative: Annotated[str, typer.Option(
         help="Which end of the grid halts latest: low, high or auto (the policy's own: high "
@@ -273,7 +273,7 @@ def calibrate(
         if any(not v.strip() for v in grid.split(",")):
             raise UsageError(f"--grid takes comma-separated values, got {grid!r}")
         values = [parse_value(v) for v in grid.split(",")]
-    elif given is None and param != "threshold":
+    elif given is None and not param.endswith("threshold"):
         raise UsageError(f"give the candidate values of {param} with --grid (the default grid "
                          f"is for thresholds)")
     else:

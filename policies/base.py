@@ -95,6 +95,10 @@ class HaltingPolicy(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     # how `needs` changes with the parameters, for listings (the instance's `needs` is read)
     needs_note: ClassVar[str] = ""
+    # for listings: defaults that the constructor's signature leaves as None because they
+    # depend on another parameter, and a note saying how
+    param_defaults: ClassVar[dict[str, Any]] = {}
+    params_note: ClassVar[str] = ""
     # parameters for which a larger value halts later (`calibrate` tests those from the top)
     later_when_higher: ClassVar[frozenset[str]] = frozenset(
         {"loops", "min_loops", "max_loops", "check_every"})

@@ -25,12 +25,15 @@ class Convergence(HaltingPolicy):
     name = "convergence"
     needs = frozenset({"delta"})
     needs_note = "cosine with metric=cosine"
+    param_defaults = {"threshold": DEFAULT_THRESHOLD["l2"]}
+    params_note = f"threshold {DEFAULT_THRESHOLD['cosine']} with metric=cosine"
 
     def __init__(self, threshold: float | None = None, metric: str = "l2", min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:
         super().__init__(min_loops, max_loops, check_every)
         if metric not in DEFAULT_THRESHOLD:
             raise UsageError(f"convergence: metric must be 'l2' or 'cosine', got {metric!r}")
+        self._default_threshold = threshold is None
         if threshold is None:
             threshold = DEFAULT_THRESHOLD[metric]
         threshold = nonnegative(self.name, "threshold", threshold)
@@ -49,3 +52,11 @@ class Convergence(HaltingPolicy):
         if params["threshold"] == DEFAULT_THRESHOLD[self.metric]:
             params["threshold"] = None
         return params
+
+    def fingerprint(self) -> str | None:
+        """Cosine at its default threshold: that default, which a sweep's point does not
+        name (it was l2's 0.5 before cosine had its own), so that a point kept from then runs
+        again."""
+        if self.metric == "cosine" and self._default_threshold:
+            return f"threshold={self.threshold}"
+        return None

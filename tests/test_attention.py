@@ -235,10 +235,16 @@ def test_true_index_equals_nonzero(fraction):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_grouped_heads_read_in_place_equal_expanded_heads(masked):
-    """On the CPU grouped key/value heads go to SDPA as they are (enable_gqa): the result is
-    the one of each group's heads copied out to its queries, bit for bit."""
+def test_grouped_heads_read_in_place_equal_expanded_heads(masked, monkeypatch):
+    """On the CPU grouped key/value heads go to SDPA as they are (enable_gqa), never copied
+    out per query head: the result is the one of the copies, bit for bit."""
+    import adaptive_loop.attention as attention
     from adaptive_loop.attention import dense_attention
+
+    def copied(k, n_heads):
+        raise AssertionError("grouped heads copied out on the CPU")
+
+    monkeypatch.setattr(attention, "_expand_kv", copied)
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 8, 11, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)

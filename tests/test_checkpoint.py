@@ -382,14 +382,21 @@ def test_weights_of_another_save_beside_a_config_are_refused(tmp_path, tiny_mode
     save_model(other, tmp_path / "b")
     (tmp_path / "a" / "model.safetensors").write_bytes(
         (tmp_path / "b" / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match="was saved with another config.json"):
+    with pytest.raises(CheckpointError, match="was saved with another config.json.*delete "
+                       "\"save_id\" from config.json"):
         load_model(tmp_path / "a", device="cpu")
 
     meta = json.loads((tmp_path / "b" / "config.json").read_text())
     meta["model"]["n_loops"] = 2  # an edit by hand
     (tmp_path / "b" / "config.json").write_text(json.dumps(meta))
     assert load_model(tmp_path / "b", device="cpu").config.n_loops == 2
+    # weights saved with the config as edited by hand pair with it too
+    edited = load_model(tmp_path / "b", device="cpu")
+    save_model(edited, tmp_path / "c")
+    (tmp_path / "b" / "model.safetensors").write_bytes(
+        (tmp_path / "c" / "model.safetensors").read_bytes())
+    assert load_model(tmp_path / "b", device="cpu").config.n_loops == 2
     meta = json.loads((tmp_path / "a" / "config.json").read_text())
-    del meta["save_id"]
+    del meta["save_id"]  # the way out the error names
     (tmp_path / "a" / "config.json").write_text(json.dumps(meta))
     assert load_model(tmp_path / "a", device="cpu").config == tiny_model.config

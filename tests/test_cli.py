@@ -127,6 +127,9 @@ def test_every_command_that_reports_takes_json(tmp_path, capsys):
     assert [p["name"] for p in listed["policies"]] == available()
     entropy = next(p for p in listed["policies"] if p["name"] == "entropy")
     assert entropy["signals"] == ["delta", "logits"] and entropy["params"]["threshold"] == 0.1
+    convergence = next(p for p in listed["policies"] if p["name"] == "convergence")
+    assert convergence["params"]["threshold"] == 0.5  # not the signature's None
+    assert convergence["params_note"] == "threshold 0.125 with metric=cosine"
     converted = json_of("convert", str(embedded_path()), str(tmp_path / "c"), "--dtype", "bf16")
     assert converted["destination"] == str(tmp_path / "c") and converted["left_out"] == []
     assert "halting_head.safetensors" in converted["kept"]

@@ -694,3 +694,8 @@ def test_each_convergence_metric_has_its_own_default_threshold():
     assert (l2.label(), cosine.label()) == ("convergence", "convergence(metric=cosine)")
     assert make("convergence", metric="cosine", threshold=0.5).label() == \
         "convergence(threshold=0.5, metric=cosine)"
+    # a sweep point of cosine at its default was run at 0.5 before: its key changes, so a
+    # kept point runs again; l2's points and those that name a threshold keep theirs
+    assert cosine.fingerprint() == "threshold=0.125"
+    assert l2.fingerprint() is None
+    assert make("convergence", metric="cosine", threshold=0.5).fingerprint() is None

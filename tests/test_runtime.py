@@ -390,3 +390,6 @@ def test_all_finite_agrees_with_isfinite_at_the_extremes(dtype):
     mixed[0, 0], mixed[1, 1] = math.inf, -math.inf  # their sum is NaN: still caught
     assert not bool(all_finite(mixed))
     assert bool(all_finite(torch.empty(0, 64, dtype=dtype)))
+
+    huge = torch.full((4,), 1e308, dtype=torch.float64)  # a float64 sum could overflow: not used
+    assert bool(all_finite(huge)) and not bool(all_finite(huge.clone().fill_(math.nan)))
