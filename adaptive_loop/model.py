@@ -121,19 +121,21 @@ class LoopMDM(nn.Module):
         finally:
             self._rope_rows = saved
 
+    # (the layers listed, then sliced: slicing the ModuleList builds a new module, 30 us, and
+    # the runtime asks for the block's layers at every iteration)
     @property
     def prelude_layers(self) -> list[LayerBase]:
-        return list(self.layers[: self.config.loop_start])
+        return list(self.layers)[: self.config.loop_start]
 
     @property
     def block_layers(self) -> list[LayerBase]:
         c = self.config
-        return list(self.layers[c.loop_start: c.loop_start + c.loop_layers])
+        return list(self.layers)[c.loop_start: c.loop_start + c.loop_layers]
 
     @property
     def coda_layers(self) -> list[LayerBase]:
         c = self.config
-        return list(self.layers[c.loop_start + c.loop_layers:])
+        return list(self.layers)[c.loop_start + c.loop_layers:]
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, L) -> (B, L, d)."""
