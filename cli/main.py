@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 ABORTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
-_interrupts: list[int] = []  # the Ctrl-Cs this process has had (0: the command has ended)
+_interrupts: list[int] = []  # the Ctrl-Cs this command has had
 
 
 def load_app() -> tuple[Any, Any]:
@@ -26,12 +26,11 @@ def load_app() -> tuple[Any, Any]:
 
 def _on_interrupt(signum: int, frame: Any) -> None:
     """The first Ctrl-C during a command raises KeyboardInterrupt, as Python's own handler
-    does, and the command says "aborted" (and what it kept). A later one (a second Ctrl-C, or
-    one that arrives while the first's exit runs) or one after the command has ended ends the
-    process at once with the same code: Python's handler would raise inside the exit and end
-    the process by the signal, with no line and no exit code."""
+    does, and the command says "aborted" (and what it kept). A second one while that exit
+    runs ends the process at once with the same code: Python's handler would raise inside the
+    exit and end the process by the signal, with no line and no exit code."""
     _interrupts.append(signum)
-    if _interrupts == [signum]:
+    if len(_interrupts) == 1:
         raise KeyboardInterrupt
     for stream in (sys.stdout, sys.stderr):  # what was printed stays printed
         try:
@@ -55,15 +54,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def entry() -> None:
     """The `adaptive-loop` command and `python -m adaptive_loop.cli`: `main` in a process of
-    its own, whose Ctrl-C handler it sets (see `_on_interrupt`) unless the process was started
-    with Ctrl-C ignored. Code that calls `main` inside its own process keeps its handler."""
+    its own, whose Ctrl-C handling it owns (see `_on_interrupt`) unless the process was
+    started with Ctrl-C ignored. Once the command has ended, Ctrl-C is ignored: the process
+    only finishes its exit, with the command's code (Python's shutdown would put the default
+    action back, and a Ctrl-C then would end the process by the signal, with no code).
+    Code that calls `main` inside its own process keeps its own handler."""
     _interrupts.clear()
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        main()
+        return
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         main()
     finally:
-        _interrupts.append(0)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def __getattr__(name: str):
