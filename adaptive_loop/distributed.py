@@ -11,13 +11,18 @@ nothing is initialised: every caller has one code path.
 
 When a rank fails, the others notice at their next collective call. They raise `PeerFailure`,
 which the CLI reports in one line and then leaves to the launcher, so that the failing rank's
-own error is the one the launcher reports as the root cause.
+own error is the one the launcher reports as the root cause. Under torchrun a rank also ends
+(SIGTERM, which keeps what it finished for a rerun) when its launcher dies, even by SIGKILL:
+a rank left running would go on writing beside the rerun's ranks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,24 +128,47 @@ def session(device: str | None = None, timeout_s: float = 1800.0) -> Iterator[Ra
     if missing:
         raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} is not; start several "
                          f"ranks with torchrun (see `adaptive-loop sweep --help`)")
+    die_with_launcher()
     dist = torch.distributed
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
     cuda = _wants_cuda(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if cuda:
-        if not torch.cuda.is_available():
-            raise UsageError("CUDA was requested but no CUDA device is available; use --device cpu")
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
-        group = dist.new_group(backend="gloo", timeout=timeout)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
-        group = None  # the default group is gloo already
+    if cuda and not torch.cuda.is_available():
+        raise UsageError("CUDA was requested but no CUDA device is available; use --device cpu")
+    try:
+        if cuda:
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", timeout=timeout,
+                                    device_id=torch.device("cuda", local))
+            group = dist.new_group(backend="gloo", timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+            group = None  # the default group is gloo already
+    except (RuntimeError, ConnectionError) as err:  # the store's errors derive from these
+        first = next((x.strip() for x in str(err).splitlines() if x.strip()), type(err).__name__)
+        raise AdaptiveLoopError(f"could not join the other ranks at {os.environ['MASTER_ADDR']}:"
+                                f"{os.environ['MASTER_PORT']} ({first[:200]})") from None
     try:
         yield Ranks(rank, world, local, group)
     finally:
         dist.destroy_process_group()
+
+
+def die_with_launcher() -> None:
+    """Under torchrun on Linux: have the kernel send this rank SIGTERM when the launcher that
+    started it dies, whatever killed it (the launcher ends its ranks itself when it can; a
+    SIGKILL leaves it no chance). A launcher already gone by now ends the rank at once."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl here: the launcher's own cleanup only
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def refuse_launch(command: str) -> None:

@@ -271,8 +271,10 @@ def run_main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         remove_created_if_empty()
-        err.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
-        _leave_for_launcher(f"error: {line}")
+        rank, world = world_rank()
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        err.print(f"error{where}: {line}", markup=False, highlight=False, soft_wrap=True)
+        _leave_for_launcher(f"error{where}: {line}")
         sys.exit(1)
 
 
@@ -346,8 +348,10 @@ def _leave_for_launcher(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    try:
+    line = message.rstrip()
+    try:  # the agent's own layout: it then shows py_callstack and may set the exit code
         with open(path, "w") as fh:
-            json.dump({"message": message.rstrip(), "timestamp": int(time.time())}, fh)
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": line, "timestamp": str(int(time.time()))}}}, fh)
     except OSError:
         pass  # the launcher then reports the exit code alone

@@ -255,3 +255,62 @@ def test_generate_prompts_across_ranks_matches_one_process(tmp_path, checkpoint,
     rows = [json.loads(line) for line in one.splitlines()]
     assert [r["id"] for r in rows] == list(range(10)) and all("completion" in r for r in rows)
     assert not (tmp_path / "two.jsonl.parts").exists()
+
+
+def test_a_failure_of_the_machine_names_the_rank_for_the_launcher(tmp_path, monkeypatch,
+                                                                  capsys):
+    """A full disk in one rank is one line naming the rank, also left in the launcher's error
+    file in its own layout (which its summary shows as the root cause)."""
+    import errno
+
+    from adaptive_loop.cli.app import run_main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x")
+
+    monkeypatch.setattr("adaptive_loop.evaluate.evaluate_task", full)
+    monkeypatch.setattr("adaptive_loop.distributed.world_rank", lambda: (1, 3))
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    with pytest.raises(SystemExit) as exc:
+        run_main(["evaluate", "--n", "2", "--device", "cpu"])
+    line = "error (rank 1 of 3): No space left on device: /x"
+    assert exc.value.code == 1 and capsys.readouterr().err.strip() == line
+    left = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert left["message"] == left["extraInfo"]["py_callstack"] == line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death "
+                    "signal is Linux's")
+def test_a_rank_ends_when_its_launcher_is_killed(tmp_path):
+    """A launcher killed by SIGKILL cannot end its ranks; the kernel does (SIGTERM), so none
+    is left writing beside a rerun's."""
+    import signal
+    import time
+
+    rank = ("import time\n"
+            "from adaptive_loop.distributed import die_with_launcher\n"
+            "die_with_launcher()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    launcher = ("import os, subprocess, sys\n"
+                f"child = subprocess.Popen([sys.executable, '-c', {rank!r}],\n"
+                "                         env={**os.environ, 'TORCHELASTIC_RUN_ID': 'x'})\n"
+                "print(child.pid, flush=True)\n"
+                "child.wait()\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    def running() -> bool:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")  # ended, not yet reaped
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(), "the rank outlived its launcher"
