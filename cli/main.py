@@ -77,4 +77,4 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-    main()
+    entry()
