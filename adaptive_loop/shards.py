@@ -35,8 +35,10 @@ def plan_id(*identity: Any) -> str:
 
 
 class PartStore:
-    """This rank's finished batches, `DIR/rank-R.jsonl`, and those of ranks beyond this run's
-    number; it appends to its own. Lines of another plan are ignored."""
+    """The finished batches this rank may reuse: its own file, `DIR/rank-R.jsonl`, which it
+    appends to, and every other rank's, which it only reads, so that a rerun with another
+    number of ranks (whose batches are dealt otherwise) computes none of them again. Lines of
+    another plan are ignored."""
 
     def __init__(self, directory: str | Path, ranks: Ranks, plan: str) -> None:
         self.directory = Path(directory)
@@ -52,6 +54,11 @@ class PartStore:
         rows: list[dict[str, Any]] = []
         for path in stale_files(self.directory, ranks.world):
             rows += lines(path).load(repair=False)[0]  # read by every rank: none cuts it
+        for path in live_files(self.directory, ranks):
+            try:  # its rank may be appending to it: a torn last line is left out, not cut
+                rows += lines(path).load(repair=False)[0]
+            except UsageError:  # damaged: its own rank reports it
+                pass
         own, note = self.lines.load()
         self.parts = {(r["job"], r["batch"]): r["part"] for r in rows + own if r["plan"] == plan}
         other = sum(r["plan"] != plan for r in rows + own)
@@ -78,6 +85,12 @@ def stale_files(directory: Path, world: int) -> list[Path]:
     """The part files of ranks an earlier run had beyond `world`."""
     ranks = (p.name[len("rank-"):-len(".jsonl")] for p in directory.glob("rank-*.jsonl"))
     return sorted(directory / f"rank-{r}.jsonl" for r in ranks if r.isdigit() and int(r) >= world)
+
+
+def live_files(directory: Path, ranks: Ranks) -> list[Path]:
+    """The part files of this run's other ranks that exist."""
+    return [path for r in range(ranks.world) if r != ranks.rank
+            and (path := directory / f"rank-{r}.jsonl").is_file()]
 
 
 def finish(store: PartStore | None, ranks: Ranks) -> None:

@@ -79,6 +79,29 @@ def test_batches_of_ranks_beyond_this_runs_are_reused_then_removed(tmp_path):
     assert not parts.exists()
 
 
+def test_a_rerun_with_more_ranks_reuses_every_kept_batch(tmp_path):
+    """Batches are dealt by rank, so a rerun with another number of ranks deals a kept batch
+    to a rank that did not compute it: every rank reads the other ranks' files (only its own
+    it appends to), and none is computed again. A damaged file of another live rank is left
+    to that rank, whose own read reports it."""
+    parts = tmp_path / "parts"
+    for rank in range(2):  # a 2-rank run, stopped with batches 0-4 of 6 done
+        before = Ranks(rank, 2)
+        store = PartStore(parts, before, "p")
+        for i in before.deal(6):
+            if i < 5:
+                store.put("job", i, {"value": i})
+    for rank in range(3):  # the rerun with 3 ranks
+        now = Ranks(rank, 3)
+        store = PartStore(parts, now, "p")
+        assert [store.get("job", i) for i in now.deal(6)] == \
+            [None if i == 5 else {"value": i} for i in now.deal(6)]
+    (parts / "rank-1.jsonl").write_text("garbage\n")
+    assert PartStore(parts, Ranks(0, 3), "p").get("job", 0) == {"value": 0}
+    with pytest.raises(UsageError, match="rank-1.jsonl:1: not a finished batch"):
+        PartStore(parts, Ranks(1, 3), "p")
+
+
 def test_batches_of_a_run_with_other_settings_are_said_not_reused(tmp_path):
     """A rerun with other settings computes everything again; the kept batches of the
     earlier run, which finishing deletes, are counted in a note."""
