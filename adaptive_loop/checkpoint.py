@@ -10,7 +10,6 @@ and LLaDA load through `adaptive_loop.importers` (see `load_model`).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from .files import atomic_write_many, remove_stale_temporaries, writable_dir
 from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
 from .importers.source import all_finite, safetensors_error
 from .model import LoopMDM
+from .shards import plan_id
 from .tokenizer import CharTokenizer, Tokenizer, from_spec
 
 FORMAT_NAME = "adaptive-loop"
@@ -63,7 +63,7 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     fields = model.config.to_dict()
     # both files record the config they were saved with: weights renamed into place beside
     # the config.json of an earlier save (a run killed between the two renames) are refused
-    save_id = _config_digest(fields)
+    save_id = plan_id(fields)  # a short hash of the config
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "save_id": save_id,
             "model": fields}
     text = json.dumps(meta, indent=2) + "\n"
@@ -194,11 +194,6 @@ def load_native(directory: Path, overrides: dict[str, Any]) -> LoopMDM:
     return model
 
 
-def _config_digest(fields: dict[str, Any]) -> str:
-    """16 hex digits of a model config: the `save_id` both files of a native save record."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _check_same_save(directory: Path) -> None:
     """Refuse weights saved with another config than the config.json beside them. Both files
     record the digest of the config they were saved with (`save_id`); weights whose digest is
@@ -211,7 +206,7 @@ def _check_same_save(directory: Path) -> None:
         recorded = meta.get("save_id")
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
             written = (handle.metadata() or {}).get("save_id")
-        current = _config_digest(meta["model"])
+        current = plan_id(meta["model"])
     except Exception:  # noqa: BLE001  (both files were read before; nothing to compare)
         return
     if recorded is not None and written is not None and written not in (recorded, current):

@@ -251,15 +251,12 @@ def run_main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         remove_created_if_empty()  # a refused run leaves no empty output folder behind
-        rank, world = world_rank()
-        where = f" (rank {rank} of {world})" if world > 1 else ""
         if isinstance(e, PeerFailure):
-            err.print(f"rank {rank}: stopped: {e}", markup=False, highlight=False,
+            err.print(f"rank {world_rank()[0]}: stopped: {e}", markup=False, highlight=False,
                       soft_wrap=True)
             time.sleep(PEER_GRACE_S)  # the launcher stops us and reports the failed rank
             sys.exit(1)
-        err.print(f"error{where}: {e}", markup=False, highlight=False, soft_wrap=True)
-        _leave_for_launcher(f"error{where}: {e}")
+        _report(str(e))
         sys.exit(e.exit_code)
     except Exception as e:
         if _interrupted(e):  # Ctrl-C inside a library that raised its own error from it
@@ -271,11 +268,19 @@ def run_main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         remove_created_if_empty()
-        rank, world = world_rank()
-        where = f" (rank {rank} of {world})" if world > 1 else ""
-        err.print(f"error{where}: {line}", markup=False, highlight=False, soft_wrap=True)
-        _leave_for_launcher(f"error{where}: {line}")
+        _report(line)
         sys.exit(1)
+
+
+def _report(what: str) -> None:
+    """The error line, naming the rank under a multi-rank launch, for the user and for the
+    launcher."""
+    from ..distributed import world_rank
+
+    rank, world = world_rank()
+    line = f"error (rank {rank} of {world}): {what}" if world > 1 else f"error: {what}"
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+    _leave_for_launcher(line)
 
 
 def _interrupted(e: BaseException) -> bool:
