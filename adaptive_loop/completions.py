@@ -8,7 +8,8 @@ added, written atomically when every prompt is done.
 Prompts are encoded once and grouped into equal-length batches (`measure.length_batches`),
 which are the unit dealt to ranks (`shards`). Finished batches are kept in `OUT.parts/`
 (one file per rank), so a stopped run resumes where it stopped; the directory is deleted once
-the output is written.
+the output is written. One run at a time completes into an output: a second, started while
+the first runs, is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .measure import length_batches
 from .model import LoopMDM
 from .policies import HaltingPolicy
 from .sampler import batch_seed, generate
-from .shards import Part, PartStore, finish, plan_id, run_sharded, well_formed
+from .shards import Part, PartStore, claimed_by_job, finish, plan_id, run_sharded, well_formed
 from .sweep import model_fingerprint
 from .tokenizer import Tokenizer
 
@@ -123,6 +124,23 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     if encoded is None:
         encoded = encode_records(model, records, tokenizer, decoding["gen_length"])
     batches = length_batches(encoded, batch_size)
+    if out is None:
+        return _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
+                         None, ranks, progress)
+    parts = Path(f"{out}.parts")
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write {parts}: {err.strerror or err}") from None
+    with claimed_by_job(parts, ranks):  # one run at a time completes into `out`
+        return _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
+                         out, ranks, progress)
+
+
+def _complete(model: LoopMDM, records: list[dict[str, Any]], encoded: list[list[int]],
+              batches: list[list[int]], policy: HaltingPolicy, tokenizer: Tokenizer,
+              decoding: dict[str, Any], seed: int | None, out: str | Path | None, ranks: Ranks,
+              progress: Callable[[int, int], None] | None) -> Completed | None:
     store = None
     if out is not None:
         identity = plan_id(records, batches, decoding, seed, repr(policy),

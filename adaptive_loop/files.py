@@ -1,5 +1,5 @@
-"""Files the library writes: atomic replacement, and output directories proven writable
-before any work starts."""
+"""Files the library writes: atomic replacement, output directories proven writable before
+any work starts, and claimed by one run at a time."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import glob
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not kept apart
+    fcntl = None  # type: ignore[assignment]
 
 from .errors import UsageError
 
@@ -136,6 +142,33 @@ def writable_dir(path: str | Path) -> Path:
         raise UsageError(f"cannot write the output directory {out}: {err.strerror or err}") \
             from None
     return out
+
+
+@contextmanager
+def claimed(directory: str | Path, option: str = "--out") -> Iterator[None]:
+    """Hold `directory` for one run: a second run that tries to claim it while this one holds
+    it (another process, or the same one) is refused with a UsageError, so that two runs never
+    append to the same resumable files. The claim is an advisory lock on the directory itself
+    (nothing is written into it) and ends with the block or with the process, however it
+    ends: a killed run leaves nothing to clean up. `option` names what the user gave."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as err:
+        raise UsageError(f"cannot open {directory}: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another run is writing into {directory}; wait for it to end, "
+                             f"or give another {option}") from None
+        except OSError:  # a file system without locks: runs are not kept apart there
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def forget_created() -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from .distributed import Ranks
 from .errors import UsageError
-from .files import JsonLines
+from .files import JsonLines, claimed
 
 Part = dict[str, Any]  # one batch's results, JSON-serialisable
 
@@ -128,6 +129,25 @@ def well_formed(part: Any, rows: int, lists: tuple[str, ...], numbers: tuple[str
 def is_count(value: Any) -> bool:
     """A number that counts or measures something: finite and not negative."""
     return is_number(value) and math.isfinite(value) and value >= 0
+
+
+@contextmanager
+def claimed_by_job(directory: Path, ranks: Ranks, option: str = "--out") -> Iterator[None]:
+    """`files.claimed` for a job across ranks: rank 0 holds the claim for all of them, and
+    every rank learns whether it got it before any writes, so that a refused job's ranks all
+    stop with the same line and none of them appends to a part file another job is using.
+    Every rank calls it."""
+    with ExitStack() as stack:
+        error = None
+        if ranks.main:
+            try:
+                stack.enter_context(claimed(directory, option))
+            except UsageError as err:
+                error = str(err)
+        error = ranks.broadcast(error)
+        if error is not None:
+            raise UsageError(error)
+        yield
 
 
 def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks: Ranks, *,

@@ -16,6 +16,9 @@ Output directory:
 Across ranks (torchrun), every rank plans the same batches and runs its share of each point;
 rank 0 combines them in batch order and alone writes the files above, which are the same as a
 one-process run's apart from wall times.
+
+One run at a time writes into a directory: a second, started while the first runs, is refused
+(`files.claimed`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
 from .policies import HaltingPolicy, make
-from .shards import PartStore, finish, is_count, plan_id
+from .shards import PartStore, claimed_by_job, finish, is_count, plan_id
 from .tokenizer import tokenizer_identity
 
 POINTS, MANIFEST, PARTS = "points.jsonl", "sweep.json", ".parts"
@@ -248,74 +251,76 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     """
     ranks = ranks or Ranks()
     directory = prepare_output_dir(out_dir)
-    hooks = hooks or SweepHooks()
-    unique: dict[str, Setting] = {}
-    for s in settings:  # a point given twice, in any order of its parameters, runs once
-        unique.setdefault(s.key, s)
-    settings = list(unique.values())
-    if not settings and not oracle_loops:
-        raise UsageError("nothing to sweep: give at least one --policy")
-    if heatmap and (directory / "heatmaps").exists() and not (directory / "heatmaps").is_dir():
-        raise UsageError(f"{directory / 'heatmaps'} is a file; the heatmaps go into a "
-                         f"directory of that name")
-    plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
-    if oracle_loops is None:
-        oracle_loops = default_oracle_loops(model, settings)
-    bad = next((n for n in oracle_loops if not 1 <= n <= MAX_LOOPS), None)
-    if bad is not None:  # before any point runs, not after
-        raise UsageError(f"oracle loops must be in [1, {MAX_LOOPS}], got {bad}")
-    manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
-                "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
-                "seed": seed, "batch_size": batch_size}
-    done: dict[str, dict[str, Any]] = {}
-    notes: list[str] = []
-    if ranks.main:
-        check_manifest(directory, manifest)
-        done, note = PointStore(directory, len(data.examples)).load()
-        notes += [note] if note else []
-    finished = set(ranks.broadcast(sorted(done)))
-    store = PartStore(directory / PARTS, ranks,
-                      plan_id(manifest, [b.positions for b in plan.batches]))
-    notes += [store.note] if store.note else []
-    jobs: list[tuple[Setting, str, Callable[..., Outcome | None]]] = []
-    for s in settings:
-        policy = policy_of(s)
-        policy.attach(model)  # a learned head resolves (and is checked) before any work
-        mark = policy.fingerprint()  # a kept point whose head has changed runs again
-        jobs.append((s, s.key if mark is None else f"{s.key}#{mark}",
-                     lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
-    for loops in sorted(set(oracle_loops)):
-        oracle = Setting(ORACLE, (("loops", loops),))
-        jobs.append((oracle, oracle.key,
-                     lambda n=loops, **kw: run_oracle(model, data, plan, n, **kw)))
-    rows = []
-    for offset, (setting, key, run) in enumerate(jobs):
-        if key in finished:
-            row = done.get(key, {})
-            if heatmap and "heatmap" not in row and ranks.main:
-                notes.append(f"{setting.label} was finished without --heatmap: no heatmap")
+    with claimed_by_job(directory, ranks):  # one run at a time appends to its files
+        hooks = hooks or SweepHooks()
+        unique: dict[str, Setting] = {}
+        for s in settings:  # a point given twice, in any order of its parameters, runs once
+            unique.setdefault(s.key, s)
+        settings = list(unique.values())
+        if not settings and not oracle_loops:
+            raise UsageError("nothing to sweep: give at least one --policy")
+        if heatmap and (directory / "heatmaps").exists() and not (directory / "heatmaps").is_dir():
+            raise UsageError(f"{directory / 'heatmaps'} is a file; the heatmaps go into a "
+                             f"directory of that name")
+        plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
+        if oracle_loops is None:
+            oracle_loops = default_oracle_loops(model, settings)
+        bad = next((n for n in oracle_loops if not 1 <= n <= MAX_LOOPS), None)
+        if bad is not None:  # before any point runs, not after
+            raise UsageError(f"oracle loops must be in [1, {MAX_LOOPS}], got {bad}")
+        manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
+                    "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
+                    "seed": seed, "batch_size": batch_size}
+        done: dict[str, dict[str, Any]] = {}
+        notes: list[str] = []
+        if ranks.main:
+            check_manifest(directory, manifest)
+            done, note = PointStore(directory, len(data.examples)).load()
+            notes += [note] if note else []
+        finished = set(ranks.broadcast(sorted(done)))
+        store = PartStore(directory / PARTS, ranks,
+                          plan_id(manifest, [b.positions for b in plan.batches]))
+        notes += [store.note] if store.note else []
+        jobs: list[tuple[Setting, str, Callable[..., Outcome | None]]] = []
+        for s in settings:
+            policy = policy_of(s)
+            policy.attach(model)  # a learned head resolves (and is checked) before any work
+            mark = policy.fingerprint()  # a kept point whose head has changed runs again
+            jobs.append((s, s.key if mark is None else f"{s.key}#{mark}",
+                         lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
+        for loops in sorted(set(oracle_loops)):
+            oracle = Setting(ORACLE, (("loops", loops),))
+            jobs.append((oracle, oracle.key,
+                         lambda n=loops, **kw: run_oracle(model, data, plan, n, **kw)))
+        rows = []
+        for offset, (setting, key, run) in enumerate(jobs):
+            if key in finished:
+                row = done.get(key, {})
+                if heatmap and "heatmap" not in row and ranks.main:
+                    notes.append(f"{setting.label} was finished without --heatmap: no heatmap")
+                rows.append(row)
+                if hooks.point_finished:
+                    hooks.point_finished(row, True)
+                continue
+            if hooks.point_started:
+                share = ranks.deal(len(plan.batches), offset)
+                hooks.point_started(setting.label,
+                                    sum(len(plan.batches[i].positions) for i in share))
+            with torch.no_grad():
+                res = run(seed=seed, heatmap=heatmap, progress=hooks.examples_done, ranks=ranks,
+                          store=store, job=key, offset=offset)
+            row = _row(setting, key, res) if res is not None else {}
+            if ranks.main:
+                PointStore(directory, len(data.examples)).append(row)
             rows.append(row)
             if hooks.point_finished:
-                hooks.point_finished(row, True)
-            continue
-        if hooks.point_started:
-            share = ranks.deal(len(plan.batches), offset)
-            hooks.point_started(setting.label, sum(len(plan.batches[i].positions) for i in share))
-        with torch.no_grad():
-            res = run(seed=seed, heatmap=heatmap, progress=hooks.examples_done, ranks=ranks,
-                      store=store, job=key, offset=offset)
-        row = _row(setting, key, res) if res is not None else {}
-        if ranks.main:
-            PointStore(directory, len(data.examples)).append(row)
-        rows.append(row)
-        if hooks.point_finished:
-            hooks.point_finished(row, False)
-    finish(store, ranks)
-    if not ranks.main:
-        return None
-    curve = build_curve(model, data, plan.decoding, seed, rows)
-    files = write_curve(directory, curve, rows if heatmap else [], plan.longest_prompt, plot)
-    return SweepResult(curve, directory, notes, files)
+                hooks.point_finished(row, False)
+        finish(store, ranks)
+        if not ranks.main:
+            return None
+        curve = build_curve(model, data, plan.decoding, seed, rows)
+        files = write_curve(directory, curve, rows if heatmap else [], plan.longest_prompt, plot)
+        return SweepResult(curve, directory, notes, files)
 
 
 def build_curve(model: LoopMDM, data: EvalSet, decoding: dict[str, Any], seed: int,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from .config import LoopMDMConfig
 from .errors import CheckpointError, UsageError
-from .files import atomic_write, atomic_write_text, remove_stale_temporaries, writable_dir
+from .files import atomic_write, atomic_write_text, claimed, remove_stale_temporaries, writable_dir
 from .model import LoopMDM
 from .tasks import make_task
 
@@ -241,7 +241,15 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
     """Train with a progress bar, evaluate on held-out problems as it goes, save the native
     checkpoint plus `training.json` (the recipe, the eval history, time and machine).
 
-    An interrupted run leaves `train_state.pt` in `out_dir`; running again resumes it."""
+    An interrupted run leaves `train_state.pt` in `out_dir`; running again resumes it. A
+    second run into the same directory, started while this one runs, is refused."""
+    out = writable_dir(out_dir)
+    with claimed(out):  # one run at a time trains into a directory
+        return _train_and_save(cfg, prepare_train_dir(out, force), device, console)
+
+
+def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: Any
+                    ) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .checkpoint import save_model
@@ -249,7 +257,6 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
     from .evaluate import evaluate_task
     from .policies import make
 
-    out = prepare_train_dir(out_dir, force)
     dev = pick_device(device)
     task = make_task(cfg.task)
     history: list[dict[str, Any]] = []
