@@ -2,7 +2,8 @@
 
 The command modules (each registers its commands on `app`) load inside `main`, not when this
 module is imported, so that a Ctrl-C while torch loads ends the same way as one during a
-command: "aborted" and exit code 130, no traceback.
+command: "aborted" and exit code 130, no traceback. A run in one process stops the same way
+on SIGTERM (`kill`, a batch scheduler's time limit), with exit code 143.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from typing import Any
 
 ABORTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
-_interrupts: list[int] = []  # the Ctrl-Cs this command has had
+_interrupts: list[int] = []  # the signals (Ctrl-C, SIGTERM) this command has had
 
 
 def load_app() -> tuple[Any, Any]:
@@ -25,10 +26,11 @@ def load_app() -> tuple[Any, Any]:
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
-    """The first Ctrl-C during a command raises KeyboardInterrupt, as Python's own handler
-    does, and the command says "aborted" (and what it kept). A second one while that exit
-    runs ends the process at once with the same code: Python's handler would raise inside the
-    exit and end the process by the signal, with no line and no exit code."""
+    """The first Ctrl-C (or SIGTERM) during a command raises KeyboardInterrupt, as Python's
+    own handler does for Ctrl-C, and the command says "aborted" (and what it kept). A second
+    one while that exit runs ends the process at once with the same code: Python's handler
+    would raise inside the exit and end the process by the signal, with no line and no exit
+    code."""
     _interrupts.append(signum)
     if len(_interrupts) == 1:
         raise KeyboardInterrupt
@@ -37,7 +39,12 @@ def _on_interrupt(signum: int, frame: Any) -> None:
             stream.flush()
         except Exception:  # noqa: BLE001  (a write the signal interrupted)
             pass
-    os._exit(ABORTED)
+    os._exit(_code())
+
+
+def _code() -> int:
+    """The exit code of a stopped run: 128 + the first signal's number (130 for Ctrl-C)."""
+    return 128 + _interrupts[0] if _interrupts else ABORTED
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,16 +65,36 @@ def entry() -> None:
     started with Ctrl-C ignored. Once the command has ended, Ctrl-C is ignored: the process
     only finishes its exit, with the command's code (Python's shutdown would put the default
     action back, and a Ctrl-C then would end the process by the signal, with no code).
-    Code that calls `main` inside its own process keeps its own handler."""
+    Code that calls `main` inside its own process keeps its own handler.
+
+    Outside a multi-rank launch SIGTERM stops a command as Ctrl-C does (a training run saves
+    its progress, a sweep keeps its finished points, and the line says how to resume), with
+    exit code 143. Under torchrun SIGTERM keeps its default action: the launcher sends it to
+    stop the other ranks when one fails."""
     _interrupts.clear()
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        main()
-        return
-    signal.signal(signal.SIGINT, _on_interrupt)
+    handled = [sig for sig, default in ((signal.SIGINT, signal.default_int_handler),
+                                        (signal.SIGTERM, signal.SIG_DFL))
+               if signal.getsignal(sig) is default]
+    if signal.SIGTERM in handled and _launched():
+        handled.remove(signal.SIGTERM)
+    for sig in handled:
+        signal.signal(sig, _on_interrupt)
     try:
         main()
+    except SystemExit as done:
+        if done.code == ABORTED and _interrupts:  # stopped by a signal: 128 + its number
+            raise SystemExit(_code()) from None
+        raise
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in handled:
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def _launched() -> bool:
+    """Whether a launcher started this process as one of several ranks (read from the
+    environment: nothing heavy is imported yet)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return not world.isdigit() or int(world) > 1
 
 
 def __getattr__(name: str):

@@ -609,3 +609,59 @@ def test_ctrl_c_that_a_library_turned_into_its_own_error_is_an_abort(monkeypatch
     with pytest.raises(SystemExit) as exc:
         run_main(["evaluate", "--n", "2", "--device", "cpu"])
     assert exc.value.code == 130 and capsys.readouterr().err.strip() == "aborted"
+
+
+_SIGTERM = (
+    "import os, signal, sys\n"
+    "import adaptive_loop.train as training\n"
+    "from adaptive_loop.cli.main import entry\n"
+    "real, calls = training.lr_at, []\n"
+    "def lr_at(cfg, step):\n"
+    "    calls.append(step)\n"
+    "    if len(calls) == 5:  # a scheduler's time limit, mid-training\n"
+    "        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)\n"
+    "        os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    return real(cfg, step)\n"
+    "training.lr_at = lr_at\n"
+    "sys.argv = ['adaptive-loop', 'train', '--out', sys.argv[1], '--steps', '50',\n"
+    "            '--device', 'cpu']\n"
+    "entry()\n")
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """`kill` (or a batch scheduler's time limit) during training: the progress is saved, one
+    line says how to resume, exit code 143."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-c", _SIGTERM, str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 143, (res.returncode, res.stderr)
+    assert res.stdout == "False\n"  # the handler was in place
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"aborted; progress is kept in {out / 'train_state.pt'}; run the same command again "
+        f"to resume"), res.stderr
+    assert "Traceback" not in res.stderr and (out / "train_state.pt").is_file()
+
+
+def test_sigterm_keeps_its_default_action_under_a_launcher(tmp_path):
+    """Under torchrun the launcher stops the other ranks with SIGTERM when one fails: a rank
+    ends by it at once, as before."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORLD_SIZE": "2"}  # the check happens before the launch is refused
+    script = ("import signal, sys\n"
+              "from adaptive_loop.cli.main import entry\n"
+              "import adaptive_loop.cli.app as app\n"
+              "app.run_main = lambda argv=None: print(\n"
+              "    signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,\n"
+              "    signal.getsignal(signal.SIGINT) is not signal.default_int_handler)\n"
+              "import adaptive_loop.cli.main as m\n"
+              "m.load_app = lambda: (None, app.run_main)\n"
+              "entry()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout == "True True\n", res.stderr
