@@ -146,6 +146,7 @@ def _complete(model: LoopMDM, records: list[dict[str, Any]], encoded: list[list[
         identity = plan_id(records, batches, decoding, seed, repr(policy),
                            model_fingerprint(model))
         store = PartStore(Path(f"{out}.parts"), ranks, identity)
+    notes = store.notes(ranks) if store is not None else []
 
     def compute(i: int) -> Part:
         ids = torch.tensor([encoded[j] for j in batches[i]])
@@ -183,6 +184,5 @@ def _complete(model: LoopMDM, records: list[dict[str, Any]], encoded: list[list[
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in done))
     finish(store, ranks)  # the output is written: the kept batches are no longer needed
-    notes = [store.note] if store is not None and store.note else []
     return Completed(done, totals, notes)
 

@@ -60,15 +60,26 @@ class PartStore:
                 rows += lines(path).load(repair=False)[0]
             except UsageError:  # damaged: its own rank reports it
                 pass
-        own, note = self.lines.load()
+        own, self.torn = self.lines.load()  # a torn last line of its own file, cut
         self.parts = {(r["job"], r["batch"]): r["part"] for r in rows + own if r["plan"] == plan}
         other = sum(r["plan"] != plan for r in rows + own)
+        note = self.torn
         if other:  # said, since finishing this run deletes them
             note = "; ".join(filter(None, [note, (
                 f"{other} finished batch{'es' if other > 1 else ''} in {self.directory} "
                 f"came from a run with other settings (prompts, policy, decoding or model) "
                 f"and {'are' if other > 1 else 'is'} not reused")]))
         self.note = note
+
+    def notes(self, ranks: Ranks) -> list[str]:
+        """What the stores found on loading, for rank 0 to say: its own note, and the torn
+        lines the other ranks cut from their files (each rank read every file, so the rest
+        of their notes is rank 0's). Every rank calls it; [] on the others."""
+        torn = ranks.gather(self.torn)
+        if torn is None:
+            return []
+        return [n for n in [self.note] if n] + \
+            [f"rank {r}: {t}" for r, t in enumerate(torn) if r and t]
 
     def get(self, job: str, batch: int) -> Part | None:
         return self.parts.get((job, batch))

@@ -280,7 +280,7 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
         finished = set(ranks.broadcast(sorted(done)))
         store = PartStore(directory / PARTS, ranks,
                           plan_id(manifest, [b.positions for b in plan.batches]))
-        notes += [store.note] if store.note else []
+        notes += store.notes(ranks)
         jobs: list[tuple[Setting, str, Callable[..., Outcome | None]]] = []
         for s in settings:
             policy = policy_of(s)

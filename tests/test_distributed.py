@@ -153,6 +153,32 @@ def test_torn_part_line_is_dropped_and_a_damaged_one_refused(tmp_path):
         PartStore(tmp_path, Ranks(), "p")
 
 
+def test_a_torn_line_another_rank_cut_is_said_by_rank_0(tmp_path):
+    """Each rank cuts a torn last line from its own file; rank 0 says every rank's, once."""
+    for rank in (0, 1):
+        PartStore(tmp_path, Ranks(rank, 2), "p").put("job", rank, {"value": rank})
+    for name in ("rank-1.jsonl", "rank-0.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes() + b'{"plan": "p", "jo')
+    first = PartStore(tmp_path, Ranks(1, 2), "p")  # rank 1 reads rank 0's torn file, uncut
+    zero = PartStore(tmp_path, Ranks(0, 2), "p")
+    assert "torn last line" in first.note and zero.get("job", 1) == {"value": 1}
+
+    class Gathered(Ranks):  # rank 0 of two, the other's object as rank 1 sends it
+        def gather(self, obj):
+            return [obj, first.torn]
+
+    notes = zero.notes(Gathered(0, 2))
+    assert len(notes) == 2 and "rank-0.jsonl: dropped a torn last line" in notes[0]
+    assert notes[1].startswith("rank 1: ") and "rank-1.jsonl: dropped a torn" in notes[1]
+
+    class Other(Ranks):
+        def gather(self, obj):
+            return None
+
+    assert first.notes(Other(1, 2)) == []  # rank 0 says them
+
+
 def test_session_alone_is_one_rank_and_a_half_launch_is_refused(monkeypatch):
     with session("cpu") as ranks:
         assert (ranks.rank, ranks.world, ranks.main) == (0, 1, True)
