@@ -94,15 +94,41 @@ class CalibrationReport:
         return {**self.__dict__, "guarantee": self.guarantee}
 
 
+THRESHOLD_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def default_grid(policy: str, param: str) -> list[float]:
+    """`param`'s candidate values when none are given: the policy's own
+    (`calibration_grids`), else `THRESHOLD_GRID` for a threshold; any other parameter has
+    none (a UsageError asks for them)."""
+    own = policy_class(policy).calibration_grids.get(param)
+    if own is None and not param.endswith("threshold"):
+        raise UsageError(f"give the candidate values of {param} with --grid (the default grid "
+                         f"is for thresholds)")
+    return list(own or THRESHOLD_GRID)
+
+
 def _order(grid: Sequence[Any], policy: str, param: str, conservative: str) -> list[Any]:
-    """The grid, most conservative value first: with "auto", high first for the parameters
-    the policy names in `later_when_higher` (loop counts, `patience`, `hits`, the learned
-    head's `threshold`), else low first (thresholds on a change or an uncertainty)."""
+    """The grid, most conservative value first: "given" keeps the order written; "auto" puts
+    high first for the parameters the policy names in `later_when_higher` (loop counts,
+    `patience`, `hits`, the learned head's `threshold`) and low first for those it names in
+    `earlier_when_higher` and other thresholds (on a change or an uncertainty); of any other
+    parameter it asks for the order."""
+    if conservative == "given":
+        return list(grid)
     if conservative == "auto":
-        later = policy_class(policy).later_when_higher
-        conservative = "high" if param in later else "low"
+        cls = policy_class(policy)
+        if param in cls.later_when_higher:
+            conservative = "high"
+        elif param in cls.earlier_when_higher or param.endswith("threshold"):
+            conservative = "low"
+        else:
+            raise UsageError(f"which end of {param}'s values halts latest is not known; give "
+                             f"--conservative low or high, or given (the --grid order, most "
+                             f"conservative first)")
     if conservative not in ("low", "high"):
-        raise UsageError(f"--conservative takes low, high or auto, got {conservative!r}")
+        raise UsageError(f"--conservative takes low, high, given or auto, got "
+                         f"{conservative!r}")
     try:
         return sorted(set(grid), reverse=conservative == "high")
     except TypeError:  # numbers and text, which have no order between them
@@ -149,7 +175,8 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
             calibration part (`split` of it) and a held-out part.
         policy: policy name; `base` holds its other parameters.
         grid: candidate values of `param`.
-        conservative: which end of the grid halts latest: "low", "high" or "auto".
+        conservative: which end of the grid halts latest: "low", "high", "auto" (the
+            policy's own) or "given" (the grid's own order, most conservative first).
         progress: `progress(label, examples)` returns a per-batch callback.
     """
     planned = plan_settings(policy, grid, tolerance=tolerance, confidence=confidence,

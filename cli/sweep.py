@@ -80,7 +80,8 @@ def _fmt_flops(x: float) -> str:
 def frontier_table(curve: dict[str, Any]) -> Table:
     """Every point by looped FLOPs, the Pareto frontier starred, then the oracle points."""
     table = Table(title=f"sweep: {curve['data']}, n = {curve['n']}", caption=(
-        "*: on the Pareto frontier (no other point is as accurate for fewer FLOPs). "
+        "*: on the Pareto frontier (no other point is at least as accurate for at most as "
+        "many FLOPs and better in one). "
         "x oracle: looped FLOPs over the cheapest oracle point at least as accurate. "
         "x max: over the same policy run at its maximum loops on every token."))
     table.add_column("point", no_wrap=True)
@@ -226,12 +227,15 @@ def calibrate(
     confidence: Annotated[float, typer.Option(
         help="C: probability with which the guarantee must hold, e.g. 0.9.")],
     grid: Annotated[str | None, typer.Option(
-        help="Candidate values of --param, comma-separated (default, for a threshold or "
-        "context_threshold: 0.005 to 0.5; other parameters need a grid).")] = None,
+        help="Candidate values of --param, comma-separated (default, for a threshold: the "
+        "policy's own grid, e.g. kl 1e-4 to 1, learned 0.5 to 0.99, else 0.005 to 0.5; "
+        "other parameters need a grid).")] = None,
     param: Annotated[str, typer.Option(help="The parameter to calibrate.")] = "threshold",
     conservative: Annotated[str, typer.Option(
-        help="Which end of the grid halts latest: low, high or auto (the policy's own: high "
-        "for loop counts, patience, hits and learned's threshold, else low).")
+        help="Which end of the grid halts latest: low, high, given (the --grid order, most "
+        "conservative first) or auto (the policy's own: high for loop counts, patience, hits "
+        "and learned's threshold, low for other thresholds and random's rate; asks for the "
+        "others).")
     ] = "auto",
     split: Annotated[float, typer.Option(help="Fraction of examples used to calibrate; the "
                                          "rest checks the guarantee.")] = 0.5,
@@ -255,7 +259,7 @@ def calibrate(
     with probability >= C (Learn-then-Test, fixed-sequence from the most conservative value),
     and check it on a held-out split."""
     from ..calibrate import calibrate as run
-    from ..calibrate import plan_settings
+    from ..calibrate import default_grid, plan_settings
     from ..datasets import parse_value
     from ..sweep import parse_policy_spec
 
@@ -273,11 +277,8 @@ def calibrate(
         if any(not v.strip() for v in grid.split(",")):
             raise UsageError(f"--grid takes comma-separated values, got {grid!r}")
         values = [parse_value(v) for v in grid.split(",")]
-    elif given is None and not param.endswith("threshold"):
-        raise UsageError(f"give the candidate values of {param} with --grid (the default grid "
-                         f"is for thresholds)")
     else:
-        values = given or [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+        values = given or default_grid(name, param)
     plan_settings(name, values, tolerance=tolerance, confidence=confidence, param=param,
                   base=base, conservative=conservative, split=split)  # mistakes before loading
     model, evalset = _setup(checkpoint, device, dtype, task, data, answer_regex, numeric, limit,
@@ -298,7 +299,8 @@ def calibrate(
         print(json.dumps(report.to_dict()))
         return
     table = Table(title=f"{report.policy_label}: {param} vs fixed loops={report.reference_loops} "
-                  f"({report.n_calibration} calibration / {report.n_holdout} held-out)")
+                  f"({report.n_calibration} calibration / {report.n_holdout} held-out)",
+                  caption="accuracy, loops and FLOPs: over both parts")
     for col in (param, "calib. disagree", "p-value", "certified", "held-out disagree",
                 "accuracy", "loops", "FLOPs vs max"):
         table.add_column(col)

@@ -102,6 +102,12 @@ class HaltingPolicy(ABC):
     # parameters for which a larger value halts later (`calibrate` tests those from the top)
     later_when_higher: ClassVar[frozenset[str]] = frozenset(
         {"loops", "min_loops", "max_loops", "check_every"})
+    # and earlier (from the bottom); a name ending in "threshold" counts as one unless it is
+    # in `later_when_higher`. `calibrate` asks for the order of any other parameter.
+    earlier_when_higher: ClassVar[frozenset[str]] = frozenset()
+    # `calibrate`'s candidate values of a parameter when none are given; a threshold not
+    # named here gets `calibrate.THRESHOLD_GRID`
+    calibration_grids: ClassVar[dict[str, tuple[float, ...]]] = {}
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:

@@ -25,6 +25,7 @@ from .predictive import PredictivePolicy, nonnegative
 @register
 class KL(PredictivePolicy):
     name = "kl"
+    calibration_grids = {"threshold": (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)}
 
     def __init__(self, threshold: float = 1e-3, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1,

@@ -39,6 +39,7 @@ class Learned(HaltingPolicy):
     name = "learned"
     needs = frozenset({"hidden", "delta"})
     later_when_higher = HaltingPolicy.later_when_higher | {"threshold"}
+    calibration_grids = {"threshold": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)}
 
     def __init__(self, head: str | Path | None = None, threshold: float | None = None,
                  context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,

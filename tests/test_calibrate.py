@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from adaptive_loop import UsageError, generate, save_model
-from adaptive_loop.calibrate import binomial_pvalue, calibrate, learn_then_test, plan_settings
+from adaptive_loop.calibrate import (
+    THRESHOLD_GRID,
+    binomial_pvalue,
+    calibrate,
+    default_grid,
+    learn_then_test,
+    plan_settings,
+)
 from adaptive_loop.datasets import resolve_eval_set
 from adaptive_loop.policies import make
 
@@ -127,6 +134,42 @@ def test_auto_orders_each_policys_grid_from_its_conservative_end(policy, param, 
     settings = plan_settings(policy, grid, tolerance=0.1, confidence=0.9, param=param)
     values = [dict(s.params)[param] for s, _ in settings]
     assert values[0] == first and values == sorted(values, reverse=first == max(grid))
+
+
+def test_a_parameter_of_unknown_order_is_asked_for_or_taken_as_given():
+    """A shortlist of 0 (off) halts as late as any; 4 is the most aggressive: no sorted
+    order is right, and auto says so rather than testing 4 second."""
+    with pytest.raises(UsageError, match="which end of shortlist's values halts latest is not "
+                                         "known; give --conservative low or high, or given"):
+        plan_settings("entropy", [0, 4, 16], tolerance=0.1, confidence=0.9, param="shortlist")
+    settings = plan_settings("entropy", [0, 16, 4], tolerance=0.1, confidence=0.9,
+                             param="shortlist", conservative="given")
+    assert [dict(s.params)["shortlist"] for s, _ in settings] == [0, 16, 4]
+    with pytest.raises(UsageError, match="--conservative takes low, high, given or auto"):
+        plan_settings("entropy", [0.1], tolerance=0.1, confidence=0.9, conservative="up")
+
+
+@pytest.mark.parametrize("policy, param, grid", [
+    ("entropy", "threshold", THRESHOLD_GRID), ("convergence", "context_threshold", None),
+    ("kl", "threshold", None), ("learned", "threshold", None),
+])
+def test_the_default_grid_brackets_the_policys_default(policy, param, grid):
+    """kl's default threshold (1e-3) lies below the common grid and the learned head's
+    conservative end is near 1: each has a grid of its own around its default."""
+    from adaptive_loop.policies import policy_class
+
+    got = default_grid(policy, param)
+    if grid is not None:
+        assert got == list(grid)
+    if param == "threshold" and policy in ("kl", "learned"):
+        default = {"kl": 1e-3, "learned": 0.9}[policy]
+        assert min(got) < default < max(got) and got != list(THRESHOLD_GRID)
+        assert policy_class(policy).calibration_grids[param] == tuple(got)
+
+
+def test_a_parameter_without_a_default_grid_asks_for_one():
+    with pytest.raises(UsageError, match="give the candidate values of patience with --grid"):
+        default_grid("stability", "patience")
 
 
 def test_calibrate_rejects_bad_arguments(addition_model):
