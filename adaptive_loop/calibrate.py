@@ -25,6 +25,7 @@ from .errors import UsageError
 from .measure import plan_batches, run_setting
 from .model import LoopMDM
 from .policies import HaltingPolicy, make, policy_class
+from .shards import is_number
 from .sweep import Setting, policy_of
 
 
@@ -122,10 +123,13 @@ def _order(grid: Sequence[Any], policy: str, param: str, conservative: str) -> l
             conservative = "high"
         elif param in cls.earlier_when_higher or param.endswith("threshold"):
             conservative = "low"
-        else:
+        elif all(is_number(v) for v in grid):
             raise UsageError(f"which end of {param}'s values halts latest is not known; give "
                              f"--conservative low or high, or given (the --grid order, most "
                              f"conservative first)")
+        else:
+            raise UsageError(f"{param}'s values have no order of their own; give --conservative "
+                             f"given and the --grid from the value that halts latest")
     if conservative not in ("low", "high"):
         raise UsageError(f"--conservative takes low, high, given or auto, got "
                          f"{conservative!r}")

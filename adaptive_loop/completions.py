@@ -127,14 +127,12 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     if out is None:
         return _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
                          None, ranks, progress)
-    parts = Path(f"{out}.parts")
-    try:
-        parts.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot write {parts}: {err.strerror or err}") from None
-    with claimed_by_job(parts, ranks):  # one run at a time completes into `out`
-        return _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
+    with claimed_by_job(Path(out), ranks) as unlocked:  # one run at a time writes `out`
+        done = _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
                          out, ranks, progress)
+    if done is not None and unlocked:
+        done.notes.insert(0, unlocked)
+    return done
 
 
 def _complete(model: LoopMDM, records: list[dict[str, Any]], encoded: list[list[int]],

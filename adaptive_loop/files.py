@@ -144,31 +144,76 @@ def writable_dir(path: str | Path) -> Path:
     return out
 
 
+LOCK = ".adaptive-loop.lock"  # an output directory's claim (see `claimed`)
+_HELD: dict[str, int] = {}  # the claims this process holds: lock file -> depth
+
+
+def lock_file(output: str | Path) -> Path:
+    """Where the claim on an output lives: inside a directory (`DIR/.adaptive-loop.lock`),
+    beside a file (`.NAME.lock`)."""
+    out = Path(output)
+    return out / LOCK if out.is_dir() else out.with_name(f".{out.name}.lock")
+
+
 @contextmanager
-def claimed(directory: str | Path, option: str = "--out") -> Iterator[None]:
-    """Hold `directory` for one run: a second run that tries to claim it while this one holds
-    it (another process, or the same one) is refused with a UsageError, so that two runs never
-    append to the same resumable files. The claim is an advisory lock on the directory itself
-    (nothing is written into it) and ends with the block or with the process, however it
-    ends: a killed run leaves nothing to clean up. `option` names what the user gave."""
-    if fcntl is None:
-        yield
+def claimed(output: str | Path, option: str = "--out") -> Iterator[str | None]:
+    """Hold `output` (a directory, or a file to be written) for one run: another process
+    that tries to claim it meanwhile is refused with a UsageError, so that two runs never
+    append to the same resumable files or replace each other's results. The same process
+    may claim it again inside (a command claims before loading, the library call again).
+
+    The claim is an advisory lock on a lock file (`lock_file`), which the system drops when
+    the process ends, however it ends; the file is deleted when the claim ends (one a killed
+    run left is taken over). Yields None, or a note when the file system takes no locks
+    (then runs are not kept apart). `option` names what the user gave."""
+    lock = lock_file(output)
+    key = os.path.abspath(lock)
+    if key in _HELD or fcntl is None:  # held already, or not a POSIX system
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield None
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
         return
+    fd, note = _lock(lock, output, option)
+    _HELD[key] = 1
     try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as err:
-        raise UsageError(f"cannot open {directory}: {err.strerror or err}") from None
-    try:
+        yield note
+    finally:
+        del _HELD[key]
+        try:
+            lock.unlink()  # while still held: a run that opened it before now finds it gone
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _lock(lock: Path, output: str | Path, option: str) -> tuple[int, str | None]:
+    """Open and lock `lock`: the descriptor, and a note when locks are not available."""
+    for _ in range(8):
+        try:  # opened for writing: NFS takes an exclusive lock on no other kind
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, _file_mode())
+        except OSError as err:
+            raise UsageError(f"cannot write {lock}: {err.strerror or err}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another run is writing into {directory}; wait for it to end, "
-                             f"or give another {option}") from None
-        except OSError:  # a file system without locks: runs are not kept apart there
+            os.close(fd)
+            raise UsageError(f"another run is writing {output}; wait for it to end, or give "
+                             f"another {option}") from None
+        except OSError as err:  # a file system without locks
+            return fd, (f"{output} cannot be locked here ({err.strerror or err}): start no "
+                        f"other run into it until this one ends")
+        try:  # the holder before us may have deleted it as it let go: take the new one then
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                return fd, None
+        except FileNotFoundError:
             pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)
+    raise UsageError(f"another run is writing {output}; wait for it to end, or give another "
+                     f"{option}")
 
 
 def forget_created() -> None:

@@ -143,22 +143,26 @@ def is_count(value: Any) -> bool:
 
 
 @contextmanager
-def claimed_by_job(directory: Path, ranks: Ranks, option: str = "--out") -> Iterator[None]:
-    """`files.claimed` for a job across ranks: rank 0 holds the claim for all of them, and
-    every rank learns whether it got it before any writes, so that a refused job's ranks all
-    stop with the same line and none of them appends to a part file another job is using.
-    Every rank calls it."""
+def claimed_by_job(output: Path, ranks: Ranks, option: str = "--out",
+                   check: Callable[[], object] | None = None) -> Iterator[str | None]:
+    """`files.claimed` for a job across ranks: rank 0 holds the claim for all of them and
+    then runs `check` (what must still hold once the output is ours, e.g. that no results
+    appeared meanwhile); every rank learns the verdict before it writes anything, so that a
+    refused job's ranks all stop with the same line. Every rank calls it; yields the claim's
+    note on rank 0, None on the others."""
     with ExitStack() as stack:
-        error = None
+        error, note = None, None
         if ranks.main:
             try:
-                stack.enter_context(claimed(directory, option))
+                note = stack.enter_context(claimed(output, option))
+                if check is not None:
+                    check()
             except UsageError as err:
                 error = str(err)
         error = ranks.broadcast(error)
         if error is not None:
             raise UsageError(error)
-        yield
+        yield note
 
 
 def run_sharded(job: str, n_batches: int, compute: Callable[[int], Part], ranks: Ranks, *,

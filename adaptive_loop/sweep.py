@@ -251,7 +251,7 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     """
     ranks = ranks or Ranks()
     directory = prepare_output_dir(out_dir)
-    with claimed_by_job(directory, ranks):  # one run at a time appends to its files
+    with claimed_by_job(directory, ranks) as unlocked:  # one run at a time writes its files
         hooks = hooks or SweepHooks()
         unique: dict[str, Setting] = {}
         for s in settings:  # a point given twice, in any order of its parameters, runs once
@@ -272,7 +272,7 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
                     "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
                     "seed": seed, "batch_size": batch_size}
         done: dict[str, dict[str, Any]] = {}
-        notes: list[str] = []
+        notes: list[str] = [unlocked] if unlocked else []
         if ranks.main:
             check_manifest(directory, manifest)
             done, note = PointStore(directory, len(data.examples)).load()

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from .config import LoopMDMConfig
 from .errors import CheckpointError, UsageError
-from .files import atomic_write, atomic_write_text, claimed, remove_stale_temporaries, writable_dir
+from .files import (
+    LOCK,
+    atomic_write,
+    atomic_write_text,
+    claimed,
+    remove_stale_temporaries,
+    writable_dir,
+)
 from .model import LoopMDM
 from .tasks import make_task
 
@@ -226,7 +233,7 @@ def prepare_train_dir(out_dir: str | Path, force: bool = False) -> Path:
     if out.is_dir():  # what a killed write left (a snapshot cut short: the one before holds)
         for name in ours:
             remove_stale_temporaries(out / name)
-    present = [p.name for p in out.iterdir()] if out.is_dir() else []
+    present = [p.name for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
     if STATE_FILE in present:  # an unfinished run, perhaps killed while saving the result
         present = [name for name in present if name not in ours]
     if not force and present:
@@ -244,7 +251,9 @@ def train_and_save(cfg: TrainConfig, out_dir: str | Path, device: str | None = N
     An interrupted run leaves `train_state.pt` in `out_dir`; running again resumes it. A
     second run into the same directory, started while this one runs, is refused."""
     out = writable_dir(out_dir)
-    with claimed(out):  # one run at a time trains into a directory
+    with claimed(out) as unlocked:  # one run at a time trains into a directory
+        if unlocked and console is not None:
+            console.print(f"note: {unlocked}", markup=False, highlight=False)
         return _train_and_save(cfg, prepare_train_dir(out, force), device, console)
 
 

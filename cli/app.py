@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -198,11 +198,12 @@ def _task_of(model: Any) -> Any:
     return make_task(model.config.task) if model.config.task else None
 
 
-_abort_hint: list[str] = []  # what a Ctrl-C keeps, said after "aborted"
+_abort_hint: list[str | Callable[[], str | None]] = []  # what a Ctrl-C keeps, after "aborted"
 
 
-def on_abort(hint: str) -> None:
-    """Have Ctrl-C during this command say `hint` after "aborted" (e.g. how to resume)."""
+def on_abort(hint: str | Callable[[], str | None]) -> None:
+    """Have Ctrl-C during this command say `hint` after "aborted" (e.g. how to resume); a
+    callable is asked when the command stops (None: nothing was kept, nothing to say)."""
     _abort_hint[:] = [hint]
 
 
@@ -322,7 +323,13 @@ def _environment_error(e: Exception) -> str | None:
 
 
 def _aborted() -> None:
-    err.print("; ".join(["aborted", *_abort_hint]), markup=False, highlight=False,
+    """Say "aborted" and what was kept; output directories this run made and left empty go,
+    as after an error."""
+    from ..files import remove_created_if_empty
+
+    remove_created_if_empty()
+    said = [h() if callable(h) else h for h in _abort_hint]
+    err.print("; ".join(["aborted", *filter(None, said)]), markup=False, highlight=False,
               soft_wrap=True)
     sys.exit(ABORTED)
 

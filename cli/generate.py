@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -138,12 +139,13 @@ def generate(
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")
         if out_file is not None:
-            _results_path(out_file.expanduser(), prompts, force)
+            out_file = out_file.expanduser()
+            _results_path(out_file, prompts, force)
             on_abort(f"finished batches are kept in {out_file}.parts; run the same command "
                      f"again to resume")
-        _complete_file(prompts, out_file, halting, checkpoint, device, dtype, tokenizer,
-                       gen_length, steps, decoding, seed, 32 if batch_size is None else
-                       batch_size, as_json)
+        _complete_file(prompts, out_file, force, halting, checkpoint, device, dtype,
+                       tokenizer, gen_length, steps, decoding, seed,
+                       32 if batch_size is None else batch_size, as_json)
         return
     if out_file is not None:
         raise UsageError("--out goes with --prompts FILE.jsonl")
@@ -210,18 +212,27 @@ def _results_path(target: Path, prompts: Path, force: bool) -> None:
     writable_dir(target.parent)
 
 
-def _complete_file(path: Path, out_file: Path | None, halting: Any, checkpoint: Path | None,
+def _complete_file(path: Path, out_file: Path | None, force: bool, halting: Any,
+                   checkpoint: Path | None,
                    device: str | None, dtype: str | None, tokenizer: Path | None,
                    gen_length: int | None, steps: int | None, decoding: dict[str, Any],
                    seed: int | None, batch_size: int, as_json: bool) -> None:
-    """`generate --prompts`: every prompt of a JSONL file, in batches, across ranks."""
+    """`generate --prompts`: every prompt of a JSONL file, in batches, across ranks. With
+    --out, the output is claimed before anything loads, and checked again once claimed (a
+    run that ended meanwhile may have written it)."""
     from ..checkpoint import tokenizer_for
     from ..completions import complete_file, encode_records, read_prompts
     from ..distributed import session
     from ..evaluate import default_decoding
+    from ..shards import claimed_by_job
 
     records = read_prompts(path, completing=True)
-    with session(device) as ranks:
+    with session(device) as ranks, ExitStack() as claim:
+        if out_file is not None:
+            unlocked = claim.enter_context(claimed_by_job(
+                out_file, ranks, check=lambda: _results_path(out_file, path, force)))
+            if unlocked:
+                err.print(f"note: {unlocked}", markup=False, highlight=False)
         model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype,
                                 tokenizer=tokenizer)
         task = _task_of(model)
@@ -392,8 +403,9 @@ def train(
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    on_abort(f"progress is kept in {out_dir / STATE_FILE}; run the same command again "
-             f"to resume")
+    state = out_dir.expanduser() / STATE_FILE  # written as the run stops, once it has begun
+    on_abort(lambda: f"progress is kept in {state}; run the same command again to resume"
+             if state.is_file() else None)
     train_and_save(cfg, out_dir, device=device, console=err, force=force)
     if as_json:  # the record written beside the weights
         print(json.dumps({"out": str(out_dir), **json.loads(

@@ -146,6 +146,7 @@ def sweep(
     work, so give at least N batches (--batch-size).
     """
     from ..distributed import session
+    from ..shards import claimed_by_job
     from ..sweep import (
         SweepHooks,
         default_oracle_loops,
@@ -170,9 +171,12 @@ def sweep(
         bad = next((n for n in oracle if not 1 <= n <= MAX_LOOPS), None)
         if bad is not None:
             raise UsageError(f"--oracle-loops must be in [1, {MAX_LOOPS}], got {bad}")
-    prepare_output_dir(out_dir)  # refuse an unwritable directory before loading anything
+    directory = prepare_output_dir(out_dir)  # refused before loading anything if unwritable
     on_abort(f"finished points are kept in {out_dir}; run the same command again to resume")
-    with session(device) as ranks:
+    # claimed before loading: another run writing there stops this one at once
+    with session(device) as ranks, claimed_by_job(directory, ranks) as unlocked:
+        if unlocked:
+            err.print(f"note: {unlocked}", markup=False, highlight=False)
         model, evalset = _setup(checkpoint, ranks.device(device), dtype, task, data,
                                 answer_regex, numeric, limit, seed, tokenizer)
         if oracle is None:
@@ -277,6 +281,9 @@ def calibrate(
         if any(not v.strip() for v in grid.split(",")):
             raise UsageError(f"--grid takes comma-separated values, got {grid!r}")
         values = [parse_value(v) for v in grid.split(",")]
+    elif given is None and conservative == "given":
+        raise UsageError("--conservative given tests the candidate values in the order they are "
+                         "written: give them with --grid")
     else:
         values = given or default_grid(name, param)
     plan_settings(name, values, tolerance=tolerance, confidence=confidence, param=param,

@@ -147,6 +147,10 @@ def test_a_parameter_of_unknown_order_is_asked_for_or_taken_as_given():
     assert [dict(s.params)["shortlist"] for s, _ in settings] == [0, 16, 4]
     with pytest.raises(UsageError, match="--conservative takes low, high, given or auto"):
         plan_settings("entropy", [0.1], tolerance=0.1, confidence=0.9, conservative="up")
+    with pytest.raises(UsageError, match="metric's values have no order of their own; give "
+                                         "--conservative given and the --grid from the value"):
+        plan_settings("convergence", ["l2", "cosine"], tolerance=0.1, confidence=0.9,
+                      param="metric")
 
 
 @pytest.mark.parametrize("policy, param, grid", [
@@ -215,3 +219,17 @@ def test_cli_calibrate(tmp_path, addition_model):
     assert report["base"] == {"min_loops": 3}
     assert report["guarantee"].startswith("convergence(min_loops=3) threshold=")
     assert all(r["mean_loops"] >= 3 for r in report["rows"])  # applied, not only named
+
+
+def test_given_order_needs_a_written_grid(capsys):
+    """The default grid has no written order: `given` would test it from whichever end the
+    default happens to list first (for the learned head's, its least conservative)."""
+    from adaptive_loop.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "-p", "learned", "--conservative", "given", "--tolerance", "0.1",
+              "--confidence", "0.9"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --conservative given tests the candidate values in the order they are "
+        "written: give them with --grid")

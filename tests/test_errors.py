@@ -472,6 +472,9 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, h
     module, _, name = where.rpartition(".")
     monkeypatch.setattr(f"{module}.{name}", _interrupt)
     (tmp_path / "p.jsonl").write_text('{"prompt": "12+34="}\n')
+    if argv[0] == "train":  # what a run stopped after its first step has saved
+        (tmp_path / "t").mkdir()
+        (tmp_path / "t" / "train_state.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as exc:
         run_main([a.format(root=tmp_path) for a in argv + ["--device", "cpu"]])
     err = capsys.readouterr().err
@@ -613,16 +616,23 @@ def test_ctrl_c_that_a_library_turned_into_its_own_error_is_an_abort(monkeypatch
 
 _SIGTERM = (
     "import os, signal, sys\n"
+    "import adaptive_loop.device as device\n"
     "import adaptive_loop.train as training\n"
     "from adaptive_loop.cli.main import entry\n"
+    "def term():\n"
+    "    print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
     "real, calls = training.lr_at, []\n"
     "def lr_at(cfg, step):\n"
     "    calls.append(step)\n"
     "    if len(calls) == 5:  # a scheduler's time limit, mid-training\n"
-    "        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)\n"
-    "        os.kill(os.getpid(), signal.SIGTERM)\n"
+    "        term()\n"
     "    return real(cfg, step)\n"
-    "training.lr_at = lr_at\n"
+    "if sys.argv[2] == 'training':\n"
+    "    training.lr_at = lr_at\n"
+    "else:  # before the first step: nothing is kept\n"
+    "    pick = device.pick_device\n"
+    "    device.pick_device = lambda *a: (term(), pick(*a))[1]\n"
     "sys.argv = ['adaptive-loop', 'train', '--out', sys.argv[1], '--steps', '50',\n"
     "            '--device', 'cpu']\n"
     "entry()\n")
@@ -635,14 +645,19 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-c", _SIGTERM, str(out)], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", _SIGTERM, str(out), "training"],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 143, (res.returncode, res.stderr)
     assert res.stdout == "False\n"  # the handler was in place
     assert res.stderr.strip().splitlines()[-1] == (
         f"aborted; progress is kept in {out / 'train_state.pt'}; run the same command again "
         f"to resume"), res.stderr
     assert "Traceback" not in res.stderr and (out / "train_state.pt").is_file()
+    early = tmp_path / "early"  # stopped before its first step: no progress claimed, no folder
+    res = subprocess.run([sys.executable, "-c", _SIGTERM, str(early), "start"],
+                         capture_output=True, text=True, timeout=300)
+    assert (res.returncode, res.stderr) == (143, "aborted\n")
+    assert not early.exists()
 
 
 def test_sigterm_keeps_its_default_action_under_a_launcher(tmp_path):

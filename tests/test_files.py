@@ -1,5 +1,6 @@
-"""Output directories claimed by one run at a time: a second run is refused in one line, the
-claim ends with its run however that run ends, and a refused run writes nothing."""
+"""Outputs claimed by one run at a time: a second run is refused in one line before it loads
+anything, the claim ends with its run however that run ends, and a refused run writes
+nothing."""
 
 import json
 import os
@@ -12,40 +13,84 @@ import pytest
 
 from adaptive_loop import UsageError, save_model
 from adaptive_loop.datasets import resolve_eval_set
-from adaptive_loop.files import claimed
+from adaptive_loop.distributed import Ranks
+from adaptive_loop.files import LOCK, claimed
+from adaptive_loop.shards import claimed_by_job
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
 
 
-def test_a_claimed_directory_is_refused_until_its_claim_ends(tmp_path):
-    with claimed(tmp_path):
-        with pytest.raises(UsageError, match=f"another run is writing into {tmp_path}; wait "
-                                             f"for it to end, or give another --out"):
-            with claimed(tmp_path):
-                pass
-    with claimed(tmp_path):  # ended with the block
-        pass
-    assert list(tmp_path.iterdir()) == []  # nothing was written into it
+class Holder:
+    """Another process holding the claim on `output` until it is killed."""
+
+    def __init__(self, output):
+        self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from adaptive_loop.files import claimed
+            with claimed({str(output)!r}):
+                print("held", flush=True)
+                time.sleep(120)
+            """)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
 
 
-def test_a_killed_run_leaves_no_claim_behind(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from adaptive_loop.files import claimed
-        with claimed({str(tmp_path)!r}):
-            print("held", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UsageError, match="another run is writing"):
+def test_a_claim_lives_in_a_lock_file_that_goes_with_it(tmp_path):
+    """Inside a directory, beside a file; the same process may claim again inside."""
+    results = tmp_path / "results.jsonl"
+    with claimed(tmp_path) as note, claimed(results):
+        assert note is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".results.jsonl.lock", LOCK])
+        with claimed(tmp_path):  # a command claims, then the library call again
+            pass
+        assert (tmp_path / LOCK).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_process_is_refused_until_the_claim_ends_even_by_sigkill(tmp_path):
+    with Holder(tmp_path):
+        with pytest.raises(UsageError, match=f"^another run is writing {tmp_path}; wait for it "
+                                             f"to end, or give another --out$"):
             with claimed(tmp_path):
                 pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    assert (tmp_path / LOCK).exists()  # what the killed holder left is taken over ...
     with claimed(tmp_path):
         pass
+    assert list(tmp_path.iterdir()) == []  # ... and removed
+
+
+def test_a_file_system_without_locks_runs_with_a_note(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with claimed(tmp_path) as note:
+        assert note == (f"{tmp_path} cannot be locked here (No locks available): start no "
+                        f"other run into it until this one ends")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_must_hold_once_claimed_is_checked_under_the_claim(tmp_path):
+    """A run that ended while this one waited to claim may have written the output."""
+    out = tmp_path / "results.jsonl"
+
+    def check():
+        if out.exists():
+            raise UsageError(f"{out} exists")
+
+    out.write_text("{}\n")
+    with pytest.raises(UsageError, match="results.jsonl exists"):
+        with claimed_by_job(out, Ranks(), check=check):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # claim released
 
 
 def _cli(*args):
@@ -56,34 +101,36 @@ def _cli(*args):
 
 def _refused(res, path):
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip() == f"error: another run is writing into {path}; wait for it " \
-                                 f"to end, or give another --out", res.stderr
+    assert res.stderr.strip() == f"error: another run is writing {path}; wait for it to end, " \
+                                 f"or give another --out", res.stderr
 
 
 def test_commands_refuse_an_output_another_run_is_writing(tmp_path, addition_model):
-    """sweep, train and generate --prompts: the second run stops before any work, in one
-    line, and leaves what the first has written as it was."""
+    """sweep, train and generate --prompts: the second run stops before it loads anything
+    (its checkpoint here does not even exist), in one line, and leaves what the first has
+    written as it was."""
     ckpt = tmp_path / "ckpt"
     save_model(addition_model, ckpt)
     sweep, train = tmp_path / "sweep", tmp_path / "train"
     prompts, results = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
     data = resolve_eval_set(addition_model.config.task, limit=2, seed=2)
     prompts.write_text("".join(json.dumps({"prompt": ex.prompt}) + "\n" for ex in data.examples))
-    parts = tmp_path / "results.jsonl.parts"
-    for directory in (sweep, train, parts):
+    for directory in (sweep, train):
         directory.mkdir()
     (sweep / "points.jsonl").write_text("kept\n")  # the first run's, left alone
-    with claimed(sweep), claimed(train), claimed(parts):
-        _refused(_cli("sweep", "--checkpoint", str(ckpt), "-p", "fixed", "--limit", "2",
-                      "--out", str(sweep)), sweep)
+    with Holder(sweep), Holder(train), Holder(results):
+        _refused(_cli("sweep", "--checkpoint", str(tmp_path / "none"), "-p", "fixed",
+                      "--limit", "2", "--out", str(sweep)), sweep)
         _refused(_cli("train", "--out", str(train), "--steps", "2"), train)
-        _refused(_cli("generate", "--checkpoint", str(ckpt), "--prompts", str(prompts),
-                      "--out", str(results)), parts)
-    assert sorted(p.name for p in sweep.iterdir()) == ["points.jsonl"]
+        _refused(_cli("generate", "--checkpoint", str(tmp_path / "none"), "--prompts",
+                      str(prompts), "--out", str(results)), results)
+    assert sorted(p.name for p in sweep.iterdir()) == [LOCK, "points.jsonl"]  # the holder's
     assert (sweep / "points.jsonl").read_text() == "kept\n"
-    assert list(train.iterdir()) == [] and list(parts.iterdir()) == []
-    assert not results.exists()
+    assert [p.name for p in train.iterdir()] == [LOCK] and not results.exists()
+    assert not (tmp_path / "results.jsonl.parts").exists()
     done = _cli("generate", "--checkpoint", str(ckpt), "--prompts", str(prompts),
-                "--out", str(results))  # the claim ended: the same command runs
+                "--out", str(results))  # the claim ended with its holder: the command runs
     assert done.returncode == 0, done.stderr
-    assert len(results.read_text().splitlines()) == 2 and not parts.exists()
+    assert len(results.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ckpt", "prompts.jsonl", "results.jsonl", "sweep", "train"])  # no lock, no parts
