@@ -207,6 +207,19 @@ def on_abort(hint: str | Callable[[], str | None]) -> None:
     _abort_hint[:] = [hint]
 
 
+def if_kept(hint: str, *paths: Path) -> Callable[[], str | None]:
+    """`hint` for `on_abort`, said only if one of `paths` (files, or directories of files)
+    holds something when the command stops: what a resumed run would reuse."""
+
+    def said() -> str | None:
+        try:
+            files = [f for p in paths for f in (p.iterdir() if p.is_dir() else [p])]
+            return hint if any(f.is_file() and f.stat().st_size for f in files) else None
+        except OSError:
+            return hint
+    return said
+
+
 def run_main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning user errors into one line and an exit code.
 

@@ -32,6 +32,7 @@ from .app import (
     _task_of,
     app,
     err,
+    if_kept,
     load_checkpoint,
     on_abort,
     out,
@@ -141,8 +142,9 @@ def generate(
         if out_file is not None:
             out_file = out_file.expanduser()
             _results_path(out_file, prompts, force)
-            on_abort(f"finished batches are kept in {out_file}.parts; run the same command "
-                     f"again to resume")
+            parts = out_file.with_name(f"{out_file.name}.parts")
+            on_abort(if_kept(f"finished batches are kept in {parts}; run the same command "
+                             f"again to resume", parts))
         _complete_file(prompts, out_file, force, halting, checkpoint, device, dtype,
                        tokenizer, gen_length, steps, decoding, seed,
                        32 if batch_size is None else batch_size, as_json)

@@ -20,6 +20,7 @@ from .app import (
     TokenizerPath,
     app,
     err,
+    if_kept,
     load_checkpoint,
     on_abort,
     out,
@@ -148,6 +149,8 @@ def sweep(
     from ..distributed import session
     from ..shards import claimed_by_job
     from ..sweep import (
+        PARTS,
+        POINTS,
         SweepHooks,
         default_oracle_loops,
         parse_policy_grid,
@@ -172,7 +175,8 @@ def sweep(
         if bad is not None:
             raise UsageError(f"--oracle-loops must be in [1, {MAX_LOOPS}], got {bad}")
     directory = prepare_output_dir(out_dir)  # refused before loading anything if unwritable
-    on_abort(f"finished points are kept in {out_dir}; run the same command again to resume")
+    on_abort(if_kept(f"finished points are kept in {out_dir}; run the same command again to "
+                     f"resume", directory / POINTS, directory / PARTS))
     # claimed before loading: another run writing there stops this one at once
     with session(device) as ranks, claimed_by_job(directory, ranks) as unlocked:
         if unlocked:

@@ -472,14 +472,21 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, h
     module, _, name = where.rpartition(".")
     monkeypatch.setattr(f"{module}.{name}", _interrupt)
     (tmp_path / "p.jsonl").write_text('{"prompt": "12+34="}\n')
-    if argv[0] == "train":  # what a run stopped after its first step has saved
-        (tmp_path / "t").mkdir()
-        (tmp_path / "t" / "train_state.pt").write_bytes(b"")
+    kept = {"train": "t/train_state.pt", "sweep": "s/points.jsonl",
+            "generate": "r.jsonl.parts/rank-0.jsonl"}.get(argv[0])
+    if kept:  # what a run stopped after its first step, point or batch has kept
+        (tmp_path / kept).parent.mkdir()
+        (tmp_path / kept).write_text("{}\n")
     with pytest.raises(SystemExit) as exc:
         run_main([a.format(root=tmp_path) for a in argv + ["--device", "cpu"]])
     err = capsys.readouterr().err
     assert exc.value.code == 130 and "Traceback" not in err
     assert err.strip() == hint.format(root=tmp_path), err
+    if kept:  # stopped before keeping anything: nothing to resume, nothing said
+        (tmp_path / kept).unlink()
+        with pytest.raises(SystemExit):
+            run_main([a.format(root=tmp_path) for a in argv + ["--device", "cpu"]])
+        assert capsys.readouterr().err.strip() == "aborted"
 
 
 _CTRL_C = (
