@@ -130,9 +130,11 @@ def check_correctness(results: dict) -> None:
         got = gpu(noise.to(T.device)).float().cpu()
         got_task = gpu(task.to(T.device))[:, start:].float().cpu()
     results["bf16_vs_fp32_max_abs"] = float((got - ref).abs().max())
+    results["bf16_vs_fp32_relative"] = float((got - ref).norm() / ref.norm())
     results["bf16_vs_fp32_argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     # on the task's own inputs, at the answer columns: the predictions the sampler reads
     results["bf16_vs_fp32_task_max_abs"] = float((got_task - ref_task).abs().max())
+    results["bf16_vs_fp32_task_relative"] = float((got_task - ref_task).norm() / ref_task.norm())
     results["bf16_vs_fp32_task_argmax_agree"] = float(
         (got_task.argmax(-1) == ref_task.argmax(-1)).float().mean())
 
@@ -356,16 +358,21 @@ def _best(rows: list[dict], key: str, pick: Callable[..., Any], where: Callable[
 
 def targets(results: dict) -> list[dict]:
     """The issues' GPU targets read off the results: per target the best figure measured,
-    where, the limit and whether it is met (None where its section did not run). Model-driven
-    policies and random halting are reported apart for the generation target: on random
-    weights the first halt nearly every token at the same loop, and only the second spreads
-    the halting loops over the tokens."""
+    where, the limit and whether it is met (None where its section did not run, or where no
+    run measured could reach the limit whatever the runtime did). Model-driven policies and
+    random halting are reported apart for the generation target: on random weights the first
+    halt nearly every token at the same loop, and only the second spreads the halting loops
+    over the tokens; the model-driven line is the target's, random halting a control."""
     out = []
 
-    def add(name: str, value: float | None, where: str, limit: float, below: bool) -> None:
-        met = None if value is None else (value <= limit if below else value >= limit)
+    def add(name: str, value: float | None, where: str, limit: float, below: bool,
+            reachable: bool = True) -> None:
+        met = None if value is None or not reachable else \
+            (value <= limit if below else value >= limit)
         out.append({"target": name, "measured": value, "limit": limit, "met": met,
-                    "where": where})
+                    "where": where if reachable else
+                    f"{where}; inconclusive: no run measured could reach the limit (the "
+                    f"FLOPs compaction saves there bound its speed-up below it)"})
 
     forwards = [dict(results[k], mode=k) for k in ("forward_1b", "forward_1b_compiled")
                 if results.get(k)]
@@ -391,11 +398,15 @@ def targets(results: dict) -> list[dict]:
                                      "generation_smdm_b32_compiled")
             for r in results.get(k, [])]
     for who, chosen in (("model-driven policies", lambda r: "random" not in r["label"]),
-                        ("random halting", lambda r: "random" in r["label"])):
+                        ("random halting, a control", lambda r: "random" in r["label"])):
+        mine = [r for r in runs if chosen(r)]
+        # a run whose FLOP bound is below the limit cannot show it (4 loops: the block is
+        # about half a step); unmeasured bounds (None) count as reachable
+        reachable = not mine or any(r.get("bound") is None or r["bound"] >= 1.5 for r in mine)
         add(f"170M generation at batch 32, compaction on vs off ({who})", *_best(
-            [r for r in runs if chosen(r)], "speedup", max,
+            mine, "speedup", max,
             lambda r: f"{r['label']}, {r['run']}{', pipelined' if r['pipelined'] else ''}"),
-            1.5, below=False)
+            1.5, below=False, reachable=reachable)
     return out
 
 
@@ -419,10 +430,21 @@ def checks(results: dict) -> list[dict]:
         results.get("bf16_vs_fp32_argmax_agree"), 0.95)
     add("CUDA bf16 vs CPU float32 logits: argmax agreement (task inputs, answer columns)",
         results.get("bf16_vs_fp32_task_argmax_agree"), 0.99)
+    # relative (Frobenius) error: bf16 keeps 8 bits of mantissa, about 0.4% a value; the CPU
+    # bf16 path gives 2.1% on random ids and 0.4% on the task's inputs
+    add("CUDA bf16 vs CPU float32 logits: relative error (random ids)",
+        results.get("bf16_vs_fp32_relative"), 0.05, below=True)
+    add("CUDA bf16 vs CPU float32 logits: relative error (task inputs, answer columns)",
+        results.get("bf16_vs_fp32_task_relative"), 0.02, below=True)
     for key in ("compact_vs_masked_loops_equal", "never_halting_equals_fixed",
                 "runtime_flex_vs_padded_loops_equal", "compiled_padded_vs_eager_loops_equal",
                 "compiled_flex_vs_eager_loops_equal"):
         add(key.replace("_", " "), results.get(key), True)
+    # the states themselves (float32, values of a few units): equal loop counts alone would
+    # miss a wrong key or value of a halted token that moves states without halting others
+    for key in ("compact_vs_masked_max_abs", "runtime_flex_vs_padded_max_abs",
+                "compiled_padded_vs_eager_max_abs", "compiled_flex_vs_eager_max_abs"):
+        add(key.replace("_", " "), results.get(key), 1e-3, below=True)
     for dtype, limit in (("float32", 1e-3), ("bfloat16", 3e-2)):
         for backend in ("flex", "padded"):
             add(f"{backend} attention vs per-row reference, max abs ({dtype})",
@@ -498,14 +520,17 @@ def main() -> None:
     d2048 = LoopMDMConfig(**D2048)
     # in order of value: correctness, then the issues' targets (MFU of the d=2048 forward,
     # compacted iterations eager and compiled, monitoring cost, 170M-class generation at batch
-    # 32, host syncs), then the attention backends' and compiled iterations' checks, then
-    # 12 loops (where the looped block dominates a step) and compiled variants. The expected
-    # seconds are guesses: a section runs while half of them are left, since one that
-    # overruns the budget is stopped by the shell's `timeout` with everything before it kept
+    # 32 at 12 loops, where the looped block dominates a step: at the preset's 4 loops it is
+    # about half of one, which bounds compaction's speed-up below the target's 1.5x; the
+    # compiled forward), then host syncs, the attention backends' and compiled iterations'
+    # checks, then the 4-loop and compiled variants. The expected seconds are guesses: a
+    # section runs while half of them are left, since one that overruns the budget is
+    # stopped by the shell's `timeout` with everything before it kept
     sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
         ("correctness", 30, check_correctness),
-        ("matmul_peak", 5, lambda r: r.update(
-            matmul_peak_bf16=matmul_peak(T.device, T.dtype, n=T.size(8192, 256)))),
+        ("matmul_peak", 5, lambda r: r.update(  # fastest of 30 (about 2 ms each on an H200)
+            matmul_peak_bf16=matmul_peak(T.device, T.dtype, n=T.size(8192, 256),
+                                         repeats=T.size(30, 1)))),
         ("forward_1b", 20, lambda r: _forward(r, False)),
         ("iteration_d2048_eager", 60, _iteration("d2048", d2048, 16, 512, (False,))),
         # compiled iterations are where the iteration targets are most likely met
@@ -514,12 +539,13 @@ def main() -> None:
             {**row.__dict__, "ratio": row.ratio}
             for row in bench_monitor(T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125,
                                      T.device, T.dtype, repeats=T.size(20, 1))])),
-        ("generation_smdm_b32", 90, lambda r: _smdm_generation(r, False, pipeline=True)),
+        ("generation_smdm_b32_loops12", 90,
+         lambda r: _smdm_generation(r, False, 12, pipeline=True)),
+        ("forward_1b_compiled", 90, lambda r: _forward(r, True)),
         ("host_syncs", 60, check_host_syncs),
         ("attention", 90, check_attention),
         ("compiled", 120, check_compiled),
-        ("generation_smdm_b32_loops12", 90, lambda r: _smdm_generation(r, False, 12)),
-        ("forward_1b_compiled", 90, lambda r: _forward(r, True)),
+        ("generation_smdm_b32", 90, lambda r: _smdm_generation(r, False, pipeline=True)),
         ("generation_smdm_b32_compiled", 150, lambda r: _smdm_generation(r, True)),
         ("generation", 30, lambda r: _generation(r, False)),
         ("iteration_smdm_eager", 40, _iteration("smdm-170m-shape", smdm, 32, 512, (False,))),

@@ -16,4 +16,4 @@ else  # no build backend there: the package also imports from the checkout itsel
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
-PYTHONUNBUFFERED=1 timeout -k 20 450 python3 benchmarks/gpu_check.py --out "$OUT" --budget 420 2>&1 | tee "$OUT/log.txt"
+PYTHONUNBUFFERED=1 timeout --preserve-status -k 20 450 python3 benchmarks/gpu_check.py --out "$OUT" --budget 420 2>&1 | tee "$OUT/log.txt"

@@ -175,6 +175,22 @@ def test_time_call_reduces_with_the_given_function(monkeypatch):
     cpu = torch.device("cpu")
     assert bench.time_call(call, cpu, repeats=5, warmup=1, reduce=min) == 1.0
     assert bench.time_call(call, cpu, repeats=5, warmup=1) == 3.0
+    # calls back to back: each run's time over its calls (after 9, runs of 3+1, 5+2, 4+9...)
+    clock["steps"] = iter([9.0, 3.0, 1.0, 5.0, 2.0, 4.0, 9.0])
+    assert bench.time_call(call, cpu, repeats=3, warmup=1, reduce=min, inner=2) == 2.0
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.75, 0.97, 1.0])
+def test_uneven_masks_hold_exactly_the_fraction_asked_for(fraction):
+    """Timings are judged against the nominal fraction: the mask holds exactly that many
+    active tokens, its rows unequal (the packed kernels must cope with unequal rows)."""
+    from adaptive_loop.bench import uneven_mask
+
+    mask = uneven_mask(16, 512, fraction, torch.Generator().manual_seed(0))
+    counts = mask.sum(1)
+    assert int(counts.sum()) == round(fraction * 16 * 512) and int(counts.max()) <= 512
+    if fraction <= 0.5:
+        assert counts.max() > 1.5 * counts.min()  # spread, not equal
 
 
 def test_repeats_run_as_interleaved_rounds():

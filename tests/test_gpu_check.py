@@ -36,7 +36,7 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     # every correctness check is read off the results; on the CPU all hold but the CUDA-only
     assert "checks_error" not in report
     verdicts = {c["check"]: c["ok"] for c in report["checks"]}
-    assert len(verdicts) == 16 and False not in verdicts.values(), verdicts
+    assert len(verdicts) == 22 and False not in verdicts.values(), verdicts
     assert {k for k, ok in verdicts.items() if ok is None} == {
         "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6"}
     assert report["loop_memory"] == report["host_syncs"] == "needs CUDA"
@@ -120,3 +120,20 @@ def test_iteration_targets_compare_with_the_fastest_full_iteration(monkeypatch):
     half = got["d=2048 iteration with 50% of tokens active, vs the fastest full one"]
     # 6.6 / 12 = 0.55 against its own compiled full iteration would pass; 6.5 / 10 does not
     assert half["measured"] == 0.65 and half["met"] is False and half["where"] == "flex, eager"
+
+
+def test_a_generation_target_no_run_could_reach_is_inconclusive(monkeypatch):
+    """At 4 loops compaction's FLOP bound is about 1.15x: a 1.2x there is not the runtime
+    missing 1.5x. Only when some run could reach it is the target judged."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_check import targets
+
+    row = {"label": "kl", "speedup": 1.12, "bound": 1.15, "pipelined": True}
+    name = "170M generation at batch 32, compaction on vs off (model-driven policies)"
+    got = {t["target"]: t for t in targets({"generation_smdm_b32": [row]})}[name]
+    assert got["met"] is None and "inconclusive" in got["where"] and got["measured"] == 1.12
+    twelve = dict(row, speedup=1.4, bound=2.6)
+    got = {t["target"]: t for t in targets({"generation_smdm_b32": [row],
+                                             "generation_smdm_b32_loops12": [twelve]})}[name]
+    assert got["met"] is False and got["measured"] == 1.4
+    assert got["where"] == "kl, generation_smdm_b32_loops12, pipelined"
