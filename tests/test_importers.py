@@ -291,6 +291,24 @@ def test_pickle_with_code_is_refused(tmp_path):
     assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_pickle_protocol_torch_cannot_read_safely_is_named(tmp_path):
+    """torch.load(weights_only=True) reads no protocol-4 pickle (its FRAME opcode): the file is
+    not damaged, and the error says what to do. A protocol it reads loads without torch's
+    warning about the protocol reaching the user."""
+    import warnings
+
+    (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))
+    torch.save(smdm_state(SMDM_TINY), tmp_path / "w.pth", pickle_protocol=4)
+    with pytest.raises(CheckpointError, match=r"w.pth: a pickle of protocol 4, which torch.load"
+                       r"\(weights_only=True\) cannot read here; save it again with torch.save's "
+                       r"default protocol"):
+        load_model(tmp_path / "w.pth", format="smdm")
+    torch.save(smdm_state(SMDM_TINY), tmp_path / "w.pth", pickle_protocol=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(tmp_path / "w.pth", format="smdm")
+
+
 def test_a_damaged_pickle_is_named_damaged(tmp_path):
     torch.save(smdm_state(SMDM_TINY), tmp_path / "w.pth")
     (tmp_path / "lit_config.json").write_text(json.dumps(SMDM_TINY))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,19 @@ def _pickle_problem(path: Path, err: Exception) -> str:
 
 def _load_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state dict, other top-level entries) of a torch pickle, read as plain data only."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError... depending on damage
-        raise CheckpointError(_pickle_problem(path, err)) from None
+    with warnings.catch_warnings(record=True) as said:  # torch's note on the pickle protocol:
+        warnings.simplefilter("always")  # a reason on failure, noise on success
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError, RuntimeError, EOFError... by damage
+            protocol = next((m.group(1) for w in said if (m := re.search(
+                r"pickle protocol (\d+)", str(w.message)))), None)
+            if protocol is not None:
+                raise CheckpointError(
+                    f"{path}: a pickle of protocol {protocol}, which torch.load(weights_only="
+                    f"True) cannot read here; save it again with torch.save's default "
+                    f"protocol (torch.save(obj, path)), or as .safetensors") from None
+            raise CheckpointError(_pickle_problem(path, err)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     for key in ("model", "state_dict"):
