@@ -41,7 +41,8 @@ def bench(
     batch: Annotated[int, typer.Option(help="Rows for the iteration timing.")] = 16,
     length: Annotated[int, typer.Option(help="Positions per row for the iteration timing.")] = 256,
     fractions: Annotated[str, typer.Option(
-        help="Mean active fractions (per row spread from f/2 to 3f/2).")] = "0.75,0.5,0.25,0.1",
+        help="Active fractions: exactly that share of the tokens, rows spread from about "
+        "f/2 to 3f/2.")] = "0.75,0.5,0.25,0.1",
     repeats: Annotated[int, typer.Option(
         help="Timed repeats per figure (median). Generation runs them as rounds that each "
         "time every setting once, so that the machine's drift reaches all alike.")] = 10,
