@@ -265,7 +265,11 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     rows = []
     with torch.no_grad():
         prev, _ = _dense_iteration(model, h, None, None)
-        full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats)
+        # a check is a few short kernels: on CUDA both sides are called back to back, as in a
+        # loop run, so that a wait per call counts against neither
+        inner = 10 if device.type == "cuda" else 1
+        full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats,
+                         inner=inner)
         for name, params in policies or DEFAULT_MONITORED:
             policy = make(name, **params)
             policy.begin_step(batch, length, 0, 1)
@@ -285,9 +289,6 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                                trace, short, plan)
                 policy.decide(sig)
 
-            # a check is a few short kernels: called back to back, as in a loop run, so that
-            # a wait per call does not count against them
-            inner = 10 if device.type == "cuda" else 1
             rows.append(MonitorRow(repr(policy), full * 1e3,
                                    time_call(signals, device, repeats, inner=inner) * 1e3,
                                    policy.label()))

@@ -24,7 +24,7 @@ import torch
 
 from .distributed import Ranks
 from .errors import UsageError
-from .files import atomic_write_text
+from .files import atomic_write_text, writable_dir
 from .measure import length_batches
 from .model import LoopMDM
 from .policies import HaltingPolicy
@@ -127,6 +127,7 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     if out is None:
         return _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
                          None, ranks, progress)
+    writable_dir(Path(out).parent)  # where its claim, its parts and the output go
     with claimed_by_job(Path(out), ranks) as unlocked:  # one run at a time writes `out`
         done = _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
                          out, ranks, progress)

@@ -195,6 +195,11 @@ def _lock(lock: Path, output: str | Path, option: str) -> tuple[int, str | None]
     for _ in range(8):
         try:  # opened for writing: NFS takes an exclusive lock on no other kind
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, _file_mode())
+        except PermissionError:  # another user's (their run, or one a killed run left):
+            try:  # a local file system locks it read-only too
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError as err:
+                raise UsageError(f"cannot write {lock}: {err.strerror or err}") from None
         except OSError as err:
             raise UsageError(f"cannot write {lock}: {err.strerror or err}") from None
         try:

@@ -411,7 +411,7 @@ def train(
     train_and_save(cfg, out_dir, device=device, console=err, force=force)
     if as_json:  # the record written beside the weights
         print(json.dumps({"out": str(out_dir), **json.loads(
-            (out_dir / RECORD_FILE).read_text())}))
+            (out_dir.expanduser() / RECORD_FILE).read_text())}))
         return
     out.print(f"saved to {out_dir}")
 

@@ -134,3 +134,50 @@ def test_commands_refuse_an_output_another_run_is_writing(tmp_path, addition_mod
     assert len(results.read_text().splitlines()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["ckpt", "prompts.jsonl", "results.jsonl", "sweep", "train"])  # no lock, no parts
+
+
+def test_another_users_lock_file_is_locked_read_only(tmp_path, monkeypatch):
+    """A lock file that cannot be opened for writing (another user's, left by a killed run of
+    theirs) is still taken, read-only, and another process holding it still refuses us."""
+    import adaptive_loop.files as files
+
+    real_open = os.open
+
+    def no_write(path, flags, *mode):
+        if str(path).endswith(LOCK) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *mode)
+
+    (tmp_path / LOCK).write_text("")
+    monkeypatch.setattr(files.os, "open", no_write)
+    with claimed(tmp_path) as note:
+        assert note is None
+    (tmp_path / LOCK).write_text("")
+    with Holder(tmp_path):
+        with pytest.raises(UsageError, match="another run is writing"):
+            with claimed(tmp_path):
+                pass
+
+
+def test_completing_into_a_new_folder_creates_it(tmp_path, addition_model):
+    """The library call makes the output's folder, as it did before outputs were claimed."""
+    from adaptive_loop.checkpoint import tokenizer_for
+    from adaptive_loop.completions import complete_file
+    from adaptive_loop.policies import make
+
+    records = [{"prompt": ex.prompt} for ex in
+               resolve_eval_set(addition_model.config.task, limit=2, seed=2).examples]
+    out = tmp_path / "new" / "deeper" / "r.jsonl"
+    done = complete_file(addition_model, records, policy=make("fixed"),
+                         tokenizer=tokenizer_for(addition_model),
+                         decoding={"gen_length": 9, "steps": 3}, out=out)
+    assert len(done.records) == 2 and out.is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.jsonl"]
+
+
+def test_train_json_reads_its_record_under_a_home_path(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "train", "--out", "~/run",
+                          "--steps", "2", "--device", "cpu", "--json"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["out"] == "~/run" and (tmp_path / "run" / LOCK).exists() is False

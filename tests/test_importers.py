@@ -307,6 +307,11 @@ def test_a_pickle_protocol_torch_cannot_read_safely_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(tmp_path / "w.pth", format="smdm")
+    # a protocol torch reads, refused for what it holds: the protocol is not the reason
+    torch.save({"model": smdm_state(SMDM_TINY), "extra": _Payload()}, tmp_path / "w.pth",
+               pickle_protocol=3)
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors"):
+        load_model(tmp_path / "w.pth", format="smdm")
 
 
 def test_a_damaged_pickle_is_named_damaged(tmp_path):

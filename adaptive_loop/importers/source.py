@@ -113,9 +113,9 @@ def _load_pickle(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError, RuntimeError, EOFError... by damage
-            protocol = next((m.group(1) for w in said if (m := re.search(
-                r"pickle protocol (\d+)", str(w.message)))), None)
-            if protocol is not None:
+            protocol = next((int(m.group(1)) for w in said if (m := re.search(
+                r"pickle protocol (\d+)", str(w.message)))), 0)
+            if protocol >= 4 and "Unsupported operand" in str(err):  # FRAME: protocol 4 on
                 raise CheckpointError(
                     f"{path}: a pickle of protocol {protocol}, which torch.load(weights_only="
                     f"True) cannot read here; save it again with torch.save's default "
