@@ -42,6 +42,16 @@ def _on_interrupt(signum: int, frame: Any) -> None:
     os._exit(_code())
 
 
+def _while_loading(signum: int, frame: Any) -> None:
+    """Ctrl-C (or SIGTERM) while the command's modules load: noted, acted on once they have
+    loaded. An exception raised inside a C extension's initialisation (numpy's, torch's)
+    can leave it half-initialised: a later import then fails, or the interpreter aborts. A
+    second one ends the process at once."""
+    _interrupts.append(signum)
+    if len(_interrupts) > 1:
+        os._exit(_code())
+
+
 def _code() -> int:
     """The exit code of a stopped run: 128 + the first signal's number (130 for Ctrl-C)."""
     return 128 + _interrupts[0] if _interrupts else ABORTED
@@ -53,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     console command, adds the handling of a second one."""
     try:
         _, run_main = load_app()
-    except KeyboardInterrupt:
+        run_main(argv)  # its own handling turns a Ctrl-C during the command into "aborted"
+    except KeyboardInterrupt:  # one while loading, or before that handling begins
         sys.stderr.write("aborted\n")
         sys.exit(ABORTED)
-    run_main(argv)
 
 
 def entry() -> None:
@@ -67,6 +77,7 @@ def entry() -> None:
     action back, and a Ctrl-C then would end the process by the signal, with no code).
     Code that calls `main` inside its own process keeps its own handler.
 
+    A Ctrl-C while the modules load is acted on once they have loaded (`_while_loading`).
     Outside a multi-rank launch SIGTERM stops a command as Ctrl-C does (a training run saves
     its progress, a sweep keeps its finished points, and the line says how to resume), with
     exit code 143. Under torchrun SIGTERM keeps its default action: the launcher sends it to
@@ -77,9 +88,15 @@ def entry() -> None:
                if signal.getsignal(sig) is default]
     if signal.SIGTERM in handled and _launched():
         handled.remove(signal.SIGTERM)
-    for sig in handled:
-        signal.signal(sig, _on_interrupt)
     try:
+        for sig in handled:
+            signal.signal(sig, _while_loading)
+        load_app()
+        if _interrupts:  # during the imports: nothing has run yet
+            sys.stderr.write("aborted\n")
+            raise SystemExit(_code())
+        for sig in handled:
+            signal.signal(sig, _on_interrupt)
         main()
     except SystemExit as done:
         if done.code == ABORTED and _interrupts:  # stopped by a signal: 128 + its number

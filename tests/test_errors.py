@@ -687,3 +687,49 @@ def test_sigterm_keeps_its_default_action_under_a_launcher(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, env=env)
     assert res.returncode == 0 and res.stdout == "True True\n", res.stderr
+
+
+def test_ctrl_c_while_the_modules_load_waits_for_them():
+    """A Ctrl-C while torch's (or numpy's) C extensions initialise must not raise inside them:
+    one interrupted there can leave a module half-loaded (a later import fails, or the
+    interpreter aborts). The console entry notes it and says "aborted" once they loaded."""
+    import subprocess
+    import sys
+
+    script = (
+        "import builtins, os, signal, sys\n"
+        "from adaptive_loop.cli.main import entry\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'torch' and 'torch' not in sys.modules:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # as torch starts loading\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "def loaded():\n"
+        "    print(hasattr(sys.modules.get('torch'), 'nn'), flush=True)\n"
+        "import atexit\n"
+        "atexit.register(loaded)\n"
+        "sys.argv = ['adaptive-loop', 'policies']\n"
+        "entry()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert (res.returncode, res.stderr) == (130, "aborted\n"), res.stderr
+    assert res.stdout == "True\n"  # torch loaded whole; the command itself never ran
+
+
+def test_ctrl_c_just_before_the_command_starts_is_one_line():
+    """Between the modules loading and the command's own handling (its set-up reads the
+    arguments): still "aborted" and 130, not a traceback and death by the signal."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "import adaptive_loop.files as files\n"
+        "from adaptive_loop.cli.main import entry\n"
+        "files.forget_created = lambda: os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.argv = ['adaptive-loop', 'policies']\n"
+        "entry()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert (res.returncode, res.stderr) == (130, "aborted\n"), res.stderr
