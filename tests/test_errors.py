@@ -489,6 +489,15 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys, argv, where, h
         assert capsys.readouterr().err.strip() == "aborted"
 
 
+def _python(script: str, *args: str, env: dict | None = None):
+    """Run `script` in a Python process of its own (its signal handling is the point)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
 _CTRL_C = (
     "import atexit, os, signal, sys\n"
     "from adaptive_loop.cli.main import entry, load_app\n"
@@ -517,11 +526,8 @@ def test_a_late_or_second_ctrl_c_still_exits_130(when):
     while that exit runs still ends with 130, not by the signal with a traceback; one after
     the command has ended is ignored (the exit keeps the command's code and output). A
     process started with Ctrl-C ignored keeps ignoring it."""
-    import subprocess
-    import sys
 
-    res = subprocess.run([sys.executable, "-c", _CTRL_C, when], capture_output=True,
-                         text=True, timeout=120)
+    res = _python(_CTRL_C, when)
     assert "Traceback" not in res.stderr
     if when == "twice":
         assert res.returncode == 130, (res.returncode, res.stderr)
@@ -549,8 +555,6 @@ def test_main_called_inside_a_process_leaves_its_ctrl_c_handler_alone():
 def test_ctrl_c_while_torch_loads_is_one_line():
     """The entry point imports nothing heavy before it can catch Ctrl-C: one interrupted while
     torch loads ends as one during a command does ("aborted", 130), not in a traceback."""
-    import subprocess
-    import sys
 
     script = (
         "import builtins, sys\n"
@@ -564,8 +568,7 @@ def test_ctrl_c_while_torch_loads_is_one_line():
         "    return real(name, *args, **kwargs)\n"
         "builtins.__import__ = interrupted\n"
         "main(['generate'])\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    res = _python(script)
     assert res.returncode == 130 and res.stderr == "aborted\n", res.stderr
 
 
@@ -648,12 +651,9 @@ _SIGTERM = (
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     """`kill` (or a batch scheduler's time limit) during training: the progress is saved, one
     line says how to resume, exit code 143."""
-    import subprocess
-    import sys
 
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-c", _SIGTERM, str(out), "training"],
-                         capture_output=True, text=True, timeout=300)
+    res = _python(_SIGTERM, str(out), "training")
     assert res.returncode == 143, (res.returncode, res.stderr)
     assert res.stdout == "False\n"  # the handler was in place
     assert res.stderr.strip().splitlines()[-1] == (
@@ -661,8 +661,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
         f"to resume"), res.stderr
     assert "Traceback" not in res.stderr and (out / "train_state.pt").is_file()
     early = tmp_path / "early"  # stopped before its first step: no progress claimed, no folder
-    res = subprocess.run([sys.executable, "-c", _SIGTERM, str(early), "start"],
-                         capture_output=True, text=True, timeout=300)
+    res = _python(_SIGTERM, str(early), "start")
     assert (res.returncode, res.stderr) == (143, "aborted\n")
     assert not early.exists()
 
@@ -671,8 +670,6 @@ def test_sigterm_keeps_its_default_action_under_a_launcher(tmp_path):
     """Under torchrun the launcher stops the other ranks with SIGTERM when one fails: a rank
     ends by it at once, as before."""
     import os
-    import subprocess
-    import sys
 
     env = {**os.environ, "WORLD_SIZE": "2"}  # the check happens before the launch is refused
     script = ("import signal, sys\n"
@@ -684,8 +681,7 @@ def test_sigterm_keeps_its_default_action_under_a_launcher(tmp_path):
               "import adaptive_loop.cli.main as m\n"
               "m.load_app = lambda: (None, app.run_main)\n"
               "entry()\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, env=env)
+    res = _python(script, env=env)
     assert res.returncode == 0 and res.stdout == "True True\n", res.stderr
 
 
@@ -693,8 +689,6 @@ def test_ctrl_c_while_the_modules_load_waits_for_them():
     """A Ctrl-C while torch's (or numpy's) C extensions initialise must not raise inside them:
     one interrupted there can leave a module half-loaded (a later import fails, or the
     interpreter aborts). The console entry notes it and says "aborted" once they loaded."""
-    import subprocess
-    import sys
 
     script = (
         "import builtins, os, signal, sys\n"
@@ -711,8 +705,7 @@ def test_ctrl_c_while_the_modules_load_waits_for_them():
         "atexit.register(loaded)\n"
         "sys.argv = ['adaptive-loop', 'policies']\n"
         "entry()\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    res = _python(script)
     assert (res.returncode, res.stderr) == (130, "aborted\n"), res.stderr
     assert res.stdout == "True\n"  # torch loaded whole; the command itself never ran
 
@@ -720,8 +713,6 @@ def test_ctrl_c_while_the_modules_load_waits_for_them():
 def test_ctrl_c_just_before_the_command_starts_is_one_line():
     """Between the modules loading and the command's own handling (its set-up reads the
     arguments): still "aborted" and 130, not a traceback and death by the signal."""
-    import subprocess
-    import sys
 
     script = (
         "import os, signal, sys\n"
@@ -730,6 +721,5 @@ def test_ctrl_c_just_before_the_command_starts_is_one_line():
         "files.forget_created = lambda: os.kill(os.getpid(), signal.SIGINT)\n"
         "sys.argv = ['adaptive-loop', 'policies']\n"
         "entry()\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    res = _python(script)
     assert (res.returncode, res.stderr) == (130, "aborted\n"), res.stderr
