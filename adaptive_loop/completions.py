@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,64 +125,51 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     if encoded is None:
         encoded = encode_records(model, records, tokenizer, decoding["gen_length"])
     batches = length_batches(encoded, batch_size)
-    if out is None:
-        return _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
-                         None, ranks, progress)
-    writable_dir(Path(out).parent)  # where its claim, its parts and the output go
-    with claimed_by_job(Path(out), ranks) as unlocked:  # one run at a time writes `out`
-        done = _complete(model, records, encoded, batches, policy, tokenizer, decoding, seed,
-                         out, ranks, progress)
-    if done is not None and unlocked:
-        done.notes.insert(0, unlocked)
-    return done
+    with ExitStack() as claim:
+        store, notes = None, []
+        if out is not None:  # one run at a time writes `out`; its folder made first
+            writable_dir(Path(out).parent)
+            unlocked = claim.enter_context(claimed_by_job(Path(out), ranks))
+            identity = plan_id(records, batches, decoding, seed, repr(policy),
+                               model_fingerprint(model))
+            store = PartStore(Path(f"{out}.parts"), ranks, identity)
+            notes = ([unlocked] if unlocked else []) + store.notes(ranks)
 
+        def compute(i: int) -> Part:
+            ids = torch.tensor([encoded[j] for j in batches[i]])
+            with torch.no_grad():
+                res = generate(model, ids, policy=policy, tokenizer=tokenizer,
+                               seed=batch_seed(seed, i), **decoding)
+            per_row = res.loops.double().mean(dim=(0, 2)).tolist()
+            s = res.stats
+            return {"completions": list(res.text), "mean_loops": per_row,
+                    "loop_sum": float(res.loops.double().sum()), "loop_count": res.loops.numel(),
+                    "max_loops": s.max_loops, **{k: getattr(s, k) for k in COMPUTE}}
 
-def _complete(model: LoopMDM, records: list[dict[str, Any]], encoded: list[list[int]],
-              batches: list[list[int]], policy: HaltingPolicy, tokenizer: Tokenizer,
-              decoding: dict[str, Any], seed: int | None, out: str | Path | None, ranks: Ranks,
-              progress: Callable[[int, int], None] | None) -> Completed | None:
-    store = None
-    if out is not None:
-        identity = plan_id(records, batches, decoding, seed, repr(policy),
-                           model_fingerprint(model))
-        store = PartStore(Path(f"{out}.parts"), ranks, identity)
-    notes = store.notes(ranks) if store is not None else []
-
-    def compute(i: int) -> Part:
-        ids = torch.tensor([encoded[j] for j in batches[i]])
-        with torch.no_grad():
-            res = generate(model, ids, policy=policy, tokenizer=tokenizer,
-                           seed=batch_seed(seed, i), **decoding)
-        per_row = res.loops.double().mean(dim=(0, 2)).tolist()
-        s = res.stats
-        return {"completions": list(res.text), "mean_loops": per_row,
-                "loop_sum": float(res.loops.double().sum()), "loop_count": res.loops.numel(),
-                "max_loops": s.max_loops, **{k: getattr(s, k) for k in COMPUTE}}
-
-    share = sum(len(batches[i]) for i in ranks.deal(len(batches)))
-    parts = run_sharded("complete", len(batches), compute, ranks, store=store,
-                        reusable=lambda part, i: well_formed(
-                            part, len(batches[i]), ("completions", "mean_loops"),
-                            ("loop_sum", "loop_count", "max_loops", *COMPUTE)),
-                        progress=(lambda i: progress(len(batches[i]), share)) if progress
-                        else None)
-    if parts is None:  # not rank 0
-        finish(store, ranks)
-        return None
-    done = [dict(r) for r in records]
-    totals: dict[str, Any] = {"n": len(records), "loop_sum": 0.0, "loop_count": 0,
-                              "max_loops": 0, **{k: 0 for k in COMPUTE}}
-    for members, part in zip(batches, parts):
-        for row, j in enumerate(members):
-            done[j]["completion"] = part["completions"][row]
-            done[j]["mean_loops"] = part["mean_loops"][row]
-        for key in ("loop_sum", "loop_count", *COMPUTE):
-            totals[key] += part[key]
-        totals["max_loops"] = max(totals["max_loops"], part["max_loops"])
-    totals["mean_loops"] = totals.pop("loop_sum") / max(1, totals.pop("loop_count"))
-    totals["flops_ratio"] = totals["looped_flops"] / max(1, totals["looped_flops_fixed_max"])
-    if out is not None:
-        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in done))
-    finish(store, ranks)  # the output is written: the kept batches are no longer needed
-    return Completed(done, totals, notes)
+        share = sum(len(batches[i]) for i in ranks.deal(len(batches)))
+        parts = run_sharded("complete", len(batches), compute, ranks, store=store,
+                            reusable=lambda part, i: well_formed(
+                                part, len(batches[i]), ("completions", "mean_loops"),
+                                ("loop_sum", "loop_count", "max_loops", *COMPUTE)),
+                            progress=(lambda i: progress(len(batches[i]), share)) if progress
+                            else None)
+        if parts is None:  # not rank 0
+            finish(store, ranks)
+            return None
+        done = [dict(r) for r in records]
+        totals: dict[str, Any] = {"n": len(records), "loop_sum": 0.0, "loop_count": 0,
+                                  "max_loops": 0, **{k: 0 for k in COMPUTE}}
+        for members, part in zip(batches, parts):
+            for row, j in enumerate(members):
+                done[j]["completion"] = part["completions"][row]
+                done[j]["mean_loops"] = part["mean_loops"][row]
+            for key in ("loop_sum", "loop_count", *COMPUTE):
+                totals[key] += part[key]
+            totals["max_loops"] = max(totals["max_loops"], part["max_loops"])
+        totals["mean_loops"] = totals.pop("loop_sum") / max(1, totals.pop("loop_count"))
+        totals["flops_ratio"] = totals["looped_flops"] / max(1, totals["looped_flops_fixed_max"])
+        if out is not None:
+            atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in done))
+        finish(store, ranks)  # the output is written: the kept batches are no longer needed
+        return Completed(done, totals, notes)
 

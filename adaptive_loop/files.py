@@ -156,7 +156,7 @@ def lock_file(output: str | Path) -> Path:
 
 
 @contextmanager
-def claimed(output: str | Path, option: str = "--out") -> Iterator[str | None]:
+def claimed(output: str | Path) -> Iterator[str | None]:
     """Hold `output` (a directory, or a file to be written) for one run: another process
     that tries to claim it meanwhile is refused with a UsageError, so that two runs never
     append to the same resumable files or replace each other's results. The same process
@@ -165,7 +165,7 @@ def claimed(output: str | Path, option: str = "--out") -> Iterator[str | None]:
     The claim is an advisory lock on a lock file (`lock_file`), which the system drops when
     the process ends, however it ends; the file is deleted when the claim ends (one a killed
     run left is taken over). Yields None, or a note when the file system takes no locks
-    (then runs are not kept apart). `option` names what the user gave."""
+    (then runs are not kept apart)."""
     lock = lock_file(output)
     key = os.path.abspath(lock)
     if key in _HELD or fcntl is None:  # held already, or not a POSIX system
@@ -177,7 +177,7 @@ def claimed(output: str | Path, option: str = "--out") -> Iterator[str | None]:
             if not _HELD[key]:
                 del _HELD[key]
         return
-    fd, note = _lock(lock, output, option)
+    fd, note = _lock(lock, output)
     _HELD[key] = 1
     try:
         yield note
@@ -190,8 +190,9 @@ def claimed(output: str | Path, option: str = "--out") -> Iterator[str | None]:
         os.close(fd)
 
 
-def _lock(lock: Path, output: str | Path, option: str) -> tuple[int, str | None]:
+def _lock(lock: Path, output: str | Path) -> tuple[int, str | None]:
     """Open and lock `lock`: the descriptor, and a note when locks are not available."""
+    busy = f"another run is writing {output}; wait for it to end, or give another --out"
     for _ in range(8):
         try:  # opened for writing: NFS takes an exclusive lock on no other kind
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, _file_mode())
@@ -206,8 +207,7 @@ def _lock(lock: Path, output: str | Path, option: str) -> tuple[int, str | None]
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UsageError(f"another run is writing {output}; wait for it to end, or give "
-                             f"another {option}") from None
+            raise UsageError(busy) from None
         except OSError as err:  # a file system without locks
             return fd, (f"{output} cannot be locked here ({err.strerror or err}): start no "
                         f"other run into it until this one ends")
@@ -217,8 +217,7 @@ def _lock(lock: Path, output: str | Path, option: str) -> tuple[int, str | None]
         except FileNotFoundError:
             pass
         os.close(fd)
-    raise UsageError(f"another run is writing {output}; wait for it to end, or give another "
-                     f"{option}")
+    raise UsageError(busy)  # taken and let go again and again: runs keep arriving
 
 
 def forget_created() -> None:

@@ -143,7 +143,7 @@ def is_count(value: Any) -> bool:
 
 
 @contextmanager
-def claimed_by_job(output: Path, ranks: Ranks, option: str = "--out",
+def claimed_by_job(output: Path, ranks: Ranks,
                    check: Callable[[], object] | None = None) -> Iterator[str | None]:
     """`files.claimed` for a job across ranks: rank 0 holds the claim for all of them and
     then runs `check` (what must still hold once the output is ours, e.g. that no results
@@ -154,7 +154,7 @@ def claimed_by_job(output: Path, ranks: Ranks, option: str = "--out",
         error, note = None, None
         if ranks.main:
             try:
-                note = stack.enter_context(claimed(output, option))
+                note = stack.enter_context(claimed(output))
                 if check is not None:
                     check()
             except UsageError as err:

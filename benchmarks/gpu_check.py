@@ -397,16 +397,18 @@ def targets(results: dict) -> list[dict]:
     runs = [dict(r, run=k) for k in ("generation_smdm_b32", "generation_smdm_b32_loops12",
                                      "generation_smdm_b32_compiled")
             for r in results.get(k, [])]
+    speedup = 1.5  # the target: compaction on over off
     for who, chosen in (("model-driven policies", lambda r: "random" not in r["label"]),
                         ("random halting, a control", lambda r: "random" in r["label"])):
         mine = [r for r in runs if chosen(r)]
         # a run whose FLOP bound is below the limit cannot show it (4 loops: the block is
         # about half a step); unmeasured bounds (None) count as reachable
-        reachable = not mine or any(r.get("bound") is None or r["bound"] >= 1.5 for r in mine)
+        reachable = not mine or any(r.get("bound") is None or r["bound"] >= speedup
+                                    for r in mine)
         add(f"170M generation at batch 32, compaction on vs off ({who})", *_best(
             mine, "speedup", max,
             lambda r: f"{r['label']}, {r['run']}{', pipelined' if r['pipelined'] else ''}"),
-            1.5, below=False, reachable=reachable)
+            speedup, below=False, reachable=reachable)
     return out
 
 

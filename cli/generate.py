@@ -406,8 +406,8 @@ def train(
         if value is not None:
             setattr(cfg, key, value)
     state = out_dir.expanduser() / STATE_FILE  # written as the run stops, once it has begun
-    on_abort(lambda: f"progress is kept in {state}; run the same command again to resume"
-             if state.is_file() else None)
+    on_abort(if_kept(f"progress is kept in {state}; run the same command again to resume",
+                     state))
     train_and_save(cfg, out_dir, device=device, console=err, force=force)
     if as_json:  # the record written beside the weights
         print(json.dumps({"out": str(out_dir), **json.loads(
