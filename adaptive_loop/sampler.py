@@ -41,6 +41,7 @@ from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
 from .model import LoopMDM
 from .policies import HaltingPolicy
+from .policies import make as make_policy
 from .remasking import (
     REMASKING,
     after_first_eos,
@@ -54,6 +55,7 @@ from .remasking import (
 )
 from .requests import check_flags, check_types, check_values, prompt_rows
 from .runtime import StepTrace, iterations, run_loops
+from .tasks import make_task
 from .tokenizer import Tokenizer
 
 __all__ = ["REMASKING", "GenerationResult", "GenerationStats", "StepStats", "batch_seed",
@@ -175,6 +177,7 @@ class _Stepper:
             self.key_mask = None if self.key_mask is None else self.key_mask.repeat(2, 1)
             self.positions = None if self.positions is None else self.positions.repeat(2, 1)
         self.readout = 0  # readout FLOPs so far
+        self.plan_syncs = 0  # readout plans that waited for the device to learn their sizes
         # filled on the device: a tensor built from a Python list would be a host-to-device
         # copy, which waits for the device
         self.mask_column = torch.full((1,), model.config.mask_id, dtype=torch.long,
@@ -185,10 +188,12 @@ class _Stepper:
         self.real_plan = None if self.key_mask is None else PackPlan.from_sizes(
             self.key_mask, self.real_tokens, self.key_mask.shape[1])
 
-    def scores(self, x: Tensor, needed: Tensor, step: int,
-               steps: int) -> tuple[Tensor, Tensor, Tensor, StepTrace]:
+    def scores(self, x: Tensor, needed: Tensor, step: int, steps: int,
+               per_row: int | None = None) -> tuple[Tensor, Tensor, Tensor, StepTrace]:
         """Candidates and confidences for the needed positions: (M,) flat index, drawn ids,
-        float64 scores, and the runtime's trace."""
+        float64 scores, and the runtime's trace. `per_row`: how many positions each row
+        needs, when the host knows it (every row the same), so that their plan is built
+        without waiting for the device; else it waits once (counted in `plan_syncs`)."""
         model, cfg = self.model, self.model.config
         length = x.shape[1]
         inputs, need = x, needed
@@ -201,7 +206,11 @@ class _Stepper:
                 # positions whose input did not change resume from last step's loop state
                 same = (inputs == self.last[0])[..., None]
                 h = torch.where(same, self.last[1], h)
-            plan = PackPlan.from_mask(need)  # the readout's, and the loops' first probe
+            if per_row is None:  # the readout's plan, and the loops' first probe
+                plan = PackPlan.from_mask(need)
+                self.plan_syncs += 1
+            else:
+                plan = PackPlan.from_sizes(need, need.shape[0] * per_row, per_row)
             h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
                                  compact=self.compact, step=step, steps=steps,
                                  compile=self.compile, attention=self.attention,
@@ -232,7 +241,8 @@ def batch_seed(seed: int | None, batch: int) -> int:
 
 @torch.no_grad()
 def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor, *,
-             policy: HaltingPolicy, gen_length: int, steps: int, block_length: int | None = None,
+             policy: HaltingPolicy | str = "entropy", gen_length: int | None = None,
+             steps: int | None = None, block_length: int | None = None,
              temperature: float = 0.0, remasking: str = "low_confidence",
              threshold: float | None = None, factor: float | None = None,
              cfg_scale: float = 0.0, eos_fill: bool = False, seed: int | None = None,
@@ -245,9 +255,12 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
         model: a `LoopMDM` (see `load_model`).
         prompts: strings (encoded with `tokenizer`, default the model's own), lists of token
             ids, or a LongTensor (B, T). Prompts may differ in length (left-padded).
-        policy: a halting policy (`adaptive_loop.policies.make`).
-        gen_length: tokens to generate per prompt.
-        steps: denoising steps in total (split evenly across blocks).
+        policy: a halting policy (`adaptive_loop.policies.make`), or a policy's name for
+            its defaults (default "entropy", as the command line's).
+        gen_length: tokens to generate per prompt (default: the answer length of the
+            model's built-in task; a model without one needs it).
+        steps: denoising steps in total, split evenly across blocks (default: the built-in
+            task's when gen_length is left out too, else gen_length: one token per step).
         block_length: semi-autoregressive block size (default: one block of gen_length).
         temperature: Gumbel noise temperature; 0 is greedy.
         remasking: `low_confidence`, `random`, `margin` or `entropy`.
@@ -274,12 +287,15 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
 
     `stats.host_syncs` counts every point where the host waits for the device: the prompt
     upload, each checked loop iteration (see `runtime.run_loops`), the readout plan of every
-    step, the decoded-block checks, and the copies of tokens and statistics back at the end.
+    step under threshold or factor decoding or `eos_fill` (otherwise each row's count of
+    needed positions is known on the host), the decoded-block checks, and the copies of
+    tokens and statistics back at the end.
     """
     if not isinstance(model, LoopMDM):
         raise UsageError(f"generate takes a loaded model (adaptive_loop.load_model(path)), got "
                          f"{type(model).__name__} {str(model)[:80]!r}")
     cfg = model.config
+    policy, gen_length, steps = _defaults(model, policy, gen_length, steps)
     gen_length, steps, block_length, temperature, threshold, factor, cfg_scale, seed = \
         check_types(policy, gen_length, steps, block_length, temperature, threshold, factor,
                     cfg_scale, seed, tokenizer)
@@ -316,6 +332,11 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
         lo, hi = prompt_len + b * block_length, prompt_len + (b + 1) * block_length
         block_masked = x[:, lo:hi] == cfg.mask_id
         transfer = num_transfer_tokens(block_masked, steps_per_block)
+        # the same schedule on the host: every row starts the block with all of it masked
+        # and commits exactly transfer[:, i] at step i (the mask is never drawn, and no
+        # needed position scores -inf, as those not needed do), so each row needs the same
+        # known count at every step; the adaptive rules and EOS filling commit by the data
+        base, extra = divmod(block_length, steps_per_block)
         i = 0
         while True:
             if adaptive or eos_fill:  # stop once the block is decoded (one sync)
@@ -327,7 +348,9 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
                 break
             step = len(traces)
             needed = (x == cfg.mask_id) & data.real & (column < hi)[None, :]
-            index, drawn, score, trace = stepper.scores(x, needed, step, steps)
+            per_row = None if adaptive or eos_fill else \
+                block_length - i * base - min(i, extra)
+            index, drawn, score, trace = stepper.scores(x, needed, step, steps, per_row)
             conf = torch.full((batch, length), -torch.inf, device=device, dtype=torch.float64)
             conf.view(-1)[index] = score
             candidate = x.clone()
@@ -350,10 +373,25 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
     tokens = x.cpu()  # waits for the device, so that the wall time covers all its work
     wall = time.perf_counter() - start
     stats, loops = _stats(traces, records, data.real_host, fixed, max_loops, stepper.readout,
-                          wall, syncs)
+                          wall, syncs + stepper.plan_syncs)
     text = _decode(tokenizer, tokens[:, prompt_len:], cfg.eos_id, rows) if tokenizer else []
     return GenerationResult(tokens=tokens, text=text, stats=stats, loops=loops,
                             prompt_length=prompt_len, prompt_lengths=data.lengths)
+
+
+def _defaults(model: LoopMDM, policy: Any, gen_length: Any,
+              steps: Any) -> tuple[Any, Any, Any]:
+    """A policy named by a string made with its defaults; a left-out length and step count
+    taken from the model's built-in task (the step count alone from the length)."""
+    if isinstance(policy, str):
+        policy = make_policy(policy)
+    if gen_length is None:
+        if not model.config.task:
+            raise UsageError("give gen_length: this model has no built-in task to take the "
+                             "completion length from")
+        decoding = make_task(model.config.task).decoding
+        gen_length, steps = decoding["gen_length"], decoding["steps"] if steps is None else steps
+    return policy, gen_length, gen_length if steps is None else steps
 
 
 def _decode(tokenizer: Tokenizer, completions: Tensor, eos_id: int | None,
@@ -404,6 +442,6 @@ def _stats(traces: list[StepTrace], records: list[tuple[int, Tensor, Tensor]], r
         looped_flops_fixed_max=fixed["looped"] * nfe, monitor_flops=monitor,
         total_flops=nfe * fixed["prelude"] + looped + readout + monitor,
         nfe=nfe, wall_s=wall,
-        host_syncs=sum(t.host_syncs for t in traces) + nfe + syncs + _DOWNLOAD_SYNCS,
+        host_syncs=sum(t.host_syncs for t in traces) + syncs + _DOWNLOAD_SYNCS,
         steps=step_stats)
     return stats, loops

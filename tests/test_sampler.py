@@ -93,7 +93,8 @@ def test_string_prompts_use_the_model_tokenizer(tiny_model):
     (dict(temperature=None), "temperature must be a number, got None"),
     (dict(seed=1.5), "seed must be an integer"),
     (dict(seed=2 ** 70), "seed must be in"),
-    (dict(policy="entropy"), "policy must be a halting policy"),
+    (dict(policy="entropyy"), "unknown policy 'entropyy'"),
+    (dict(policy=3), "policy must be a halting policy"),
     (dict(tokenizer="x"), "tokenizer must have encode and decode"),
     (dict(compile="nope"), "unknown torch.compile backend 'nope'"),
     (dict(compile=1), "compile must be True, False, a torch.compile backend's name"),
@@ -106,6 +107,28 @@ def test_bad_requests_are_user_errors(tiny_model, prompts, kw, message):
     args = {"policy": make("fixed"), "gen_length": 8, "steps": 4, **kw}
     with pytest.raises(UsageError, match=message):
         generate(tiny_model, prompts, **args)
+
+
+def test_left_out_arguments_follow_the_built_in_task(addition_model):
+    from adaptive_loop.tasks import make_task
+
+    task = make_task(addition_model.config.task)
+    prompt = task.problems(1, 3)[0][0]
+    default = generate(addition_model, prompt)
+    spelled = generate(addition_model, prompt, policy=make("entropy"), **task.decoding)
+    assert torch.equal(default.tokens, spelled.tokens)
+    assert default.stats.nfe == spelled.stats.nfe == task.decoding["steps"]
+    assert default.stats.looped_flops == spelled.stats.looped_flops
+    named = generate(addition_model, prompt, policy="fixed", steps=2)  # the task's length
+    assert named.stats.nfe == 2 and named.stats.mean_loops == addition_model.config.n_loops
+    assert generate(addition_model, prompt, gen_length=4).stats.nfe == 4  # a step per token
+
+
+def test_a_model_without_a_task_needs_gen_length(tiny_model, prompts):
+    with pytest.raises(UsageError, match="give gen_length: this model has no built-in task"):
+        generate(tiny_model, prompts, policy="fixed", steps=2)
+    out = generate(tiny_model, prompts, policy="fixed", gen_length=4)
+    assert out.stats.nfe == 4 and out.tokens.shape == (3, 10)
 
 
 def test_prompt_ids_outside_the_vocabulary_are_user_errors(tiny_model):

@@ -277,6 +277,42 @@ def test_the_mask_token_is_never_committed():
         assert sum(s.committed for s in out.stats.steps) == 9
 
 
+@pytest.mark.parametrize("kw", [
+    dict(gen_length=8, steps=8), dict(gen_length=8, steps=3), dict(gen_length=8, steps=4,
+                                                                    block_length=2),
+    dict(gen_length=6, steps=4, cfg_scale=1.0), dict(gen_length=6, steps=5, remasking="margin"),
+    dict(gen_length=6, steps=4, remasking="entropy", temperature=1.5, seed=3),
+    dict(gen_length=6, steps=3, remasking="random", seed=4),
+    dict(gen_length=6, steps=3, threshold=0.2),
+])
+@pytest.mark.parametrize("policy", [make("fixed", loops=3), make("entropy", threshold=0.5)])
+def test_plans_built_from_host_sizes_match_their_masks(tiny_model, kw, policy, monkeypatch):
+    """The sampler knows each row's count of needed positions under the step schedule, and
+    the runtime learns its counts at its checks: every plan built from sizes on the host must
+    hold exactly its mask's tokens. A fixed policy then waits for the device once per step."""
+    from adaptive_loop import sampler
+    from adaptive_loop.attention import PackPlan
+
+    built, from_sizes = [], PackPlan.from_sizes.__func__
+
+    def checked(cls, active, size, width, counts=None):
+        counts_now = active.sum(1)
+        assert size == int(counts_now.sum()) and width == int(counts_now.max()), (size, width)
+        built.append(size)
+        return from_sizes(cls, active, size, width, counts)
+
+    monkeypatch.setattr(PackPlan, "from_sizes", classmethod(checked))
+    rows = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10]]
+    out = generate(tiny_model, rows, policy=policy, **kw)
+    assert built and torch.equal(out.tokens, generate(tiny_model, rows, policy=policy,
+                                                      **kw).tokens)
+    if policy.name == "fixed":  # a step waits once, for its state's finite check
+        expected = sampler._UPLOAD_SYNCS + out.stats.nfe + sampler._DOWNLOAD_SYNCS
+        if "threshold" in kw:  # and for its plan and whether the block is done (once more
+            expected += 2 * out.stats.nfe + 1  # when it is: one block)
+        assert out.stats.host_syncs == expected
+
+
 def test_a_prompt_with_the_mask_token_is_refused(tiny_model):
     mask = tiny_model.config.mask_id
     with pytest.raises(UsageError, match=f"prompt 2 contains the mask token \\(id {mask}\\)"):
