@@ -32,7 +32,7 @@ from .policies import HaltingPolicy
 from .sampler import batch_seed, generate
 from .shards import Part, PartStore, claimed_by_job, finish, plan_id, run_sharded, well_formed
 from .sweep import model_fingerprint
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, tokenizer_identity
 
 COMPUTE = ("looped_flops", "looped_flops_fixed_max", "monitor_flops", "total_flops", "nfe",
            "wall_s")
@@ -130,8 +130,10 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
         if out is not None:  # one run at a time writes `out`; its folder made first
             writable_dir(Path(out).parent)
             unlocked = claim.enter_context(claimed_by_job(Path(out), ranks))
-            identity = plan_id(records, batches, decoding, seed, repr(policy),
-                               model_fingerprint(model))
+            # the prompts' ids and the tokenizer too: another tokenizer encodes or decodes
+            # them otherwise, and a resumed run must not mix its completions with theirs
+            identity = plan_id(records, encoded, batches, decoding, seed, repr(policy),
+                               model_fingerprint(model), tokenizer_identity(tokenizer))
             store = PartStore(Path(f"{out}.parts"), ranks, identity)
             notes = ([unlocked] if unlocked else []) + store.notes(ranks)
 

@@ -181,3 +181,47 @@ def test_train_json_reads_its_record_under_a_home_path(tmp_path):
                          text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)})
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["out"] == "~/run" and (tmp_path / "run" / LOCK).exists() is False
+
+
+def test_a_resumed_completion_with_another_tokenizer_reuses_nothing(tmp_path, addition_model,
+                                                                    monkeypatch):
+    """Kept batches belong to the tokenizer that encoded and decoded them: a rerun with another
+    one (same prompt lengths, same batches) computes every batch again."""
+    import dataclasses
+
+    from adaptive_loop import completions
+    from adaptive_loop.checkpoint import tokenizer_for
+    from adaptive_loop.policies import make
+
+    records = [{"prompt": ex.prompt} for ex in
+               resolve_eval_set(addition_model.config.task, limit=6, seed=2).examples]
+    tok = tokenizer_for(addition_model)
+    other = dataclasses.replace(tok, chars=tok.chars[::-1])  # same lengths, other ids
+    out, calls = tmp_path / "r.jsonl", []
+    real = completions.generate
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    def stop_after_two(k, total):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(completions, "generate", counted)
+    kw = dict(policy=make("fixed", loops=2), decoding={"gen_length": 9, "steps": 3},
+              batch_size=2, out=out)
+    with pytest.raises(KeyboardInterrupt):
+        completions.complete_file(addition_model, records, tokenizer=tok,
+                                  progress=stop_after_two, **kw)
+    calls.clear()
+    completions.complete_file(addition_model, records, tokenizer=tok, **kw)
+    assert len(calls) == 1  # the same tokenizer: the two kept batches are reused
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        completions.complete_file(addition_model, records, tokenizer=tok,
+                                  progress=stop_after_two, **kw)
+    calls.clear()
+    completions.complete_file(addition_model, records, tokenizer=other, **kw)
+    assert len(calls) == 3

@@ -172,6 +172,36 @@ def test_mdlm_time_conditioning_is_refused(tmp_path):
         load_model(tmp_path / "m", device="cpu")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_dim", 768, "hidden_dim 768, but the weights in .* have width 32"),
+    ("hidden_size", 64, "hidden_size 64, but the weights .* have width 32"),
+    ("n_blocks", 12, "n_blocks 12, but the weights .* have 4 blocks"),
+    ("vocab_size", 50258, "vocab_size 50258, but the weights .* have a vocabulary of 30"),
+    ("cond_dim", 128, "cond_dim 128, but the weights .* have a conditioning width of 16"),
+])
+def test_mdlm_config_of_another_model_is_refused(tmp_path, field, value, message):
+    """The sizes come from the weights, the head count from the config: a config whose sizes
+    disagree with the weights is another model's, and its head count would be wrong too."""
+    write_mdlm(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**MDLM_TINY, field: value}))
+    with pytest.raises(CheckpointError, match=message + ".*is the config the checkpoint's own"):
+        load_model(tmp_path / "m", device="cpu")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("embedding_size", 48, "embedding_size 48, but the weights .* have 40 embedding rows"),
+    ("vocab_size", 50, "vocab_size 50, but the weights .* have 40 embedding rows"),
+    ("d_model", 64, "d_model 64, but the weights .* have width 32"),
+])
+def test_llada_config_of_another_model_is_refused(tmp_path, field, value, message):
+    write_llada(tmp_path / "l")
+    (tmp_path / "l" / "config.json").write_text(json.dumps({**LLADA_TINY, field: value}))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "l", device="cpu")
+    (tmp_path / "l" / "config.json").write_text(json.dumps({**LLADA_TINY, "vocab_size": 38}))
+    assert load_model(tmp_path / "l", device="cpu").config.vocab_size == 40  # padded rows
+
+
 @pytest.mark.parametrize("spec", [None, (1, 2, 2)])
 def test_llada_logits_match_reference(tmp_path, spec):
     """LLaDA reference: OLMo LLaMA block with GQA and rope_theta from config.json, read from
@@ -275,6 +305,21 @@ def test_user_errors(tmp_path, kw, error, message):
         load_model(tmp_path / "weights.safetensors", device="cpu", **kw)
 
 
+def test_a_format_the_keys_contradict_names_theirs(tmp_path):
+    """A format given against the checkpoint's keys fails on whatever that layout reads
+    first; the error also says which layout the keys are."""
+    write_mdlm(tmp_path / "m")
+    write_llada(tmp_path / "l")
+    with pytest.raises(CheckpointError, match="its keys are the mdlm layout's, not llada's: "
+                       "leave the format to detection, or give mdlm"):
+        load_model(tmp_path / "m", format="llada")
+    with pytest.raises(UsageError, match=r"carry no config \(its keys are the llada layout's, "
+                       r"not smdm's.*\); pass config="):
+        load_model(tmp_path / "l", format="smdm")
+    with pytest.raises(CheckpointError, match="missing 'd_model'; is this a LLaDA config"):
+        load_model(tmp_path / "l", config=tmp_path / "m" / "config.json")  # MDLM's config
+
+
 def test_smdm_without_config_asks_for_one(tmp_path):
     save_file(smdm_state(SMDM_TINY), str(tmp_path / "w.safetensors"))
     with pytest.raises(UsageError, match="SMDM checkpoints carry no config.*Diff_LLaMA_6M"):
@@ -341,7 +386,7 @@ class _Blocked:
 def test_a_layout_without_its_layers_names_the_file(tmp_path):
     write_mdlm(tmp_path / "m")
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: no layers found under "
-                       f"'transformer.h.'$"):
+                       f"'transformer.h.' \\(its keys are the mdlm layout's"):
         load_model(tmp_path / "m", format="smdm", config="Diff_LLaMA_6M", device="cpu")
 
 
@@ -523,9 +568,13 @@ def test_a_checkpoints_own_bad_setting_is_its_fault_not_the_callers(tmp_path):
                        "outside the vocabulary of 40"):
         load_model(tmp_path / "l", device="cpu")
     write_llada(tmp_path / "ok")
-    with pytest.raises(UsageError, match="eos_id 99 outside") as err:
+    with pytest.raises(UsageError, match="^config override eos_id=99: .*eos_id 99 outside") as err:
         load_model(tmp_path / "ok", device="cpu", eos_id=99)
     assert not isinstance(err.value, CheckpointError)
+    with pytest.raises(UsageError, match=r"^config override loop_start=1, loop_layers=2, "
+                       r"n_loops=0: .*loop counts must be in \[1, ") as err:
+        load_model(tmp_path / "ok", device="cpu", loop_start=1, loop_layers=2, n_loops=0)
+    assert "config.json" not in str(err.value)  # the caller's mistake, not the file's
     with pytest.raises(UsageError, match="mask_id 39 outside the vocabulary of 20") as err:
         load_model(tmp_path / "ok", device="cpu", vocab_size=20)  # the caller's, not the file's
     assert not isinstance(err.value, CheckpointError)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..config import LoopMDMConfig
-from ..errors import CheckpointError, CheckpointNotFound, UsageError
+from ..errors import CheckpointError, CheckpointNotFound, ConfigNeeded, UsageError
 from . import llada, mdlm, smdm
 from .smdm import SMDM_PRESETS
 from .source import PICKLE_SUFFIXES, Source, read_json
@@ -137,6 +137,18 @@ def _reading(source: Source, format: str, what: str) -> Iterator[None]:
     the layout and the problem; the original stays chained (`__cause__`; --debug shows it)."""
     try:
         yield
+    except (CheckpointError, UsageError) as err:
+        found = _layout_of(source.keys())
+        if found is None or found == format or not err.args:
+            raise
+        hint = (f" (its keys are the {found} layout's, not {format}'s: leave the format to "
+                f"detection, or give {found})")
+        if isinstance(err, ConfigNeeded):  # worded for the caller later: keep its parts
+            err.problem += hint
+            err.args = (err.message("config="),)
+        else:
+            err.args = (str(err.args[0]) + hint, *err.args[1:])
+        raise
     except _DATA_ERRORS as err:
         if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
             raise  # the machine's limit, not the checkpoint's fault

@@ -51,7 +51,8 @@ def with_loop_spec(base: dict[str, Any], overrides: dict[str, Any], where: str) 
             LoopMDMConfig.from_dict(plain)
         except UsageError:  # the checkpoint's own settings, whatever the caller asked
             raise CheckpointError(f"{where}: {err}") from None
-        raise UsageError(f"{where}: {err}") from None  # the caller's loop spec or overrides
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise UsageError(f"config override {given}: {err}") from None  # the caller's
 
 
 def tokenizer_spec(source: Source) -> dict[str, Any]:
@@ -108,6 +109,21 @@ def expect_shape(source: Source, key: str, tensor: Tensor, shape: tuple[int, ...
         why = f"{needs} {shape}" if needs else \
             f"the config needs {shape}; is the config the checkpoint's own?"
         raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)} but {why}")
+
+
+def check_stated(source: Source, raw: dict[str, Any], where: str,
+                  found: dict[tuple[str, ...], tuple[int | None, str]]) -> None:
+    """Refuse a config whose stated sizes disagree with the weights' (`found`: the config's
+    names for a size -> the weights' value and what to call it, `{}` standing for the value):
+    an importer that reads a size from the weights still reads other settings from the
+    config, such as the head count, which would be another model's too."""
+    for names, (value, what) in found.items():
+        for name in names:
+            stated = raw.get(name)
+            if value is not None and isinstance(stated, int) and stated != value:
+                raise CheckpointError(f"{where}: {name} {stated}, but the weights in "
+                                      f"{source.path} have {what.format(value)}; is the config "
+                                      f"the checkpoint's own?")
 
 
 def count_layers(source: Source, keys: list[str], prefix: str) -> int:

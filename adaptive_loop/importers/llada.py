@@ -19,7 +19,14 @@ from torch import Tensor
 
 from ..config import LoopMDMConfig
 from ..errors import CheckpointError, ConfigNeeded, UsageError
-from .common import check_fields, count_layers, expect_shape, tokenizer_spec, with_loop_spec
+from .common import (
+    check_fields,
+    check_stated,
+    count_layers,
+    expect_shape,
+    tokenizer_spec,
+    with_loop_spec,
+)
 from .source import Source, read_json
 
 PREFIX = "model.transformer."
@@ -71,6 +78,11 @@ def read_config(source: Source, config: str | Path | None,
     def shown(key: str) -> str:
         return f"{key} {cfg[key]!r}" + ("" if key in given else " (its default when left out)")
 
+    try:  # first: another codebase's config lacks them (and has other blocks)
+        d, heads, layers = given["d_model"], given["n_heads"], given["n_layers"]
+    except KeyError as err:
+        raise CheckpointError(f"{where}: missing {err.args[0]!r}; is this a LLaDA "
+                              f"config.json?") from None
     unsupported = [
         (get("block_type") != "llama", shown("block_type")),
         (get("layer_norm_type") != "rms", shown("layer_norm_type")),
@@ -86,11 +98,6 @@ def read_config(source: Source, config: str | Path | None,
         if bad:
             raise CheckpointError(f"{where}: {what} is not supported (LLaDA's LLaMA block: RMS "
                                   f"norms, SiLU gate, RoPE, no biases)")
-    try:
-        d, heads, layers = given["d_model"], given["n_heads"], given["n_layers"]
-    except KeyError as err:
-        raise CheckpointError(f"{where}: missing {err.args[0]!r}; is this a LLaDA "
-                              f"config.json?") from None
     kv = get("n_kv_heads") or (1 if get("multi_query_attention") else heads)
     wte = source.shapes().get(PREFIX + "wte.weight")
     if wte is None:
@@ -99,6 +106,12 @@ def read_config(source: Source, config: str | Path | None,
     if len(wte) != 2:
         raise CheckpointError(f"{source.path}: {PREFIX + 'wte.weight'} has shape {wte}; "
                               f"expected 2 dimensions (vocabulary, d_model)")
+    rows = f"{wte[0]} embedding rows ({PREFIX}wte.weight)"
+    check_stated(source, given, where, {("embedding_size",): (wte[0], rows),
+                                        ("d_model",): (wte[1], f"width {wte[1]}")})
+    if isinstance(given.get("vocab_size"), int) and given["vocab_size"] > wte[0]:
+        raise CheckpointError(f"{where}: vocab_size {given['vocab_size']}, but the weights in "
+                              f"{source.path} have {rows}; is the config the checkpoint's own?")
     base = {
         "flavour": "llama", "vocab_size": wte[0], "d_model": d, "n_heads": heads,
         "n_kv_heads": kv, "d_ff": get("mlp_hidden_size") or get("mlp_ratio") * d,

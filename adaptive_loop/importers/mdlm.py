@@ -44,6 +44,7 @@ from ..config import LoopMDMConfig
 from ..errors import CheckpointError, ConfigNeeded, UsageError
 from .common import (
     check_fields,
+    check_stated,
     count_layers,
     expect_shape,
     strip_prefix,
@@ -117,12 +118,20 @@ def read_config(source: Source, config: str | Path | None,
                               f"models at noise level 0 only (time_conditioning: false, as the "
                               f"released OWT model) because the looped runtime has no per-step "
                               f"noise-level input")
+    layers = count_layers(source, list(shapes), pre + "blocks.")
+    check_stated(source, raw, where, {
+        ("hidden_dim", "hidden_size"): (width, f"width {width} ({embed_key} {shapes[embed_key]})"),
+        ("n_blocks",): (layers, f"{layers} blocks"),
+        ("vocab_size",): (vocab, f"a vocabulary of {vocab} ({embed_key})"),
+        ("cond_dim",): (shapes.get(pre + "sigma_map.mlp.0.weight", [None])[0],
+                        "a conditioning width of {} (sigma_map.mlp.0.weight)"),
+    })
     mask = mask_id(source, raw, overrides, vocab)
     base = {
         "flavour": "dit", "vocab_size": vocab, "mask_id": mask,
         "lm_head_vocab": vocab - 1 if mask == vocab - 1 else None,
         "d_model": width, "n_heads": heads, "d_ff": shapes[mlp_key][0],
-        "n_layers": count_layers(source, list(shapes), pre + "blocks."),
+        "n_layers": layers,
         "max_seq_len": raw.get("model_length", raw.get("length", 1024)),
         "rope_base": 10000.0, "rope_dtype": "bfloat16", "norm_eps": 1e-5,
         "eos_id": GPT2_EOS if vocab == GPT2_EOS + 2 else None,
