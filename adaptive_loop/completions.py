@@ -41,7 +41,16 @@ COMPUTE = ("looped_flops", "looped_flops_fixed_max", "monitor_flops", "total_flo
 ADDED = ("completion", "mean_loops")  # the fields the output adds to each object
 
 
-def read_prompts(path: str | Path, completing: bool = False) -> list[dict[str, Any]]:
+class PromptRecords(list):  # type: ignore[type-arg]
+    """The objects of a prompt file, with `where` each came from ("FILE:LINE"), so that a
+    prompt found wrong later (`encode_records`) is named as the user can find it."""
+
+    def __init__(self, records: list[dict[str, Any]], where: list[str]) -> None:
+        super().__init__(records)
+        self.where = where
+
+
+def read_prompts(path: str | Path, completing: bool = False) -> PromptRecords:
     """The objects of a JSONL prompt file; a bad line is an error naming it. `completing`:
     they are to be completed, so a field the output would replace is an error too (what the
     user wrote is never overwritten)."""
@@ -49,7 +58,7 @@ def read_prompts(path: str | Path, completing: bool = False) -> list[dict[str, A
     if not path.is_file():
         raise UsageError(f"{path} is a directory; give a JSONL file" if path.is_dir() else
                          f"prompt file not found: {path}")
-    records = []
+    records, where = [], []
     try:
         # lines end at "\n" alone: JSON strings may hold U+2028 and the like, which
         # str.splitlines() would also cut at
@@ -70,9 +79,10 @@ def read_prompts(path: str | Path, completing: bool = False) -> list[dict[str, A
             raise UsageError(f'{path}:{number}: has a "{taken[0]}" field, which the output '
                              f"would replace; rename it (e.g. \"reference\")")
         records.append(record)
+        where.append(f"{path}:{number}")
     if not records:
         raise UsageError(f"{path} holds no prompts")
-    return records
+    return PromptRecords(records, where)
 
 
 @dataclass
@@ -87,19 +97,22 @@ class Completed:
 def encode_records(model: LoopMDM, records: list[dict[str, Any]], tokenizer: Tokenizer,
                    gen_length: int) -> list[list[int]]:
     """Every record's prompt as token ids; a prompt that cannot be encoded, encodes to nothing
-    or leaves no room for `gen_length` tokens is an error naming its number. Cheap: callers
-    may run it before any long work to report a mistake early."""
+    or leaves no room for `gen_length` tokens is an error naming its file and line (records
+    from `read_prompts`) or its number. Cheap: callers may run it before any long work to
+    report a mistake early."""
     limit = model.config.max_seq_len
+    where = getattr(records, "where", None)
     encoded = []
     for number, record in enumerate(records, start=1):
+        label = where[number - 1] if where else f"prompt {number}"
         try:
             ids = tokenizer.encode(record["prompt"])
         except UsageError as err:
-            raise UsageError(f"prompt {number}: {err}") from None
+            raise UsageError(f"{label}: {err}") from None
         if not ids:
-            raise UsageError(f"prompt {number}: empty (it encodes to no tokens)")
+            raise UsageError(f"{label}: empty (it encodes to no tokens)")
         if len(ids) + gen_length > limit:
-            raise UsageError(f"prompt {number}: {len(ids)} tokens + gen_length {gen_length} "
+            raise UsageError(f"{label}: {len(ids)} tokens + gen_length {gen_length} "
                              f"exceeds the model's context of {limit} tokens")
         encoded.append(ids)
     return encoded

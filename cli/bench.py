@@ -39,7 +39,9 @@ def bench(
         help="Loop count of a random-weight preset (default: the preset's, 4 for the SMDM "
         "shapes; the LoopMDM paper loops 12). A checkpoint runs its own.")] = None,
     batch: Annotated[int, typer.Option(help="Rows for the iteration timing.")] = 16,
-    length: Annotated[int, typer.Option(help="Positions per row for the iteration timing.")] = 256,
+    length: Annotated[int | None, typer.Option(
+        help="Positions per row for the iteration timing (default 256, or a checkpoint's "
+        "context when that is shorter and generation runs random prompts).")] = None,
     fractions: Annotated[str, typer.Option(
         help="Active fractions: exactly that share of the tokens, rows spread from about "
         "f/2 to 3f/2.")] = "0.75,0.5,0.25,0.1",
@@ -50,8 +52,8 @@ def bench(
         help="Also time generation: fixed vs adaptive policies, compaction on vs off. On the "
         "checkpoint's task when it has one (the embedded model does), else on random prompts: "
         "--batch rows, a quarter of --length as prompt, the rest generated.")] = True,
-    n: Annotated[int, typer.Option("--n", help="Problems for the generation timing on a "
-                                   "task.")] = 200,
+    n: Annotated[int | None, typer.Option("--n", help="Problems for the generation timing on "
+                                          "a task (default 200).")] = None,
     steps: Annotated[int, typer.Option(
         help="Denoising steps for the generation timing on random prompts (0: one per four "
         "generated tokens).")] = 0,
@@ -111,12 +113,12 @@ def bench(
     _floats(str(needed), "--needed")
     if steps < 0:
         raise UsageError(f"--steps must be 0 (automatic) or more, got {steps}")
-    if batch < 1 or length < 2 or repeats < 1:
+    if batch < 1 or (length is not None and length < 2) or repeats < 1:
         raise UsageError(f"--batch and --repeats must be >= 1 and --length >= 2, got {batch}, "
                          f"{repeats} and {length}")
     if loops is not None and loops < 1:
         raise UsageError(f"--loops must be >= 1, got {loops}")
-    if generation and n < 1:  # checked before minutes of timing, not after
+    if generation and n is not None and n < 1:  # checked before minutes of timing
         raise UsageError(f"--n must be >= 1, got {n}")
     if loops is not None and (checkpoint or preset == "embedded"):
         raise UsageError("--loops sets a random-weight preset's loop count; a checkpoint (the "
@@ -128,10 +130,20 @@ def bench(
     if checkpoint or preset == "embedded":
         model = load_checkpoint(checkpoint, device=dev, dtype=dt)
         context = model.config.max_seq_len
-        if generation and not model.config.task and length > context:
-            raise UsageError(f"--length {length} exceeds this checkpoint's context of {context} "
-                             f"tokens (it has no task, so generation runs random prompts of "
-                             f"--length tokens in all); pass --length {context} or less")
+        if generation and not model.config.task:
+            if n is not None:
+                raise UsageError("--n counts problems of a checkpoint's task, and this one has "
+                                 "none: its generation timing runs --batch random prompts")
+            if length is None:
+                length = min(256, context)
+            elif length > context:
+                raise UsageError(f"--length {length} exceeds this checkpoint's context of "
+                                 f"{context} tokens (it has no task, so generation runs random "
+                                 f"prompts of --length tokens in all); pass --length {context} "
+                                 f"or less")
+    length = 256 if length is None else length
+    n = 200 if n is None else n
+    shape = f"{checkpoint}'s shape" if checkpoint and preset == "embedded" else preset
     if preset == "embedded":
         cfg = LoopMDMConfig.from_dict({**model.config.to_dict(), "max_seq_len": length})
     elif preset in PRESETS:
@@ -156,6 +168,7 @@ def bench(
         forward = bench_forward(cfg, batch, length, dev, dt, repeats,
                                 modes=(False, True) if compile else (False,))
     report = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "preset": preset,
+              "checkpoint": None if checkpoint is None else str(checkpoint),
               "batch": batch, "length": length, "matmul_peak_flops": peak,
               "forward": [{**d, "mfu": utilisation(f.flops, f.ms, peak)}
                           for d, f in zip(rows_to_dicts(forward), forward)],
@@ -187,7 +200,7 @@ def bench(
     if as_json:
         print(json.dumps(report))
         return
-    table = Table(title=f"one loop iteration, {preset}, {batch} x {length}, {report['dtype']}",
+    table = Table(title=f"one loop iteration, {shape}, {batch} x {length}, {report['dtype']}",
                   caption="ratio: compacted over full time (plan building included); ideal: "
                   "the active fraction, where time would follow tokens; vs eager: compacted "
                   "time over the same backend's eager one; vs padded: over padded attention's "
@@ -235,7 +248,8 @@ def bench(
                      "tok/s": f"{g['tokens_per_s']:.0f}"}
             table.add_row(*(cells[c] for c in columns))
         out.print(table)
-        out.print("exact: exact-match accuracy on the task; loops: mean per token and step; "
+        out.print(("exact: exact-match accuracy on the task; " if "exact" in columns else "") +
+                  "loops: mean per token and step; "
                   "FLOPs: looped-block FLOPs executed vs fixed max loops; vs fixed: wall time "
                   "vs eager fixed loops (compiled rows too); vs off: the same policy's wall "
                   "time with compaction off over this one's (above 1: compaction pays); bound: "

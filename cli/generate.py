@@ -333,7 +333,8 @@ def evaluate(
         model = load_checkpoint(checkpoint, device=ranks.device(device), dtype=dtype)
         task = _task_of(model)
         if task is None:
-            raise UsageError("this checkpoint has no built-in task to evaluate")
+            raise UsageError("this checkpoint has no built-in task to evaluate; measure it on "
+                             "your own data with sweep --data FILE.jsonl (or calibrate --data)")
         rows = []
         with progress_bar(hidden=as_json or not ranks.main) as bar:
             job = bar.add_task("evaluating",

@@ -77,8 +77,8 @@ def train_halting(
     max-loop sampler (the model stays frozen).
     Prints precision and recall of the halting decision on held-out prompts.
     """
-    from ..checkpoint import embedded_path
-    from ..completions import read_prompts
+    from ..checkpoint import embedded_path, tokenizer_for
+    from ..completions import encode_records, read_prompts
     from ..evaluate import default_decoding
     from ..files import writable_dir
     from ..halting_head import HEAD_WEIGHTS, check_room, save_head, train_halting_head
@@ -117,7 +117,9 @@ def train_halting(
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
     if prompts is not None:
-        texts = [record["prompt"] for record in read_prompts(prompts)]
+        records = read_prompts(prompts)
+        encode_records(model, records, tokenizer_for(model), gen_length)  # names FILE:LINE
+        texts = [record["prompt"] for record in records]
     else:
         if n < 2:
             raise UsageError(f"--n must be >= 2, got {n}")

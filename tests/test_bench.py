@@ -286,3 +286,20 @@ def test_bench_json_on_a_random_preset():
     assert len(on) == 3 and all(g["agreement"] == 1.0 for g in on)
     assert report["generation"][0]["mean_loops"] == 5.0  # fixed, at the preset's new count
     assert [g["label"] for g in on][-1] == "random(rate=0.2)"
+
+
+def test_bench_of_a_short_context_checkpoint_fits_its_length(tmp_path):
+    """Without --length, a checkpoint with no task whose context is under 256 positions is
+    timed at its context (random prompts fill it); the report names the checkpoint."""
+    from adaptive_loop import LoopMDM, save_model
+
+    torch.manual_seed(0)
+    path = save_model(LoopMDM(LoopMDMConfig.from_name("tiny", max_seq_len=32)), tmp_path / "m")
+    res = subprocess.run(
+        [sys.executable, "-m", "adaptive_loop.cli", "bench", "--checkpoint", str(path),
+         "--batch", "2", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
+         "cpu", "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["length"] == 32 and report["checkpoint"] == str(path)
+    assert report["generation_source"] == "2 random prompts of 8 tokens, 24 generated in 6 steps"

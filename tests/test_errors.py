@@ -92,7 +92,7 @@ def broken(tmp_path_factory):
     done.write_text('{"prompt": "98181872+61818127=", "completion": "mine"}\n')
     paths["done"] = done
     long = root / "long.jsonl"
-    long.write_text('{"prompt": "1+2="}\n{"prompt": "' + "1" * 300 + '"}\n')
+    long.write_text('{"prompt": "1+2="}\n\n{"prompt": "' + "1" * 300 + '"}\n')  # line 3
     paths["long"] = long
     blank = root / "blank.jsonl"
     blank.write_text('{"prompt": "1+2="}\n{"prompt": ""}\n')
@@ -180,6 +180,8 @@ CASES = [
     ("cuda without gpu", ["generate", "--device", "cuda"], 2, "CUDA was requested"),
     ("unknown dtype", GEN + ["--dtype", "float8"], 2, "unknown dtype"),
     ("evaluate n 0", ["evaluate", "--n", "0", "--device", "cpu"], 2, "--n must be >= 1"),
+    ("evaluate without a task", ["evaluate", "--checkpoint", "{good}", "--device", "cpu"], 2,
+     "no built-in task to evaluate; measure it on your own data with sweep --data"),
     ("evaluate bad loops", ["evaluate", "--loops", "1,x", "--device", "cpu"], 2,
      "comma-separated integers"),
     ("bench bad fractions", ["bench", "--fractions", "2", "--device", "cpu"], 2, "(0, 1]"),
@@ -193,6 +195,8 @@ CASES = [
     ("bench length past a checkpoint's context", ["bench", "--checkpoint", "{good}", "--length",
                                                   "9999", "--device", "cpu"], 2,
      "--length 9999 exceeds this checkpoint's context of"),
+    ("bench --n without a task", ["bench", "--checkpoint", "{good}", "--n", "5", "--device",
+                                  "cpu"], 2, "--n counts problems of a checkpoint's task"),
     ("bench loops 0", ["bench", "--preset", "tiny", "--loops", "0"], 2, "--loops must be >= 1"),
     ("bench loops of a checkpoint", ["bench", "--loops", "12"], 2,
      "--loops sets a random-weight preset's loop count"),
@@ -252,10 +256,10 @@ CASES = [
     ("bench with no problems", ["bench", "--n", "0"], 2, "--n must be >= 1, got 0"),
     ("train-halting on an empty prompt", ["train-halting", "--prompts", "{blank}", "--out",
                                           "{empty}/h", "--gen-length", "4"], 2,
-     "prompt 2: empty (it encodes to no tokens)"),
+     "blank.jsonl:2: empty (it encodes to no tokens)"),
     ("train-halting on a long prompt", ["train-halting", "--prompts", "{long}", "--out",
                                         "{empty}/h", "--gen-length", "4"], 2,
-     "prompt 2: 300 tokens + gen_length 4 exceeds"),
+     "long.jsonl:3: 300 tokens + gen_length 4 exceeds"),
     ("sweep data is a directory", ["sweep", "-p", "fixed", "--out", "{empty}/sw", "--data",
                                    "{keep}"], 2, "is a directory; give a JSONL file"),
     ("out exists beside parts", GEN + ["--prompts", "{text}", "--out", "{keep}/theirs.jsonl"],
@@ -285,7 +289,7 @@ CASES = [
       "--confidence", "0.9"], 2, "give the candidate values of patience with --grid"),
     ("force without out", GEN + ["--force"], 2, "it goes with --out"),
     ("prompts file with a long prompt", GEN + ["--prompts", "{long}"], 2,
-     "prompt 2: 300 tokens + gen_length 9 exceeds the model's context"),
+     "long.jsonl:3: 300 tokens + gen_length 9 exceeds the model's context"),
     ("prompts with a completion", GEN + ["--prompts", "{done}", "--out", "{empty}/r.jsonl"], 2,
      'done.jsonl:1: has a "completion" field, which the output would replace'),
     ("evaluate loops with a policy", ["evaluate", "--loops", "1", "--policy", "entropy",
