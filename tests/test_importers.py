@@ -320,6 +320,15 @@ def test_a_format_the_keys_contradict_names_theirs(tmp_path):
         load_model(tmp_path / "l", config=tmp_path / "m" / "config.json")  # MDLM's config
 
 
+def test_part_of_a_sharded_checkpoint_asks_for_its_directory(tmp_path):
+    write_llada(tmp_path / "l")
+    for name, what in (("model.safetensors.index.json", "the index of"),
+                       ("model-00002-of-00002.safetensors", "one shard of")):
+        with pytest.raises(CheckpointError, match=f"{name} is {what} a sharded checkpoint; "
+                           f"give the directory holding it: {tmp_path / 'l'}$"):
+            load_model(tmp_path / "l" / name, device="cpu")
+
+
 def test_smdm_without_config_asks_for_one(tmp_path):
     save_file(smdm_state(SMDM_TINY), str(tmp_path / "w.safetensors"))
     with pytest.raises(UsageError, match="SMDM checkpoints carry no config.*Diff_LLaMA_6M"):

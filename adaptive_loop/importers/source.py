@@ -27,6 +27,15 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def _listed_shard(path: Path) -> bool:
+    """Whether `path` is a shard that the index beside it lists."""
+    index = path.parent / INDEX_FILE
+    if path.suffix != ".safetensors" or not index.is_file():
+        return False
+    weight_map = read_json(index).get("weight_map")
+    return isinstance(weight_map, dict) and path.name in weight_map.values()
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or a CheckpointError saying what is wrong with it."""
     try:
@@ -155,6 +164,10 @@ class Source:
             raise CheckpointNotFound(f"checkpoint not found: {path}")
         if path.is_dir():
             return cls(path, path, _weight_files(path))
+        if path.name == INDEX_FILE or _listed_shard(path):
+            what = "the index of" if path.name == INDEX_FILE else "one shard of"
+            raise CheckpointError(f"{path} is {what} a sharded checkpoint; give the directory "
+                                  f"holding it: {path.parent}")
         if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
             raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or "
                                   f"{', '.join(PICKLE_SUFFIXES)}")
