@@ -12,6 +12,7 @@ last (most aggressive) one and check it on a held-out split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from .errors import UsageError
 from .measure import plan_batches, run_setting
 from .model import LoopMDM
 from .policies import HaltingPolicy, make, policy_class
+from .policies.base import init_parameters
 from .shards import is_number
 from .sweep import Setting, policy_of
 
@@ -32,6 +34,17 @@ from .sweep import Setting, policy_of
 def binomial_pvalue(k: int, n: int, tolerance: float) -> float:
     """p-value of H: risk > tolerance after k disagreements in n trials: P(Binom(n, D) <= k)."""
     return float(binom.cdf(k, n, tolerance))
+
+
+def fewest_examples(tolerance: float, confidence: float) -> int:
+    """The fewest calibration examples on which any candidate can be certified: those on which
+    no disagreement at all gives a p-value <= 1 - C, (1 - D)^n <= 1 - C."""
+    n = max(1, math.ceil(math.log(1.0 - confidence) / math.log1p(-tolerance)))
+    while n > 1 and binomial_pvalue(0, n - 1, tolerance) <= 1.0 - confidence:
+        n -= 1  # the logarithms' rounding, either way
+    while binomial_pvalue(0, n, tolerance) > 1.0 - confidence:
+        n += 1
+    return n
 
 
 @dataclass
@@ -83,6 +96,13 @@ class CalibrationReport:
     @property
     def guarantee(self) -> str:
         if self.chosen is None:
+            needed = fewest_examples(self.tolerance, self.confidence)
+            if self.n_calibration < needed:  # no result could have been certified
+                return (f"no {self.param} of {self.policy_label} can be certified on "
+                        f"{self.n_calibration} calibration examples: even none disagreeing "
+                        f"would not show a rate <= {self.tolerance:g} with probability >= "
+                        f"{self.confidence:g}, which takes at least {needed} (more examples: "
+                        f"--limit, or a larger --split)")
             return (f"no {self.param} of {self.policy_label} is certified: even the most "
                     f"conservative one may disagree with fixed loops={self.reference_loops} "
                     f"more than {self.tolerance:g}")
@@ -102,11 +122,21 @@ def default_grid(policy: str, param: str) -> list[float]:
     """`param`'s candidate values when none are given: the policy's own
     (`calibration_grids`), else `THRESHOLD_GRID` for a threshold; any other parameter has
     none (a UsageError asks for them)."""
+    _check_param(policy, param)
     own = policy_class(policy).calibration_grids.get(param)
     if own is None and not param.endswith("threshold"):
         raise UsageError(f"give the candidate values of {param} with --grid (the default grid "
                          f"is for thresholds)")
     return list(own or THRESHOLD_GRID)
+
+
+def _check_param(policy: str, param: str) -> None:
+    """Refuse a parameter the policy does not take, before asking anything about its values."""
+    taken = list(init_parameters(policy_class(policy)))
+    if param not in taken:
+        default = " (--param's default)" if param == "threshold" else ""
+        raise UsageError(f"policy {policy!r} takes no parameter {param}{default}; calibrate "
+                         f"one of its own with --param: {', '.join(taken)}")
 
 
 def _order(grid: Sequence[Any], policy: str, param: str, conservative: str) -> list[Any]:
@@ -152,6 +182,7 @@ def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confide
                          f"and {confidence}")
     if not 0 < split < 1:
         raise UsageError(f"--split must lie in (0, 1), got {split}")
+    _check_param(policy, param)
     if not grid:
         raise UsageError("give at least one candidate value (--grid)")
     repeated = [v for i, v in enumerate(grid) if v in list(grid)[:i]]

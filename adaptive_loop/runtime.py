@@ -205,7 +205,8 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     `probe`: their plan, from `probe_plan`) over the whole vocabulary, or over the step's
     shortlist once there is one."""
     d = h.shape[-1]
-    if policy.needs & {"delta", "cosine", "hidden"}:  # (a rule that reads none gathers none)
+    if not {"delta", "cosine", "hidden"}.isdisjoint(policy.needs):  # any of them (a tuple or
+        # list of needs is allowed too); a rule that reads none gathers none
         cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
     sig = Signals(iteration=iteration, step=step, steps=steps, index=index,
                   needed=needed.reshape(-1)[index])

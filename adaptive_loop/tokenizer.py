@@ -57,8 +57,9 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         bad = sorted({c for c in text if c not in self._lookup})
         if bad:
-            raise UsageError(f"the tokenizer cannot encode {''.join(bad)!r}; it knows only "
-                             f"{self.chars!r}")
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise UsageError(f"the tokenizer cannot encode the prompt {shown!r}: it knows only "
+                             f"the characters {self.chars!r}, not {', '.join(map(repr, bad))}")
         return [self._lookup[c] for c in text]
 
     def decode(self, ids: list[int]) -> str:

@@ -154,7 +154,7 @@ def test_a_parameter_of_unknown_order_is_asked_for_or_taken_as_given():
 
 
 @pytest.mark.parametrize("policy, param, grid", [
-    ("entropy", "threshold", THRESHOLD_GRID), ("convergence", "context_threshold", None),
+    ("entropy", "threshold", THRESHOLD_GRID), ("entropy", "context_threshold", THRESHOLD_GRID),
     ("kl", "threshold", None), ("learned", "threshold", None),
 ])
 def test_the_default_grid_brackets_the_policys_default(policy, param, grid):
@@ -233,3 +233,20 @@ def test_given_order_needs_a_written_grid(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: --conservative given tests the candidate values in the order they are "
         "written: give them with --grid")
+
+
+@pytest.mark.parametrize("tolerance, confidence, fewest", [
+    (0.1, 0.9, 22), (0.05, 0.9, 45), (0.01, 0.99, 459), (0.5, 0.5, 1), (0.2, 0.95, 14)])
+def test_too_few_calibration_examples_are_named_as_such(tolerance, confidence, fewest):
+    """Below the fewest examples on which no disagreement at all is significant, nothing can
+    be certified: the report says so and how many it takes, rather than blaming the policy."""
+    from adaptive_loop.calibrate import CalibrationReport, binomial_pvalue, fewest_examples
+
+    assert fewest_examples(tolerance, confidence) == fewest
+    assert binomial_pvalue(0, fewest, tolerance) <= 1 - confidence
+    assert fewest == 1 or binomial_pvalue(0, fewest - 1, tolerance) > 1 - confidence
+    short = CalibrationReport("entropy", "threshold", tolerance, confidence, 8, fewest - 1, 10)
+    enough = CalibrationReport("entropy", "threshold", tolerance, confidence, 8, fewest, 10)
+    if fewest > 1:
+        assert f"which takes at least {fewest}" in short.guarantee
+    assert "even the most conservative one may disagree" in enough.guarantee

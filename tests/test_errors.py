@@ -144,7 +144,8 @@ CASES = [
     ("max below min", GEN + ["--min-loops", "4", "--max-loops", "2"], 2, "below min_loops"),
     ("check every 0", GEN + ["--check-every", "0"], 2, "check_every must be an integer >= 1"),
     ("unknown remasking", GEN + ["--remasking", "best"], 2, "unknown remasking"),
-    ("bad characters", GEN + ["abc"], 2, "cannot encode"),
+    ("bad characters", GEN + ["hello"], 2, "cannot encode the prompt 'hello': it knows only "
+     "the characters '0123456789+=', not 'e', 'h', 'l', 'o'"),
     ("prompt too long", GEN + ["1" * 300], 2, "exceeds the model's context"),
     ("gen length vs block", GEN + ["--gen-length", "9", "--block-length", "4"], 2,
      "not divisible by block_length"),
@@ -284,6 +285,14 @@ CASES = [
      "--grid takes comma-separated values, got '0.1,,0.2'"),
     ("calibrate mixed grid", ["calibrate", "-p", "entropy", "--grid", "0.1,x", "--tolerance",
                               "0.1", "--confidence", "0.9"], 2, "mix numbers and text"),
+    ("calibrate fixed by its missing threshold", ["calibrate", "-p", "fixed", "--tolerance",
+                                                  "0.1", "--confidence", "0.9"], 2,
+     "policy 'fixed' takes no parameter threshold (--param's default); calibrate one of its "
+     "own with --param: loops"),
+    ("calibrate an unknown parameter", ["calibrate", "-p", "entropy", "--param", "foo", "--grid",
+                                        "1,2", "--tolerance", "0.1", "--confidence", "0.9"], 2,
+     "policy 'entropy' takes no parameter foo; calibrate one of its own with --param: "
+     "threshold, "),
     ("calibrate another parameter without a grid",
      ["calibrate", "-p", "stability", "--param", "patience", "--tolerance", "0.1",
       "--confidence", "0.9"], 2, "give the candidate values of patience with --grid"),

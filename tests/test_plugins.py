@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from adaptive_loop import UsageError, generate, save_model
 from adaptive_loop.policies import base, make
@@ -196,3 +197,25 @@ def test_register_in_python_keeps_the_built_ins():
         made.append(Twice)
     assert type(make("twice-defined")) is made[1]
     del base._REGISTRY["twice-defined"]
+
+
+@pytest.mark.parametrize("needs", [("delta",), ["delta"], {"delta"}, frozenset({"delta"})])
+def test_needs_may_be_any_collection_of_signals(needs, tiny_model, prompts):
+    """`needs` declared as a tuple or list runs as a set does (the runtime once combined it
+    with a set by `&`, which a tuple does not support)."""
+
+    @base.register
+    class Listed(base.HaltingPolicy):
+        name = "listed-needs"
+
+        def decide(self, signals):
+            return signals.delta < 0.3
+
+    Listed.needs = needs
+    try:
+        out = generate(tiny_model, prompts, policy=make("listed-needs"), gen_length=4, steps=2)
+        same = generate(tiny_model, prompts, policy=make("convergence", threshold=0.3),
+                        gen_length=4, steps=2)
+        assert torch.equal(out.tokens, same.tokens) and torch.equal(out.loops, same.loops)
+    finally:
+        del base._REGISTRY["listed-needs"]
