@@ -26,7 +26,14 @@ from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
 from .errors import CheckpointError, CheckpointNotFound, UsageError
 from .files import atomic_write_many, remove_stale_temporaries, writable_dir
-from .importers import Source, check_format, convert_foreign, detect_format, read_foreign
+from .importers import (
+    Source,
+    check_format,
+    convert_foreign,
+    detect_format,
+    is_native,
+    read_foreign,
+)
 from .importers.source import all_finite, safetensors_error
 from .model import LoopMDM
 from .shards import plan_id
@@ -243,6 +250,9 @@ def _locate(source: str | Path | None, format: str,
     if not path.exists():
         raise CheckpointNotFound(f"checkpoint not found: {path}")
     fmt, opened = detect_format(path) if format == "auto" else (format, None)
+    if fmt != "native" and is_native(path):  # an import asked of a native checkpoint
+        raise CheckpointError(f"{path} is a native adaptive-loop checkpoint, not {fmt}'s "
+                              f"layout: leave the format to detection, or give native")
     if fmt == "native":
         _no_config(config)
         _native_dir(path)

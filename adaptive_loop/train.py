@@ -269,6 +269,9 @@ def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: An
     dev = pick_device(device)
     task = make_task(cfg.task)
     history: list[dict[str, Any]] = []
+    if console is not None and (out / STATE_FILE).exists():
+        console.print(f"resuming the run kept in {out / STATE_FILE}", markup=False,
+                      highlight=False)
 
     def evaluate(model: LoopMDM, loops: int) -> float:
         res = evaluate_task(model, task, make("fixed", loops=loops), n=cfg.eval_problems,

@@ -140,6 +140,10 @@ def _policy(name: str, threshold: float | None, loops: int | None, min_loops: in
 
     from ..policies import make, policy_class
 
+    if ":" in name:  # sweep's and calibrate's NAME:PARAM=VALUE, which this command does not take
+        head, _, rest = name.partition(":")
+        raise UsageError(f"--policy takes a policy's name; give its parameters with --param, "
+                         f"e.g. --policy {head} --param {rest.split(',')[0] or 'threshold=0.3'}")
     params = {"threshold": threshold, "min_loops": min_loops, "max_loops": max_loops,
               "check_every": check_every}
     more = parse_params(extra)

@@ -131,9 +131,6 @@ def bench(
         model = load_checkpoint(checkpoint, device=dev, dtype=dt)
         context = model.config.max_seq_len
         if generation and not model.config.task:
-            if n is not None:
-                raise UsageError("--n counts problems of a checkpoint's task, and this one has "
-                                 "none: its generation timing runs --batch random prompts")
             if length is None:
                 length = min(256, context)
             elif length > context:
@@ -141,6 +138,13 @@ def bench(
                                  f"{context} tokens (it has no task, so generation runs random "
                                  f"prompts of --length tokens in all); pass --length {context} "
                                  f"or less")
+    on_task = model is not None and bool(model.config.task)
+    if generation and n is not None and not on_task:
+        raise UsageError("--n counts problems of a checkpoint's task, and this run has none: "
+                         "its generation timing runs --batch random prompts")
+    if generation and steps and on_task:
+        raise UsageError("--steps sets the steps of random prompts; a checkpoint's task (the "
+                         "embedded model's too) decodes with its own")
     length = 256 if length is None else length
     n = 200 if n is None else n
     shape = f"{checkpoint}'s shape" if checkpoint and preset == "embedded" else preset
@@ -154,8 +158,7 @@ def bench(
                          f"{', '.join(PRESETS)}")
     prompt = max(1, length // 4)  # random prompts' length when there is no task to time
     gen_length = length - prompt
-    if generation and steps and not (model is not None and model.config.task) and \
-            steps > gen_length:
+    if generation and steps and steps > gen_length:
         raise UsageError(f"--steps {steps} exceeds the {gen_length} positions the generation "
                          f"timing generates (three quarters of --length)")
     for backend in backends:  # a backend that cannot run here fails before any timing
@@ -181,7 +184,7 @@ def bench(
     source = ""
     if generation:
         with err.status("timing generation..."):
-            if model is not None and model.config.task:
+            if on_task:
                 source = f"{n} problems of the checkpoint's task"
                 timed = bench_generation(model, n=n, compile=compile, attention=backends[0],
                                          pipeline=pipeline, repeats=repeats)

@@ -193,6 +193,15 @@ def generate(
     out.print(table)
 
 
+def _about(name: str, cls: type) -> str:
+    """A policy's one line for listings: the first line of its module's docstring (of its
+    class's, where the module has none), without the name it starts with or code marks."""
+    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+    line = doc.splitlines()[0].replace("`", "") if doc else ""
+    line = line.removeprefix(f"{name}:").strip()
+    return line[:1].upper() + line[1:]
+
+
 def _results_path(target: Path, prompts: Path, force: bool) -> None:
     """Refuse an --out that would lose a file: the prompts themselves, a directory, or an
     existing file unless --force (a run stopped before its end leaves only OUT.parts/, never
@@ -348,12 +357,15 @@ def evaluate(
                 if as_json and res is not None:  # None in the label: the model's own count
                     lo, hi = pol.loop_bounds(model.config.n_loops)
                     print(json.dumps({"setting": label, "min_loops": lo, "max_loops": hi,
+                                      "compact": compact, "warm_start": warm_start,
                                       **res.to_dict()}))
     if not ranks.main:
         return
     if as_json:
         return
-    table = Table(title=f"{task.name}, {n} held-out problems", caption=(
+    run = "".join(note for on, note in ((warm_start, ", warm start"),
+                                        (not compact, ", compaction off")) if on)
+    table = Table(title=f"{task.name}, {n} held-out problems{run}", caption=(
         "x fixed-max: looped FLOPs over every token running the setting's maximum loops"))
     table.add_column("setting")
     wall = "wall s" if ranks.world == 1 else "s, all ranks"  # each batch's time, summed
@@ -431,11 +443,10 @@ def list_policies(
         listed = []
         for name in available():
             cls = policy_class(name)
-            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
             params = {k: cls.param_defaults.get(k, None if p.default is p.empty else p.default)
                       for k, p in init_parameters(cls).items()}
             listed.append({"name": name, "signals": sorted(cls.needs),
-                           "signals_note": cls.needs_note, "about": doc[0] if doc else "",
+                           "signals_note": cls.needs_note, "about": _about(name, cls),
                            "params": params, "params_note": cls.params_note})
         print(json.dumps({"policies": listed, "broken": broken_plugins()}, default=str))
         return
@@ -445,11 +456,10 @@ def list_policies(
     table.add_column("about")
     for name in available():
         cls = policy_class(name)
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         signals = ", ".join(sorted(cls.needs)) or "-"
         if cls.needs_note:
             signals += f" ({cls.needs_note})"
-        table.add_row(name, signals, doc[0] if doc else "")
+        table.add_row(name, signals, _about(name, cls))
     out.print(table)
     for name, why in broken_plugins().items():
         err.print(f"warning: policy plugin {name!r} not registered: {why}")

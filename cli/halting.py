@@ -142,8 +142,9 @@ def train_halting(
     if as_json:
         print(json.dumps({"head": str(path), **report}))
         return
-    table = Table(title=f"halting head, {report['training']['held_out_prompts']} held-out "
-                  f"prompts", show_header=False)
+    held = report["training"]["held_out_prompts"]
+    table = Table(title=f"halting head, {held} held-out prompt{'' if held == 1 else 's'}",
+                  show_header=False)
     for key in ("precision", "recall", "accuracy", "positive_rate", "exit_agreement",
                 "mean_exit_loop", "max_loops", "threshold", "pairs"):
         table.add_row(key.replace("_", " "), _fmt(metrics[key]))

@@ -198,6 +198,13 @@ CASES = [
      "--length 9999 exceeds this checkpoint's context of"),
     ("bench --n without a task", ["bench", "--checkpoint", "{good}", "--n", "5", "--device",
                                   "cpu"], 2, "--n counts problems of a checkpoint's task"),
+    ("bench --n on a random preset", ["bench", "--preset", "tiny", "--n", "5"], 2,
+     "--n counts problems of a checkpoint's task, and this run has none"),
+    ("bench --steps on a task", ["bench", "--steps", "3"], 2,
+     "--steps sets the steps of random prompts; a checkpoint's task"),
+    ("policy with its parameters", GEN + ["--policy", "entropy:threshold=0.3"], 2,
+     "--policy takes a policy's name; give its parameters with --param, e.g. --policy entropy "
+     "--param threshold=0.3"),
     ("bench loops 0", ["bench", "--preset", "tiny", "--loops", "0"], 2, "--loops must be >= 1"),
     ("bench loops of a checkpoint", ["bench", "--loops", "12"], 2,
      "--loops sets a random-weight preset's loop count"),

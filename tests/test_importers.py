@@ -318,6 +318,10 @@ def test_a_format_the_keys_contradict_names_theirs(tmp_path):
         load_model(tmp_path / "l", format="smdm")
     with pytest.raises(CheckpointError, match="missing 'd_model'; is this a LLaDA config"):
         load_model(tmp_path / "l", config=tmp_path / "m" / "config.json")  # MDLM's config
+    native = save_model(load_model(tmp_path / "l", device="cpu"), tmp_path / "n")
+    with pytest.raises(CheckpointError, match="is a native adaptive-loop checkpoint, not "
+                       "llada's layout: leave the format to detection, or give native"):
+        load_model(native, format="llada")
 
 
 def test_part_of_a_sharded_checkpoint_asks_for_its_directory(tmp_path):

@@ -103,3 +103,23 @@ def test_output_directory_is_checked_first(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="is a file"):
         prepare_train_dir(tmp_path / "file")
+
+
+def test_a_resumed_run_says_so(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from adaptive_loop.train import train_and_save
+
+    cfg = TrainConfig(steps=6, **{**SMALL, "eval_every": 3, "eval_problems": 20})
+
+    def stop(model, loops):  # Ctrl-C during the first evaluation, after step 2
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, evaluate=stop, state_path=tmp_path / STATE_FILE, save_every_s=3600.0)
+    said = io.StringIO()
+    train_and_save(cfg, tmp_path, device="cpu", console=Console(file=said, width=300))
+    assert f"resuming the run kept in {tmp_path / STATE_FILE}" in said.getvalue()
+    assert not (tmp_path / STATE_FILE).exists()
