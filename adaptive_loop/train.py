@@ -109,12 +109,14 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 def train(cfg: TrainConfig, device: str | torch.device = "cpu",
           log: Callable[[dict[str, Any]], None] | None = None,
           evaluate: Callable[[LoopMDM, int], float] | None = None,
-          state_path: Path | None = None, save_every_s: float = 10.0) -> LoopMDM:
+          state_path: Path | None = None, save_every_s: float = 10.0,
+          on_resume: Callable[[int], None] | None = None) -> LoopMDM:
     """Train a model from scratch; `evaluate(model, n_loops)` is called every eval_every steps.
 
     With `state_path`, the model, optimiser, data stream and step are saved there at most
     every `save_every_s` seconds and when interrupted (Ctrl-C); a run that finds the file
-    resumes from it and follows the same trajectory as an uninterrupted run.
+    resumes from it and follows the same trajectory as an uninterrupted run
+    (`on_resume(step)` is told the step it resumes at, once the file has been read).
     """
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task)
@@ -152,6 +154,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
         first, running = state["step"], state["running"]
         history, before = list(state.get("history", [])), float(state.get("elapsed_s", 0.0))
         owed = state.get("eval_owed")  # an evaluation the interrupt cut short
+        if on_resume:
+            on_resume(first)
     start = last_save = time.perf_counter()
 
     def elapsed() -> float:
@@ -269,9 +273,11 @@ def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: An
     dev = pick_device(device)
     task = make_task(cfg.task)
     history: list[dict[str, Any]] = []
-    if console is not None and (out / STATE_FILE).exists():
-        console.print(f"resuming the run kept in {out / STATE_FILE}", markup=False,
-                      highlight=False)
+
+    def resumed(step: int) -> None:
+        if console is not None:
+            console.print(f"resuming at step {step} of {cfg.steps}, from {out / STATE_FILE}",
+                          markup=False, highlight=False)
 
     def evaluate(model: LoopMDM, loops: int) -> float:
         res = evaluate_task(model, task, make("fixed", loops=loops), n=cfg.eval_problems,
@@ -290,7 +296,8 @@ def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: An
             else:
                 bar.update(job, info=f"eval acc {entry['eval_accuracy']:.1%}")
 
-        model = train(cfg, dev, log=log, evaluate=evaluate, state_path=out / STATE_FILE)
+        model = train(cfg, dev, log=log, evaluate=evaluate, state_path=out / STATE_FILE,
+                      on_resume=resumed)
         seconds = history[-1]["elapsed_s"]  # the last step's record, earlier runs included
     save_model(model.cpu(), out)
     report = {"train_config": config_dict(cfg), "seconds": seconds, "device": str(dev),

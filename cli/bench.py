@@ -138,6 +138,9 @@ def bench(
                                  f"{context} tokens (it has no task, so generation runs random "
                                  f"prompts of --length tokens in all); pass --length {context} "
                                  f"or less")
+    if not generation and (n is not None or steps):
+        raise UsageError(f"{'--n' if n is not None else '--steps'} sets the generation timing, "
+                         f"which --no-generation leaves out")
     on_task = model is not None and bool(model.config.task)
     if generation and n is not None and not on_task:
         raise UsageError("--n counts problems of a checkpoint's task, and this run has none: "

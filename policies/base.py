@@ -225,6 +225,10 @@ def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
         raise UsageError(f"register takes a HaltingPolicy subclass, got {cls!r}")
     if not isinstance(cls.name, str) or not cls.name:
         raise UsageError(f"{cls.__qualname__} needs a class attribute `name` (a string)")
+    if any(c in cls.name for c in ":,=") or cls.name != cls.name.strip():
+        raise UsageError(f"{cls.__qualname__}: a policy's name holds no ':', ',' or '=' and no "
+                         f"outer spaces (the command line writes NAME:PARAM=VALUE,...); got "
+                         f"{cls.name!r}")
     unknown = set(cls.needs) - SIGNALS
     if unknown:
         raise UsageError(f"{cls.name}: unknown signals {sorted(unknown)}; known "
@@ -294,6 +298,12 @@ def policy_class(name: str) -> type[HaltingPolicy]:
     if name not in _REGISTRY and name in _BROKEN:
         raise UsageError(f"policy plugin {name!r}: {_BROKEN[name]}")
     if name not in _REGISTRY:
+        head, colon, rest = name.partition(":")
+        if colon and head in _REGISTRY:  # the command line's NAME:PARAM=VALUE form
+            first = rest.split(",")[0].partition("=")
+            raise UsageError(f"unknown policy {name!r}: a policy's parameters are keywords, "
+                             f"e.g. make({head!r}, {first[0] or 'threshold'}="
+                             f"{first[2] or '0.1'})")
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(available())}")
     return _REGISTRY[name]
 

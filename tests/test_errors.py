@@ -200,6 +200,8 @@ CASES = [
                                   "cpu"], 2, "--n counts problems of a checkpoint's task"),
     ("bench --n on a random preset", ["bench", "--preset", "tiny", "--n", "5"], 2,
      "--n counts problems of a checkpoint's task, and this run has none"),
+    ("bench --n without generation", ["bench", "--n", "5", "--no-generation"], 2,
+     "--n sets the generation timing, which --no-generation leaves out"),
     ("bench --steps on a task", ["bench", "--steps", "3"], 2,
      "--steps sets the steps of random prompts; a checkpoint's task"),
     ("policy with its parameters", GEN + ["--policy", "entropy:threshold=0.3"], 2,

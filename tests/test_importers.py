@@ -314,14 +314,32 @@ def test_a_format_the_keys_contradict_names_theirs(tmp_path):
                        "leave the format to detection, or give mdlm"):
         load_model(tmp_path / "m", format="llada")
     with pytest.raises(UsageError, match=r"carry no config \(its keys are the llada layout's, "
-                       r"not smdm's.*\); pass config="):
-        load_model(tmp_path / "l", format="smdm")
+                       r"not smdm's: leave the format to detection, or give llada\)$"):
+        load_model(tmp_path / "l", format="smdm")  # a config would not help: no "pass config="
     with pytest.raises(CheckpointError, match="missing 'd_model'; is this a LLaDA config"):
         load_model(tmp_path / "l", config=tmp_path / "m" / "config.json")  # MDLM's config
     native = save_model(load_model(tmp_path / "l", device="cpu"), tmp_path / "n")
     with pytest.raises(CheckpointError, match="is a native adaptive-loop checkpoint, not "
                        "llada's layout: leave the format to detection, or give native"):
         load_model(native, format="llada")
+
+
+def test_a_pickle_is_not_loaded_to_word_an_error_before_its_weights(tmp_path, monkeypatch):
+    """The layout hint reads keys only where that costs nothing: a pickle checkpoint missing
+    its config is refused without loading its tensors (a LLaDA-8B .bin is 16 GB)."""
+    from adaptive_loop.importers import read_foreign, source
+
+    state = write_llada(tmp_path / "l")
+    torch.save(state, tmp_path / "l" / "pytorch_model.bin")
+    for f in tmp_path.glob("l/model*"):
+        f.unlink()
+    (tmp_path / "l" / "config.json").unlink()
+    loads = []
+    real = source._load_pickle
+    monkeypatch.setattr(source, "_load_pickle", lambda path: loads.append(path) or real(path))
+    with pytest.raises(UsageError, match="no config.json"):
+        read_foreign(tmp_path / "l", "llada")
+    assert loads == []
 
 
 def test_part_of_a_sharded_checkpoint_asks_for_its_directory(tmp_path):

@@ -177,7 +177,17 @@ def test_register_in_python_keeps_the_built_ins():
         name = "entropy"
 
     plain = type("Plain", (), {"name": "plain", "needs": frozenset()})
+    class Colon(base.HaltingPolicy):
+        name = "mine:v2"
+
+        def decide(self, signals):
+            return signals.index >= 0
+
+    with pytest.raises(UsageError, match=r"unknown policy 'entropy:threshold=0.3': a policy's "
+                       r"parameters are keywords, e.g. make\('entropy', threshold=0.3\)"):
+        make("entropy:threshold=0.3")
     for cls, message in [(Inherits, "inherits the name 'entropy' from Entropy"),
+                         (Colon, "a policy's name holds no ':', ',' or '='"),
                          (Shadows, "'entropy' is a built-in policy"),
                          (plain, "takes a HaltingPolicy subclass"),
                          (5, "takes a HaltingPolicy subclass")]:

@@ -121,5 +121,5 @@ def test_a_resumed_run_says_so(tmp_path):
         train(cfg, evaluate=stop, state_path=tmp_path / STATE_FILE, save_every_s=3600.0)
     said = io.StringIO()
     train_and_save(cfg, tmp_path, device="cpu", console=Console(file=said, width=300))
-    assert f"resuming the run kept in {tmp_path / STATE_FILE}" in said.getvalue()
+    assert f"resuming at step 3 of 6, from {tmp_path / STATE_FILE}" in said.getvalue()
     assert not (tmp_path / STATE_FILE).exists()

@@ -63,6 +63,17 @@ def _layout_of(keys: list[str]) -> str | None:
     return None
 
 
+def _known_layout(source: Source) -> str | None:
+    """The layout the source's keys show, when they can be had without loading tensors that
+    were not loaded already (safetensors headers, or a pickle read before); else None."""
+    try:
+        cheap = source._state is not None or all(f.suffix == ".safetensors"
+                                                 for f in source.files)
+        return _layout_of(source.keys()) if cheap else None
+    except CheckpointError:  # the files themselves are the problem: say only that
+        return None
+
+
 def detect_format(path: str | Path) -> tuple[str, Source | None]:
     """The layout of the checkpoint at `path` (and its opened source, unless native).
 
@@ -138,16 +149,14 @@ def _reading(source: Source, format: str, what: str) -> Iterator[None]:
     try:
         yield
     except (CheckpointError, UsageError) as err:
-        found = _layout_of(source.keys())
+        found = _known_layout(source)
         if found is None or found == format or not err.args:
             raise
         hint = (f" (its keys are the {found} layout's, not {format}'s: leave the format to "
                 f"detection, or give {found})")
-        if isinstance(err, ConfigNeeded):  # worded for the caller later: keep its parts
-            err.problem += hint
-            err.args = (err.message("config="),)
-        else:
-            err.args = (str(err.args[0]) + hint, *err.args[1:])
+        if isinstance(err, ConfigNeeded):  # a config would not help: the hint is the remedy
+            raise UsageError(err.problem + hint) from None
+        err.args = (str(err.args[0]) + hint, *err.args[1:])
         raise
     except _DATA_ERRORS as err:
         if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):

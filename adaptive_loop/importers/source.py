@@ -32,7 +32,10 @@ def _listed_shard(path: Path) -> bool:
     index = path.parent / INDEX_FILE
     if path.suffix != ".safetensors" or not index.is_file():
         return False
-    weight_map = read_json(index).get("weight_map")
+    try:
+        weight_map = read_json(index).get("weight_map")
+    except CheckpointError:  # an unreadable index is not this file's concern
+        return False
     return isinstance(weight_map, dict) and path.name in weight_map.values()
 
 
