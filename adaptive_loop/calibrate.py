@@ -96,20 +96,14 @@ class CalibrationReport:
     @property
     def guarantee(self) -> str:
         if self.chosen is None:
-            needed = fewest_examples(self.tolerance, self.confidence)
-            if self.n_calibration < needed:  # no result could have been certified
-                return (f"no {self.param} of {self.policy_label} can be certified on "
-                        f"{self.n_calibration} calibration examples: even none disagreeing "
-                        f"would not show a rate <= {self.tolerance:g} with probability >= "
-                        f"{self.confidence:g}, which takes at least {needed} (more examples: "
-                        f"--limit, or a larger --split)")
             return (f"no {self.param} of {self.policy_label} is certified: even the most "
                     f"conservative one may disagree with fixed loops={self.reference_loops} "
                     f"more than {self.tolerance:g}")
         return (f"{self.policy_label} {self.param}={self.chosen['value']}: with probability >= "
                 f"{self.confidence:g}, its disagreement rate with fixed loops="
                 f"{self.reference_loops} is <= {self.tolerance:g} (Learn-then-Test, "
-                f"fixed-sequence, {self.n_calibration} calibration examples)")
+                f"fixed-sequence, {self.n_calibration} calibration "
+                f"example{'' if self.n_calibration == 1 else 's'})")
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "guarantee": self.guarantee}
@@ -222,6 +216,12 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
     if n_cal < 1 or n_cal >= n:
         raise UsageError(f"{n} example{'' if n == 1 else 's'} cannot be split {split:g} / "
                          f"{1 - split:g}; give more (--limit) or another --split")
+    needed = fewest_examples(tolerance, confidence)
+    if n_cal < needed:  # no outcome could certify anything: say so before any work
+        raise UsageError(f"{n_cal} calibration example{'' if n_cal == 1 else 's'} cannot "
+                         f"certify any value: even none disagreeing would not show a rate <= "
+                         f"{tolerance:g} with probability >= {confidence:g}, which takes at "
+                         f"least {needed}; give more examples (--limit) or a larger --split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     is_cal = torch.zeros(n, dtype=torch.bool)
     is_cal[perm[:n_cal]] = True

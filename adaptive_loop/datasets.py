@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,11 @@ from .tasks import make_task
 # the last number in a text: optional sign, digits with optional thousands commas, decimals,
 # exponent
 # digits before any exponent, and no letter just before: `e5` (a word, a footnote) is no number
-_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
-                     r"(?:[eE][-+]?\d+)?")
+# a number starts after no letter, digit, underscore or point (`abc123`, `v1.5`: none), and
+# its sign after none of those either (`x-5`: none; `= -5`: -5), so that no match starts
+# inside a word or another number
+_NUMBER = re.compile(r"(?:(?<![\w.])[-+]|(?<![\w.+-]))"
+                     r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,15 @@ class Example:
     answer: str
 
 
-def parse_number(text: str) -> float | None:
-    """The last number written in `text` (`$1,234.50` -> 1234.5), or None if there is none."""
-    found = [m.group(0) for m in _NUMBER.finditer(text) if any(c.isdigit() for c in m.group(0))]
+def parse_number(text: str) -> Decimal | None:
+    """The last number written in `text` (`$1,234.50` -> 1234.5), or None if there is none;
+    exact (a Decimal), so that numbers compare as written, however many digits they have."""
+    found = [m.group(0) for m in _NUMBER.finditer(text)]
     if not found:
         return None
     try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
+        return Decimal(found[-1].replace(",", ""))
+    except InvalidOperation:
         return None
 
 
@@ -55,7 +59,8 @@ class AnswerMatcher:
             completion and from the reference, searching line by line (`re.MULTILINE`). A
             completion without a match (or whose match is blank) is wrong; a reference
             without one is used whole. A regex that matches empty text is refused.
-        numeric: compare the (extracted) texts as numbers, the last number in each.
+        numeric: compare the (extracted) texts as numbers, the last number in each, exactly
+            as written (`18.00` is `18`, `1e3` is `1,000`; `1000000001` is not `1000000000`).
     """
 
     regex: str | None = None
@@ -95,8 +100,7 @@ class AnswerMatcher:
         if not self.numeric:
             return got == want
         a, b = parse_number(got), parse_number(want)
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9,
-                                                                abs_tol=1e-9)
+        return a is not None and b is not None and a == b  # 18.00 == 18, 1e3 == 1,000
 
     def spec(self) -> dict[str, Any]:
         return {"regex": self.regex, "numeric": self.numeric}

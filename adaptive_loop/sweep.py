@@ -111,8 +111,9 @@ def policy_of(setting: Setting) -> HaltingPolicy:
     """Build a setting's policy; a bad parameter value is a UsageError naming the setting."""
     try:
         return make(setting.policy, **setting.kwargs)
-    except UsageError as err:
-        raise UsageError(f"{setting.label}: {err}") from None
+    except UsageError as err:  # the policy's own prefix ("learned: ...") said once
+        raise UsageError(f"{setting.label}: "
+                         f"{str(err).removeprefix(setting.policy + ': ')}") from None
     except (TypeError, ValueError) as err:  # a value of the wrong kind for the policy
         raise UsageError(f"{setting.label}: bad parameter value ({err})") from None
 
@@ -268,6 +269,13 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
         bad = next((n for n in oracle_loops if not 1 <= n <= MAX_LOOPS), None)
         if bad is not None:  # before any point runs, not after
             raise UsageError(f"oracle loops must be in [1, {MAX_LOOPS}], got {bad}")
+        jobs: list[tuple[Setting, str, Callable[..., Outcome | None]]] = []
+        for s in settings:  # a learned head resolves (and is checked) before anything is
+            policy = policy_of(s)  # written or run
+            policy.attach(model)
+            mark = policy.fingerprint()  # a kept point whose head has changed runs again
+            jobs.append((s, s.key if mark is None else f"{s.key}#{mark}",
+                         lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
         manifest = {"version": 1, "model": model_fingerprint(model), "data": data.identity,
                     "tokenizer": tokenizer_identity(plan.tokenizer), "decoding": plan.decoding,
                     "seed": seed, "batch_size": batch_size}
@@ -281,13 +289,6 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
         store = PartStore(directory / PARTS, ranks,
                           plan_id(manifest, [b.positions for b in plan.batches]))
         notes += store.notes(ranks)
-        jobs: list[tuple[Setting, str, Callable[..., Outcome | None]]] = []
-        for s in settings:
-            policy = policy_of(s)
-            policy.attach(model)  # a learned head resolves (and is checked) before any work
-            mark = policy.fingerprint()  # a kept point whose head has changed runs again
-            jobs.append((s, s.key if mark is None else f"{s.key}#{mark}",
-                         lambda p=policy, **kw: run_setting(model, data, plan, p, **kw)))
         for loops in sorted(set(oracle_loops)):
             oracle = Setting(ORACLE, (("loops", loops),))
             jobs.append((oracle, oracle.key,

@@ -33,6 +33,10 @@ from ..errors import UsageError
 from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, register
 from .predictive import nonnegative
 
+# what to do about a head that does not fit the model (the embedded model's ships with it)
+_RETRAIN = ("train one for it with `adaptive-loop train-halting --checkpoint CKPT --out DIR` "
+            "(no --checkpoint for the embedded model) and pass head=DIR")
+
 
 @register
 class Learned(HaltingPolicy):
@@ -81,24 +85,24 @@ class Learned(HaltingPolicy):
             if (where / HEAD_WEIGHTS).resolve() != Path(self.head).resolve():
                 if not (where / HEAD_WEIGHTS).is_file():
                     raise UsageError(f"learned: no halting head beside the checkpoint {where}; "
-                                     f"train one with `adaptive-loop train-halting "
-                                     f"--checkpoint {where}`, or pass head=PATH")
+                                     f"{_RETRAIN}")
                 self._load(where / HEAD_WEIGHTS)
         from ..halting_head import model_differences, weights_signature
 
         trained = self._meta.get("model", {})
         differ = model_differences(trained, model.config.to_dict())
+        width = self._head.config.d_model
+        if not differ and width != model.config.d_model:  # a head without its model's record
+            differ = [f"d_model {width} vs {model.config.d_model}"]
         if differ:
             raise UsageError(f"learned: the halting head {self.head} was trained on another "
-                             f"model ({', '.join(differ)}); train one for this checkpoint with "
-                             f"`adaptive-loop train-halting`, or pass head=PATH")
+                             f"model ({', '.join(differ)}); {_RETRAIN}")
         signed = trained.get("weights")  # heads from before the signature have none
         if signed is not None and signed != (own := weights_signature(model)):
             raise UsageError(f"learned: the halting head {self.head} was trained on other "
                              f"weights of this model's shape (its weights signature "
                              f"{signed}, this model's {own}), so its "
-                             f"decisions would not hold; train one for this checkpoint with "
-                             f"`adaptive-loop train-halting`")
+                             f"decisions would not hold; {_RETRAIN}")
         self._model = model
 
     def label_params(self) -> dict[str, Any]:
@@ -125,8 +129,8 @@ class Learned(HaltingPolicy):
         width = self._head.config.d_model
         if hidden.shape[-1] != width:
             raise UsageError(f"learned: the halting head {self.head} reads states of width "
-                             f"{width}, but this model's are {hidden.shape[-1]} wide; train a "
-                             f"head for this checkpoint with `adaptive-loop train-halting`")
+                             f"{width}, but this model's are {hidden.shape[-1]} wide; "
+                             f"{_RETRAIN}")
         if self._head.mean.device != hidden.device:
             self._head.to(hidden.device)
         with torch.no_grad():

@@ -237,16 +237,21 @@ def test_given_order_needs_a_written_grid(capsys):
 
 @pytest.mark.parametrize("tolerance, confidence, fewest", [
     (0.1, 0.9, 22), (0.05, 0.9, 45), (0.01, 0.99, 459), (0.5, 0.5, 1), (0.2, 0.95, 14)])
-def test_too_few_calibration_examples_are_named_as_such(tolerance, confidence, fewest):
+def test_too_few_calibration_examples_are_refused_before_any_work(
+        tolerance, confidence, fewest, addition_model, monkeypatch):
     """Below the fewest examples on which no disagreement at all is significant, nothing can
-    be certified: the report says so and how many it takes, rather than blaming the policy."""
-    from adaptive_loop.calibrate import CalibrationReport, binomial_pvalue, fewest_examples
+    be certified: calibrate says so, and how many it takes, before running any setting."""
+    from adaptive_loop import calibrate as module
+    from adaptive_loop.calibrate import fewest_examples
 
     assert fewest_examples(tolerance, confidence) == fewest
     assert binomial_pvalue(0, fewest, tolerance) <= 1 - confidence
     assert fewest == 1 or binomial_pvalue(0, fewest - 1, tolerance) > 1 - confidence
-    short = CalibrationReport("entropy", "threshold", tolerance, confidence, 8, fewest - 1, 10)
-    enough = CalibrationReport("entropy", "threshold", tolerance, confidence, 8, fewest, 10)
-    if fewest > 1:
-        assert f"which takes at least {fewest}" in short.guarantee
-    assert "even the most conservative one may disagree" in enough.guarantee
+    if fewest == 1:
+        return
+    monkeypatch.setattr(module, "run_setting", None)  # any run would fail
+    data = resolve_eval_set(addition_model.config.task, limit=2 * (fewest - 1))
+    with pytest.raises(UsageError, match=f"^{fewest - 1} calibration examples cannot certify "
+                       f"any value: .* which takes at least {fewest}; give more"):
+        calibrate(addition_model, data, "convergence", [0.1], tolerance=tolerance,
+                  confidence=confidence)

@@ -56,6 +56,15 @@ def test_numeric_equivalence():
     assert parse_number("The answer is 42 (see e5)") == 42.0
     assert parse_number("Q3 total: 12") == 12.0 and parse_number(".5") == 0.5
     assert AnswerMatcher(numeric=True).correct("42, see e5", "42")
+    # no number starts inside a word or another number, nor its sign after a letter
+    assert [parse_number(t) for t in ("abc123", "v1.5", "x-5", "12a34", "= -5", "3-5")] == \
+        [None, None, None, 12, -5, 3]
+    # numbers compare exactly as written, however many digits they have
+    m = AnswerMatcher(numeric=True)
+    assert not m.correct("1000000001", "1000000000")
+    assert not m.correct("12345678901234567", "12345678901234568")
+    assert not m.correct("500002141.3", "500002141")
+    assert m.correct("1e3", "1,000") and m.correct("0.50", ".5")
 
 
 def test_a_prompt_file_line_may_hold_unicode_line_separators(tmp_path):

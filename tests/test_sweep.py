@@ -469,3 +469,19 @@ def test_a_file_where_the_heatmaps_go_is_refused_before_any_point(tmp_path, addi
                   oracle_loops=[], plot=False,
                   hooks=SweepHooks(point_started=lambda label, n: started.append(label)))
     assert started == [] and (tmp_path / "out" / "heatmaps").read_text() == "mine"
+
+
+def test_a_head_of_another_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A learned point's head is checked against the model before the sweep writes its
+    manifest: the refused sweep leaves no output folder behind."""
+    from adaptive_loop.cli.app import run_main
+    from adaptive_loop.halting_head import HaltingHead, HeadConfig, save_head
+
+    (tmp_path / "head").mkdir()
+    save_head(HaltingHead(HeadConfig(d_model=64)), tmp_path / "head", {"threshold": 0.5})
+    with pytest.raises(SystemExit) as exc:
+        run_main(["sweep", "-p", f"learned:head={tmp_path / 'head'}", "--limit", "4",
+                  "--no-plot", "--out", str(tmp_path / "st"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "was trained on another model (d_model 64 vs 128)" in err
+    assert not (tmp_path / "st").exists()
