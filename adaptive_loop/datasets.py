@@ -119,9 +119,16 @@ class EvalSet:
     matcher: AnswerMatcher
     decoding: dict[str, int]
     identity: dict[str, Any]
+    lines: list[int] | None = None  # each example's line in its file (a JSONL file's)
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def where(self, i: int) -> str:
+        """Example i (0-based) as the user finds it: FILE:LINE, or its number in the set."""
+        if self.lines is not None and len(self.lines) == len(self.examples):
+            return f"{self.name}:{self.lines[i]}"
+        return f"{self.name}, example {i + 1}"
 
 
 def parse_value(text: str) -> Any:
@@ -181,6 +188,7 @@ def load_jsonl(path: str | Path, matcher: AnswerMatcher | None = None,
         raise UsageError(f"{path} is a directory; give a JSONL file" if path.is_dir() else
                          f"data file not found: {path}")
     examples: list[Example] = []
+    lines: list[int] = []
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
@@ -206,12 +214,13 @@ def load_jsonl(path: str | Path, matcher: AnswerMatcher | None = None,
                 raise UsageError(f"{path}:{number}: the answer {str(answer)!r} holds no number "
                                  f"for --numeric to compare (nothing could match it)")
             examples.append(Example(prompt, str(answer)))
+            lines.append(number)
     if not examples:
         raise UsageError(f"{path}: no examples")
     matcher = matcher or AnswerMatcher()
     return EvalSet(name=path.name, examples=examples, matcher=matcher, decoding={},
                    identity={"file": str(path.resolve()), "sha256": digest.hexdigest(),
-                             "limit": limit, "matcher": matcher.spec()})
+                             "limit": limit, "matcher": matcher.spec()}, lines=lines)
 
 
 def resolve_eval_set(model_task: dict[str, Any], *, task: str | None = None,

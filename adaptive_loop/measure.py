@@ -140,15 +140,19 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
         try:
             encoded.append(tokenizer.encode(ex.prompt))
         except UsageError as err:
-            raise UsageError(f"{data.name}, example {i + 1}: {err}") from None
+            raise UsageError(f"{data.where(i)}: {err}") from None
     dec = {**data.decoding, **{k: v for k, v in (decoding or {}).items() if v is not None}}
+    inferred = ""  # where gen_length came from, when the data gave it
     if "gen_length" not in dec:
         answer = 0
-        for ex in data.examples:
+        for i, ex in enumerate(data.examples):
             try:
-                answer = max(answer, len(tokenizer.encode(ex.answer.strip())))
+                size = len(tokenizer.encode(ex.answer.strip()))
             except UsageError:
-                pass  # an answer the tokenizer cannot write says nothing about length
+                continue  # an answer the tokenizer cannot write says nothing about length
+            if size > answer:
+                answer, inferred = size, (f" (inferred from the longest answer, "
+                                          f"{data.where(i)}'s; give --gen-length)")
         if answer == 0:
             raise UsageError("cannot infer --gen-length from the answers; give --gen-length")
         dec["gen_length"] = answer
@@ -156,12 +160,12 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
     limit = model.config.max_seq_len
     for i, ids in enumerate(encoded):  # named here: the checks below see only the longest
         if not ids:
-            raise UsageError(f"{data.name}, example {i + 1}: empty prompt (it encodes to no "
+            raise UsageError(f"{data.where(i)}: empty prompt (it encodes to no "
                              f"tokens)")
         if isinstance(dec["gen_length"], int) and len(ids) + dec["gen_length"] > limit:
-            raise UsageError(f"{data.name}, example {i + 1}: {len(ids)} prompt tokens + "
-                             f"gen_length {dec['gen_length']} exceeds the model's context of "
-                             f"{limit} tokens")
+            raise UsageError(f"{data.where(i)}: {len(ids)} prompt tokens + "
+                             f"gen_length {dec['gen_length']}{inferred} exceeds the model's "
+                             f"context of {limit} tokens")
     longest = max(len(x) for x in encoded)  # prompt
     check_values(model, longest, dec["gen_length"], dec["steps"],
                  dec["gen_length"] if dec.get("block_length") is None else dec["block_length"],

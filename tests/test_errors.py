@@ -97,6 +97,10 @@ def broken(tmp_path_factory):
     blank = root / "blank.jsonl"
     blank.write_text('{"prompt": "1+2="}\n{"prompt": ""}\n')
     paths["blank"] = blank
+    wide = root / "wide.jsonl"  # an answer one digit longer than the context leaves room for
+    wide.write_text('{"prompt": "98181872+61818127=", "answer": "1"}\n'
+                    '{"prompt": "98181872+61818127=", "answer": "0246999990"}\n')
+    paths["wide"] = wide
     return paths
 
 
@@ -200,6 +204,10 @@ CASES = [
                                   "cpu"], 2, "--n counts problems of a checkpoint's task"),
     ("bench --n on a random preset", ["bench", "--preset", "tiny", "--n", "5"], 2,
      "--n counts problems of a checkpoint's task, and this run has none"),
+    ("sweep gen length inferred past the context", ["sweep", "-p", "fixed", "--data", "{wide}",
+                                                    "--out", "{empty}/sw"], 2,
+     "wide.jsonl:1: 18 prompt tokens + gen_length 10 (inferred from the longest answer, "
+     "wide.jsonl:2's; give --gen-length) exceeds the model's context of 27 tokens"),
     ("bench --n without generation", ["bench", "--n", "5", "--no-generation"], 2,
      "--n sets the generation timing, which --no-generation leaves out"),
     ("bench --steps on a task", ["bench", "--steps", "3"], 2,

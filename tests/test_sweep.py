@@ -268,10 +268,11 @@ def test_settle_loops_by_hand():
 def test_a_prompt_too_long_for_the_context_is_named(tmp_path, addition_model):
     path = tmp_path / "long.jsonl"
     long = "1+" * addition_model.config.max_seq_len + "1="
-    path.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n"
-                            for p in ("1+1=", long)))
-    with pytest.raises(UsageError, match=r"long.jsonl, example 2: \d+ prompt tokens \+ "
-                       r"gen_length 1 exceeds the model's context of \d+ tokens"):
+    path.write_text("\n".join(json.dumps({"prompt": p, "answer": "2"})  # a blank line between
+                             for p in ("1+1=", long)).replace("\n", "\n\n") + "\n")
+    with pytest.raises(UsageError, match=r"^long.jsonl:3: \d+ prompt tokens \+ gen_length 1 "
+                       r"\(inferred from the longest answer, long.jsonl:1's; give "
+                       r"--gen-length\) exceeds the model's context of \d+ tokens"):
         plan_batches(addition_model, load_jsonl(path))
 
 
