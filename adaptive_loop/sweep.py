@@ -182,7 +182,13 @@ def check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
             return
         if worked:
             differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise UsageError(f"{directory} holds a sweep with other {', '.join(differ)}; use "
+            parts = []
+            for k in differ:  # a nested record (data, decoding) names what in it differs
+                a, b = old.get(k), new.get(k)
+                inner = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f)) \
+                    if isinstance(a, dict) and isinstance(b, dict) else []
+                parts.append(f"{k} ({', '.join(inner)})" if inner and len(inner) < 4 else k)
+            raise UsageError(f"{directory} holds a sweep with other {', '.join(parts)}; use "
                              f"another --out (or empty that directory)")
     elif any(not p.name.startswith(".") for p in directory.iterdir()):
         raise UsageError(f"{directory} holds files but no {MANIFEST}: not a sweep to resume; "

@@ -40,7 +40,8 @@ Numeric = Annotated[bool, typer.Option(
     "--numeric", help="Compare answers as numbers (the last number in each; a text without a "
     "number never matches).")]
 Limit = Annotated[int | None, typer.Option(
-    help="First N examples (a task draws N problems; default 200).")]
+    help="First N examples of --data (default: all of them), or N problems of a task "
+    "(default 200).")]
 Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.",
                                    min=0, max=SEED_MAX)]
 GenLength = Annotated[int | None, typer.Option(

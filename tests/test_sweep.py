@@ -176,7 +176,7 @@ def test_a_damaged_middle_line_is_refused_with_its_number(tmp_path, addition_mod
 def test_rerun_with_other_data_is_refused(tmp_path, addition_model, data):
     run_sweep(addition_model, data, settings()[:1], tmp_path, oracle_loops=[], plot=False)
     other = resolve_eval_set(addition_model.config.task, limit=20, seed=99)
-    with pytest.raises(UsageError, match="holds a sweep with other data"):
+    with pytest.raises(UsageError, match=r"holds a sweep with other data \(.*seed.*\); use"):
         run_sweep(addition_model, other, settings()[:1], tmp_path, oracle_loops=[], plot=False)
 
 
@@ -195,8 +195,8 @@ def test_rerun_with_another_batch_size_or_tokenizer_is_refused(tmp_path, additio
     own = tokenizer_for(addition_model)
     swapped = dataclasses.replace(own, chars=own.chars[1] + own.chars[0] + own.chars[2:])
     monkeypatch.setattr(addition_model, "tokenizer", swapped, raising=False)
-    with pytest.raises(UsageError, match="holds a sweep with other tokenizer; use another "
-                                         "--out \\(or empty that directory\\)"):
+    with pytest.raises(UsageError, match="holds a sweep with other tokenizer \\(chars\\); use "
+                                         "another --out \\(or empty that directory\\)"):
         run_sweep(addition_model, data, settings()[:1], tmp_path, batch_size=10, **kw)
 
 
