@@ -67,6 +67,14 @@ def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task:
     model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     evalset = resolve_eval_set(model.config.task, task=task, data=data, limit=limit, seed=seed,
                                matcher=matcher)
+    if answer_regex is not None:  # a regex that finds nothing in the answers is likely a slip
+        found = sum(matcher.extract(ex.answer) is not None for ex in evalset.examples)
+        if found == 0:
+            n = len(evalset)
+            err.print(f"note: --answer-regex '{answer_regex}' matches none of the {n} "
+                      f"answer{'' if n == 1 else 's'}, so each is scored whole; a completion "
+                      f"counts only where the regex finds that in it", markup=False,
+                      highlight=False)
     return model, evalset
 
 

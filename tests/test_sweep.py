@@ -486,3 +486,20 @@ def test_a_head_of_another_model_is_refused_before_anything_is_written(tmp_path,
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "was trained on another model (d_model 64 vs 128)" in err
     assert not (tmp_path / "st").exists()
+
+
+def test_a_regex_that_finds_no_answer_is_noted(tmp_path, capsys):
+    from adaptive_loop.cli.app import run_main
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "98181872+61818127=", "answer": "500000001"}\n')
+    for regex, noted in ((r"zzz(\d)", True), (r"(\d+)", False)):
+        out = tmp_path / f"out{int(noted)}"
+        with pytest.raises(SystemExit) as exc:
+            run_main(["sweep", "--data", str(path), "-p", "fixed:loops=1", "--out", str(out),
+                      "--no-plot", "--steps", "3", "--oracle-loops", "none", "--answer-regex",
+                      regex, "--device", "cpu"])
+        assert exc.value.code in (0, None)
+        said = capsys.readouterr().err
+        assert (f"note: --answer-regex '{regex}' matches none of the 1 answer, so each is "
+                f"scored whole" in said) is noted, said
