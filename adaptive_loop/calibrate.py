@@ -86,6 +86,8 @@ class CalibrationReport:
     base: dict[str, Any] = field(default_factory=dict)  # the policy's other parameters
     rows: list[dict[str, Any]] = field(default_factory=list)
     chosen: dict[str, Any] | None = None
+    untested: list[Any] = field(default_factory=list)  # values after the first failure
+    setup: dict[str, Any] = field(default_factory=dict)  # the data, seed and split it ran on
 
     @property
     def policy_label(self) -> str:
@@ -235,7 +237,8 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
     ref_tokens = reference.tokens
     others = {k: v for k, v in (base or {}).items() if k != param}
     report = CalibrationReport(policy, param, tolerance, confidence, top, n_cal, n - n_cal,
-                               others)
+                               others, setup={"data": data.name, "data_identity": data.identity,
+                                              "seed": seed, "split": split})
     delta = 1.0 - confidence
     for setting, pol in planned:
         res = run(setting.label, pol)
@@ -251,8 +254,9 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
             "holdout_ok": hold_rate <= tolerance,
             "accuracy": sum(res.correct) / n, "mean_loops": res.mean_loops,
             "flops_ratio": res.looped_flops / max(1, reference.looped_flops)})
-        if p > delta:
-            break  # fixed-sequence testing stops at the first failure: later values untested
+        if p > delta:  # fixed-sequence testing stops at the first failure
+            report.untested = [s.kwargs[param] for s, _ in planned[len(report.rows):]]
+            break
     ltt = learn_then_test([r["calibration_disagreements"] for r in report.rows], n_cal,
                           tolerance, confidence)
     if ltt.chosen is not None:

@@ -327,8 +327,10 @@ def calibrate(
     for r in report.rows:
         table.add_row(str(r["value"]), f"{r['calibration_disagreements']}/{report.n_calibration}",
                       f"{r['pvalue']:.3g}", "yes" if r["certified"] else "no",
-                      f"{r['holdout_rate']:.1%}", f"{r['accuracy']:.1%}",
+                      f"{r['holdout_disagreements']}/{report.n_holdout}", f"{r['accuracy']:.1%}",
                       f"{r['mean_loops']:.2f}", f"{r['flops_ratio']:.2f}x")
+    for value in report.untested:  # fixed-sequence testing stopped before them
+        table.add_row(str(value), "-", "-", "not tested", "-", "-", "-", "-")
     out.print(table)
     out.print(report.guarantee, highlight=False)
     if report.chosen is not None:

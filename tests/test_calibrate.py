@@ -71,6 +71,10 @@ def test_calibrate_end_to_end(addition_model):
     assert report.chosen is (last if last["certified"] else report.rows[-2])
     assert last["certified"] or last["pvalue"] > 0.1
     assert len(report.rows) == 5 or not last["certified"]
+    # the values after the failure are named as untested, in testing order
+    assert report.untested == sorted([1.0, 0.0, 0.05, 0.2, 0.5])[len(report.rows):]
+    assert report.setup == {"data": data.name, "data_identity": data.identity, "seed": 0,
+                            "split": 0.5}
     assert "with probability >= 0.9" in report.guarantee
 
 
