@@ -202,8 +202,10 @@ def load_jsonl(path: str | Path, matcher: AnswerMatcher | None = None,
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise UsageError(f"{path}:{number}: not valid JSON ({err})") from None
             if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+                has = (f"; it has {', '.join(map(repr, list(row)[:6]))}"
+                       if isinstance(row, dict) and row else "")
                 raise UsageError(f"{path}:{number}: expected an object with \"prompt\" and "
-                                 f"\"answer\"")
+                                 f"\"answer\"{has}")
             prompt, answer = row["prompt"], row["answer"]
             if not isinstance(prompt, str) or not prompt:
                 raise UsageError(f"{path}:{number}: \"prompt\" must be a non-empty string")

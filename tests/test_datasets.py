@@ -115,7 +115,8 @@ def test_jsonl_reads_examples_and_limit(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ('{"prompt": "a", "answer": "b"', ":2: not valid JSON"),
-    ('{"prompt": "a"}', ':2: expected an object with "prompt" and "answer"'),
+    ('{"prompt": "a"}', ':2: expected an object with "prompt" and "answer"; it has \'prompt\''),
+    ('{"question": "a", "Answer": 1}', '"answer"; it has \'question\', \'Answer\''),
     ('["prompt", "answer"]', ":2: expected an object"),
     ('{"prompt": "", "answer": "b"}', ':2: "prompt" must be a non-empty string'),
     ('{"prompt": "a", "answer": [1]}', ':2: "answer" must be a string or a number'),
