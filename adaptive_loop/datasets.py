@@ -22,13 +22,12 @@ from typing import Any
 from .errors import UsageError
 from .tasks import make_task
 
-# the last number in a text: optional sign, digits with optional thousands commas, decimals,
-# exponent
-# digits before any exponent, and no letter just before: `e5` (a word, a footnote) is no number
-# a number starts after no letter, digit, underscore or point (`abc123`, `v1.5`: none), and
-# its sign after none of those either (`x-5`: none; `= -5`: -5), so that no match starts
-# inside a word or another number
-_NUMBER = re.compile(r"(?:(?<![\w.])[-+]|(?<![\w.+-]))"
+# a number in a text: optional sign, digits with optional thousands commas, decimals,
+# exponent (digits before it: `e5`, a word or a footnote, is no number). It starts after no
+# ASCII letter, digit or underscore, nor right after a digit and a point, and its sign after
+# none of those either, so that no match starts inside a word or another number: `abc123`,
+# `v1.5`: none; `答案是42`, `No.5`, `10-20`, `x-5`, `= -5`: 42, 5, 20, 5, -5
+_NUMBER = re.compile(r"(?:(?<![A-Za-z0-9_])[-+]|(?<![A-Za-z0-9_])(?<!\d\.))"
                      r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 

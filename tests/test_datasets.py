@@ -1,6 +1,7 @@
 """Evaluation data: task specs, JSONL files and answer extraction."""
 
 import json
+from decimal import Decimal
 
 import pytest
 
@@ -56,9 +57,12 @@ def test_numeric_equivalence():
     assert parse_number("The answer is 42 (see e5)") == 42.0
     assert parse_number("Q3 total: 12") == 12.0 and parse_number(".5") == 0.5
     assert AnswerMatcher(numeric=True).correct("42, see e5", "42")
-    # no number starts inside a word or another number, nor its sign after a letter
-    assert [parse_number(t) for t in ("abc123", "v1.5", "x-5", "12a34", "= -5", "3-5")] == \
-        [None, None, None, 12, -5, 3]
+    # no number starts inside a word or another number, nor its sign after a letter; letters
+    # of other scripts are no ASCII word (Chinese writes no space before a number)
+    texts = ("abc123", "v1.5", "x-5", "12a34", "= -5", "10-20", "2+3", "No.5", "答案是42",
+             "ответ42", "...5", "__42__")
+    assert [parse_number(t) for t in texts] == [None, None, 5, 12, -5, 20, 3, 5, 42, 42,
+                                                Decimal("0.5"), None]
     # numbers compare exactly as written, however many digits they have
     m = AnswerMatcher(numeric=True)
     assert not m.correct("1000000001", "1000000000")
