@@ -219,7 +219,7 @@ def calibrate(model: LoopMDM, data: EvalSet, policy: str, grid: Sequence[Any], *
         raise UsageError(f"{n} example{'' if n == 1 else 's'} cannot be split {split:g} / "
                          f"{1 - split:g}; give more (--limit) or another --split")
     needed = fewest_examples(tolerance, confidence)
-    if n_cal < needed:  # no outcome could certify anything: say so before any work
+    if n_cal < needed:  # no outcome could certify anything: say so before generating
         raise UsageError(f"{n_cal} calibration example{'' if n_cal == 1 else 's'} cannot "
                          f"certify any value: even none disagreeing would not show a rate <= "
                          f"{tolerance:g} with probability >= {confidence:g}, which takes at "
