@@ -11,7 +11,9 @@ the model config, since the tokenizers of public MDMs do not know the mask token
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import numbers
 import os
 from dataclasses import dataclass
@@ -152,6 +154,17 @@ class HFTokenizer(FileTokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(self._visible(ids), skip_special_tokens=True)
 
+    @functools.cached_property
+    def unknown(self) -> tuple[int, str] | None:
+        """The id and text of the token that stands for what the file cannot write, if its
+        model has one (a byte-level BPE has none: it writes any text)."""
+        try:
+            token = json.loads(self._tok.to_str()).get("model", {}).get("unk_token")
+        except (ValueError, AttributeError):
+            return None
+        found = None if not isinstance(token, str) else self._tok.token_to_id(token)
+        return None if found is None else (found, token)
+
 
 class SentencePieceTokenizer(FileTokenizer):
     """A SentencePiece `tokenizer.model` (SMDM's Llama-2 tokenizer). Encoding starts with the
@@ -184,6 +197,12 @@ class SentencePieceTokenizer(FileTokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds(self._visible(ids))
+
+    @property
+    def unknown(self) -> tuple[int, str] | None:
+        """The id and text of the token that stands for what the model cannot write."""
+        found = self._sp.unk_id()
+        return None if found < 0 else (found, self._sp.IdToPiece(found))
 
 
 TOKENIZER_FILES = {"tokenizer.json": HFTokenizer, "tokenizer.model": SentencePieceTokenizer}
@@ -265,6 +284,28 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any] | str:
     own say what they read (their spec, or a hash of their file); another class, its name."""
     identity = getattr(tokenizer, "identity", None)
     return identity() if callable(identity) else type(tokenizer).__qualname__
+
+
+def unknown_note(tokenizer: Tokenizer, prompts: list[str], looked_at: int = 500) -> str | None:
+    """A note when prompts (the first `looked_at`) encode with the tokenizer's unknown token:
+    the model then reads parts of them as that one token (a tokenizer that is not the
+    model's, or text it was never meant for), and what it answers means little."""
+    unknown = getattr(tokenizer, "unknown", None)
+    if unknown is None:
+        return None
+    sample = prompts[:looked_at]
+    hit = 0
+    for text in sample:
+        try:
+            hit += unknown[0] in tokenizer.encode(text)
+        except UsageError:
+            return None  # a prompt it refuses is reported where it is encoded
+    if not hit:
+        return None
+    return (f"{hit} of {len(sample)} prompt{'' if len(sample) == 1 else 's'} "
+            f"hold{'s' if hit == 1 else ''} text the tokenizer cannot write (it reads as "
+            f"{unknown[1]!r}); the model's answers to them mean little: is the tokenizer the "
+            f"checkpoint's own?")
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:

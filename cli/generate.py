@@ -166,6 +166,12 @@ def generate(
             raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
                              "from)")
         gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+    from ..checkpoint import tokenizer_for
+    from ..tokenizer import unknown_note
+
+    unknown = unknown_note(tokenizer_for(model), list(prompt))
+    if unknown:
+        err.print(f"note: {unknown}", markup=False, highlight=False)
     result = run(model, prompt, policy=halting, gen_length=gen_length,
                  steps=steps or gen_length, seed=seed, **decoding)
     stats = result.stats
@@ -236,6 +242,7 @@ def _complete_file(path: Path, out_file: Path | None, force: bool, halting: Any,
     from ..distributed import session
     from ..evaluate import default_decoding
     from ..shards import claimed_by_job
+    from ..tokenizer import unknown_note
 
     records = read_prompts(path, completing=True)
     with session(device) as ranks, ExitStack() as claim:
@@ -254,6 +261,9 @@ def _complete_file(path: Path, out_file: Path | None, force: bool, halting: Any,
             gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
         tok = tokenizer_for(model)
         encoded = encode_records(model, records, tok, gen_length)  # before the progress bar
+        unknown = unknown_note(tok, [r["prompt"] for r in records])
+        if unknown and ranks.main:
+            err.print(f"note: {unknown}", markup=False, highlight=False)
         with progress_bar(hidden=not ranks.main) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
             job = bar.add_task(label, total=None)

@@ -67,6 +67,15 @@ def _setup(checkpoint: Path | None, device: str | None, dtype: str | None, task:
     model = load_checkpoint(checkpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     evalset = resolve_eval_set(model.config.task, task=task, data=data, limit=limit, seed=seed,
                                matcher=matcher)
+    from ..checkpoint import tokenizer_for
+    from ..distributed import world_rank
+    from ..tokenizer import unknown_note
+
+    if world_rank()[0] != 0:  # the notes below are said once, by rank 0
+        return model, evalset
+    unknown = unknown_note(tokenizer_for(model), [ex.prompt for ex in evalset.examples])
+    if unknown:
+        err.print(f"note: {unknown}", markup=False, highlight=False)
     if answer_regex is not None:  # a regex that finds nothing in the answers is likely a slip
         found = sum(matcher.extract(ex.answer) is not None for ex in evalset.examples)
         if found == 0:

@@ -232,3 +232,25 @@ def test_a_custom_tokenizer_must_give_integer_ids():
     out = generate(model, ["x"], policy=make("fixed"), gen_length=2, steps=1,
                    tokenizer=NumpyInts())
     assert out.tokens[0, :2].tolist() == [1, 2]
+
+
+def test_prompts_with_text_the_tokenizer_cannot_write_are_noted(tmp_path):
+    """A word-level or sentencepiece file reads what it does not know as its unknown token:
+    the note counts such prompts; a byte-level BPE (no unknown token) and the char tokenizer
+    (which refuses) never note."""
+    from adaptive_loop.tokenizer import unknown_note
+
+    _tokenizer_json(tmp_path)
+    _tokenizer_model(tmp_path)
+    word = HFTokenizer(tmp_path / "tokenizer.json", mask_id=99)
+    piece = SentencePieceTokenizer(tmp_path / "tokenizer.model", mask_id=99)
+    assert word.unknown == (word._tok.token_to_id("[UNK]"), "[UNK]")
+    assert unknown_note(word, ["the cat sat", "the dog"]) is None
+    assert unknown_note(word, ["the cat sat", "the zebra"]).startswith(
+        "1 of 2 prompts holds text the tokenizer cannot write (it reads as '[UNK]')")
+    assert unknown_note(piece, ["the cat", "the dog"]) is None
+    assert unknown_note(piece, ["the cat", "日本"]).startswith("1 of 2 prompts holds text")
+    bpe = Tokenizer(models.BPE())
+    bpe.save(str(tmp_path / "bpe.json"))
+    assert HFTokenizer(tmp_path / "bpe.json", mask_id=0).unknown is None
+    assert unknown_note(tokenizer_for(load_model()), ["12+34="]) is None
