@@ -179,6 +179,9 @@ def plan_settings(policy: str, grid: Sequence[Any], *, tolerance: float, confide
     if not 0 < split < 1:
         raise UsageError(f"--split must lie in (0, 1), got {split}")
     _check_param(policy, param)
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence):
+        raise UsageError(f"grid must be a list of candidate values, e.g. [0.05, 0.1, 0.2], got "
+                         f"{grid!r}")
     if not grid:
         raise UsageError("give at least one candidate value (--grid)")
     repeated = [v for i, v in enumerate(grid) if v in list(grid)[:i]]

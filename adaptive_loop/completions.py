@@ -29,6 +29,7 @@ from .files import atomic_write_text, writable_dir
 from .measure import length_batches
 from .model import LoopMDM
 from .policies import HaltingPolicy
+from .requests import check_decoding
 from .sampler import batch_seed, generate
 from .shards import Part, PartStore, claimed_by_job, finish, plan_id, run_sharded, well_formed
 from .sweep import model_fingerprint
@@ -135,6 +136,14 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
     ranks = ranks or Ranks()
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    check_decoding(decoding)
+    if not isinstance(decoding, dict) or "gen_length" not in decoding:
+        raise UsageError("decoding must give gen_length (and may give steps and the sampler's "
+                         "other arguments)")
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in records):
+        raise UsageError("records must be a list of objects with a \"prompt\" string, as "
+                         "read_prompts gives")
     if encoded is None:
         encoded = encode_records(model, records, tokenizer, decoding["gen_length"])
     batches = length_batches(encoded, batch_size)

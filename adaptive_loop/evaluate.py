@@ -8,10 +8,11 @@ from typing import Any
 
 from .datasets import task_set
 from .distributed import Ranks
+from .errors import UsageError, described
 from .measure import plan_batches, run_setting
 from .model import LoopMDM
 from .policies import HaltingPolicy
-from .tasks import AdditionTask
+from .tasks import AdditionTask, make_task
 
 
 @dataclass
@@ -50,6 +51,11 @@ def evaluate_task(model: LoopMDM, task: AdditionTask, policy: HaltingPolicy, *, 
     Across ranks (`ranks`) each runs its share of the batches; rank 0 gets the result, the
     others None.
     """
+    if isinstance(task, dict):  # a task's spec, as a model config names it
+        task = make_task(task)
+    if not hasattr(task, "spec"):
+        raise UsageError(f"task must be a built-in task or its spec (e.g. model.config.task), "
+                         f"got {described(task)}")
     data = task_set(task.spec(), n, seed)
     plan = plan_batches(model, data, batch_size=batch_size,
                         decoding={**decoding, "compact": compact})

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .errors import AdaptiveLoopError, CheckpointError, UsageError
+from .errors import AdaptiveLoopError, CheckpointError, UsageError, described
 from .files import atomic_write_many, why_unreadable, writable_dir
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
@@ -425,6 +425,9 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     from .checkpoint import tokenizer_for
     from .measure import length_batches
 
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise UsageError(f"train-halting: prompts must be a list of strings (at least 2), got "
+                         f"{described(prompts)}")
     loops = model.config.n_loops if max_loops is None else max_loops
     steps = gen_length if steps is None else steps
     checks = [(len(prompts) >= 2, f"give at least 2 prompts, got {len(prompts)}"),

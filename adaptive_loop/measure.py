@@ -21,7 +21,7 @@ from .distributed import Ranks
 from .errors import UsageError
 from .model import LoopMDM
 from .policies import HaltingPolicy
-from .requests import check_values
+from .requests import check_decoding, check_values
 from .sampler import GenerationResult, batch_seed, generate
 from .shards import Part, PartStore, run_sharded, well_formed
 from .tokenizer import Tokenizer
@@ -141,6 +141,7 @@ def plan_batches(model: LoopMDM, data: EvalSet, *, batch_size: int = 100,
             encoded.append(tokenizer.encode(ex.prompt))
         except UsageError as err:
             raise UsageError(f"{data.where(i)}: {err}") from None
+    check_decoding(decoding)
     dec = {**data.decoding, **{k: v for k, v in (decoding or {}).items() if v is not None}}
     inferred = ""  # where gen_length came from, when the data gave it
     if "gen_length" not in dec:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import AdaptiveLoopError, UsageError
+from .errors import AdaptiveLoopError, UsageError, described
 from .model import LoopMDM
 from .policies.base import check_policy
 from .remasking import REMASKING
@@ -61,6 +61,25 @@ def check_types(policy: Any, gen_length: Any, steps: Any, block_length: Any,
             None if threshold is None else _real("threshold", threshold),
             None if factor is None else _real("factor", factor),
             _real("cfg_scale", cfg_scale), seed)
+
+
+DECODING = ("gen_length", "steps", "block_length", "temperature", "remasking", "threshold",
+            "factor", "cfg_scale", "eos_fill", "compact", "warm_start", "compile", "attention",
+            "pipeline")  # the sampler's arguments that a run's `decoding` may set
+
+
+def check_decoding(decoding: Any) -> None:
+    """A `decoding` dict holds only the sampler's arguments (a misspelt one is a UsageError
+    here, not a TypeError deep inside a run)."""
+    if decoding is None:
+        return
+    if not isinstance(decoding, dict):
+        raise UsageError(f"decoding must be a dict of sampler arguments, got "
+                         f"{described(decoding)}")
+    unknown = sorted(str(k) for k in decoding if k not in DECODING)
+    if unknown:
+        raise UsageError(f"unknown decoding option {', '.join(map(repr, unknown))}; the sampler "
+                         f"takes {', '.join(DECODING)}")
 
 
 def check_flags(**flags: Any) -> None:

@@ -481,7 +481,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
         sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
                        step, steps, trace, short, probe)
-        halt = _checked(policy, policy.decide(sig), index)
+        halt = _checked(policy, _decide(policy, sig), index)
         trace.monitor_flops += policy.decision_flops(index.numel())
         if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
             short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
@@ -511,6 +511,22 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
+
+
+def _decide(policy: HaltingPolicy, sig: Signals) -> Any:
+    """`policy.decide(sig)`; a plugin that reads a signal it did not declare in `needs` (left
+    None: the runtime computes only what is declared) is told so, not left with a NoneType
+    error from inside its rule."""
+    try:
+        return policy.decide(sig)
+    except (AttributeError, TypeError) as err:
+        unset = [f for f in ("delta", "cosine", "hidden", "logits")
+                 if getattr(sig, f) is None and f not in policy.needs]
+        if not unset or "NoneType" not in str(err):
+            raise
+        raise UsageError(f"policy {policy.name or type(policy).__name__!r}: decide failed on a "
+                         f"signal it did not declare ({err}); add what it reads (of "
+                         f"{', '.join(unset)}) to its `needs`") from err
 
 
 def _checked(policy: HaltingPolicy, halt: Any, index: Tensor) -> Tensor:

@@ -301,6 +301,9 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
                     cfg_scale, seed, tokenizer)
     check_flags(eos_fill=eos_fill, compact=compact, warm_start=warm_start, pipeline=pipeline)
     rows, tokenizer = prompt_rows(model, prompts, tokenizer)
+    if tokenizer is not None and not isinstance(shown := tokenizer.decode(rows[0][:1]), str):
+        raise UsageError(f"the tokenizer's decode must return a string, got "
+                         f"{type(shown).__name__}")  # found before the work, not after it
     block_length = gen_length if block_length is None else block_length
     prompt_len = max(len(r) for r in rows)
     check_values(model, prompt_len, gen_length, steps, block_length, temperature, remasking,

@@ -37,12 +37,13 @@ from .config import MAX_LOOPS
 from .curves import ORACLE, annotate, curve_csv, plot_curve, plot_heatmap
 from .datasets import EvalSet, parse_value
 from .distributed import Ranks
-from .errors import UsageError
+from .errors import UsageError, described
 from .files import JsonLines, atomic_write_text, writable_dir
 from .measure import Outcome, plan_batches, run_setting
 from .model import LoopMDM
 from .oracle import run_oracle
 from .policies import HaltingPolicy, make
+from .requests import check_decoding
 from .shards import PartStore, claimed_by_job, finish, is_count, plan_id
 from .tokenizer import tokenizer_identity
 
@@ -105,6 +106,30 @@ def parse_policy_grid(spec: str) -> list[Setting]:
     for setting in settings:
         policy_of(setting)
     return settings
+
+
+def as_settings(given: Any) -> list[Setting]:
+    """Grid points from what a Python caller may pass: Settings, grid specs (strings) or
+    policies made with `policies.make`; anything else is a UsageError."""
+    if isinstance(given, (str, Setting, HaltingPolicy)):
+        given = [given]
+    if not isinstance(given, (list, tuple)):
+        raise UsageError(f"settings must be a list of Settings, grid specs such as "
+                         f"\"entropy:threshold=0.1,0.2\" or policies, got {described(given)}")
+    out: list[Setting] = []
+    for item in given:
+        if isinstance(item, str):
+            out += parse_policy_grid(item)
+        elif isinstance(item, HaltingPolicy):
+            out.append(Setting(item.name, tuple(item.params().items())))
+            policy_of(out[-1])  # its parameters must rebuild it
+        elif isinstance(item, Setting) and isinstance(item.params, tuple) and all(
+                isinstance(p, tuple) and len(p) == 2 for p in item.params):
+            out.append(item)
+        else:
+            raise UsageError(f"a setting is a Setting(name, ((param, value), ...)), a grid spec "
+                             f"or a policy, got {described(item)}")
+    return out
 
 
 def policy_of(setting: Setting) -> HaltingPolicy:
@@ -242,7 +267,8 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
     Args:
         model: the model to sweep.
         data: the evaluation set (`datasets.resolve_eval_set`).
-        settings: grid points (`parse_policy_grid`).
+        settings: grid points: `Setting`s (`parse_policy_grid`), grid specs such as
+            "entropy:threshold=0.1,0.2", or policies (`policies.make(...)`).
         out_dir: output directory (created; must be writable).
         oracle_loops: loop counts of the oracle points; None: `default_oracle_loops`; []: none.
         seed: sampling-noise seed of every point.
@@ -257,6 +283,8 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
             rank 0 and None on the others.
     """
     ranks = ranks or Ranks()
+    settings = as_settings(settings)
+    check_decoding(decoding)
     directory = prepare_output_dir(out_dir)
     with claimed_by_job(directory, ranks) as unlocked:  # one run at a time writes its files
         hooks = hooks or SweepHooks()

@@ -200,14 +200,17 @@ def check_policy(policy: Any) -> None:
 
 
 def init_parameters(cls: type[HaltingPolicy]) -> dict[str, inspect.Parameter]:
-    """A policy class's named constructor parameters, with the base class's after its own
-    when its `__init__` passes `**kwargs` on to them."""
-    signature = inspect.signature(cls.__init__).parameters
+    """A policy class's named constructor parameters, with those of the class its `__init__`
+    passes `**kwargs` on to after its own (the next `__init__` up its bases: a subclass of a
+    built-in policy takes the built-in's parameters too)."""
+    owner = next(k for k in cls.__mro__ if "__init__" in k.__dict__)
+    signature = inspect.signature(owner.__init__).parameters
     named = {k: p for k, p in signature.items()
              if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    if cls is not HaltingPolicy and any(p.kind is p.VAR_KEYWORD for p in signature.values()):
-        named.update({k: p for k, p in init_parameters(HaltingPolicy).items()
-                      if k not in named})
+    if owner is not HaltingPolicy and any(p.kind is p.VAR_KEYWORD for p in signature.values()):
+        parent = next(k for k in owner.__mro__[1:] if "__init__" in k.__dict__)
+        if issubclass(parent, HaltingPolicy):
+            named.update({k: p for k, p in init_parameters(parent).items() if k not in named})
     return named
 
 
@@ -244,6 +247,10 @@ def register(cls: type[HaltingPolicy]) -> type[HaltingPolicy]:
         if taken.__module__.startswith(__package__ + "."):
             raise UsageError(f"{cls.name!r} is a built-in policy; register "
                              f"{cls.__qualname__} under another name")
+        if (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise UsageError(f"{cls.name!r} is registered by {taken.__module__}."
+                             f"{taken.__qualname__}; register {cls.__qualname__} under another "
+                             f"name (the same class defined again replaces it)")
     _REGISTRY[cls.name] = cls
     return cls
 

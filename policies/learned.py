@@ -105,6 +105,11 @@ class Learned(HaltingPolicy):
                              f"decisions would not hold; {_RETRAIN}")
         self._model = model
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled or copied without the model it last ran on (a policy sent to a worker
+        process must not carry the model's weights; it is checked again on its next run)."""
+        return {**self.__dict__, "_model": None}
+
     def label_params(self) -> dict[str, Any]:
         """Without the head and threshold it was not given (resolved, they differ from the
         None defaults, but say nothing the user chose)."""

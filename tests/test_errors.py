@@ -753,3 +753,57 @@ def test_ctrl_c_just_before_the_command_starts_is_one_line():
         "entry()\n")
     res = _python(script)
     assert (res.returncode, res.stderr) == (130, "aborted\n"), res.stderr
+
+
+def test_library_mistakes_are_usage_errors(tmp_path):
+    """What a Python caller passes wrong to the library's run functions is a UsageError
+    naming it, not a TypeError or KeyError from deep inside (and a refused sweep writes
+    nothing); policies and grid specs stand for settings."""
+    import re
+
+    from adaptive_loop import UsageError
+    from adaptive_loop.calibrate import calibrate
+    from adaptive_loop.checkpoint import tokenizer_for
+    from adaptive_loop.completions import complete_file
+    from adaptive_loop.datasets import resolve_eval_set
+    from adaptive_loop.evaluate import evaluate_task
+    from adaptive_loop.policies import make
+    from adaptive_loop.sweep import as_settings, run_sweep
+
+    model = load_model()
+    data = resolve_eval_set(model.config.task, limit=4)
+    tok = tokenizer_for(model)
+
+    class ListDecoder:
+        def encode(self, text):
+            return [1, 2]
+
+        def decode(self, ids):
+            return list(ids)
+
+    cases = [
+        (lambda: run_sweep(model, data, ["fixed"], tmp_path / "a", decoding={"step": 3}),
+         "unknown decoding option 'step'; the sampler takes gen_length, steps"),
+        (lambda: run_sweep(model, data, [3], tmp_path / "b"), "a setting is a Setting"),
+        (lambda: calibrate(model, data, "entropy", "0.1,0.2", tolerance=0.5, confidence=0.6),
+         "grid must be a list of candidate values"),
+        (lambda: evaluate_task(model, model.config.task, make("fixed"), n=4, gen_lenght=9),
+         "unknown decoding option 'gen_lenght'"),
+        (lambda: evaluate_task(model, "addition", make("fixed"), n=4),
+         "task must be a built-in task or its spec"),
+        (lambda: complete_file(model, [{"prompt": "1+2="}], policy=make("fixed"), tokenizer=tok,
+                               decoding={}), "decoding must give gen_length"),
+        (lambda: complete_file(model, ["1+2="], policy=make("fixed"), tokenizer=tok,
+                               decoding={"gen_length": 9}), "records must be a list of objects"),
+        (lambda: generate(model, "12+34=", tokenizer=ListDecoder()),
+         "the tokenizer's decode must return a string, got list"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            call()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    policy = make("convergence", threshold=0.3)
+    assert [s.key for s in as_settings([policy, "fixed:loops=2,4"])] == [
+        'convergence:{"check_every": 1, "max_loops": null, "metric": "l2", "min_loops": 1, '
+        '"threshold": 0.3}', 'fixed:{"loops": 2}', 'fixed:{"loops": 4}']
+    assert evaluate_task(model, model.config.task, policy, n=4).n == 4  # a spec dict is a task

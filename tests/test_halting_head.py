@@ -75,6 +75,8 @@ def test_kl_labels_are_kl_to_the_last_loop(tiny_model, prompts):
     assert data.labels[:, -1].all() and not data.labels.all()
     with pytest.raises(UsageError, match="label must be one of argmax, kl, got 'l2'"):
         train_halting_head(tiny_model, PROMPTS, gen_length=4, label="l2")
+    with pytest.raises(UsageError, match="prompts must be a list of strings .*got str 'abcd'"):
+        train_halting_head(tiny_model, "abcd", gen_length=4)  # not one prompt per character
     with pytest.raises(UsageError, match="label_eps must be a finite number > 0"):
         train_halting_head(tiny_model, PROMPTS, gen_length=4, label="kl", label_eps=0.0)
     _, report = train_halting_head(tiny_model, PROMPTS, gen_length=4, max_loops=3,

@@ -206,6 +206,17 @@ def test_register_in_python_keeps_the_built_ins():
 
         made.append(Twice)
     assert type(make("twice-defined")) is made[1]
+
+    class Other(base.HaltingPolicy):  # another class under the same name: refused
+        name = "twice-defined"
+
+        def decide(self, signals):
+            return signals.index < 0
+
+    with pytest.raises(UsageError, match="'twice-defined' is registered by .*Twice; register .*"
+                                         "Other under another name"):
+        base.register(Other)
+    assert type(make("twice-defined")) is made[1]
     del base._REGISTRY["twice-defined"]
 
 
@@ -229,3 +240,46 @@ def test_needs_may_be_any_collection_of_signals(needs, tiny_model, prompts):
         assert torch.equal(out.tokens, same.tokens) and torch.equal(out.loops, same.loops)
     finally:
         del base._REGISTRY["listed-needs"]
+
+
+def test_a_subclass_of_a_built_in_policy_takes_its_parameters_through_kwargs():
+    """A plugin that extends `entropy` and passes **kwargs on takes entropy's parameters, and
+    its repr (a resumed run's identity) shows them."""
+    from adaptive_loop.policies.entropy import Entropy
+
+    @base.register
+    class Scaled(Entropy):
+        name = "scaled-entropy"
+
+        def __init__(self, scale=1.0, **kwargs):
+            super().__init__(**kwargs)
+            self.scale = scale
+
+    try:
+        a, b = make("scaled-entropy", threshold=0.2, probe="lens"), make("scaled-entropy")
+        assert (a.threshold, a.probe, a.scale) == (0.2, "lens", 1.0)
+        assert repr(a) != repr(b) and "threshold=0.2" in repr(a)
+        assert a.label() == "scaled-entropy(threshold=0.2, probe=lens)"
+        with pytest.raises(UsageError, match="takes no parameter colour; it takes scale, "
+                                             "threshold, context_threshold"):
+            make("scaled-entropy", colour=1)
+    finally:
+        del base._REGISTRY["scaled-entropy"]
+
+
+def test_a_signal_read_but_not_declared_is_named(tiny_model, prompts):
+    @base.register
+    class Undeclared(base.HaltingPolicy):
+        name = "undeclared-delta"
+
+        def decide(self, signals):
+            return signals.delta < 0.3  # delta is not in needs: the runtime leaves it None
+
+    try:
+        with pytest.raises(UsageError, match=r"policy 'undeclared-delta': decide failed on a "
+                           r"signal it did not declare .*add what it reads \(of delta, cosine, "
+                           r"hidden, logits\) to its `needs`"):
+            generate(tiny_model, prompts, policy=make("undeclared-delta"), gen_length=4,
+                     steps=2)
+    finally:
+        del base._REGISTRY["undeclared-delta"]

@@ -628,6 +628,21 @@ def test_a_head_trained_on_other_weights_is_refused(head_dir, tiny_model, prompt
         generate(retrained, prompts, policy=make("learned", head=tmp_path), **kw)
 
 
+def test_a_learned_policy_pickles_without_the_model_it_ran_on():
+    """Sent to a worker process, a used policy must not carry the model's weights; the copy
+    is checked against its next model again."""
+    import pickle
+
+    from adaptive_loop import generate, load_model
+
+    model, policy = load_model(), make("learned")
+    before = len(pickle.dumps(policy))
+    first = generate(model, "98181872+61818127=", policy=policy)
+    assert len(pickle.dumps(policy)) == before
+    again = generate(model, "98181872+61818127=", policy=pickle.loads(pickle.dumps(policy)))
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.loops, again.loops)
+
+
 def test_learned_errors(head_dir, make_config, monkeypatch, tmp_path):
     with pytest.raises(UsageError, match="threshold is a probability"):
         make("learned", head=head_dir, threshold=1.5)
