@@ -57,7 +57,10 @@ SIDECARS = ("halting_head.safetensors", "halting_head.json", "training.json")
 
 def save_model(model: LoopMDM, directory: str | Path) -> Path:
     """Write `model` in the native format; returns the directory (made if missing). Weights
-    and config already there are replaced, together."""
+    and config already there are replaced, together. Its tokenizer goes with it: the one
+    `attach_tokenizer` gave it, else its checkpoint's file. A halting head and
+    `training.json` beside the checkpoint it came from are not copied (`convert_checkpoint`
+    carries them)."""
     if not isinstance(model, LoopMDM):
         raise UsageError(f"save_model takes a LoopMDM, got {type(model).__name__}")
     if not isinstance(directory, (str, os.PathLike)) or not str(directory):
@@ -66,8 +69,15 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    _copy_tokenizer_file(model, out)
     fields = model.config.to_dict()
+    attached = getattr(model, "tokenizer", None)  # attach_tokenizer's, in place of the config's
+    if attached is not None and callable(getattr(attached, "spec", None)):
+        fields["tokenizer"] = attached.spec()
+        source = getattr(attached, "path", None)
+        if source is not None and Path(source).resolve() != (out / Path(source).name).resolve():
+            shutil.copyfile(source, out / Path(source).name)
+    else:
+        _copy_tokenizer_file(model, out)
     # both files record the config they were saved with: weights renamed into place beside
     # the config.json of an earlier save (a run killed between the two renames) are refused
     save_id = plan_id(fields)  # a short hash of the config

@@ -254,3 +254,19 @@ def test_prompts_with_text_the_tokenizer_cannot_write_are_noted(tmp_path):
     bpe.save(str(tmp_path / "bpe.json"))
     assert HFTokenizer(tmp_path / "bpe.json", mask_id=0).unknown is None
     assert unknown_note(tokenizer_for(load_model()), ["12+34="]) is None
+
+
+@pytest.mark.parametrize("make_file, name", [(_tokenizer_json, "tokenizer.json"),
+                                             (_tokenizer_model, "tokenizer.model")])
+def test_an_attached_tokenizer_is_saved_with_the_model(tmp_path, make_config, make_file, name):
+    """save_model writes the tokenizer attach_tokenizer gave the model (it wrote the
+    config's, so the saved model could not read text)."""
+    from adaptive_loop import LoopMDM
+
+    model = LoopMDM(make_config(vocab_size=64, mask_id=63)).eval()
+    (tmp_path / "tok").mkdir()
+    make_file(tmp_path / "tok")
+    attach_tokenizer(model, tmp_path / "tok" / name)
+    saved = load_model(save_model(model, tmp_path / "m"))
+    assert (tmp_path / "m" / name).is_file() and saved.config.tokenizer["file"] == name
+    assert tokenizer_for(saved).encode("the cat") == tokenizer_for(model).encode("the cat")
