@@ -180,3 +180,15 @@ def test_warm_start_resumes_unchanged_positions(tiny_model, prompts):
     first = generate(tiny_model, prompts, policy=policy, gen_length=6, steps=3, warm_start=True)
     assert torch.equal(first.tokens, warm.tokens)  # reproducible
     assert not torch.equal(cold.tokens, warm.tokens)
+
+
+def test_the_decoding_options_a_run_accepts_are_the_samplers():
+    """`requests.DECODING` (what run_sweep, calibrate, evaluate_task and complete_file accept
+    in `decoding`) is every argument of `generate` but the prompts, policy, seed and
+    tokenizer, which those functions give themselves."""
+    import inspect
+
+    from adaptive_loop.requests import DECODING
+
+    own = {"model", "prompts", "policy", "seed", "tokenizer"}
+    assert set(DECODING) == set(inspect.signature(generate).parameters) - own
