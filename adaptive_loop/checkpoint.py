@@ -37,7 +37,7 @@ from .importers import (
 from .importers.source import all_finite, safetensors_error
 from .model import LoopMDM
 from .shards import plan_id
-from .tokenizer import CharTokenizer, Tokenizer, from_spec
+from .tokenizer import TOKENIZER_NAMES, CharTokenizer, Tokenizer, from_spec
 
 FORMAT_NAME = "adaptive-loop"
 FORMAT_VERSION = 1
@@ -74,8 +74,11 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     if attached is not None and callable(getattr(attached, "spec", None)):
         fields["tokenizer"] = attached.spec()
         source = getattr(attached, "path", None)
-        if source is not None and Path(source).resolve() != (out / Path(source).name).resolve():
-            shutil.copyfile(source, out / Path(source).name)
+        if source is not None:  # under its kind's own name, whatever the file was called
+            name = TOKENIZER_NAMES[attached.kind]
+            fields["tokenizer"]["file"] = name
+            if Path(source).resolve() != (out / name).resolve():
+                shutil.copyfile(source, out / name)
     else:
         _copy_tokenizer_file(model, out)
     # both files record the config they were saved with: weights renamed into place beside
@@ -414,10 +417,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     try:
         model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
                            **overrides)
-        if tokenizer is not None:
-            attach_tokenizer(model, tokenizer)
-            model.config.tokenizer = model.tokenizer.spec()
-            model.tokenizer_dir = model.tokenizer.path.parent  # save_model copies it from there
+        if tokenizer is not None:  # save_model writes it beside the weights, under its
+            attach_tokenizer(model, tokenizer)  # kind's own name, which the config names
+            model.config.tokenizer = {**model.tokenizer.spec(),
+                                      "file": TOKENIZER_NAMES[model.tokenizer.kind]}
     except BaseException:
         if created:  # a failed load leaves no empty folder behind
             out.rmdir()
@@ -437,7 +440,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
         model.left_out, model.left_out_reason = [], ""
         origin = Path(model.checkpoint_path)
         if origin.is_dir() and _is_native(origin / CONFIG_FILE):
-            reason = _head_left_out(origin, model.config)
+            reason = _head_left_out(origin, model)
             for name in SIDECARS:
                 if (origin / name).is_file():
                     if name in SIDECARS[:2] and reason:
@@ -456,13 +459,17 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     return model
 
 
-def _head_left_out(origin: Path, cfg: LoopMDMConfig) -> str:
+def _head_left_out(origin: Path, model: LoopMDM) -> str:
     """Why the halting head beside a native checkpoint is not copied along ("" to copy it):
-    it was trained under another loop spec, or it cannot be read."""
-    from .halting_head import HEAD_WEIGHTS, load_head
+    it was trained under another loop spec or on other weights (the checkpoint was trained
+    again since), or it cannot be read; as the learned policy would refuse it."""
+    from .halting_head import HEAD_WEIGHTS, load_head, weights_signature
 
-    if not _head_fits(origin / SIDECARS[1], cfg):
+    if not _head_fits(origin / SIDECARS[1], model.config):
         return "it was trained under another loop spec"
+    signed = _head_record(origin / SIDECARS[1]).get("weights")
+    if signed is not None and signed != weights_signature(model):
+        return "it was trained on other weights (the checkpoint was trained again since)"
     if (origin / HEAD_WEIGHTS).is_file():
         try:
             load_head(origin)
@@ -485,8 +492,14 @@ def _head_fits(head_json: Path, cfg: LoopMDMConfig) -> bool:
     checks it."""
     from .halting_head import model_differences
 
+    return not model_differences(_head_record(head_json), cfg.to_dict())
+
+
+def _head_record(head_json: Path) -> dict[str, Any]:
+    """A halting head's record of its model (its JSON's "model"), or {} where there is none
+    to read (then nothing disagrees with it: the head is copied as it is)."""
     try:
         trained = json.loads(head_json.read_text()).get("model", {})
     except (OSError, ValueError, AttributeError):
-        return True  # no record to disagree: copied as it is
-    return not model_differences(trained, cfg.to_dict())
+        return {}
+    return trained if isinstance(trained, dict) else {}

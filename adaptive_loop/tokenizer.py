@@ -207,6 +207,7 @@ class SentencePieceTokenizer(FileTokenizer):
 
 TOKENIZER_FILES = {"tokenizer.json": HFTokenizer, "tokenizer.model": SentencePieceTokenizer}
 _KINDS = {cls.kind: cls for cls in TOKENIZER_FILES.values()}
+TOKENIZER_NAMES = {cls.kind: name for name, cls in TOKENIZER_FILES.items()}  # kind -> file
 
 
 def find_tokenizer_file(directory: str | Path) -> Path | None:

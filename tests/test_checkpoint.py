@@ -201,6 +201,44 @@ def test_convert_leaves_out_a_head_of_another_loop_spec(tmp_path, tiny_model):
     assert not (tmp_path / "damaged" / "halting_head.safetensors").exists()
 
 
+def test_convert_leaves_out_a_head_of_weights_trained_again(tmp_path):
+    """A head signs the weights it was trained on; a checkpoint trained again in place keeps
+    its old head beside it, which the learned policy refuses: convert leaves it out and says
+    why, and keeps it while the weights are the same."""
+    import torch
+
+    from adaptive_loop import convert_checkpoint, embedded_path
+
+    kept = convert_checkpoint(embedded_path(), tmp_path / "ck")  # the embedded head, signed
+    assert kept.left_out == [] and (tmp_path / "ck" / "halting_head.json").is_file()
+    model = load_model(tmp_path / "ck")
+    with torch.no_grad():
+        model.embed_tokens.weight.neg_()  # "trained again": the same shape, other weights
+    save_model(model, tmp_path / "ck")
+    moved = convert_checkpoint(tmp_path / "ck", tmp_path / "moved", dtype="bfloat16")
+    assert moved.left_out == ["halting_head.safetensors", "halting_head.json"]
+    assert moved.left_out_reason.startswith("it was trained on other weights")
+    assert (tmp_path / "moved" / "training.json").is_file()
+
+
+def test_convert_writes_a_tokenizer_under_its_kinds_own_name(tmp_path):
+    """A tokenizer file given to convert under another name (even config.json) is written as
+    tokenizer.json or tokenizer.model, never over a checkpoint file of that name."""
+    from layouts import write_llada, write_tokenizer_json
+
+    from adaptive_loop import convert_checkpoint, tokenizer_for
+
+    write_llada(tmp_path / "l")
+    write_tokenizer_json(tmp_path / "t")
+    (tmp_path / "t" / "tokenizer.json").rename(tmp_path / "t" / "config.json")
+    convert_checkpoint(tmp_path / "l", tmp_path / "out", tokenizer=tmp_path / "t" / "config.json")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    model = load_model(tmp_path / "out")
+    assert model.config.tokenizer["file"] == "tokenizer.json"
+    assert tokenizer_for(model).encode("the cat")
+
+
 def test_convert_refuses_a_destination_it_cannot_write_before_loading(tmp_path):
     """As every command that writes a folder: one line, exit 2, before the (long) load."""
     (tmp_path / "file").write_text("")
