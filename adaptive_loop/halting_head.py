@@ -431,7 +431,10 @@ def train_halting_head(model: LoopMDM, prompts: Sequence[str], *, gen_length: in
     loops = model.config.n_loops if max_loops is None else max_loops
     steps = gen_length if steps is None else steps
     checks = [(len(prompts) >= 2, f"give at least 2 prompts, got {len(prompts)}"),
-              (loops >= 2, f"max_loops must be >= 2 (a head decides between loops), got {loops}"),
+              (loops >= 2, f"max_loops must be >= 2 (a head decides between loops), got {loops}"
+               + ("" if max_loops is not None else "; this checkpoint runs 1 loop (an import "
+                  "is a plain MDM until convert gives it a looped block: --loop-start, "
+                  "--loop-layers, --loops)")),
               (0 < held_out < 1, f"held_out must be in (0, 1), got {held_out}"),
               (0 <= threshold <= 1, f"threshold must be in [0, 1], got {threshold}"),
               (hidden >= 0, f"hidden must be >= 0, got {hidden}"),

@@ -34,8 +34,9 @@ from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, register
 from .predictive import nonnegative
 
 # what to do about a head that does not fit the model (the embedded model's ships with it)
-_RETRAIN = ("train one for it with `adaptive-loop train-halting --checkpoint CKPT --out DIR` "
-            "(no --checkpoint for the embedded model) and pass head=DIR")
+_RETRAIN = ("train one for it: `adaptive-loop train-halting --checkpoint CKPT --overwrite` "
+            "writes it beside the checkpoint, or `--out DIR` (with no --checkpoint for the "
+            "embedded model) elsewhere, then pass head=DIR")
 
 
 @register
