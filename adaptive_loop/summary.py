@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import embedded_path, load_model, resolve_config, tokenizer_for
+from .checkpoint import (
+    SIDECARS,
+    WEIGHTS_FILE,
+    embedded_path,
+    load_model,
+    resolve_config,
+    tokenizer_for,
+)
 from .errors import UsageError
 from .flops import block_flops, step_flops_fixed
 from .model import LoopMDM
@@ -29,7 +36,9 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
         length: sequence length for the FLOP figures (default: the model's context).
 
     Returns:
-        A JSON-ready dict: path, format, config, loop, parameters, flops, tokenizer.
+        A JSON-ready dict: path, format, config, loop, parameters, flops, tokenizer, and for
+        a native checkpoint the stored dtype of its weights and the files beside them (a
+        halting head, the training record).
     """
     cfg, fmt = resolve_config(source, format=format, config=config, **overrides)
     with torch.device("meta"):
@@ -51,7 +60,12 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
                                  "pad_id": cfg.pad_id, "eos_id": cfg.eos_id}
     if spec.get("file"):
         tokenizer.update(file=spec["file"], found=(directory / spec["file"]).is_file())
+    native = {}
+    if fmt == "native":
+        native = {"dtype": _stored_dtype(directory / WEIGHTS_FILE),
+                  "beside": [name for name in SIDECARS if (directory / name).is_file()]}
     return {
+        **native,
         "path": str(path), "format": fmt, "config": cfg.to_dict(),
         "loop": {"prelude_layers": cfg.n_prelude, "loop_start": cfg.loop_start,
                  "loop_layers": cfg.loop_layers, "coda_layers": cfg.n_coda,
@@ -63,6 +77,20 @@ def inspect_model(source: str | Path | None = None, *, format: str = "auto",
                   "per_step_by_part": step},
         "tokenizer": tokenizer,
     }
+
+
+def _stored_dtype(weights: Path) -> str | None:
+    """The dtype(s) the floating-point tensors of a safetensors file are stored in, from its
+    header (e.g. "BF16"; None where it cannot be read: `--check` says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception:  # a damaged file: inspect shows the config, --check reports the file
+        return None
+    floating = sorted(k for k in kinds if k.startswith(("F", "BF")))
+    return ", ".join(floating or sorted(kinds)) or None
 
 
 def check_weights(source: str | Path | None = None, *, format: str = "auto",

@@ -130,6 +130,9 @@ def inspect(
                                                     + ("" if tok["found"] else ", missing")
                                                     + ")" if "file" in tok else "")
                   + f"; mask {tok['mask_id']}, pad {tok['pad_id']}, eos {tok['eos_id']}")
+    if "dtype" in info:  # a native checkpoint: how its weights are stored, what is beside them
+        table.add_row("stored", f"{info['dtype'] or 'unreadable'} weights"
+                      + (f"; beside them: {', '.join(info['beside'])}" if info["beside"] else ""))
     if check:
         got = info["check"]
         vocab = got["tokenizer"].get("vocab_size")

@@ -33,6 +33,24 @@ def test_inspect_reports_counts_and_flops(tmp_path):
                             "coda_layers": 1, "n_loops": 3, "max_train_loops": 3}
 
 
+def test_inspect_shows_how_a_native_checkpoint_is_stored_and_what_is_beside_it(tmp_path):
+    from adaptive_loop import convert_checkpoint, embedded_path
+
+    info = inspect_model()
+    assert info["dtype"] == "F32" and info["beside"] == [
+        "halting_head.safetensors", "halting_head.json", "training.json"]
+    convert_checkpoint(embedded_path(), tmp_path / "bf", dtype="bfloat16")
+    (tmp_path / "bf" / "training.json").unlink()
+    info = inspect_model(tmp_path / "bf")
+    assert info["dtype"] == "BF16" and info["beside"] == [
+        "halting_head.safetensors", "halting_head.json"]
+    res = run("inspect", str(tmp_path / "bf"))
+    assert res.returncode == 0 and "BF16 weights; beside them: halting_head.safetensors, " \
+        "halting_head.json" in res.stdout
+    write_mdlm(tmp_path / "m")  # an import: no native storage to show
+    assert "dtype" not in inspect_model(tmp_path / "m")
+
+
 def test_convert_then_inspect_and_generate(tmp_path):
     write_mdlm(tmp_path / "m")
     res = run("convert", str(tmp_path / "m"), str(tmp_path / "native"), "--loop-start", "1",
