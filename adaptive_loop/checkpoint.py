@@ -37,7 +37,7 @@ from .importers import (
 from .importers.source import all_finite, safetensors_error
 from .model import LoopMDM
 from .shards import plan_id
-from .tokenizer import TOKENIZER_NAMES, CharTokenizer, Tokenizer, from_spec
+from .tokenizer import CharTokenizer, Tokenizer, from_spec
 
 FORMAT_NAME = "adaptive-loop"
 FORMAT_VERSION = 1
@@ -73,12 +73,9 @@ def save_model(model: LoopMDM, directory: str | Path) -> Path:
     attached = getattr(model, "tokenizer", None)  # attach_tokenizer's, in place of the config's
     if attached is not None and callable(getattr(attached, "spec", None)):
         fields["tokenizer"] = attached.spec()
-        source = getattr(attached, "path", None)
-        if source is not None:  # under its kind's own name, whatever the file was called
-            name = TOKENIZER_NAMES[attached.kind]
-            fields["tokenizer"]["file"] = name
-            if Path(source).resolve() != (out / name).resolve():
-                shutil.copyfile(source, out / name)
+        source, name = getattr(attached, "path", None), fields["tokenizer"].get("file")
+        if source is not None and name and Path(source).resolve() != (out / name).resolve():
+            shutil.copyfile(source, out / name)  # under the name its spec gives
     else:
         _copy_tokenizer_file(model, out)
     # both files record the config they were saved with: weights renamed into place beside
@@ -417,10 +414,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     try:
         model = load_model(source, format=format, config=config, device="cpu", dtype=dtype,
                            **overrides)
-        if tokenizer is not None:  # save_model writes it beside the weights, under its
-            attach_tokenizer(model, tokenizer)  # kind's own name, which the config names
-            model.config.tokenizer = {**model.tokenizer.spec(),
-                                      "file": TOKENIZER_NAMES[model.tokenizer.kind]}
+        if tokenizer is not None:  # save_model writes it beside the weights
+            attach_tokenizer(model, tokenizer)
+            model.config.tokenizer = model.tokenizer.spec()
     except BaseException:
         if created:  # a failed load leaves no empty folder behind
             out.rmdir()
@@ -463,11 +459,12 @@ def _head_left_out(origin: Path, model: LoopMDM) -> str:
     """Why the halting head beside a native checkpoint is not copied along ("" to copy it):
     it was trained under another loop spec or on other weights (the checkpoint was trained
     again since), or it cannot be read; as the learned policy would refuse it."""
-    from .halting_head import HEAD_WEIGHTS, load_head, weights_signature
+    from .halting_head import HEAD_WEIGHTS, load_head, model_differences, weights_signature
 
-    if not _head_fits(origin / SIDECARS[1], model.config):
+    trained = _head_record(origin / SIDECARS[1])
+    if model_differences(trained, model.config.to_dict()):
         return "it was trained under another loop spec"
-    signed = _head_record(origin / SIDECARS[1]).get("weights")
+    signed = trained.get("weights")
     if signed is not None and signed != weights_signature(model):
         return "it was trained on other weights (the checkpoint was trained again since)"
     if (origin / HEAD_WEIGHTS).is_file():
@@ -485,14 +482,6 @@ def _is_native(config_file: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
-
-
-def _head_fits(head_json: Path, cfg: LoopMDMConfig) -> bool:
-    """Whether a halting head's record of its model agrees with `cfg`, as the learned policy
-    checks it."""
-    from .halting_head import model_differences
-
-    return not model_differences(_head_record(head_json), cfg.to_dict())
 
 
 def _head_record(head_json: Path) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class FileTokenizer:
     """Common part of the tokenizers read from a file: specials and decoding rules."""
 
     kind = ""
+    file_name = ""
 
     def __init__(self, path: str | Path, mask_id: int, pad_id: int | None = None,
                  eos_id: int | None = None) -> None:
@@ -100,7 +101,9 @@ class FileTokenizer:
         return [i for i in ids if i not in hidden and 0 <= i < size]
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "file": self.path.name}
+        """What a config names: the kind and the file beside the weights, under the kind's
+        own name (a copy of a file called otherwise is written under it)."""
+        return {"kind": self.kind, "file": self.file_name}
 
     def identity(self) -> dict[str, Any]:
         """The kind, a hash of the file's bytes and the special ids."""
@@ -128,6 +131,7 @@ class HFTokenizer(FileTokenizer):
     own."""
 
     kind = "huggingface"
+    file_name = "tokenizer.json"
 
     def __init__(self, path: str | Path, mask_id: int, pad_id: int | None = None,
                  eos_id: int | None = None) -> None:
@@ -172,6 +176,7 @@ class SentencePieceTokenizer(FileTokenizer):
     evaluation tokenise through it, so every sequence it trained on begins with BOS)."""
 
     kind = "sentencepiece"
+    file_name = "tokenizer.model"
 
     def __init__(self, path: str | Path, mask_id: int, pad_id: int | None = None,
                  eos_id: int | None = None) -> None:
@@ -205,9 +210,8 @@ class SentencePieceTokenizer(FileTokenizer):
         return None if found < 0 else (found, self._sp.IdToPiece(found))
 
 
-TOKENIZER_FILES = {"tokenizer.json": HFTokenizer, "tokenizer.model": SentencePieceTokenizer}
+TOKENIZER_FILES = {cls.file_name: cls for cls in (HFTokenizer, SentencePieceTokenizer)}
 _KINDS = {cls.kind: cls for cls in TOKENIZER_FILES.values()}
-TOKENIZER_NAMES = {cls.kind: name for name, cls in TOKENIZER_FILES.items()}  # kind -> file
 
 
 def find_tokenizer_file(directory: str | Path) -> Path | None:

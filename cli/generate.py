@@ -119,7 +119,6 @@ def generate(
     deals the batches to N ranks; rank 0 writes the same file a one-process run writes.
     """
     from ..distributed import refuse_launch
-    from ..evaluate import default_decoding
     from ..sampler import generate as run
 
     halting = _policy(policy, threshold, loops, min_loops, max_loops, check_every, checkpoint,
@@ -161,19 +160,17 @@ def generate(
         if task is None:
             raise UsageError("this checkpoint has no built-in task; give a PROMPT")
         prompt = [task.problems(1, seed if seed is not None else 7)[0][0]]
-    if gen_length is None:
-        if task is None:
-            raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
-                             "from)")
-        gen_length, steps = task.answer_length, steps or default_decoding(task)["steps"]
+    if gen_length is None and task is None:  # (generate takes the task's length and steps)
+        raise UsageError("give --gen-length (this checkpoint has no built-in task to take it "
+                         "from)")
     from ..checkpoint import tokenizer_for
     from ..tokenizer import unknown_note
 
     unknown = unknown_note(tokenizer_for(model), list(prompt))
     if unknown:
         err.print(f"note: {unknown}", markup=False, highlight=False)
-    result = run(model, prompt, policy=halting, gen_length=gen_length,
-                 steps=steps or gen_length, seed=seed, **decoding)
+    result = run(model, prompt, policy=halting, gen_length=gen_length, steps=steps, seed=seed,
+                 **decoding)
     stats = result.stats
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
