@@ -7,11 +7,14 @@ in throughput.py.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,19 +40,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# where this package's code lives (its policies are installed from a folder of their own)
+_HERE = Path(__file__).resolve()
+_SOURCES = {_HERE.parent, _HERE.parent / "policies", _HERE.parent.parent / "policies"}
+
+
 def cuda_syncs(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
-    """Call `fn` with CUDA's sync debug mode on: its result and the message of every
-    synchronising CUDA call it made (what a count of host syncs is checked against)."""
+    """Call `fn` with CUDA's sync debug mode on: its result and, per synchronising CUDA call
+    it made (what a count of host syncs is checked against), where it was made: this
+    package's innermost frames, so that a call beyond the count names its line. The mode's
+    one-time notice that it is a prototype is no sync and is left out."""
     torch.cuda.synchronize()
     before = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
+    seen: list[str] = []
+
+    def record(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        text = str(message)
+        if "synchronizing" not in text or "prototype" in text:
+            return
+        frames = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()
+                  if Path(f.filename).resolve().parent in _SOURCES
+                  and Path(f.filename).resolve() != _HERE]
+        seen.append(" <- ".join(reversed(frames[-3:])) or f"{filename}:{lineno}")
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             result = fn()
         finally:
             torch.cuda.set_sync_debug_mode(before)
-    return result, [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return result, seen
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 10,
@@ -91,10 +113,13 @@ class IterationRow:
     fraction: float  # mean active fraction asked for
     active: float  # active fraction drawn
     full_ms: float  # the full iteration, eager or compiled as `compiled` says
-    compact_ms: float
+    compact_ms: float  # compacted, its plan built from sizes the host knows (as the runtime)
     attention: str = "padded"  # packed attention backend
     compiled: bool = False
     full_flops: int = 0  # FLOPs of the full iteration (flops.py's convention)
+    # compacted, its plan built from the mask alone: the host waits for the device's counts
+    # first, as each iteration does when every one is checked without `pipeline`
+    waiting_ms: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -109,7 +134,14 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     included) against the full iteration, on random weights: for each attention backend and
     each mode in `modes` (False: eager, True: compiled; the compiled rows' full iteration is
     compiled too, and the first calls, untimed, compile). The same active masks serve every
-    backend and mode."""
+    backend and mode.
+
+    The compacted iteration is timed twice: with its plan built from sizes the host already
+    knows (`compact_ms`: the runtime reads them with the previous check's decisions, so the
+    host can queue iterations ahead of the device, as the full iteration's calls are), and
+    from the mask alone (`waiting_ms`: the host waits for the device's counts before it
+    queues the iteration, so host and device take turns, as they do in a run that checks
+    every iteration without `pipeline`)."""
     torch.manual_seed(seed)
     model = random_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -129,16 +161,21 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
             for compiled, run in runs:
                 full = time_call(lambda run=run: run.dense(model, h, None, None), device,
                                  repeats)
+                counts = active.sum(1)
+                size, width = (int(x) for x in torch.stack([counts.sum(), counts.max()]))
                 for backend, key in keys.items():
 
                     def compact(active: torch.Tensor = active, run=run, key=key,
-                                caches=caches[backend]) -> None:
-                        plan = PackPlan.from_mask(active).with_keys(key)
-                        run.packed(model, h, plan, caches, None)
+                                caches=caches[backend], counts=counts, size=size,
+                                width=width, wait: bool = False) -> None:
+                        plan = PackPlan.from_mask(active) if wait else \
+                            PackPlan.from_sizes(active, size, width, counts)
+                        run.packed(model, h, plan.with_keys(key), caches, None)
 
-                    rows.append(IterationRow(f, float(active.float().mean()), full * 1e3,
-                                             time_call(compact, device, repeats) * 1e3,
-                                             backend, compiled, flops))
+                    rows.append(IterationRow(
+                        f, float(active.float().mean()), full * 1e3,
+                        time_call(compact, device, repeats) * 1e3, backend, compiled, flops,
+                        time_call(functools.partial(compact, wait=True), device, repeats) * 1e3))
     return rows
 
 

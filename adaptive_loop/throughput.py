@@ -103,11 +103,11 @@ Setting = tuple[str, dict[str, Any], bool, bool, bool]
 
 
 def settings(policies: list[tuple[str, dict[str, Any]]], compile: bool,
-             pipeline: bool = False) -> list[Setting]:
+             pipeline: bool = False, eager: bool = True) -> list[Setting]:
     """Fixed loops first (the reference of `wall_ratio`), then each policy with compaction on
     (and pipelined, with `pipeline`) and off; with `compile`, all of it again with compiled
-    iterations."""
-    modes = (False, True) if compile else (False,)
+    iterations (only those, with `eager=False`)."""
+    modes = ((False,) if eager else ()) + (True,) if compile else (False,)
     out: list[Setting] = []
     for compiled in modes:
         out.append(("fixed", {}, True, compiled, False))
@@ -201,9 +201,11 @@ def random_prompts(model: LoopMDM, batch: int, length: int, seed: int = 0) -> to
 def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_length: int,
                             steps: int, policies: list[tuple[str, dict[str, Any]]] | None = None,
                             compile: bool = False, attention: str = "auto", repeats: int = 1,
-                            seed: int = 0, pipeline: bool = False) -> list[GenerationRow]:
+                            seed: int = 0, pipeline: bool = False,
+                            eager: bool = True) -> list[GenerationRow]:
     """Generation of `gen_length` tokens in `steps` denoising steps after `batch` random
-    prompts of `prompt_length` tokens, per setting (`settings`): the median wall time of
+    prompts of `prompt_length` tokens, per setting (`settings`; with `compile` and
+    `eager=False`, compiled iterations only): the median wall time of
     `repeats` interleaved rounds (`rows_of`), after one untimed run of each setting (warm-up;
     compilation, when compiled)."""
     from .sampler import generate
@@ -230,5 +232,5 @@ def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_
             monitor_flops=s.monitor_flops, nfe=s.nfe, tokens=batch * gen_length,
             token_steps=out.tokens.numel() * s.nfe, output=out.tokens[:, out.prompt_length:])
 
-    return rows_of(settings(policies or RANDOM_POLICIES, compile, pipeline), run, repeats,
-                   once)
+    return rows_of(settings(policies or RANDOM_POLICIES, compile, pipeline, eager), run,
+                   repeats, once)

@@ -30,6 +30,7 @@ import os
 import signal
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +49,10 @@ from adaptive_loop.bench import (
     random_model,
     relative,
     rows_to_dicts,
+    uneven_mask,
 )
 from adaptive_loop.policies import make
-from adaptive_loop.runtime import run_loops
+from adaptive_loop.runtime import _dense_iteration, flat_caches, iterations, run_loops
 from adaptive_loop.tasks import make_task
 from adaptive_loop.throughput import bench_generation, bench_random_generation
 from adaptive_loop.varlen import flash_attn_installed
@@ -294,7 +296,8 @@ def check_host_syncs(results: dict) -> None:
                 ("_pipelined" if pipeline else "")
             results[f"host_syncs_{tag}"] = {
                 "observed": len(seen), "counted": out.stats.host_syncs,
-                "within_account": len(seen) <= out.stats.host_syncs}
+                "within_account": len(seen) <= out.stats.host_syncs,
+                "where": dict(Counter(seen).most_common())}
 
 
 def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
@@ -307,6 +310,61 @@ def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
         results[f"iteration_{name}"] = results.get(f"iteration_{name}", []) + dicts
         print(name, json.dumps(dicts), flush=True)
     return run
+
+
+def profile_iteration(results: dict) -> None:
+    """Where the time of one compacted iteration (d=2048, 25% of tokens active, plan built
+    from host-known sizes, padded attention) goes, eager and compiled: the profiler's busiest
+    device kernels and host operators over a few calls, and device-busy time against wall
+    time (far below it: the host, not the device, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = T.shape(LoopMDMConfig(**D2048))
+    batch, length = T.size(16, 2), T.size(512, 32)
+    model = random_model(cfg, T.device, T.dtype)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, length, cfg.d_model, generator=gen).to(T.device, T.dtype)
+    active = uneven_mask(batch, length, 0.25, gen).to(T.device)
+    counts = active.sum(1)
+    size, width = (int(x) for x in torch.stack([counts.sum(), counts.max()]))
+    keys = packed_keys("padded", batch, length, None, T.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if T.cuda else [])
+    out = {}
+    with torch.no_grad():
+        _, dense = _dense_iteration(model, h, None, None)
+        caches = flat_caches(dense, keys.slots(batch, length))
+        for compiled in (False, True):
+            run = iterations(compiled, T.device)
+
+            def once(run=run) -> None:
+                plan = PackPlan.from_sizes(active, size, width, counts).with_keys(keys)
+                run.packed(model, h, plan, caches, None)
+
+            for _ in range(3):  # compile, warm up
+                once()
+            calls = T.size(10, 2)
+            if T.cuda:
+                torch.cuda.synchronize(T.device)
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    once()
+                if T.cuda:
+                    torch.cuda.synchronize(T.device)
+                wall = time.perf_counter() - start
+            events = prof.key_averages()
+            device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+            sort = "self_cuda_time_total" if T.cuda else "self_cpu_time_total"
+            out["compiled" if compiled else "eager"] = {
+                "wall_ms_per_call": wall * 1e3 / calls, "device_ms_per_call": device / calls,
+                "by_device": events.table(sort_by=sort, row_limit=12, max_name_column_width=60),
+                "by_host": events.table(sort_by="self_cpu_time_total", row_limit=12,
+                                        max_name_column_width=60)}
+            print("profile", "compiled" if compiled else "eager",
+                  f"{out['compiled' if compiled else 'eager']['wall_ms_per_call']:.2f} ms wall,",
+                  f"{out['compiled' if compiled else 'eager']['device_ms_per_call']:.2f} ms "
+                  "device per call", flush=True)
+    results["profile_d2048_25"] = out
 
 
 def _generation(results: dict, compile: bool) -> None:
@@ -328,18 +386,20 @@ def _forward(results: dict, compiled: bool) -> None:
 
 
 def _smdm_generation(results: dict, compiled: bool, loops: int = 4,
-                     pipeline: bool = False) -> None:
+                     pipeline: bool = False, eager: bool = True,
+                     policies: list | None = None) -> None:
     """Generation on the 170M-class shape at batch 32 (random weights, random prompts): fixed
-    loops and each policy with compaction on (and pipelined, with `pipeline`) and off. At the
-    preset's 4 loops the looped block is about half of a step's FLOPs, which caps what
-    compaction can save (the rows' `bound`); `loops=12`, the LoopMDM paper's count, shows it
-    where the block dominates."""
+    loops and each policy with compaction on (and pipelined, with `pipeline`) and off;
+    `compiled` adds compiled iterations (only those, with `eager=False`). At the preset's 4
+    loops the looped block is about half of a step's FLOPs, which caps what compaction can
+    save (the rows' `bound`); `loops=12`, the LoopMDM paper's count, shows it where the block
+    dominates."""
     torch.manual_seed(0)
     cfg = T.shape(LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512, n_loops=loops))
     model = random_model(cfg, T.device, T.dtype)
     rows = bench_random_generation(model, T.size(32, 2), T.size(64, 8), T.size(256, 16),
-                                   T.size(64, 4), compile=compiled, repeats=T.size(2, 1),
-                                   pipeline=pipeline)
+                                   T.size(64, 4), policies=policies, compile=compiled,
+                                   repeats=T.size(2, 1), pipeline=pipeline, eager=eager)
     key = "generation_smdm_b32" + ("" if loops == 4 else f"_loops{loops}") + \
         ("_compiled" if compiled else "")
     results[key] = [r.to_dict() for r in rows]
@@ -395,7 +455,8 @@ def targets(results: dict) -> list[dict]:
             [r for r in monitor if r["family"] == family], "ratio", min,
             lambda r: r["label"]), limit, below=True)
     runs = [dict(r, run=k) for k in ("generation_smdm_b32", "generation_smdm_b32_loops12",
-                                     "generation_smdm_b32_compiled")
+                                     "generation_smdm_b32_compiled",
+                                     "generation_smdm_b32_loops12_compiled")
             for r in results.get(k, [])]
     speedup = 1.5  # the target: compaction on over off
     for who, chosen in (("model-driven policies", lambda r: "random" not in r["label"]),
@@ -501,6 +562,9 @@ def main() -> None:
                         help="Seconds this script may run; sections that would not fit are "
                         "skipped.")
     parser.add_argument("--device", default="cuda", help="Where to run (default cuda).")
+    parser.add_argument("--only", default="",
+                        help="Comma-separated section names to run, in this order (default: "
+                        "every section, in order of value, while the budget lasts).")
     parser.add_argument("--smoke", action="store_true",
                         help="Every section at toy sizes, ignoring the budget: a check of "
                         "this script that runs anywhere (the tests run it on the CPU).")
@@ -554,7 +618,21 @@ def main() -> None:
         ("generation_compiled", 90, lambda r: _generation(r, True)),
         ("iteration_smdm_compiled", 120, _iteration("smdm-170m-shape", smdm, 32, 512,
                                                     (True,))),
+        # compiled iterations only (dense ones as CUDA graphs), pipelined too, at 12 loops;
+        # the policies whose masked reference runs all loops (a bound over 1.5)
+        ("profile_d2048", 30, profile_iteration),
+        ("generation_smdm_b32_loops12_compiled", 150, lambda r: _smdm_generation(
+            r, True, 12, pipeline=True, eager=False,
+            policies=[("stability", {"probe": "lens", "shortlist": 16}),
+                      ("random", {"rate": 0.2})])),
     ]
+    if args.only:
+        named = {name: (name, expected, run) for name, expected, run in sections}
+        unknown = [n for n in args.only.split(",") if n not in named]
+        if unknown:
+            parser.error(f"unknown section(s) {', '.join(unknown)}; sections: "
+                         f"{', '.join(named)}")
+        sections = [named[n] for n in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu_check.json"
     # a section cut short by the shell's `timeout` leaves the results of those before it, and

@@ -303,3 +303,30 @@ def test_bench_of_a_short_context_checkpoint_fits_its_length(tmp_path):
     report = json.loads(res.stdout)
     assert report["length"] == 32 and report["checkpoint"] == str(path)
     assert report["generation_source"] == "2 random prompts of 8 tokens, 24 generated in 6 steps"
+
+
+def test_cuda_syncs_names_where_each_sync_was_made_and_leaves_out_the_notice(monkeypatch):
+    """What sync debug mode reports, read on any machine: its CUDA calls stubbed, the warnings
+    it would raise raised from inside the package (here from `PackPlan.from_mask`, through a
+    patched `torch.stack`). The mode's prototype notice is no sync; each sync names its line."""
+    import warnings
+
+    from adaptive_loop import bench
+    from adaptive_loop.attention import PackPlan
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    real_stack = torch.stack
+
+    def stack(*args, **kwargs):
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet "
+                      "detect all synchronizing operations", stacklevel=2)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        return real_stack(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "stack", stack)
+    plan, seen = bench.cuda_syncs(lambda: PackPlan.from_mask(torch.ones(2, 3, dtype=torch.bool)))
+    assert plan.size == 6 and modes == ["warn", 0]
+    assert len(seen) == 1 and seen[0].startswith("attention.py:"), seen

@@ -5,6 +5,7 @@ host syncs than the runtime counts."""
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import pytest
 import torch
@@ -207,7 +208,7 @@ def test_host_syncs_within_the_account(cuda_model, compile, pipeline, name, para
     generate(model, PROMPTS, **kwargs)
     out, syncs = cuda_syncs(lambda: generate(model, PROMPTS, **kwargs))
     assert syncs, "sync debug mode reported nothing: the count would prove nothing"
-    assert len(syncs) <= out.stats.host_syncs, syncs[:3]
+    assert len(syncs) <= out.stats.host_syncs, Counter(syncs).most_common()
 
 
 @pytest.mark.parametrize("name, params", [

@@ -21,9 +21,11 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     assert report["smoke"] is True and report["skipped"] == []
     for key in ("matmul_peak_bf16", "forward_1b", "forward_1b_compiled", "iteration_d2048",
                 "monitor_smdm", "generation_smdm_b32", "generation_smdm_b32_compiled",
-                "generation_smdm_b32_loops12",
+                "generation_smdm_b32_loops12", "generation_smdm_b32_loops12_compiled",
                 "generation_embedded", "generation_embedded_compiled"):
         assert report[key], key
+    assert all(g["compiled"] for g in report["generation_smdm_b32_loops12_compiled"])
+    assert all(r["waiting_ms"] > 0 for r in report["iteration_d2048"])
     # the equivalences the script reports hold exactly on the CPU reference path
     assert report["compact_vs_masked_loops_equal"] and report["never_halting_equals_fixed"]
     assert report["runtime_flex_vs_padded_loops_equal"]
@@ -50,6 +52,19 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     speedups = [g["speedup"] for g in report["generation_smdm_b32_loops12"]
                 if g["speedup"] is not None and "random" in g["label"]]
     assert report["targets"][-1]["measured"] >= max(speedups)
+
+
+def test_only_runs_the_named_sections_in_order_and_refuses_unknown_ones(tmp_path):
+    run = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke",
+           "--out", str(tmp_path)]
+    res = subprocess.run(run + ["--only", "monitor_smdm,matmul_peak"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["seconds"]) == ["monitor_smdm", "matmul_peak"]
+    res = subprocess.run(run + ["--only", "monitor_smdm,nonsense"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "unknown section(s) nonsense" in res.stderr
 
 
 def test_checks_tell_a_failure_from_a_check_that_did_not_run(monkeypatch):
