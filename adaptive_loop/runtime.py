@@ -254,9 +254,12 @@ class Shortlist:
         the size of the union depends on the data)."""
         top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (M, k)
         vocab = torch.unique(top)
-        member = torch.zeros(batch, vocab.numel(), dtype=torch.bool, device=logits.device)
-        member[rows[:, None].expand_as(top), torch.searchsorted(vocab, top)] = True
-        return cls(vocab, member)
+        member = torch.zeros(batch * vocab.numel(), dtype=torch.bool, device=logits.device)
+        # index_fill_ takes the value as a scalar: `member[...] = True` would copy a host
+        # tensor holding True to the device, and wait for it
+        where = rows[:, None] * vocab.numel() + torch.searchsorted(vocab, top)
+        member.index_fill_(0, where.reshape(-1), True)
+        return cls(vocab, member.view(batch, vocab.numel()))
 
     def restrict(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (M, K) over `vocab` of tokens in batch rows `rows` (M,): the columns outside

@@ -60,5 +60,6 @@ class Acceleration(HaltingPolicy):
             accel = accel / hidden.norm(dim=-1).clamp_min(1e-12)
         hit = self._seen[index] & (accel < self.threshold)
         run = torch.where(hit, self._run[index] + 1, 0)
-        self._last[index], self._seen[index], self._run[index] = update, True, run
+        self._last[index], self._run[index] = update, run
+        self._seen.index_fill_(0, index, True)  # a scalar: no host tensor copied over
         return run >= self.hits

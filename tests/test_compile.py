@@ -217,14 +217,24 @@ def test_host_syncs_within_the_account(cuda_model, compile, pipeline, name, para
     ("acceleration", {"threshold": 0.5}), ("learned", {}), ("random", {"rate": 0.3}),
     ("schedule", {"budget": "2,4"}),
 ])
-def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, name, params):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, name, params,
+                                                                  pipeline):
     """`torch.tensor(data, device=...)` copies host data to the device and waits for it (on
-    CUDA, sync debug mode reports each one, beyond the runtime's account); the generation path
-    fills tensors on the device instead. Seen on the CPU by watching those constructors."""
+    CUDA, sync debug mode reports each one, beyond the runtime's account); so does
+    `t[index] = True` on a device tensor (the value becomes a host tensor first: an H200 run
+    caught the shortlist's doing so once per step). The generation path fills tensors on the
+    device instead. Seen on the CPU by watching those constructors, and every tensor made from
+    Python data (`lift_fresh`) outside the prompt upload that the account counts."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from adaptive_loop import load_model
 
     model = load_model()  # its shipped halting head serves `learned`
     prompts = ["12345678+87654321=", "5+5="]
+    policy = make(name, **params)
     calls = []
     for fn in ("tensor", "as_tensor"):
         real = getattr(torch, fn)
@@ -234,7 +244,19 @@ def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, n
                 calls.append(fn)
             return real(*args, **kwargs)
         monkeypatch.setattr(torch, fn, spy)
-    out = generate(model, prompts, policy=make(name, **params), gen_length=9, steps=3)
+
+    class Lifts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.startswith("aten::lift_fresh"):
+                stack = traceback.extract_stack()
+                if not any(f.name == "_batch" for f in stack):  # the counted upload
+                    ours = [f for f in stack if "/torch/" not in f.filename.replace("\\", "/")
+                            and f.filename != __file__]
+                    calls.append(f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "?")
+            return func(*args, **(kwargs or {}))
+
+    with Lifts():
+        out = generate(model, prompts, policy=policy, gen_length=9, steps=3, pipeline=pipeline)
     assert out.tokens.shape[0] == 2 and calls == []
 
 
