@@ -191,13 +191,13 @@ def test_resolve_attention(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")  # (no CUDA needed to decide)
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
     assert resolve_attention("auto", gpu, torch.bfloat16, 64) == "varlen"
-    assert resolve_attention("auto", gpu, torch.float32, 64) == "flex"  # flash-attn: half only
+    assert resolve_attention("auto", gpu, torch.float32, 64) == "padded"  # flash-attn: half only
     assert resolve_attention("auto", cpu, torch.bfloat16, 64) == "padded"
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
     assert resolve_attention("auto", cpu, torch.float32, 32) == "padded"
     assert resolve_attention("flex", cpu, torch.float32, 8) == "flex"
-    assert resolve_attention("auto", gpu, torch.bfloat16, 64) == "flex"
-    assert resolve_attention("auto", gpu, torch.bfloat16, 8) == "padded"  # below flex's 16
+    assert resolve_attention("auto", gpu, torch.bfloat16, 64) == "padded"  # measured fastest
+    assert resolve_attention("flex", gpu, torch.bfloat16, 16) == "flex"
     with pytest.raises(UsageError, match="at least 16"):
         resolve_attention("flex", gpu, torch.bfloat16, 8)
     with pytest.raises(UsageError, match="flash-attn"):
@@ -255,3 +255,28 @@ def test_grouped_heads_read_in_place_equal_expanded_heads(masked, monkeypatch):
         q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1),
         attn_mask=None if key_mask is None else key_mask[:, None, None, :])
     assert torch.equal(dense_attention(q, k, v, key_mask), expanded)
+
+
+@pytest.mark.parametrize("length, counts, width", [(200, [3, 70, 0], 128), (200, [1, 2, 5], 64),
+                                                   (100, [99, 10, 4], 100)])
+def test_padded_width_comes_in_steps_and_changes_no_result(monkeypatch, length, counts, width):
+    """The padded buffer holds the widest row's count rounded up to a multiple of 64, at most
+    the row length, so the kernel sees a few shapes; the padding changes no output."""
+    import adaptive_loop.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    active = torch.zeros(len(counts), length, dtype=torch.bool)
+    for b, c in enumerate(counts):
+        active[b, torch.randperm(length, generator=g)[:c]] = True
+    key_mask = torch.ones(len(counts), length, dtype=torch.bool)
+    key_mask[1, :7] = False
+    plan = PackPlan.from_mask(active)
+    q = torch.randn(plan.size, 4, 8, generator=g)
+    k, v = (torch.randn(len(counts) * length, 2, 8, generator=g) for _ in range(2))
+    seen = []
+    real = attention.dense_attention
+    monkeypatch.setattr(attention, "dense_attention",
+                        lambda q, *rest: seen.append(q.shape[2]) or real(q, *rest))
+    out = padded_attention(q, k, v, plan, key_mask)
+    assert seen == [width]
+    torch.testing.assert_close(out, _naive(q, k, v, plan, key_mask), atol=1e-5, rtol=1e-5)

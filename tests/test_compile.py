@@ -182,7 +182,7 @@ def test_default_backend_run_loops(tiny_model, attention):
 @pytest.fixture
 def cuda_model() -> LoopMDM:
     """tiny_model's recipe with a head size of 16, the least FlexAttention's GPU kernels take
-    (so that "auto" picks flex), on CUDA."""
+    (so that `attention="flex"` can run too), on CUDA."""
     torch.manual_seed(0)
     model = LoopMDM(tiny_config(n_loops=4, n_heads=2, n_kv_heads=1)).eval()
     with torch.no_grad():
