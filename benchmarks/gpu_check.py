@@ -317,6 +317,7 @@ def profile_iteration(results: dict) -> None:
     from host-known sizes, padded attention) goes, eager and compiled: the profiler's busiest
     device kernels and host operators over a few calls, and device-busy time against wall
     time (far below it: the host, not the device, sets the pace)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cfg = T.shape(LoopMDMConfig(**D2048))
@@ -353,7 +354,9 @@ def profile_iteration(results: dict) -> None:
                     torch.cuda.synchronize(T.device)
                 wall = time.perf_counter() - start
             events = prof.key_averages()
-            device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+            # the kernels' own events (an operator's row repeats the time of its kernels)
+            device = sum(e.self_device_time_total for e in events
+                         if e.device_type == DeviceType.CUDA) / 1e3
             sort = "self_cuda_time_total" if T.cuda else "self_cpu_time_total"
             out["compiled" if compiled else "eager"] = {
                 "wall_ms_per_call": wall * 1e3 / calls, "device_ms_per_call": device / calls,
