@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.linalg import vector_norm
 
 from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError, UsageError, described
@@ -205,13 +206,17 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
     `probe`: their plan, from `probe_plan`) over the whole vocabulary, or over the step's
     shortlist once there is one."""
     d = h.shape[-1]
+    every = index.numel() == h.shape[0] * h.shape[1]  # every position, in order: no gathers
     if not {"delta", "cosine", "hidden"}.isdisjoint(policy.needs):  # any of them (a tuple or
         # list of needs is allowed too); a rule that reads none gathers none
-        cur, old = h.reshape(-1, d)[index], prev.reshape(-1, d)[index]
+        cur, old = h.reshape(-1, d), prev.reshape(-1, d)
+        if not every:
+            cur, old = cur[index], old[index]
     sig = Signals(iteration=iteration, step=step, steps=steps, index=index,
-                  needed=needed.reshape(-1)[index])
-    if "delta" in policy.needs:
-        sig.delta = (cur - old).float().norm(dim=-1) / cur.float().norm(dim=-1).clamp_min(1e-12)
+                  needed=needed.reshape(-1) if every else needed.reshape(-1)[index])
+    if "delta" in policy.needs:  # the norms in float32, cast inside the reduction
+        sig.delta = vector_norm(cur - old, dim=-1, dtype=torch.float32) / \
+            vector_norm(cur, dim=-1, dtype=torch.float32).clamp_min(1e-12)
     if "cosine" in policy.needs:
         sig.cosine = F.cosine_similarity(cur.float(), old.float(), dim=-1)
     if "hidden" in policy.needs:
@@ -490,12 +495,16 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
             trace.host_syncs += 1
         flat = active.view(-1)
+        every = index.numel() == total  # the index is every position: no gathers needed
         if compact and not pipeline:  # who halts now: their first-layer K/V are written below
-            halted = torch.zeros_like(flat).index_copy_(0, index, halt)
-        flat[index] = flat[index] & ~halt
+            halted = halt if every else torch.zeros_like(flat).index_copy_(0, index, halt)
+        if every:
+            flat &= ~halt
+        else:
+            flat[index] = flat[index] & ~halt
         decided = True
         counts = active.sum(1)
-        finite = all_finite(h.reshape(-1, h.shape[-1])[index])
+        finite = all_finite(h if every else h.reshape(-1, h.shape[-1])[index])
         read = [counts.sum(), counts.max(), finite.long()]
         if reads_logits:  # the next check's probe: its sizes come with this read
             probe_counts = (active & needed).sum(1)
