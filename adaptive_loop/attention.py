@@ -83,13 +83,22 @@ def cache_rows(x: Tensor, batch: int, length: int) -> Tensor:
     return x[: batch * length].view(batch, length, *x.shape[1:])
 
 
+# `nonzero_static` takes its output size and so never waits for the device: on the CPU, and on
+# CUDA from torch 2.6 (before that it had no CUDA kernel)
+_STATIC_ON = ("cpu", "cuda") if torch.torch_version.TorchVersion(torch.__version__) >= "2.6" \
+    else ("cpu",)
+
+
 def true_index(mask: Tensor, count: int) -> Tensor:
     """Positions of the True entries of a 1-D bool mask, ascending, given how many there are.
 
     `nonzero()` must wait for the device to learn its output size; with the count already on
-    the host (read together with other values in one sync), a cumulative sum and a scatter
-    find the same positions without waiting.
+    the host (read together with other values in one sync), `nonzero_static` finds the same
+    positions without waiting (one operation), and where it has no kernel a cumulative sum
+    and a scatter do (several).
     """
+    if mask.device.type in _STATIC_ON:
+        return torch.nonzero_static(mask, size=count).view(-1)
     position = torch.arange(mask.numel(), device=mask.device)
     # True entries go to their rank among the True ones, False entries to distinct spare slots
     slot = torch.where(mask, torch.cumsum(mask, 0) - 1, count + position)

@@ -223,12 +223,18 @@ def test_generate_with_flex_equals_default(tiny_model):
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 1.0])
-def test_true_index_equals_nonzero(fraction):
+def test_true_index_equals_nonzero(fraction, monkeypatch):
+    """Both ways of finding the positions without a sync: `nonzero_static` (the CPU's, and
+    CUDA's from torch 2.6) and the cumulative sum and scatter used where it has no kernel."""
+    import adaptive_loop.attention as attention
     from adaptive_loop.attention import PackPlan, true_index
 
     mask = torch.rand(3, 37, generator=torch.Generator().manual_seed(4)) < fraction
     flat = mask.reshape(-1)
     assert torch.equal(true_index(flat, int(flat.sum())), flat.nonzero().squeeze(1))
+    with monkeypatch.context() as m:
+        m.setattr(attention, "_STATIC_ON", ())
+        assert torch.equal(true_index(flat, int(flat.sum())), flat.nonzero().squeeze(1))
     plan = PackPlan.from_mask(mask)
     assert torch.equal(plan.index, flat.nonzero().squeeze(1))
     assert plan.width == int(mask.sum(1).max())
