@@ -13,7 +13,8 @@ varlen the slots as they are (under a key mask, its real keys gathered: one copy
 packed token's new keys/values are one row write. Attention has three backends, all built
 once per loop iteration from row offsets (a few tensor ops) and shared by every layer:
 - "padded": scatter each row's packed queries into a [B, A, H, D] buffer (A = most packed
-  queries in any row) for one SDPA call; padding costs only inside attention.
+  queries in any row; on CUDA rounded up to a multiple of 64) for one SDPA call; padding
+  costs only inside attention.
 - "flex": FlexAttention over the N packed queries and the T cache slots as one key sequence
   with a block mask derived from row offsets (flex.py); no padding at all. Fused only in
   compiled code.
@@ -21,8 +22,8 @@ once per loop iteration from row offsets (a few tensor ops) and shared by every 
 "auto" picks by what was measured (benchmarks/RESULTS.md): varlen when flash-attn is
 installed and the dtype and head size suit it, else padded, on CPU (where eager FlexAttention
 computes the dense mask and a compiled one measured slower) and on CUDA alike (on an H200,
-padded SDPA beat FlexAttention in 31 of 32 iteration timings, eager and compiled, at d=2048 and
-the 170M-class shape).
+padded SDPA beat FlexAttention in 30 of 32 iteration timings: eager and compiled at d=2048,
+eager at the 170M-class shape).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from .varlen import (
 )
 
 ATTENTION = ("auto", "padded", "flex", "varlen")
-WIDTH_STEP = 64  # padded attention's query rows come in multiples of this (see padded_attention)
+WIDTH_STEP = 64  # padded attention's query rows come in multiples of this on CUDA (see
+_ROUND_ON = ("cuda",)  # padded_attention)
 
 
 def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
@@ -247,13 +249,16 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
 
     q (N, H, D); k/v flat caches (T, G, D) -> (N, H, D).
 
-    A is the widest row's count rounded up to a multiple of `WIDTH_STEP` (at most L): the
-    attention kernel then sees a few shapes per generation instead of one per count, and a
-    kernel that prepares itself per shape (cuDNN's, which CUDA's SDPA may pick, builds a graph
-    for each new one) does so a few times, not every iteration.
+    A is the widest row's count; on CUDA (`_ROUND_ON`) rounded up to a multiple of
+    `WIDTH_STEP` (at most L), so that the attention kernel sees a few shapes per generation
+    instead of one per count, and a kernel that prepares itself per shape (cuDNN's, which
+    CUDA's SDPA may pick, builds a graph for each new one) does so a few times, not every
+    iteration. The CPU's kernels need no such thing, and padding would only cost there.
     """
     n, n_heads, head_dim = q.shape
-    width = torch.sym_min(plan.length, -(-plan.width // WIDTH_STEP) * WIDTH_STEP)
+    width = plan.width
+    if q.device.type in _ROUND_ON:
+        width = torch.sym_min(plan.length, -(-width // WIDTH_STEP) * WIDTH_STEP)
     padded = q.new_zeros(plan.batch, width, n_heads, head_dim)  # (B, A, H, D)
     padded[plan.rows, plan.slot] = q
     k, v = (cache_rows(x, plan.batch, plan.length).transpose(1, 2) for x in (k, v))

@@ -113,7 +113,7 @@ class IterationRow:
     fraction: float  # mean active fraction asked for
     active: float  # active fraction drawn
     full_ms: float  # the full iteration, eager or compiled as `compiled` says
-    compact_ms: float  # compacted, its plan built from sizes the host knows (as the runtime)
+    compact_ms: float  # compacted, its plan built from sizes the host knows (no wait inside)
     attention: str = "padded"  # packed attention backend
     compiled: bool = False
     full_flops: int = 0  # FLOPs of the full iteration (flops.py's convention)
@@ -137,11 +137,13 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     backend and mode.
 
     The compacted iteration is timed twice: with its plan built from sizes the host already
-    knows (`compact_ms`: the runtime reads them with the previous check's decisions, so the
-    host can queue iterations ahead of the device, as the full iteration's calls are), and
-    from the mask alone (`waiting_ms`: the host waits for the device's counts before it
-    queues the iteration, so host and device take turns, as they do in a run that checks
-    every iteration without `pipeline`)."""
+    knows (`compact_ms`: the runtime reads them with the previous check's decisions, so
+    nothing inside the call waits for the device, as nothing inside the full iteration's
+    does), and from the mask alone (`waiting_ms`: the host first waits for the device's
+    counts, then builds the plan and queues the iteration while the device idles, as each
+    iteration of a run that checks every one without `pipeline` does; its read is that
+    wait). Each timed call ends waiting for the device, for both and for the full
+    iteration alike."""
     torch.manual_seed(seed)
     model = random_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(seed)

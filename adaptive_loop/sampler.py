@@ -278,9 +278,9 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             accuracy; see the README).
         compile: run the looped block's iteration functions through `torch.compile` (off by
             default; the first call pays the compilation; see `runtime.compiled_iterations`).
-        attention: packed attention backend of the looped block: "auto" (padded on CPU,
-            FlexAttention on CUDA, flash-attn varlen where installed), "padded", "flex" or
-            "varlen".
+        attention: packed attention backend of the looped block: "auto" (flash-attn varlen
+            where installed, else padded: measured fastest on CPU and CUDA), "padded", "flex"
+            or "varlen".
         pipeline: plan each loop iteration from the halting decisions of one check earlier,
             so that on CUDA the host never waits for work it has just queued (off by default;
             same tokens, a few more FLOPs: see `runtime.run_loops`).

@@ -208,10 +208,11 @@ def bench(
         return
     table = Table(title=f"one loop iteration, {shape}, {batch} x {length}, {report['dtype']}",
                   caption="ratio: compacted over full time (plan building included, from sizes "
-                  "the host knows, as the runtime builds it); ideal: the active fraction, "
-                  "where time would follow tokens; waiting: compacted, its plan built after "
-                  "reading its sizes from the device (host and device take turns, as in a run "
-                  "checking every iteration without pipelining); vs eager: compacted time "
+                  "the host knows, as the runtime builds it after its read); ideal: the "
+                  "active fraction, where time would follow tokens; waiting: compacted, its "
+                  "plan built after reading its sizes from the device (the read's wait "
+                  "included, as in a run checking every iteration without pipelining); vs "
+                  "eager: compacted time "
                   "over the same backend's eager one; vs padded: over padded attention's in "
                   "the same mode")
     for col in ("attention", "compiled", "active (mean)", "full ms", "compacted ms", "ratio",

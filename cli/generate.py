@@ -92,7 +92,8 @@ def generate(
     ] = False,
     attention: Annotated[str, typer.Option(
         help="Attention of the packed active tokens: auto, padded, flex or varlen (auto: "
-        "padded on CPU, flex on CUDA, varlen where flash-attn is installed).")] = "auto",
+        "varlen where flash-attn is installed, else padded, measured fastest on CPU and "
+        "CUDA).")] = "auto",
     pipeline: Annotated[bool, typer.Option(
         "--pipeline", help="Plan each loop iteration from the halting decisions of one check "
         "earlier, so that on CUDA the host never waits for work it has just queued (same "

@@ -91,11 +91,19 @@ def test_iterations_have_no_graph_breaks(tiny_model, backend):
             assert report.graph_count == 1
 
 
-@pytest.mark.parametrize("backend", ["padded", "flex"])
-def test_changing_active_counts_do_not_recompile(tiny_model, backend):
+@pytest.mark.parametrize("backend, rounded", [("padded", False), ("padded", True),
+                                             ("flex", False)])
+def test_changing_active_counts_do_not_recompile(tiny_model, backend, rounded, monkeypatch):
     """Compiled (graph capture only) packed iterations over plans of different sizes and
     widths: at most two compilations (the padded width, a plain int, turns dynamic at its
-    first change), none after the second call, and each result equals eager, caches too."""
+    first change), none after the second call, and each result equals eager, caches too.
+    `rounded`: the padded width rounded up as on CUDA (here to multiples of 8, at most L),
+    a symbolic minimum in the graph."""
+    if rounded:
+        import adaptive_loop.attention as attention
+
+        monkeypatch.setattr(attention, "_ROUND_ON", ("cpu",))
+        monkeypatch.setattr(attention, "WIDTH_STEP", 8)
     counter = CompileCounter()
     run = compiled_iterations(counter, torch.device("cpu"))
     assert compiled_iterations(counter, torch.device("cpu")) is run  # cached
