@@ -155,13 +155,25 @@ def rows_of(chosen: list[Setting], run: Callable[[HaltingPolicy, bool, bool, boo
     return rows
 
 
+def _compiles_packed_attention(model: LoopMDM, attention: str) -> bool:
+    """Whether compacted generation compiles a kernel on first use even when eager:
+    FlexAttention on CUDA (flex.py's `flex_attend`)."""
+    from .attention import resolve_attention
+
+    weight = next(model.parameters())
+    return weight.device.type == "cuda" and resolve_attention(
+        attention, weight.device, weight.dtype, model.config.head_dim) == "flex"
+
+
 def bench_generation(model: LoopMDM, n: int = 200,
                      policies: list[tuple[str, dict[str, Any]]] | None = None,
                      seed: int = 1234, compile: bool = False, attention: str = "auto",
                      pipeline: bool = False, repeats: int = 1) -> list[GenerationRow]:
     """Generation on the model's built-in task, `n` problems per setting (`settings`): the
-    median wall time of `repeats` interleaved rounds (`rows_of`). The compiled settings each
-    run once untimed first, so that compilation stays out of the timings."""
+    median wall time of `repeats` interleaved rounds (`rows_of`). The settings that compile
+    something each run once untimed first, so that compilation stays out of the timings:
+    the compiled ones, and with FlexAttention on CUDA the compacted ones too (its fused
+    kernel is compiled on first use, eager or not)."""
     from .evaluate import default_decoding, evaluate_task
     from .tasks import make_task
 
@@ -169,10 +181,11 @@ def bench_generation(model: LoopMDM, n: int = 200,
     decoding = default_decoding(task)
     options = {"seed": seed, "attention": attention}
     evaluate_task(model, task, make("fixed"), n=min(n, 20), **options)  # warm-up
+    flex_cuda = _compiles_packed_attention(model, attention)
 
     def warm(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> None:
-        if compiled:
-            evaluate_task(model, task, policy, n=n, compact=compact, compile=True,
+        if compiled or (compact and flex_cuda):
+            evaluate_task(model, task, policy, n=n, compact=compact, compile=compiled,
                           pipeline=pipelined, **options)
 
     def run(policy: HaltingPolicy, compact: bool, compiled: bool, pipelined: bool) -> Measured:

@@ -330,3 +330,29 @@ def test_cuda_syncs_names_where_each_sync_was_made_and_leaves_out_the_notice(mon
     plan, seen = bench.cuda_syncs(lambda: PackPlan.from_mask(torch.ones(2, 3, dtype=torch.bool)))
     assert plan.size == 6 and modes == ["warn", 0]
     assert len(seen) == 1 and seen[0].startswith("attention.py:"), seen
+
+
+@pytest.mark.parametrize("compiles", [False, True])
+def test_generation_bench_warms_what_compiles_on_first_use(monkeypatch, compiles):
+    """Every setting that would compile something inside its first timed run is run once
+    untimed before: compiled ones always, compacted eager ones where packed attention
+    compiles on first use (FlexAttention on CUDA; simulated here)."""
+    from types import SimpleNamespace
+
+    from adaptive_loop import evaluate, load_model, throughput
+
+    calls = []
+
+    def fake(model, task, policy, n, compact=True, compile=False, pipeline=False, **kw):
+        calls.append((policy.name, compact, compile))
+        return SimpleNamespace(wall_s=1.0, mean_loops=1.0, looped_flops=1, total_flops=1,
+                               looped_flops_fixed_max=1, monitor_flops=0, nfe=1, accuracy=1.0)
+
+    monkeypatch.setattr(evaluate, "evaluate_task", fake)
+    monkeypatch.setattr(throughput, "_compiles_packed_attention", lambda *a: compiles)
+    throughput.bench_generation(load_model(), n=4, policies=[("convergence", {})])
+    # the fixed warm-up, then (compiles) the compacted setting untimed, then the timed round
+    timed = [("fixed", True, False), ("convergence", True, False),
+             ("convergence", False, False)]
+    warmed = [("fixed", True, False), ("convergence", True, False)] if compiles else []
+    assert calls == [("fixed", True, False)] + warmed + timed
