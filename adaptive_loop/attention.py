@@ -46,8 +46,10 @@ from .varlen import (
 )
 
 ATTENTION = ("auto", "padded", "flex", "varlen")
-WIDTH_STEP = 64  # padded attention's query rows come in multiples of this on CUDA (see
-_ROUND_ON = ("cuda",)  # padded_attention)
+# on these devices padded attention's query rows come in multiples of WIDTH_STEP (see
+# `padded_attention`)
+WIDTH_STEP = 64
+_ROUND_ON = ("cuda",)
 
 
 def _expand_kv(k: Tensor, n_heads: int) -> Tensor:

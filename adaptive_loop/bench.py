@@ -58,9 +58,9 @@ def cuda_syncs(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
         text = str(message)
         if "synchronizing" not in text or "prototype" in text:
             return
-        frames = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()
-                  if Path(f.filename).resolve().parent in _SOURCES
-                  and Path(f.filename).resolve() != _HERE]
+        paths = [(Path(f.filename).resolve(), f.lineno) for f in traceback.extract_stack()]
+        frames = [f"{path.name}:{line}" for path, line in paths
+                  if path.parent in _SOURCES and path != _HERE]
         seen.append(" <- ".join(reversed(frames[-3:])) or f"{filename}:{lineno}")
 
     with warnings.catch_warnings():
@@ -163,15 +163,14 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
             for compiled, run in runs:
                 full = time_call(lambda run=run: run.dense(model, h, None, None), device,
                                  repeats)
-                counts = active.sum(1)
-                size, width = (int(x) for x in torch.stack([counts.sum(), counts.max()]))
+                known = PackPlan.from_mask(active)  # the sizes the runtime's read gives it
                 for backend, key in keys.items():
 
                     def compact(active: torch.Tensor = active, run=run, key=key,
-                                caches=caches[backend], counts=counts, size=size,
-                                width=width, wait: bool = False) -> None:
-                        plan = PackPlan.from_mask(active) if wait else \
-                            PackPlan.from_sizes(active, size, width, counts)
+                                caches=caches[backend], known=known,
+                                wait: bool = False) -> None:
+                        plan = PackPlan.from_mask(active) if wait else PackPlan.from_sizes(
+                            active, known.size, known.width, known.counts)
                         run.packed(model, h, plan.with_keys(key), caches, None)
 
                     rows.append(IterationRow(

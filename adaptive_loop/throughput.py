@@ -107,7 +107,7 @@ def settings(policies: list[tuple[str, dict[str, Any]]], compile: bool,
     """Fixed loops first (the reference of `wall_ratio`), then each policy with compaction on
     (and pipelined, with `pipeline`) and off; with `compile`, all of it again with compiled
     iterations (only those, with `eager=False`; without `compile` it is eager alone)."""
-    modes = ((False,) if eager else ()) + (True,) if compile else (False,)
+    modes = ((False, True) if eager else (True,)) if compile else (False,)
     out: list[Setting] = []
     for compiled in modes:
         out.append(("fixed", {}, True, compiled, False))
