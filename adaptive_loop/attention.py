@@ -129,6 +129,9 @@ class PackPlan:
     counts: Tensor | None = None  # (B,) packed tokens per row
     flex: RowBlocks | None = None  # the flex backend's block structure, when chosen
     varlen: VarlenPlan | None = None  # the varlen backend's offsets, when chosen
+    # (N,) bool: entries that only fill a graph's bucket (graphs.py), padded attention only;
+    # their index is the caches' scratch slot B * L, their row, position and slot 0
+    dummy: Tensor | None = None
 
     @classmethod
     def from_mask(cls, active: Tensor) -> PackPlan:
@@ -245,6 +248,15 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
     return padded_attention(q, k, v, plan, key_mask)
 
 
+def padded_width(width: int, length: int, device: torch.device) -> int:
+    """The padded attention width for a widest row of `width` packed tokens: on CUDA
+    (`_ROUND_ON`) rounded up to a multiple of `WIDTH_STEP`, at most L (see
+    `padded_attention`), elsewhere `width` itself."""
+    if device.type in _ROUND_ON:
+        return torch.sym_min(length, -(-width // WIDTH_STEP) * WIDTH_STEP)
+    return width
+
+
 def padded_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
                      key_mask: Tensor | None) -> Tensor:
     """Each row's packed queries scattered into a padded (B, A, H, D) buffer, one SDPA call.
@@ -256,13 +268,18 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan,
     instead of one per count, and a kernel that prepares itself per shape (cuDNN's, which
     CUDA's SDPA may pick, builds a graph for each new one) does so a few times, not every
     iteration. The CPU's kernels need no such thing, and padding would only cost there.
+    A plan's dummies (`PackPlan.dummy`) write their queries to one scratch entry past the
+    buffer, and read back whatever row 0's first slot holds.
     """
     n, n_heads, head_dim = q.shape
-    width = plan.width
-    if q.device.type in _ROUND_ON:
-        width = torch.sym_min(plan.length, -(-width // WIDTH_STEP) * WIDTH_STEP)
-    padded = q.new_zeros(plan.batch, width, n_heads, head_dim)  # (B, A, H, D)
-    padded[plan.rows, plan.slot] = q
+    batch, width = plan.batch, padded_width(plan.width, plan.length, q.device)
+    if plan.dummy is None:
+        padded = q.new_zeros(batch, width, n_heads, head_dim)  # (B, A, H, D)
+        padded[plan.rows, plan.slot] = q
+    else:
+        flat = q.new_zeros(batch * width + 1, n_heads, head_dim)
+        flat[torch.where(plan.dummy, batch * width, plan.rows * width + plan.slot)] = q
+        padded = flat[: batch * width].view(batch, width, n_heads, head_dim)
     k, v = (cache_rows(x, plan.batch, plan.length).transpose(1, 2) for x in (k, v))
     out = dense_attention(padded.transpose(1, 2), k, v, key_mask)  # (B, H, A, D)
     return out.transpose(1, 2)[plan.rows, plan.slot]

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import graphs
 from .attention import PackPlan, packed_keys, resolve_attention
 from .config import LoopMDMConfig
 from .flops import block_flops, step_flops_fixed
@@ -143,7 +144,12 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     counts, then builds the plan and queues the iteration while the device idles, as each
     iteration of a run that checks every one without `pipeline` does; its read is that
     wait). Each timed call ends waiting for the device, for both and for the full
-    iteration alike."""
+    iteration alike.
+
+    Where a compiled run replays its packed iterations as CUDA graphs (padded attention on
+    CUDA: graphs.py), the compiled mode adds a row "padded+graphs" timed the same two ways:
+    the plan written into its bucket's static index, the state copied in, the graph
+    replayed (captured at its first call, untimed), the outputs written back."""
     torch.manual_seed(seed)
     model = random_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -151,6 +157,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     masks = [(f, uneven_mask(batch, length, f, gen).to(device)) for f in fractions]
     backends = [resolve_attention(a, device, dtype, cfg.head_dim) for a in attention or ["auto"]]
     runs = [(compiled, iterations(compiled, device)) for compiled in modes]
+    graph_stores: dict[str, graphs.PackedGraphs] = {}  # where compiled runs replay graphs
     keys = {b: packed_keys(b, batch, length, None, device) for b in dict.fromkeys(backends)}
     flops = batch * length * block_flops(cfg, length)
     rows = []
@@ -177,7 +184,35 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                         f, float(active.float().mean()), full * 1e3,
                         time_call(compact, device, repeats) * 1e3, backend, compiled, flops,
                         time_call(functools.partial(compact, wait=True), device, repeats) * 1e3))
+                    if graphs.applies(compiled, backend, device):
+                        store = graph_stores.setdefault(backend, _graph_store(
+                            model, h, key.slots(batch, length), dense))
+
+                        def replayed(active: torch.Tensor = active, store=store, known=known,
+                                     wait: bool = False) -> None:
+                            counts, size, width = known.counts, known.size, known.width
+                            if wait:  # the runtime's read: the counts, then the sizes
+                                counts = active.sum(1)
+                                size, width = torch.stack([counts.sum(), counts.max()]).tolist()
+                            store.run(h, store.plan(active, size, width, counts))
+
+                        rows.append(IterationRow(
+                            f, float(active.float().mean()), full * 1e3,
+                            time_call(replayed, device, repeats) * 1e3, f"{backend}+graphs",
+                            compiled, flops, time_call(functools.partial(replayed, wait=True),
+                                                       device, repeats) * 1e3))
     return rows
+
+
+def _graph_store(model: LoopMDM, h: torch.Tensor, slots: int,
+                 dense: list[tuple[torch.Tensor, torch.Tensor]]) -> graphs.PackedGraphs:
+    """Static buffers for graphed packed iterations (graphs.py) holding the dense
+    iteration's keys/values: what a compiled run on CUDA replays."""
+    store = graphs.PackedGraphs(("bench",), model, h, slots, None, model.rope,
+                                graphs.compiled_body("inductor"))
+    store.bind(None, model.rope)
+    store.filled(dense)
+    return store
 
 
 def relative(rows: list[IterationRow]) -> list[dict[str, float | None]]:

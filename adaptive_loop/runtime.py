@@ -23,7 +23,9 @@ eager CPU float32 is the reference path) runs both iteration functions through
 everything that needs the host (counting active tokens, the finite check) stays
 here in the loop, counted in `StepTrace.host_syncs`, and the sizes it finds reach the compiled
 code as tensor shapes (active tokens, block-mask tiles; marked dynamic) or a plain int (the
-padded width), so that a new active count does not recompile (`compiled_iterations`).
+padded width), so that a new active count does not recompile (`compiled_iterations`). On
+CUDA with padded attention a compiled run replays its packed iterations as CUDA graphs, one
+per bucket of active counts (graphs.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch.linalg import vector_norm
 from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError, UsageError, described
 from .flops import block_flops, head_flops, kv_flops, readout_flops
+from .graphs import GraphPlan, PackedGraphs, applies, compiled_body, packed_graphs
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
 from .policies.base import check_policy
@@ -60,6 +63,9 @@ class StepTrace:
     # final state (compacted runs; the others recompute them within an iteration)
     monitor_flops: int = 0  # FLOPs spent on policy signals (probes) and decisions (a head)
     host_syncs: int = 0
+    # tokens computed only to fill a CUDA graph's bucket (graphs.py): outputs discarded, not
+    # in `looped_flops` or `active_tokens`
+    dummy_tokens: int = 0
 
     @property
     def iterations(self) -> int:
@@ -148,8 +154,9 @@ def compiled_iterations(backend: Any, device: torch.device) -> Iterations:
     which replays it as a CUDA graph (launch overhead is what small models lose most to).
     That is sound here because its shapes are static, it mutates no input, and its outputs
     are copied out of the graph's static buffers before the next replay (`_graphed`). The
-    packed iteration updates the key/value caches in place and changes shape, so it runs
-    without CUDA graphs.
+    packed iteration updates the key/value caches in place and changes shape: with padded
+    attention on CUDA, `run_loops` replays it as CUDA graphs of bucketed shapes on static
+    buffers instead (graphs.py); this compiled function serves the other backends.
     """
     key = (backend, device.type)
     if key not in _COMPILED:
@@ -348,7 +355,9 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         step, steps: the denoising step (0-based) and how many there are, for the policy
             (under threshold decoding the steps run until the text is done, so step may
             reach steps and beyond).
-        compile: compile the iteration functions (see `iterations`); off by default.
+        compile: compile the iteration functions (see `iterations`); off by default. On
+            CUDA with padded attention, packed iterations then replay as CUDA graphs
+            (graphs.py; `StepTrace.dummy_tokens` counts what their buckets add).
         attention: packed attention backend: "auto", "padded", "flex" or "varlen".
         needed_plan: the plan of `needed`, when the caller has built it (the sampler reads
             those tokens' predictions after the loops): the first check of a policy that
@@ -388,6 +397,10 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     run = iterations(compile, h.device)
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
     keys = None  # see `keyed`
+    # compiled on CUDA with padded attention: packed iterations replay as CUDA graphs, on
+    # static buffers kept per model across steps (graphs.py)
+    graphed = compact and applies(compile, backend, h.device)
+    store: PackedGraphs | None = None
     shortlist = getattr(policy, "shortlist", 0)  # predictive policies: see predictive.py
     short: Shortlist | None = None
     bounds = policy.loop_bounds(model.config.n_loops)
@@ -400,7 +413,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     # what the next iteration computes: `planned` tokens (the real ones until a read says
     # otherwise), the mask `members` of them, their `plan` when fewer than all, the probe's
     # sizes
-    plan: PackPlan | None = None
+    plan: PackPlan | GraphPlan | None = None
     planned, decided, checked = total, False, False
 
     def run_keys() -> PackedKeys:
@@ -421,6 +434,28 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         masked reference reads full rows."""
         return run_keys().slots(batch, length) if compact else total
 
+    def graphs() -> PackedGraphs:
+        """The graphed run's static buffers (fetched when first needed)."""
+        nonlocal store
+        if store is None:
+            body = compiled_body("inductor" if compile is True else compile)
+            store = packed_graphs(model, h, slots(), key_mask, model.rope, body)
+        return store
+
+    def plan_of(mask: Tensor, size: int, width: int, counts: Tensor) -> PackPlan | GraphPlan:
+        """The plan of the `size` True entries of `mask`, their widest row and per-row
+        counts known (no wait)."""
+        if graphed:
+            return graphs().plan(mask, size, width, counts)
+        return keyed(PackPlan.from_sizes(mask, size, width, counts))
+
+    def flat_of(caches: list[KV] | None) -> list[KV]:
+        """The packed iterations' flat caches: zero (None), or from full rows."""
+        if graphed:
+            return graphs().zeroed() if caches is None else graphs().filled(caches)
+        return _zero_caches(model, h, slots()) if caches is None else \
+            flat_caches(caches, slots())
+
     if key_mask is None:
         active = torch.ones(batch, length, dtype=torch.bool, device=h.device)
     else:  # padding starts halted, against zero keys/values that the key mask hides
@@ -429,8 +464,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             real_plan = PackPlan.from_mask(key_mask)
             trace.host_syncs += 1
         if real_plan.size < total:
-            planned, plan = real_plan.size, keyed(real_plan)
-            caches = _zero_caches(model, h, slots())
+            planned = real_plan.size
+            plan = keyed(real_plan) if not graphed else plan_of(
+                key_mask, planned, real_plan.width,
+                key_mask.sum(1) if real_plan.counts is None else real_plan.counts)
+            caches = flat_of(None)
     members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
@@ -446,7 +484,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             return False
         if compact and n_active < total and caches is not None and caches[0][0].dim() == 4:
             # packed iterations from now on: the full rows' keys/values into flat caches
-            caches = flat_caches(caches, slots())
+            caches = flat_of(caches)
         if compact and not pipeline and n_active < planned and caches is not None:
             _write_first_kv(model, h, caches[0], halted, planned - n_active)
             trace.refreshed += planned - n_active
@@ -457,7 +495,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         if n_active < total and not unchanged:
             # the count is on the host already: the positions need no further sync
-            plan = keyed(PackPlan.from_sizes(members, n_active, width, done.counts))
+            plan = plan_of(members, n_active, width, done.counts)
         return True
 
     halted: Tensor | None = None  # plain compaction: the tokens that halted at the latest check
@@ -474,6 +512,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             h, caches = run.dense(model, h, key_mask, keep)
             trace.looped_flops += total * per_token
             trace.active_tokens.append(total if pipeline else planned)
+        elif isinstance(plan, GraphPlan):
+            h = graphs().run(h, plan, active if pipeline else None)
+            trace.looped_flops += planned * per_token
+            trace.dummy_tokens += plan.bucket.index.numel() - planned
+            trace.active_tokens.append(planned)
         else:
             gate = active.view(-1)[plan.index] if pipeline else None
             h = run.packed(model, h, plan, caches, key_mask, gate)

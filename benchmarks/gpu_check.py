@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from adaptive_loop import LoopMDM, LoopMDMConfig, generate, load_model, tokenizer_for
+from adaptive_loop import LoopMDM, LoopMDMConfig, generate, graphs, load_model, tokenizer_for
 from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, padded_attention
 from adaptive_loop.bench import (
     bench_forward,
@@ -263,6 +263,12 @@ def check_compiled(results: dict) -> None:
             same = same and bool(torch.equal(tref.loops, tgot.loops))
         results[f"compiled_{attention}_vs_eager_max_abs"] = worst
         results[f"compiled_{attention}_vs_eager_loops_equal"] = same
+        if attention == "padded":  # on CUDA its packed iterations replay as graphs
+            store = graphs._STORES.get(model)
+            results["compiled_padded_graphs"] = "needs CUDA" if not T.cuda else {
+                "captured": store.captures if store else 0,
+                "failed": sum(b.failed for b in store.buckets.values()) if store else 0,
+                "dummy_tokens": tgot.dummy_tokens, "active_tokens": sum(tgot.active_tokens)}
 
     gpu = load_model(device=T.device, dtype=T.dtype)
     prompts, n = _problems(gpu, T.size(64, 8))
@@ -314,7 +320,8 @@ def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
 
 def profile_iteration(results: dict) -> None:
     """Where the time of one compacted iteration (d=2048, 25% of tokens active, plan built
-    from host-known sizes, padded attention) goes, eager and compiled: the profiler's busiest
+    from host-known sizes, padded attention) goes, eager, compiled and (CUDA) replayed as a
+    graph: the profiler's busiest
     device kernels and host operators over a few calls, and device-busy time against wall
     time (where it is well below, the host, not the device, sets the pace)."""
     from torch.autograd import DeviceType
@@ -333,10 +340,19 @@ def profile_iteration(results: dict) -> None:
     with torch.no_grad():
         _, dense = _dense_iteration(model, h, None, None)
         caches = flat_caches(dense, keys.slots(batch, length))
-        for compiled in (False, True):
-            run = iterations(compiled, T.device)
+        store = graphs.PackedGraphs(("profile",), model, h, keys.slots(batch, length), None,
+                                    model.rope, graphs.compiled_body("inductor"))
+        store.bind(None, model.rope)
+        store.filled(dense)
+        # eager, compiled, and (on CUDA) the compiled body replayed as a CUDA graph
+        graphed = graphs.applies(True, "padded", T.device)
+        for mode in ("eager", "compiled") + (("graphed",) if graphed else ()):
+            run = iterations(mode != "eager", T.device)
 
-            def once(run=run) -> None:
+            def once(run=run, mode=mode) -> None:
+                if mode == "graphed":
+                    store.run(h, store.plan(active, known.size, known.width, known.counts))
+                    return
                 plan = PackPlan.from_sizes(active, known.size, known.width,
                                            known.counts).with_keys(keys)
                 run.packed(model, h, plan, caches, None)
@@ -358,7 +374,6 @@ def profile_iteration(results: dict) -> None:
             device = sum(e.self_device_time_total for e in events
                          if e.device_type == DeviceType.CUDA) / 1e3
             sort = "self_cuda_time_total" if T.cuda else "self_cpu_time_total"
-            mode = "compiled" if compiled else "eager"
             out[mode] = {
                 "wall_ms_per_call": wall * 1e3 / calls, "device_ms_per_call": device / calls,
                 "by_device": events.table(sort_by=sort, row_limit=12, max_name_column_width=60),
@@ -524,6 +539,10 @@ def checks(results: dict) -> list[dict]:
     for key, value in sorted(syncs.items()) or [("host_syncs", results.get("host_syncs"))]:
         add(f"{key.replace('_', ' ')}: observed within counted",
             value.get("within_account") if isinstance(value, dict) else value, True)
+    graphed = results.get("compiled_padded_graphs")
+    add("compiled padded runs replay packed iterations as CUDA graphs, every capture taken",
+        graphed["captured"] > 0 and graphed["failed"] == 0 if isinstance(graphed, dict)
+        else graphed, True)
     memory = results.get("loop_memory")
     add("loop memory: 32 iterations peak no higher than 6",
         memory.get("no_growth") if isinstance(memory, dict) else memory, True)
@@ -576,6 +595,8 @@ def main() -> None:
     global T
     device = torch.device(args.device)
     T = Target(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.smoke)
+    if T.smoke and not T.cuda:  # the graphed flow, uncaptured: its code runs here too
+        graphs.ON = (*graphs.ON, device.type)
     # the budget counts from the launch, as the shell's `timeout` does: imports take seconds
     deadline = time.monotonic() + args.budget - seconds_since_launch()
     # many shapes, backends and models compile the same functions: never fall back to eager

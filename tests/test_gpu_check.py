@@ -35,13 +35,19 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     eager = [g for g in report["generation_smdm_b32"] if g["agreement"] is not None]
     assert eager and all(g["agreement"] == 1.0 for g in eager)
     assert {r["compiled"] for r in report["iteration_d2048"]} == {False, True}
+    # the graphed flow runs uncaptured in a CPU smoke run: its rows and profile are there
+    assert {r["attention"] for r in report["iteration_d2048"] if r["compiled"]} == {
+        "padded", "flex", "padded+graphs"}
+    assert set(report["profile_d2048_25"]) == {"eager", "compiled", "graphed"}
     # every correctness check is read off the results; on the CPU all hold but the CUDA-only
     assert "checks_error" not in report
     verdicts = {c["check"]: c["ok"] for c in report["checks"]}
-    assert len(verdicts) == 22 and False not in verdicts.values(), verdicts
+    assert len(verdicts) == 23 and False not in verdicts.values(), verdicts
     assert {k for k, ok in verdicts.items() if ok is None} == {
-        "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6"}
+        "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6",
+        "compiled padded runs replay packed iterations as CUDA graphs, every capture taken"}
     assert report["loop_memory"] == report["host_syncs"] == "needs CUDA"
+    assert report["compiled_padded_graphs"] == "needs CUDA"
     # every target of the issues is read off the results, with a verdict
     assert "targets_error" not in report
     assert len(report["targets"]) == 8

@@ -1,0 +1,185 @@
+"""Packed iterations on static buffers with bucketed shapes (graphs.py), run on the CPU
+without capture: the same function as the plain compacted run and the masked reference,
+buffers kept across steps, dummies that change nothing, no recompilation per bucket."""
+
+import gc
+
+import pytest
+import torch
+from tests_support import spread_model
+from torch._dynamo.testing import CompileCounter
+
+from adaptive_loop import generate, graphs
+from adaptive_loop.attention import PackPlan, padded_attention
+from adaptive_loop.policies import make
+from adaptive_loop.runtime import run_loops
+
+
+@pytest.fixture
+def graphed(monkeypatch):
+    """The graphed flow on this CPU: compiled runs with padded attention take it."""
+    monkeypatch.setattr(graphs, "ON", ("cuda", "cpu"))
+
+
+def _state(model, batch=8, length=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (batch, length), generator=g)
+    needed = torch.rand(batch, length, generator=g) < 0.5
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask[1, :5], key_mask[4, :11] = False, False
+    return model.prelude(model.embed(ids)), needed, key_mask
+
+
+def test_buckets_are_few_and_tight():
+    total = 8192
+    seen = set()
+    for n in range(1, total + 1):
+        b = graphs.bucket(n, total)
+        assert n <= b <= total and b - n < max(64, n / 8), (n, b)
+        seen.add(b)
+    assert len(seen) <= 64
+    assert graphs.bucket(5, 30) == 30 and graphs.bucket(100, 160) == 128
+
+
+POLICIES = [
+    ("convergence", {"threshold": 0.3}),
+    ("entropy", {"threshold": 2.0, "context_threshold": 0.3}),
+    ("kl", {"threshold": 0.05, "context_threshold": 0.3, "probe": "lens", "shortlist": 4}),
+]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("name, params", POLICIES)
+def test_graphed_equals_masked_and_plain(graphed, looped_model, name, params, pipeline,
+                                         padding):
+    """Loops, states and FLOPs of a graphed run are those of the plain compacted run; states
+    match the masked reference; the buckets' dummies are counted apart."""
+    h, needed, key_mask = _state(looped_model)
+    key_mask = key_mask if padding else None
+    if padding:
+        needed &= key_mask
+
+    def run(**kwargs):
+        return run_loops(looped_model, h, make(name, max_loops=6, **params), needed,
+                         key_mask=key_mask, **kwargs)
+
+    got, t = run(compile="eager", pipeline=pipeline)
+    plain, t_plain = run(pipeline=pipeline)
+    ref, t_ref = run(compact=False)
+    assert t.loops.min() < t.loops.max(), "the test needs tokens halting at several loops"
+    assert torch.equal(t.loops, t_ref.loops) and torch.equal(t.loops, t_plain.loops)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+    assert t.active_tokens == t_plain.active_tokens and t.looped_flops == t_plain.looped_flops
+    assert t.host_syncs == t_plain.host_syncs
+    assert t_plain.dummy_tokens == 0 < t.dummy_tokens
+    store = graphs._STORES[looped_model]
+    assert all(b.index.numel() == graphs.bucket(b.index.numel(), store.total)
+               for b in store.buckets.values())
+    if padding:
+        assert torch.equal(got[~key_mask], h[~key_mask])
+
+
+def test_generation_reuses_its_buffers_across_steps_and_calls(graphed, looped_model):
+    """Graphed generation (left-padded prompts, guidance's doubled rows) gives the plain
+    run's tokens and loops; a second identical call keeps the same static buffers and adds
+    no bucket; a new batch shape replaces them."""
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]]
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    kwargs = dict(policy=policy, gen_length=8, steps=4, cfg_scale=1.5)
+    plain = generate(looped_model, prompts, **kwargs)
+    first = generate(looped_model, prompts, compile="eager", **kwargs)
+    store = graphs._STORES[looped_model]
+    caches, buckets = [k.data_ptr() for k, _ in store.caches], set(store.buckets)
+    second = generate(looped_model, prompts, compile="eager", **kwargs)
+    for run in (first, second):
+        assert torch.equal(run.tokens, plain.tokens) and torch.equal(run.loops, plain.loops)
+    assert graphs._STORES[looped_model] is store and set(store.buckets) == buckets
+    assert [k.data_ptr() for k, _ in store.caches] == caches
+    generate(looped_model, prompts[:2], compile="eager", **kwargs)
+    assert graphs._STORES[looped_model] is not store
+
+
+def test_store_goes_with_its_model(graphed):
+    model = spread_model()
+    h, needed, _ = _state(model)
+    run_loops(model, h, make("convergence", threshold=0.3, max_loops=6), needed,
+              compile="eager")
+    assert model in graphs._STORES
+    count = len(graphs._STORES)
+    del model
+    gc.collect()
+    assert len(graphs._STORES) == count - 1
+
+
+def test_dummies_change_no_attention_output():
+    """Padded attention over a plan with dummies (scratch index, row/pos/slot 0) gives the
+    real queries what the plan without them gives, and leaves row 0's first query alone."""
+    g = torch.Generator().manual_seed(0)
+    batch, length, heads, dim = 3, 12, 2, 8
+    active = torch.rand(batch, length, generator=g) < 0.5
+    active[0, 0] = True
+    plan = PackPlan.from_mask(active)
+    n, extra = plan.size, 5
+    q = torch.randn(n + extra, heads, dim, generator=g)
+    k = torch.randn(batch * length + 1, heads, dim, generator=g)
+    v = torch.randn(batch * length + 1, heads, dim, generator=g)
+    ref = padded_attention(q[:n], k, v, plan, None)
+    zeros = torch.zeros(extra, dtype=torch.long)
+    dummy = torch.arange(n + extra) >= n
+    with_dummies = PackPlan(torch.cat([plan.index, zeros + batch * length]),
+                            torch.cat([plan.rows, zeros]), torch.cat([plan.pos, zeros]),
+                            torch.cat([plan.slot, zeros]), plan.width, batch, length,
+                            plan.counts, dummy=dummy)
+    got = padded_attention(q, k, v, with_dummies, None)
+    torch.testing.assert_close(got[:n], ref, atol=0, rtol=0)
+
+
+def test_graph_body_compiles_once_for_every_bucket(graphed, tiny_model):
+    """The graphed body is one graph with no breaks (what capture needs), and buckets of new
+    sizes and widths recompile it at most once (the width turning dynamic): a new bucket on
+    CUDA costs a capture, not a compilation."""
+    counter = CompileCounter()
+    h, needed, _ = _state(tiny_model, batch=8, length=40)
+    body = graphs.compiled_body(counter)
+    store = graphs.PackedGraphs(("test",), tiny_model, h, 8 * 40, None, tiny_model.rope, body)
+    store.bind(None, tiny_model.rope)
+    g = torch.Generator().manual_seed(3)
+    frames = []
+    with torch.no_grad():
+        counts = needed.sum(1)
+        plan = store.plan(needed, int(counts.sum()), int(counts.max()), counts)
+        store.counts.copy_(counts)
+        report = torch._dynamo.explain(graphs.graph_body)(*store._args(plan.bucket, False))
+        assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
+        for share in (0.9, 0.6, 0.4, 0.25, 0.15, 0.05):
+            mask = torch.rand(8, 40, generator=g) < share
+            counts = mask.sum(1)
+            plan = store.plan(mask, int(counts.sum()), int(counts.max()), counts)
+            out = store.run(h, plan)
+            frames.append(counter.frame_count)
+            assert out.shape == h.shape
+    assert len(store.buckets) >= 5
+    assert frames[-1] == frames[1] <= 2, frames
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_capture_and_replay_what_eager_computes():
+    """On CUDA a compiled padded run captures its buckets' graphs at first use and replays
+    them in later runs (float32, so the comparison with the eager masked reference is tight);
+    no capture fails."""
+    model = spread_model(2).cuda()
+    h, needed, key_mask = (t.cuda() for t in _state(spread_model(2)))
+    h = model.prelude(model.embed(torch.randint(0, 16, needed.shape, device="cuda")), key_mask)
+    needed &= key_mask
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    ref, t_ref = run_loops(model, h, policy, needed, key_mask=key_mask, compact=False)
+    for _ in range(3):  # capture, then replays
+        got, t = run_loops(model, h, policy, needed, key_mask=key_mask, compile=True)
+        assert torch.equal(t.loops, t_ref.loops) and t.dummy_tokens > 0
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    store = graphs._STORES[model]
+    assert store.captures > 0 and not any(b.failed for b in store.buckets.values())
