@@ -302,6 +302,7 @@ class MonitorRow:
     iteration_ms: float  # one full loop iteration
     signal_ms: float  # computing the policy's signals and decision for every token
     label: str = ""  # its short label
+    compiled: bool = False  # signals fused and iteration compiled, as in a compiled run
 
     @property
     def ratio(self) -> float:
@@ -317,11 +318,16 @@ DEFAULT_MONITORED: list[tuple[str, dict[str, Any]]] = [
 def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
                   device: torch.device, dtype: torch.dtype, repeats: int = 10,
                   policies: list[tuple[str, dict[str, Any]]] | None = None,
-                  seed: int = 0) -> list[MonitorRow]:
+                  seed: int = 0, modes: tuple[bool, ...] = (False,)) -> list[MonitorRow]:
     """Cost of a policy's per-iteration signals (all tokens active, `needed_fraction` of each
     row's tokens still masked in the current block) against one full loop iteration. A policy
     with a shortlist is timed at a later check of a step, on the shortlist that its first check
-    built (the first check of each step reads the whole vocabulary, as without one)."""
+    built (the first check of each step reads the whole vocabulary, as without one).
+
+    For each mode in `modes` (False: eager; True: as a compiled run makes its checks, the
+    signals' arithmetic fused (fused.py), against the compiled full iteration, a CUDA graph
+    on CUDA; the first calls, untimed, compile)."""
+    from .fused import fusing
     from .policies import make
     from .runtime import Shortlist, StepTrace, _signals, probe_plan
 
@@ -341,28 +347,33 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
         # a check is a few short kernels: on CUDA both sides are called back to back, as in a
         # loop run, so that a wait per call counts against neither
         inner = 10 if device.type == "cuda" else 1
-        full = time_call(lambda: _dense_iteration(model, h, None, None), device, repeats,
-                         inner=inner)
-        for name, params in policies or DEFAULT_MONITORED:
-            policy = make(name, **params)
-            policy.begin_step(batch, length, 0, 1)
-            short = None
-            if getattr(policy, "shortlist", 0):
-                trace = StepTrace(loops=active.int())
-                sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
-                               trace, probe=probe_plan(active & needed, probe, trace))
-                policy.decide(sig)
-                short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
+        for compiled in modes:
+            dense = iterations(compiled, device).dense
+            full = time_call(lambda dense=dense: dense(model, h, None, None), device, repeats,
+                             inner=inner)
+            for name, params in policies or DEFAULT_MONITORED:
+                policy = make(name, **params)
+                policy.begin_step(batch, length, 0, 1)
+                short = None
+                with fusing("inductor" if compiled else None):
+                    if getattr(policy, "shortlist", 0):
+                        trace = StepTrace(loops=active.int())
+                        sig = _signals(policy, model, h, prev, active, index, needed, None, 1,
+                                       0, 1, trace, probe=probe_plan(active & needed, probe,
+                                                                     trace))
+                        policy.decide(sig)
+                        short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
 
-            def signals(policy=policy, short=short) -> None:
-                trace = StepTrace(loops=active.int())  # the probe's plan is part of the cost
-                plan = probe_plan(active & needed, probe, trace) if "logits" in policy.needs \
-                    else None
-                sig = _signals(policy, model, h, prev, active, index, needed, None, 2, 0, 1,
-                               trace, short, plan)
-                policy.decide(sig)
+                    def signals(policy=policy, short=short) -> None:
+                        trace = StepTrace(loops=active.int())  # the probe's plan counts too
+                        plan = probe_plan(active & needed, probe, trace) \
+                            if "logits" in policy.needs else None
+                        sig = _signals(policy, model, h, prev, active, index, needed, None, 2,
+                                       0, 1, trace, short, plan)
+                        policy.decide(sig)
 
-            rows.append(MonitorRow(repr(policy), full * 1e3,
-                                   time_call(signals, device, repeats, inner=inner) * 1e3,
-                                   policy.label()))
+                    rows.append(MonitorRow(
+                        repr(policy), full * 1e3,
+                        time_call(signals, device, repeats, inner=inner) * 1e3,
+                        policy.label(), compiled))
     return rows

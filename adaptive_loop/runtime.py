@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.linalg import vector_norm
 
 from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError, UsageError, described
 from .flops import block_flops, head_flops, kv_flops, readout_flops
+from .fused import cosine, fusing, lens, relative_change
 from .graphs import GraphPlan, PackedGraphs, applies, compiled_body, packed_graphs
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
@@ -221,11 +220,10 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
             cur, old = cur[index], old[index]
     sig = Signals(iteration=iteration, step=step, steps=steps, index=index,
                   needed=needed.reshape(-1) if every else needed.reshape(-1)[index])
-    if "delta" in policy.needs:  # the norms in float32, cast inside the reduction
-        sig.delta = vector_norm(cur - old, dim=-1, dtype=torch.float32) / \
-            vector_norm(cur, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+    if "delta" in policy.needs:
+        sig.delta = relative_change(cur, old)
     if "cosine" in policy.needs:
-        sig.cosine = F.cosine_similarity(cur.float(), old.float(), dim=-1)
+        sig.cosine = cosine(cur, old)
     if "hidden" in policy.needs:
         sig.hidden, sig.previous = cur, old
     if "logits" in policy.needs:
@@ -235,7 +233,7 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
         columns = None if vocab is None else vocab.numel()
         sig.vocab, sig.rows = vocab, probe.rows
         if getattr(policy, "probe", "readout") == "lens":  # norm + head on the loop state
-            sig.logits = model.head(h.reshape(-1, h.shape[-1])[probe.index], vocab)
+            sig.logits = lens(model, h.reshape(-1, h.shape[-1])[probe.index], vocab)
             trace.monitor_flops += probe.size * head_flops(model.config, columns)
         else:
             if probe.size:
@@ -400,6 +398,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     # compiled on CUDA with padded attention: packed iterations replay as CUDA graphs, on
     # static buffers kept per model across steps (graphs.py)
     graphed = compact and applies(compile, backend, h.device)
+    fuse = None if compile in (False, None) else "inductor" if compile is True else compile
     store: PackedGraphs | None = None
     shortlist = getattr(policy, "shortlist", 0)  # predictive policies: see predictive.py
     short: Shortlist | None = None
@@ -438,7 +437,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         """The graphed run's static buffers (fetched when first needed)."""
         nonlocal store
         if store is None:
-            body = compiled_body("inductor" if compile is True else compile)
+            body = compiled_body(fuse)
             store = packed_graphs(model, h, slots(), key_mask, model.rope, body)
         return store
 
@@ -530,9 +529,10 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             total, device=h.device)
         if reads_logits:  # kept: a pipelined check reads the same members as the one before
             probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
-        sig = _signals(policy, model, h, prev, members, index, needed, key_mask, iteration,
-                       step, steps, trace, short, probe)
-        halt = _checked(policy, _decide(policy, sig), index)
+        with fusing(fuse):  # compiled runs: the signals' arithmetic fused (fused.py)
+            sig = _signals(policy, model, h, prev, members, index, needed, key_mask,
+                           iteration, step, steps, trace, short, probe)
+            halt = _checked(policy, _decide(policy, sig), index)
         trace.monitor_flops += policy.decision_flops(index.numel())
         if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
             short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks

@@ -472,7 +472,8 @@ def targets(results: dict) -> list[dict]:
     for family, limit in (("convergence", 0.03), ("entropy", 0.15), ("kl", 0.15)):
         add(f"monitoring of {family} per check, vs one iteration (170M shape)", *_best(
             [r for r in monitor if r["family"] == family], "ratio", min,
-            lambda r: r["label"]), limit, below=True)
+            lambda r: f"{r['label']}, {'compiled' if r.get('compiled') else 'eager'}"),
+            limit, below=True)
     runs = [dict(r, run=k) for k in ("generation_smdm_b32", "generation_smdm_b32_loops12",
                                      "generation_smdm_b32_compiled",
                                      "generation_smdm_b32_loops12_compiled")
@@ -618,8 +619,9 @@ def main() -> None:
     # target's 1.5x; the compiled forward), the attention backends' and compiled iterations'
     # checks, then the eager, 4-loop and compiled variants. The expected seconds are those
     # measured on an H200 (2026-11-30), rounded up, where a section ran (guesses for
-    # iteration_smdm_compiled, generation_compiled and generation_smdm_b32_compiled; the
-    # profile's assumes the compiled iterations before it): a section runs while half of them
+    # iteration_smdm_compiled, generation_compiled and generation_smdm_b32_compiled, and for
+    # the fused monitoring and graphed iterations added since; the profile's assumes the
+    # compiled iterations before it): a section runs while half of them
     # are left, since one that overruns the budget is stopped by the shell's `timeout` with
     # everything before it kept
     sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
@@ -633,10 +635,11 @@ def main() -> None:
         ("iteration_d2048_eager", 15, _iteration("d2048", d2048, 16, 512, (False,))),
         # compiled iterations are where the iteration targets are most likely met
         ("iteration_d2048_compiled", 45, _iteration("d2048", d2048, 16, 512, (True,))),
-        ("monitor_smdm", 10, lambda r: r.update(monitor_smdm=[
+        ("monitor_smdm", 40, lambda r: r.update(monitor_smdm=[
             {**row.__dict__, "ratio": row.ratio}
             for row in bench_monitor(T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125,
-                                     T.device, T.dtype, repeats=T.size(20, 1))])),
+                                     T.device, T.dtype, repeats=T.size(20, 1),
+                                     modes=(False, True))])),
         ("profile_d2048", 10, profile_iteration),
         # compiled iterations only (dense ones as CUDA graphs), pipelined too, at 12 loops;
         # the policies whose masked reference runs all loops (a bound over 1.5)

@@ -66,8 +66,9 @@ def bench(
         help="Packed attention backends to time side by side, comma-separated: auto, padded, "
         "flex, varlen (generation uses the first).")] = "auto",
     compile: Annotated[bool, typer.Option(
-        "--compile", help="Also time every figure with compiled loop iterations (the first "
-        "calls compile, untimed) and report compiled against eager.")] = False,
+        "--compile", help="Also time every figure with compiled loop iterations, and the "
+        "policies' signals fused as a compiled run computes them (the first calls compile, "
+        "untimed), and report compiled against eager.")] = False,
     pipeline: Annotated[bool, typer.Option(
         "--pipeline", help="Also time generation with pipelined plans (each iteration planned "
         "from the decisions of one check earlier; see `generate --pipeline`).")] = False,
@@ -182,8 +183,9 @@ def bench(
                             for d, r, row in zip(rows_to_dicts(rows), relative(rows), rows)]}
     if monitor:
         with err.status("timing policy signals..."):
-            report["monitor"] = rows_to_dicts(bench_monitor(cfg, batch, length, needed, dev, dt,
-                                                             repeats))
+            report["monitor"] = rows_to_dicts(bench_monitor(
+                cfg, batch, length, needed, dev, dt, repeats,
+                modes=(False, True) if compile else (False,)))
     source = ""
     if generation:
         with err.status("timing generation..."):
@@ -233,11 +235,11 @@ def bench(
     out.print(table)
     if monitor:
         table = Table(title=f"policy signals per check, {needed:.0%} of tokens needed")
-        for col in ("policy", "signals ms", "iteration ms", "ratio"):
+        for col in ("policy", "compiled", "signals ms", "iteration ms", "ratio"):
             table.add_column(col)
         for r in report["monitor"]:
-            table.add_row(r["label"], f"{r['signal_ms']:.2f}", f"{r['iteration_ms']:.2f}",
-                          f"{r['ratio']:.3f}")
+            table.add_row(r["label"], "yes" if r["compiled"] else "no", f"{r['signal_ms']:.2f}",
+                          f"{r['iteration_ms']:.2f}", f"{r['ratio']:.3f}")
         out.print(table)
     if generation:
         table = Table(title=f"generation, {source}")

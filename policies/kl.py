@@ -15,9 +15,9 @@ Memory: the previous distributions are kept for the needed tokens only, (M, V), 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..fused import kl_from
 from .base import CONTEXT_THRESHOLD, register
 from .predictive import PredictivePolicy, nonnegative
 
@@ -43,13 +43,12 @@ class KL(PredictivePolicy):
         self._shortlisted = False  # whether _prev holds the shortlist's columns yet
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
         if self._prev is None:
             # first check of the step: nothing has halted yet, so every needed token is here;
             # give each one a row of the (M, V) store
             self._slot = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
             self._slot[flat] = torch.arange(flat.shape[0], device=flat.device)
-            self._prev = logp
+            self._prev = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
             return torch.zeros_like(flat, dtype=torch.bool)
         slot = self._slot[flat]
         if self._vocab is not None and not self._shortlisted:
@@ -61,8 +60,8 @@ class KL(PredictivePolicy):
             self._prev = prev.new_zeros(self._prev.shape[0], prev.shape[-1])
             self._prev[slot] = torch.log_softmax(prev, dim=-1)
             self._shortlisted = True
-        # KL(p_prev || p_t) = sum p_prev (log p_prev - log p_t); clamped: rounding can dip
-        # below 0
-        kl = F.kl_div(logp, self._prev[slot], reduction="none", log_target=True).sum(-1)
+        # KL(p_prev || p_t) = sum p_prev (log p_prev - log p_t), clamped at 0 (one fused
+        # kernel in compiled runs: fused.py)
+        kl, logp = kl_from(self._prev[slot], logits)
         self._prev[slot] = logp
-        return kl.clamp_min(0.0) < self.threshold
+        return kl < self.threshold

@@ -1,0 +1,93 @@
+"""The arithmetic of halting signals, fused in compiled runs.
+
+A check's signals are a few reductions over the active tokens' states and the needed tokens'
+logits: relative change, cosine, the lens probe's norm and head, entropy, KL. Run eagerly,
+each is several passes over memory and as many kernel launches, and on a GPU the host's cost
+per launch sets the pace (on an H200 an `entropy` check with the lens probe took 29% of an
+eager iteration of the 170M-class shape: benchmarks/RESULTS.md). A compiled run
+(`run_loops(compile=...)`) makes its checks inside `fusing(backend)`; there the functions
+marked `@fused` run through `torch.compile` with dynamic shapes, one or two kernels each,
+compiled once for every size. Elsewhere they are the plain eager functions (the reference).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.linalg import vector_norm
+
+_BACKEND: contextvars.ContextVar[Any] = contextvars.ContextVar("fusing", default=None)
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+@contextmanager
+def fusing(backend: Any) -> Iterator[None]:
+    """Inside, `@fused` functions run compiled with `backend` (None: eagerly)."""
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def fused(fn: Fn) -> Fn:
+    """`fn` compiled (dynamic shapes, one compilation per backend) inside `fusing`, eager
+    elsewhere, and eager on empty tensors (nothing to fuse; a size of 0 would compile apart)."""
+    compiled: dict[Any, Callable[..., Any]] = {}
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        backend = _BACKEND.get()
+        if backend is None or torch.compiler.is_compiling() or any(
+                isinstance(a, Tensor) and a.numel() == 0 for a in args):
+            return fn(*args)
+        if backend not in compiled:
+            compiled[backend] = torch.compile(fn, backend=backend, dynamic=True)
+        return compiled[backend](*args)
+
+    call.compiled_by = compiled  # type: ignore[attr-defined]  # backend -> compiled fn
+    return call  # type: ignore[return-value]
+
+
+@fused
+def relative_change(cur: Tensor, old: Tensor) -> Tensor:
+    """(N, d) states now and one loop earlier -> (N,) ||cur - old|| / ||cur||, the norms in
+    float32 (cast inside the reduction)."""
+    return vector_norm(cur - old, dim=-1, dtype=torch.float32) / \
+        vector_norm(cur, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+
+
+@fused
+def cosine(cur: Tensor, old: Tensor) -> Tensor:
+    """(N, d), (N, d) -> (N,) cosine similarity in float32."""
+    return F.cosine_similarity(cur.float(), old.float(), dim=-1)
+
+
+@fused
+def lens(model: Any, x: Tensor, vocab: Tensor | None) -> Tensor:
+    """The lens probe: the model's final norm and head on loop states x (N, d), over the
+    columns `vocab` (K,) or all."""
+    return model.head(x, vocab)
+
+
+@fused
+def entropy(logits: Tensor) -> Tensor:
+    """(M, V) -> (M,) entropy in nats, in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@fused
+def kl_from(prev: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(p_prev || p) per row, clamped at 0 (rounding can dip below), and log p: prev (M, V)
+    log-probabilities, logits (M, V) -> (M,), (M, V) in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    kl = F.kl_div(logp, prev, reduction="none", log_target=True).sum(-1)
+    return kl.clamp_min(0.0), logp

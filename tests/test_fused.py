@@ -1,0 +1,85 @@
+"""Signals' arithmetic fused in compiled runs (fused.py): the same values as eager, one
+compilation for every size, checks of a compiled run made through it, eager elsewhere."""
+
+import pytest
+import torch
+from tests_support import tiny_config
+from torch._dynamo.testing import CompileCounter
+
+from adaptive_loop import fused
+from adaptive_loop.bench import bench_monitor
+from adaptive_loop.policies import make
+from adaptive_loop.runtime import run_loops
+
+
+def _pair(n, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "counter"])
+def test_fused_values_equal_eager_and_compile_once_for_every_size(backend):
+    counter = CompileCounter()
+    chosen = counter if backend == "counter" else backend
+    for fn in (fused.relative_change, fused.cosine):
+        frames = []
+        for n in (7, 19, 33):
+            cur, old = _pair(n, seed=n)
+            with fused.fusing(chosen):
+                got = fn(cur, old)
+            frames.append(counter.frame_count)
+            torch.testing.assert_close(got, fn(cur, old), atol=1e-6, rtol=1e-5)
+        if backend == "counter":
+            assert frames[0] == frames[-1] >= 1, frames  # sizes 19 and 33 reuse size 7's
+    logits = torch.randn(9, 50) * 4
+    prev = torch.log_softmax(torch.randn(9, 50), -1)
+    with fused.fusing(chosen):
+        entropy, (kl, logp) = fused.entropy(logits), fused.kl_from(prev, logits)
+    torch.testing.assert_close(entropy, fused.entropy(logits), atol=1e-5, rtol=1e-5)
+    ref_kl, ref_logp = fused.kl_from(prev, logits)
+    torch.testing.assert_close(kl, ref_kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    assert (kl >= 0).all()
+
+
+def test_outside_fusing_and_on_empty_inputs_nothing_compiles():
+    counter = CompileCounter()
+    cur, old = _pair(5)
+    fused.relative_change(cur, old)
+    with fused.fusing(counter):
+        empty = fused.relative_change(cur[:0], old[:0])
+    assert counter.frame_count == 0 and empty.shape == (0,)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("convergence", {"threshold": 0.3}),
+    ("entropy", {"threshold": 2.0, "context_threshold": 0.3, "probe": "lens"}),
+    ("kl", {"threshold": 0.05, "context_threshold": 0.3, "probe": "lens", "shortlist": 4}),
+])
+def test_compiled_runs_check_through_fused_signals(looped_model, name, params):
+    """A compiled run's checks go through the fused functions (compiled by the run's
+    backend), with the eager run's loops and states."""
+    counter = CompileCounter()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (3, 10), generator=g)
+    needed = torch.rand(3, 10, generator=g) < 0.5
+    h = looped_model.prelude(looped_model.embed(ids))
+    ref, t_ref = run_loops(looped_model, h, make(name, max_loops=6, **params), needed)
+    got, t = run_loops(looped_model, h, make(name, max_loops=6, **params), needed,
+                       compile=counter)
+    assert torch.equal(t.loops, t_ref.loops)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    compiled = {fn.__name__ for fn in (fused.relative_change, fused.lens, fused.entropy,
+                                       fused.kl_from) if counter in fn.compiled_by}
+    assert "relative_change" in compiled
+    if name != "convergence":
+        assert "lens" in compiled
+        assert ("entropy" if name == "entropy" else "kl_from") in compiled
+
+
+def test_monitor_bench_times_eager_and_fused_checks():
+    rows = bench_monitor(tiny_config(n_loops=2), 2, 16, 0.25, torch.device("cpu"),
+                         torch.float32, repeats=1, policies=[("convergence", {})],
+                         modes=(False, True))
+    assert [r.compiled for r in rows] == [False, True]
+    assert all(r.signal_ms > 0 and r.iteration_ms > 0 for r in rows)
