@@ -14,8 +14,9 @@ but it fixes every shape and every address it touches. So here:
   its first use; later denoising steps replay it.
 - Addresses are static. The key/value caches, the state the iteration reads, the RoPE tables,
   the key mask, the plan's index and row counts live in buffers that `PackedGraphs` owns. It
-  is kept per model across the denoising steps of a generation and replaced when the batch's
-  shape changes (one set per model: two threads looping one model at once would share it).
+  is kept per model and batch shape (the latest few) across the denoising steps of a
+  generation and across generations (one set per shape: two threads looping one model at
+  once on the same shape would share it).
 
 Per iteration the host writes the plan's index into its static buffer (`nonzero_static` with
 `out=`), copies the state and the row counts in, replays, and writes the N real outputs back
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,19 +254,33 @@ class PackedGraphs:
         return out
 
 
-_STORES: weakref.WeakKeyDictionary[Any, PackedGraphs] = weakref.WeakKeyDictionary()
+# per model, the stores of its latest batch shapes, most recent last (an evaluation's last
+# batch is often smaller than the others; guidance doubles the rows): a few, so that shapes
+# that alternate keep their graphs, and not many, since each holds caches and graphs
+_STORES: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], PackedGraphs]] = \
+    weakref.WeakKeyDictionary()
+KEPT = 4
 
 
 def packed_graphs(model: Any, h: Tensor, slots: int, key_mask: Tensor | None, rope: Rope,
                   body: Callable[..., Tensor]) -> PackedGraphs:
-    """The model's static buffers and graphs for this batch shape, made anew when the shape
-    (or the dtype, device, key mask's presence, RoPE tables' shape or body) changed, and bound
-    to this run's key mask and RoPE tables."""
+    """The model's static buffers and graphs for this batch shape (and dtype, device, key
+    mask's presence, RoPE tables' shape, body), made at its first use, the least recently
+    used of more than `KEPT` dropped; bound to this run's key mask and RoPE tables."""
     key = (tuple(h.shape), h.dtype, h.device, slots, key_mask is None,
            tuple(tuple(t.shape) for t in rope), body)
-    store = _STORES.get(model)
-    if store is None or store.key != key:
-        _STORES.pop(model, None)  # the old graphs and buffers go before the new ones come
-        store = _STORES[model] = PackedGraphs(key, model, h, slots, key_mask, rope, body)
+    stores = _STORES.setdefault(model, OrderedDict())
+    store = stores.pop(key, None)
+    if store is None:
+        while len(stores) >= KEPT:
+            stores.popitem(last=False)  # its graphs and buffers go before the new ones come
+        store = PackedGraphs(key, model, h, slots, key_mask, rope, body)
+    stores[key] = store
     store.bind(key_mask, rope)
     return store
+
+
+def latest(model: Any) -> PackedGraphs | None:
+    """The store the model's latest graphed run used, if any."""
+    stores = _STORES.get(model)
+    return next(reversed(stores.values())) if stores else None

@@ -264,7 +264,7 @@ def check_compiled(results: dict) -> None:
         results[f"compiled_{attention}_vs_eager_max_abs"] = worst
         results[f"compiled_{attention}_vs_eager_loops_equal"] = same
         if attention == "padded":  # on CUDA its packed iterations replay as graphs
-            store = graphs._STORES.get(model)
+            store = graphs.latest(model)
             results["compiled_padded_graphs"] = "needs CUDA" if not T.cuda else {
                 "captured": store.captures if store else 0,
                 "failed": sum(b.failed for b in store.buckets.values()) if store else 0,
@@ -610,14 +610,16 @@ def main() -> None:
                      "torch": torch.__version__, "flash_attn": flash_attn_installed(),
                      "skipped": [], "seconds": {}}
     d2048 = LoopMDMConfig(**D2048)
-    # in order of value: the correctness checks and the embedded model's generation (the
-    # first H200 run, 2026-11-30, found a sync beyond the account and an anomaly there), then
+    # in order of value: the correctness checks, compiled runs against eager (their packed
+    # iterations replay as CUDA graphs, which no GPU had run before) and the embedded model's
+    # generation (the first H200 run, 2026-11-30, found a sync beyond the account and an
+    # anomaly there), then
     # the issues' targets (MFU of the d=2048 forward, compacted iterations eager and compiled,
     # monitoring cost, where a compacted iteration's time goes, 170M-class generation at batch
     # 32 at 12 loops with compiled iterations, where the looped block dominates a step: at the
     # preset's 4 loops it is about half of one, which bounds compaction's speed-up below the
-    # target's 1.5x; the compiled forward), the attention backends' and compiled iterations'
-    # checks, then the eager, 4-loop and compiled variants. The expected seconds are those
+    # target's 1.5x; the compiled forward), the attention backends' checks, then the eager,
+    # 4-loop and compiled variants. The expected seconds are those
     # measured on an H200 (2026-11-30), rounded up, where a section ran (guesses for
     # iteration_smdm_compiled, generation_compiled and generation_smdm_b32_compiled, and for
     # the fused monitoring and graphed iterations added since; the profile's assumes the
@@ -627,6 +629,8 @@ def main() -> None:
     sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
         ("correctness", 25, check_correctness),
         ("host_syncs", 25, check_host_syncs),
+        # compiled runs against eager: the graphed packed iterations' first check on CUDA
+        ("compiled", 40, check_compiled),
         ("generation", 15, lambda r: _generation(r, False)),
         ("matmul_peak", 5, lambda r: r.update(  # fastest of 30 (about 2 ms each on an H200)
             matmul_peak_bf16=matmul_peak(T.device, T.dtype, n=T.size(8192, 256),
@@ -634,13 +638,13 @@ def main() -> None:
         ("forward_1b", 5, lambda r: _forward(r, False)),
         ("iteration_d2048_eager", 15, _iteration("d2048", d2048, 16, 512, (False,))),
         # compiled iterations are where the iteration targets are most likely met
-        ("iteration_d2048_compiled", 45, _iteration("d2048", d2048, 16, 512, (True,))),
+        ("iteration_d2048_compiled", 70, _iteration("d2048", d2048, 16, 512, (True,))),
         ("monitor_smdm", 40, lambda r: r.update(monitor_smdm=[
             {**row.__dict__, "ratio": row.ratio}
             for row in bench_monitor(T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125,
                                      T.device, T.dtype, repeats=T.size(20, 1),
                                      modes=(False, True))])),
-        ("profile_d2048", 10, profile_iteration),
+        ("profile_d2048", 15, profile_iteration),
         # compiled iterations only (dense ones as CUDA graphs), pipelined too, at 12 loops;
         # the policies whose masked reference runs all loops (a bound over 1.5)
         ("generation_smdm_b32_loops12_compiled", 170, lambda r: _smdm_generation(
@@ -649,7 +653,6 @@ def main() -> None:
                       ("random", {"rate": 0.2})])),
         ("forward_1b_compiled", 30, lambda r: _forward(r, True)),
         ("attention", 25, check_attention),
-        ("compiled", 30, check_compiled),
         ("generation_smdm_b32_loops12", 190,
          lambda r: _smdm_generation(r, False, 12, pipeline=True)),
         ("generation_smdm_b32", 90, lambda r: _smdm_generation(r, False, pipeline=True)),

@@ -3,6 +3,7 @@ without capture: the same function as the plain compacted run and the masked ref
 buffers kept across steps, dummies that change nothing, no recompilation per bucket."""
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_graphed_equals_masked_and_plain(graphed, looped_model, name, params, pi
     assert t.active_tokens == t_plain.active_tokens and t.looped_flops == t_plain.looped_flops
     assert t.host_syncs == t_plain.host_syncs
     assert t_plain.dummy_tokens == 0 < t.dummy_tokens
-    store = graphs._STORES[looped_model]
+    store = graphs.latest(looped_model)
     assert all(b.index.numel() == graphs.bucket(b.index.numel(), store.total)
                for b in store.buckets.values())
     if padding:
@@ -84,33 +85,41 @@ def test_graphed_equals_masked_and_plain(graphed, looped_model, name, params, pi
 def test_generation_reuses_its_buffers_across_steps_and_calls(graphed, looped_model):
     """Graphed generation (left-padded prompts, guidance's doubled rows) gives the plain
     run's tokens and loops; a second identical call keeps the same static buffers and adds
-    no bucket; a new batch shape replaces them."""
+    no bucket; a new batch shape gets its own, and the first shape's come back after it; past
+    `KEPT` shapes the least recently used go."""
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]]
     policy = make("convergence", threshold=0.3, max_loops=6)
     kwargs = dict(policy=policy, gen_length=8, steps=4, cfg_scale=1.5)
     plain = generate(looped_model, prompts, **kwargs)
     first = generate(looped_model, prompts, compile="eager", **kwargs)
-    store = graphs._STORES[looped_model]
+    store = graphs.latest(looped_model)
     caches, buckets = [k.data_ptr() for k, _ in store.caches], set(store.buckets)
     second = generate(looped_model, prompts, compile="eager", **kwargs)
     for run in (first, second):
         assert torch.equal(run.tokens, plain.tokens) and torch.equal(run.loops, plain.loops)
-    assert graphs._STORES[looped_model] is store and set(store.buckets) == buckets
+    assert graphs.latest(looped_model) is store and set(store.buckets) == buckets
     assert [k.data_ptr() for k, _ in store.caches] == caches
     generate(looped_model, prompts[:2], compile="eager", **kwargs)
-    assert graphs._STORES[looped_model] is not store
+    assert graphs.latest(looped_model) is not store
+    generate(looped_model, prompts, compile="eager", **kwargs)
+    assert graphs.latest(looped_model) is store and set(store.buckets) == buckets
+    for rows in range(graphs.KEPT):
+        generate(looped_model, prompts + [[1, 2]] * (rows + 1), compile="eager", **kwargs)
+    assert len(graphs._STORES[looped_model]) == graphs.KEPT
+    assert store not in graphs._STORES[looped_model].values()
 
 
 def test_store_goes_with_its_model(graphed):
+    """The stores hold their model weakly: it is freed with its graphs and buffers."""
     model = spread_model()
     h, needed, _ = _state(model)
     run_loops(model, h, make("convergence", threshold=0.3, max_loops=6), needed,
               compile="eager")
-    assert model in graphs._STORES
-    count = len(graphs._STORES)
+    assert graphs.latest(model) is not None
+    ref = weakref.ref(model)
     del model
     gc.collect()
-    assert len(graphs._STORES) == count - 1
+    assert ref() is None
 
 
 def test_dummies_change_no_attention_output():
@@ -181,5 +190,5 @@ def test_cuda_graphs_capture_and_replay_what_eager_computes():
         got, t = run_loops(model, h, policy, needed, key_mask=key_mask, compile=True)
         assert torch.equal(t.loops, t_ref.loops) and t.dummy_tokens > 0
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    store = graphs._STORES[model]
+    store = graphs.latest(model)
     assert store.captures > 0 and not any(b.failed for b in store.buckets.values())
