@@ -151,7 +151,7 @@ class PackedGraphs:
         self.caches = [(h.new_zeros(shape), h.new_zeros(shape)) for _ in model.block_layers]
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.capture = h.device.type in CAPTURE
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pool: Any = None  # the graphs' shared memory pool (made at the first capture)
         self.stream: Any = None  # the stream that warms up and captures (CUDA)
         self.captures = 0  # graphs captured so far
 
@@ -210,11 +210,8 @@ class PackedGraphs:
                 self.key_mask, self.active if gated else None, found.width)
 
     def _call(self, found: _Bucket, gated: bool) -> Tensor:
-        """The bucket's graph replayed; at its first use, the body run (which warms it up:
-        compiling, and preparing the libraries' per-stream state outside the capture) and
-        then captured, both on the store's own stream. The body's writes are idempotent (the
-        planned tokens' keys/values from the same static state), so running it twice
-        changes nothing."""
+        """The bucket's graph replayed; at its first use, the body run and captured
+        (`_warm_and_capture`)."""
         if gated in found.graphs:
             graph, out = found.graphs[gated]
             graph.replay()
@@ -222,10 +219,28 @@ class PackedGraphs:
         args = self._args(found, gated)
         if not self.capture or found.failed:
             return self.body(*args)
+        out, graph, captured, failed = self._warm_and_capture(args)
+        if failed is None:
+            found.graphs[gated] = (graph, captured)
+            self.captures += 1
+        else:
+            found.failed = True
+            warnings.warn(f"a packed loop iteration could not be captured as a CUDA graph "
+                          f"({failed}); it runs without one", RuntimeWarning, stacklevel=4)
+        return out
+
+    def _warm_and_capture(self, args: tuple[Any, ...]
+                          ) -> tuple[Tensor, Any, Tensor | None, Exception | None]:
+        """Run the body (its warm-up: compiling, and preparing the libraries' per-stream
+        state outside the capture), then capture it, both on the store's own stream. The
+        body's writes are idempotent (the planned tokens' keys/values from the same static
+        state), so running it twice changes nothing. Returns the warm-up's output, the graph,
+        the captured output (rewritten by each replay) and the capture's error, if any."""
         if self.stream is None:
-            self.stream = torch.cuda.Stream()
+            self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
         current = torch.cuda.current_stream()
         self.stream.wait_stream(current)
+        captured, failed = None, None
         with torch.cuda.stream(self.stream):
             out = self.body(*args)
             graph = torch.cuda.CUDAGraph()
@@ -235,23 +250,14 @@ class PackedGraphs:
             try:
                 captured = self.body(*args)
             except Exception as err:  # noqa: BLE001 - any failure: run uncaptured instead
-                failed: Exception | None = err
-            else:
-                failed = None
+                failed = err
             finally:
                 try:
                     graph.capture_end()
                 except RuntimeError as err:
                     failed = failed or err
         current.wait_stream(self.stream)
-        if failed is None:
-            found.graphs[gated] = (graph, captured)
-            self.captures += 1
-        else:
-            found.failed = True
-            warnings.warn(f"a packed loop iteration could not be captured as a CUDA graph "
-                          f"({failed}); it runs without one", RuntimeWarning, stacklevel=3)
-        return out
+        return out, graph, captured, failed
 
 
 # per model, the stores of its latest batch shapes, most recent last (an evaluation's last

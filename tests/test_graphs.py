@@ -82,7 +82,8 @@ def test_graphed_equals_masked_and_plain(graphed, looped_model, name, params, pi
         assert torch.equal(got[~key_mask], h[~key_mask])
 
 
-def test_generation_reuses_its_buffers_across_steps_and_calls(graphed, looped_model):
+def test_generation_reuses_its_buffers_across_steps_and_calls(graphed, looped_model,
+                                                               monkeypatch):
     """Graphed generation (left-padded prompts, guidance's doubled rows) gives the plain
     run's tokens and loops; a second identical call keeps the same static buffers and adds
     no bucket; a new batch shape gets its own, and the first shape's come back after it; past
@@ -103,10 +104,59 @@ def test_generation_reuses_its_buffers_across_steps_and_calls(graphed, looped_mo
     assert graphs.latest(looped_model) is not store
     generate(looped_model, prompts, compile="eager", **kwargs)
     assert graphs.latest(looped_model) is store and set(store.buckets) == buckets
+    monkeypatch.setattr(graphs, "KEPT", 2)
     for rows in range(graphs.KEPT):
         generate(looped_model, prompts + [[1, 2]] * (rows + 1), compile="eager", **kwargs)
     assert len(graphs._STORES[looped_model]) == graphs.KEPT
     assert store not in graphs._STORES[looped_model].values()
+
+
+class _Recorded:
+    """A CUDA graph's contract on the CPU: `replay` reruns the body on the very objects it
+    was captured with and rewrites the captured output in place. Anything the runtime
+    passed in by a new object after capture, or forgot to copy into a static buffer before
+    a replay, is then read stale, as a real graph would read it."""
+
+    def __init__(self, body, args):
+        self.body, self.args = body, args
+        self.out = body(*args)
+        self.replays = 0
+
+    def replay(self):
+        self.out.copy_(self.body(*self.args))
+        self.replays += 1
+
+
+@pytest.fixture
+def recorded(graphed, monkeypatch):
+    """The graphed flow with capture emulated by `_Recorded` (every bucket's later uses
+    replay); yields the recordings."""
+    made = []
+
+    def warm_and_capture(self, args):
+        graph = _Recorded(self.body, args)
+        made.append(graph)
+        return self.body(*args), graph, graph.out, None
+
+    monkeypatch.setattr(graphs, "CAPTURE", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs.PackedGraphs, "_warm_and_capture", warm_and_capture)
+    return made
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_replays_read_only_static_buffers(recorded, looped_model, pipeline):
+    """Runs whose later iterations replay graphs captured earlier (in this run, and in
+    earlier generations of other prompts of the same shape) compute what the plain
+    compacted run computes: every input a replay reads is refreshed in its static buffer."""
+    policy = make("kl", threshold=0.05, context_threshold=0.3, probe="lens", shortlist=4,
+                  max_loops=6)
+    kwargs = dict(policy=policy, gen_length=8, steps=4, pipeline=pipeline, cfg_scale=1.5)
+    for prompts in ([[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]],
+                    [[9, 9, 1, 2, 3, 4], [5, 6, 7], [2, 2]]):
+        plain = generate(looped_model, prompts, **kwargs)
+        got = generate(looped_model, prompts, compile="eager", **kwargs)
+        assert torch.equal(got.tokens, plain.tokens) and torch.equal(got.loops, plain.loops)
+    assert recorded and sum(g.replays for g in recorded) > len(recorded)
 
 
 def test_store_goes_with_its_model(graphed):
