@@ -185,8 +185,10 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                         time_call(compact, device, repeats) * 1e3, backend, compiled, flops,
                         time_call(functools.partial(compact, wait=True), device, repeats) * 1e3))
                     if graphs.applies(compiled, backend, device):
-                        store = graph_stores.setdefault(backend, _graph_store(
-                            model, h, key.slots(batch, length), dense))
+                        if backend not in graph_stores:
+                            graph_stores[backend] = _graph_store(
+                                model, h, key.slots(batch, length), dense)
+                        store = graph_stores[backend]
 
                         def replayed(active: torch.Tensor = active, store=store, known=known,
                                      wait: bool = False) -> None:

@@ -7,7 +7,9 @@ per launch sets the pace (on an H200 an `entropy` check with the lens probe took
 eager iteration of the 170M-class shape: benchmarks/RESULTS.md). A compiled run
 (`run_loops(compile=...)`) makes its checks inside `fusing(backend)`; there the functions
 marked `@fused` run through `torch.compile` with dynamic shapes, one or two kernels each,
-compiled once for every size. Elsewhere they are the plain eager functions (the reference).
+compiled once for all sizes (torch specialises a size of 1 apart). Elsewhere they are the
+plain eager functions (the reference). Both compute in float32 from the first operation, so
+that a bfloat16 state's difference is not rounded in one and exact in the other.
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ def fused(fn: Fn) -> Fn:
     compiled: dict[Any, Callable[..., Any]] = {}
 
     @functools.wraps(fn)
-    def call(*args: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         backend = _BACKEND.get()
         if backend is None or torch.compiler.is_compiling() or any(
-                isinstance(a, Tensor) and a.numel() == 0 for a in args):
-            return fn(*args)
+                isinstance(a, Tensor) and a.numel() == 0 for a in (*args, *kwargs.values())):
+            return fn(*args, **kwargs)
         if backend not in compiled:
             compiled[backend] = torch.compile(fn, backend=backend, dynamic=True)
-        return compiled[backend](*args)
+        return compiled[backend](*args, **kwargs)
 
     call.compiled_by = compiled  # type: ignore[attr-defined]  # backend -> compiled fn
     return call  # type: ignore[return-value]
@@ -58,9 +60,9 @@ def fused(fn: Fn) -> Fn:
 
 @fused
 def relative_change(cur: Tensor, old: Tensor) -> Tensor:
-    """(N, d) states now and one loop earlier -> (N,) ||cur - old|| / ||cur||, the norms in
-    float32 (cast inside the reduction)."""
-    return vector_norm(cur - old, dim=-1, dtype=torch.float32) / \
+    """(N, d) states now and one loop earlier -> (N,) ||cur - old|| / ||cur||, in float32
+    (the difference too)."""
+    return vector_norm(cur.float() - old.float(), dim=-1) / \
         vector_norm(cur, dim=-1, dtype=torch.float32).clamp_min(1e-12)
 
 

@@ -15,15 +15,17 @@ but it fixes every shape and every address it touches. So here:
 - Addresses are static. The key/value caches, the state the iteration reads, the RoPE tables,
   the key mask, the plan's index and row counts live in buffers that `PackedGraphs` owns. It
   is kept per model and batch shape (the latest few) across the denoising steps of a
-  generation and across generations (one set per shape: two threads looping one model at
-  once on the same shape would share it).
+  generation and across generations, and made anew when the weights move (their addresses
+  are part of its key). One set per shape: two threads looping one model at once on the same
+  shape would race on it, so don't.
 
 Per iteration the host writes the plan's index into its static buffer (`nonzero_static` with
 `out=`), copies the state and the row counts in, replays, and writes the N real outputs back
 into a new state: about six launches where a compiled packed iteration makes dozens, with its
 guards. Rows, positions and slots are derived inside the graph.
 
-The padded backend alone runs this way (on CUDA it is what `auto` picks). On a device without
+The padded backend alone runs this way (on CUDA it is what `auto` picks unless flash-attn's
+varlen kernel applies). On a device without
 graphs (`CAPTURE`), `PackedGraphs` runs the same function on the same static buffers and
 dummies every time: that is what the CPU tests check against the masked reference (`ON` names
 the devices that take this path when compiling; the tests add "cpu").
@@ -232,16 +234,19 @@ class PackedGraphs:
     def _warm_and_capture(self, args: tuple[Any, ...]
                           ) -> tuple[Tensor, Any, Tensor | None, Exception | None]:
         """Run the body (its warm-up: compiling, and preparing the libraries' per-stream
-        state outside the capture), then capture it, both on the store's own stream. The
-        body's writes are idempotent (the planned tokens' keys/values from the same static
-        state), so running it twice changes nothing. Returns the warm-up's output, the graph,
-        the captured output (rewritten by each replay) and the capture's error, if any."""
+        state outside the capture; it is this iteration's work), then capture it, which
+        records its kernels without running them, both on the store's own stream of the
+        store's device. Returns the warm-up's output, the graph, the captured output
+        (rewritten by each replay) and the capture's error, if any."""
         if self.stream is None:
-            self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
-        current = torch.cuda.current_stream()
+            self.stream = torch.cuda.Stream(self.device)
+            self.pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         captured, failed = None, None
-        with torch.cuda.stream(self.stream):
+        # the store's device current (capture records the current device's current stream,
+        # while the body's kernels go to their tensors' device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             out = self.body(*args)
             graph = torch.cuda.CUDAGraph()
             # capture_begin/end rather than torch.cuda.graph, which synchronises the device
@@ -257,6 +262,7 @@ class PackedGraphs:
                 except RuntimeError as err:
                     failed = failed or err
         current.wait_stream(self.stream)
+        out.record_stream(current)  # made on the store's stream, used on the current one
         return out, graph, captured, failed
 
 
@@ -271,10 +277,14 @@ KEPT = 4
 def packed_graphs(model: Any, h: Tensor, slots: int, key_mask: Tensor | None, rope: Rope,
                   body: Callable[..., Tensor]) -> PackedGraphs:
     """The model's static buffers and graphs for this batch shape (and dtype, device, key
-    mask's presence, RoPE tables' shape, body), made at its first use, the least recently
-    used of more than `KEPT` dropped; bound to this run's key mask and RoPE tables."""
+    mask's presence, RoPE tables' shape, body, inference mode, and the looped weights'
+    addresses, which the graphs read: moved weights, e.g. by a round trip through another
+    dtype, get new graphs), made at its first use, the least recently used of more than
+    `KEPT` dropped; bound to this run's key mask and RoPE tables."""
+    weights = tuple(p.data_ptr() for layer in model.block_layers for p in layer.parameters())
     key = (tuple(h.shape), h.dtype, h.device, slots, key_mask is None,
-           tuple(tuple(t.shape) for t in rope), body)
+           tuple(tuple(t.shape) for t in rope), body, torch.is_inference_mode_enabled(),
+           weights)
     stores = _STORES.setdefault(model, OrderedDict())
     store = stores.pop(key, None)
     if store is None:

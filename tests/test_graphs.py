@@ -159,6 +159,28 @@ def test_replays_read_only_static_buffers(recorded, looped_model, pipeline):
     assert recorded and sum(g.replays for g in recorded) > len(recorded)
 
 
+def test_moved_weights_and_inference_mode_get_their_own_store(graphed):
+    """Graphs read the weights where they were when captured: weights moved (a round trip
+    through bfloat16 gives them new storage) get a new store, as does inference mode, whose
+    buffers a later normal run could not write."""
+    model = spread_model()
+    h, needed, _ = _state(model)
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    run_loops(model, h, policy, needed, compile="eager")
+    first = graphs.latest(model)
+    held = [p.data for p in model.parameters()]  # the old storage stays taken, not reused
+    model.to(torch.bfloat16).to(torch.float32)
+    assert held[-1].data_ptr() != next(reversed(list(model.parameters()))).data_ptr()
+    got, _ = run_loops(model, h, policy, needed, compile="eager")
+    assert graphs.latest(model) is not first
+    plain, _ = run_loops(model, h, policy, needed)  # the weights are rounded to bfloat16
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        run_loops(model, h, policy, needed, compile="eager")
+    again, _ = run_loops(model, h, policy, needed, compile="eager")
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
 def test_store_goes_with_its_model(graphed):
     """The stores hold their model weakly: it is freed with its graphs and buffers."""
     model = spread_model()
