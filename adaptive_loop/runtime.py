@@ -40,7 +40,7 @@ from torch import Tensor
 from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
 from .errors import GenerationError, UsageError, described
 from .flops import block_flops, head_flops, kv_flops, readout_flops
-from .fused import cosine, fusing, lens, relative_change
+from .fused import cosine, fused, fusing, lens, relative_change
 from .graphs import GraphPlan, PackedGraphs, applies, compiled_body, packed_graphs
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
@@ -485,7 +485,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             # packed iterations from now on: the full rows' keys/values into flat caches
             caches = flat_of(caches)
         if compact and not pipeline and n_active < planned and caches is not None:
-            _write_first_kv(model, h, caches[0], halted, planned - n_active)
+            with fusing(fuse):  # compiled runs: one fused call (fused.py)
+                _write_first_kv(model, h, caches[0], halted, planned - n_active)
             trace.refreshed += planned - n_active
             trace.looped_flops += (planned - n_active) * kv_flops(model.config)
         # nothing halted since the plan was built (padding alone made it): it still holds
@@ -624,9 +625,15 @@ def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count:
     bool), from their final state: what any later loop would compute for them, so that the
     packed iterations, which no longer run them, see the same keys as the masked reference."""
     length, width = h.shape[1:]
-    index = true_index(halted, count)
-    model.block_layers[0].write_kv(h.reshape(-1, width)[index], model.rope, index, length,
-                                   cache)
+    _kv_from_states(model.block_layers[0], h.reshape(-1, width), *model.rope,
+                    true_index(halted, count), length, *cache)
+
+
+@fused
+def _kv_from_states(layer: Any, states: Tensor, cos: Tensor, sin: Tensor, index: Tensor,
+                    length: int, k_cache: Tensor, v_cache: Tensor) -> None:
+    """`layer.write_kv` of the tokens at flat positions `index` from their states (B*L, d)."""
+    layer.write_kv(states[index], (cos, sin), index, length, (k_cache, v_cache))
 
 
 def all_finite(x: Tensor) -> Tensor:

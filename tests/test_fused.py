@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounter
 from adaptive_loop import fused
 from adaptive_loop.bench import bench_monitor
 from adaptive_loop.policies import make
-from adaptive_loop.runtime import run_loops
+from adaptive_loop.runtime import _kv_from_states, run_loops
 
 
 def _pair(n, d=24, seed=0):
@@ -72,6 +72,7 @@ def test_compiled_runs_check_through_fused_signals(looped_model, name, params):
     compiled = {fn.__name__ for fn in (fused.relative_change, fused.lens, fused.entropy,
                                        fused.kl_from) if counter in fn.compiled_by}
     assert "relative_change" in compiled
+    assert counter in _kv_from_states.compiled_by  # halted tokens' first-layer keys/values
     if name != "convergence":
         assert "lens" in compiled
         assert ("entropy" if name == "entropy" else "kl_from") in compiled
