@@ -628,9 +628,9 @@ def main() -> None:
     # everything before it kept
     sections: list[tuple[str, float, Callable[[dict], None]]] = [  # name, expected s, run
         ("correctness", 25, check_correctness),
-        ("host_syncs", 25, check_host_syncs),
+        ("host_syncs", 50, check_host_syncs),  # 25 s before graphs and fused checks compiled
         # compiled runs against eager: the graphed packed iterations' first check on CUDA
-        ("compiled", 40, check_compiled),
+        ("compiled", 60, check_compiled),
         ("generation", 15, lambda r: _generation(r, False)),
         ("matmul_peak", 5, lambda r: r.update(  # fastest of 30 (about 2 ms each on an H200)
             matmul_peak_bf16=matmul_peak(T.device, T.dtype, n=T.size(8192, 256),
