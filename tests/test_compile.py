@@ -226,8 +226,9 @@ def test_host_syncs_within_the_account(cuda_model, compile, pipeline, name, para
     ("schedule", {"budget": "2,4"}),
 ])
 @pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("compile", [False, "eager"])
 def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, name, params,
-                                                                  pipeline):
+                                                                  pipeline, compile):
     """`torch.tensor(data, device=...)` copies host data to the device and waits for it (on
     CUDA, sync debug mode reports each one, beyond the runtime's account); so does
     `t[index] = True` on a device tensor (the value becomes a host tensor first: an H200 run
@@ -238,8 +239,10 @@ def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, n
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from adaptive_loop import load_model
+    from adaptive_loop import graphs, load_model
 
+    if compile:  # compiled: the graphed flow (uncaptured here) and fused checks
+        monkeypatch.setattr(graphs, "ON", ("cuda", "cpu"))
     model = load_model()  # its shipped halting head serves `learned`
     prompts = ["12345678+87654321=", "5+5="]
     policy = make(name, **params)
@@ -264,7 +267,8 @@ def test_generation_builds_no_tensor_from_host_data_on_the_device(monkeypatch, n
             return func(*args, **(kwargs or {}))
 
     with Lifts():
-        out = generate(model, prompts, policy=policy, gen_length=9, steps=3, pipeline=pipeline)
+        out = generate(model, prompts, policy=policy, gen_length=9, steps=3, pipeline=pipeline,
+                       compile=compile)
     assert out.tokens.shape[0] == 2 and calls == []
 
 
