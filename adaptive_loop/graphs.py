@@ -25,10 +25,10 @@ into a new state: about six launches where a compiled packed iteration makes doz
 guards. Rows, positions and slots are derived inside the graph.
 
 The padded backend alone runs this way (on CUDA it is what `auto` picks unless flash-attn's
-varlen kernel applies). On a device without
-graphs (`CAPTURE`), `PackedGraphs` runs the same function on the same static buffers and
-dummies every time: that is what the CPU tests check against the masked reference (`ON` names
-the devices that take this path when compiling; the tests add "cpu").
+varlen kernel applies). On a device without graphs (`CAPTURE`), `PackedGraphs` runs the same
+function on the same static buffers and dummies every time: that is what the CPU tests check
+against the masked reference (`ON` names the devices that take this path when compiling; the
+tests add "cpu").
 """
 
 from __future__ import annotations
