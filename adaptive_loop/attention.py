@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .errors import UsageError
 from .flex import FLEX_AVAILABLE, RowBlocks, RowKeys, flex_attend, row_blocks, row_keys
+from .fused import fused
 from .varlen import (
     VarlenKeys,
     VarlenPlan,
@@ -111,6 +112,16 @@ def true_index(mask: Tensor, count: int) -> Tensor:
     return out[:count]
 
 
+@fused
+def _layout(index: Tensor, counts: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows, positions and slots of packed tokens at flat positions `index` (N,), ascending,
+    with `counts` (B,) per row (one fused call in compiled runs: fused.py)."""
+    rows = torch.div(index, length, rounding_mode="floor")
+    starts = torch.cumsum(counts, 0) - counts  # first packed slot of each row
+    slot = torch.arange(index.numel(), device=index.device) - starts[rows]
+    return rows, index - rows * length, slot
+
+
 @dataclass
 class PackPlan:
     """Where each packed token sits: its row, its position and its slot in a padded buffer.
@@ -155,11 +166,7 @@ class PackPlan:
     @classmethod
     def from_index(cls, index: Tensor, counts: Tensor, width: int, batch: int,
                    length: int) -> PackPlan:
-        rows = torch.div(index, length, rounding_mode="floor")
-        pos = index - rows * length
-        starts = torch.cumsum(counts, 0) - counts  # first packed slot of each row
-        slot = torch.arange(index.numel(), device=index.device) - starts[rows]
-        return cls(index, rows, pos, slot, width, batch, length, counts)
+        return cls(index, *_layout(index, counts, length), width, batch, length, counts)
 
     @property
     def size(self) -> int:

@@ -23,6 +23,7 @@ from . import graphs
 from .attention import PackPlan, packed_keys, resolve_attention
 from .config import LoopMDMConfig
 from .flops import block_flops, step_flops_fixed
+from .fused import fusing
 from .model import LoopMDM
 from .runtime import _dense_iteration, flat_caches, iterations
 
@@ -174,10 +175,12 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                 for backend, key in keys.items():
 
                     def compact(active: torch.Tensor = active, run=run, key=key,
-                                caches=caches[backend], known=known,
-                                wait: bool = False) -> None:
-                        plan = PackPlan.from_mask(active) if wait else PackPlan.from_sizes(
-                            active, known.size, known.width, known.counts)
+                                caches=caches[backend], known=known, wait: bool = False,
+                                fuse: str | None = "inductor" if compiled else None) -> None:
+                        with fusing(fuse):  # a compiled run's plans are fused (fused.py)
+                            plan = PackPlan.from_mask(active) if wait else \
+                                PackPlan.from_sizes(active, known.size, known.width,
+                                                    known.counts)
                         run.packed(model, h, plan.with_keys(key), caches, None)
 
                     rows.append(IterationRow(
@@ -329,7 +332,6 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     For each mode in `modes` (False: eager; True: as a compiled run makes its checks, the
     signals' arithmetic fused (fused.py), against the compiled full iteration, a CUDA graph
     on CUDA; the first calls, untimed, compile)."""
-    from .fused import fusing
     from .policies import make
     from .runtime import Shortlist, StepTrace, _signals, probe_plan
 

@@ -495,7 +495,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
         if n_active < total and not unchanged:
             # the count is on the host already: the positions need no further sync
-            plan = plan_of(members, n_active, width, done.counts)
+            with fusing(fuse):
+                plan = plan_of(members, n_active, width, done.counts)
         return True
 
     halted: Tensor | None = None  # plain compaction: the tokens that halted at the latest check
@@ -528,9 +529,9 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             continue
         index = plan.index if plan is not None and planned < total else torch.arange(
             total, device=h.device)
-        if reads_logits:  # kept: a pipelined check reads the same members as the one before
-            probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
         with fusing(fuse):  # compiled runs: the signals' arithmetic fused (fused.py)
+            if reads_logits:  # kept: a pipelined check reads the members of the one before
+                probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
             sig = _signals(policy, model, h, prev, members, index, needed, key_mask,
                            iteration, step, steps, trace, short, probe)
             halt = _checked(policy, _decide(policy, sig), index)

@@ -51,6 +51,7 @@ from adaptive_loop.bench import (
     rows_to_dicts,
     uneven_mask,
 )
+from adaptive_loop.fused import fusing
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import _dense_iteration, flat_caches, iterations, run_loops
 from adaptive_loop.tasks import make_task
@@ -353,8 +354,9 @@ def profile_iteration(results: dict) -> None:
                 if mode == "graphed":
                     store.run(h, store.plan(active, known.size, known.width, known.counts))
                     return
-                plan = PackPlan.from_sizes(active, known.size, known.width,
-                                           known.counts).with_keys(keys)
+                with fusing("inductor" if mode == "compiled" else None):  # as a run does
+                    plan = PackPlan.from_sizes(active, known.size, known.width,
+                                               known.counts).with_keys(keys)
                 run.packed(model, h, plan, caches, None)
 
             for _ in range(3):  # compile, warm up

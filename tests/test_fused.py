@@ -7,6 +7,7 @@ from tests_support import tiny_config
 from torch._dynamo.testing import CompileCounter
 
 from adaptive_loop import fused
+from adaptive_loop.attention import _layout
 from adaptive_loop.bench import bench_monitor
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import _kv_from_states, run_loops
@@ -73,6 +74,7 @@ def test_compiled_runs_check_through_fused_signals(looped_model, name, params):
                                        fused.kl_from) if counter in fn.compiled_by}
     assert "relative_change" in compiled
     assert counter in _kv_from_states.compiled_by  # halted tokens' first-layer keys/values
+    assert counter in _layout.compiled_by  # plans: rows, positions, slots
     if name != "convergence":
         assert "lens" in compiled
         assert ("entropy" if name == "entropy" else "kl_from") in compiled
