@@ -112,7 +112,7 @@ def true_index(mask: Tensor, count: int) -> Tensor:
     return out[:count]
 
 
-@fused
+@fused(index=(0,))
 def _layout(index: Tensor, counts: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
     """Rows, positions and slots of packed tokens at flat positions `index` (N,), ascending,
     with `counts` (B,) per row (one fused call in compiled runs: fused.py)."""

@@ -6,16 +6,18 @@ each is several passes over memory and as many kernel launches, and on a GPU the
 per launch sets the pace (on an H200 an `entropy` check with the lens probe took 29% of an
 eager iteration of the 170M-class shape: benchmarks/RESULTS.md). A compiled run
 (`run_loops(compile=...)`) makes its checks inside `fusing(backend)`; there the functions
-marked `@fused` run through `torch.compile` with dynamic shapes, one or two kernels each,
-compiled once for all sizes (torch specialises a size of 1 apart). Elsewhere they are the
-plain eager functions (the reference). Both compute in float32 from the first operation, so
-that a bfloat16 state's difference is not rounded in one and exact in the other.
+marked `@fused` run through `torch.compile`, one or two kernels each, the sizes that vary
+between checks marked dynamic so that they compile once for all of them (`fused`).
+Elsewhere they are the plain eager functions (the reference). Both compute in float32 from
+the first operation, so that a bfloat16 state's difference is not rounded in one and exact in
+the other.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -39,26 +41,45 @@ def fusing(backend: Any) -> Iterator[None]:
         _BACKEND.reset(token)
 
 
-def fused(fn: Fn) -> Fn:
-    """`fn` compiled (dynamic shapes, one compilation per backend) inside `fusing`, eager
-    elsewhere, and eager on empty tensors (nothing to fuse; a size of 0 would compile apart)."""
-    compiled: dict[Any, Callable[..., Any]] = {}
+def fused(**varying: tuple[int, ...]) -> Callable[[Fn], Fn]:
+    """Decorator: the function compiled inside `fusing` (once per backend), eager elsewhere,
+    inside compiled code, and on empty tensors (nothing to fuse). `varying` names the tensor
+    arguments whose sizes change between calls and which dimensions, e.g.
+    `@fused(logits=(0, 1))`: those are marked dynamic, every other size stays static (so it
+    stays specialised, and no chance equality between sizes becomes a guard). A call then
+    compiles once per backend, dtype and model shape, and once more for a size of 1 or an
+    argument that is None where it was a tensor (torch compiles those apart; past its
+    `recompile_limit`, 8 per function, it runs the function eagerly with a warning)."""
 
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        backend = _BACKEND.get()
-        if backend is None or torch.compiler.is_compiling() or any(
-                isinstance(a, Tensor) and a.numel() == 0 for a in (*args, *kwargs.values())):
-            return fn(*args, **kwargs)
-        if backend not in compiled:
-            compiled[backend] = torch.compile(fn, backend=backend, dynamic=True)
-        return compiled[backend](*args, **kwargs)
+    def wrap(fn: Fn) -> Fn:
+        names = list(inspect.signature(fn).parameters)
+        marks = [(names.index(name), name, dims) for name, dims in varying.items()]
+        compiled: dict[Any, Callable[..., Any]] = {}
 
-    call.compiled_by = compiled  # type: ignore[attr-defined]  # backend -> compiled fn
-    return call  # type: ignore[return-value]
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():  # before the context variable: not traceable
+                return fn(*args, **kwargs)
+            backend = _BACKEND.get()
+            if backend is None or any(isinstance(a, Tensor) and a.numel() == 0
+                                      for a in (*args, *kwargs.values())):
+                return fn(*args, **kwargs)
+            for position, name, dims in marks:
+                value = args[position] if position < len(args) else kwargs.get(name)
+                if isinstance(value, Tensor):
+                    for dim in dims:
+                        torch._dynamo.maybe_mark_dynamic(value, dim)
+            if backend not in compiled:
+                compiled[backend] = torch.compile(fn, backend=backend)
+            return compiled[backend](*args, **kwargs)
+
+        call.compiled_by = compiled  # type: ignore[attr-defined]  # backend -> compiled fn
+        return call  # type: ignore[return-value]
+
+    return wrap
 
 
-@fused
+@fused(cur=(0,), old=(0,))
 def relative_change(cur: Tensor, old: Tensor) -> Tensor:
     """(N, d) states now and one loop earlier -> (N,) ||cur - old|| / ||cur||, in float32
     (the difference too)."""
@@ -66,27 +87,27 @@ def relative_change(cur: Tensor, old: Tensor) -> Tensor:
         vector_norm(cur, dim=-1, dtype=torch.float32).clamp_min(1e-12)
 
 
-@fused
+@fused(cur=(0,), old=(0,))
 def cosine(cur: Tensor, old: Tensor) -> Tensor:
     """(N, d), (N, d) -> (N,) cosine similarity in float32."""
     return F.cosine_similarity(cur.float(), old.float(), dim=-1)
 
 
-@fused
+@fused(x=(0,), vocab=(0,))
 def lens(model: Any, x: Tensor, vocab: Tensor | None) -> Tensor:
     """The lens probe: the model's final norm and head on loop states x (N, d), over the
     columns `vocab` (K,) or all."""
     return model.head(x, vocab)
 
 
-@fused
+@fused(logits=(0, 1))
 def entropy(logits: Tensor) -> Tensor:
     """(M, V) -> (M,) entropy in nats, in float32."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
-@fused
+@fused(prev=(0, 1), logits=(0, 1))
 def kl_from(prev: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """KL(p_prev || p) per row, clamped at 0 (rounding can dip below), and log p: prev (M, V)
     log-probabilities, logits (M, V) -> (M,), (M, V) in float32."""

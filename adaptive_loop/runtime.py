@@ -630,7 +630,7 @@ def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count:
                     true_index(halted, count), length, *cache)
 
 
-@fused
+@fused(index=(0,))
 def _kv_from_states(layer: Any, states: Tensor, cos: Tensor, sin: Tensor, index: Tensor,
                     length: int, k_cache: Tensor, v_cache: Tensor) -> None:
     """`layer.write_kv` of the tokens at flat positions `index` from their states (B*L, d)."""

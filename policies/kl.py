@@ -60,8 +60,8 @@ class KL(PredictivePolicy):
             self._prev = prev.new_zeros(self._prev.shape[0], prev.shape[-1])
             self._prev[slot] = torch.log_softmax(prev, dim=-1)
             self._shortlisted = True
-        # KL(p_prev || p_t) = sum p_prev (log p_prev - log p_t), clamped at 0 (one fused
-        # kernel in compiled runs: fused.py)
+        # KL(p_prev || p_t) = sum p_prev (log p_prev - log p_t), clamped at 0 (fused in
+        # compiled runs: fused.py; the first check's log-softmax above stays eager)
         kl, logp = kl_from(self._prev[slot], logits)
         self._prev[slot] = logp
         return kl < self.threshold
