@@ -14,10 +14,9 @@ but it fixes every shape and every address it touches. So here:
   its first use; later denoising steps replay it.
 - Addresses are static. The key/value caches, the state the iteration reads, the RoPE tables,
   the key mask, the plan's index and row counts live in buffers that `PackedGraphs` owns. It
-  is kept per model and batch shape (the latest few) across the denoising steps of a
-  generation and across generations, and made anew when the weights move (their addresses
-  are part of its key). One set per shape: two threads looping one model at once on the same
-  shape would race on it, so don't.
+  is kept per model, batch shape (the latest few) and thread across the denoising steps of
+  a generation and across generations, and made anew when the weights move (their addresses
+  are part of its key); two threads looping one model never share buffers.
 
 Per iteration the host writes the plan's index into its static buffer (`nonzero_static` with
 `out=`), copies the state and the row counts in, replays, and writes the N real outputs back
@@ -33,6 +32,7 @@ tests add "cpu").
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -251,7 +251,8 @@ class PackedGraphs:
             graph = torch.cuda.CUDAGraph()
             # capture_begin/end rather than torch.cuda.graph, which synchronises the device
             # and empties the allocator's cache before each capture
-            graph.capture_begin(self.pool)
+            # thread_local: other threads' CUDA calls during the capture are theirs to make
+            graph.capture_begin(self.pool, capture_error_mode="thread_local")
             try:
                 captured = self.body(*args)
             except Exception as err:  # noqa: BLE001 - any failure: run uncaptured instead
@@ -282,12 +283,13 @@ def packed_graphs(model: Any, h: Tensor, slots: int, key_mask: Tensor | None, ro
     """The model's static buffers and graphs for this batch shape (and dtype, device, key
     mask's presence, RoPE tables' shape, body, inference mode, and the looped weights'
     addresses, which the graphs read: moved weights, e.g. by a round trip through another
-    dtype, get new graphs), made at its first use, the least recently used of more than
-    `KEPT` dropped; bound to this run's key mask and RoPE tables."""
+    dtype, get new graphs; and the thread, so that two threads never share buffers), made at
+    its first use, the least recently used of more than `KEPT` dropped; bound to this run's
+    key mask and RoPE tables."""
     weights = tuple(p.data_ptr() for layer in model.block_layers for p in layer.parameters())
     key = (tuple(h.shape), h.dtype, h.device, slots, key_mask is None,
            tuple(tuple(t.shape) for t in rope), body, torch.is_inference_mode_enabled(),
-           weights)
+           weights, threading.get_ident())
     stores = _STORES.setdefault(model, OrderedDict())
     store = stores.pop(key, None)
     if store is None:

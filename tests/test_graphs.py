@@ -181,6 +181,32 @@ def test_moved_weights_and_inference_mode_get_their_own_store(graphed):
     torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
+def test_threads_get_their_own_buffers(graphed):
+    """Two threads looping one model on one batch shape each use a store of their own, and
+    each computes what the plain compacted run computes for its inputs."""
+    import threading
+
+    model = spread_model()
+    runs = [_state(model, seed=seed) for seed in (1, 2)]
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    plain = [run_loops(model, h, policy, needed)[0] for h, needed, _ in runs]
+    got = [None, None]
+
+    def work(i):
+        h, needed, _ = runs[i]
+        for _ in range(3):
+            got[i] = run_loops(model, h, policy, needed, compile="eager")[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(graphs._STORES[model]) == 2
+    for i in (0, 1):
+        torch.testing.assert_close(got[i], plain[i], atol=1e-5, rtol=1e-5)
+
+
 def test_store_goes_with_its_model(graphed):
     """The stores hold their model weakly: it is freed with its graphs and buffers."""
     model = spread_model()
