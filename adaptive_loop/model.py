@@ -18,6 +18,7 @@ D head size, V vocabulary.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -68,7 +69,9 @@ class LoopMDM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.out_vocab, bias=dit)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._rope_rows: Rope | None = None  # per-row tables inside `at_positions`
+        # per-row tables inside `at_positions`, per thread (threads looping one model at once
+        # each see their own)
+        self._rope_rows: dict[int, Rope] = {}
         self.reset_rope()
         if not on_meta:
             self.apply(self._init)
@@ -99,9 +102,13 @@ class LoopMDM(nn.Module):
     # -- the parts, in order ------------------------------------------------------------------
     @property
     def rope(self) -> Rope:
-        """cos/sin tables: shared (max_seq_len, D), or per-row (B, L, D) in `at_positions`."""
-        if self._rope_rows is not None:
-            return self._rope_rows
+        """cos/sin tables: shared (max_seq_len, D), or per-row (B, L, D) in this thread's
+        `at_positions`. (Compiled code reads the shared ones only where no thread has per-row
+        tables: the thread's identity cannot be traced; the runtime passes its tables in.)"""
+        if self._rope_rows:
+            rows = self._rope_rows.get(threading.get_ident())
+            if rows is not None:
+                return rows
         return self.rope_cos, self.rope_sin
 
     @contextmanager
@@ -114,12 +121,16 @@ class LoopMDM(nn.Module):
         if positions is None:
             yield
             return
-        saved = self._rope_rows
-        self._rope_rows = (self.rope_cos[positions], self.rope_sin[positions])  # (B, L, D)
+        thread = threading.get_ident()
+        saved = self._rope_rows.get(thread)
+        self._rope_rows[thread] = (self.rope_cos[positions], self.rope_sin[positions])  # (B, L, D)
         try:
             yield
         finally:
-            self._rope_rows = saved
+            if saved is None:
+                del self._rope_rows[thread]
+            else:
+                self._rope_rows[thread] = saved
 
     # (the layers listed, then sliced: slicing the ModuleList builds a new module, 30 us, and
     # the runtime asks for the block's layers at every iteration)

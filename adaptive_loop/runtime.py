@@ -42,6 +42,7 @@ from .errors import GenerationError, UsageError, described
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .fused import cosine, fused, fusing, lens, relative_change
 from .graphs import GraphPlan, PackedGraphs, applies, compiled_body, packed_graphs
+from .layers import Rope
 from .model import KV, LoopMDM
 from .policies import HaltingPolicy, Signals
 from .policies.base import check_policy
@@ -72,14 +73,15 @@ class StepTrace:
 
 
 def _dense_iteration(model: LoopMDM, h: Tensor, key_mask: Tensor | None,
-                     keep: tuple[Tensor, list[KV]] | None) -> tuple[Tensor, list[KV]]:
+                     keep: tuple[Tensor, list[KV]] | None,
+                     rope: Rope | None = None) -> tuple[Tensor, list[KV]]:
     """All tokens through the block; with `keep=(active, caches)` inactive tokens keep their
     state and, beyond the first layer, their keys/values (the masked reference). The first
     layer's input is an inactive token's frozen state, so its keys/values there are the exact
     ones."""
-    x, caches = h, []
+    x, caches, rope = h, [], model.rope if rope is None else rope
     for j, layer in enumerate(model.block_layers):
-        x, kv = layer.dense(x, model.rope, key_mask,
+        x, kv = layer.dense(x, rope, key_mask,
                             kv_keep=None if keep is None or j == 0 else (keep[0], keep[1][j]))
         caches.append(kv)
     if keep is not None:
@@ -88,15 +90,16 @@ def _dense_iteration(model: LoopMDM, h: Tensor, key_mask: Tensor | None,
 
 
 def _packed_iteration(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV],
-                      key_mask: Tensor | None, keep: Tensor | None = None) -> Tensor:
+                      key_mask: Tensor | None, keep: Tensor | None = None,
+                      rope: Rope | None = None) -> Tensor:
     """Only the planned tokens through the block; caches are updated in place. With `keep`
     (N,) bool, planned tokens outside it (halted since the plan was made) keep their state and,
     beyond the first layer, their keys/values (the first layer's are computed from the frozen
     state: the exact ones)."""
     flat = h.reshape(-1, h.shape[-1])
-    x = flat[plan.index]  # (N, d)
+    x, rope = flat[plan.index], model.rope if rope is None else rope  # (N, d)
     for j, (layer, cache) in enumerate(zip(model.block_layers, caches)):
-        x = layer.packed(x, model.rope, plan, cache, key_mask, None if j == 0 else keep)
+        x = layer.packed(x, rope, plan, cache, key_mask, None if j == 0 else keep)
     if keep is not None:
         x = torch.where(keep[:, None], x, flat[plan.index])
     return flat.index_copy(0, plan.index, x).view_as(h)
@@ -165,10 +168,11 @@ def compiled_iterations(backend: Any, device: torch.device) -> Iterations:
         packed = torch.compile(_packed_iteration, backend=backend)
 
         def vary_then_packed(model: LoopMDM, h: Tensor, plan: PackPlan, caches: list[KV],
-                             key_mask: Tensor | None, keep: Tensor | None = None) -> Tensor:
+                             key_mask: Tensor | None, keep: Tensor | None = None,
+                             rope: Rope | None = None) -> Tensor:
             if keep is not None:
                 torch._dynamo.maybe_mark_dynamic(keep, 0)
-            return packed(model, h, _vary(plan), caches, key_mask, keep)
+            return packed(model, h, _vary(plan), caches, key_mask, keep, rope)
 
         _COMPILED[key] = Iterations(_graphed(dense) if graphs else dense, vary_then_packed)
     return _COMPILED[key]
@@ -395,6 +399,9 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     run = iterations(compile, h.device)
     backend = resolve_attention(attention, h.device, h.dtype, model.config.head_dim)
     keys = None  # see `keyed`
+    # this thread's RoPE tables, read here once: compiled code is handed them (the model's
+    # per-thread tables cannot be looked up there)
+    rope = model.rope
     # compiled on CUDA with padded attention: packed iterations replay as CUDA graphs, on
     # static buffers kept per model across steps (graphs.py)
     graphed = compact and applies(compile, backend, h.device)
@@ -438,7 +445,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         nonlocal store
         if store is None:
             body = compiled_body(fuse)
-            store = packed_graphs(model, h, slots(), key_mask, model.rope, body)
+            store = packed_graphs(model, h, slots(), key_mask, rope, body)
         return store
 
     def plan_of(mask: Tensor, size: int, width: int, counts: Tensor) -> PackPlan | GraphPlan:
@@ -486,7 +493,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             caches = flat_of(caches)
         if compact and not pipeline and n_active < planned and caches is not None:
             with fusing(fuse):  # compiled runs: one fused call (fused.py)
-                _write_first_kv(model, h, caches[0], halted, planned - n_active)
+                _write_first_kv(model, h, caches[0], halted, planned - n_active, rope)
             trace.refreshed += planned - n_active
             trace.looped_flops += (planned - n_active) * kv_flops(model.config)
         # nothing halted since the plan was built (padding alone made it): it still holds
@@ -510,7 +517,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         if caches is None or planned == total or not compact:
             stale = pipeline and decided  # some planned tokens may have halted since
             keep = (active, caches) if stale or planned < total else None
-            h, caches = run.dense(model, h, key_mask, keep)
+            h, caches = run.dense(model, h, key_mask, keep, rope)
             trace.looped_flops += total * per_token
             trace.active_tokens.append(total if pipeline else planned)
         elif isinstance(plan, GraphPlan):
@@ -520,7 +527,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             trace.active_tokens.append(planned)
         else:
             gate = active.view(-1)[plan.index] if pipeline else None
-            h = run.packed(model, h, plan, caches, key_mask, gate)
+            h = run.packed(model, h, plan, caches, key_mask, gate, rope)
             trace.looped_flops += planned * per_token
             trace.active_tokens.append(planned)
         trace.loops += active.int()
@@ -621,12 +628,13 @@ def flat_caches(caches: list[KV], slots: int) -> list[KV]:
     return [(flat(k), flat(v)) for k, v in caches]
 
 
-def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count: int) -> None:
+def _write_first_kv(model: LoopMDM, h: Tensor, cache: KV, halted: Tensor, count: int,
+                    rope: Rope) -> None:
     """The first block layer's keys/values of the `count` tokens just halted (`halted`, (B*L,)
     bool), from their final state: what any later loop would compute for them, so that the
     packed iterations, which no longer run them, see the same keys as the masked reference."""
     length, width = h.shape[1:]
-    _kv_from_states(model.block_layers[0], h.reshape(-1, width), *model.rope,
+    _kv_from_states(model.block_layers[0], h.reshape(-1, width), *rope,
                     true_index(halted, count), length, *cache)
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import re
 
 import pytest
@@ -159,6 +160,31 @@ def test_positions_and_key_mask_make_a_padded_row_its_unpadded_self(make_config)
     assert torch.allclose(got, alone, atol=1e-5)
     assert model.rope[0].dim() == 2  # the per-row tables are gone after the call
     assert not torch.allclose(shifted, alone, atol=1e-4)  # positions do matter
+
+
+def test_each_thread_sees_its_own_positions(make_config):
+    """Two threads inside `at_positions` with different positions at the same time each read
+    their own per-row tables; a third, outside, reads the shared ones."""
+    import threading
+
+    model = LoopMDM(make_config())
+    positions = [torch.arange(6)[None, :], (torch.arange(6)[None, :] - 2).clamp_min(0)]
+    inside, seen = threading.Barrier(3), [None, None, None]
+
+    def work(i):
+        with model.at_positions(positions[i]) if i < 2 else contextlib.nullcontext():
+            inside.wait()  # all three at once: both threads' tables are set
+            seen[i] = model.rope[0].clone()
+            inside.wait()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert torch.equal(seen[i], model.rope_cos[positions[i]])
+    assert torch.equal(seen[2], model.rope_cos) and model._rope_rows == {}
 
 
 @pytest.mark.parametrize("rope_dtype", ["float32", "bfloat16"])
