@@ -192,3 +192,30 @@ def test_the_decoding_options_a_run_accepts_are_the_samplers():
 
     own = {"model", "prompts", "policy", "seed", "tokenizer"}
     assert set(DECODING) == set(inspect.signature(generate).parameters) - own
+
+
+def test_threads_sharing_a_model_generate_what_each_would_alone(tiny_model):
+    """Two threads generating left-padded batches with one model at the same time (each
+    with its own policy) get the tokens each gets alone: per-row positions are per thread."""
+    import threading
+
+    batches = [[[1, 2, 3, 4, 5, 6], [7, 8]], [[3], [9, 9, 9, 9, 1, 2, 4]]]
+    kwargs = dict(gen_length=8, steps=4)
+    alone = [generate(tiny_model, b, policy=make("convergence", threshold=0.3, max_loops=6),
+                      **kwargs).tokens for b in batches]
+    got = [[], []]
+    start = threading.Barrier(2)
+
+    def work(i):
+        start.wait()
+        for _ in range(6):
+            got[i].append(generate(tiny_model, batches[i], policy=make(
+                "convergence", threshold=0.3, max_loops=6), **kwargs).tokens)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert len(got[i]) == 6 and all(torch.equal(t, alone[i]) for t in got[i])
