@@ -242,11 +242,14 @@ def write_llada(directory: Path, cfg: dict = LLADA_TINY, seed: int = 0) -> dict[
     return state
 
 
-def llada_reference(state: dict[str, Tensor], cfg: dict, ids: Tensor, order: list[int]) -> Tensor:
+def llada_reference(state: dict[str, Tensor], cfg: dict, ids: Tensor, order: list[int],
+                    bf16_rope: bool = False) -> Tensor:
     """LLaDA's LLaMA block: float32 RMSNorm scaled by its weight, separate q/k/v projections,
     rotate-half RoPE with base rope_theta on q and k, grouped key/value heads repeated for
     consecutive query heads, bidirectional attention, x + attn_out(.), then
-    x + ff_out(silu(ff_proj(h)) * up_proj(h)); final ln_f and ff_out."""
+    x + ff_out(silu(ff_proj(h)) * up_proj(h)); final ln_f and ff_out. `bf16_rope`: the
+    tables rounded to bfloat16, as `rope_full_precision: false` casts them in a bfloat16
+    run."""
     t = {k.removeprefix("model.transformer."): v for k, v in state.items()}
     d, heads, kv, eps = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"], cfg["rms_norm_eps"]
     size = d // heads
@@ -255,6 +258,8 @@ def llada_reference(state: dict[str, Tensor], cfg: dict, ids: Tensor, order: lis
     angles = torch.einsum("i,j->ij", torch.arange(length, dtype=torch.float), inv)
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, T, D)
+    if bf16_rope:
+        cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
 
     def rms(x: Tensor, w: Tensor) -> Tensor:
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))

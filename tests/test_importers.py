@@ -216,6 +216,23 @@ def test_llada_logits_match_reference(tmp_path, spec):
         assert rel_err(model(IDS), llada_reference(state, LLADA_TINY, IDS, order)) <= TOL
 
 
+def test_llada_rope_without_full_precision_rounds_its_tables(tmp_path):
+    """`rope_full_precision: false` (LLaDA's code casts the RoPE tables to q's dtype): the
+    tables rounded to bfloat16, as a bfloat16 run of LLaDA has them; the logits follow that
+    reference and not the full-precision one."""
+    cfg = {**LLADA_TINY, "rope_full_precision": False}
+    state = write_llada(tmp_path / "llada", cfg)
+    model = load_model(tmp_path / "llada", device="cpu")
+    assert model.config.rope_dtype == "bfloat16"
+    order = list(range(4))
+    with torch.no_grad():
+        got = model(IDS)
+    assert rel_err(got, llada_reference(state, cfg, IDS, order, bf16_rope=True)) <= TOL
+    assert rel_err(got, llada_reference(state, cfg, IDS, order)) > 10 * TOL
+    write_llada(tmp_path / "full", {**LLADA_TINY, "rope_full_precision": True})
+    assert load_model(tmp_path / "full", device="cpu").config.rope_dtype == "float32"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"rope": None}, "positions other than RoPE \\(rope False \\(its default when left out"),
     ({"layer_norm_type": None}, "layer_norm_type 'default' \\(its default when left out\\)"),

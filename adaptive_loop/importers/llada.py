@@ -7,6 +7,9 @@ k_proj, v_proj, attn_out, ff_norm, ff_proj, up_proj, ff_out}.weight`,
 A block is x + attn_out(attn(attn_norm(x))), then + ff_out(silu(ff_proj(h)) * up_proj(h)) with
 h = ff_norm(x): the LLaMA layer, ff_proj being the gate. RMSNorm is computed in float32. The
 settings (rope_theta, rms_norm_eps, heads, mask/EOS/pad ids, ...) come from `config.json`.
+With `rope_full_precision: false` LLaDA's code casts the RoPE tables to the dtype of q and k
+(bfloat16 when it trains and runs in it); the importer keeps that rounding of the tables
+(`rope_dtype`), as for SMDM and MDLM, while its products stay float32.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ DEFAULTS = {  # LLaDA's ModelConfig defaults: a config.json leaving a field out 
     "include_qkv_bias": False, "bias_for_layer_norm": None, "layer_norm_with_affine": True,
     "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False,
     "block_group_size": 1, "max_sequence_length": 1024, "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-5, "mlp_ratio": 4,
+    "rms_norm_eps": 1e-5, "mlp_ratio": 4, "rope_full_precision": True,
 }
 
 # what each config.json field read here must hold (common.KINDS; "?": null allowed)
@@ -50,7 +53,7 @@ FIELD_KINDS = {
     "alibi": "bool", "weight_tying": "bool", "include_bias": "bool", "include_qkv_bias": "bool",
     "bias_for_layer_norm": "bool?", "layer_norm_with_affine": "bool",
     "attention_layer_norm": "bool", "input_emb_norm": "bool", "scale_logits": "bool",
-    "block_group_size": "count",
+    "block_group_size": "count", "rope_full_precision": "bool",
 }
 
 
@@ -117,6 +120,7 @@ def read_config(source: Source, config: str | Path | None,
         "n_kv_heads": kv, "d_ff": get("mlp_hidden_size") or get("mlp_ratio") * d,
         "n_layers": layers, "max_seq_len": get("max_sequence_length"),
         "rope_base": float(get("rope_theta")), "norm_eps": get("rms_norm_eps"),
+        "rope_dtype": "float32" if get("rope_full_precision") else "bfloat16",
         "mask_id": get("mask_token_id", LLADA_MASK), "eos_id": get("eos_token_id"),
         "pad_id": get("pad_token_id"), "tie_embeddings": bool(get("weight_tying")),
         "tokenizer": tokenizer_spec(source),
