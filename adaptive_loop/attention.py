@@ -112,6 +112,14 @@ def true_index(mask: Tensor, count: int) -> Tensor:
     return out[:count]
 
 
+def mask_sizes(active: Tensor) -> tuple[int, int, Tensor]:
+    """A (B, L) mask's True count and widest row's count, read in one host sync, and its
+    per-row counts (B,) (on its device). B >= 1."""
+    counts = active.sum(1)
+    size, width = torch.stack([counts.sum(), counts.max()]).tolist()
+    return size, width, counts
+
+
 @fused(index=(0,))
 def _layout(index: Tensor, counts: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
     """Rows, positions and slots of packed tokens at flat positions `index` (N,), ascending,
@@ -148,11 +156,10 @@ class PackPlan:
     def from_mask(cls, active: Tensor) -> PackPlan:
         """Build the plan of the True entries of a (B, L) mask (one host sync, for the sizes)."""
         batch, length = active.shape
-        counts = active.sum(1)
         if batch == 0:
+            counts = active.sum(1)
             return cls.from_index(counts.new_zeros(0), counts, 0, batch, length)
-        size, width = torch.stack([counts.sum(), counts.max()]).tolist()
-        return cls.from_sizes(active, size, width, counts)
+        return cls.from_sizes(active, *mask_sizes(active))
 
     @classmethod
     def from_sizes(cls, active: Tensor, size: int, width: int,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import graphs
-from .attention import PackPlan, packed_keys, resolve_attention
+from .attention import PackPlan, mask_sizes, packed_keys, resolve_attention
 from .config import LoopMDMConfig
 from .flops import block_flops, step_flops_fixed
 from .fused import fusing
@@ -189,17 +189,15 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                         time_call(functools.partial(compact, wait=True), device, repeats) * 1e3))
                     if graphs.applies(compiled, backend, device):
                         if backend not in graph_stores:
-                            graph_stores[backend] = _graph_store(
+                            graph_stores[backend] = graph_store(
                                 model, h, key.slots(batch, length), dense)
                         store = graph_stores[backend]
 
                         def replayed(active: torch.Tensor = active, store=store, known=known,
                                      wait: bool = False) -> None:
-                            counts, size, width = known.counts, known.size, known.width
-                            if wait:  # the runtime's read: the counts, then the sizes
-                                counts = active.sum(1)
-                                size, width = torch.stack([counts.sum(), counts.max()]).tolist()
-                            store.run(h, store.plan(active, size, width, counts))
+                            sizes = mask_sizes(active) if wait else \
+                                (known.size, known.width, known.counts)
+                            store.run(h, store.plan(active, *sizes))
 
                         rows.append(IterationRow(
                             f, float(active.float().mean()), full * 1e3,
@@ -209,7 +207,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
     return rows
 
 
-def _graph_store(model: LoopMDM, h: torch.Tensor, slots: int,
+def graph_store(model: LoopMDM, h: torch.Tensor, slots: int,
                  dense: list[tuple[torch.Tensor, torch.Tensor]]) -> graphs.PackedGraphs:
     """Static buffers for graphed packed iterations (graphs.py) holding the dense
     iteration's keys/values: what a compiled run on CUDA replays."""

@@ -179,17 +179,23 @@ def compiled_iterations(backend: Any, device: torch.device) -> Iterations:
 
 
 def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
-    """Eager iteration functions, or compiled ones: `True` uses torch.compile's default
-    backend, a string or callable names another (e.g. "aot_eager" to debug)."""
+    """Eager iteration functions, or compiled ones with `compile_backend(compile)`."""
+    backend = compile_backend(compile)
+    return EAGER if backend is None else compiled_iterations(backend, device)
+
+
+def compile_backend(compile: bool | str | Any) -> Any:
+    """The torch.compile backend `compile` asks for, None for eager: `True` is torch.compile's
+    default backend, a string or callable names another (e.g. "aot_eager" to debug)."""
     if compile is False or compile is None:
-        return EAGER
+        return None
     if not (compile is True or isinstance(compile, str) or callable(compile)):
         raise UsageError(f"compile must be True, False, a torch.compile backend's name or a "
                          f"backend callable, got {compile!r}")
     if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise UsageError(f"unknown torch.compile backend {compile!r}; e.g. "
                          f"{', '.join(torch._dynamo.list_backends())}")
-    return compiled_iterations("inductor" if compile is True else compile, device)
+    return "inductor" if compile is True else compile
 
 
 # What the runtime knows of the probe (the active needed tokens) before a check: their plan
@@ -405,7 +411,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     # compiled on CUDA with padded attention: packed iterations replay as CUDA graphs, on
     # static buffers kept per model across steps (graphs.py)
     graphed = compact and applies(compile, backend, h.device)
-    fuse = None if compile in (False, None) else "inductor" if compile is True else compile
+    fuse = compile_backend(compile)
     store: PackedGraphs | None = None
     shortlist = getattr(policy, "shortlist", 0)  # predictive policies: see predictive.py
     short: Shortlist | None = None

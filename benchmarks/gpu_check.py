@@ -45,6 +45,7 @@ from adaptive_loop.bench import (
     bench_iteration,
     bench_monitor,
     cuda_syncs,
+    graph_store,
     matmul_peak,
     random_model,
     relative,
@@ -322,9 +323,9 @@ def _iteration(name: str, cfg: LoopMDMConfig, batch: int, length: int,
 def profile_iteration(results: dict) -> None:
     """Where the time of one compacted iteration (d=2048, 25% of tokens active, plan built
     from host-known sizes, padded attention) goes, eager, compiled and (CUDA) replayed as a
-    graph: the profiler's busiest
-    device kernels and host operators over a few calls, and device-busy time against wall
-    time (where it is well below, the host, not the device, sets the pace)."""
+    graph: the profiler's busiest device kernels and host operators over a few calls, and
+    device-busy time against wall time (where it is well below, the host, not the device,
+    sets the pace)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -341,12 +342,9 @@ def profile_iteration(results: dict) -> None:
     with torch.no_grad():
         _, dense = _dense_iteration(model, h, None, None)
         caches = flat_caches(dense, keys.slots(batch, length))
-        store = graphs.PackedGraphs(("profile",), model, h, keys.slots(batch, length), None,
-                                    model.rope, graphs.compiled_body("inductor"))
-        store.bind(None, model.rope)
-        store.filled(dense)
         # eager, compiled, and (on CUDA) the compiled body replayed as a CUDA graph
         graphed = graphs.applies(True, "padded", T.device)
+        store = graph_store(model, h, keys.slots(batch, length), dense) if graphed else None
         for mode in ("eager", "compiled") + (("graphed",) if graphed else ()):
             run = iterations(mode != "eager", T.device)
 
