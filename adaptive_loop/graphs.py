@@ -156,6 +156,7 @@ class PackedGraphs:
         self.pool: Any = None  # the graphs' shared memory pool (made at the first capture)
         self.stream: Any = None  # the stream that warms up and captures (CUDA)
         self.captures = 0  # graphs captured so far
+        self.failure: str | None = None  # why a capture failed: the store captures no more
 
     def bind(self, key_mask: Tensor | None, rope: Rope) -> None:
         """Copy a run's key mask and RoPE tables into the static buffers (once per run)."""
@@ -225,10 +226,11 @@ class PackedGraphs:
         if failed is None:
             found.graphs[gated] = (graph, captured)
             self.captures += 1
-        else:
-            found.failed = True
+        else:  # what failed once would fail again: no more captures in this store
+            found.failed, self.capture, self.failure = True, False, repr(failed)
             warnings.warn(f"a packed loop iteration could not be captured as a CUDA graph "
-                          f"({failed}); it runs without one", RuntimeWarning, stacklevel=4)
+                          f"({failed}); packed iterations of this batch shape run without "
+                          f"graphs", RuntimeWarning, stacklevel=4)
         return out
 
     def _warm_and_capture(self, args: tuple[Any, ...]
@@ -238,36 +240,63 @@ class PackedGraphs:
         records its kernels without running them, both on the store's own stream of the
         store's device. Returns the warm-up's output, the graph, the captured output
         (rewritten by each replay) and the capture's error, if any."""
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(self.device)
-            self.pool = torch.cuda.graph_pool_handle()
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        captured, failed = None, None
-        # the store's device current (capture records the current device's current stream,
-        # while the body's kernels go to their tensors' device)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            out = self.body(*args)
-            graph = torch.cuda.CUDAGraph()
-            # capture_begin/end rather than torch.cuda.graph, which synchronises the device
-            # and empties the allocator's cache before each capture
-            # thread_local: other threads' CUDA calls during the capture are theirs to make
-            graph.capture_begin(self.pool, capture_error_mode="thread_local")
-            try:
-                captured = self.body(*args)
-            except Exception as err:  # noqa: BLE001 - any failure: run uncaptured instead
-                failed = err
-            finally:
+        # one capture at a time in the process: the store streams come from torch's shared
+        # pool (two threads' stores may hold the same stream, and a capture records all of
+        # its stream's work), and the warning filters below are the process's
+        with _CAPTURING:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
+                self.pool = torch.cuda.graph_pool_handle()
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)
+            captured, failed = None, None
+            # the store's device current (capture records the current device's current
+            # stream, while the body's kernels go to their tensors' device)
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                out = self.body(*args)
+                graph = torch.cuda.CUDAGraph()
+                # capture_begin/end rather than torch.cuda.graph, which synchronises the
+                # device and empties the allocator's cache before each capture;
+                # thread_local: other threads' CUDA calls during the capture are theirs
+                graph.capture_begin(self.pool, capture_error_mode="thread_local")
                 try:
-                    with warnings.catch_warnings():  # a graph that recorded nothing is no
-                        # graph of this iteration: its replays would do nothing
-                        warnings.filterwarnings("error", message=".*CUDA Graph is empty")
-                        graph.capture_end()
-                except (RuntimeError, UserWarning) as err:
-                    failed = failed or err
-        current.wait_stream(self.stream)
-        out.record_stream(current)  # made on the store's stream, used on the current one
+                    captured = self.body(*args)
+                except Exception as err:  # noqa: BLE001 - any failure: run uncaptured
+                    failed = err
+                finally:
+                    try:
+                        with warnings.catch_warnings():  # a graph that recorded nothing is
+                            # no graph of this iteration: its replays would do nothing
+                            warnings.filterwarnings("error", message=".*CUDA Graph is empty")
+                            graph.capture_end()
+                    except UserWarning as err:  # the capture itself ended
+                        failed = failed or err
+                    except RuntimeError as err:  # it did not: see `_end_pool_routing`
+                        failed = failed or err
+                        _end_pool_routing(self.device, self.pool)
+            current.wait_stream(self.stream)
+            out.record_stream(current)  # made on the store's stream, used on the current one
         return out, graph, captured, failed
+
+
+_CAPTURING = threading.Lock()
+
+
+def _end_pool_routing(device: torch.device, pool: Any) -> None:
+    """After a capture that failed to end: older torch releases end a capture's routing of
+    allocations to its pool only when the capture succeeds, which would leave the allocator
+    sending allocations to the pool and deferring frees for good. End it (the binding's
+    name before torch 2.8 comes second); where torch has ended it already, the call
+    refuses and nothing is left to do."""
+    for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
+        end = getattr(torch._C, name, None)
+        if end is not None:
+            try:
+                end(device.index if device.index is not None else
+                    torch.cuda.current_device(), pool)
+            except RuntimeError:
+                pass
+            return
 
 
 # per model, the stores of its latest batch shapes, most recent last (an evaluation's last

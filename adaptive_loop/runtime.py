@@ -44,6 +44,7 @@ from .fused import cosine, fused, fusing, lens, relative_change
 from .graphs import GraphPlan, PackedGraphs, applies, compiled_body, packed_graphs
 from .layers import Rope
 from .model import KV, LoopMDM
+from .phases import phase
 from .policies import HaltingPolicy, Signals
 from .policies.base import check_policy
 from .requests import check_flags, integer
@@ -195,6 +196,10 @@ def compile_backend(compile: bool | str | Any) -> Any:
     if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise UsageError(f"unknown torch.compile backend {compile!r}; e.g. "
                          f"{', '.join(torch._dynamo.list_backends())}")
+    if compile == "cudagraphs":  # its outputs live in buffers that the next call rewrites
+        raise UsageError("compile='cudagraphs' would hand the loop outputs that the next call "
+                         "overwrites; compile=True (inductor) already replays iterations as "
+                         "CUDA graphs on CUDA, with their outputs copied out")
     return "inductor" if compile is True else compile
 
 
@@ -475,13 +480,16 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         if real_plan is None:
             real_plan = PackPlan.from_mask(key_mask)
             trace.host_syncs += 1
+        if real_plan.size == 0:  # nothing but padding: nothing to loop
+            return h.clone(), trace
         if real_plan.size < total:
             planned = real_plan.size
             plan = keyed(real_plan) if not graphed else plan_of(
                 key_mask, planned, real_plan.width,
                 key_mask.sum(1) if real_plan.counts is None else real_plan.counts)
             caches = flat_of(None)
-    members = active.clone() if pipeline else active  # pipeline: decisions must not reach it
+    # the planned tokens' mask (a check makes a new active mask: it never changes this one)
+    members = active
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
     pending: _Read | None = None  # pipeline: the latest check's read, not yet used
@@ -489,8 +497,15 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     def use(done: _Read) -> bool:
         """Plan the next iterations from a read; False when no token is left active."""
         nonlocal planned, members, probe, plan, caches
-        n_active, width, ok, *probe_sizes = done.values()
+        with phase("read"):
+            n_active, width, ok, *probe_sizes = done.values()
         trace.host_syncs += 1
+        with phase("plan"):
+            return plan_from(done, n_active, width, ok, probe_sizes)
+
+    def plan_from(done: _Read, n_active: int, width: int, ok: int,
+                  probe_sizes: list[int]) -> bool:
+        nonlocal planned, members, probe, plan, caches
         _check_finite(ok, step, done.iteration)
         if n_active == 0:
             return False
@@ -520,29 +535,30 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             if not use(done):
                 break
         prev = h
-        if caches is None or planned == total or not compact:
-            stale = pipeline and decided  # some planned tokens may have halted since
-            keep = (active, caches) if stale or planned < total else None
-            h, caches = run.dense(model, h, key_mask, keep, rope)
-            trace.looped_flops += total * per_token
-            trace.active_tokens.append(total if pipeline else planned)
-        elif isinstance(plan, GraphPlan):
-            h = graphs().run(h, plan, active if pipeline else None)
-            trace.looped_flops += planned * per_token
-            trace.dummy_tokens += plan.bucket.index.numel() - planned
-            trace.active_tokens.append(planned)
-        else:
-            gate = active.view(-1)[plan.index] if pipeline else None
-            h = run.packed(model, h, plan, caches, key_mask, gate, rope)
-            trace.looped_flops += planned * per_token
-            trace.active_tokens.append(planned)
+        with phase("iteration"):
+            if caches is None or planned == total or not compact:
+                stale = pipeline and decided  # some planned tokens may have halted since
+                keep = (active, caches) if stale or planned < total else None
+                h, caches = run.dense(model, h, key_mask, keep, rope)
+                trace.looped_flops += total * per_token
+                trace.active_tokens.append(total if pipeline else planned)
+            elif isinstance(plan, GraphPlan):
+                h = graphs().run(h, plan, active if pipeline else None)
+                trace.looped_flops += planned * per_token
+                trace.dummy_tokens += plan.bucket.index.numel() - planned
+                trace.active_tokens.append(planned)
+            else:
+                gate = active.view(-1)[plan.index] if pipeline else None
+                h = run.packed(model, h, plan, caches, key_mask, gate, rope)
+                trace.looped_flops += planned * per_token
+                trace.active_tokens.append(planned)
         trace.loops += active.int()
         checked = policy.checks_at(iteration, bounds)
         if not checked:
             continue
         index = plan.index if plan is not None and planned < total else torch.arange(
             total, device=h.device)
-        with fusing(fuse):  # compiled runs: the signals' arithmetic fused (fused.py)
+        with phase("check"), fusing(fuse):  # compiled runs: the signals' arithmetic fused
             if reads_logits:  # kept: a pipelined check reads the members of the one before
                 probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
             sig = _signals(policy, model, h, prev, members, index, needed, key_mask,
@@ -552,32 +568,25 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
             short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
             trace.host_syncs += 1
-        flat = active.view(-1)
-        every = index.numel() == total  # the index is every position: no gathers needed
-        if compact and not pipeline:  # who halts now: their first-layer K/V are written below
-            halted = halt if every else torch.zeros_like(flat).index_copy_(0, index, halt)
-        if every:
-            flat &= ~halt
-        else:
-            flat[index] = flat[index] & ~halt
+        with phase("update"), fusing(fuse):  # compiled runs: one fused call (fused.py)
+            every = index.numel() == total  # the index is every position: no gathers needed
+            active, halted, counts, read = _applied(active, needed, h, index, halt, every,
+                                                    reads_logits)
+            latest = _Read(read, active, counts, iteration, ahead=pipeline)
         decided = True
-        counts = active.sum(1)
-        finite = all_finite(h if every else h.reshape(-1, h.shape[-1])[index])
-        read = [counts.sum(), counts.max(), finite.long()]
-        if reads_logits:  # the next check's probe: its sizes come with this read
-            probe_counts = (active & needed).sum(1)
-            read += [probe_counts.sum(), probe_counts.max()]
-        latest = _Read(torch.stack(read), active.clone() if pipeline else active, counts,
-                       iteration, ahead=pipeline)
         done, pending = (pending, latest) if pipeline else (latest, None)
         if done is not None and not use(done):
             break
     if pending is not None:  # the step's last read: its finite check
         trace.host_syncs += 1
-        _check_finite(pending.values()[2], step, pending.iteration)
+        with phase("read"):
+            values = pending.values()
+        _check_finite(values[2], step, pending.iteration)
     if not checked:  # the last iteration went unchecked
         trace.host_syncs += 1
-        if not bool(all_finite(h)):
+        with phase("read"):
+            ok = bool(all_finite(h))
+        if not ok:
             raise GenerationError(f"non-finite hidden state at denoising step {step + 1} by "
                                   f"loop {trace.iterations}; the checkpoint or dtype is unstable")
     return h, trace
@@ -649,6 +658,27 @@ def _kv_from_states(layer: Any, states: Tensor, cos: Tensor, sin: Tensor, index:
                     length: int, k_cache: Tensor, v_cache: Tensor) -> None:
     """`layer.write_kv` of the tokens at flat positions `index` from their states (B*L, d)."""
     layer.write_kv(states[index], (cos, sin), index, length, (k_cache, v_cache))
+
+
+@fused(index=(0,), halt=(0,))
+def _applied(active: Tensor, needed: Tensor, h: Tensor, index: Tensor, halt: Tensor,
+             every: bool, probe: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A check's decision applied: `halt` (N,) of the tokens at flat positions `index` (with
+    `every`, all B*L positions in order) -> the new active mask (B, L), the tokens halted by
+    it as a flat (B*L,) mask, the active count per row, and the values the host reads, in one
+    tensor: the active count, the most in a row, whether the checked states are finite and,
+    with `probe`, the count and most in a row of the active needed tokens (the next check's
+    probe)."""
+    flat = active.reshape(-1)
+    halted = halt if every else torch.zeros_like(flat).index_copy(0, index, halt)
+    now = (flat & ~halted).view_as(active)
+    counts = now.sum(1)
+    states = h.reshape(-1, h.shape[-1])
+    read = [counts.sum(), counts.max(), all_finite(states if every else states[index]).long()]
+    if probe:
+        probe_counts = (now & needed).sum(1)
+        read += [probe_counts.sum(), probe_counts.max()]
+    return now, halted, counts, torch.stack(read)
 
 
 def all_finite(x: Tensor) -> Tensor:

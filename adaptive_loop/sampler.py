@@ -40,6 +40,7 @@ from .attention import PackPlan, resolve_attention
 from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
 from .model import LoopMDM
+from .phases import phase
 from .policies import HaltingPolicy
 from .policies import make as make_policy
 from .remasking import (
@@ -201,35 +202,40 @@ class _Stepper:
             inputs = torch.cat([x, torch.where(self.batch.prompt, cfg.mask_id, x)])
             need = torch.cat([needed, needed])
         with model.at_positions(self.positions):
-            h = model.prelude(model.embed(inputs), self.key_mask)
-            if self.warm_start and self.last is not None:
-                # positions whose input did not change resume from last step's loop state
-                same = (inputs == self.last[0])[..., None]
-                h = torch.where(same, self.last[1], h)
-            if per_row is None:  # the readout's plan, and the loops' first probe
-                plan = PackPlan.from_mask(need)
-                self.plan_syncs += 1
-            else:
-                plan = PackPlan.from_sizes(need, need.shape[0] * per_row, per_row)
-            h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
-                                 compact=self.compact, step=step, steps=steps,
-                                 compile=self.compile, attention=self.attention,
-                                 needed_plan=plan, real_plan=self.real_plan,
-                                 pipeline=self.pipeline)
+            with phase("prelude"):
+                h = model.prelude(model.embed(inputs), self.key_mask)
+                if self.warm_start and self.last is not None:
+                    # positions whose input did not change resume from last step's loop state
+                    same = (inputs == self.last[0])[..., None]
+                    h = torch.where(same, self.last[1], h)
+                if per_row is None:  # the readout's plan, and the loops' first probe
+                    plan = PackPlan.from_mask(need)
+                    self.plan_syncs += 1
+                else:
+                    plan = PackPlan.from_sizes(need, need.shape[0] * per_row, per_row)
+            with phase("loops"):
+                h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
+                                     compact=self.compact, step=step, steps=steps,
+                                     compile=self.compile, attention=self.attention,
+                                     needed_plan=plan, real_plan=self.real_plan,
+                                     pipeline=self.pipeline)
             if self.warm_start:
                 self.last = (inputs, h)
-            logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
+            with phase("readout"):
+                logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
         self.readout += readout_flops(cfg, plan.size, inputs.shape[0] * length, length)
-        index = plan.index
-        if self.cfg_scale > 0:  # rows [0, B) come first in the plan, in the same order
-            half = plan.size // 2
-            cond, un = logits[:half].float(), logits[half:].float()
-            logits, index = un + (self.cfg_scale + 1) * (cond - un), index[:half]
-        candidates = logits
-        if cfg.mask_id < logits.shape[-1]:  # never draw the mask itself (scores keep it)
-            candidates = logits.index_fill(-1, self.mask_column, -torch.inf)
-        drawn = draw(candidates, self.temperature, self.generator)
-        return index, drawn, confidence(logits, drawn, self.remasking, self.generator), trace
+        with phase("draw"):
+            index = plan.index
+            if self.cfg_scale > 0:  # rows [0, B) come first in the plan, in the same order
+                half = plan.size // 2
+                cond, un = logits[:half].float(), logits[half:].float()
+                logits, index = un + (self.cfg_scale + 1) * (cond - un), index[:half]
+            candidates = logits
+            if cfg.mask_id < logits.shape[-1]:  # never draw the mask itself (scores keep it)
+                candidates = logits.index_fill(-1, self.mask_column, -torch.inf)
+            drawn = draw(candidates, self.temperature, self.generator)
+            scores = confidence(logits, drawn, self.remasking, self.generator)
+        return index, drawn, scores, trace
 
 
 def batch_seed(seed: int | None, batch: int) -> int:
@@ -354,20 +360,21 @@ def generate(model: LoopMDM, prompts: list[str] | str | list[list[int]] | Tensor
             per_row = None if adaptive or eos_fill else \
                 block_length - i * base - min(i, extra)
             index, drawn, score, trace = stepper.scores(x, needed, step, steps, per_row)
-            conf = torch.full((batch, length), -torch.inf, device=device, dtype=torch.float64)
-            conf.view(-1)[index] = score
-            candidate = x.clone()
-            candidate.view(-1)[index] = drawn
-            if threshold is not None:
-                commit = threshold_commit(conf, needed, threshold)
-            elif factor is not None:
-                commit = factor_commit(conf, needed, factor)
-            else:
-                commit = top_k_rows(conf, transfer[:, i]) & needed
-            x = torch.where(commit, candidate, x)
-            if eos_fill:
-                filled = fill_after_eos(x, generated, cfg.mask_id, cfg.eos_id)
-                x, commit = torch.where(filled, cfg.eos_id, x), commit | filled
+            with phase("commit"):
+                conf = torch.full((batch, length), -torch.inf, device=device, dtype=torch.float64)
+                conf.view(-1)[index] = score
+                candidate = x.clone()
+                candidate.view(-1)[index] = drawn
+                if threshold is not None:
+                    commit = threshold_commit(conf, needed, threshold)
+                elif factor is not None:
+                    commit = factor_commit(conf, needed, factor)
+                else:
+                    commit = top_k_rows(conf, transfer[:, i]) & needed
+                x = torch.where(commit, candidate, x)
+                if eos_fill:
+                    filled = fill_after_eos(x, generated, cfg.mask_id, cfg.eos_id)
+                    x, commit = torch.where(filled, cfg.eos_id, x), commit | filled
             traces.append(trace)
             records.append((b, needed, commit))
             i += 1

@@ -10,8 +10,10 @@ iterations vs one of 6. Timings: one loop iteration with uneven active fractions
 iteration per attention backend, eager and compiled (d=2048 and the 170M-class shape), the
 matmul peak, the fixed-loop forward of the 1B-class shape (d=2048) against that peak,
 generation of the 170M-class shape at batch 32 (at 4 and at 12 loops) and of the embedded model
-under fixed and adaptive policies with compaction on and off, eager and compiled, and each
-policy's monitoring cost per check on the 170M-class shape.
+under fixed and adaptive policies with compaction on and off, eager and compiled, each
+policy's monitoring cost per check on the 170M-class shape, and profiles of where the time of
+a compacted iteration and of a compacted generation goes (device-busy time against wall time,
+and per phase of the runtime: iterations, checks, the host's reads and plans).
 
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
@@ -270,6 +272,7 @@ def check_compiled(results: dict) -> None:
             results["compiled_padded_graphs"] = "needs CUDA" if not T.cuda else {
                 "captured": store.captures if store else 0,
                 "failed": sum(b.failed for b in store.buckets.values()) if store else 0,
+                "failure": store.failure if store else None,
                 "dummy_tokens": tgot.dummy_tokens, "active_tokens": sum(tgot.active_tokens)}
 
     gpu = load_model(device=T.device, dtype=T.dtype)
@@ -326,7 +329,6 @@ def profile_iteration(results: dict) -> None:
     graph: the profiler's busiest device kernels and host operators over a few calls, and
     device-busy time against wall time (where it is well below, the host, not the device,
     sets the pace)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cfg = T.shape(LoopMDMConfig(**D2048))
@@ -370,9 +372,7 @@ def profile_iteration(results: dict) -> None:
                     torch.cuda.synchronize(T.device)
                 wall = time.perf_counter() - start
             events = prof.key_averages()
-            # the kernels' own events (an operator's row repeats the time of its kernels)
-            device = sum(e.self_device_time_total for e in events
-                         if e.device_type == DeviceType.CUDA) / 1e3
+            device = _device_ms(events)
             sort = "self_cuda_time_total" if T.cuda else "self_cpu_time_total"
             out[mode] = {
                 "wall_ms_per_call": wall * 1e3 / calls, "device_ms_per_call": device / calls,
@@ -382,6 +382,54 @@ def profile_iteration(results: dict) -> None:
             print("profile", mode, f"{wall * 1e3 / calls:.2f} ms wall,",
                   f"{device / calls:.2f} ms device per call", flush=True)
     results["profile_d2048_25"] = out
+
+
+def _device_ms(events: Any) -> float:
+    """The device's busy milliseconds in a profile's averaged events: the kernels' own
+    events alone (an operator's row repeats the time of its kernels)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA) / 1e3
+
+
+def profile_generation(results: dict) -> None:
+    """Where a generation's time goes (170M-class shape at 12 loops, batch 32, compiled
+    iterations, `stability` with the lens and a shortlist): compaction on, pipelined and
+    off, each warmed up once, then one run under the profiler: its wall time against the
+    device's busy time, and the time per phase (phases.py): host time inside each and the
+    device time of the kernels it launched. Where the device idles, the host's phases that
+    the device waits on (`read` waits for the device; `plan`, `update`, `check` keep it
+    waiting) say where the compacted run's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from adaptive_loop.phases import by_phase
+    from adaptive_loop.throughput import random_prompts
+
+    torch.manual_seed(0)
+    cfg = T.shape(LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512, n_loops=12))
+    model = random_model(cfg, T.device, T.dtype)
+    prompts = random_prompts(model, T.size(32, 2), T.size(64, 8)).to(T.device)
+    gen_length, steps = T.size(128, 16), T.size(32, 4)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if T.cuda else [])
+    out = {}
+    for mode, compact, pipeline in (("on", True, False), ("pipelined", True, True),
+                                    ("off", False, False)):
+        def once(compact=compact, pipeline=pipeline) -> Any:
+            policy = make("stability", probe="lens", shortlist=16)
+            return generate(model, prompts, policy=policy, gen_length=gen_length, steps=steps,
+                            compact=compact, pipeline=pipeline, compile=True)
+
+        once()  # compile, capture, warm up
+        with profile(activities=activities) as prof:
+            result = once()
+        events = prof.key_averages()
+        out[mode] = {"wall_s": result.stats.wall_s, "device_s": _device_ms(events) / 1e3,
+                     "mean_loops": result.stats.mean_loops,
+                     "iterations": sum(s.iterations for s in result.stats.steps),
+                     "phases": by_phase(prof)}
+        print("profile generation", mode, json.dumps(out[mode]), flush=True)
+    results["profile_generation_smdm_b32_loops12"] = out
 
 
 def _generation(results: dict, compile: bool) -> None:
@@ -651,6 +699,8 @@ def main() -> None:
             r, True, 12, pipeline=True, eager=False,
             policies=[("stability", {"probe": "lens", "shortlist": 16}),
                       ("random", {"rate": 0.2})])),
+        # where that generation's time goes, compaction on, pipelined and off
+        ("profile_generation", 40, profile_generation),
         ("forward_1b_compiled", 30, lambda r: _forward(r, True)),
         ("attention", 25, check_attention),
         ("generation_smdm_b32_loops12", 190,

@@ -108,6 +108,12 @@ def generate(
         help="With --prompts: prompts per batch (default 32).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="With --prompts: replace an --out file that exists.")] = False,
+    profile: Annotated[Path | None, typer.Option(
+        help="Profile the generation: run it once to warm up, then once under torch.profiler "
+        "(host and, on CUDA, device), write that run's trace here (Chrome trace JSON: open "
+        "it in Perfetto or chrome://tracing) and print the time per phase (prelude, loop "
+        "iterations, checks, the host's waits for their reads, plans, readout, draw, "
+        "commit). Not with --prompts.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with "
                                           "--prompts: the totals, one line after the "
                                           "completions' JSON lines when there is no --out)."
@@ -136,6 +142,8 @@ def generate(
     if pipeline and not compact:
         raise UsageError("--pipeline plans the compacted loop's iterations; the masked "
                          "reference (--no-compact) has none to plan, so give one or the other")
+    if profile is not None:
+        profile = _trace_path(profile, prompts)
     if prompts is not None:
         if prompt:
             raise UsageError("give prompts as arguments or with --prompts, not both")
@@ -170,12 +178,24 @@ def generate(
     unknown = unknown_note(tokenizer_for(model), list(prompt))
     if unknown:
         err.print(f"note: {unknown}", markup=False, highlight=False)
-    result = run(model, prompt, policy=halting, gen_length=gen_length, steps=steps, seed=seed,
-                 **decoding)
+    def once() -> Any:
+        return run(model, prompt, policy=halting, gen_length=gen_length, steps=steps,
+                   seed=seed, **decoding)
+
+    phases = None
+    if profile is None:
+        result = once()
+    else:
+        from ..phases import profile_run
+
+        once()  # warm-up: compilation and first-call costs stay out of the trace
+        result, phases = profile_run(once, profile, next(model.parameters()).device)
     stats = result.stats
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
                    "stats": {**stats.summary(), "steps": [s.__dict__ for s in stats.steps]}}
+        if phases is not None:
+            payload["profile"] = {"trace": str(profile), "phases": phases}
         print(json.dumps(payload))
         return
     for p, text in zip(prompt, result.text):
@@ -194,6 +214,42 @@ def generate(
                   f"{1 - stats.flops_ratio:.0%} saved)")
     table.add_row("monitoring FLOPs", f"{stats.monitor_flops:.3e}")
     table.add_row("NFE / wall", f"{stats.nfe} / {stats.wall_s:.3f} s")
+    out.print(table)
+    if phases is not None:
+        _print_phases(phases, profile, stats.wall_s,
+                      next(model.parameters()).device.type == "cuda")
+
+
+def _trace_path(path: Path, prompts: Path | None) -> Path:
+    """--profile's file, refused before any work where it would lose one or cannot be
+    written."""
+    if prompts is not None:
+        raise UsageError("--profile profiles one generation of prompts given as arguments, "
+                         "not a --prompts file")
+    path = path.expanduser()
+    if path.exists() or path.is_symlink():
+        raise UsageError(f"{path} exists; give --profile a new file")
+    if not path.parent.is_dir():
+        raise UsageError(f"--profile {path}: no directory {path.parent}")
+    return path
+
+
+def _print_phases(phases: dict[str, dict[str, float]], trace: Path, wall_s: float,
+                  device: bool) -> None:
+    """The profiled run's phases: calls, host time and (on CUDA) the device time of the
+    kernels each launched."""
+    from ..phases import PHASES
+
+    table = Table(title=f"where the time went (the profiled run: {wall_s:.3f} s)",
+                  caption=f"trace: {trace}; a phase's time includes the phases inside it "
+                  "(`loops` holds iteration to plan)")
+    columns = ("phase", "calls", "host ms", *(("device ms",) if device else ()), "what")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("phase", "what") else "right")
+    for name, entry in phases.items():
+        device_ms = (f"{entry['device_ms']:.1f}",) if device else ()
+        table.add_row(name, str(int(entry["calls"])), f"{entry['host_ms']:.1f}", *device_ms,
+                      PHASES[name])
     out.print(table)
 
 

@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounter
 from adaptive_loop import fused
 from adaptive_loop.bench import bench_monitor
 from adaptive_loop.policies import make
-from adaptive_loop.runtime import run_loops
+from adaptive_loop.runtime import _applied, run_loops
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +67,37 @@ def test_fused_values_equal_eager_and_compile_once_for_every_size(backend):
     assert (kl >= 0).all()
 
 
+def test_a_decision_applied_fused_equals_eager_and_compiles_once_for_every_size():
+    """A check's bookkeeping (new active mask, halted tokens, counts, the values the host
+    reads) fused equals eager, for every active count, with one compilation per branch."""
+    counter = CompileCounter()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 12, 8, generator=g)
+    needed = torch.rand(3, 12, generator=g) < 0.5
+    frames = []
+    for n in (30, 17, 9):  # active tokens, fewer each check (the first time every one)
+        active = torch.zeros(36, dtype=torch.bool)
+        active[torch.randperm(36, generator=g)[:n]] = True
+        active = active.view(3, 12)
+        every = n == 30
+        if every:
+            active = torch.ones(3, 12, dtype=torch.bool)
+        index = torch.arange(36) if every else active.view(-1).nonzero().view(-1)
+        halt = torch.rand(index.numel(), generator=g) < 0.4
+        with fused.fusing(counter):
+            got = _applied(active, needed, h, index, halt, every, True)
+        ref = _applied(active, needed, h, index, halt, every, True)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.equal(a, b)
+        now, halted, counts, read = ref
+        assert torch.equal(now.view(-1), active.view(-1) & ~halted)
+        assert torch.equal(halted[index], halt) and int(halted.sum()) == int(halt.sum())
+        assert read.tolist() == [int(now.sum()), int(counts.max()), 1,
+                                 int((now & needed).sum()), int((now & needed).sum(1).max())]
+        frames.append(counter.frame_count)
+    assert frames[1] == frames[2] == frames[0] + 1, frames  # every, then any active count
+
+
 def test_outside_fusing_and_on_empty_inputs_nothing_compiles():
     counter = CompileCounter()
     cur, old = _pair(5)
@@ -95,7 +126,7 @@ def test_compiled_runs_check_through_fused_signals(looped_model, name, params):
                        compile=named)
     assert torch.equal(t.loops, t_ref.loops)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    expected = {"relative_change", "_layout", "_kv_from_states"}
+    expected = {"relative_change", "_layout", "_kv_from_states", "_applied"}
     if name != "convergence":
         expected |= {"lens", "entropy" if name == "entropy" else "kl_from"}
     assert expected <= named.functions, named.functions

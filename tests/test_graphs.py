@@ -143,6 +143,32 @@ def recorded(graphed, monkeypatch):
     return made
 
 
+def test_a_failed_capture_stops_capturing_and_runs_uncaptured(graphed, looped_model,
+                                                              monkeypatch):
+    """A capture that fails (a library that syncs, memory) warns once; that store captures
+    nothing more, and its iterations run uncaptured, computing what the plain run does."""
+    attempts = []
+
+    def failing(self, args):
+        attempts.append(args)
+        return self.body(*args), None, None, RuntimeError("operation not permitted")
+
+    monkeypatch.setattr(graphs, "CAPTURE", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs.PackedGraphs, "_warm_and_capture", failing)
+    h, needed, key_mask = _state(looped_model)
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    with pytest.warns(RuntimeWarning, match="could not be captured") as caught:
+        got, t = run_loops(looped_model, h, policy, needed & key_mask, key_mask=key_mask,
+                           compile="eager")
+    plain, t_plain = run_loops(looped_model, h, policy, needed & key_mask, key_mask=key_mask)
+    assert len([w for w in caught if "captured" in str(w.message)]) == 1
+    store = graphs.latest(looped_model)
+    assert len(attempts) == 1 and len(store.buckets) > 1  # several buckets, one try
+    assert not store.capture and "operation not permitted" in store.failure
+    assert torch.equal(t.loops, t_plain.loops)
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_replays_read_only_static_buffers(recorded, looped_model, pipeline):
     """Runs whose later iterations replay graphs captured earlier (in this run, and in

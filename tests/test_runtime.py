@@ -373,6 +373,18 @@ def test_run_loops_on_no_tokens_returns_them_unchanged(tiny_model, shape):
         assert out.shape == h.shape and trace.loops.shape == shape
 
 
+def test_run_loops_on_padding_alone_loops_nothing(tiny_model):
+    """Rows that are all padding (a key mask with no real token): nothing loops, nothing is
+    planned or run, under a compacted and a masked run."""
+    h = torch.randn(2, 6, tiny_model.config.d_model)
+    key_mask = torch.zeros(2, 6, dtype=torch.bool)
+    for compact in (True, False):
+        out, trace = run_loops(tiny_model, h, make("convergence"), key_mask.clone(),
+                               key_mask=key_mask, compact=compact)
+        assert torch.equal(out, h) and out is not h
+        assert trace.iterations == 0 and not trace.loops.any() and trace.looped_flops == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_all_finite_agrees_with_isfinite_at_the_extremes(dtype):
     """The runtime's finite check sums in float64: the largest finite values of the dtype,

@@ -1,0 +1,84 @@
+"""Named phases of a generation, for torch.profiler.
+
+Under a profiler, the sampler and the loop runtime mark what they are doing as ranges named
+`adaptive_loop.<phase>` (`PHASES`), so that a trace groups the host's operators and the
+device's kernels by phase: how long the host spent preparing a packed iteration against the
+iteration itself, or waiting for a check's read. Outside a profiler a phase costs one flag
+test. `by_phase` sums a finished profile per phase; `adaptive-loop generate --profile` writes
+the trace and prints that table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch.profiler import record_function
+
+PREFIX = "adaptive_loop."
+# what each phase covers, in the order a step runs them (each iteration of the loops runs
+# `iteration`, and at a check `check`, `update`, then `read` and `plan`)
+PHASES = {
+    "prelude": "embedding and the layers before the loop",
+    "loops": "the whole loop run of a step (the phases below)",
+    "iteration": "one loop iteration over the planned tokens",
+    "check": "a halting check: the policy's signals and its decision",
+    "update": "the decision applied: active mask, counts, the values the host reads",
+    "read": "the host waiting for a check's values (the device's queued work)",
+    "plan": "the next iterations planned from a read: halted tokens' keys, the packed plan",
+    "readout": "the layers after the loop and the head on the needed positions",
+    "draw": "candidates drawn for the needed positions, and their confidences",
+    "commit": "the commit rule: which candidates become tokens",
+}
+_NOTHING = nullcontext()
+T = TypeVar("T")
+
+
+def phase(name: str) -> AbstractContextManager[Any]:
+    """A profiler range `adaptive_loop.<name>` while a profiler runs; nothing otherwise."""
+    if torch.autograd._profiler_enabled():
+        return record_function(PREFIX + name)
+    return _NOTHING
+
+
+def by_phase(prof: Any) -> dict[str, dict[str, float]]:
+    """A finished `torch.profiler.profile`'s phases: per phase that ran, how many times
+    (`calls`), the host's milliseconds inside it (`host_ms`, nested phases included) and the
+    device's milliseconds of the kernels launched inside it (`device_ms`, 0 without a device
+    activity), in `PHASES` order."""
+    from torch.autograd import DeviceType
+
+    found: dict[str, dict[str, float]] = {}
+    for event in prof.key_averages():
+        name = event.key
+        # the host's range (on CUDA the device's copy of it is a row of its own)
+        if not name.startswith(PREFIX) or name[len(PREFIX):] not in PHASES or \
+                event.device_type != DeviceType.CPU:
+            continue
+        device = getattr(event, "device_time_total", None)
+        if device is None:  # torch before 2.4 named it for CUDA
+            device = getattr(event, "cuda_time_total", 0.0)
+        entry = found.setdefault(name[len(PREFIX):], {"calls": 0, "host_ms": 0.0,
+                                                      "device_ms": 0.0})
+        entry["calls"] += event.count
+        entry["host_ms"] += event.cpu_time_total / 1e3
+        entry["device_ms"] += device / 1e3
+    return {name: found[name] for name in PHASES if name in found}
+
+
+def profile_run(run: Callable[[], T], trace: Path,
+                device: torch.device) -> tuple[T, dict[str, dict[str, float]]]:
+    """`run()` under torch.profiler (the host, and the device on CUDA); its trace written to
+    `trace` (Chrome trace JSON). Returns run's result and `by_phase` of the profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        result = run()
+    prof.export_chrome_trace(str(trace))
+    return result, by_phase(prof)
