@@ -366,8 +366,11 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                         policy.decide(sig)
                         short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
 
-                    def signals(policy=policy, short=short) -> None:
-                        trace = StepTrace(loops=active.int())  # the probe's plan counts too
+                    # made once, as a run makes one per step (not per check)
+                    step_trace = StepTrace(loops=active.int())
+
+                    def signals(policy=policy, short=short, trace=step_trace) -> None:
+                        # the probe's plan counts too
                         plan = probe_plan(active & needed, probe, trace) \
                             if "logits" in policy.needs else None
                         sig = _signals(policy, model, h, prev, active, index, needed, None, 2,

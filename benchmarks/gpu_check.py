@@ -410,7 +410,8 @@ def profile_generation(results: dict) -> None:
     cfg = T.shape(LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512, n_loops=12))
     model = random_model(cfg, T.device, T.dtype)
     prompts = random_prompts(model, T.size(32, 2), T.size(64, 8)).to(T.device)
-    gen_length, steps = T.size(128, 16), T.size(32, 4)
+    # the shapes of `generation_smdm_b32_loops12_compiled`, which compiled them before
+    gen_length, steps = T.size(256, 16), T.size(64, 4)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if T.cuda else [])
     out = {}
     for mode, compact, pipeline in (("on", True, False), ("pipelined", True, True),
@@ -700,7 +701,7 @@ def main() -> None:
             policies=[("stability", {"probe": "lens", "shortlist": 16}),
                       ("random", {"rate": 0.2})])),
         # where that generation's time goes, compaction on, pipelined and off
-        ("profile_generation", 40, profile_generation),
+        ("profile_generation", 60, profile_generation),
         ("forward_1b_compiled", 30, lambda r: _forward(r, True)),
         ("attention", 25, check_attention),
         ("generation_smdm_b32_loops12", 190,
