@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .attention import _STATIC_ON, PackPlan, padded_width
 from .layers import KV, Rope
+from .phases import launches
 
 ON = ("cuda",)  # devices whose compiled runs replay packed iterations as graphs
 CAPTURE = ("cuda",)  # devices with graph capture (elsewhere the same flow runs uncaptured)
@@ -217,7 +218,8 @@ class PackedGraphs:
         (`_warm_and_capture`)."""
         if gated in found.graphs:
             graph, out = found.graphs[gated]
-            graph.replay()
+            with launches("graph_replay"):  # a profiler links its kernels to the iteration
+                graph.replay()
             return out
         args = self._args(found, gated)
         if not self.capture or found.failed:

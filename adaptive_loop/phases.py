@@ -44,11 +44,34 @@ def phase(name: str) -> AbstractContextManager[Any]:
     return _NOTHING
 
 
+def launches(name: str) -> AbstractContextManager[Any]:
+    """Around a call that launches device work outside any torch operator (a CUDA graph's
+    replay): while a profiler runs, an operator-like range `adaptive_loop.<name>` that the
+    work's kernels are linked to, so that they count in the device time of the phase around
+    it (a phase's own range is a user range, to which the profiler links no kernel)."""
+    if torch.autograd._profiler_enabled():
+        fast = getattr(torch._C._profiler, "_RecordFunctionFast", None)
+        return fast(PREFIX + name) if fast is not None else record_function(PREFIX + name)
+    return _NOTHING
+
+
+def device_busy_ms(events: Any) -> float:
+    """The device's busy milliseconds in a profile's averaged events (`key_averages()`): its
+    kernels' own time. An operator's row repeats the time of its kernels, and a range's
+    device-side row (`is_user_annotation`) spans its kernels, gaps included: neither
+    counts."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and
+               not getattr(e, "is_user_annotation", False)) / 1e3
+
+
 def by_phase(prof: Any) -> dict[str, dict[str, float]]:
     """A finished `torch.profiler.profile`'s phases: per phase that ran, how many times
     (`calls`), the host's milliseconds inside it (`host_ms`, nested phases included) and the
     device's milliseconds of the kernels launched inside it (`device_ms`, 0 without a device
-    activity), in `PHASES` order."""
+    activity; graph replays count through `launches`), in `PHASES` order."""
     from torch.autograd import DeviceType
 
     found: dict[str, dict[str, float]] = {}

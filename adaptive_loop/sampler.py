@@ -208,11 +208,11 @@ class _Stepper:
                     # positions whose input did not change resume from last step's loop state
                     same = (inputs == self.last[0])[..., None]
                     h = torch.where(same, self.last[1], h)
-                if per_row is None:  # the readout's plan, and the loops' first probe
-                    plan = PackPlan.from_mask(need)
-                    self.plan_syncs += 1
-                else:
-                    plan = PackPlan.from_sizes(need, need.shape[0] * per_row, per_row)
+            if per_row is None:  # the readout's plan, and the loops' first probe
+                plan = PackPlan.from_mask(need)
+                self.plan_syncs += 1
+            else:
+                plan = PackPlan.from_sizes(need, need.shape[0] * per_row, per_row)
             with phase("loops"):
                 h, trace = run_loops(model, h, self.policy, need, key_mask=self.key_mask,
                                      compact=self.compact, step=step, steps=steps,

@@ -55,6 +55,7 @@ from adaptive_loop.bench import (
     uneven_mask,
 )
 from adaptive_loop.fused import fusing
+from adaptive_loop.phases import by_phase, device_busy_ms
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import _dense_iteration, flat_caches, iterations, run_loops
 from adaptive_loop.tasks import make_task
@@ -372,7 +373,7 @@ def profile_iteration(results: dict) -> None:
                     torch.cuda.synchronize(T.device)
                 wall = time.perf_counter() - start
             events = prof.key_averages()
-            device = _device_ms(events)
+            device = device_busy_ms(events)
             sort = "self_cuda_time_total" if T.cuda else "self_cpu_time_total"
             out[mode] = {
                 "wall_ms_per_call": wall * 1e3 / calls, "device_ms_per_call": device / calls,
@@ -382,15 +383,6 @@ def profile_iteration(results: dict) -> None:
             print("profile", mode, f"{wall * 1e3 / calls:.2f} ms wall,",
                   f"{device / calls:.2f} ms device per call", flush=True)
     results["profile_d2048_25"] = out
-
-
-def _device_ms(events: Any) -> float:
-    """The device's busy milliseconds in a profile's averaged events: the kernels' own
-    events alone (an operator's row repeats the time of its kernels)."""
-    from torch.autograd import DeviceType
-
-    return sum(e.self_device_time_total for e in events
-               if e.device_type == DeviceType.CUDA) / 1e3
 
 
 def profile_generation(results: dict) -> None:
@@ -403,7 +395,6 @@ def profile_generation(results: dict) -> None:
     waiting) say where the compacted run's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from adaptive_loop.phases import by_phase
     from adaptive_loop.throughput import random_prompts
 
     torch.manual_seed(0)
@@ -425,7 +416,7 @@ def profile_generation(results: dict) -> None:
         with profile(activities=activities) as prof:
             result = once()
         events = prof.key_averages()
-        out[mode] = {"wall_s": result.stats.wall_s, "device_s": _device_ms(events) / 1e3,
+        out[mode] = {"wall_s": result.stats.wall_s, "device_s": device_busy_ms(events) / 1e3,
                      "mean_loops": result.stats.mean_loops,
                      "iterations": sum(s.iterations for s in result.stats.steps),
                      "phases": by_phase(prof)}

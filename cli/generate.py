@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import UsageError
+from ..errors import GenerationError, UsageError
 from ..requests import SEED_MAX
 from .app import (
     CheckEvery,
@@ -188,8 +188,14 @@ def generate(
     else:
         from ..phases import profile_run
 
-        once()  # warm-up: compilation and first-call costs stay out of the trace
-        result, phases = profile_run(once, profile, next(model.parameters()).device)
+        try:
+            once()  # warm-up: compilation and first-call costs stay out of the trace
+            result, phases = profile_run(once, profile, next(model.parameters()).device)
+        except BaseException:  # the claimed file goes with the run that failed
+            _drop_if_empty(profile)
+            raise
+        if _drop_if_empty(profile):  # the profiler reports a failed write only in a log
+            raise GenerationError(f"the profiler wrote nothing to {profile}")
     stats = result.stats
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
@@ -231,7 +237,25 @@ def _trace_path(path: Path, prompts: Path | None) -> Path:
         raise UsageError(f"{path} exists; give --profile a new file")
     if not path.parent.is_dir():
         raise UsageError(f"--profile {path}: no directory {path.parent}")
+    try:  # claimed now, empty: a file that appears meanwhile is not overwritten
+        path.open("x").close()
+    except FileExistsError:
+        raise UsageError(f"{path} exists; give --profile a new file") from None
+    except OSError as err:
+        raise UsageError(f"cannot write --profile {path}: {err.strerror or err}") from None
     return path
+
+
+def _drop_if_empty(path: Path) -> bool:
+    """Remove `path` if it is an empty file (ours, claimed by `_trace_path`); whether it
+    was."""
+    try:
+        if path.stat().st_size == 0:
+            path.unlink()
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def _print_phases(phases: dict[str, dict[str, float]], trace: Path, wall_s: float,

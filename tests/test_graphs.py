@@ -185,6 +185,25 @@ def test_replays_read_only_static_buffers(recorded, looped_model, pipeline):
     assert recorded and sum(g.replays for g in recorded) > len(recorded)
 
 
+def test_a_profiler_sees_each_replay_inside_its_iteration(recorded, looped_model):
+    """Under a profiler every replay is an operator-like range (`phases.launches`) inside the
+    `iteration` phase, so that the kernels a real graph replays count in its device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    generate(looped_model, prompts, policy=policy, gen_length=8, steps=4, compile="eager")
+    before = sum(g.replays for g in recorded)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(looped_model, prompts, policy=policy, gen_length=8, steps=4, compile="eager")
+    replays = sum(g.replays for g in recorded) - before
+    events = prof.events()
+    ranges = [e for e in events if e.name == "adaptive_loop.graph_replay"]
+    assert replays > 0 and len(ranges) == replays
+    assert all(e.cpu_parent is not None and e.cpu_parent.name == "adaptive_loop.iteration"
+               for e in ranges)
+
+
 def test_moved_weights_and_inference_mode_get_their_own_store(graphed):
     """Graphs read the weights where they were when captured: weights moved (a round trip
     through bfloat16 gives them new storage) get a new store, as does inference mode, whose

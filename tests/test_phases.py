@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from adaptive_loop import generate, load_model
 from adaptive_loop.cli.app import run_main
-from adaptive_loop.phases import PHASES, by_phase, phase
+from adaptive_loop.phases import PHASES, by_phase, device_busy_ms, phase
 from adaptive_loop.policies import make
 
 PROMPTS = ["98181872+61818127=", "12345678+87654321="]
@@ -81,7 +81,7 @@ def test_generate_profile_table(tmp_path, capsys):
     assert "device ms" not in shown  # the CPU has no device column to show
 
 
-@pytest.mark.parametrize("case", ["exists", "no directory", "with prompts"])
+@pytest.mark.parametrize("case", ["exists", "no directory", "with prompts", "unwritable"])
 def test_generate_profile_refuses_what_would_lose_a_file(tmp_path, capsys, case):
     trace = tmp_path / "trace.json"
     argv = ["generate", "--device", "cpu", "--profile", str(trace)]
@@ -91,6 +91,9 @@ def test_generate_profile_refuses_what_would_lose_a_file(tmp_path, capsys, case)
     elif case == "no directory":
         argv[-1] = str(tmp_path / "nowhere" / "trace.json")
         message = "no directory"
+    elif case == "unwritable":  # a directory no file can be made in, even by root
+        argv[-1] = "/proc/adaptive-loop-trace.json"
+        message = "cannot write --profile /proc/adaptive-loop-trace.json"
     else:
         (tmp_path / "p.jsonl").write_text('{"prompt": "1+2="}\n')
         argv += ["--prompts", str(tmp_path / "p.jsonl")]
@@ -102,3 +105,44 @@ def test_generate_profile_refuses_what_would_lose_a_file(tmp_path, capsys, case)
     assert err.strip().count("\n") == 0
     if case == "exists":
         assert trace.read_text() == "mine"
+
+
+@pytest.mark.parametrize("failure", ["run fails", "nothing written"])
+def test_generate_profile_leaves_no_file_when_it_writes_none(tmp_path, capsys, monkeypatch,
+                                                           failure):
+    """The trace file is claimed before the run; a run that fails, or a profiler that wrote
+    nothing (it reports that only in its log), leaves no empty file and says so in one
+    line."""
+    from adaptive_loop import phases
+    from adaptive_loop.errors import GenerationError
+
+    def profile_run(run, trace, device):
+        if failure == "run fails":
+            raise GenerationError("non-finite hidden state")
+        return run(), {}
+
+    monkeypatch.setattr(phases, "profile_run", profile_run)
+    trace = tmp_path / "trace.json"
+    with pytest.raises(SystemExit) as exc:
+        run_main(["generate", "--device", "cpu", "--profile", str(trace)])
+    err = capsys.readouterr().err
+    message = "non-finite" if failure == "run fails" else "the profiler wrote nothing to"
+    assert exc.value.code == 1 and err.startswith("error: ") and message in err, err
+    assert not trace.exists()
+
+
+class _Event:
+    def __init__(self, device, ms, annotation=False):
+        from torch.autograd import DeviceType
+
+        self.device_type = DeviceType.CUDA if device else DeviceType.CPU
+        self.self_device_time_total = ms * 1e3
+        self.is_user_annotation = annotation
+
+
+def test_device_busy_counts_kernels_alone():
+    """Kernels' own time counts; an operator's host row (which repeats its kernels' time) and
+    a range's device-side row (its span, gaps included) do not."""
+    events = [_Event(True, 2.0), _Event(True, 0.5), _Event(False, 2.5),
+              _Event(True, 9.0, annotation=True)]
+    assert device_busy_ms(events) == pytest.approx(2.5)
