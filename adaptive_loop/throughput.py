@@ -11,6 +11,9 @@ Two sources of work:
 With `pipeline`, each policy also runs with pipelined plans (`runtime.run_loops`): the same
 tokens, a few more FLOPs, and a host that never waits for work it has just queued.
 
+`profile_phases` runs the same settings once each under torch.profiler and says where each
+generation's time went, per phase of the runtime (phases.py).
+
 `speedup` is what compaction buys a policy: the wall time of the same policy, in the same
 mode, with compaction off (the masked reference computes every token and keeps the halted
 ones' state) over the wall time with it on. `bound` is what it would buy if time followed
@@ -247,3 +250,61 @@ def bench_random_generation(model: LoopMDM, batch: int, prompt_length: int, gen_
 
     return rows_of(settings(policies or RANDOM_POLICIES, compile, pipeline, eager), run,
                    repeats, once)
+
+
+@dataclass
+class PhaseRow:
+    """One profiled generation: its setting, its wall time (under the profiler), the device's
+    busy time (CUDA only), mean loops, loop iterations, and `phases.by_phase` of it."""
+
+    policy: str
+    label: str
+    compact: bool
+    compiled: bool
+    pipelined: bool
+    wall_s: float
+    device_s: float | None
+    mean_loops: float
+    iterations: int
+    phases: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def profile_phases(model: LoopMDM, prompts: Any, gen_length: int, steps: int,
+                   policies: list[tuple[str, dict[str, Any]]], compile: bool = False,
+                   attention: str = "auto", pipeline: bool = False,
+                   eager: bool = True) -> list[PhaseRow]:
+    """Each setting (`settings`: fixed loops, then each policy with compaction on, pipelined
+    with `pipeline`, and off) generates `prompts` once untimed (compilation, first calls),
+    then once under torch.profiler: where its time went, per phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .phases import by_phase, device_busy_ms
+    from .sampler import generate
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    for name, params, compact, compiled, pipelined in settings(policies, compile, pipeline,
+                                                               eager):
+        policy = make(name, **params)
+
+        def once(policy: HaltingPolicy = policy, compact: bool = compact,
+                 compiled: bool = compiled, pipelined: bool = pipelined) -> Any:
+            return generate(model, prompts, policy=policy, gen_length=gen_length, steps=steps,
+                            compact=compact, compile=compiled, attention=attention,
+                            pipeline=pipelined)
+
+        once()
+        with profile(activities=activities) as prof:
+            result = once()
+        stats = result.stats
+        rows.append(PhaseRow(
+            policy=repr(policy), label=policy.label(), compact=compact, compiled=compiled,
+            pipelined=pipelined, wall_s=stats.wall_s,
+            device_s=device_busy_ms(prof.key_averages()) / 1e3 if cuda else None,
+            mean_loops=stats.mean_loops, iterations=sum(s.iterations for s in stats.steps),
+            phases=by_phase(prof)))
+    return rows

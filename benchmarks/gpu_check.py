@@ -55,7 +55,7 @@ from adaptive_loop.bench import (
     uneven_mask,
 )
 from adaptive_loop.fused import fusing
-from adaptive_loop.phases import by_phase, device_busy_ms
+from adaptive_loop.phases import device_busy_ms
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import _dense_iteration, flat_caches, iterations, run_loops
 from adaptive_loop.tasks import make_task
@@ -387,41 +387,26 @@ def profile_iteration(results: dict) -> None:
 
 def profile_generation(results: dict) -> None:
     """Where a generation's time goes (170M-class shape at 12 loops, batch 32, compiled
-    iterations, `stability` with the lens and a shortlist): compaction on, pipelined and
-    off, each warmed up once, then one run under the profiler: its wall time against the
-    device's busy time, and the time per phase (phases.py): host time inside each and the
-    device time of the kernels it launched. Where the device idles, the host's phases that
-    the device waits on (`read` waits for the device; `plan`, `update`, `check` keep it
-    waiting) say where the compacted run's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from adaptive_loop.throughput import random_prompts
+    iterations: fixed loops, and `stability` with the lens and a shortlist with compaction
+    on, pipelined and off), each warmed up once, then run under the profiler
+    (`throughput.profile_phases`): wall time against the device's busy time, and per phase
+    of the runtime the host's time and the device time of the kernels it launched. Where
+    the device idles, the host's phases that keep it waiting (`plan`, `update`, `check`,
+    against `iteration`; `read` is the host waiting) say where a compacted run's time
+    goes."""
+    from adaptive_loop.throughput import profile_phases, random_prompts
 
     torch.manual_seed(0)
     cfg = T.shape(LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512, n_loops=12))
     model = random_model(cfg, T.device, T.dtype)
     prompts = random_prompts(model, T.size(32, 2), T.size(64, 8)).to(T.device)
     # the shapes of `generation_smdm_b32_loops12_compiled`, which compiled them before
-    gen_length, steps = T.size(256, 16), T.size(64, 4)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if T.cuda else [])
-    out = {}
-    for mode, compact, pipeline in (("on", True, False), ("pipelined", True, True),
-                                    ("off", False, False)):
-        def once(compact=compact, pipeline=pipeline) -> Any:
-            policy = make("stability", probe="lens", shortlist=16)
-            return generate(model, prompts, policy=policy, gen_length=gen_length, steps=steps,
-                            compact=compact, pipeline=pipeline, compile=True)
-
-        once()  # compile, capture, warm up
-        with profile(activities=activities) as prof:
-            result = once()
-        events = prof.key_averages()
-        out[mode] = {"wall_s": result.stats.wall_s, "device_s": device_busy_ms(events) / 1e3,
-                     "mean_loops": result.stats.mean_loops,
-                     "iterations": sum(s.iterations for s in result.stats.steps),
-                     "phases": by_phase(prof)}
-        print("profile generation", mode, json.dumps(out[mode]), flush=True)
-    results["profile_generation_smdm_b32_loops12"] = out
+    rows = profile_phases(model, prompts, T.size(256, 16), T.size(64, 4),
+                          [("stability", {"probe": "lens", "shortlist": 16})], compile=True,
+                          pipeline=True, eager=False)
+    results["profile_generation_smdm_b32_loops12"] = [r.to_dict() for r in rows]
+    for r in rows:
+        print("profile generation", json.dumps(r.to_dict()), flush=True)
 
 
 def _generation(results: dict, compile: bool) -> None:
@@ -692,7 +677,7 @@ def main() -> None:
             policies=[("stability", {"probe": "lens", "shortlist": 16}),
                       ("random", {"rate": 0.2})])),
         # where that generation's time goes, compaction on, pipelined and off
-        ("profile_generation", 60, profile_generation),
+        ("profile_generation", 70, profile_generation),
         ("forward_1b_compiled", 30, lambda r: _forward(r, True)),
         ("attention", 25, check_attention),
         ("generation_smdm_b32_loops12", 190,

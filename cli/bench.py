@@ -72,6 +72,12 @@ def bench(
     pipeline: Annotated[bool, typer.Option(
         "--pipeline", help="Also time generation with pipelined plans (each iteration planned "
         "from the decisions of one check earlier; see `generate --pipeline`).")] = False,
+    phases: Annotated[bool, typer.Option(
+        "--phases", help="Also profile one generation of each generation setting (the same "
+        "prompts, policies and modes) under torch.profiler and show where its time went: "
+        "host milliseconds per phase of the runtime (iterations, checks, updates, the host's "
+        "reads, plans, prelude, readout...; see `generate --profile`), and on CUDA the "
+        "device's busy time.")] = False,
     checkpoint: Checkpoint = None,
     device: Device = None,
     dtype: Dtype = None,
@@ -82,7 +88,8 @@ def bench(
     Four tables: one loop iteration with a fraction of tokens active against the full
     iteration; the fixed-loop forward against the measured matmul peak (model FLOP
     utilisation); each policy's signals against one iteration; and generation under adaptive
-    policies against fixed loops and against the same policy without compaction.
+    policies against fixed loops and against the same policy without compaction. With
+    --phases, a fifth: where each of those generations spends its time.
 
     Presets other than "embedded" are random-weight shapes for timing (weights drawn with a
     fixed seed): the 170M-class shape is SMDM's Diff_LLaMA_170M, the 1B-class one a LLaMA
@@ -102,7 +109,13 @@ def bench(
     )
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
-    from ..throughput import bench_generation, bench_random_generation
+    from ..throughput import (
+        DEFAULT_POLICIES,
+        RANDOM_POLICIES,
+        bench_generation,
+        bench_random_generation,
+        profile_phases,
+    )
 
     fracs = _floats(fractions, "--fractions")
     backends = [a.strip() for a in attention.split(",")]
@@ -139,14 +152,15 @@ def bench(
                                  f"{context} tokens (it has no task, so generation runs random "
                                  f"prompts of --length tokens in all); pass --length {context} "
                                  f"or less")
-    if not generation and (n is not None or steps):
+    generates = generation or phases  # generations to time, or to profile
+    if not generates and (n is not None or steps):
         raise UsageError(f"{'--n' if n is not None else '--steps'} sets the generation timing, "
                          f"which --no-generation leaves out")
     on_task = model is not None and bool(model.config.task)
-    if generation and n is not None and not on_task:
+    if generates and n is not None and not on_task:
         raise UsageError("--n counts problems of a checkpoint's task, and this run has none: "
                          "its generation timing runs --batch random prompts")
-    if generation and steps and on_task:
+    if generates and steps and on_task:
         raise UsageError("--steps sets the steps of random prompts; a checkpoint's task (the "
                          "embedded model's too) decodes with its own")
     length = 256 if length is None else length
@@ -162,7 +176,7 @@ def bench(
                          f"{', '.join(PRESETS)}")
     prompt = max(1, length // 4)  # random prompts' length when there is no task to time
     gen_length = length - prompt
-    if generation and steps and steps > gen_length:
+    if generates and steps and steps > gen_length:
         raise UsageError(f"--steps {steps} exceeds the {gen_length} positions the generation "
                          f"timing generates (three quarters of --length)")
     for backend in backends:  # a backend that cannot run here fails before any timing
@@ -205,6 +219,31 @@ def bench(
                                                 pipeline=pipeline, repeats=repeats)
             report["generation_source"] = source
             report["generation"] = [r.to_dict() for r in timed]
+    if phases:
+        with err.status("profiling generation..."):
+            if on_task:
+                from ..evaluate import default_decoding
+                from ..tasks import make_task
+
+                task = make_task(model.config.task)
+                prompts = [p for p, _ in task.problems(n, 1234)]
+                decoding = default_decoding(task)
+                chosen, profiled = DEFAULT_POLICIES, f"{n} problems of the checkpoint's task"
+            else:
+                from ..throughput import random_prompts
+
+                if model is None:
+                    torch.manual_seed(0)
+                    model = random_model(cfg, dev, dt)
+                prompts = random_prompts(model, batch, prompt).to(dev)
+                decoding = {"gen_length": gen_length, "steps": steps or max(1, gen_length // 4)}
+                chosen = RANDOM_POLICIES
+                profiled = (f"{batch} random prompts of {prompt} tokens, {gen_length} "
+                            f"generated in {decoding['steps']} steps")
+            report["phases_source"] = profiled
+            report["phases"] = [r.to_dict() for r in profile_phases(
+                model, prompts, decoding["gen_length"], decoding["steps"], chosen,
+                compile=compile, attention=backends[0], pipeline=pipeline)]
     if as_json:
         print(json.dumps(report))
         return
@@ -267,4 +306,33 @@ def bench(
                   "vs eager fixed loops (compiled rows too); vs off: the same policy's wall "
                   "time with compaction off over this one's (above 1: compaction pays); bound: "
                   "the same ratio of total FLOPs (what it would be if time followed FLOPs)")
+    if phases:
+        _print_phases(report["phases"], report["phases_source"], dev.type == "cuda", compile)
     out.print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
+
+
+def _print_phases(rows: list[dict], source: str, cuda: bool, compile: bool) -> None:
+    """Where each profiled generation's time went: host milliseconds per phase."""
+    # the loop's phases, then the step's two largest (--json has every phase)
+    shown = [p for p in ("iteration", "check", "update", "read", "plan", "prelude", "readout")
+             if any(p in r["phases"] for r in rows)]
+    table = Table(title=f"where generation time goes (one profiled run each), {source}",
+                  caption="host milliseconds per phase over the whole generation (`generate "
+                  "--help`, under --profile, says what each covers; --json has all phases); "
+                  "iters: loop iterations in all steps" +
+                  ("; device s: the device's busy seconds" if cuda else ""))
+    columns = ["policy", "compact"] + (["compiled"] if compile else []) + ["wall s"] + \
+        (["device s"] if cuda else []) + ["iters", *shown]
+    for col in columns:
+        wrapped = col == "policy"
+        table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None)
+    for r in rows:
+        cells = {"policy": r["label"],
+                 "compact": "pipelined" if r["pipelined"] else "on" if r["compact"] else "off",
+                 "compiled": "yes" if r["compiled"] else "no", "wall s": f"{r['wall_s']:.3f}",
+                 "device s": "-" if r["device_s"] is None else f"{r['device_s']:.3f}",
+                 "iters": str(r["iterations"]),
+                 **{p: f"{r['phases'][p]['host_ms']:.1f}" if p in r["phases"] else "-"
+                    for p in shown}}
+        table.add_row(*(cells[c] for c in columns))
+    out.print(table)

@@ -356,3 +356,32 @@ def test_generation_bench_warms_what_compiles_on_first_use(monkeypatch, compiles
              ("convergence", False, False)]
     warmed = [("fixed", True, False), ("convergence", True, False)] if compiles else []
     assert calls == [("fixed", True, False)] + warmed + timed
+
+
+def test_bench_phases_profiles_each_generation_setting(capsys):
+    """`bench --phases` profiles every generation setting once (here without the timing
+    itself): per row the phases of its run, consistent with its own counts."""
+    from adaptive_loop.cli.app import run_main
+
+    argv = ["bench", "--preset", "tiny", "--batch", "2", "--length", "16", "--fractions", "0.5",
+            "--repeats", "1", "--no-monitor", "--no-generation", "--phases", "--pipeline",
+            "--device", "cpu", "--loops", "5"]
+    with pytest.raises(SystemExit) as exc:
+        run_main([*argv, "--json"])
+    assert exc.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "generation" not in report
+    assert report["phases_source"] == "2 random prompts of 4 tokens, 12 generated in 3 steps"
+    rows = report["phases"]
+    modes = [("pipelined" if r["pipelined"] else "on" if r["compact"] else "off") for r in rows]
+    assert modes == ["on"] + ["on", "pipelined", "off"] * 3  # fixed, then each policy
+    for r in rows:
+        phases = r["phases"]
+        assert phases["iteration"]["calls"] == r["iterations"] > 0
+        assert phases["loops"]["calls"] == phases["prelude"]["calls"] == 3  # one per step
+        assert r["device_s"] is None  # no device on the CPU
+    assert rows[0]["label"] == "fixed" and rows[0]["mean_loops"] == 5.0
+    with pytest.raises(SystemExit) as exc:
+        run_main(argv)
+    shown = capsys.readouterr().out
+    assert exc.value.code == 0 and "where generation time goes" in shown and "plan" in shown

@@ -41,12 +41,14 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     assert set(report["profile_d2048_25"]) == {"eager", "compiled", "graphed"}
     # where a generation's time goes, per phase, compaction on, pipelined and off
     profiled = report["profile_generation_smdm_b32_loops12"]
-    assert set(profiled) == {"on", "pipelined", "off"}
-    for mode in profiled.values():
-        phases = mode["phases"]
-        assert phases["iteration"]["calls"] == mode["iterations"] > 0
+    assert [(r["label"], r["compact"], r["pipelined"], r["compiled"]) for r in profiled] == [
+        ("fixed", True, False, True)] + [("stability(probe=lens, shortlist=16)", c, p, True)
+                                          for c, p in ((True, False), (True, True),
+                                                       (False, False))]
+    for row in profiled:
+        phases = row["phases"]
+        assert phases["iteration"]["calls"] == row["iterations"] > 0
         assert phases["loops"]["host_ms"] >= phases["iteration"]["host_ms"] > 0
-    assert profiled["on"]["phases"]["read"]["calls"] > 0
     # every correctness check is read off the results; on the CPU all hold but the CUDA-only
     assert "checks_error" not in report
     verdicts = {c["check"]: c["ok"] for c in report["checks"]}
