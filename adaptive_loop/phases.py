@@ -27,7 +27,8 @@ PHASES = {
     "iteration": "one loop iteration over the planned tokens",
     "check": "a halting check: the policy's signals and its decision",
     "update": "the decision applied: active mask, counts, the values the host reads",
-    "read": "the host waiting for a check's values (the device's queued work)",
+    "read": "the host waiting for a check's values (the device's queued work), or for the "
+            "needed positions' sizes where the host cannot know them",
     "plan": "the next iterations planned from a read: halted tokens' keys, the packed plan",
     "readout": "the layers after the loop and the head on the needed positions",
     "draw": "candidates drawn for the needed positions, and their confidences",

@@ -209,7 +209,8 @@ class _Stepper:
                     same = (inputs == self.last[0])[..., None]
                     h = torch.where(same, self.last[1], h)
             if per_row is None:  # the readout's plan, and the loops' first probe
-                plan = PackPlan.from_mask(need)
+                with phase("read"):  # it waits for the device to learn the sizes
+                    plan = PackPlan.from_mask(need)
                 self.plan_syncs += 1
             else:
                 plan = PackPlan.from_sizes(need, need.shape[0] * per_row, per_row)

@@ -676,7 +676,8 @@ def main() -> None:
             r, True, 12, pipeline=True, eager=False,
             policies=[("stability", {"probe": "lens", "shortlist": 16}),
                       ("random", {"rate": 0.2})])),
-        # where that generation's time goes, compaction on, pipelined and off
+        # where that generation's time goes: fixed loops, and stability with compaction on,
+        # pipelined and off
         ("profile_generation", 70, profile_generation),
         ("forward_1b_compiled", 30, lambda r: _forward(r, True)),
         ("attention", 25, check_attention),

@@ -321,6 +321,8 @@ def _environment_error(e: Exception) -> str | None:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return f"{e.strerror or e}{where}"
     text = str(e)
+    if isinstance(e, RuntimeError) and text.startswith("Could not determine home directory"):
+        return f"{text} (a path starting with ~ names a user this system does not have)"
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
             isinstance(e, RuntimeError) and ("can't allocate memory" in text
                                              or "out of memory" in text.lower())):

@@ -74,7 +74,8 @@ def bench(
         "from the decisions of one check earlier; see `generate --pipeline`).")] = False,
     phases: Annotated[bool, typer.Option(
         "--phases", help="Also profile one generation of each generation setting (the same "
-        "prompts, policies and modes) under torch.profiler and show where its time went: "
+        "prompts, up to 250 of a task's, policies and modes) under torch.profiler and show "
+        "where its time went: "
         "host milliseconds per phase of the runtime (iterations, checks, updates, the host's "
         "reads, plans, prelude, readout...; see `generate --profile`), and on CUDA the "
         "device's busy time.")] = False,
@@ -132,7 +133,8 @@ def bench(
                          f"{repeats} and {length}")
     if loops is not None and loops < 1:
         raise UsageError(f"--loops must be >= 1, got {loops}")
-    if generation and n is not None and n < 1:  # checked before minutes of timing
+    generates = generation or phases  # generations to time, or to profile
+    if generates and n is not None and n < 1:  # checked before minutes of timing
         raise UsageError(f"--n must be >= 1, got {n}")
     if loops is not None and (checkpoint or preset == "embedded"):
         raise UsageError("--loops sets a random-weight preset's loop count; a checkpoint (the "
@@ -144,7 +146,7 @@ def bench(
     if checkpoint or preset == "embedded":
         model = load_checkpoint(checkpoint, device=dev, dtype=dt)
         context = model.config.max_seq_len
-        if generation and not model.config.task:
+        if generates and not model.config.task:
             if length is None:
                 length = min(256, context)
             elif length > context:
@@ -152,7 +154,6 @@ def bench(
                                  f"{context} tokens (it has no task, so generation runs random "
                                  f"prompts of --length tokens in all); pass --length {context} "
                                  f"or less")
-    generates = generation or phases  # generations to time, or to profile
     if not generates and (n is not None or steps):
         raise UsageError(f"{'--n' if n is not None else '--steps'} sets the generation timing, "
                          f"which --no-generation leaves out")
@@ -226,9 +227,12 @@ def bench(
                 from ..tasks import make_task
 
                 task = make_task(model.config.task)
-                prompts = [p for p, _ in task.problems(n, 1234)]
+                # the timing's first batch (it runs its problems 250 at a time)
+                problems = min(n, 250)
+                prompts = [p for p, _ in task.problems(problems, 1234)]
                 decoding = default_decoding(task)
-                chosen, profiled = DEFAULT_POLICIES, f"{n} problems of the checkpoint's task"
+                chosen = DEFAULT_POLICIES
+                profiled = f"{problems} problems of the checkpoint's task"
             else:
                 from ..throughput import random_prompts
 

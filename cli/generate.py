@@ -188,6 +188,7 @@ def generate(
     else:
         from ..phases import profile_run
 
+        _claim(profile)
         try:
             once()  # warm-up: compilation and first-call costs stay out of the trace
             result, phases = profile_run(once, profile, next(model.parameters()).device)
@@ -227,8 +228,8 @@ def generate(
 
 
 def _trace_path(path: Path, prompts: Path | None) -> Path:
-    """--profile's file, refused before any work where it would lose one or cannot be
-    written."""
+    """--profile's file, refused before any work where it would lose one (it is claimed,
+    `_claim`, just before the run)."""
     if prompts is not None:
         raise UsageError("--profile profiles one generation of prompts given as arguments, "
                          "not a --prompts file")
@@ -237,13 +238,18 @@ def _trace_path(path: Path, prompts: Path | None) -> Path:
         raise UsageError(f"{path} exists; give --profile a new file")
     if not path.parent.is_dir():
         raise UsageError(f"--profile {path}: no directory {path.parent}")
-    try:  # claimed now, empty: a file that appears meanwhile is not overwritten
+    return path
+
+
+def _claim(path: Path) -> None:
+    """Create --profile's file, empty, before the run: one that appears meanwhile is not
+    overwritten, and a path that cannot be written is refused before the work."""
+    try:
         path.open("x").close()
     except FileExistsError:
         raise UsageError(f"{path} exists; give --profile a new file") from None
     except OSError as err:
         raise UsageError(f"cannot write --profile {path}: {err.strerror or err}") from None
-    return path
 
 
 def _drop_if_empty(path: Path) -> bool:

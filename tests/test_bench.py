@@ -303,6 +303,16 @@ def test_bench_of_a_short_context_checkpoint_fits_its_length(tmp_path):
     report = json.loads(res.stdout)
     assert report["length"] == 32 and report["checkpoint"] == str(path)
     assert report["generation_source"] == "2 random prompts of 8 tokens, 24 generated in 6 steps"
+    # profiled instead of timed, the generation fits the context the same way
+    res = subprocess.run(
+        [sys.executable, "-m", "adaptive_loop.cli", "bench", "--checkpoint", str(path),
+         "--batch", "2", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
+         "cpu", "--no-generation", "--phases", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["length"] == 32
+    assert report["phases_source"] == "2 random prompts of 8 tokens, 24 generated in 6 steps"
 
 
 def test_cuda_syncs_names_where_each_sync_was_made_and_leaves_out_the_notice(monkeypatch):
@@ -384,4 +394,23 @@ def test_bench_phases_profiles_each_generation_setting(capsys):
     with pytest.raises(SystemExit) as exc:
         run_main(argv)
     shown = capsys.readouterr().out
-    assert exc.value.code == 0 and "where generation time goes" in shown and "plan" in shown
+    assert exc.value.code == 0 and "where generation time goes" in shown
+    header = next(line for line in shown.splitlines() if "iters" in line)
+    for column in ("wall s", "iteration", "check", "update", "read", "plan", "readout"):
+        assert column in header, header
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "--n must be >= 1"),
+    (["--preset", "tiny", "--loops", "2", "--steps", "13"], "exceeds the 12 positions"),
+])
+def test_bench_phases_checks_its_generation_options_first(capsys, argv, message):
+    """Without the generation timing, --phases still generates: its options are checked
+    before any timing runs."""
+    from adaptive_loop.cli.app import run_main
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(["bench", "--no-generation", "--phases", "--batch", "2", "--length", "16",
+                  "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and message in err, err

@@ -81,7 +81,8 @@ def test_generate_profile_table(tmp_path, capsys):
     assert "device ms" not in shown  # the CPU has no device column to show
 
 
-@pytest.mark.parametrize("case", ["exists", "no directory", "with prompts", "unwritable"])
+@pytest.mark.parametrize("case", ["exists", "no directory", "with prompts", "unwritable",
+                                  "another mistake", "no such user"])
 def test_generate_profile_refuses_what_would_lose_a_file(tmp_path, capsys, case):
     trace = tmp_path / "trace.json"
     argv = ["generate", "--device", "cpu", "--profile", str(trace)]
@@ -94,6 +95,12 @@ def test_generate_profile_refuses_what_would_lose_a_file(tmp_path, capsys, case)
     elif case == "unwritable":  # a directory no file can be made in, even by root
         argv[-1] = "/proc/adaptive-loop-trace.json"
         message = "cannot write --profile /proc/adaptive-loop-trace.json"
+    elif case == "another mistake":  # found after the path's checks: no file is left
+        argv += ["--out", str(tmp_path / "o.jsonl")]
+        message = "--out goes with --prompts"
+    elif case == "no such user":
+        argv[-1] = "~no-such-user-of-this-system/trace.json"
+        message = "names a user this system does not have"
     else:
         (tmp_path / "p.jsonl").write_text('{"prompt": "1+2="}\n')
         argv += ["--prompts", str(tmp_path / "p.jsonl")]
@@ -101,10 +108,13 @@ def test_generate_profile_refuses_what_would_lose_a_file(tmp_path, capsys, case)
     with pytest.raises(SystemExit) as exc:
         run_main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("error: ") and message in err, err
+    assert exc.value.code == (1 if case == "no such user" else 2), err
+    assert err.startswith("error: ") and message in err, err
     assert err.strip().count("\n") == 0
     if case == "exists":
         assert trace.read_text() == "mine"
+    elif case == "another mistake":
+        assert not trace.exists()
 
 
 @pytest.mark.parametrize("failure", ["run fails", "nothing written"])
