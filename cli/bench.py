@@ -291,7 +291,8 @@ def bench(
             ["loops", "FLOPs", "vs fixed", "vs off", "bound", "tok/s"]
         for col in columns:
             wrapped = col == "policy"  # numbers never wrap; the policy label may
-            table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None)
+            table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None,
+                             overflow="fold" if wrapped else "ellipsis")
         for g in report["generation"]:
             compaction = "pipelined" if g["pipelined"] else "on" if g["compact"] else "off"
             cells = {"policy": g["label"], "compact": compaction,
@@ -329,7 +330,8 @@ def _print_phases(rows: list[dict], source: str, cuda: bool, compile: bool) -> N
         (["device s"] if cuda else []) + ["iters", *shown]
     for col in columns:
         wrapped = col == "policy"
-        table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None)
+        table.add_column(col, no_wrap=not wrapped, min_width=11 if wrapped else None,
+                         overflow="fold" if wrapped else "ellipsis")
     for r in rows:
         cells = {"policy": r["label"],
                  "compact": "pipelined" if r["pipelined"] else "on" if r["compact"] else "off",
