@@ -686,10 +686,13 @@ def all_finite(x: Tensor) -> Tensor:
     """Whether every value of `x` is finite, as a 0-d bool tensor (no sync): for a state of
     32 bits or fewer its sum in float64, which a non-finite value makes non-finite and finite
     values of such a dtype can never overflow; a third of the time of `isfinite(x).all()`,
-    which writes a mask of x's size (still used for a float64 state, whose sum could)."""
+    which writes a mask of x's size (still used for a float64 state, whose sum could). The
+    sum is finite exactly when subtracting it from itself gives 0 (inf - inf and NaN are
+    NaN): two operations where `isfinite` of it is four."""
     if x.dtype == torch.float64:
         return torch.isfinite(x).all()
-    return torch.isfinite(x.sum(dtype=torch.float64))
+    total = x.sum(dtype=torch.float64)
+    return (total - total) == 0
 
 
 def _check_finite(ok: int, step: int, iteration: int) -> None:
