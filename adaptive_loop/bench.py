@@ -172,6 +172,16 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                 full = time_call(lambda run=run: run.dense(model, h, None, None), device,
                                  repeats)
                 known = PackPlan.from_mask(active)  # the sizes the runtime's read gives it
+
+                def row(fn: Callable[..., None], name: str, f: float = f,
+                        active: torch.Tensor = active, full: float = full,
+                        compiled: bool = compiled) -> IterationRow:
+                    """`fn` timed from known sizes and waiting for them (`wait=True`)."""
+                    return IterationRow(
+                        f, float(active.float().mean()), full * 1e3,
+                        time_call(fn, device, repeats) * 1e3, name, compiled, flops,
+                        time_call(functools.partial(fn, wait=True), device, repeats) * 1e3)
+
                 for backend, key in keys.items():
 
                     def compact(active: torch.Tensor = active, run=run, key=key,
@@ -183,10 +193,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                                                     known.counts)
                         run.packed(model, h, plan.with_keys(key), caches, None)
 
-                    rows.append(IterationRow(
-                        f, float(active.float().mean()), full * 1e3,
-                        time_call(compact, device, repeats) * 1e3, backend, compiled, flops,
-                        time_call(functools.partial(compact, wait=True), device, repeats) * 1e3))
+                    rows.append(row(compact, backend))
                     if graphs.applies(compiled, backend, device):
                         if backend not in graph_stores:
                             graph_stores[backend] = graph_store(
@@ -199,11 +206,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
                                 (known.size, known.width, known.counts)
                             store.run(h, store.plan(active, *sizes))
 
-                        rows.append(IterationRow(
-                            f, float(active.float().mean()), full * 1e3,
-                            time_call(replayed, device, repeats) * 1e3, f"{backend}+graphs",
-                            compiled, flops, time_call(functools.partial(replayed, wait=True),
-                                                       device, repeats) * 1e3))
+                        rows.append(row(replayed, f"{backend}+graphs"))
     return rows
 
 
@@ -357,17 +360,15 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                 policy = make(name, **params)
                 policy.begin_step(batch, length, 0, 1)
                 short = None
+                # made once, as a run makes one per step (not per check)
+                step_trace = StepTrace(loops=active.int())
                 with fusing("inductor" if compiled else None):
                     if getattr(policy, "shortlist", 0):
-                        trace = StepTrace(loops=active.int())
                         sig = _signals(policy, model, h, prev, active, index, needed, None, 1,
-                                       0, 1, trace, probe=probe_plan(active & needed, probe,
-                                                                     trace))
+                                       0, 1, step_trace,
+                                       probe=probe_plan(active & needed, probe, step_trace))
                         policy.decide(sig)
                         short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
-
-                    # made once, as a run makes one per step (not per check)
-                    step_trace = StepTrace(loops=active.int())
 
                     def signals(policy=policy, short=short, trace=step_trace) -> None:
                         # the probe's plan counts too

@@ -115,7 +115,6 @@ class _Bucket:
     width: int
     graphs: dict[bool, tuple[Any, Tensor]] = field(default_factory=dict)  # gated -> (graph,
     # its output)
-    failed: bool = False  # capture failed once: this bucket runs uncaptured
 
 
 @dataclass
@@ -222,14 +221,14 @@ class PackedGraphs:
                 graph.replay()
             return out
         args = self._args(found, gated)
-        if not self.capture or found.failed:
+        if not self.capture:
             return self.body(*args)
         out, graph, captured, failed = self._warm_and_capture(args)
         if failed is None:
             found.graphs[gated] = (graph, captured)
             self.captures += 1
         else:  # what failed once would fail again: no more captures in this store
-            found.failed, self.capture, self.failure = True, False, repr(failed)
+            self.capture, self.failure = False, repr(failed)
             warnings.warn(f"a packed loop iteration could not be captured as a CUDA graph "
                           f"({failed}); packed iterations of this batch shape run without "
                           f"graphs", RuntimeWarning, stacklevel=4)

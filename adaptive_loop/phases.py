@@ -93,16 +93,18 @@ def by_phase(prof: Any) -> dict[str, dict[str, float]]:
     return {name: found[name] for name in PHASES if name in found}
 
 
-def profile_run(run: Callable[[], T], trace: Path,
-                device: torch.device) -> tuple[T, dict[str, dict[str, float]]]:
+def profile_run(run: Callable[[], T], trace: Path | None, device: torch.device
+                ) -> tuple[T, dict[str, dict[str, float]], float | None]:
     """`run()` under torch.profiler (the host, and the device on CUDA); its trace written to
-    `trace` (Chrome trace JSON). Returns run's result and `by_phase` of the profile."""
+    `trace` (Chrome trace JSON) when given. Returns run's result, `by_phase` of the profile
+    and, on CUDA, the device's busy seconds (`device_busy_ms`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         result = run()
-    prof.export_chrome_trace(str(trace))
-    return result, by_phase(prof)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    busy = device_busy_ms(prof.key_averages()) / 1e3 if cuda else None
+    return result, by_phase(prof), busy

@@ -501,31 +501,27 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         with phase("read"):
             n_active, width, ok, *probe_sizes = done.values()
         trace.host_syncs += 1
-        with phase("plan"):
-            return plan_from(done, n_active, width, ok, probe_sizes)
-
-    def plan_from(done: _Read, n_active: int, width: int, ok: int,
-                  probe_sizes: list[int]) -> bool:
-        nonlocal planned, members, probe, plan, caches
         _check_finite(ok, step, done.iteration)
         if n_active == 0:
             return False
-        if compact and n_active < total and caches is not None and caches[0][0].dim() == 4:
-            # packed iterations from now on: the full rows' keys/values into flat caches
-            caches = flat_of(caches)
-        if compact and not pipeline and n_active < planned and caches is not None:
-            with fusing(fuse):  # compiled runs: one fused call (fused.py)
-                _write_first_kv(model, h, caches[0], halted, planned - n_active, rope)
-            trace.refreshed += planned - n_active
-            trace.looped_flops += (planned - n_active) * kv_flops(model.config)
-        # nothing halted since the plan was built (padding alone made it): it still holds
-        unchanged = not pipeline and plan is not None and n_active == planned
-        planned, members = n_active, done.mask
-        probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
-        if n_active < total and not unchanged:
-            # the count is on the host already: the positions need no further sync
-            with fusing(fuse):
-                plan = plan_of(members, n_active, width, done.counts)
+        with phase("plan"):
+            if compact and n_active < total and caches is not None and \
+                    caches[0][0].dim() == 4:
+                # packed iterations from now on: the full rows' keys/values into flat caches
+                caches = flat_of(caches)
+            if compact and not pipeline and n_active < planned and caches is not None:
+                with fusing(fuse):  # compiled runs: one fused call (fused.py)
+                    _write_first_kv(model, h, caches[0], halted, planned - n_active, rope)
+                trace.refreshed += planned - n_active
+                trace.looped_flops += (planned - n_active) * kv_flops(model.config)
+            # nothing halted since the plan was built (padding alone made it): it still holds
+            unchanged = not pipeline and plan is not None and n_active == planned
+            planned, members = n_active, done.mask
+            probe = (probe_sizes[0], probe_sizes[1]) if probe_sizes else None
+            if n_active < total and not unchanged:
+                # the count is on the host already: the positions need no further sync
+                with fusing(fuse):
+                    plan = plan_of(members, n_active, width, done.counts)
         return True
 
     halted: Tensor | None = None  # plain compaction: the tokens that halted at the latest check

@@ -279,13 +279,10 @@ def profile_phases(model: LoopMDM, prompts: Any, gen_length: int, steps: int,
     """Each setting (`settings`: fixed loops, then each policy with compaction on, pipelined
     with `pipeline`, and off) generates `prompts` once untimed (compilation, first calls),
     then once under torch.profiler: where its time went, per phase."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from .phases import by_phase, device_busy_ms
+    from .phases import profile_run
     from .sampler import generate
 
-    cuda = next(model.parameters()).device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    device = next(model.parameters()).device
     rows = []
     for name, params, compact, compiled, pipelined in settings(policies, compile, pipeline,
                                                                eager):
@@ -298,13 +295,11 @@ def profile_phases(model: LoopMDM, prompts: Any, gen_length: int, steps: int,
                             pipeline=pipelined)
 
         once()
-        with profile(activities=activities) as prof:
-            result = once()
+        result, phases, busy = profile_run(once, None, device)
         stats = result.stats
         rows.append(PhaseRow(
             policy=repr(policy), label=policy.label(), compact=compact, compiled=compiled,
-            pipelined=pipelined, wall_s=stats.wall_s,
-            device_s=device_busy_ms(prof.key_averages()) / 1e3 if cuda else None,
+            pipelined=pipelined, wall_s=stats.wall_s, device_s=busy,
             mean_loops=stats.mean_loops, iterations=sum(s.iterations for s in stats.steps),
-            phases=by_phase(prof)))
+            phases=phases))
     return rows

@@ -191,7 +191,7 @@ def generate(
         _claim(profile)
         try:
             once()  # warm-up: compilation and first-call costs stay out of the trace
-            result, phases = profile_run(once, profile, next(model.parameters()).device)
+            result, phases, _ = profile_run(once, profile, next(model.parameters()).device)
         except BaseException:  # the claimed file goes with the run that failed
             _drop_if_empty(profile)
             raise
@@ -253,7 +253,7 @@ def _claim(path: Path) -> None:
 
 
 def _drop_if_empty(path: Path) -> bool:
-    """Remove `path` if it is an empty file (ours, claimed by `_trace_path`); whether it
+    """Remove `path` if it is an empty file (ours, made by `_claim`); whether it
     was."""
     try:
         if path.stat().st_size == 0:

@@ -18,12 +18,6 @@ from .base import CONTEXT_THRESHOLD, register
 from .predictive import PredictivePolicy, nonnegative
 
 
-def entropy_of(logits: Tensor) -> Tensor:
-    """(M, V) -> (M,) entropy in nats, in float32 (one fused kernel in compiled runs:
-    fused.py)."""
-    return entropy(logits)
-
-
 @register
 class Entropy(PredictivePolicy):
     name = "entropy"
@@ -36,4 +30,4 @@ class Entropy(PredictivePolicy):
         self.threshold = nonnegative(self.name, "threshold", threshold)
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
-        return entropy_of(logits) < self.threshold
+        return entropy(logits) < self.threshold  # nats, float32; fused in compiled runs

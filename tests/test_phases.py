@@ -129,7 +129,7 @@ def test_generate_profile_leaves_no_file_when_it_writes_none(tmp_path, capsys, m
     def profile_run(run, trace, device):
         if failure == "run fails":
             raise GenerationError("non-finite hidden state")
-        return run(), {}
+        return run(), {}, None
 
     monkeypatch.setattr(phases, "profile_run", profile_run)
     trace = tmp_path / "trace.json"
