@@ -256,6 +256,7 @@ class PackedGraphs:
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
                 out = self.body(*args)
                 graph = torch.cuda.CUDAGraph()
+                _fresh_blas_workspaces()  # the capture's own, in the graphs' pool
                 # capture_begin/end rather than torch.cuda.graph, which synchronises the
                 # device and empties the allocator's cache before each capture;
                 # thread_local: other threads' CUDA calls during the capture are theirs
@@ -275,12 +276,26 @@ class PackedGraphs:
                     except RuntimeError as err:  # it did not: see `_end_pool_routing`
                         failed = failed or err
                         _end_pool_routing(self.device, self.pool)
+                    _fresh_blas_workspaces()  # later work outside the capture: not those
             current.wait_stream(self.stream)
             out.record_stream(current)  # made on the store's stream, used on the current one
         return out, graph, captured, failed
 
 
 _CAPTURING = threading.Lock()
+
+
+def _fresh_blas_workspaces() -> None:
+    """Drop cuBLAS's per-stream workspaces, so that the next matrix product allocates anew.
+    Around a capture: the graph then replays with a workspace taken inside the capture, from
+    the graphs' own pool, which lives as long as they do. A workspace taken before it belongs
+    to the allocator's ordinary cache, and torch frees those workspaces at times of its own
+    (compiled code replayed as CUDA graphs, `reduce-overhead`, does so around its captures):
+    a graph that kept such an address read freed memory, an illegal memory access on an H200
+    (2026-11-30)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 def _end_pool_routing(device: torch.device, pool: Any) -> None:
