@@ -334,7 +334,7 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     signals' arithmetic fused (fused.py), against the compiled full iteration, a CUDA graph
     on CUDA; the first calls, untimed, compile)."""
     from .policies import make
-    from .runtime import Shortlist, StepTrace, _signals, probe_plan
+    from .runtime import Shortlist, StepTrace, _signals, probe_plan, reads_lens
 
     torch.manual_seed(seed)
     model = random_model(cfg, device, dtype)
@@ -366,13 +366,15 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                     if getattr(policy, "shortlist", 0):
                         sig = _signals(policy, model, h, prev, active, index, needed, None, 1,
                                        0, 1, step_trace,
-                                       probe=probe_plan(active & needed, probe, step_trace))
+                                       probe=probe_plan(active & needed, probe, step_trace,
+                                                        layout=not reads_lens(policy)))
                         policy.decide(sig)
                         short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
 
                     def signals(policy=policy, short=short, trace=step_trace) -> None:
                         # the probe's plan counts too
-                        plan = probe_plan(active & needed, probe, trace) \
+                        plan = probe_plan(active & needed, probe, trace,
+                                          layout=not reads_lens(policy)) \
                             if "logits" in policy.needs else None
                         sig = _signals(policy, model, h, prev, active, index, needed, None, 2,
                                        0, 1, trace, short, plan)

@@ -93,11 +93,13 @@ def cosine(cur: Tensor, old: Tensor) -> Tensor:
     return F.cosine_similarity(cur.float(), old.float(), dim=-1)
 
 
-@fused(x=(0,), vocab=(0,))
-def lens(model: Any, x: Tensor, vocab: Tensor | None) -> Tensor:
-    """The lens probe: the model's final norm and head on loop states x (N, d), over the
-    columns `vocab` (K,) or all."""
-    return model.head(x, vocab)
+@fused(index=(0,), weight=(0,), bias=(0,))
+def lens(norm: Any, h: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The lens probe: a model's final norm, then its head's rows `weight` (K, d) and `bias`
+    (K,) (all of them, or a shortlist's), on the loop states h (T, d) at `index` (N,) ->
+    (N, K). Its arguments are the few tensors it reads, not the model, so that a compiled
+    call checks only those before it runs."""
+    return F.linear(norm(h[index]), weight, bias)
 
 
 @fused(logits=(0, 1))

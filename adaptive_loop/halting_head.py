@@ -267,7 +267,8 @@ class _Recorder(HaltingPolicy):
         self._length = length
 
     def decide(self, signals: Signals) -> Tensor:
-        rows = needed_rows(signals.needed, signals.logits.shape[0])
+        rows = signals.needed_at if signals.needed_at is not None else \
+            needed_rows(signals.needed, signals.logits.shape[0])
         logits = signals.logits
         output = logits.argmax(-1) if self.label == "argmax" else logits.float().log_softmax(-1)
         self._loops.append((signals.index[rows], signals.hidden[rows].float(),

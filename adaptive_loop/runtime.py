@@ -204,26 +204,56 @@ def compile_backend(compile: bool | str | Any) -> Any:
     return "inductor" if compile is True else compile
 
 
+@dataclass
+class Needed:
+    """The active needed tokens as the lens probe reads them: their flat positions (M,),
+    ascending, and batch rows (M,). A readout probe runs attention for them and needs their
+    full plan (PackPlan); the lens needs only this, two operations where a plan takes ten."""
+
+    index: Tensor
+    rows: Tensor
+
+    @classmethod
+    def of(cls, mask: Tensor, size: int) -> Needed:
+        """The `size` True entries of `mask` (B, L)."""
+        index = true_index(mask.reshape(-1), size)
+        return cls(index, torch.div(index, mask.shape[1], rounding_mode="floor"))
+
+    @property
+    def size(self) -> int:
+        return self.index.numel()
+
+
 # What the runtime knows of the probe (the active needed tokens) before a check: their plan
-# (PackPlan), their count and most per row (read at the previous decision's sync), or nothing.
-Probe = PackPlan | tuple[int, int] | None
+# (PackPlan, or Needed for the lens), their count and most per row (read at the previous
+# decision's sync), or nothing.
+Probe = PackPlan | Needed | tuple[int, int] | None
 
 
-def probe_plan(mask: Tensor, probe: Probe, trace: StepTrace) -> PackPlan:
-    """The plan of the True entries of `mask` (B, L): `probe` itself when it is one, built
-    without waiting for the device when its sizes are known, else with one counted sync."""
-    if isinstance(probe, PackPlan):
+def reads_lens(policy: HaltingPolicy) -> bool:
+    """Whether `policy` probes its predictions with the lens (norm + head on the loop state)
+    rather than the readout (coda + head)."""
+    return getattr(policy, "probe", "readout") == "lens"
+
+
+def probe_plan(mask: Tensor, probe: Probe, trace: StepTrace,
+               layout: bool = True) -> PackPlan | Needed:
+    """The True entries of `mask` (B, L): `probe` itself when it is known, else found
+    without waiting for the device when their sizes are known, or with one counted sync.
+    Their plan (PackPlan), or with `layout=False` (the lens probe) their positions and rows
+    alone (Needed)."""
+    if isinstance(probe, PackPlan | Needed):
         return probe
     if probe is None:
         trace.host_syncs += 1
-        return PackPlan.from_mask(mask)
-    return PackPlan.from_sizes(mask, *probe)
+        return PackPlan.from_mask(mask) if layout else Needed.of(mask, int(mask.sum()))
+    return PackPlan.from_sizes(mask, *probe) if layout else Needed.of(mask, probe[0])
 
 
 def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, active: Tensor,
              index: Tensor, needed: Tensor, key_mask: Tensor | None, iteration: int, step: int,
              steps: int, trace: StepTrace, shortlist: Shortlist | None = None,
-             probe: PackPlan | None = None) -> Signals:
+             probe: PackPlan | Needed | None = None) -> Signals:
     """The signals `policy` declared, for the active tokens; logits (of the needed ones only,
     `probe`: their plan, from `probe_plan`) over the whole vocabulary, or over the step's
     shortlist once there is one."""
@@ -248,8 +278,13 @@ def _signals(policy: HaltingPolicy, model: LoopMDM, h: Tensor, prev: Tensor, act
         vocab = None if shortlist is None else shortlist.vocab
         columns = None if vocab is None else vocab.numel()
         sig.vocab, sig.rows = vocab, probe.rows
-        if getattr(policy, "probe", "readout") == "lens":  # norm + head on the loop state
-            sig.logits = lens(model, h.reshape(-1, h.shape[-1])[probe.index], vocab)
+        # the logits' rows among the checked tokens (both ascending)
+        sig.needed_at = probe.index if every else torch.searchsorted(index, probe.index)
+        if reads_lens(policy):  # norm + head on the loop state
+            head = model.lm_head
+            weight, bias = (head.weight, head.bias) if shortlist is None else \
+                shortlist.columns(head)
+            sig.logits = lens(model.norm, h.reshape(-1, d), probe.index, weight, bias)
             trace.monitor_flops += probe.size * head_flops(model.config, columns)
         else:
             if probe.size:
@@ -273,6 +308,7 @@ class Shortlist:
 
     vocab: Tensor
     rows: Tensor
+    _columns: tuple[Tensor, Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, logits: Tensor, k: int, rows: Tensor, batch: int) -> Shortlist:
@@ -286,6 +322,14 @@ class Shortlist:
         where = rows[:, None] * vocab.numel() + torch.searchsorted(vocab, top)
         member.index_fill_(0, where.reshape(-1), True)
         return cls(vocab, member.view(batch, vocab.numel()))
+
+    def columns(self, head: torch.nn.Linear) -> tuple[Tensor, Tensor | None]:
+        """The head's rows (K, d) and bias (K,) for `vocab`: gathered at the first call, then
+        shared by the step's later checks."""
+        if self._columns is None:
+            bias = None if head.bias is None else head.bias[self.vocab]
+            self._columns = (head.weight[self.vocab], bias)
+        return self._columns
 
     def restrict(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (M, K) over `vocab` of tokens in batch rows `rows` (M,): the columns outside
@@ -557,7 +601,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             total, device=h.device)
         with phase("check"), fusing(fuse):  # compiled runs: the signals' arithmetic fused
             if reads_logits:  # kept: a pipelined check reads the members of the one before
-                probe = probe_plan(members & needed, probe, trace)  # `_signals` reads it
+                probe = probe_plan(members & needed, probe, trace,  # `_signals` reads it
+                                   layout=not reads_lens(policy))
             sig = _signals(policy, model, h, prev, members, index, needed, key_mask,
                            iteration, step, steps, trace, short, probe)
             halt = _checked(policy, _decide(policy, sig), index)

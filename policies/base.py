@@ -87,6 +87,10 @@ class Signals:
     logits: Tensor | None = None  # (M, V) for the needed active tokens, in index order
     vocab: Tensor | None = None  # (K,) vocabulary ids of the logits' columns; None: all V
     rows: Tensor | None = None  # (M,) batch row of each needed active token (logits' rows)
+    # (M,) where each row of the logits sits among the N checked tokens (`index[needed_at]`
+    # are their flat positions); set by the runtime with the logits (`needed_rows` finds the
+    # same from `needed`, in more operations)
+    needed_at: Tensor | None = None
     # (M, K) with a shortlist: the columns in the token's own row's shortlist; the logits of
     # the others are at the dtype's lowest value (probability 0)
     allowed: Tensor | None = None

@@ -84,6 +84,7 @@ class PredictivePolicy(HaltingPolicy):
         logits = signals.logits
         if logits is None or logits.shape[0] == 0:
             return halt
-        rows = needed_rows(signals.needed, logits.shape[0])
+        rows = signals.needed_at if signals.needed_at is not None else \
+            needed_rows(signals.needed, logits.shape[0])
         self._vocab, self._allowed = signals.vocab, signals.allowed
         return halt.index_put((rows,), self.judge_needed(logits, signals.index[rows]))
