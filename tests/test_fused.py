@@ -150,3 +150,64 @@ def test_monitor_bench_times_eager_and_fused_checks():
                          modes=(False, True))
     assert [r.compiled for r in rows] == [False, True]
     assert all(r.signal_ms > 0 and r.iteration_ms > 0 for r in rows)
+
+
+def test_the_lens_is_the_models_head_on_the_tokens_it_names(tiny_model):
+    """The lens probe reads the norm, the states, the positions and the head's rows it is
+    handed: the model's own head on those tokens, over every column or a shortlist's (whose
+    rows a step gathers once), eager and fused (compiled once for every token count)."""
+    from adaptive_loop.runtime import Shortlist
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, tiny_model.config.d_model, generator=g)
+    head = tiny_model.lm_head
+    short = Shortlist(torch.tensor([1, 4, 9]), torch.ones(2, 3, dtype=torch.bool))
+    weight, bias = short.columns(head)
+    assert short.columns(head)[0] is weight  # gathered once
+    counter = CompileCounter()
+    frames = []
+    for n in (5, 11, 17):
+        index = torch.randperm(40, generator=g)[:n].sort().values
+        with torch.no_grad():
+            full = tiny_model.head(h[index])
+            for backend in (None, counter):
+                with fused.fusing(backend):
+                    every = fused.lens(tiny_model.norm, h, index, head.weight, head.bias)
+                    some = fused.lens(tiny_model.norm, h, index, weight, bias)
+                torch.testing.assert_close(every, full)
+                torch.testing.assert_close(some, tiny_model.head(h[index], short.vocab))
+                torch.testing.assert_close(some, full[:, short.vocab])
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1] >= 1, frames
+
+
+@pytest.mark.parametrize("every", [True, False])
+def test_the_logits_rows_are_placed_among_the_checked_tokens(tiny_model, every):
+    """`Signals.needed_at` (the runtime's, one search) names the same checked tokens as the
+    stable sort a policy would otherwise run on `needed`, and the lens probe's positions and
+    rows (`Needed`) are those of the packed plan a readout probe gets."""
+    from adaptive_loop.attention import PackPlan
+    from adaptive_loop.policies.predictive import needed_rows
+    from adaptive_loop.runtime import Needed, StepTrace, _signals
+
+    g = torch.Generator().manual_seed(5)
+    batch, length = 3, 12
+    h = torch.randn(batch, length, tiny_model.config.d_model, generator=g)
+    prev = torch.randn(batch, length, tiny_model.config.d_model, generator=g)
+    members = torch.ones(batch, length, dtype=torch.bool) if every else \
+        torch.rand(batch, length, generator=g) < 0.6
+    needed = torch.rand(batch, length, generator=g) < 0.5
+    probe_mask = members & needed
+    size = int(probe_mask.sum())
+    light, plan = Needed.of(probe_mask, size), PackPlan.from_mask(probe_mask)
+    assert torch.equal(light.index, plan.index) and torch.equal(light.rows, plan.rows)
+    index = members.reshape(-1).nonzero().view(-1)
+    policy = make("entropy", probe="lens")
+    policy.begin_step(batch, length, 0, 1)
+    trace = StepTrace(loops=members.int())
+    with torch.no_grad():
+        sig = _signals(policy, tiny_model, h, prev, members, index, needed, None, 2, 0, 1,
+                       trace, probe=light)
+    assert sig.logits.shape[0] == size > 0
+    assert torch.equal(sig.needed_at, needed_rows(sig.needed, size))
+    assert torch.equal(index[sig.needed_at], light.index)
