@@ -93,7 +93,7 @@ def cosine(cur: Tensor, old: Tensor) -> Tensor:
     return F.cosine_similarity(cur.float(), old.float(), dim=-1)
 
 
-@fused(index=(0,), weight=(0,), bias=(0,))
+@fused(h=(0,), index=(0,), weight=(0,), bias=(0,))
 def lens(norm: Any, h: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The lens probe: a model's final norm, then its head's rows `weight` (K, d) and `bias`
     (K,) (all of them, or a shortlist's), on the loop states h (T, d) at `index` (N,) ->

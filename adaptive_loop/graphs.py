@@ -286,7 +286,8 @@ _CAPTURING = threading.Lock()
 
 
 def _fresh_blas_workspaces() -> None:
-    """Drop cuBLAS's per-stream workspaces, so that the next matrix product allocates anew.
+    """Drop cuBLAS's workspaces (every stream's and thread's, process-wide: inductor's graph
+    trees make the same call), so that the next matrix product allocates anew.
     Around a capture: the graph then replays with a workspace taken inside the capture, from
     the graphs' own pool, which lives as long as they do. A workspace taken before it belongs
     to the allocator's ordinary cache, and torch frees those workspaces at times of its own

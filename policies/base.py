@@ -72,8 +72,9 @@ class Signals:
     """What a policy sees after iteration `iteration` (1-based) for N active tokens.
 
     The tensors are read-only: they may be views of the runtime's own state (when every
-    position is checked, `hidden`, `previous` and `needed` are), so a policy that wants to
-    change one works on its own copy."""
+    position is checked, `hidden`, `previous` and `needed` are, and `needed_at` is the
+    sampler's own plan of the needed tokens), so a policy that wants to change one works on
+    its own copy."""
 
     iteration: int
     step: int  # denoising step (0-based) and how many there are

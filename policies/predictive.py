@@ -2,9 +2,10 @@
 
 Only the tokens whose prediction the sampler reads at this step (`Signals.needed`) get logits:
 row j of `Signals.logits` belongs to the j-th needed token among the active ones, in index
-order. Every other token (prompt, committed tokens, masked tokens outside the current block)
-only has to serve as keys and values, so it follows the cheap convergence rule: relative L2
-change below `context_threshold`, as `entropy` does.
+order (`Signals.needed_at[j]` is its position among them). Every other token (prompt,
+committed tokens, masked tokens outside the current block) only has to serve as keys and
+values, so it follows the cheap convergence rule: relative L2 change below
+`context_threshold`, as `entropy` does.
 """
 
 from __future__ import annotations

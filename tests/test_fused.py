@@ -155,19 +155,20 @@ def test_monitor_bench_times_eager_and_fused_checks():
 def test_the_lens_is_the_models_head_on_the_tokens_it_names(tiny_model):
     """The lens probe reads the norm, the states, the positions and the head's rows it is
     handed: the model's own head on those tokens, over every column or a shortlist's (whose
-    rows a step gathers once), eager and fused (compiled once for every token count)."""
+    rows a step gathers once), eager and fused (compiled once for every token count and
+    batch shape)."""
     from adaptive_loop.runtime import Shortlist
 
     g = torch.Generator().manual_seed(3)
-    h = torch.randn(40, tiny_model.config.d_model, generator=g)
     head = tiny_model.lm_head
     short = Shortlist(torch.tensor([1, 4, 9]), torch.ones(2, 3, dtype=torch.bool))
     weight, bias = short.columns(head)
     assert short.columns(head)[0] is weight  # gathered once
     counter = CompileCounter()
     frames = []
-    for n in (5, 11, 17):
-        index = torch.randperm(40, generator=g)[:n].sort().values
+    for total, n in ((40, 5), (40, 11), (56, 17), (72, 9)):
+        h = torch.randn(total, tiny_model.config.d_model, generator=g)
+        index = torch.randperm(total, generator=g)[:n].sort().values
         with torch.no_grad():
             full = tiny_model.head(h[index])
             for backend in (None, counter):
