@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import Counter
@@ -593,6 +594,33 @@ def seconds_since_launch() -> float:
         return 0.0
 
 
+def _usable(device: torch.device) -> bool:
+    """Whether the device still works. Some CUDA errors (an illegal memory access, say) stay
+    with the process: every later call fails with them, and every later section would."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return torch.ones(1, device=device).item() == 1.0
+    except Exception:  # noqa: BLE001 - any error here means the device is lost to us
+        return False
+
+
+def _restart(args: argparse.Namespace, results: dict, path: Path, rest: list[str],
+             deadline: float, after: str) -> None:
+    """Run the sections `rest` in a fresh process (this one's device is unusable): the same
+    process id, so the shell's `timeout` still bounds it, the results so far carried in
+    `path`, and the same deadline."""
+    results.setdefault("restarted_after", []).append(after)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"the device is unusable after {after}; the remaining sections run in a fresh "
+          f"process", flush=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
+            "--device", args.device, "--budget", str(args.budget), "--only", ",".join(rest),
+            "--resume", str(path), "--until", repr(deadline)]
+    os.execv(sys.executable, argv + (["--smoke"] if args.smoke else []))
+
+
 def summarise(results: dict) -> None:
     """Read every correctness check and every target off the results so far."""
     for key, read in (("checks", checks), ("targets", targets)):
@@ -616,6 +644,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="Every section at toy sizes, ignoring the budget: a check of "
                         "this script that runs anywhere (the tests run it on the CPU).")
+    # a restart after an error that left the device unusable (`_restart`): the results so
+    # far, and the deadline, on the system's monotonic clock, that the first process set
+    parser.add_argument("--resume", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global T
     device = torch.device(args.device)
@@ -623,16 +655,18 @@ def main() -> None:
     if T.smoke and not T.cuda:  # the graphed flow, uncaptured: its code runs here too
         graphs.ON = (*graphs.ON, device.type)
     # the budget counts from the launch, as the shell's `timeout` does: imports take seconds
-    deadline = time.monotonic() + args.budget - seconds_since_launch()
+    deadline = args.until if args.until is not None else \
+        time.monotonic() + args.budget - seconds_since_launch()
     # many shapes, backends and models compile the same functions: never fall back to eager
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 64)
     smdm = LoopMDMConfig.from_name("smdm-170m-shape", max_seq_len=512)
     gpu = torch.cuda.get_device_name(device) if T.cuda else None
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "smoke": T.smoke,
-                     "torch": torch.__version__, "flash_attn": flash_attn_installed(),
-                     "skipped": [], "seconds": {}}
+    results: dict = json.loads(args.resume.read_text()) if args.resume else {
+        "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "smoke": T.smoke,
+        "torch": torch.__version__, "flash_attn": flash_attn_installed(), "skipped": [],
+        "seconds": {}}
     d2048 = LoopMDMConfig(**D2048)
     # in order of value: the correctness checks, compiled runs against eager (their packed
     # iterations replay as CUDA graphs, which no GPU had run before) and the embedded model's
@@ -703,21 +737,26 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_term)
     running, start = None, time.monotonic()
     try:
-        for name, expected, run in sections:
+        for position, (name, expected, run) in enumerate(sections):
             left = deadline - time.monotonic()
             if left < expected / 2 and not T.smoke:
                 results["skipped"].append(f"{name} (needs ~{expected:.0f} s, {left:.0f} s left)")
                 continue
             running, start = name, time.monotonic()
+            failed = False
             try:
                 run(results)
             except Exception:  # record and go on: one failing section must not hide the others
                 results[f"{name}_error"] = traceback.format_exc()[-3000:]
+                failed = True
             running = None
             results["seconds"][name] = round(time.monotonic() - start, 1)
             summarise(results)
             path.write_text(json.dumps(results, indent=1))
             print(name, f"{results['seconds'][name]} s", flush=True)
+            rest = [later for later, _, _ in sections[position + 1:]]
+            if failed and rest and not _usable(T.device):
+                _restart(args, results, path, rest, deadline, after=name)
     except OutOfTime:
         where = f"{running} (after {time.monotonic() - start:.0f} s)" if running else \
             "between sections"

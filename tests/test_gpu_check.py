@@ -168,3 +168,30 @@ def test_a_generation_target_no_run_could_reach_is_inconclusive(monkeypatch):
                                              "generation_smdm_b32_loops12": [twelve]})}[name]
     assert got["met"] is False and got["measured"] == 1.4
     assert got["where"] == "kl, generation_smdm_b32_loops12, pipelined"
+
+
+def test_a_lost_device_leaves_the_remaining_sections_to_a_fresh_process(tmp_path):
+    """An error that leaves the device unusable (an illegal memory access stays with the
+    process on CUDA; faked here) fails its own section only: the remaining ones run in a
+    fresh process, which carries the results so far and the same deadline."""
+    wrapper = tmp_path / "lost_device.py"
+    wrapper.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import gpu_check\n"
+        "def lost(results):\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+        "gpu_check.check_correctness = lost\n"
+        "gpu_check._usable = lambda device: False\n"
+        "gpu_check.main()\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(wrapper), "--device", "cpu", "--smoke", "--out",
+                          str(out), "--only", "correctness,matmul_peak"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "the device is unusable after correctness" in res.stdout
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["restarted_after"] == ["correctness"]
+    assert "illegal memory access" in report["correctness_error"]
+    assert list(report["seconds"]) == ["correctness", "matmul_peak"]
+    assert report["matmul_peak_bf16"] > 0 and "matmul_peak_error" not in report
