@@ -48,7 +48,7 @@ class KL(PredictivePolicy):
             # give each one a row of the (M, V) store
             self._slot = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
             self._slot[flat] = torch.arange(flat.shape[0], device=flat.device)
-            self._prev = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+            self._prev = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (M, V)
             return torch.zeros_like(flat, dtype=torch.bool)
         slot = self._slot[flat]
         if self._vocab is not None and not self._shortlisted:
