@@ -606,19 +606,31 @@ def _usable(device: torch.device) -> bool:
         return False
 
 
-def _restart(args: argparse.Namespace, results: dict, path: Path, rest: list[str],
-             deadline: float, after: str) -> None:
-    """Run the sections `rest` in a fresh process (this one's device is unusable): the same
-    process id, so the shell's `timeout` still bounds it, the results so far carried in
-    `path`, and the same deadline."""
-    results.setdefault("restarted_after", []).append(after)
-    path.write_text(json.dumps(results, indent=1))
+def _restart(args: argparse.Namespace, results: dict, path: Path,
+             rest: list[tuple[str, float]], deadline: float, after: str) -> None:
+    """Run the sections `rest` (name, expected seconds) in a fresh process (this one's device
+    is unusable): the same process id, so the shell's `timeout` still bounds it, the results
+    so far carried in `path`, and the same deadline. Not where none of them could start in
+    the time left (the loop then lists them as skipped): a restart costs seconds of imports
+    during which the shell's stop would find no handler. Where the restart itself fails, the
+    run goes on here."""
+    left = deadline - time.monotonic()
+    if not args.smoke and all(left < expected / 2 for _, expected in rest):
+        return
     print(f"the device is unusable after {after}; the remaining sections run in a fresh "
           f"process", flush=True)
     argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
-            "--device", args.device, "--budget", str(args.budget), "--only", ",".join(rest),
-            "--resume", str(path), "--until", repr(deadline)]
-    os.execv(sys.executable, argv + (["--smoke"] if args.smoke else []))
+            "--device", args.device, "--budget", str(args.budget),
+            "--only", ",".join(name for name, _ in rest), "--resume", str(path),
+            "--until", repr(deadline)] + (["--smoke"] if args.smoke else [])
+    results.setdefault("restarted_after", []).append(after)
+    path.write_text(json.dumps(results, indent=1))
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as err:
+        results["restarted_after"].pop()
+        results["restart_error"] = repr(err)
+        path.write_text(json.dumps(results, indent=1))
 
 
 def summarise(results: dict) -> None:
@@ -754,7 +766,7 @@ def main() -> None:
             summarise(results)
             path.write_text(json.dumps(results, indent=1))
             print(name, f"{results['seconds'][name]} s", flush=True)
-            rest = [later for later, _, _ in sections[position + 1:]]
+            rest = [(later, seconds) for later, seconds, _ in sections[position + 1:]]
             if failed and rest and not _usable(T.device):
                 _restart(args, results, path, rest, deadline, after=name)
     except OutOfTime:

@@ -195,3 +195,27 @@ def test_a_lost_device_leaves_the_remaining_sections_to_a_fresh_process(tmp_path
     assert "illegal memory access" in report["correctness_error"]
     assert list(report["seconds"]) == ["correctness", "matmul_peak"]
     assert report["matmul_peak_bf16"] > 0 and "matmul_peak_error" not in report
+
+
+def test_no_restart_where_no_remaining_section_could_start(monkeypatch, tmp_path):
+    """A restart costs seconds of imports with no stop handler: where the time left fits no
+    remaining section (each starts while half its expected time is left), the run goes on
+    in place and lists them as skipped; otherwise it execs with the remaining sections."""
+    import argparse
+    import time
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    calls = []
+    monkeypatch.setattr(gpu_check.os, "execv", lambda exe, argv: calls.append(argv))
+    args = argparse.Namespace(smoke=False, out=tmp_path, device="cuda", budget=100.0)
+    results, path = {"seconds": {}}, tmp_path / "gpu_check.json"
+    rest = [("monitor_smdm", 25.0), ("profile_d2048", 5.0)]
+    gpu_check._restart(args, results, path, rest, time.monotonic() + 1.0, after="compiled")
+    assert calls == [] and "restarted_after" not in results
+    gpu_check._restart(args, results, path, rest, time.monotonic() + 20.0, after="compiled")
+    assert results["restarted_after"] == ["compiled"]
+    (argv,) = calls
+    assert argv[argv.index("--only") + 1] == "monitor_smdm,profile_d2048"
+    assert json.loads(path.read_text())["restarted_after"] == ["compiled"]
