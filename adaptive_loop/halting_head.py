@@ -33,7 +33,7 @@ from .errors import AdaptiveLoopError, CheckpointError, UsageError, described
 from .files import atomic_write_many, why_unreadable, writable_dir
 from .model import LoopMDM
 from .policies import HaltingPolicy, Signals
-from .policies.predictive import needed_rows
+from .policies.predictive import logit_positions
 from .sampler import generate
 
 HEAD_WEIGHTS = "halting_head.safetensors"
@@ -267,8 +267,7 @@ class _Recorder(HaltingPolicy):
         self._length = length
 
     def decide(self, signals: Signals) -> Tensor:
-        rows = signals.needed_at if signals.needed_at is not None else \
-            needed_rows(signals.needed, signals.logits.shape[0])
+        rows = logit_positions(signals)
         logits = signals.logits
         output = logits.argmax(-1) if self.label == "argmax" else logits.float().log_softmax(-1)
         self._loops.append((signals.index[rows], signals.hidden[rows].float(),

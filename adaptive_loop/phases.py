@@ -82,14 +82,11 @@ def by_phase(prof: Any) -> dict[str, dict[str, float]]:
         if not name.startswith(PREFIX) or name[len(PREFIX):] not in PHASES or \
                 event.device_type != DeviceType.CPU:
             continue
-        device = getattr(event, "device_time_total", None)
-        if device is None:  # torch before 2.4 named it for CUDA
-            device = getattr(event, "cuda_time_total", 0.0)
         entry = found.setdefault(name[len(PREFIX):], {"calls": 0, "host_ms": 0.0,
                                                       "device_ms": 0.0})
         entry["calls"] += event.count
         entry["host_ms"] += event.cpu_time_total / 1e3
-        entry["device_ms"] += device / 1e3
+        entry["device_ms"] += event.device_time_total / 1e3
     return {name: found[name] for name in PHASES if name in found}
 
 

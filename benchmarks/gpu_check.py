@@ -594,6 +594,12 @@ def seconds_since_launch() -> float:
         return 0.0
 
 
+def _fits(expected: float, left: float) -> bool:
+    """Whether a section expected to take `expected` seconds starts with `left` seconds left:
+    while half of them are (a smoke run ignores the budget)."""
+    return T.smoke or left >= expected / 2
+
+
 def _usable(device: torch.device) -> bool:
     """Whether the device still works. Some CUDA errors (an illegal memory access, say) stay
     with the process: every later call fails with them, and every later section would."""
@@ -615,7 +621,7 @@ def _restart(args: argparse.Namespace, results: dict, path: Path,
     during which the shell's stop would find no handler. Where the restart itself fails, the
     run goes on here."""
     left = deadline - time.monotonic()
-    if not args.smoke and all(left < expected / 2 for _, expected in rest):
+    if not any(_fits(expected, left) for _, expected in rest):
         return
     print(f"the device is unusable after {after}; the remaining sections run in a fresh "
           f"process", flush=True)
@@ -751,7 +757,7 @@ def main() -> None:
     try:
         for position, (name, expected, run) in enumerate(sections):
             left = deadline - time.monotonic()
-            if left < expected / 2 and not T.smoke:
+            if not _fits(expected, left):
                 results["skipped"].append(f"{name} (needs ~{expected:.0f} s, {left:.0f} s left)")
                 continue
             running, start = name, time.monotonic()

@@ -18,7 +18,8 @@ from torch import Tensor
 from ..errors import UsageError
 from .base import CONTEXT_THRESHOLD, HaltingPolicy, Signals, nonnegative, positive_int
 
-__all__ = ["PROBES", "PredictivePolicy", "needed_rows", "nonnegative", "positive_int"]
+__all__ = ["PROBES", "PredictivePolicy", "logit_positions", "needed_rows", "nonnegative",
+           "positive_int"]
 
 
 def needed_rows(needed: Tensor, count: int) -> Tensor:
@@ -28,6 +29,14 @@ def needed_rows(needed: Tensor, count: int) -> Tensor:
     A stable sort rather than `nonzero`, so that no host sync is needed (`count` is the logits'
     row count, already known on the host)."""
     return torch.argsort((~needed).to(torch.uint8), stable=True)[:count]
+
+
+def logit_positions(signals: Signals) -> Tensor:
+    """(M,) where each row of `signals.logits` sits among the checked tokens: the runtime's
+    `needed_at`, or, for signals made without it, `needed_rows`."""
+    if signals.needed_at is not None:
+        return signals.needed_at
+    return needed_rows(signals.needed, signals.logits.shape[0])
 
 
 # A shortlist (`shortlist=K`): the first check of a denoising step reads the whole vocabulary;
@@ -85,7 +94,6 @@ class PredictivePolicy(HaltingPolicy):
         logits = signals.logits
         if logits is None or logits.shape[0] == 0:
             return halt
-        rows = signals.needed_at if signals.needed_at is not None else \
-            needed_rows(signals.needed, logits.shape[0])
+        rows = logit_positions(signals)
         self._vocab, self._allowed = signals.vocab, signals.allowed
         return halt.index_put((rows,), self.judge_needed(logits, signals.index[rows]))
