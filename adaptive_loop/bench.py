@@ -302,6 +302,37 @@ def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
+                   needed: torch.Tensor,
+                   device: torch.device, repeats: int, inner: int) -> float:
+    """Seconds per check of `policy` replayed as a CUDA graph, each check after the one
+    before (h and prev trade places, as a loop's states do), at a later check of a step
+    (after the one that builds a shortlist, which runs ungraphed)."""
+    from .check_graphs import check_graphs
+    from .runtime import Needed, Shortlist, StepTrace, _signals
+
+    store = check_graphs(policy, model, h, "inductor")
+    store.begin(needed)
+    active, count = torch.ones_like(needed), int(needed.sum())
+    if "logits" in policy.needs:
+        store.find_probe(count)
+    if getattr(policy, "shortlist", 0):
+        index = torch.arange(needed.numel(), device=device)
+        with fusing("inductor"):
+            sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
+                           StepTrace(loops=index), probe=Needed.of(needed, count))
+        short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, h.shape[0])
+        store.shortlist(short.vocab, short.rows, model.lm_head)
+    store.check(h, prev, active, (2, 0, 1))  # captures
+    states = [h, prev]
+
+    def check() -> None:
+        states.reverse()
+        store.check(states[0], states[1], store.active, (2, 0, 1))
+
+    return time_call(check, device, repeats, inner=inner)
+
+
 @dataclass
 class MonitorRow:
     policy: str  # the policy's repr
@@ -309,6 +340,7 @@ class MonitorRow:
     signal_ms: float  # computing the policy's signals and decision for every token
     label: str = ""  # its short label
     compiled: bool = False  # signals fused and iteration compiled, as in a compiled run
+    graphed: bool = False  # the check replayed as a CUDA graph (check_graphs.py)
 
     @property
     def ratio(self) -> float:
@@ -331,8 +363,11 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     built (the first check of each step reads the whole vocabulary, as without one).
 
     For each mode in `modes` (False: eager; True: as a compiled run makes its checks, the
-    signals' arithmetic fused (fused.py), against the compiled full iteration, a CUDA graph
-    on CUDA; the first calls, untimed, compile)."""
+    signals' arithmetic fused (fused.py), or where a compiled run replays the policy's check
+    as a CUDA graph (check_graphs.py) that graph, after the check before it (its state is in
+    a buffer already: one copy and a replay), against the compiled full iteration, a CUDA
+    graph on CUDA; the first calls, untimed, compile and capture)."""
+    from .check_graphs import graphable
     from .policies import make
     from .runtime import Shortlist, StepTrace, _signals, probe_plan, reads_lens
 
@@ -360,6 +395,12 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                 policy = make(name, **params)
                 policy.begin_step(batch, length, 0, 1)
                 short = None
+                if compiled and graphable(policy) and graphs.applies(True, "padded", device):
+                    rows.append(MonitorRow(
+                        repr(policy), full * 1e3,
+                        _graphed_check(policy, model, h, prev, needed, device, repeats,
+                                       inner) * 1e3, policy.label(), True, True))
+                    continue
                 # made once, as a run makes one per step (not per check)
                 step_trace = StepTrace(loops=active.int())
                 with fusing("inductor" if compiled else None):

@@ -236,50 +236,59 @@ class PackedGraphs:
 
     def _warm_and_capture(self, args: tuple[Any, ...]
                           ) -> tuple[Tensor, Any, Tensor | None, Exception | None]:
-        """Run the body (its warm-up: compiling, and preparing the libraries' per-stream
-        state outside the capture; it is this iteration's work), then capture it, which
-        records its kernels without running them, both on the store's own stream of the
-        store's device. Returns the warm-up's output, the graph, the captured output
-        (rewritten by each replay) and the capture's error, if any."""
-        # one capture at a time in the process: the store streams come from torch's shared
-        # pool (two threads' stores may hold the same stream, and a capture records all of
-        # its stream's work), and the warning filters below are the process's
-        with _CAPTURING:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(self.device)
-                self.pool = torch.cuda.graph_pool_handle()
-            current = torch.cuda.current_stream(self.device)
-            self.stream.wait_stream(current)
-            captured, failed = None, None
-            # the store's device current (capture records the current device's current
-            # stream, while the body's kernels go to their tensors' device)
-            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                out = self.body(*args)
-                graph = torch.cuda.CUDAGraph()
-                _fresh_blas_workspaces()  # the capture's own, in the graphs' pool
-                # capture_begin/end rather than torch.cuda.graph, which synchronises the
-                # device and empties the allocator's cache before each capture;
-                # thread_local: other threads' CUDA calls during the capture are theirs
-                graph.capture_begin(self.pool, capture_error_mode="thread_local")
+        """`warm_and_capture` of the body on the store's own stream and graph pool (made at
+        the first capture)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+            self.pool = torch.cuda.graph_pool_handle()
+        return warm_and_capture(self.body, args, self.device, self.stream, self.pool)
+
+
+def warm_and_capture(body: Callable[..., Any], args: tuple[Any, ...], device: torch.device,
+                     stream: Any, pool: Any) -> tuple[Any, Any, Any, Exception | None]:
+    """Run `body(*args)` (its warm-up: compiling, and preparing the libraries' per-stream
+    state outside the capture; it is this call's work), then capture it, which records its
+    kernels without running them, both on `stream` of `device`, the graph's memory from
+    `pool`. Returns the warm-up's output, the graph, the captured output (rewritten by each
+    replay) and the capture's error, if any."""
+    # one capture at a time in the process: stores' streams come from torch's shared pool
+    # (two threads' stores may hold the same stream, and a capture records all of its
+    # stream's work), and the warning filters below are the process's
+    with _CAPTURING:
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        captured, failed = None, None
+        # the device current (capture records the current device's current stream, while
+        # the body's kernels go to their tensors' device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            out = body(*args)
+            graph = torch.cuda.CUDAGraph()
+            _fresh_blas_workspaces()  # the capture's own, in the graphs' pool
+            # capture_begin/end rather than torch.cuda.graph, which synchronises the device
+            # and empties the allocator's cache before each capture; thread_local: other
+            # threads' CUDA calls during the capture are theirs
+            graph.capture_begin(pool, capture_error_mode="thread_local")
+            try:
+                captured = body(*args)
+            except Exception as err:  # noqa: BLE001 - any failure: run uncaptured
+                failed = err
+            finally:
                 try:
-                    captured = self.body(*args)
-                except Exception as err:  # noqa: BLE001 - any failure: run uncaptured
-                    failed = err
-                finally:
-                    try:
-                        with warnings.catch_warnings():  # a graph that recorded nothing is
-                            # no graph of this iteration: its replays would do nothing
-                            warnings.filterwarnings("error", message=".*CUDA Graph is empty")
-                            graph.capture_end()
-                    except UserWarning as err:  # the capture itself ended
-                        failed = failed or err
-                    except RuntimeError as err:  # it did not: see `_end_pool_routing`
-                        failed = failed or err
-                        _end_pool_routing(self.device, self.pool)
-                    _fresh_blas_workspaces()  # later work outside the capture: not those
-            current.wait_stream(self.stream)
-            out.record_stream(current)  # made on the store's stream, used on the current one
-        return out, graph, captured, failed
+                    with warnings.catch_warnings():  # a graph that recorded nothing is no
+                        # graph of this call: its replays would do nothing
+                        warnings.filterwarnings("error", message=".*CUDA Graph is empty")
+                        graph.capture_end()
+                except UserWarning as err:  # the capture itself ended
+                    failed = failed or err
+                except RuntimeError as err:  # it did not: see `_end_pool_routing`
+                    failed = failed or err
+                    _end_pool_routing(device, pool)
+                _fresh_blas_workspaces()  # later work outside the capture: not those
+        current.wait_stream(stream)
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, Tensor):
+                t.record_stream(current)  # made on the capture's stream, used on the current
+    return out, graph, captured, failed
 
 
 _CAPTURING = threading.Lock()

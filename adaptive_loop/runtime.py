@@ -37,7 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import PackedKeys, PackPlan, packed_keys, resolve_attention, true_index
+from .attention import (
+    PackedKeys,
+    PackPlan,
+    mask_sizes,
+    packed_keys,
+    resolve_attention,
+    true_index,
+)
+from .check_graphs import check_graphs, graphable
 from .errors import GenerationError, UsageError, described
 from .flops import block_flops, head_flops, kv_flops, readout_flops
 from .fused import cosine, fused, fusing, lens, relative_change
@@ -537,6 +545,11 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
     members = active
     reads_logits = "logits" in policy.needs
     probe: Probe = needed_plan  # the planned needed tokens: all needed ones until a read
+    # graphed runs: the checks of a policy that allows it replay as CUDA graphs over every
+    # position (check_graphs.py)
+    checker = check_graphs(policy, model, h, fuse) if graphed and graphable(policy) else None
+    if checker is not None:
+        checker.begin(needed if key_mask is None else needed & key_mask)
     pending: _Read | None = None  # pipeline: the latest check's read, not yet used
 
     def use(done: _Read) -> bool:
@@ -597,24 +610,45 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         checked = policy.checks_at(iteration, bounds)
         if not checked:
             continue
-        index = plan.index if plan is not None and planned < total else torch.arange(
-            total, device=h.device)
-        with phase("check"), fusing(fuse):  # compiled runs: the signals' arithmetic fused
-            if reads_logits:  # kept: a pipelined check reads the members of the one before
-                probe = probe_plan(members & needed, probe, trace,  # `_signals` reads it
-                                   layout=not reads_lens(policy))
-            sig = _signals(policy, model, h, prev, members, index, needed, key_mask,
-                           iteration, step, steps, trace, short, probe)
-            halt = _checked(policy, _decide(policy, sig), index)
-        trace.monitor_flops += policy.decision_flops(index.numel())
-        if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
-            short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
-            trace.host_syncs += 1
-        with phase("update"), fusing(fuse):  # compiled runs: one fused call (fused.py)
-            every = index.numel() == total  # the index is every position: no gathers needed
-            active, halted, counts, read = _applied(active, needed, h, index, halt, every,
-                                                    reads_logits)
-            latest = _Read(read, active, counts, iteration, ahead=pipeline)
+        if checker is not None and reads_logits and checker.probe_size is None:
+            # the step's first check: the needed tokens' count, for the probe of either flow
+            with phase("check"):
+                if needed_plan is None:
+                    size, width, _ = mask_sizes(checker.needed)
+                    trace.host_syncs += 1
+                    probe = (size, width) if probe is None else probe
+                checker.find_probe(size if needed_plan is None else needed_plan.size)
+        # the check that builds a step's shortlist reads the whole vocabulary: it runs
+        # ungraphed (its logits would hold a graph's memory for one check a step)
+        if checker is not None and not (shortlist and short is None):
+            with phase("check"):
+                halted, numbers = checker.check(h, prev, active, (iteration, step, steps))
+            trace.monitor_flops += checker.monitor_flops() + policy.decision_flops(total)
+            active, counts = checker.active, numbers[:batch]
+            if pipeline:  # read one check later, when the next check has rewritten them
+                active, counts = active.clone(), counts.clone()
+            latest = _Read(numbers[batch:], active, counts, iteration, ahead=pipeline)
+        else:
+            index = plan.index if plan is not None and planned < total else torch.arange(
+                total, device=h.device)
+            with phase("check"), fusing(fuse):  # compiled runs: the signals' arithmetic fused
+                if reads_logits:  # kept: a pipelined check reads the members of the one before
+                    probe = probe_plan(members & needed, probe, trace,  # `_signals` reads it
+                                       layout=not reads_lens(policy))
+                sig = _signals(policy, model, h, prev, members, index, needed, key_mask,
+                               iteration, step, steps, trace, short, probe)
+                halt = _checked(policy, _decide(policy, sig), index)
+            trace.monitor_flops += policy.decision_flops(index.numel())
+            if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
+                short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
+                trace.host_syncs += 1
+                if checker is not None:
+                    checker.shortlist(short.vocab, short.rows, model.lm_head)
+            with phase("update"), fusing(fuse):  # compiled runs: one fused call (fused.py)
+                every = index.numel() == total  # the index is every position: no gathers needed
+                active, halted, counts, read = _applied(active, needed, h, index, halt, every,
+                                                        reads_logits)
+                latest = _Read(read, active, counts, iteration, ahead=pipeline)
         decided = True
         done, pending = (pending, latest) if pipeline else (latest, None)
         if done is not None and not use(done):

@@ -41,7 +41,15 @@ from typing import Any
 
 import torch
 
-from adaptive_loop import LoopMDM, LoopMDMConfig, generate, graphs, load_model, tokenizer_for
+from adaptive_loop import (
+    LoopMDM,
+    LoopMDMConfig,
+    check_graphs,
+    generate,
+    graphs,
+    load_model,
+    tokenizer_for,
+)
 from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, padded_attention
 from adaptive_loop.bench import (
     bench_forward,
@@ -275,6 +283,23 @@ def check_compiled(results: dict) -> None:
                 "captured": store.captures if store else 0,
                 "failure": store.failure if store else None,
                 "dummy_tokens": tgot.dummy_tokens, "active_tokens": sum(tgot.active_tokens)}
+    # checks replayed as graphs over every position (check_graphs.py) decide as eager ones
+    for name, params in (("entropy", {"threshold": 2.0, "context_threshold": 0.3}),
+                         ("stability", {"patience": 1, "context_threshold": 0.3})):
+        policy = make(name, max_loops=6, probe="lens", shortlist=4, **params)
+        ref, tref = run_loops(model, h, make(name, max_loops=6, probe="lens", shortlist=4,
+                                             **params), needed, attention="padded")
+        worst, same = 0.0, True
+        for _ in range(3):
+            got, tgot = run_loops(model, h, policy, needed, attention="padded", compile=True)
+            worst = max(worst, float((got - ref).abs().max()))
+            same = same and bool(torch.equal(tref.loops, tgot.loops))
+        results[f"compiled_checks_{name}_vs_eager_max_abs"] = worst
+        results[f"compiled_checks_{name}_vs_eager_loops_equal"] = same
+        store = check_graphs.latest(policy)
+        results[f"compiled_checks_{name}_graphs"] = "needs CUDA" if not T.cuda else {
+            "captured": store.captures if store else 0,
+            "failure": store.failure if store else None}
 
     gpu = load_model(device=T.device, dtype=T.dtype)
     prompts, n = _problems(gpu, T.size(64, 8))
@@ -546,12 +571,16 @@ def checks(results: dict) -> list[dict]:
         results.get("bf16_vs_fp32_task_relative"), 0.02, below=True)
     for key in ("compact_vs_masked_loops_equal", "never_halting_equals_fixed",
                 "runtime_flex_vs_padded_loops_equal", "compiled_padded_vs_eager_loops_equal",
-                "compiled_flex_vs_eager_loops_equal"):
+                "compiled_flex_vs_eager_loops_equal",
+                "compiled_checks_entropy_vs_eager_loops_equal",
+                "compiled_checks_stability_vs_eager_loops_equal"):
         add(key.replace("_", " "), results.get(key), True)
     # the states themselves (float32, values of a few units): equal loop counts alone would
     # miss a wrong key or value of a halted token that moves states without halting others
     for key in ("compact_vs_masked_max_abs", "runtime_flex_vs_padded_max_abs",
-                "compiled_padded_vs_eager_max_abs", "compiled_flex_vs_eager_max_abs"):
+                "compiled_padded_vs_eager_max_abs", "compiled_flex_vs_eager_max_abs",
+                "compiled_checks_entropy_vs_eager_max_abs",
+                "compiled_checks_stability_vs_eager_max_abs"):
         add(key.replace("_", " "), results.get(key), 1e-3, below=True)
     for dtype, limit in (("float32", 1e-3), ("bfloat16", 3e-2)):
         for backend in ("flex", "padded"):
@@ -569,6 +598,11 @@ def checks(results: dict) -> list[dict]:
     add("compiled padded runs replay packed iterations as CUDA graphs, every capture taken",
         graphed["captured"] > 0 and graphed["failure"] is None if isinstance(graphed, dict)
         else graphed, True)
+    for name in ("entropy", "stability"):
+        graphed = results.get(f"compiled_checks_{name}_graphs")
+        add(f"compiled runs replay {name}'s checks as CUDA graphs, every capture taken",
+            graphed["captured"] > 0 and graphed["failure"] is None
+            if isinstance(graphed, dict) else graphed, True)
     memory = results.get("loop_memory")
     add("loop memory: 32 iterations peak no higher than 6",
         memory.get("no_growth") if isinstance(memory, dict) else memory, True)

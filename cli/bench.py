@@ -281,7 +281,8 @@ def bench(
         for col in ("policy", "compiled", "signals ms", "iteration ms", "ratio"):
             table.add_column(col)
         for r in report["monitor"]:
-            table.add_row(r["label"], "yes" if r["compiled"] else "no", f"{r['signal_ms']:.2f}",
+            mode = "graph" if r.get("graphed") else "yes" if r["compiled"] else "no"
+            table.add_row(r["label"], mode, f"{r['signal_ms']:.2f}",
                           f"{r['iteration_ms']:.2f}", f"{r['ratio']:.3f}")
         out.print(table)
     if generation:

@@ -117,6 +117,14 @@ class HaltingPolicy(ABC):
     # `calibrate`'s candidate values of a parameter when none are given; a threshold not
     # named here gets `calibrate.THRESHOLD_GRID`
     calibration_grids: ClassVar[dict[str, tuple[float, ...]]] = {}
+    # Whether compiled CUDA runs may replay this policy's checks as CUDA graphs over every
+    # position (check_graphs.py). A graph replays what `decide` did when it was captured, on
+    # every token of the batch, and the decisions of halted tokens are dropped. So only a rule
+    # that (1) judges each token from its own signals and state, (2) reads neither the
+    # iteration nor the step, nor branches on anything that changes between checks of a
+    # step, and (3) keeps any per-token state in tensors indexed by flat position whose
+    # addresses stay fixed for a batch shape (reset in place by `begin_step`) sets it.
+    graphable: ClassVar[bool] = False
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:

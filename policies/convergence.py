@@ -24,6 +24,7 @@ DEFAULT_THRESHOLD = {"l2": CONTEXT_THRESHOLD, "cosine": CONTEXT_THRESHOLD ** 2 /
 class Convergence(HaltingPolicy):
     name = "convergence"
     needs = frozenset({"delta"})
+    graphable = True  # a comparison per token
     needs_note = "cosine with metric=cosine"
     param_defaults = {"threshold": DEFAULT_THRESHOLD["l2"]}
     params_note = f"threshold {DEFAULT_THRESHOLD['cosine']} with metric=cosine"

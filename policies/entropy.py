@@ -21,6 +21,7 @@ from .predictive import PredictivePolicy, nonnegative
 @register
 class Entropy(PredictivePolicy):
     name = "entropy"
+    graphable = True  # a comparison per token
 
     def __init__(self, threshold: float = 0.1, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1,

@@ -21,6 +21,7 @@ from .predictive import PredictivePolicy, positive_int
 class Stability(PredictivePolicy):
     name = "stability"
     later_when_higher = PredictivePolicy.later_when_higher | {"patience"}
+    graphable = True  # per-token state at fixed addresses, reset in place each step
 
     def __init__(self, patience: int = 2, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None,
@@ -30,15 +31,26 @@ class Stability(PredictivePolicy):
         self.patience = positive_int(self.name, "patience", patience)
         self._top: Tensor | None = None  # (B * L,) argmax at the previous check, -1: none yet
         self._run: Tensor | None = None  # (B * L,) consecutive checks with the same argmax
+        # the state of each batch size and device met, kept: a check replayed as a CUDA
+        # graph reads it where it was when captured
+        self._states: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         super().begin_step(batch, length, step, steps)
         self._top = self._run = None
+        for (size, _), (top, run) in self._states.items():
+            if size == self._size:  # reset in place (not in a graph: here, every step)
+                top.fill_(-1)
+                run.zero_()
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
         if self._top is None:
-            self._top = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
-            self._run = torch.zeros(self._size, dtype=torch.long, device=flat.device)
+            key = (self._size, flat.device)
+            if key not in self._states:
+                self._states[key] = (
+                    torch.full((self._size,), -1, dtype=torch.long, device=flat.device),
+                    torch.zeros(self._size, dtype=torch.long, device=flat.device))
+            self._top, self._run = self._states[key]
         top = logits.argmax(-1)  # (M,)
         if self._vocab is not None:  # shortlisted columns -> vocabulary ids
             top = self._vocab[top]

@@ -1,0 +1,244 @@
+"""A halting check replayed as one CUDA graph.
+
+A check is a few dozen small operations: the signals, the policy's rule, its decision applied
+to the active mask. On a GPU each costs the host about as much as it costs the device little:
+on an H200 a lens check of the 170M-class shape took 1.1-1.3 ms, eager or fused, for about
+0.1 ms of device work (benchmarks/RESULTS.md), so a check cost a large share of a compiled
+iteration and made a step slower the more often it checked. Here, in compiled runs on CUDA
+(where packed iterations replay as graphs too: `graphs.applies`), the whole check of a
+policy that allows it (`HaltingPolicy.graphable`) replays as one graph, and the host does
+about two things per check: copy the new state into a static buffer and replay.
+
+A graph fixes every shape, so the check runs over every position of the batch rather than
+the active ones: the signals of all B * L states (memory-bound passes, cheap next to an
+iteration), and the prediction of every token the step needs (fixed within a step) rather
+than the active ones among them. The decision is then kept for the active tokens only, so
+that a policy whose rule judges each token from its own signals decides exactly as it would
+on the active ones. Sizes that change between steps come in buckets (`graphs.bucket`): the
+needed tokens (padded with copies of the first one, which compute and write the same values
+as it) and a shortlist's columns (padded with columns no row allows). One graph per
+(needed bucket, columns bucket or the whole vocabulary, which of two state buffers holds the
+new state), captured at its first use and replayed by later checks and steps.
+
+The static buffers: two states (a check that follows the one before copies one state, as the
+previous state is in the other buffer already), the active mask, which the graph updates in
+place (it is the run's active mask from the first check on), the needed mask, the needed
+tokens' positions, the shortlist's ids, row masks and head rows. On a device without graphs
+(`CAPTURE`) the same flow runs uncaptured: what the CPU tests check.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import graphs
+from .flops import head_flops
+
+KEPT = 4  # stores kept per policy (batch shapes, models)
+CAPTURE = graphs.CAPTURE  # devices whose checks are captured (elsewhere they run uncaptured)
+
+
+def graphable(policy: Any) -> bool:
+    """Whether a graphed run replays `policy`'s checks as graphs: it says it may be
+    (`graphable`), and any prediction it reads comes from the lens (a readout's attention
+    depends on the active tokens' layout)."""
+    from .runtime import reads_lens
+
+    return bool(getattr(policy, "graphable", False)) and (
+        "logits" not in policy.needs or reads_lens(policy))
+
+
+def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
+               needed: Tensor, index: Tensor, raw_probe: Tensor | None,
+               columns: tuple[Tensor, Tensor, Tensor, Tensor | None] | None,
+               when: tuple[int, int, int], fuse: Any) -> tuple[Tensor, ...]:
+    """One check over every position: the policy's signals and decision for all B * L tokens
+    (`index` = 0..B*L-1), the decision kept for the `active` ones, applied to `active` in
+    place. `raw_probe` (MB,): the needed tokens' flat positions, then B * L (replaced here by
+    the first one); `columns`: a shortlist's ids (KB,), row masks (B, KB) and head rows
+    (KB, d) and bias, or None for the whole vocabulary; `when`: (iteration, step, steps).
+    Returns the halted tokens (B*L,), and the active count per row and the values the host
+    reads (their total, most in a row, finiteness) in one tensor (B + 3,)."""
+    from .fused import fusing
+    from .runtime import Needed, Shortlist, StepTrace, _applied, _checked, _decide, _signals
+
+    batch, length = active.shape
+    total = batch * length
+    probe, short = None, None
+    if raw_probe is not None:
+        pos = torch.where(raw_probe >= total, raw_probe[:1], raw_probe)
+        probe = Needed(pos, torch.div(pos, length, rounding_mode="floor"))
+    if columns is not None:
+        vocab, rows, weight, bias = columns
+        short = Shortlist(vocab, rows, _columns=(weight, bias))
+    with fusing(fuse):
+        sig = _signals(policy, model, h, prev, active, index, needed, None, *when,
+                       StepTrace(loops=index), short, probe)
+        halt = _checked(policy, _decide(policy, sig), index) & active.reshape(-1)
+        now, halted, counts, read = _applied(active, needed, h, index, halt, True, False)
+    active.copy_(now)
+    return halted, torch.cat([counts, read])
+
+
+class CheckGraphs:
+    """Static buffers and graphs of one policy's checks for one model and batch shape."""
+
+    def __init__(self, key: tuple[Any, ...], policy: Any, model: Any, h: Tensor,
+                 fuse: Any) -> None:
+        self.key, self.fuse = key, fuse
+        self.policy, self.model = weakref.ref(policy), weakref.ref(model)
+        self.batch, self.length, width = h.shape
+        self.total = self.batch * self.length
+        self.device = h.device
+        self.reads = "logits" in policy.needs
+        self.states = (torch.zeros_like(h), torch.zeros_like(h))
+        self.active = torch.zeros(self.batch, self.length, dtype=torch.bool, device=h.device)
+        self.needed = torch.zeros_like(self.active)
+        self.index = torch.arange(self.total, device=h.device)
+        self.probes: dict[int, Tensor] = {}  # needed bucket -> static positions
+        self.lists: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
+        self.graphs: dict[tuple[int, int, int | None], tuple[Any, tuple[Tensor, ...]]] = {}
+        self.capture = h.device.type in CAPTURE
+        self.stream: Any = None
+        self.pool: Any = None
+        self.captures = 0
+        self.failure: str | None = None
+        # per step: the needed bucket, the shortlist's bucket (None: whole vocabulary), the
+        # state last copied in and its buffer
+        self.probe_size: int | None = None
+        self.list_size: int | None = None
+        self.last: Tensor | None = None
+        self.parity = 0
+        self._width = width
+
+    def begin(self, needed: Tensor) -> None:
+        """A step's start: its needed mask (the probe's positions are found at its first
+        check, when it reads predictions)."""
+        self.needed.copy_(needed)
+        self.probe_size, self.list_size, self.last = None, None, None
+
+    def find_probe(self, count: int) -> None:
+        """The step's `count` needed tokens' positions into their bucket's static buffer."""
+        size = graphs.bucket(count, self.total)
+        if size not in self.probes:
+            self.probes[size] = torch.full((size,), self.total, dtype=torch.long,
+                                           device=self.device)
+        raw = self.probes[size]
+        if size:
+            torch.nonzero_static(self.needed.reshape(-1), size=size, fill_value=self.total,
+                                 out=raw.view(size, 1))
+        self.probe_size = size
+
+    def shortlist(self, vocab: Tensor, rows: Tensor, head: torch.nn.Linear) -> None:
+        """The step's shortlist (ids (K,), row masks (B, K)) into its bucket's buffers, with
+        the head's rows for those ids; the extra columns are id 0, which no row allows."""
+        count, out = vocab.numel(), head.weight.shape[0]
+        size = graphs.bucket(count, out)
+        if size not in self.lists:
+            bias = None if head.bias is None else head.bias.new_zeros(size)
+            self.lists[size] = (vocab.new_zeros(size), rows.new_zeros(self.batch, size),
+                                head.weight.new_zeros(size, head.weight.shape[1]), bias)
+        ids, allowed, weight, bias = self.lists[size]
+        ids.zero_()
+        ids[:count] = vocab
+        allowed.zero_()
+        allowed[:, :count] = rows
+        torch.index_select(head.weight, 0, ids, out=weight)
+        if bias is not None:
+            torch.index_select(head.bias, 0, ids, out=bias)
+        self.list_size = size
+
+    def monitor_flops(self) -> int:
+        """FLOPs of one check's probe: the lens over the needed bucket."""
+        if not self.reads or not self.probe_size:
+            return 0
+        model = self.model()
+        return self.probe_size * head_flops(model.config, self.list_size)
+
+    def check(self, h: Tensor, prev: Tensor, active: Tensor, when: tuple[int, int, int]
+              ) -> tuple[Tensor, Tensor]:
+        """One check of state h against prev (B, L, d) for the `active` tokens (B, L), whose
+        new mask is `self.active` (which the next check updates in place). Returns the halted
+        tokens (B*L,) and the values the host reads (B + 3,: the active count per row, then
+        their total, most in a row and finiteness), valid until the next check."""
+        if prev is self.last:  # the previous state is in a buffer already: the other one
+            parity = 1 - self.parity
+        else:
+            parity = 0
+            self.states[1].copy_(prev)
+        self.states[parity].copy_(h)
+        if active is not self.active:
+            self.active.copy_(active)
+        key = (parity, self.probe_size or 0, self.list_size)
+        columns = None if self.list_size is None else self.lists[self.list_size]
+        raw = self.probes[self.probe_size] if self.reads else None
+        args = (self.policy(), self.model(), self.states[parity], self.states[1 - parity],
+                self.active, self.needed, self.index, raw, columns, when, self.fuse)
+        halted, numbers = self._call(key, args)
+        self.last, self.parity = h, parity
+        return halted, numbers
+
+    def _call(self, key: tuple[int, int, int | None], args: tuple[Any, ...]
+              ) -> tuple[Tensor, ...]:
+        if key in self.graphs:
+            graph, out = self.graphs[key]
+            graph.replay()
+            return out
+        if not self.capture:
+            return check_body(*args)
+        out, graph, captured, failed = self._warm_and_capture(args)
+        if failed is None:
+            self.graphs[key] = (graph, captured)
+            self.captures += 1
+        else:
+            self.capture, self.failure = False, repr(failed)
+            warnings.warn(f"a halting check could not be captured as a CUDA graph ({failed}); "
+                          f"this policy's checks of this batch shape run without graphs",
+                          RuntimeWarning, stacklevel=4)
+        return out
+
+    def _warm_and_capture(self, args: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+            self.pool = torch.cuda.graph_pool_handle()
+        return graphs.warm_and_capture(check_body, args, self.device, self.stream, self.pool)
+
+
+# per policy, its stores (model, batch shape, ...), most recent last
+_STORES: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], CheckGraphs]] = \
+    weakref.WeakKeyDictionary()
+
+
+def check_graphs(policy: Any, model: Any, h: Tensor, fuse: Any) -> CheckGraphs | None:
+    """The policy's store for this model and batch shape (its key: the shape, dtype, device,
+    the compile backend, inference mode, the thread, and the addresses of the weights a
+    check reads), made at its first use; None for a policy that cannot key a weak
+    dictionary."""
+    head = model.lm_head
+    weights = tuple(p.data_ptr() for p in (*model.norm.parameters(), *head.parameters()))
+    key = (id(model), tuple(h.shape), h.dtype, h.device, fuse, weights,
+           torch.is_inference_mode_enabled(), threading.get_ident())
+    try:
+        stores = _STORES.setdefault(policy, OrderedDict())
+    except TypeError:  # unhashable
+        return None
+    store = stores.pop(key, None)
+    if store is None or store.model() is not model:
+        while len(stores) >= KEPT:
+            stores.popitem(last=False)
+        store = CheckGraphs(key, policy, model, h, fuse)
+    stores[key] = store
+    return store
+
+
+def latest(policy: Any) -> CheckGraphs | None:
+    """The store of the policy's latest graphed check, if any."""
+    stores = _STORES.get(policy)
+    return next(reversed(stores.values())) if stores else None

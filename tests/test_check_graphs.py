@@ -1,0 +1,189 @@
+"""Checks replayed as graphs over every position (check_graphs.py), run on the CPU without
+capture or with capture emulated: the same decisions, loops and states as the plain compacted
+run; static buffers refreshed before every replay; per-token state kept in place."""
+
+import pytest
+import torch
+from tests_support import spread_model
+
+from adaptive_loop import check_graphs, generate, graphs
+from adaptive_loop.bench import bench_monitor
+from adaptive_loop.policies import HaltingPolicy, Signals, make
+from adaptive_loop.runtime import run_loops
+
+
+@pytest.fixture
+def graphed(monkeypatch):
+    """The graphed flow on this CPU: compiled runs with padded attention take it."""
+    monkeypatch.setattr(graphs, "ON", ("cuda", "cpu"))
+
+
+def _state(model, batch=8, length=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (batch, length), generator=g)
+    needed = torch.rand(batch, length, generator=g) < 0.5
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask[1, :5], key_mask[4, :11] = False, False
+    return model.prelude(model.embed(ids)), needed, key_mask
+
+
+GRAPHABLE = [
+    ("convergence", {"threshold": 0.3}),
+    ("convergence", {"threshold": 0.05, "metric": "cosine"}),
+    ("entropy", {"threshold": 2.0, "context_threshold": 0.3, "probe": "lens"}),
+    ("entropy", {"threshold": 2.0, "context_threshold": 0.3, "probe": "lens",
+                 "shortlist": 4}),
+    ("stability", {"patience": 1, "context_threshold": 0.3, "probe": "lens",
+                   "shortlist": 4}),
+]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("name, params", GRAPHABLE)
+def test_graphed_checks_decide_as_the_plain_run(graphed, looped_model, name, params, pipeline,
+                                                 padding):
+    """Over two steps (the second reuses the first's buffers and graphs' keys), a run whose
+    checks go through the graph flow halts the same tokens at the same loops, with the same
+    states, host syncs and FLOPs of the looped block, as the plain compacted run."""
+    model = looped_model
+    h, needed, key_mask = _state(model)
+    key_mask = key_mask if padding else None
+    if padding:
+        needed &= key_mask
+    graph_policy, plain_policy = (make(name, max_loops=6, **params) for _ in range(2))
+    for step in range(2):
+        got, t = run_loops(model, h, graph_policy, needed, key_mask=key_mask, compile="eager",
+                           pipeline=pipeline, step=step, steps=2)
+        plain, t_plain = run_loops(model, h, plain_policy, needed, key_mask=key_mask,
+                                   pipeline=pipeline, step=step, steps=2)
+        assert t.loops.min() < t.loops.max(), "the test needs tokens halting at several loops"
+        assert torch.equal(t.loops, t_plain.loops)
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+        assert t.active_tokens == t_plain.active_tokens
+        assert t.looped_flops == t_plain.looped_flops and t.host_syncs == t_plain.host_syncs
+        # another state, and fewer needed tokens (another probe bucket)
+        h, needed = _state(model, seed=2)[0], needed & (torch.arange(needed.shape[1]) % 3 > 0)
+    store = check_graphs.latest(graph_policy)
+    assert store is not None and check_graphs.latest(plain_policy) is None
+
+
+def test_policies_that_are_not_graphable_keep_the_plain_checks(graphed):
+    """kl keeps state a graph cannot hold; a readout probe depends on the active layout; a
+    plugin says nothing: none of them is graphed."""
+
+    class Plugin(HaltingPolicy):
+        name = "plugin"
+        needs = frozenset({"delta"})
+
+        def decide(self, signals: Signals) -> torch.Tensor:
+            return signals.delta < 0.3
+
+    model = spread_model()
+    h, needed, _ = _state(model)
+    for policy in (make("kl", probe="lens", shortlist=4), make("entropy"), Plugin()):
+        run_loops(model, h, policy, needed, compile="eager")
+        assert check_graphs.latest(policy) is None
+
+
+class _Recorded:
+    """A CUDA graph's contract on the CPU: `replay` reruns the body on the very objects it
+    was captured with and rewrites the captured outputs in place (the capture itself runs
+    nothing). An input passed by a new object, or not refreshed in its static buffer before
+    a replay, is then read stale, as a real graph would read it."""
+
+    def __init__(self, args, out):
+        self.args, self.out, self.replays = args, tuple(t.clone() for t in out), 0
+
+    def replay(self):
+        for mine, new in zip(self.out, check_graphs.check_body(*self.args)):
+            mine.copy_(new)
+        self.replays += 1
+
+
+@pytest.fixture
+def recorded(graphed, monkeypatch):
+    made = []
+
+    def warm_and_capture(self, args):
+        out = check_graphs.check_body(*args)
+        graph = _Recorded(args, out)
+        made.append(graph)
+        return out, graph, graph.out, None
+
+    monkeypatch.setattr(check_graphs, "CAPTURE", ("cuda", "cpu"))
+    monkeypatch.setattr(check_graphs.CheckGraphs, "_warm_and_capture", warm_and_capture)
+    return made
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("name, params", GRAPHABLE[::2])
+def test_replayed_checks_read_refreshed_buffers(recorded, looped_model, name, params,
+                                                pipeline):
+    """Generations whose later checks replay graphs captured earlier (in this step, earlier
+    steps, and another prompt set's generation) make the plain run's tokens and loops."""
+    policy = make(name, max_loops=6, **params)
+    plain_policy = make(name, max_loops=6, **params)
+    kwargs = dict(gen_length=8, steps=4, pipeline=pipeline, cfg_scale=1.5)
+    for prompts in ([[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]],
+                    [[9, 9, 1, 2, 3, 4], [5, 6, 7], [2, 2]]):
+        plain = generate(looped_model, prompts, policy=plain_policy, **kwargs)
+        got = generate(looped_model, prompts, policy=policy, compile="eager", **kwargs)
+        assert torch.equal(got.tokens, plain.tokens) and torch.equal(got.loops, plain.loops)
+    assert recorded and sum(g.replays for g in recorded) > len(recorded)
+    store = check_graphs.latest(policy)
+    assert store.captures == len(store.graphs) == len(recorded) and store.failure is None
+
+
+def test_stability_keeps_its_state_in_place_across_steps():
+    """Stability's per-token state stays at one address for a batch size (a graph reads it
+    there) and is reset at each step's start."""
+    policy = make("stability", probe="lens")
+    logits = torch.randn(4, 10)
+    flat = torch.tensor([0, 3, 5, 7])
+    addresses = set()
+    for step in range(3):
+        policy.begin_step(2, 4, step, 3)
+        assert not policy.judge_needed(logits, flat).any()  # a first check only records
+        assert policy.judge_needed(logits, flat).all() is not None
+        addresses.add((policy._top.data_ptr(), policy._run.data_ptr()))
+        assert torch.equal(policy._run[flat], torch.ones(4, dtype=torch.long))
+    assert len(addresses) == 1
+    policy.begin_step(3, 4, 0, 1)
+    policy.judge_needed(logits, flat)
+    assert policy._top.numel() == 12 and len(policy._states) == 2
+
+
+def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tiny_model):
+    """In compiled mode the monitoring benchmark times the graph flow for the policies a
+    compiled run graphs, and the fused signals for the others."""
+    rows = bench_monitor(tiny_model.config, 2, 16, 0.25, torch.device("cpu"), torch.float32,
+                         repeats=1, modes=(True,),
+                         policies=[("convergence", {}), ("entropy", {"probe": "lens",
+                                                                     "shortlist": 4}),
+                                   ("kl", {"probe": "lens", "shortlist": 4})])
+    assert [r.graphed for r in rows] == [True, True, False]
+    assert all(r.signal_ms > 0 and r.compiled for r in rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name, params", GRAPHABLE)
+def test_cuda_checks_capture_and_replay_what_eager_decides(name, params):
+    """On CUDA a compiled run captures its checks at first use and replays them in later runs
+    (float32): the same loops and states as the eager compacted run; no capture fails."""
+    model = spread_model(2)
+    h, needed, key_mask = _state(model)
+    model, h = model.cuda(), h.detach().cuda()
+    needed, key_mask = (needed & key_mask).cuda(), key_mask.cuda()
+    ref, t_ref = run_loops(model, h, make(name, max_loops=6, **params), needed,
+                           key_mask=key_mask)
+    assert t_ref.loops.min() < t_ref.loops.max(), "the test needs tokens halting at several loops"
+    policy = make(name, max_loops=6, **params)
+    for step in range(3):  # capture, then replays
+        got, t = run_loops(model, h, policy, needed, key_mask=key_mask, compile=True,
+                           step=step, steps=3)
+        assert torch.equal(t.loops, t_ref.loops)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    store = check_graphs.latest(policy)
+    assert store.captures > 0 and store.failure is None
