@@ -152,9 +152,13 @@ class LoopMDM(nn.Module):
         """(B, L) -> (B, L, d)."""
         return self.embed_tokens(input_ids)
 
-    def prelude(self, h: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def prelude(self, h: Tensor, key_mask: Tensor | None = None,
+                rope: Rope | None = None) -> Tensor:
+        """The layers before the looped block. `rope`: the RoPE tables (default `self.rope`;
+        compiled code is handed them, see `rope`)."""
+        rope = self.rope if rope is None else rope
         for layer in self.prelude_layers:
-            h, _ = layer.dense(h, self.rope, key_mask)
+            h, _ = layer.dense(h, rope, key_mask)
         return h
 
     def loop_once(self, h: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, list[KV]]:
@@ -176,30 +180,31 @@ class LoopMDM(nn.Module):
         return torch.nn.functional.linear(x, self.lm_head.weight[vocab], bias)
 
     def readout(self, h: Tensor, plan: PackPlan | None = None,
-                key_mask: Tensor | None = None, vocab: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, vocab: Tensor | None = None,
+                rope: Rope | None = None) -> Tensor:
         """Coda + head from the loop state h (B, L, d).
 
         With a plan, only the planned positions get logits (N, V): the last coda layer runs its
         queries, MLP and head on them alone, while every position still serves as a key.
         Without one, logits for every position (B, L, V). `vocab` keeps only those columns
-        (`head`).
+        (`head`); `rope` as in `prelude`.
         """
-        coda = self.coda_layers
+        coda, rope = self.coda_layers, self.rope if rope is None else rope
         if plan is None:
             for layer in coda:
-                h, _ = layer.dense(h, self.rope, key_mask)
+                h, _ = layer.dense(h, rope, key_mask)
             return self.head(h, vocab)
         for layer in coda[:-1]:
-            h, _ = layer.dense(h, self.rope, key_mask)
+            h, _ = layer.dense(h, rope, key_mask)
         hq = h.reshape(-1, h.shape[-1])[plan.index]  # (N, d)
         if coda:
             last = coda[-1]
-            cos, sin = rope_rows(self.rope, h.shape[1])
+            cos, sin = rope_rows(rope, h.shape[1])
             k, v = last.project_kv(h, cos, sin)  # keys/values of every position (B, L, G, D)
             # a flat cache (B*L, G, D) the layer writes into: k is a fresh tensor (RoPE's
             # output), v a view of the projection's output, which must not be written
             kv = (k.flatten(0, 1), v.flatten(0, 1).clone())
-            hq = last.packed(hq, self.rope, plan, kv, key_mask)
+            hq = last.packed(hq, rope, plan, kv, key_mask)
         return self.head(hq, vocab)
 
     def forward(self, input_ids: Tensor, n_loops: int | None = None,

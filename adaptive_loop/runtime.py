@@ -188,6 +188,52 @@ def compiled_iterations(backend: Any, device: torch.device) -> Iterations:
     return _COMPILED[key]
 
 
+def _prelude(model: LoopMDM, ids: Tensor, key_mask: Tensor | None, rope: Rope) -> Tensor:
+    """Embedding and prelude: ids (B, L) -> the loop's input state (B, L, d)."""
+    return model.prelude(model.embed(ids), key_mask, rope)
+
+
+def _readout(model: LoopMDM, h: Tensor, plan: PackPlan, key_mask: Tensor | None,
+             rope: Rope) -> Tensor:
+    """Coda and head of the planned positions: the loop state (B, L, d) -> logits (N, V)."""
+    return model.readout(h, plan, key_mask, None, rope)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The model's calls around a step's loops (the sampler's), eager or compiled: in a
+    generation of the 170M-class shape they were most of a compacted step's device time
+    (benchmarks/RESULTS.md), and eager layers run at about half the speed of compiled ones."""
+
+    prelude: Callable[..., Tensor]
+    readout: Callable[..., Tensor]
+
+
+EAGER_PARTS = Parts(_prelude, _readout)
+_COMPILED_PARTS: dict[tuple[Any, str], Parts] = {}
+
+
+def parts(compile: bool | str | Any, device: torch.device) -> Parts:
+    """The prelude and readout, eager or through `torch.compile` with `compile_backend(compile)`
+    (cached per backend and device type). The prelude's shapes are fixed within a generation;
+    the readout's plan changes size every step, its sizes marked dynamic as the packed
+    iteration's are (`_vary`)."""
+    backend = compile_backend(compile)
+    if backend is None:
+        return EAGER_PARTS
+    key = (backend, device.type)
+    if key not in _COMPILED_PARTS:
+        prelude = torch.compile(_prelude, backend=backend, dynamic=False)
+        readout = torch.compile(_readout, backend=backend)
+
+        def vary_then_readout(model: LoopMDM, h: Tensor, plan: PackPlan,
+                              key_mask: Tensor | None, rope: Rope) -> Tensor:
+            return readout(model, h, _vary(plan), key_mask, rope)
+
+        _COMPILED_PARTS[key] = Parts(prelude, vary_then_readout)
+    return _COMPILED_PARTS[key]
+
+
 def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
     """Eager iteration functions, or compiled ones with `compile_backend(compile)`."""
     backend = compile_backend(compile)

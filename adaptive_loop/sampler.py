@@ -55,7 +55,7 @@ from .remasking import (
     top_k_rows,
 )
 from .requests import check_flags, check_types, check_values, prompt_rows
-from .runtime import StepTrace, iterations, run_loops
+from .runtime import StepTrace, iterations, parts, run_loops
 from .tasks import make_task
 from .tokenizer import Tokenizer
 
@@ -169,6 +169,7 @@ class _Stepper:
                  pipeline: bool = False) -> None:
         self.model, self.batch, self.policy, self.compact = model, batch, policy, compact
         self.compile, self.attention, self.pipeline = compile, attention, pipeline
+        self.parts = parts(compile, batch.x.device)  # prelude and readout, maybe compiled
         self.warm_start = warm_start
         self.last: tuple[Tensor, Tensor] | None = None  # previous step's inputs and loop state
         self.cfg_scale, self.temperature, self.remasking = cfg_scale, temperature, remasking
@@ -203,7 +204,7 @@ class _Stepper:
             need = torch.cat([needed, needed])
         with model.at_positions(self.positions):
             with phase("prelude"):
-                h = model.prelude(model.embed(inputs), self.key_mask)
+                h = self.parts.prelude(model, inputs, self.key_mask, model.rope)
                 if self.warm_start and self.last is not None:
                     # positions whose input did not change resume from last step's loop state
                     same = (inputs == self.last[0])[..., None]
@@ -223,7 +224,8 @@ class _Stepper:
             if self.warm_start:
                 self.last = (inputs, h)
             with phase("readout"):
-                logits = model.readout(h, plan, self.key_mask)  # (M or 2M, V)
+                # (M or 2M, V)
+                logits = self.parts.readout(model, h, plan, self.key_mask, model.rope)
         self.readout += readout_flops(cfg, plan.size, inputs.shape[0] * length, length)
         with phase("draw"):
             index = plan.index

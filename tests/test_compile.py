@@ -18,12 +18,17 @@ from adaptive_loop.bench import cuda_syncs
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import (
     _COMPILED,
+    _COMPILED_PARTS,
     EAGER,
+    EAGER_PARTS,
     _dense_iteration,
     _packed_iteration,
+    _prelude,
+    _readout,
     compiled_iterations,
     flat_caches,
     iterations,
+    parts,
     run_loops,
 )
 
@@ -36,9 +41,11 @@ PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3, 1]]  # unequal: padding a
 def fresh_compiler():
     torch._dynamo.reset()
     _COMPILED.clear()
+    _COMPILED_PARTS.clear()
     yield
     torch._dynamo.reset()
     _COMPILED.clear()
+    _COMPILED_PARTS.clear()
 
 
 def _inputs(model: LoopMDM, batch=3, length=40, seed=0):
@@ -145,6 +152,36 @@ def test_compiled_packed_equals_eager_unequal_rows(tiny_model):
 
 def test_eager_is_the_default():
     assert iterations(False, torch.device("cpu")) is EAGER
+    assert parts(False, torch.device("cpu")) is EAGER_PARTS
+
+
+def test_prelude_and_readout_compile_once_for_a_generation(tiny_model):
+    """The sampler's prelude and readout, compiled: no graph breaks; over the steps of a
+    generation (the readout's plan shrinking) one compilation each, or two where the plan's
+    padded width first changes; each result equals eager."""
+    counter = CompileCounter()
+    run = parts(counter, torch.device("cpu"))
+    assert parts(counter, torch.device("cpu")) is run  # cached
+    h, key_mask, _, g = _inputs(tiny_model)
+    ids = torch.randint(0, 16, key_mask.shape, generator=g)
+    rope = tiny_model.rope
+    with torch.no_grad():
+        plan = PackPlan.from_mask(key_mask)
+        for fn, args in ((_prelude, (tiny_model, ids, key_mask, rope)),
+                         (_readout, (tiny_model, h, plan, key_mask, rope))):
+            report = torch._dynamo.explain(fn)(*args)
+            assert report.graph_break_count == 0, report.break_reasons
+        torch.testing.assert_close(run.prelude(tiny_model, ids, key_mask, rope),
+                                   _prelude(tiny_model, ids, key_mask, rope))
+        frames = []
+        for share in (0.9, 0.7, 0.5, 0.35, 0.2, 0.1):
+            plan = PackPlan.from_mask(key_mask & (torch.rand(key_mask.shape, generator=g) < share))
+            got = run.readout(tiny_model, h, plan, key_mask, rope)
+            torch.testing.assert_close(got, _readout(tiny_model, h, plan, key_mask, rope),
+                                       atol=1e-5, rtol=1e-5)
+            run.prelude(tiny_model, ids, key_mask, rope)
+            frames.append(counter.frame_count)
+    assert frames[-1] == frames[1] <= 3, frames
 
 
 @pytest.mark.parametrize("attention", ["padded", "flex"])
