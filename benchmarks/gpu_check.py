@@ -763,7 +763,7 @@ def main() -> None:
                       ("random", {"rate": 0.2})])),
         # where that generation's time goes: fixed loops, and stability with compaction on,
         # pipelined and off
-        ("profile_generation", 70, profile_generation),
+        ("profile_generation", 170, profile_generation),
         ("forward_1b_compiled", 30, lambda r: _forward(r, True)),
         ("attention", 25, check_attention),
         ("generation_smdm_b32_loops12", 190,
