@@ -699,6 +699,8 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         done, pending = (pending, latest) if pipeline else (latest, None)
         if done is not None and not use(done):
             break
+    if checker is not None:
+        checker.last = None  # the step's last state: not held past the step
     if pending is not None:  # the step's last read: its finite check
         trace.host_syncs += 1
         with phase("read"):

@@ -39,6 +39,7 @@ from torch import Tensor
 from .attention import PackPlan, resolve_attention
 from .errors import UsageError
 from .flops import readout_flops, step_flops_fixed
+from .fused import fusing
 from .model import LoopMDM
 from .phases import phase
 from .policies import HaltingPolicy
@@ -50,12 +51,13 @@ from .remasking import (
     draw,
     factor_commit,
     fill_after_eos,
+    greedy,
     num_transfer_tokens,
     threshold_commit,
     top_k_rows,
 )
 from .requests import check_flags, check_types, check_values, prompt_rows
-from .runtime import StepTrace, iterations, parts, run_loops
+from .runtime import StepTrace, compile_backend, iterations, parts, run_loops
 from .tasks import make_task
 from .tokenizer import Tokenizer
 
@@ -170,6 +172,7 @@ class _Stepper:
         self.model, self.batch, self.policy, self.compact = model, batch, policy, compact
         self.compile, self.attention, self.pipeline = compile, attention, pipeline
         self.parts = parts(compile, batch.x.device)  # prelude and readout, maybe compiled
+        self.fuse = compile_backend(compile)  # the draw's backend (None: eager)
         self.warm_start = warm_start
         self.last: tuple[Tensor, Tensor] | None = None  # previous step's inputs and loop state
         self.cfg_scale, self.temperature, self.remasking = cfg_scale, temperature, remasking
@@ -233,11 +236,16 @@ class _Stepper:
                 half = plan.size // 2
                 cond, un = logits[:half].float(), logits[half:].float()
                 logits, index = un + (self.cfg_scale + 1) * (cond - un), index[:half]
-            candidates = logits
-            if cfg.mask_id < logits.shape[-1]:  # never draw the mask itself (scores keep it)
-                candidates = logits.index_fill(-1, self.mask_column, -torch.inf)
-            drawn = draw(candidates, self.temperature, self.generator)
-            scores = confidence(logits, drawn, self.remasking, self.generator)
+            # compiled runs: the draw and its score fused, no (M, V) copy written (fused.py)
+            with fusing(self.fuse):
+                if self.temperature == 0 and cfg.mask_id < logits.shape[-1]:
+                    drawn = greedy(logits, self.mask_column)  # never the mask itself
+                else:
+                    candidates = logits
+                    if cfg.mask_id < logits.shape[-1]:  # never draw the mask (scores keep it)
+                        candidates = logits.index_fill(-1, self.mask_column, -torch.inf)
+                    drawn = draw(candidates, self.temperature, self.generator)
+                scores = confidence(logits, drawn, self.remasking, self.generator)
         return index, drawn, scores, trace
 
 

@@ -50,3 +50,12 @@ def addition_model() -> LoopMDM:
             if p.dim() == 2:
                 p.mul_(6.0)
     return model
+
+
+@pytest.fixture
+def graphed(monkeypatch):
+    """The graphed flow on this CPU (graphs.py, check_graphs.py): compiled runs with padded
+    attention take it, uncaptured."""
+    from adaptive_loop import graphs
+
+    monkeypatch.setattr(graphs, "ON", ("cuda", "cpu"))

@@ -4,28 +4,12 @@ run; static buffers refreshed before every replay; per-token state kept in place
 
 import pytest
 import torch
-from tests_support import spread_model
+from tests_support import loop_state, spread_model
 
-from adaptive_loop import check_graphs, generate, graphs
+from adaptive_loop import check_graphs, generate
 from adaptive_loop.bench import bench_monitor
 from adaptive_loop.policies import HaltingPolicy, Signals, make
 from adaptive_loop.runtime import run_loops
-
-
-@pytest.fixture
-def graphed(monkeypatch):
-    """The graphed flow on this CPU: compiled runs with padded attention take it."""
-    monkeypatch.setattr(graphs, "ON", ("cuda", "cpu"))
-
-
-def _state(model, batch=8, length=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 16, (batch, length), generator=g)
-    needed = torch.rand(batch, length, generator=g) < 0.5
-    key_mask = torch.ones(batch, length, dtype=torch.bool)
-    key_mask[1, :5], key_mask[4, :11] = False, False
-    return model.prelude(model.embed(ids)), needed, key_mask
-
 
 GRAPHABLE = [
     ("convergence", {"threshold": 0.3}),
@@ -47,7 +31,7 @@ def test_graphed_checks_decide_as_the_plain_run(graphed, looped_model, name, par
     checks go through the graph flow halts the same tokens at the same loops, with the same
     states, host syncs and FLOPs of the looped block, as the plain compacted run."""
     model = looped_model
-    h, needed, key_mask = _state(model)
+    h, needed, key_mask = loop_state(model)
     key_mask = key_mask if padding else None
     if padding:
         needed &= key_mask
@@ -63,7 +47,7 @@ def test_graphed_checks_decide_as_the_plain_run(graphed, looped_model, name, par
         assert t.active_tokens == t_plain.active_tokens
         assert t.looped_flops == t_plain.looped_flops and t.host_syncs == t_plain.host_syncs
         # another state, and fewer needed tokens (another probe bucket)
-        h, needed = _state(model, seed=2)[0], needed & (torch.arange(needed.shape[1]) % 3 > 0)
+        h, needed = loop_state(model, seed=2)[0], needed & (torch.arange(needed.shape[1]) % 3 > 0)
     store = check_graphs.latest(graph_policy)
     assert store is not None and check_graphs.latest(plain_policy) is None
 
@@ -80,10 +64,52 @@ def test_policies_that_are_not_graphable_keep_the_plain_checks(graphed):
             return signals.delta < 0.3
 
     model = spread_model()
-    h, needed, _ = _state(model)
+    h, needed, _ = loop_state(model)
     for policy in (make("kl", probe="lens", shortlist=4), make("entropy"), Plugin()):
         run_loops(model, h, policy, needed, compile="eager")
         assert check_graphs.latest(policy) is None
+
+
+def test_a_subclass_that_changes_the_rule_must_say_again_it_is_graphable(graphed):
+    """`graphable` holds for a subclass that changes parameters only; one that redefines the
+    rule below the class that declared it is not graphed unless it declares it again."""
+    from adaptive_loop.policies.entropy import Entropy
+
+    class Sharper(Entropy):
+        name = "sharper"
+
+        def __init__(self) -> None:
+            super().__init__(threshold=2.0, probe="lens")
+
+    class Counting(Entropy):
+        name = "counting"
+
+        def judge_needed(self, logits, flat):
+            return super().judge_needed(logits, flat)
+
+    class Declared(Counting):
+        name = "declared"
+        graphable = True
+
+    assert check_graphs.graphable(Sharper())
+    assert not check_graphs.graphable(Counting(probe="lens"))
+    assert check_graphs.graphable(Declared(probe="lens"))
+
+
+def test_a_changed_parameter_is_not_replayed_stale(graphed, looped_model):
+    """A graph holds a policy's parameters as it found them: changing one after a graphed run
+    gets a new store, which decides with the new value; the run drops its last state."""
+    h, needed, _ = loop_state(looped_model)
+    policy, plain = make("convergence", threshold=0.3), make("convergence", threshold=0.3)
+    run_loops(looped_model, h, policy, needed, compile="eager")
+    first = check_graphs.latest(policy)
+    assert first.last is None
+    policy.threshold = plain.threshold = 0.1
+    got, t = run_loops(looped_model, h, policy, needed, compile="eager")
+    ref, t_ref = run_loops(looped_model, h, plain, needed)
+    assert check_graphs.latest(policy) is not first
+    assert torch.equal(t.loops, t_ref.loops)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 class _Recorded:
@@ -173,7 +199,7 @@ def test_cuda_checks_capture_and_replay_what_eager_decides(name, params):
     """On CUDA a compiled run captures its checks at first use and replays them in later runs
     (float32): the same loops and states as the eager compacted run; no capture fails."""
     model = spread_model(2)
-    h, needed, key_mask = _state(model)
+    h, needed, key_mask = loop_state(model)
     model, h = model.cuda(), h.detach().cuda()
     needed, key_mask = (needed & key_mask).cuda(), key_mask.cuda()
     ref, t_ref = run_loops(model, h, make(name, max_loops=6, **params), needed,

@@ -98,6 +98,32 @@ def test_a_decision_applied_fused_equals_eager_and_compiles_once_for_every_size(
     assert frames[1] == frames[2] == frames[0] + 1, frames  # every, then any active count
 
 
+@pytest.mark.parametrize("backend", ["inductor", "counter"])
+def test_the_draw_and_its_score_fused_equal_eager_and_compile_once(backend):
+    """Temperature 0's draw (the mask column left out) and `low_confidence`'s float64 score,
+    fused, equal eager (the ids exactly; the scores to float64's rounding) for every count of
+    needed tokens, compiled once each."""
+    from adaptive_loop.remasking import drawn_probability, greedy
+
+    counter = CompileCounter()
+    chosen = counter if backend == "counter" else backend
+    excluded = torch.tensor([3])
+    frames = []
+    for m in (6, 17, 40):
+        logits = torch.randn(m, 50, generator=torch.Generator().manual_seed(m)) * 3
+        logits[:, 3] += 20  # the excluded column would win every row
+        with fused.fusing(chosen):
+            drawn = greedy(logits, excluded)
+            score = drawn_probability(logits, drawn)
+        assert torch.equal(drawn, greedy(logits, excluded)) and not (drawn == 3).any()
+        ref = torch.softmax(logits.double(), -1).gather(-1, drawn[:, None])[:, 0]
+        assert score.dtype == torch.float64
+        torch.testing.assert_close(score, ref, atol=0, rtol=1e-12)
+        frames.append(counter.frame_count)
+    if backend == "counter":
+        assert frames[0] == frames[-1] == 2, frames
+
+
 def test_outside_fusing_and_on_empty_inputs_nothing_compiles():
     counter = CompileCounter()
     cur, old = _pair(5)

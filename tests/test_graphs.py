@@ -7,28 +7,13 @@ import weakref
 
 import pytest
 import torch
-from tests_support import spread_model
+from tests_support import loop_state, spread_model
 from torch._dynamo.testing import CompileCounter
 
 from adaptive_loop import generate, graphs
 from adaptive_loop.attention import PackPlan, padded_attention
 from adaptive_loop.policies import make
 from adaptive_loop.runtime import run_loops
-
-
-@pytest.fixture
-def graphed(monkeypatch):
-    """The graphed flow on this CPU: compiled runs with padded attention take it."""
-    monkeypatch.setattr(graphs, "ON", ("cuda", "cpu"))
-
-
-def _state(model, batch=8, length=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 16, (batch, length), generator=g)
-    needed = torch.rand(batch, length, generator=g) < 0.5
-    key_mask = torch.ones(batch, length, dtype=torch.bool)
-    key_mask[1, :5], key_mask[4, :11] = False, False
-    return model.prelude(model.embed(ids)), needed, key_mask
 
 
 def test_buckets_are_few_and_tight():
@@ -56,7 +41,7 @@ def test_graphed_equals_masked_and_plain(graphed, looped_model, name, params, pi
                                          padding):
     """Loops, states and FLOPs of a graphed run are those of the plain compacted run; states
     match the masked reference; the buckets' dummies are counted apart."""
-    h, needed, key_mask = _state(looped_model)
+    h, needed, key_mask = loop_state(looped_model)
     key_mask = key_mask if padding else None
     if padding:
         needed &= key_mask
@@ -155,7 +140,7 @@ def test_a_failed_capture_stops_capturing_and_runs_uncaptured(graphed, looped_mo
 
     monkeypatch.setattr(graphs, "CAPTURE", ("cuda", "cpu"))
     monkeypatch.setattr(graphs.PackedGraphs, "_warm_and_capture", failing)
-    h, needed, key_mask = _state(looped_model)
+    h, needed, key_mask = loop_state(looped_model)
     policy = make("convergence", threshold=0.3, max_loops=6)
     with pytest.warns(RuntimeWarning, match="could not be captured") as caught:
         got, t = run_loops(looped_model, h, policy, needed & key_mask, key_mask=key_mask,
@@ -211,7 +196,7 @@ def test_moved_weights_and_inference_mode_get_their_own_store(graphed):
     through bfloat16 gives them new storage) get a new store, as does inference mode, whose
     buffers a later normal run could not write."""
     model = spread_model()
-    h, needed, _ = _state(model)
+    h, needed, _ = loop_state(model)
     policy = make("convergence", threshold=0.3, max_loops=6)
     run_loops(model, h, policy, needed, compile="eager")
     first = graphs.latest(model)
@@ -234,7 +219,7 @@ def test_threads_get_their_own_buffers(graphed):
     import threading
 
     model = spread_model()
-    runs = [_state(model, seed=seed) for seed in (1, 2)]
+    runs = [loop_state(model, seed=seed) for seed in (1, 2)]
     policy = make("convergence", threshold=0.3, max_loops=6)
     plain = [run_loops(model, h, policy, needed)[0] for h, needed, _ in runs]
     got = [None, None]
@@ -257,7 +242,7 @@ def test_threads_get_their_own_buffers(graphed):
 def test_store_goes_with_its_model(graphed):
     """The stores hold their model weakly: it is freed with its graphs and buffers."""
     model = spread_model()
-    h, needed, _ = _state(model)
+    h, needed, _ = loop_state(model)
     run_loops(model, h, make("convergence", threshold=0.3, max_loops=6), needed,
               compile="eager")
     assert graphs.latest(model) is not None
@@ -295,7 +280,7 @@ def test_graph_body_compiles_once_for_every_bucket(graphed, tiny_model):
     sizes and widths recompile it at most once (the width turning dynamic): a new bucket on
     CUDA costs a capture, not a compilation."""
     counter = CompileCounter()
-    h, needed, _ = _state(tiny_model, batch=8, length=40)
+    h, needed, _ = loop_state(tiny_model, batch=8, length=40)
     body = graphs.compiled_body(counter)
     store = graphs.PackedGraphs(("test",), tiny_model, h, 8 * 40, None, tiny_model.rope, body)
     store.bind(None, tiny_model.rope)
@@ -329,7 +314,7 @@ def test_cuda_graphs_capture_and_replay_what_eager_computes(padding):
     the packed graphs' replays must not read a workspace freed that way (an illegal memory
     access on an H200 before `graphs._fresh_blas_workspaces`)."""
     model = spread_model(2)
-    _, needed, key_mask = _state(model)
+    _, needed, key_mask = loop_state(model)
     if not padding:
         key_mask = torch.ones_like(key_mask)
     model, needed, key_mask = model.cuda(), (needed & key_mask).cuda(), key_mask.cuda()

@@ -33,3 +33,14 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def loop_state(model: LoopMDM, batch: int = 8, length: int = 24, seed: int = 1):
+    """A loop's input state (B, L, d) from random ids, a random needed mask (about half) and
+    a key mask with two rows left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (batch, length), generator=g)
+    needed = torch.rand(batch, length, generator=g) < 0.5
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask[1, :5], key_mask[4, :11] = False, False
+    return model.prelude(model.embed(ids)), needed, key_mask
