@@ -161,6 +161,25 @@ def test_replayed_checks_read_refreshed_buffers(recorded, looped_model, name, pa
     assert store.captures == len(store.graphs) == len(recorded) and store.failure is None
 
 
+def test_a_profiler_sees_each_check_replay_inside_its_check(recorded, looped_model):
+    """Under a profiler every check's replay is an operator-like range inside the `check`
+    phase, so that the kernels a real graph replays count in the check's device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    kwargs = dict(policy=policy, gen_length=8, steps=4, compile="eager")
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    generate(looped_model, prompts, **kwargs)
+    before = sum(g.replays for g in recorded)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(looped_model, prompts, **kwargs)
+    replays = sum(g.replays for g in recorded) - before
+    ranges = [e for e in prof.events() if e.name == "adaptive_loop.graph_replay"
+              and e.cpu_parent is not None and e.cpu_parent.name == "adaptive_loop.check"]
+    assert replays > 0 and len(ranges) == replays
+    assert not any(e.is_user_annotation for e in ranges)
+
+
 def test_stability_keeps_its_state_in_place_across_steps():
     """Stability's per-token state stays at one address for a batch size (a graph reads it
     there) and is reset at each step's start."""
