@@ -366,7 +366,9 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     signals' arithmetic fused (fused.py), or where a compiled run replays the policy's check
     as a CUDA graph (check_graphs.py) that graph, after the check before it (its state is in
     a buffer already: one copy and a replay), against the compiled full iteration, a CUDA
-    graph on CUDA; the first calls, untimed, compile and capture)."""
+    graph on CUDA; the first calls, untimed, compile and capture). A graphed check also
+    applies its decision (the new active mask, counts and the values the host reads), which
+    the other rows leave out: its figure is the whole check's."""
     from .check_graphs import graphable
     from .policies import make
     from .runtime import Shortlist, StepTrace, _signals, probe_plan, reads_lens
