@@ -112,7 +112,7 @@ class CheckGraphs:
                  fuse: Any) -> None:
         self.key, self.fuse = key, fuse
         self.policy, self.model = weakref.ref(policy), weakref.ref(model)
-        self.batch, self.length, width = h.shape
+        self.batch, self.length = h.shape[:2]
         self.total = self.batch * self.length
         self.device = h.device
         self.reads = "logits" in policy.needs
@@ -134,7 +134,6 @@ class CheckGraphs:
         self.list_size: int | None = None
         self.last: Tensor | None = None
         self.parity = 0
-        self._width = width
 
     def begin(self, needed: Tensor) -> None:
         """A step's start: its needed mask (the probe's positions are found at its first

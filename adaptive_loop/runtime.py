@@ -473,7 +473,10 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         attention: packed attention backend: "auto", "padded", "flex" or "varlen".
         needed_plan: the plan of `needed`, when the caller has built it (the sampler reads
             those tokens' predictions after the loops): the first check of a policy that
-            reads predictions uses it instead of waiting for the device.
+            reads predictions uses it instead of waiting for the device. With a key mask,
+            `needed` must then name real tokens only (the sampler's do): a plan holding
+            padding would place the probe's rows wrongly (nothing checks it, as that would
+            wait for the device).
         real_plan: the plan of `key_mask`'s real tokens, when the caller has built it (the
             sampler does, once per generation); otherwise a padded run builds it (one sync).
         pipeline: plan each iteration from the decisions of one check earlier instead of the
