@@ -79,7 +79,7 @@ class Signals:
     iteration: int
     step: int  # denoising step (0-based) and how many there are
     steps: int
-    index: Tensor  # (N,) flat positions (row * L + pos) of the active tokens
+    index: Tensor  # (N,) flat positions (row * L + pos) of the active tokens, ascending
     needed: Tensor  # (N,) bool: the sampler reads this token's prediction at this step
     delta: Tensor | None = None  # (N,) ||h_t - h_{t-1}|| / ||h_t||
     cosine: Tensor | None = None  # (N,) cos(h_t, h_{t-1})

@@ -96,4 +96,6 @@ class PredictivePolicy(HaltingPolicy):
             return halt
         rows = logit_positions(signals)
         self._vocab, self._allowed = signals.vocab, signals.allowed
-        return halt.index_put((rows,), self.judge_needed(logits, signals.index[rows]))
+        # every position checked (the index is 0..B*L-1): the rows are the positions
+        flat = rows if signals.index.numel() == self._size else signals.index[rows]
+        return halt.index_put((rows,), self.judge_needed(logits, flat))
