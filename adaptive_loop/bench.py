@@ -303,27 +303,21 @@ def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
 
 
 def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
-                   needed: torch.Tensor,
-                   device: torch.device, repeats: int, inner: int) -> float:
+                   needed: torch.Tensor, short: Any, device: torch.device, repeats: int,
+                   inner: int) -> float:
     """Seconds per check of `policy` replayed as a CUDA graph, each check after the one
-    before (h and prev trade places, as a loop's states do), at a later check of a step
-    (after the one that builds a shortlist, which runs ungraphed)."""
+    before (h and prev trade places, as a loop's states do), at a later check of a step: on
+    the step's shortlist `short` (Shortlist, or None), which the ungraphed first check
+    built."""
     from .check_graphs import check_graphs
-    from .runtime import Needed, Shortlist, StepTrace, _signals
 
     store = check_graphs(policy, model, h, "inductor")
     store.begin(needed)
-    active, count = torch.ones_like(needed), int(needed.sum())
     if "logits" in policy.needs:
-        store.find_probe(count)
-    if getattr(policy, "shortlist", 0):
-        index = torch.arange(needed.numel(), device=device)
-        with fusing("inductor"):
-            sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1,
-                           StepTrace(loops=index), probe=Needed.of(needed, count))
-        short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, h.shape[0])
+        store.find_probe(int(needed.sum()))
+    if short is not None:
         store.shortlist(short.vocab, short.rows, model.lm_head)
-    store.check(h, prev, active, (2, 0, 1))  # captures
+    store.check(h, prev, torch.ones_like(needed), (2, 0, 1))  # captures
     states = [h, prev]
 
     def check() -> None:
@@ -397,22 +391,23 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                 policy = make(name, **params)
                 policy.begin_step(batch, length, 0, 1)
                 short = None
-                if compiled and graphable(policy) and graphs.applies(True, "padded", device):
-                    rows.append(MonitorRow(
-                        repr(policy), full * 1e3,
-                        _graphed_check(policy, model, h, prev, needed, device, repeats,
-                                       inner) * 1e3, policy.label(), True, True))
-                    continue
                 # made once, as a run makes one per step (not per check)
                 step_trace = StepTrace(loops=active.int())
                 with fusing("inductor" if compiled else None):
-                    if getattr(policy, "shortlist", 0):
+                    if getattr(policy, "shortlist", 0):  # the step's first check builds it
                         sig = _signals(policy, model, h, prev, active, index, needed, None, 1,
                                        0, 1, step_trace,
                                        probe=probe_plan(active & needed, probe, step_trace,
                                                         layout=not reads_lens(policy)))
                         policy.decide(sig)
                         short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
+                    if compiled and graphable(policy) and \
+                            graphs.applies(True, "padded", device):
+                        rows.append(MonitorRow(
+                            repr(policy), full * 1e3,
+                            _graphed_check(policy, model, h, prev, needed, short, device,
+                                           repeats, inner) * 1e3, policy.label(), True, True))
+                        continue
 
                     def signals(policy=policy, short=short, trace=step_trace) -> None:
                         # the probe's plan counts too

@@ -36,7 +36,6 @@ tokens' positions, the shortlist's ids, row masks and head rows. On a device wit
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -105,16 +104,20 @@ def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
     return halted, torch.cat([counts, read])
 
 
-class CheckGraphs:
+class CheckGraphs(graphs.Captures):
     """Static buffers and graphs of one policy's checks for one model and batch shape."""
+
+    what = "a halting check"
+    instead = "this policy's checks of this batch shape run without graphs"
+    stacklevel = 4  # one call nearer `run_loops` than a packed iteration's
 
     def __init__(self, key: tuple[Any, ...], policy: Any, model: Any, h: Tensor,
                  fuse: Any) -> None:
+        super().__init__(h.device, check_body, h.device.type in CAPTURE)
         self.key, self.fuse = key, fuse
         self.policy, self.model = weakref.ref(policy), weakref.ref(model)
         self.batch, self.length = h.shape[:2]
         self.total = self.batch * self.length
-        self.device = h.device
         self.reads = "logits" in policy.needs
         self.states = (torch.zeros_like(h), torch.zeros_like(h))
         self.active = torch.zeros(self.batch, self.length, dtype=torch.bool, device=h.device)
@@ -123,11 +126,6 @@ class CheckGraphs:
         self.probes: dict[int, Tensor] = {}  # needed bucket -> static positions
         self.lists: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
         self.graphs: dict[tuple[int, int, int | None], tuple[Any, tuple[Tensor, ...]]] = {}
-        self.capture = h.device.type in CAPTURE
-        self.stream: Any = None
-        self.pool: Any = None
-        self.captures = 0
-        self.failure: str | None = None
         # per step: the needed bucket, the shortlist's bucket (None: whole vocabulary), the
         # state last copied in and its buffer
         self.probe_size: int | None = None
@@ -205,30 +203,7 @@ class CheckGraphs:
         raw = self.probes[self.probe_size] if self.reads else None
         args = (self.policy(), self.model(), self.states[parity], self.states[1 - parity],
                 self.active, self.needed, self.index, raw, columns, when, self.fuse)
-        return self._call(key, args)
-
-    def _call(self, key: tuple[int, int, int | None], args: tuple[Any, ...]
-              ) -> tuple[Tensor, ...]:
-        """The first use of a graph's key: the body run and captured (or, without capture,
-        run)."""
-        if not self.capture:
-            return check_body(*args)
-        out, graph, captured, failed = self._warm_and_capture(args)
-        if failed is None:
-            self.graphs[key] = (graph, captured)
-            self.captures += 1
-        else:
-            self.capture, self.failure = False, repr(failed)
-            warnings.warn(f"a halting check could not be captured as a CUDA graph ({failed}); "
-                          f"this policy's checks of this batch shape run without graphs",
-                          RuntimeWarning, stacklevel=4)
-        return out
-
-    def _warm_and_capture(self, args: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(self.device)
-            self.pool = torch.cuda.graph_pool_handle()
-        return graphs.warm_and_capture(check_body, args, self.device, self.stream, self.pool)
+        return self.first_use(args, self.graphs, key)
 
 
 # per policy, its stores (model, batch shape, ...), most recent last

@@ -133,17 +133,61 @@ class GraphPlan:
         return self.bucket.index[: self.size]
 
 
-class PackedGraphs:
+class Captures:
+    """What a store of CUDA graphs keeps to take them: its stream and memory pool (made at
+    its first capture), how many it took, and, once one failed, why: what failed once would
+    fail again, so it captures no more and runs its body uncaptured from then on."""
+
+    what = "a graph"  # what failed to be captured, and what runs instead, for the warning
+    instead = "it runs without graphs"
+    stacklevel = 5  # the warning points at the caller of `run_loops`
+
+    def __init__(self, device: torch.device, body: Callable[..., Any], capture: bool) -> None:
+        self.device, self.body, self.capture = device, body, capture
+        self.pool: Any = None  # the graphs' shared memory pool (made at the first capture)
+        self.stream: Any = None  # the stream that warms up and captures (CUDA)
+        self.captures = 0  # graphs captured so far
+        self.failure: str | None = None  # why a capture failed: the store captures no more
+
+    def first_use(self, args: tuple[Any, ...], graphs: dict[Any, Any], key: Any) -> Any:
+        """The body's output for `args` at the first use of `key`: run, then captured into
+        `graphs[key]` as (graph, its output) (`_warm_and_capture`), or run alone where the
+        store does not capture."""
+        if not self.capture:
+            return self.body(*args)
+        out, graph, captured, failed = self._warm_and_capture(args)
+        if failed is None:
+            graphs[key] = (graph, captured)
+            self.captures += 1
+        else:
+            self.capture, self.failure = False, repr(failed)
+            warnings.warn(f"{self.what} could not be captured as a CUDA graph ({failed}); "
+                          f"{self.instead}", RuntimeWarning, stacklevel=self.stacklevel)
+        return out
+
+    def _warm_and_capture(self, args: tuple[Any, ...]
+                          ) -> tuple[Any, Any, Any, Exception | None]:
+        """`warm_and_capture` of the body on the store's own stream and graph pool."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+            self.pool = torch.cuda.graph_pool_handle()
+        return warm_and_capture(self.body, args, self.device, self.stream, self.pool)
+
+
+class PackedGraphs(Captures):
     """Static buffers and graphs for one model and batch shape (see the module docstring)."""
+
+    what = "a packed loop iteration"
+    instead = "packed iterations of this batch shape run without graphs"
 
     def __init__(self, key: tuple[Any, ...], model: Any, h: Tensor, slots: int,
                  key_mask: Tensor | None, rope: Rope, body: Callable[..., Tensor]) -> None:
         cfg = model.config
+        super().__init__(h.device, body, h.device.type in CAPTURE)
         # the model weakly: the store is the value of a weak dictionary keyed by the model
-        self.key, self.model, self.body = key, weakref.ref(model), body
+        self.key, self.model = key, weakref.ref(model)
         self.batch, self.length = h.shape[:2]
         self.total = self.batch * self.length
-        self.device = h.device
         self.state = torch.zeros_like(h)
         self.counts = torch.zeros(self.batch, dtype=torch.long, device=h.device)
         self.active = torch.zeros(self.batch, self.length, dtype=torch.bool, device=h.device)
@@ -152,11 +196,6 @@ class PackedGraphs:
         shape = (slots + 1, cfg.n_kv_heads, cfg.head_dim)  # + the dummies' scratch slot
         self.caches = [(h.new_zeros(shape), h.new_zeros(shape)) for _ in model.block_layers]
         self.buckets: dict[tuple[int, int], _Bucket] = {}
-        self.capture = h.device.type in CAPTURE
-        self.pool: Any = None  # the graphs' shared memory pool (made at the first capture)
-        self.stream: Any = None  # the stream that warms up and captures (CUDA)
-        self.captures = 0  # graphs captured so far
-        self.failure: str | None = None  # why a capture failed: the store captures no more
 
     def bind(self, key_mask: Tensor | None, rope: Rope) -> None:
         """Copy a run's key mask and RoPE tables into the static buffers (once per run)."""
@@ -220,28 +259,7 @@ class PackedGraphs:
             with launches("graph_replay"):  # a profiler links its kernels to the iteration
                 graph.replay()
             return out
-        args = self._args(found, gated)
-        if not self.capture:
-            return self.body(*args)
-        out, graph, captured, failed = self._warm_and_capture(args)
-        if failed is None:
-            found.graphs[gated] = (graph, captured)
-            self.captures += 1
-        else:  # what failed once would fail again: no more captures in this store
-            self.capture, self.failure = False, repr(failed)
-            warnings.warn(f"a packed loop iteration could not be captured as a CUDA graph "
-                          f"({failed}); packed iterations of this batch shape run without "
-                          f"graphs", RuntimeWarning, stacklevel=4)
-        return out
-
-    def _warm_and_capture(self, args: tuple[Any, ...]
-                          ) -> tuple[Tensor, Any, Tensor | None, Exception | None]:
-        """`warm_and_capture` of the body on the store's own stream and graph pool (made at
-        the first capture)."""
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(self.device)
-            self.pool = torch.cuda.graph_pool_handle()
-        return warm_and_capture(self.body, args, self.device, self.stream, self.pool)
+        return self.first_use(self._args(found, gated), found.graphs, gated)
 
 
 def warm_and_capture(body: Callable[..., Any], args: tuple[Any, ...], device: torch.device,

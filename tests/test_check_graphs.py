@@ -161,6 +161,31 @@ def test_replayed_checks_read_refreshed_buffers(recorded, looped_model, name, pa
     assert store.captures == len(store.graphs) == len(recorded) and store.failure is None
 
 
+def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_model,
+                                                               monkeypatch):
+    """A check whose capture fails warns once; its store captures nothing more and its checks
+    run uncaptured, deciding as the plain run does."""
+    attempts = []
+
+    def failing(self, args):
+        attempts.append(args)
+        return check_graphs.check_body(*args), None, None, RuntimeError("not permitted")
+
+    monkeypatch.setattr(check_graphs, "CAPTURE", ("cuda", "cpu"))
+    monkeypatch.setattr(check_graphs.CheckGraphs, "_warm_and_capture", failing)
+    h, needed, _ = loop_state(looped_model)
+    policy = make("convergence", threshold=0.3, max_loops=6)
+    with pytest.warns(RuntimeWarning, match="halting check could not be captured") as caught:
+        got, t = run_loops(looped_model, h, policy, needed, compile="eager")
+    plain, t_plain = run_loops(looped_model, h, make("convergence", threshold=0.3,
+                                                     max_loops=6), needed)
+    assert len([w for w in caught if "captured" in str(w.message)]) == 1
+    store = check_graphs.latest(policy)
+    assert len(attempts) == 1 and not store.capture and "not permitted" in store.failure
+    assert torch.equal(t.loops, t_plain.loops)
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_a_profiler_sees_each_check_replay_inside_its_check(recorded, looped_model):
     """Under a profiler every check's replay is an operator-like range inside the `check`
     phase, so that the kernels a real graph replays count in the check's device time."""
