@@ -8,7 +8,10 @@ iteration and made a step slower the more often it checked. Here, in compiled ru
 (where packed iterations replay as graphs too: `graphs.applies`), the whole check of a
 policy that allows it (`HaltingPolicy.graphable`) replays as one graph, and the host does
 about two things per check: copy the new state into a static buffer and replay (in a
-generation on an H200, 0.2 ms of host time per check against 1.3 ms ungraphed).
+generation on an H200, 0.2 ms of host time per check against 1.3 ms ungraphed). The check
+is compiled whole before it is captured (`compiled_check`), so that the graph holds a few
+fused kernels rather than one per operation: in a graph the launches cost the host nothing,
+but each kernel still costs the device its start and a pass over memory.
 
 A graph fixes every shape, so the check runs over every position of the batch rather than
 the active ones: the signals of all B * L states (memory-bound passes, cheap next to an
@@ -38,6 +41,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,7 +55,7 @@ KEPT = 4  # stores kept per policy (batch shapes, models)
 CAPTURE = graphs.CAPTURE  # devices whose checks are captured (elsewhere they run uncaptured)
 
 
-HOOKS = ("decide", "judge_needed", "begin_step")  # what a graphable rule is made of
+HOOKS = ("decide", "judge_needed", "begin_step", "attach")  # what a graphable rule is made of
 
 
 def graphable(policy: Any) -> bool:
@@ -75,15 +79,15 @@ def graphable(policy: Any) -> bool:
 def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
                needed: Tensor, index: Tensor, raw_probe: Tensor | None,
                columns: tuple[Tensor, Tensor, Tensor, Tensor | None] | None,
-               when: tuple[int, int, int], fuse: Any) -> tuple[Tensor, ...]:
+               when: tuple[int, int, int]) -> tuple[Tensor, ...]:
     """One check over every position: the policy's signals and decision for all B * L tokens
     (`index` = 0..B*L-1), the decision kept for the `active` ones, applied to `active` in
     place. `raw_probe` (MB,): the needed tokens' flat positions, then B * L (replaced here by
     the first one); `columns`: a shortlist's ids (KB,), row masks (B, KB) and head rows
     (KB, d) and bias, or None for the whole vocabulary; `when`: (iteration, step, steps).
     Returns the halted tokens (B*L,), and the active count per row and the values the host
-    reads (their total, most in a row, finiteness) in one tensor (B + 3,)."""
-    from .fused import fusing
+    reads (their total, most in a row, finiteness) in one tensor (B + 3,). In compiled runs
+    the whole of it is one compiled function (`compiled_check`)."""
     from .runtime import Needed, Shortlist, StepTrace, _applied, _checked, _decide, _signals
 
     batch, length = active.shape
@@ -95,13 +99,31 @@ def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
     if columns is not None:
         vocab, rows, weight, bias = columns
         short = Shortlist(vocab, rows, _columns=(weight, bias))
-    with fusing(fuse):
-        sig = _signals(policy, model, h, prev, active, index, needed, None, *when,
-                       StepTrace(loops=index), short, probe)
-        halt = _checked(policy, _decide(policy, sig), index) & active.reshape(-1)
-        now, halted, counts, read = _applied(active, needed, h, index, halt, True, False)
+    sig = _signals(policy, model, h, prev, active, index, needed, None, *when,
+                   StepTrace(loops=index), short, probe)
+    halt = _checked(policy, _decide(policy, sig), index) & active.reshape(-1)
+    now, halted, counts, read = _applied(active, needed, h, index, halt, True, False)
     active.copy_(now)
     return halted, torch.cat([counts, read])
+
+
+_BODIES: dict[Any, Callable[..., tuple[Tensor, ...]]] = {}
+
+
+def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
+    """`check_body` through `torch.compile` with `backend` (cached per backend), or the plain
+    function for None. Compiled whole, a check is a few fused kernels where its parts fused
+    one by one left dozens (the signals, the rule's comparisons and indexing, the decision's
+    counts and finite test): a graph replays every one of them, each a launch on the device.
+    The sizes that change between a store's graphs, the needed bucket and the shortlist's, are
+    marked dynamic on their static buffers, so a new bucket captures without compiling anew.
+    A check traces whole (no graph break) for the built-in graphable policies (tested); a
+    plugin's rule that breaks the graph runs its breaks eagerly, still correctly."""
+    if backend is None:
+        return check_body
+    if backend not in _BODIES:
+        _BODIES[backend] = torch.compile(check_body, backend=backend)
+    return _BODIES[backend]
 
 
 class CheckGraphs(graphs.Captures):
@@ -113,8 +135,8 @@ class CheckGraphs(graphs.Captures):
 
     def __init__(self, key: tuple[Any, ...], policy: Any, model: Any, h: Tensor,
                  fuse: Any) -> None:
-        super().__init__(h.device, check_body, h.device.type in CAPTURE)
-        self.key, self.fuse = key, fuse
+        super().__init__(h.device, compiled_check(fuse), h.device.type in CAPTURE)
+        self.key = key
         self.policy, self.model = weakref.ref(policy), weakref.ref(model)
         self.batch, self.length = h.shape[:2]
         self.total = self.batch * self.length
@@ -145,6 +167,7 @@ class CheckGraphs(graphs.Captures):
         if size not in self.probes:
             self.probes[size] = torch.full((size,), self.total, dtype=torch.long,
                                            device=self.device)
+            torch._dynamo.maybe_mark_dynamic(self.probes[size], 0)
         raw = self.probes[size]
         if size:
             torch.nonzero_static(self.needed.reshape(-1), size=size, fill_value=self.total,
@@ -160,6 +183,9 @@ class CheckGraphs(graphs.Captures):
             bias = None if head.bias is None else head.bias.new_zeros(size)
             self.lists[size] = (vocab.new_zeros(size), rows.new_zeros(self.batch, size),
                                 head.weight.new_zeros(size, head.weight.shape[1]), bias)
+            for buffer, dim in zip(self.lists[size], (0, 1, 0, 0)):
+                if buffer is not None:
+                    torch._dynamo.maybe_mark_dynamic(buffer, dim)
         ids, allowed, weight, bias = self.lists[size]
         ids.zero_()
         ids[:count] = vocab
@@ -202,7 +228,7 @@ class CheckGraphs(graphs.Captures):
         columns = None if self.list_size is None else self.lists[self.list_size]
         raw = self.probes[self.probe_size] if self.reads else None
         args = (self.policy(), self.model(), self.states[parity], self.states[1 - parity],
-                self.active, self.needed, self.index, raw, columns, when, self.fuse)
+                self.active, self.needed, self.index, raw, columns, when)
         return self.first_use(args, self.graphs, key)
 
 

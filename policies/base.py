@@ -123,9 +123,12 @@ class HaltingPolicy(ABC):
     # that (1) judges each token from its own signals and state, (2) reads neither the
     # iteration nor the step, nor branches on anything that changes between checks of a
     # step, and (3) keeps any per-token state in tensors indexed by flat position whose
-    # addresses stay fixed for a batch shape (reset in place by `begin_step`) sets it. A
-    # subclass that redefines `decide`, `judge_needed` or `begin_step` below the class that set
-    # it is not graphed unless it sets it again (check_graphs.graphable).
+    # addresses stay fixed for a batch shape (reset in place by `begin_step`), and (4) takes
+    # the same code path at every check of a step (any state found before the step's first
+    # check, in `attach` or `begin_step`: a check is compiled at its first call and captured
+    # at the next, which must not compile again) sets it. A subclass that redefines `decide`,
+    # `judge_needed`, `begin_step` or `attach` below the class that set it is not graphed
+    # unless it sets it again (check_graphs.graphable).
     graphable: ClassVar[bool] = False
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,

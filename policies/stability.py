@@ -10,6 +10,8 @@ needed token. State per token is one id and one counter, not a distribution.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -34,23 +36,37 @@ class Stability(PredictivePolicy):
         # the state of each batch size and device met, kept: a check replayed as a CUDA
         # graph reads it where it was when captured
         self._states: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+        self._device: torch.device | None = None  # the model's, from `attach`
+
+    def attach(self, model: Any) -> None:
+        super().attach(model)
+        self._device = next(model.parameters()).device
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         super().begin_step(batch, length, step, steps)
-        self._top = self._run = None
         for (size, _), (top, run) in self._states.items():
             if size == self._size:  # reset in place (not in a graph: here, every step)
                 top.fill_(-1)
                 run.zero_()
+        # the step's state is found here, where the device is known (`attach`), so that a
+        # check's code takes the same path at every check of a step (a compiled check then
+        # reuses its first compilation), else at the first check
+        self._top = self._run = None
+        if self._device is not None:
+            self._top, self._run = self._state(self._device)
+
+    def _state(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The (B * L,) state of this step's batch size on `device`, made at first use."""
+        key = (self._size, device)
+        if key not in self._states:
+            self._states[key] = (
+                torch.full((self._size,), -1, dtype=torch.long, device=device),
+                torch.zeros(self._size, dtype=torch.long, device=device))
+        return self._states[key]
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
-        if self._top is None:
-            key = (self._size, flat.device)
-            if key not in self._states:
-                self._states[key] = (
-                    torch.full((self._size,), -1, dtype=torch.long, device=flat.device),
-                    torch.zeros(self._size, dtype=torch.long, device=flat.device))
-            self._top, self._run = self._states[key]
+        if self._top is None:  # called without `attach`
+            self._top, self._run = self._state(flat.device)
         top = logits.argmax(-1)  # (M,)
         if self._vocab is not None:  # shortlisted columns -> vocabulary ids
             top = self._vocab[top]

@@ -21,6 +21,10 @@ GRAPHABLE = [
                    "shortlist": 4}),
 ]
 
+# and a step's first check graphed too (no shortlist to build ungraphed first)
+EVERY_FIRST_CHECK = [*GRAPHABLE, ("stability", {"patience": 1, "context_threshold": 0.3,
+                                                "probe": "lens"})]
+
 
 @pytest.mark.parametrize("pipeline", [False, True])
 @pytest.mark.parametrize("padding", [False, True])
@@ -118,11 +122,12 @@ class _Recorded:
     nothing). An input passed by a new object, or not refreshed in its static buffer before
     a replay, is then read stale, as a real graph would read it."""
 
-    def __init__(self, args, out):
-        self.args, self.out, self.replays = args, tuple(t.clone() for t in out), 0
+    def __init__(self, body, args, out):
+        self.body, self.args, self.out = body, args, tuple(t.clone() for t in out)
+        self.replays = 0
 
     def replay(self):
-        for mine, new in zip(self.out, check_graphs.check_body(*self.args)):
+        for mine, new in zip(self.out, self.body(*self.args)):
             mine.copy_(new)
         self.replays += 1
 
@@ -132,8 +137,8 @@ def recorded(graphed, monkeypatch):
     made = []
 
     def warm_and_capture(self, args):
-        out = check_graphs.check_body(*args)
-        graph = _Recorded(args, out)
+        out = self.body(*args)
+        graph = _Recorded(self.body, args, out)
         made.append(graph)
         return out, graph, graph.out, None
 
@@ -161,6 +166,41 @@ def test_replayed_checks_read_refreshed_buffers(recorded, looped_model, name, pa
     assert store.captures == len(store.graphs) == len(recorded) and store.failure is None
 
 
+@pytest.mark.parametrize("name, params", EVERY_FIRST_CHECK)
+def test_a_check_compiles_whole_and_its_capture_compiles_nothing(recorded, name, params):
+    """A compiled run compiles a graphed check as one function with no graph break (one fused
+    body, not dozens of launches in the graph), and the call that a capture records finds the
+    warm-up's compiled code: nothing compiles outside a first use (a capture cannot compile)."""
+    compiles = {False: 0, True: 0}  # outside a replay, inside one
+    replaying = [False]
+
+    def counting(gm, example_inputs):
+        compiles[replaying[0]] += 1
+        return gm.forward
+
+    def replay(self):  # as `_Recorded.replay`, counting what compiles there
+        replaying[0] = True
+        for mine, new in zip(self.out, self.body(*self.args)):
+            mine.copy_(new)
+        replaying[0] = False
+        self.replays += 1
+
+    model, policy = spread_model(2), make(name, max_loops=6, **params)
+    kwargs = dict(gen_length=8, steps=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Recorded, "replay", replay)
+        for prompts in ([[1, 2, 3, 4, 5, 6], [7, 8], [3, 3, 3, 1]], [[9, 9, 1, 2], [5, 6, 7]]):
+            got = generate(model, prompts, policy=policy, compile=counting, **kwargs)
+            plain = generate(model, prompts, policy=make(name, max_loops=6, **params), **kwargs)
+            assert torch.equal(got.tokens, plain.tokens) and torch.equal(got.loops, plain.loops)
+    store = check_graphs.latest(policy)
+    assert store.graphs and sum(g.replays for g in recorded) > len(recorded)
+    assert compiles[False] > 0 and compiles[True] == 0
+    args = recorded[-1].args
+    explained = torch._dynamo.explain(check_graphs.check_body)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
 def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_model,
                                                                monkeypatch):
     """A check whose capture fails warns once; its store captures nothing more and its checks
@@ -169,7 +209,7 @@ def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_m
 
     def failing(self, args):
         attempts.append(args)
-        return check_graphs.check_body(*args), None, None, RuntimeError("not permitted")
+        return self.body(*args), None, None, RuntimeError("not permitted")
 
     monkeypatch.setattr(check_graphs, "CAPTURE", ("cuda", "cpu"))
     monkeypatch.setattr(check_graphs.CheckGraphs, "_warm_and_capture", failing)
@@ -222,6 +262,10 @@ def test_stability_keeps_its_state_in_place_across_steps():
     policy.begin_step(3, 4, 0, 1)
     policy.judge_needed(logits, flat)
     assert policy._top.numel() == 12 and len(policy._states) == 2
+    policy.attach(spread_model())  # the device known: the state is found at the step's start
+    policy.begin_step(2, 4, 0, 1)
+    assert (policy._top.data_ptr(), policy._run.data_ptr()) in addresses
+    assert (policy._top == -1).all() and (policy._run == 0).all()
 
 
 def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tiny_model):
@@ -238,7 +282,7 @@ def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tin
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name, params", GRAPHABLE)
+@pytest.mark.parametrize("name, params", EVERY_FIRST_CHECK)
 def test_cuda_checks_capture_and_replay_what_eager_decides(name, params):
     """On CUDA a compiled run captures its checks at first use and replays them in later runs
     (float32): the same loops and states as the eager compacted run; no capture fails."""
