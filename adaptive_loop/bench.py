@@ -316,7 +316,7 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
     if "logits" in policy.needs:
         store.find_probe(int(needed.sum()))
     if short is not None:
-        store.shortlist(short.vocab, short.rows, model.lm_head)
+        policy.shortlisted(*store.shortlist(short.vocab, short.rows, model.lm_head))
     store.check(h, prev, torch.ones_like(needed), (2, 0, 1))  # captures
     states = [h, prev]
 
@@ -393,6 +393,8 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                 short = None
                 # made once, as a run makes one per step (not per check)
                 step_trace = StepTrace(loops=active.int())
+                graphed = compiled and graphable(policy) and \
+                    graphs.applies(True, "padded", device)
                 with fusing("inductor" if compiled else None):
                     if getattr(policy, "shortlist", 0):  # the step's first check builds it
                         sig = _signals(policy, model, h, prev, active, index, needed, None, 1,
@@ -401,8 +403,9 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                                                         layout=not reads_lens(policy)))
                         policy.decide(sig)
                         short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
-                    if compiled and graphable(policy) and \
-                            graphs.applies(True, "padded", device):
+                        if not graphed:  # (the graphed check's store hands its own columns)
+                            policy.shortlisted(short.vocab, short.rows)
+                    if graphed:
                         rows.append(MonitorRow(
                             repr(policy), full * 1e3,
                             _graphed_check(policy, model, h, prev, needed, short, device,

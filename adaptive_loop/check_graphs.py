@@ -55,7 +55,8 @@ KEPT = 4  # stores kept per policy (batch shapes, models)
 CAPTURE = graphs.CAPTURE  # devices whose checks are captured (elsewhere they run uncaptured)
 
 
-HOOKS = ("decide", "judge_needed", "begin_step", "attach")  # what a graphable rule is made of
+# what a graphable rule is made of
+HOOKS = ("decide", "judge_needed", "begin_step", "attach", "shortlisted")
 
 
 def graphable(policy: Any) -> bool:
@@ -174,9 +175,11 @@ class CheckGraphs(graphs.Captures):
                                  out=raw.view(size, 1))
         self.probe_size = size
 
-    def shortlist(self, vocab: Tensor, rows: Tensor, head: torch.nn.Linear) -> None:
+    def shortlist(self, vocab: Tensor, rows: Tensor, head: torch.nn.Linear
+                  ) -> tuple[Tensor, Tensor]:
         """The step's shortlist (ids (K,), row masks (B, K)) into its bucket's buffers, with
-        the head's rows for those ids; the extra columns are id 0, which no row allows."""
+        the head's rows for those ids; the extra columns are id 0, which no row allows.
+        Returns the bucketed ids and row masks, the columns the graphed checks see."""
         count, out = vocab.numel(), head.weight.shape[0]
         size = graphs.bucket(count, out)
         if size not in self.lists:
@@ -195,6 +198,7 @@ class CheckGraphs(graphs.Captures):
         if bias is not None:
             torch.index_select(head.bias, 0, ids, out=bias)
         self.list_size = size
+        return ids, allowed
 
     def monitor_flops(self) -> int:
         """FLOPs of one check's probe: the lens over the needed bucket."""

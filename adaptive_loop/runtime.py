@@ -691,8 +691,10 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
             if shortlist and short is None and sig.logits is not None and sig.logits.shape[0]:
                 short = Shortlist.of(sig.logits, shortlist, sig.rows, batch)  # for later checks
                 trace.host_syncs += 1
-                if checker is not None:
-                    checker.shortlist(short.vocab, short.rows, model.lm_head)
+                # the columns later checks see (graphed: bucketed) for a policy's own state
+                policy.shortlisted(*(
+                    (short.vocab, short.rows) if checker is None else
+                    checker.shortlist(short.vocab, short.rows, model.lm_head)))
             with phase("update"), fusing(fuse):  # compiled runs: one fused call (fused.py)
                 every = index.numel() == total  # the index is every position: no gathers needed
                 active, halted, counts, read = _applied(active, needed, h, index, halt, every,

@@ -285,7 +285,8 @@ def check_compiled(results: dict) -> None:
                 "dummy_tokens": tgot.dummy_tokens, "active_tokens": sum(tgot.active_tokens)}
     # checks replayed as graphs over every position (check_graphs.py) decide as eager ones
     for name, params in (("entropy", {"threshold": 2.0, "context_threshold": 0.3}),
-                         ("stability", {"patience": 1, "context_threshold": 0.3})):
+                         ("stability", {"patience": 1, "context_threshold": 0.3}),
+                         ("kl", {"threshold": 0.05, "context_threshold": 0.3})):
         policy = make(name, max_loops=6, probe="lens", shortlist=4, **params)
         ref, tref = run_loops(model, h, make(name, max_loops=6, probe="lens", shortlist=4,
                                              **params), needed, attention="padded")
@@ -573,14 +574,16 @@ def checks(results: dict) -> list[dict]:
                 "runtime_flex_vs_padded_loops_equal", "compiled_padded_vs_eager_loops_equal",
                 "compiled_flex_vs_eager_loops_equal",
                 "compiled_checks_entropy_vs_eager_loops_equal",
-                "compiled_checks_stability_vs_eager_loops_equal"):
+                "compiled_checks_stability_vs_eager_loops_equal",
+                "compiled_checks_kl_vs_eager_loops_equal"):
         add(key.replace("_", " "), results.get(key), True)
     # the states themselves (float32, values of a few units): equal loop counts alone would
     # miss a wrong key or value of a halted token that moves states without halting others
     for key in ("compact_vs_masked_max_abs", "runtime_flex_vs_padded_max_abs",
                 "compiled_padded_vs_eager_max_abs", "compiled_flex_vs_eager_max_abs",
                 "compiled_checks_entropy_vs_eager_max_abs",
-                "compiled_checks_stability_vs_eager_max_abs"):
+                "compiled_checks_stability_vs_eager_max_abs",
+                "compiled_checks_kl_vs_eager_max_abs"):
         add(key.replace("_", " "), results.get(key), 1e-3, below=True)
     for dtype, limit in (("float32", 1e-3), ("bfloat16", 3e-2)):
         for backend in ("flex", "padded"):
@@ -598,7 +601,7 @@ def checks(results: dict) -> list[dict]:
     add("compiled padded runs replay packed iterations as CUDA graphs, every capture taken",
         graphed["captured"] > 0 and graphed["failure"] is None if isinstance(graphed, dict)
         else graphed, True)
-    for name in ("entropy", "stability"):
+    for name in ("entropy", "stability", "kl"):
         graphed = results.get(f"compiled_checks_{name}_graphs")
         add(f"compiled runs replay {name}'s checks as CUDA graphs, every capture taken",
             graphed["captured"] > 0 and graphed["failure"] is None

@@ -9,7 +9,13 @@ Tokens whose prediction is not needed follow the convergence rule (`context_thre
 Threshold 0 never halts a needed token.
 
 Memory: the previous distributions are kept for the needed tokens only, (M, V), never
-(B * L, V).
+(B * L, V); with a shortlist, over its columns (M, K) from the step's second check on.
+
+With the lens probe and a shortlist, compiled CUDA runs replay its checks as CUDA graphs
+(`graphable`): the first check of a step, which records p over the whole vocabulary, runs
+ungraphed; the distributions are turned to the shortlist's columns once, outside any graph
+(`shortlisted`), into memory whose address a shape keeps for good; later checks read and
+write them there, taking the same path each time.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from ..fused import kl_from
+from ..graphs import bucket
 from .base import CONTEXT_THRESHOLD, register
 from .predictive import PredictivePolicy, nonnegative
 
@@ -35,33 +43,72 @@ class KL(PredictivePolicy):
         self.threshold = nonnegative(self.name, "threshold", threshold)
         self._slot: Tensor | None = None  # (B * L,) row of each needed token in _prev
         self._prev: Tensor | None = None  # (M, V) log-probabilities at the previous check
-        self._shortlisted = False
+        self._first: Tensor | None = None  # (M,) flat positions of _prev's rows
+        self._length = 0
+        # kept for good, as a graph reads them where it was captured: the slot maps per batch
+        # size and device; per device the memory of the shortlisted distributions (grown by
+        # doubling, an outgrown block kept while views of it are), and per shape its view
+        self._slots: dict[tuple[int, torch.device], Tensor] = {}
+        self._blocks: dict[torch.device, Tensor] = {}
+        self._views: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    @property
+    def graphable(self) -> bool:  # type: ignore[override]
+        """With the lens probe and a shortlist (without one, a step's first check, graphed
+        too, would take another path than its later ones)."""
+        return self.probe == "lens" and self.shortlist > 0
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         super().begin_step(batch, length, step, steps)
-        self._slot = self._prev = None
-        self._shortlisted = False  # whether _prev holds the shortlist's columns yet
+        self._slot = self._prev = self._first = None
+        self._length = length
 
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
         if self._prev is None:
             # first check of the step: nothing has halted yet, so every needed token is here;
             # give each one a row of the (M, V) store
-            self._slot = torch.full((self._size,), -1, dtype=torch.long, device=flat.device)
+            key = (self._size, flat.device)
+            if key not in self._slots:
+                self._slots[key] = torch.empty(self._size, dtype=torch.long,
+                                               device=flat.device)
+            self._slot = self._slots[key].fill_(-1)
             self._slot[flat] = torch.arange(flat.shape[0], device=flat.device)
+            self._first = flat
             self._prev = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (M, V)
             return torch.zeros_like(flat, dtype=torch.bool)
-        slot = self._slot[flat]
-        if self._vocab is not None and not self._shortlisted:
-            # the step's shortlist starts: compare on each token's own row's shortlist,
-            # renormalised, as the current logits are
-            prev = self._prev[slot][:, self._vocab]
-            if self._allowed is not None:
-                prev = prev.masked_fill(~self._allowed, torch.finfo(prev.dtype).min)
-            self._prev = prev.new_zeros(self._prev.shape[0], prev.shape[-1])
-            self._prev[slot] = torch.log_softmax(prev, dim=-1)
-            self._shortlisted = True
         # KL(p_prev || p_t) = sum p_prev (log p_prev - log p_t), clamped at 0 (fused in
         # compiled runs: fused.py; the first check's log-softmax above stays eager)
+        if self._prev.shape[1] != logits.shape[1]:
+            raise UsageError(f"kl: the logits have {logits.shape[1]} columns where the "
+                             f"previous check's had {self._prev.shape[1]}; a step's shortlist "
+                             f"must be handed to `shortlisted` before the next check")
+        slot = self._slot[flat]
         kl, logp = kl_from(self._prev[slot], logits)
         self._prev[slot] = logp
         return kl < self.threshold
+
+    def shortlisted(self, vocab: Tensor, rows: Tensor) -> None:
+        """The recorded distributions turned to the shortlist's columns, each renormalised
+        over its own row's ids, as the later checks' logits are."""
+        if self._prev is None or self._first is None:
+            return
+        (count, total), columns = self._prev.shape, vocab.numel()
+        allowed = rows[torch.div(self._first, self._length, rounding_mode="floor")]
+        prev = self._prev[:, vocab].masked_fill(~allowed, torch.finfo(torch.float32).min)
+        # bucketed shapes (a graphed run's are bucketed already: the same), so that a long
+        # run of varied shortlists keeps few of them
+        out = self._view(bucket(count, self._size), bucket(columns, total), prev.device)
+        out = out[:, :columns]
+        out[:count] = torch.log_softmax(prev, dim=-1)
+        self._prev = out
+
+    def _view(self, rows: int, columns: int, device: torch.device) -> Tensor:
+        """(rows, columns) float32 memory at an address that this shape keeps for good."""
+        key = (rows, columns, device)
+        if key not in self._views:
+            block = self._blocks.get(device)
+            if block is None or block.numel() < rows * columns:
+                size = max(rows * columns, 2 * (0 if block is None else block.numel()))
+                block = self._blocks[device] = torch.empty(size, device=device)
+            self._views[key] = block[:rows * columns].view(rows, columns)
+        return self._views[key]

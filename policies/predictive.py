@@ -84,6 +84,13 @@ class PredictivePolicy(HaltingPolicy):
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         self._size = batch * length
 
+    def shortlisted(self, vocab: Tensor, rows: Tensor) -> None:
+        """The step's shortlist, built at its first check (after `judge_needed` saw that
+        check's logits over the whole vocabulary): `vocab` (K,) the columns later checks'
+        logits have, `rows` (B, K) which of them each batch row allows (in a graphed run K is
+        bucketed, the extra columns allowed by no row). Called once a step, outside any graph;
+        a policy that keeps predictions turns them to those columns here."""
+
     @abstractmethod
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:
         """(M, V) logits of the needed active tokens and (M,) their flat positions ->

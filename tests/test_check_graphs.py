@@ -19,6 +19,7 @@ GRAPHABLE = [
                  "shortlist": 4}),
     ("stability", {"patience": 1, "context_threshold": 0.3, "probe": "lens",
                    "shortlist": 4}),
+    ("kl", {"threshold": 0.05, "context_threshold": 0.3, "probe": "lens", "shortlist": 4}),
 ]
 
 # and a step's first check graphed too (no shortlist to build ungraphed first)
@@ -57,8 +58,8 @@ def test_graphed_checks_decide_as_the_plain_run(graphed, looped_model, name, par
 
 
 def test_policies_that_are_not_graphable_keep_the_plain_checks(graphed):
-    """kl keeps state a graph cannot hold; a readout probe depends on the active layout; a
-    plugin says nothing: none of them is graphed."""
+    """kl without a shortlist would graph its recording first check too; a readout probe
+    depends on the active layout; a plugin says nothing: none of them is graphed."""
 
     class Plugin(HaltingPolicy):
         name = "plugin"
@@ -69,7 +70,7 @@ def test_policies_that_are_not_graphable_keep_the_plain_checks(graphed):
 
     model = spread_model()
     h, needed, _ = loop_state(model)
-    for policy in (make("kl", probe="lens", shortlist=4), make("entropy"), Plugin()):
+    for policy in (make("kl", probe="lens"), make("entropy"), Plugin()):
         run_loops(model, h, policy, needed, compile="eager")
         assert check_graphs.latest(policy) is None
 
@@ -197,7 +198,8 @@ def test_a_check_compiles_whole_and_its_capture_compiles_nothing(recorded, name,
     assert store.graphs and sum(g.replays for g in recorded) > len(recorded)
     assert compiles[False] > 0 and compiles[True] == 0
     args = recorded[-1].args
-    explained = torch._dynamo.explain(check_graphs.check_body)(*args)
+    with torch.no_grad():  # as a run checks
+        explained = torch._dynamo.explain(check_graphs.check_body)(*args)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
@@ -268,6 +270,31 @@ def test_stability_keeps_its_state_in_place_across_steps():
     assert (policy._top == -1).all() and (policy._run == 0).all()
 
 
+def test_kl_turns_its_state_to_the_shortlist_at_one_address_per_shape():
+    """kl's distributions, recorded over the whole vocabulary at a step's first check, are
+    turned to the shortlist's columns once (`shortlisted`), each row renormalised over its
+    batch row's ids, into memory that a shape keeps from step to step (a graph reads it
+    there)."""
+    policy = make("kl", probe="lens", shortlist=2)
+    flat = torch.tensor([0, 3, 5, 7])  # batch rows 0, 0, 1, 1 of a 2 x 4 batch
+    vocab = torch.tensor([1, 4, 6])
+    rows = torch.tensor([[True, True, False], [False, True, True]])
+    addresses = set()
+    for step in range(3):
+        logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(step))
+        policy.begin_step(2, 4, step, 3)
+        assert not policy.judge_needed(logits, flat).any()  # a first check only records
+        policy.shortlisted(vocab, rows)
+        prev = policy._prev[:4]
+        allowed = rows[flat // 4]
+        expected = torch.log_softmax(logits[:, vocab].masked_fill(~allowed, -torch.inf), -1)
+        torch.testing.assert_close(prev.exp(), expected.exp())
+        addresses.add(policy._prev.data_ptr())
+        short = torch.where(allowed, logits[:, vocab], torch.finfo(torch.float32).min)
+        assert policy.judge_needed(short, flat).all()  # the same distributions: KL 0
+    assert len(addresses) == 1
+
+
 def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tiny_model):
     """In compiled mode the monitoring benchmark times the graph flow for the policies a
     compiled run graphs, and the fused signals for the others."""
@@ -275,8 +302,9 @@ def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tin
                          repeats=1, modes=(True,),
                          policies=[("convergence", {}), ("entropy", {"probe": "lens",
                                                                      "shortlist": 4}),
-                                   ("kl", {"probe": "lens", "shortlist": 4})])
-    assert [r.graphed for r in rows] == [True, True, False]
+                                   ("kl", {"probe": "lens", "shortlist": 4}),
+                                   ("kl", {"probe": "lens"})])
+    assert [r.graphed for r in rows] == [True, True, True, False]
     assert all(r.signal_ms > 0 and r.compiled for r in rows)
 
 

@@ -52,13 +52,15 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     # every correctness check is read off the results; on the CPU all hold but the CUDA-only
     assert "checks_error" not in report
     verdicts = {c["check"]: c["ok"] for c in report["checks"]}
-    assert len(verdicts) == 29 and False not in verdicts.values(), verdicts
+    assert len(verdicts) == 32 and False not in verdicts.values(), verdicts
     assert {k for k, ok in verdicts.items() if ok is None} == {
         "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6",
         "compiled padded runs replay packed iterations as CUDA graphs, every capture taken",
         "compiled runs replay entropy's checks as CUDA graphs, every capture taken",
-        "compiled runs replay stability's checks as CUDA graphs, every capture taken"}
+        "compiled runs replay stability's checks as CUDA graphs, every capture taken",
+        "compiled runs replay kl's checks as CUDA graphs, every capture taken"}
     assert report["compiled_checks_stability_vs_eager_loops_equal"]
+    assert report["compiled_checks_kl_vs_eager_loops_equal"]
     assert report["loop_memory"] == report["host_syncs"] == "needs CUDA"
     assert report["compiled_padded_graphs"] == "needs CUDA"
     # every target of the issues is read off the results, with a verdict

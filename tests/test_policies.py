@@ -352,6 +352,7 @@ def test_shortlisted_columns_map_back_to_vocabulary_ids():
     listed = torch.tensor([[4.0, 3.0]])  # the same prediction on the shortlist ids 4 and 7
     sig = _signals(2, [0], [True], delta=torch.ones(1), logits=listed)
     sig.vocab = torch.tensor([4, 7])
+    kl.shortlisted(sig.vocab, torch.tensor([[True, True]]))  # as the runtime does, once
     assert stability.decide(sig).tolist() == [True]  # id 4 again, not column 0
     assert kl.decide(sig).tolist() == [True]  # same distribution over the shortlist: KL 0
 
@@ -714,3 +715,11 @@ def test_each_convergence_metric_has_its_own_default_threshold():
     assert cosine.fingerprint() == "threshold=0.125"
     assert l2.fingerprint() is None
     assert make("convergence", metric="cosine", threshold=0.5).fingerprint() is None
+
+
+def test_kl_asks_for_its_shortlist_when_the_columns_change_without_it():
+    kl = make("kl", threshold=0.5, context_threshold=0.0)
+    kl.begin_step(1, 1, 0, 1)
+    kl.judge_needed(torch.zeros(1, 8), torch.tensor([0]))
+    with pytest.raises(UsageError, match="shortlisted"):
+        kl.judge_needed(torch.zeros(1, 2), torch.tensor([0]))
