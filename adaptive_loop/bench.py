@@ -317,12 +317,12 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
         store.find_probe(int(needed.sum()))
     if short is not None:
         policy.shortlisted(*store.shortlist(short.vocab, short.rows, model.lm_head))
-    store.check(h, prev, torch.ones_like(needed), (2, 0, 1))  # captures
+    store.check(h, prev, torch.ones_like(needed))  # captures
     states = [h, prev]
 
     def check() -> None:
         states.reverse()
-        store.check(states[0], states[1], store.active, (2, 0, 1))
+        store.check(states[0], states[1], store.active)
 
     return time_call(check, device, repeats, inner=inner)
 

@@ -52,8 +52,14 @@ from .flops import head_flops
 from .phases import launches
 
 KEPT = 4  # stores kept per policy (batch shapes, models)
+COMPILES = 64  # compilations of the check body per process before checks run eagerly
 CAPTURE = graphs.CAPTURE  # devices whose checks are captured (elsewhere they run uncaptured)
 
+
+# The iteration, step and steps a graphed check's signals carry: a graphable rule reads none of
+# them (a replay could not update them), and a compiled check handed the real ones would
+# compile again for each new value
+WHEN = (0, 0, 1)
 
 # what a graphable rule is made of
 HOOKS = ("decide", "judge_needed", "begin_step", "attach", "shortlisted")
@@ -79,13 +85,13 @@ def graphable(policy: Any) -> bool:
 
 def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
                needed: Tensor, index: Tensor, raw_probe: Tensor | None,
-               columns: tuple[Tensor, Tensor, Tensor, Tensor | None] | None,
-               when: tuple[int, int, int]) -> tuple[Tensor, ...]:
+               columns: tuple[Tensor, Tensor, Tensor, Tensor | None] | None
+               ) -> tuple[Tensor, ...]:
     """One check over every position: the policy's signals and decision for all B * L tokens
     (`index` = 0..B*L-1), the decision kept for the `active` ones, applied to `active` in
     place. `raw_probe` (MB,): the needed tokens' flat positions, then B * L (replaced here by
     the first one); `columns`: a shortlist's ids (KB,), row masks (B, KB) and head rows
-    (KB, d) and bias, or None for the whole vocabulary; `when`: (iteration, step, steps).
+    (KB, d) and bias, or None for the whole vocabulary. Its signals carry `WHEN`.
     Returns the halted tokens (B*L,), and the active count per row and the values the host
     reads (their total, most in a row, finiteness) in one tensor (B + 3,). In compiled runs
     the whole of it is one compiled function (`compiled_check`)."""
@@ -100,7 +106,7 @@ def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
     if columns is not None:
         vocab, rows, weight, bias = columns
         short = Shortlist(vocab, rows, _columns=(weight, bias))
-    sig = _signals(policy, model, h, prev, active, index, needed, None, *when,
+    sig = _signals(policy, model, h, prev, active, index, needed, None, *WHEN,
                    StepTrace(loops=index), short, probe)
     halt = _checked(policy, _decide(policy, sig), index) & active.reshape(-1)
     now, halted, counts, read = _applied(active, needed, h, index, halt, True, False)
@@ -123,7 +129,16 @@ def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
     if backend is None:
         return check_body
     if backend not in _BODIES:
-        _BODIES[backend] = torch.compile(check_body, backend=backend)
+        compiled = torch.compile(check_body, backend=backend)
+
+        def call(*args: Any) -> tuple[Tensor, ...]:
+            # every policy class, batch shape and state size met in the process compiles the
+            # one function anew, more than torch's default limit of 8 in a sweep or a
+            # benchmark (past it, the checks would run eagerly); only a first use calls this
+            with torch._dynamo.config.patch(recompile_limit=COMPILES):
+                return compiled(*args)
+
+        _BODIES[backend] = call
     return _BODIES[backend]
 
 
@@ -207,8 +222,7 @@ class CheckGraphs(graphs.Captures):
         model = self.model()
         return self.probe_size * head_flops(model.config, self.list_size)
 
-    def check(self, h: Tensor, prev: Tensor, active: Tensor, when: tuple[int, int, int]
-              ) -> tuple[Tensor, Tensor]:
+    def check(self, h: Tensor, prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         """One check of state h against prev (B, L, d) for the `active` tokens (B, L), whose
         new mask is `self.active` (which the next check updates in place). Returns the halted
         tokens (B*L,) and the values the host reads (B + 3,: the active count per row, then
@@ -232,7 +246,7 @@ class CheckGraphs(graphs.Captures):
         columns = None if self.list_size is None else self.lists[self.list_size]
         raw = self.probes[self.probe_size] if self.reads else None
         args = (self.policy(), self.model(), self.states[parity], self.states[1 - parity],
-                self.active, self.needed, self.index, raw, columns, when)
+                self.active, self.needed, self.index, raw, columns)
         return self.first_use(args, self.graphs, key)
 
 

@@ -671,7 +671,7 @@ def run_loops(model: LoopMDM, h: Tensor, policy: HaltingPolicy, needed: Tensor, 
         # ungraphed (its logits would hold a graph's memory for one check a step)
         if checker is not None and not (shortlist and short is None):
             with phase("check"):
-                halted, numbers = checker.check(h, prev, active, (iteration, step, steps))
+                halted, numbers = checker.check(h, prev, active)
             trace.monitor_flops += checker.monitor_flops() + policy.decision_flops(total)
             active, counts = checker.active, numbers[:batch]
             if pipeline:  # read one check later, when the next check has rewritten them

@@ -203,6 +203,25 @@ def test_a_check_compiles_whole_and_its_capture_compiles_nothing(recorded, name,
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+def test_checks_compile_past_torchs_limit_per_function(recorded, monkeypatch):
+    """Every policy class and batch shape compiles the one check body anew; a process that
+    meets more of them than torch's limit per function (8; 1 here) still compiles each
+    store's check rather than running it eagerly."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    warm = []
+
+    def counting(gm, example_inputs):
+        warm.append(gm)
+        return gm.forward
+
+    model = spread_model()
+    h, needed, _ = loop_state(model)
+    for name, params in GRAPHABLE[1:4]:  # three classes of rule, each compiled
+        before = len(warm)
+        run_loops(model, h, make(name, max_loops=6, **params), needed, compile=counting)
+        assert len(warm) > before, name
+
+
 def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_model,
                                                                monkeypatch):
     """A check whose capture fails warns once; its store captures nothing more and its checks
