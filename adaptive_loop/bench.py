@@ -22,6 +22,7 @@ import torch
 from . import graphs
 from .attention import PackPlan, mask_sizes, packed_keys, resolve_attention
 from .config import LoopMDMConfig
+from .errors import UsageError
 from .flops import block_flops, step_flops_fixed
 from .fused import fusing
 from .model import LoopMDM
@@ -304,14 +305,25 @@ def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
 
 def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
                    needed: torch.Tensor, short: Any, device: torch.device, repeats: int,
-                   inner: int) -> float:
+                   inner: int, whole: bool = True) -> float:
     """Seconds per check of `policy` replayed as a CUDA graph, each check after the one
     before (h and prev trade places, as a loop's states do), at a later check of a step: on
     the step's shortlist `short` (Shortlist, or None), which the ungraphed first check
-    built."""
-    from .check_graphs import check_graphs
+    built. With `whole=False` the graph is captured from the check's parts fused one by one
+    (each `@fused` function compiled, the rest eager), as checks were before they were
+    compiled whole, in a store of its own."""
+    from .check_graphs import CheckGraphs, check_body, check_graphs
 
-    store = check_graphs(policy, model, h, "inductor")
+    if whole:
+        store = check_graphs(policy, model, h, "inductor")
+    else:
+        store = CheckGraphs(("parts",), policy, model, h, "inductor")
+
+        def parts(*args: Any) -> tuple[torch.Tensor, ...]:
+            with fusing("inductor"):
+                return check_body(*args)
+
+        store.body = parts
     store.begin(needed)
     if "logits" in policy.needs:
         store.find_probe(int(needed.sum()))
@@ -325,6 +337,41 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
         store.check(states[0], states[1], store.active)
 
     return time_call(check, device, repeats, inner=inner)
+
+
+def bench_check_bodies(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
+                       device: torch.device, dtype: torch.dtype, repeats: int = 10,
+                       policies: list[tuple[str, dict[str, Any]]] | None = None,
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """A graphed check (check_graphs.py) compiled whole against the same check captured from
+    its parts fused one by one, side by side, per graphable policy, at a later check of a step
+    as `bench_monitor` times it (all tokens active, `needed_fraction` of each row needed):
+    ms per check of each and their ratio (whole / parts; below 1: compiling whole pays). On
+    CUDA both replay CUDA graphs; elsewhere both run uncaptured."""
+    from .check_graphs import graphable
+    from .policies import make
+
+    model, h, prev, active, needed, index, probe = _monitor_state(cfg, batch, length,
+                                                                  needed_fraction, device,
+                                                                  dtype, seed)
+    inner = 10 if device.type == "cuda" else 1
+    rows = []
+    with torch.no_grad():
+        for name, params in policies or GRAPHED_MONITORED:
+            ms = {}
+            for whole in (True, False):
+                policy = make(name, **params)
+                if not graphable(policy):
+                    raise UsageError(f"{policy.label()} is not graphable")
+                policy.attach(model)
+                policy.begin_step(batch, length, 0, 1)
+                short = _first_check(policy, model, h, prev, active, index, needed, probe,
+                                     batch, True, shortlisted=False)
+                ms[whole] = _graphed_check(policy, model, h, prev, needed, short, device,
+                                           repeats, inner, whole=whole) * 1e3
+            rows.append({"policy": repr(policy), "label": policy.label(), "whole_ms": ms[True],
+                         "parts_ms": ms[False], "ratio": ms[True] / ms[False]})
+    return rows
 
 
 @dataclass
@@ -347,6 +394,55 @@ DEFAULT_MONITORED: list[tuple[str, dict[str, Any]]] = [
     ("kl", {"probe": "lens", "shortlist": 16})]
 
 
+# the graphable policies as `DEFAULT_MONITORED` configures them
+GRAPHED_MONITORED: list[tuple[str, dict[str, Any]]] = [
+    ("convergence", {}), ("entropy", {"probe": "lens"}),
+    ("entropy", {"probe": "lens", "shortlist": 16}), ("kl", {"probe": "lens", "shortlist": 16}),
+    ("stability", {"probe": "lens", "shortlist": 16})]
+
+
+def _monitor_state(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
+                   device: torch.device, dtype: torch.dtype, seed: int) -> tuple[Any, ...]:
+    """A random model and what its checks read: the states after one iteration and before
+    (h, prev), every token active, the last `needed_fraction` of each row needed, every
+    position's index, and the probe's sizes (known to a run from its previous read)."""
+    torch.manual_seed(seed)
+    model = random_model(cfg, device, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
+    active = torch.ones(batch, length, dtype=torch.bool, device=device)
+    needed = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    needed[:, length - max(1, int(needed_fraction * length)):] = True
+    index = torch.arange(batch * length, device=device)
+    probe = (int(needed.sum()), int(needed.sum(1).max()))
+    with torch.no_grad():
+        prev, _ = _dense_iteration(model, h, None, None)
+    return model, h, prev, active, needed, index, probe
+
+
+def _first_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
+                 active: torch.Tensor, index: torch.Tensor, needed: torch.Tensor,
+                 probe: tuple[int, int], batch: int, compiled: bool,
+                 shortlisted: bool = True) -> Any:
+    """A step's first check of a policy with a shortlist, which builds it (returned; None
+    without one), handed to the policy with `shortlisted` as a plain run does (a graphed
+    check's store hands its own bucketed columns instead)."""
+    from .runtime import Shortlist, StepTrace, _signals, probe_plan, reads_lens
+
+    if not getattr(policy, "shortlist", 0):
+        return None
+    trace = StepTrace(loops=active.int())
+    with fusing("inductor" if compiled else None):
+        sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1, trace,
+                       probe=probe_plan(active & needed, probe, trace,
+                                        layout=not reads_lens(policy)))
+        policy.decide(sig)
+    short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, h.shape[0])
+    if shortlisted:
+        policy.shortlisted(short.vocab, short.rows)
+    return short
+
+
 def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
                   device: torch.device, dtype: torch.dtype, repeats: int = 10,
                   policies: list[tuple[str, dict[str, Any]]] | None = None,
@@ -365,21 +461,13 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
     the other rows leave out: its figure is the whole check's."""
     from .check_graphs import graphable
     from .policies import make
-    from .runtime import Shortlist, StepTrace, _signals, probe_plan, reads_lens
+    from .runtime import StepTrace, _signals, probe_plan, reads_lens
 
-    torch.manual_seed(seed)
-    model = random_model(cfg, device, dtype)
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(batch, length, cfg.d_model, generator=gen).to(device=device, dtype=dtype)
-    active = torch.ones(batch, length, dtype=torch.bool, device=device)
-    needed = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    needed[:, length - max(1, int(needed_fraction * length)):] = True
-    index = torch.arange(batch * length, device=device)
-    # the runtime learns the probe's sizes at the previous decision's read: no sync here either
-    probe = (int(needed.sum()), int(needed.sum(1).max()))
+    model, h, prev, active, needed, index, probe = _monitor_state(cfg, batch, length,
+                                                                  needed_fraction, device,
+                                                                  dtype, seed)
     rows = []
     with torch.no_grad():
-        prev, _ = _dense_iteration(model, h, None, None)
         # a check is a few short kernels: on CUDA both sides are called back to back, as in a
         # loop run, so that a wait per call counts against neither
         inner = 10 if device.type == "cuda" else 1
@@ -389,40 +477,34 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                              inner=inner)
             for name, params in policies or DEFAULT_MONITORED:
                 policy = make(name, **params)
+                policy.attach(model)
                 policy.begin_step(batch, length, 0, 1)
-                short = None
-                # made once, as a run makes one per step (not per check)
-                step_trace = StepTrace(loops=active.int())
                 graphed = compiled and graphable(policy) and \
                     graphs.applies(True, "padded", device)
-                with fusing("inductor" if compiled else None):
-                    if getattr(policy, "shortlist", 0):  # the step's first check builds it
-                        sig = _signals(policy, model, h, prev, active, index, needed, None, 1,
-                                       0, 1, step_trace,
-                                       probe=probe_plan(active & needed, probe, step_trace,
-                                                        layout=not reads_lens(policy)))
-                        policy.decide(sig)
-                        short = Shortlist.of(sig.logits, policy.shortlist, sig.rows, batch)
-                        if not graphed:  # (the graphed check's store hands its own columns)
-                            policy.shortlisted(short.vocab, short.rows)
-                    if graphed:
-                        rows.append(MonitorRow(
-                            repr(policy), full * 1e3,
-                            _graphed_check(policy, model, h, prev, needed, short, device,
-                                           repeats, inner) * 1e3, policy.label(), True, True))
-                        continue
-
-                    def signals(policy=policy, short=short, trace=step_trace) -> None:
-                        # the probe's plan counts too
-                        plan = probe_plan(active & needed, probe, trace,
-                                          layout=not reads_lens(policy)) \
-                            if "logits" in policy.needs else None
-                        sig = _signals(policy, model, h, prev, active, index, needed, None, 2,
-                                       0, 1, trace, short, plan)
-                        policy.decide(sig)
-
+                # the step's first check builds a shortlist (the graphed check's store hands
+                # the policy its own columns)
+                short = _first_check(policy, model, h, prev, active, index, needed, probe,
+                                     batch, compiled, shortlisted=not graphed)
+                if graphed:
                     rows.append(MonitorRow(
                         repr(policy), full * 1e3,
-                        time_call(signals, device, repeats, inner=inner) * 1e3,
-                        policy.label(), compiled))
+                        _graphed_check(policy, model, h, prev, needed, short, device,
+                                       repeats, inner) * 1e3, policy.label(), True, True))
+                    continue
+                # made once, as a run makes one per step (not per check)
+                step_trace = StepTrace(loops=active.int())
+
+                def signals(policy=policy, short=short, trace=step_trace) -> None:
+                    # the probe's plan counts too
+                    plan = probe_plan(active & needed, probe, trace,
+                                      layout=not reads_lens(policy)) \
+                        if "logits" in policy.needs else None
+                    sig = _signals(policy, model, h, prev, active, index, needed, None, 2,
+                                   0, 1, trace, short, plan)
+                    policy.decide(sig)
+
+                with fusing("inductor" if compiled else None):
+                    check_ms = time_call(signals, device, repeats, inner=inner) * 1e3
+                rows.append(MonitorRow(repr(policy), full * 1e3, check_ms, policy.label(),
+                                       compiled))
     return rows

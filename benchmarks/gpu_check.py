@@ -11,7 +11,9 @@ iteration per attention backend, eager and compiled (d=2048 and the 170M-class s
 matmul peak, the fixed-loop forward of the 1B-class shape (d=2048) against that peak,
 generation of the 170M-class shape at batch 32 (at 4 and at 12 loops) and of the embedded model
 under fixed and adaptive policies with compaction on and off, eager and compiled, each
-policy's monitoring cost per check on the 170M-class shape, and profiles of where the time of
+policy's monitoring cost per check on the 170M-class shape (and, side by side, a graphed
+check compiled whole against the same check captured from its parts fused one by one), and
+profiles of where the time of
 a compacted iteration and of a compacted generation goes (device-busy time against wall time,
 and per phase of the runtime: iterations, checks, the host's reads and plans).
 
@@ -52,6 +54,7 @@ from adaptive_loop import (
 )
 from adaptive_loop.attention import PackPlan, packed_attention, packed_keys, padded_attention
 from adaptive_loop.bench import (
+    bench_check_bodies,
     bench_forward,
     bench_iteration,
     bench_monitor,
@@ -757,6 +760,10 @@ def main() -> None:
             for row in bench_monitor(T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125,
                                      T.device, T.dtype, repeats=T.size(20, 1),
                                      modes=(False, True))])),
+        # a graphed check compiled whole against its parts fused one by one, side by side
+        ("check_bodies", 25, lambda r: r.update(check_bodies=bench_check_bodies(
+            T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125, T.device, T.dtype,
+            repeats=T.size(20, 1)))),
         ("profile_d2048", 5, profile_iteration),
         # compiled iterations only (dense ones as CUDA graphs), pipelined too, at 12 loops;
         # the policies whose masked reference runs all loops (a bound over 1.5)

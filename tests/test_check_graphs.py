@@ -203,11 +203,10 @@ def test_a_check_compiles_whole_and_its_capture_compiles_nothing(recorded, name,
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-def test_checks_compile_past_torchs_limit_per_function(recorded, monkeypatch):
+def test_checks_compile_past_torchs_limit_per_function(recorded):
     """Every policy class and batch shape compiles the one check body anew; a process that
     meets more of them than torch's limit per function (8; 1 here) still compiles each
     store's check rather than running it eagerly."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     warm = []
 
     def counting(gm, example_inputs):
@@ -216,10 +215,15 @@ def test_checks_compile_past_torchs_limit_per_function(recorded, monkeypatch):
 
     model = spread_model()
     h, needed, _ = loop_state(model)
-    for name, params in GRAPHABLE[1:4]:  # three classes of rule, each compiled
-        before = len(warm)
-        run_loops(model, h, make(name, max_loops=6, **params), needed, compile=counting)
-        assert len(warm) > before, name
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for name, params in GRAPHABLE[1:4]:  # three classes of rule, each compiled
+                before = len(warm)
+                run_loops(model, h, make(name, max_loops=6, **params), needed,
+                          compile=counting)
+                assert len(warm) > before, name
+    finally:  # past the limit, torch marks the other functions to run eagerly: forgotten
+        torch._dynamo.reset()
 
 
 def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_model,
@@ -325,6 +329,21 @@ def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tin
                                    ("kl", {"probe": "lens"})])
     assert [r.graphed for r in rows] == [True, True, True, False]
     assert all(r.signal_ms > 0 and r.compiled for r in rows)
+
+
+def test_bench_compares_a_check_compiled_whole_with_its_parts(tiny_model):
+    """The side-by-side benchmark times each graphable policy's check compiled whole and
+    captured from its parts, and refuses a policy that is not graphed."""
+    from adaptive_loop.bench import bench_check_bodies
+    from adaptive_loop.errors import UsageError
+
+    args = (tiny_model.config, 2, 16, 0.25, torch.device("cpu"), torch.float32)
+    rows = bench_check_bodies(*args, repeats=1, policies=[
+        ("convergence", {}), ("kl", {"probe": "lens", "shortlist": 4})])
+    assert [r["label"] for r in rows] == ["convergence", "kl(probe=lens, shortlist=4)"]
+    assert all(r["whole_ms"] > 0 and r["parts_ms"] > 0 for r in rows)
+    with pytest.raises(UsageError, match="not graphable"):
+        bench_check_bodies(*args, repeats=1, policies=[("kl", {"probe": "lens"})])
 
 
 @pytest.mark.cuda

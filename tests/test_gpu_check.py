@@ -20,8 +20,9 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     assert not errors, errors
     assert report["smoke"] is True and report["skipped"] == []
     for key in ("matmul_peak_bf16", "forward_1b", "forward_1b_compiled", "iteration_d2048",
-                "monitor_smdm", "generation_smdm_b32", "generation_smdm_b32_compiled",
-                "generation_smdm_b32_loops12", "generation_smdm_b32_loops12_compiled",
+                "monitor_smdm", "check_bodies", "generation_smdm_b32",
+                "generation_smdm_b32_compiled", "generation_smdm_b32_loops12",
+                "generation_smdm_b32_loops12_compiled",
                 "generation_embedded", "generation_embedded_compiled"):
         assert report[key], key
     assert all(g["compiled"] for g in report["generation_smdm_b32_loops12_compiled"])
