@@ -305,13 +305,15 @@ def rows_to_dicts(rows: list[Any]) -> list[dict[str, Any]]:
 
 def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
                    needed: torch.Tensor, short: Any, device: torch.device, repeats: int,
-                   inner: int, whole: bool = True) -> float:
+                   inner: int, whole: bool = True, kernels: list[int] | None = None
+                   ) -> float:
     """Seconds per check of `policy` replayed as a CUDA graph, each check after the one
     before (h and prev trade places, as a loop's states do), at a later check of a step: on
     the step's shortlist `short` (Shortlist, or None), which the ungraphed first check
     built. With `whole=False` the graph is captured from the check's parts fused one by one
     (each `@fused` function compiled, the rest eager), as checks were before they were
-    compiled whole, in a store of its own."""
+    compiled whole, in a store of its own. With `kernels`, the kernels one check launches
+    are appended to it (`launched_kernels`)."""
     from .check_graphs import CheckGraphs, check_body, check_graphs
 
     if whole:
@@ -336,7 +338,45 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
         states.reverse()
         store.check(states[0], states[1], store.active)
 
-    return time_call(check, device, repeats, inner=inner)
+    seconds = time_call(check, device, repeats, inner=inner)
+    if kernels is not None:
+        kernels.append(launched_kernels(check, device))
+    return seconds
+
+
+# operators that launch no kernel of their own (views, allocations, conversions that only
+# dispatch to a copy counted on its own)
+NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze",
+    "t", "alias", "detach", "as_strided", "transpose", "permute", "lift_fresh", "empty",
+    "empty_strided", "resize_", "to", "_to_copy", "resolve_conj", "resolve_neg", "clone",
+    "contiguous", "_reshape_alias", "set_"})
+
+
+def launched_kernels(fn: Callable[[], Any], device: torch.device) -> int:
+    """Kernels one call of `fn` launches, from torch.profiler: on CUDA the device's kernels
+    (those a replayed graph runs included); on the CPU the operators run outside compiled
+    code and the compiled code's own kernels, which the profiler sees where inductor's
+    `cpp.enable_kernel_profile` was on when they were compiled (as `benchmarks/
+    check_kernels.py` sets it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset")))
+    count = 0
+    for e in prof.events():
+        if "cpp_fused" in e.name:
+            count += 1
+        elif e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL:
+            parent = e.cpu_parent
+            count += parent is None or not parent.name.startswith("aten::")
+    return count
 
 
 def bench_check_bodies(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: float,
@@ -346,8 +386,9 @@ def bench_check_bodies(cfg: LoopMDMConfig, batch: int, length: int, needed_fract
     """A graphed check (check_graphs.py) compiled whole against the same check captured from
     its parts fused one by one, side by side, per graphable policy, at a later check of a step
     as `bench_monitor` times it (all tokens active, `needed_fraction` of each row needed):
-    ms per check of each and their ratio (whole / parts; below 1: compiling whole pays). On
-    CUDA both replay CUDA graphs; elsewhere both run uncaptured."""
+    ms per check of each, their ratio (whole / parts; below 1: compiling whole pays) and the
+    kernels one check of each launches (`launched_kernels`). On CUDA both replay CUDA graphs;
+    elsewhere both run uncaptured."""
     from .check_graphs import graphable
     from .policies import make
 
@@ -358,7 +399,7 @@ def bench_check_bodies(cfg: LoopMDMConfig, batch: int, length: int, needed_fract
     rows = []
     with torch.no_grad():
         for name, params in policies or GRAPHED_MONITORED:
-            ms = {}
+            ms, kernels = {}, {True: [], False: []}
             for whole in (True, False):
                 policy = make(name, **params)
                 if not graphable(policy):
@@ -368,9 +409,10 @@ def bench_check_bodies(cfg: LoopMDMConfig, batch: int, length: int, needed_fract
                 short = _first_check(policy, model, h, prev, active, index, needed, probe,
                                      batch, True, shortlisted=False)
                 ms[whole] = _graphed_check(policy, model, h, prev, needed, short, device,
-                                           repeats, inner, whole=whole) * 1e3
+                                           repeats, inner, whole, kernels[whole]) * 1e3
             rows.append({"policy": repr(policy), "label": policy.label(), "whole_ms": ms[True],
-                         "parts_ms": ms[False], "ratio": ms[True] / ms[False]})
+                         "parts_ms": ms[False], "ratio": ms[True] / ms[False],
+                         "whole_kernels": kernels[True][0], "parts_kernels": kernels[False][0]})
     return rows
 
 

@@ -346,6 +346,26 @@ def test_bench_compares_a_check_compiled_whole_with_its_parts(tiny_model):
         bench_check_bodies(*args, repeats=1, policies=[("kl", {"probe": "lens"})])
 
 
+def test_a_check_compiled_whole_launches_fewer_kernels_than_its_parts():
+    """benchmarks/check_kernels.py, in a process of its own (it turns on inductor's kernel
+    profile before anything compiles): for every graphable policy a check compiled whole
+    launches fewer kernels than the same check from its parts fused one by one."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "benchmarks/check_kernels.py", "--device", "cpu",
+                          "--batch", "2", "--length", "16", "--repeats", "1", "--json"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert len(rows) == 5
+    for row in rows:
+        assert 0 < row["whole_kernels"] < row["parts_kernels"], row
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name, params", EVERY_FIRST_CHECK)
