@@ -53,6 +53,9 @@ from .phases import launches
 
 KEPT = 4  # stores kept per policy (batch shapes, models)
 COMPILES = 64  # compilations of the check body per process before checks run eagerly
+# torch's name for its limit of compilations per function (older releases had the other)
+LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else \
+    "cache_size_limit"
 CAPTURE = graphs.CAPTURE  # devices whose checks are captured (elsewhere they run uncaptured)
 
 
@@ -115,6 +118,7 @@ def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
 
 
 _BODIES: dict[Any, Callable[..., tuple[Tensor, ...]]] = {}
+_LIMIT_LOCK = threading.Lock()
 
 
 def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
@@ -134,8 +138,10 @@ def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
         def call(*args: Any) -> tuple[Tensor, ...]:
             # every policy class, batch shape and state size met in the process compiles the
             # one function anew, more than torch's default limit of 8 in a sweep or a
-            # benchmark (past it, the checks would run eagerly); only a first use calls this
-            with torch._dynamo.config.patch(recompile_limit=COMPILES):
+            # benchmark (past it, the checks would run eagerly). The limit is the process's:
+            # raised for this call alone, one call at a time (a capturing store calls this at
+            # a graph's first use only; an uncapturing one, at every check)
+            with _LIMIT_LOCK, torch._dynamo.config.patch(**{LIMIT: COMPILES}):
                 return compiled(*args)
 
         _BODIES[backend] = call

@@ -127,8 +127,8 @@ class HaltingPolicy(ABC):
     # the same code path at every check of a step (any state found before the step's first
     # check, in `attach` or `begin_step`: a check is compiled at its first call and captured
     # at the next, which must not compile again) sets it. A subclass that redefines `decide`,
-    # `judge_needed`, `begin_step` or `attach` below the class that set it is not graphed
-    # unless it sets it again (check_graphs.graphable).
+    # `judge_needed`, `begin_step`, `attach` or `shortlisted` below the class that set it is
+    # not graphed unless it sets it again (check_graphs.graphable).
     graphable: ClassVar[bool] = False
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,

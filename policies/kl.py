@@ -9,7 +9,8 @@ Tokens whose prediction is not needed follow the convergence rule (`context_thre
 Threshold 0 never halts a needed token.
 
 Memory: the previous distributions are kept for the needed tokens only, (M, V), never
-(B * L, V); with a shortlist, over its columns (M, K) from the step's second check on.
+(B * L, V); with a shortlist, over its columns (M, K) from the step's second check on, in
+memory the policy keeps (see `_view`).
 
 With the lens probe and a shortlist, compiled CUDA runs replay its checks as CUDA graphs
 (`graphable`): the first check of a step, which records p over the whole vocabulary, runs
@@ -34,6 +35,8 @@ from .predictive import PredictivePolicy, nonnegative
 class KL(PredictivePolicy):
     name = "kl"
     calibration_grids = {"threshold": (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)}
+    RUN_STATE = (*PredictivePolicy.RUN_STATE, "_slot", "_prev", "_first", "_slots", "_blocks",
+                 "_views")
 
     def __init__(self, threshold: float = 1e-3, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None, check_every: int = 1,
@@ -45,12 +48,13 @@ class KL(PredictivePolicy):
         self._prev: Tensor | None = None  # (M, V) log-probabilities at the previous check
         self._first: Tensor | None = None  # (M,) flat positions of _prev's rows
         self._length = 0
-        # kept for good, as a graph reads them where it was captured: the slot maps per batch
-        # size and device; per device the memory of the shortlisted distributions (grown by
-        # doubling, an outgrown block kept while views of it are), and per shape its view
-        self._slots: dict[tuple[int, torch.device], Tensor] = {}
-        self._blocks: dict[torch.device, Tensor] = {}
-        self._views: dict[tuple[int, int, torch.device], Tensor] = {}
+        # kept for the policy's life, as a graph reads them where it was captured: the slot
+        # maps per batch size, device and inference mode (a tensor made under inference mode
+        # cannot be written outside it); per device and mode the memory of the shortlisted
+        # distributions, and per shape its view (`_view`)
+        self._slots: dict[tuple[int, torch.device, bool], Tensor] = {}
+        self._blocks: dict[tuple[torch.device, bool], Tensor] = {}
+        self._views: dict[tuple[int, int, torch.device, bool], Tensor] = {}
 
     @property
     def graphable(self) -> bool:  # type: ignore[override]
@@ -67,7 +71,7 @@ class KL(PredictivePolicy):
         if self._prev is None:
             # first check of the step: nothing has halted yet, so every needed token is here;
             # give each one a row of the (M, V) store
-            key = (self._size, flat.device)
+            key = (self._size, flat.device, torch.is_inference_mode_enabled())
             if key not in self._slots:
                 self._slots[key] = torch.empty(self._size, dtype=torch.long,
                                                device=flat.device)
@@ -100,15 +104,23 @@ class KL(PredictivePolicy):
         out = self._view(bucket(count, self._size), bucket(columns, total), prev.device)
         out = out[:, :columns]
         out[:count] = torch.log_softmax(prev, dim=-1)
+        for dim in (0, 1):  # sizes that change between steps: one compiled check for all
+            torch._dynamo.maybe_mark_dynamic(out, dim)
         self._prev = out
 
     def _view(self, rows: int, columns: int, device: torch.device) -> Tensor:
-        """(rows, columns) float32 memory at an address that this shape keeps for good."""
-        key = (rows, columns, device)
+        """(rows, columns) float32 memory at an address that this shape keeps for the
+        policy's life. The shapes share one block per device and inference mode (a step
+        writes its shape's view before reading it), grown by doubling when a shape needs
+        more; an outgrown block stays, for the shapes whose views (and graphs) use it, so
+        that all held is at most about three times the largest shape's."""
+        inference = torch.is_inference_mode_enabled()
+        key = (rows, columns, device, inference)
         if key not in self._views:
-            block = self._blocks.get(device)
+            block = self._blocks.get((device, inference))
             if block is None or block.numel() < rows * columns:
                 size = max(rows * columns, 2 * (0 if block is None else block.numel()))
-                block = self._blocks[device] = torch.empty(size, device=device)
+                block = torch.empty(size, dtype=torch.float32, device=device)
+                self._blocks[(device, inference)] = block
             self._views[key] = block[:rows * columns].view(rows, columns)
         return self._views[key]

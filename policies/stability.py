@@ -24,6 +24,7 @@ class Stability(PredictivePolicy):
     name = "stability"
     later_when_higher = PredictivePolicy.later_when_higher | {"patience"}
     graphable = True  # per-token state at fixed addresses, reset in place each step
+    RUN_STATE = (*PredictivePolicy.RUN_STATE, "_top", "_run", "_states", "_device")
 
     def __init__(self, patience: int = 2, context_threshold: float = CONTEXT_THRESHOLD,
                  min_loops: int = 1, max_loops: int | None = None,
@@ -33,9 +34,10 @@ class Stability(PredictivePolicy):
         self.patience = positive_int(self.name, "patience", patience)
         self._top: Tensor | None = None  # (B * L,) argmax at the previous check, -1: none yet
         self._run: Tensor | None = None  # (B * L,) consecutive checks with the same argmax
-        # the state of each batch size and device met, kept: a check replayed as a CUDA
+        # the state of each batch size, device and inference mode met (a tensor made under
+        # inference mode cannot be written outside it), kept: a check replayed as a CUDA
         # graph reads it where it was when captured
-        self._states: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+        self._states: dict[tuple[int, torch.device, bool], tuple[Tensor, Tensor]] = {}
         self._device: torch.device | None = None  # the model's, from `attach`
 
     def attach(self, model: Any) -> None:
@@ -44,8 +46,10 @@ class Stability(PredictivePolicy):
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         super().begin_step(batch, length, step, steps)
-        for (size, _), (top, run) in self._states.items():
-            if size == self._size:  # reset in place (not in a graph: here, every step)
+        inference = torch.is_inference_mode_enabled()
+        for (size, _, made_in), (top, run) in self._states.items():
+            if size == self._size and made_in == inference:  # reset in place (not in a
+                # graph: here, every step)
                 top.fill_(-1)
                 run.zero_()
         # the step's state is found here, where the device is known (`attach`), so that a
@@ -57,7 +61,7 @@ class Stability(PredictivePolicy):
 
     def _state(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The (B * L,) state of this step's batch size on `device`, made at first use."""
-        key = (self._size, device)
+        key = (self._size, device, torch.is_inference_mode_enabled())
         if key not in self._states:
             self._states[key] = (
                 torch.full((self._size,), -1, dtype=torch.long, device=device),

@@ -149,7 +149,7 @@ def recorded(graphed, monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
-@pytest.mark.parametrize("name, params", GRAPHABLE[::2])
+@pytest.mark.parametrize("name, params", [*GRAPHABLE[::2], GRAPHABLE[-1]])
 def test_replayed_checks_read_refreshed_buffers(recorded, looped_model, name, params,
                                                 pipeline):
     """Generations whose later checks replay graphs captured earlier (in this step, earlier
@@ -216,7 +216,7 @@ def test_checks_compile_past_torchs_limit_per_function(recorded):
     model = spread_model()
     h, needed, _ = loop_state(model)
     try:
-        with torch._dynamo.config.patch(recompile_limit=1):
+        with torch._dynamo.config.patch(**{check_graphs.LIMIT: 1}):
             for name, params in GRAPHABLE[1:4]:  # three classes of rule, each compiled
                 before = len(warm)
                 run_loops(model, h, make(name, max_loops=6, **params), needed,
@@ -316,6 +316,27 @@ def test_kl_turns_its_state_to_the_shortlist_at_one_address_per_shape():
         short = torch.where(allowed, logits[:, vocab], torch.finfo(torch.float32).min)
         assert policy.judge_needed(short, flat).all()  # the same distributions: KL 0
     assert len(addresses) == 1
+
+
+@pytest.mark.parametrize("name, params", GRAPHABLE[-2:])
+def test_policy_state_follows_inference_mode_and_stays_out_of_pickles(name, params):
+    """The memory stability and kl keep for good is kept per inference mode (a tensor made
+    under it cannot be written outside it), so a run in either mode may follow one in the
+    other; a pickle carries the policy's settings, not that memory."""
+    import pickle
+
+    model = spread_model()
+    h, needed, _ = loop_state(model)
+    policy = make(name, max_loops=6, **params)
+    before = len(pickle.dumps(policy))
+    _, ref = run_loops(model, h, make(name, max_loops=6, **params), needed)
+    with torch.inference_mode():
+        _, first = run_loops(model, h, policy, needed)
+    _, second = run_loops(model, h, policy, needed)
+    assert torch.equal(first.loops, ref.loops) and torch.equal(second.loops, ref.loops)
+    assert len(pickle.dumps(policy)) == before
+    _, again = run_loops(model, h, pickle.loads(pickle.dumps(policy)), needed)
+    assert torch.equal(again.loops, ref.loops)
 
 
 def test_bench_times_the_graphed_check_where_a_compiled_run_uses_it(graphed, tiny_model):
