@@ -344,13 +344,24 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
     return seconds
 
 
-# operators that launch no kernel of their own (views, allocations, conversions that only
-# dispatch to a copy counted on its own)
+# operators that launch no kernel of their own: views, allocations, and those that launch
+# what the operators they call launch (a conversion or clone: a copy; a reshape: nothing or
+# a copy)
 NO_KERNEL = frozenset({
     "view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze",
     "t", "alias", "detach", "as_strided", "transpose", "permute", "lift_fresh", "empty",
-    "empty_strided", "resize_", "to", "_to_copy", "resolve_conj", "resolve_neg", "clone",
-    "contiguous", "_reshape_alias", "set_"})
+    "empty_like", "empty_strided", "resize_", "to", "_to_copy", "resolve_conj",
+    "resolve_neg", "clone", "contiguous", "_reshape_alias", "set_"})
+
+
+def _kernels_of(event: Any) -> int:
+    """Kernels a CPU profiler event of an operator launched: one, or for an operator of
+    `NO_KERNEL` those of the operators it called."""
+    if not event.name.startswith("aten::"):
+        return 0
+    if event.name[6:] in NO_KERNEL:
+        return sum(_kernels_of(child) for child in event.cpu_children)
+    return 1
 
 
 def launched_kernels(fn: Callable[[], Any], device: torch.device) -> int:
@@ -373,9 +384,8 @@ def launched_kernels(fn: Callable[[], Any], device: torch.device) -> int:
     for e in prof.events():
         if "cpp_fused" in e.name:
             count += 1
-        elif e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL:
-            parent = e.cpu_parent
-            count += parent is None or not parent.name.startswith("aten::")
+        elif e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"):
+            count += _kernels_of(e)  # an operator called outside another one
     return count
 
 

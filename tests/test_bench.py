@@ -414,3 +414,14 @@ def test_bench_phases_checks_its_generation_options_first(capsys, argv, message)
                   "--device", "cpu", *argv])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_launched_kernels_counts_what_operators_launch_on_the_cpu():
+    """Views launch nothing, an operator one kernel, a conversion or clone its copy."""
+    from adaptive_loop.bench import launched_kernels
+
+    x, cpu = torch.randn(4, 8), torch.device("cpu")
+    assert launched_kernels(lambda: x.view(-1).t(), cpu) == 0
+    assert launched_kernels(lambda: (x + 1) * 2, cpu) == 2
+    assert launched_kernels(lambda: x.clone(), cpu) == 1
+    assert launched_kernels(lambda: x.to(torch.float64), cpu) == 1
