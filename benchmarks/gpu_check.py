@@ -761,7 +761,8 @@ def main() -> None:
                                      T.device, T.dtype, repeats=T.size(20, 1),
                                      modes=(False, True))])),
         # a graphed check compiled whole against its parts fused one by one, side by side
-        ("check_bodies", 25, lambda r: r.update(check_bodies=bench_check_bodies(
+        # (a guess: ten compilations, five policies each way)
+        ("check_bodies", 60, lambda r: r.update(check_bodies=bench_check_bodies(
             T.shape(smdm), T.size(16, 2), T.size(512, 32), 0.125, T.device, T.dtype,
             repeats=T.size(20, 1)))),
         ("profile_d2048", 5, profile_iteration),
