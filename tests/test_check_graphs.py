@@ -4,7 +4,7 @@ run; static buffers refreshed before every replay; per-token state kept in place
 
 import pytest
 import torch
-from tests_support import loop_state, spread_model
+from tests_support import failing_captures, loop_state, spread_model
 
 from adaptive_loop import check_graphs, generate
 from adaptive_loop.bench import bench_monitor
@@ -230,14 +230,7 @@ def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_m
                                                                monkeypatch):
     """A check whose capture fails warns once; its store captures nothing more and its checks
     run uncaptured, deciding as the plain run does."""
-    attempts = []
-
-    def failing(self, args):
-        attempts.append(args)
-        return self.body(*args), None, None, RuntimeError("not permitted")
-
-    monkeypatch.setattr(check_graphs, "CAPTURE", ("cuda", "cpu"))
-    monkeypatch.setattr(check_graphs.CheckGraphs, "_warm_and_capture", failing)
+    attempts = failing_captures(monkeypatch, check_graphs, check_graphs.CheckGraphs)
     h, needed, _ = loop_state(looped_model)
     policy = make("convergence", threshold=0.3, max_loops=6)
     with pytest.warns(RuntimeWarning, match="halting check could not be captured") as caught:

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from tests_support import loop_state, spread_model
+from tests_support import failing_captures, loop_state, spread_model
 from torch._dynamo.testing import CompileCounter
 
 from adaptive_loop import generate, graphs
@@ -132,14 +132,7 @@ def test_a_failed_capture_stops_capturing_and_runs_uncaptured(graphed, looped_mo
                                                               monkeypatch):
     """A capture that fails (a library that syncs, memory) warns once; that store captures
     nothing more, and its iterations run uncaptured, computing what the plain run does."""
-    attempts = []
-
-    def failing(self, args):
-        attempts.append(args)
-        return self.body(*args), None, None, RuntimeError("operation not permitted")
-
-    monkeypatch.setattr(graphs, "CAPTURE", ("cuda", "cpu"))
-    monkeypatch.setattr(graphs.PackedGraphs, "_warm_and_capture", failing)
+    attempts = failing_captures(monkeypatch, graphs, graphs.PackedGraphs)
     h, needed, key_mask = loop_state(looped_model)
     policy = make("convergence", threshold=0.3, max_loops=6)
     with pytest.warns(RuntimeWarning, match="could not be captured") as caught:

@@ -44,3 +44,18 @@ def loop_state(model: LoopMDM, batch: int = 8, length: int = 24, seed: int = 1):
     key_mask = torch.ones(batch, length, dtype=torch.bool)
     key_mask[1, :5], key_mask[4, :11] = False, False
     return model.prelude(model.embed(ids)), needed, key_mask
+
+
+def failing_captures(monkeypatch, module, store) -> list:
+    """Make every capture of `store` (a `graphs.Captures` class) fail, as a library that syncs
+    makes it fail, with the CPU a capturing device of `module` meanwhile: each attempt's
+    arguments are recorded (returned list) and its body runs uncaptured."""
+    attempts = []
+
+    def failing(self, args):
+        attempts.append(args)
+        return self.body(*args), None, None, RuntimeError("operation not permitted")
+
+    monkeypatch.setattr(module, "CAPTURE", ("cuda", "cpu"))
+    monkeypatch.setattr(store, "_warm_and_capture", failing)
+    return attempts
