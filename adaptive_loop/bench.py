@@ -314,18 +314,13 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
     (each `@fused` function compiled, the rest eager), as checks were before they were
     compiled whole, in a store of its own. With `kernels`, the kernels one check launches
     are appended to it (`launched_kernels`)."""
-    from .check_graphs import CheckGraphs, check_body, check_graphs
+    from .check_graphs import CheckGraphs, check_graphs, check_parts
 
     if whole:
         store = check_graphs(policy, model, h, "inductor")
     else:
         store = CheckGraphs(("parts",), policy, model, h, "inductor")
-
-        def parts(*args: Any) -> tuple[torch.Tensor, ...]:
-            with fusing("inductor"):
-                return check_body(*args)
-
-        store.body = parts
+        store.body = check_parts("inductor")
     store.begin(needed)
     if "logits" in policy.needs:
         store.find_probe(int(needed.sum()))

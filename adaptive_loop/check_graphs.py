@@ -39,6 +39,7 @@ tokens' positions, the shortlist's ids, row masks and head rows. On a device wit
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from torch import Tensor
 
 from . import graphs
 from .flops import head_flops
+from .fused import fusing
 from .phases import launches
 
 KEPT = 4  # stores kept per policy (batch shapes, models)
@@ -119,6 +121,20 @@ def check_body(policy: Any, model: Any, h: Tensor, prev: Tensor, active: Tensor,
 
 _BODIES: dict[Any, Callable[..., tuple[Tensor, ...]]] = {}
 _LIMIT_LOCK = threading.Lock()
+# backends that could not compile a check whole -> why (their checks are compiled by parts;
+# benchmarks report it, so that the parts' figures are not read as the whole's)
+FELL_BACK: dict[Any, str] = {}
+
+
+def check_parts(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
+    """`check_body` with its parts (the `@fused` signals) compiled one by one with `backend`
+    and the rest eager, as checks were captured before they were compiled whole."""
+
+    def parts(*args: Any) -> tuple[Tensor, ...]:
+        with fusing(backend):
+            return check_body(*args)
+
+    return parts
 
 
 def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
@@ -129,23 +145,44 @@ def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
     The sizes that change between a store's graphs, the needed bucket and the shortlist's, are
     marked dynamic on their static buffers, so a new bucket captures without compiling anew.
     A check traces whole (no graph break) for the built-in graphable policies (tested); a
-    plugin's rule that breaks the graph runs its breaks eagerly, still correctly."""
+    plugin's rule that breaks the graph runs its breaks eagerly, still correctly. Should the
+    backend fail on the whole check (`BackendCompilerFailed`, raised before any of its work
+    ran), the process warns once, notes it in `FELL_BACK` and compiles checks by parts
+    (`check_parts`) from then on, as checks ran before; a failure there is the run's."""
     if backend is None:
         return check_body
     if backend not in _BODIES:
-        compiled = torch.compile(check_body, backend=backend)
+        whole = torch.compile(check_body, backend=backend)
+        parts = check_parts(backend)
 
         def call(*args: Any) -> tuple[Tensor, ...]:
-            # every policy class, batch shape and state size met in the process compiles the
-            # one function anew, more than torch's default limit of 8 in a sweep or a
-            # benchmark (past it, the checks would run eagerly). The limit is the process's:
-            # raised for this call alone, one call at a time (a capturing store calls this at
-            # a graph's first use only; an uncapturing one, at every check)
-            with _LIMIT_LOCK, torch._dynamo.config.patch(**{LIMIT: COMPILES}):
-                return compiled(*args)
+            if backend in FELL_BACK:
+                return parts(*args)
+            try:
+                # every policy class, batch shape and state size met in the process compiles
+                # the one function anew, more than torch's default limit of 8 in a sweep or a
+                # benchmark (past it, the checks would run eagerly). The limit is the
+                # process's: raised for this call alone, one call at a time (a capturing store
+                # calls this at a graph's first use only; an uncapturing one, at every check)
+                with _LIMIT_LOCK, torch._dynamo.config.patch(**{LIMIT: COMPILES}):
+                    return whole(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as err:
+                why = _reason(err)
+                FELL_BACK[backend] = why
+                warnings.warn(f"torch.compile could not compile a halting check whole ({why}); "
+                              f"checks are compiled by parts from now on", RuntimeWarning,
+                              stacklevel=5)
+                return parts(*args)
 
         _BODIES[backend] = call
     return _BODIES[backend]
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, in one line: the backend's own error where torch kept it."""
+    inner = getattr(err, "inner_exception", None) or err
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 class CheckGraphs(graphs.Captures):

@@ -66,6 +66,7 @@ from adaptive_loop.bench import (
     rows_to_dicts,
     uneven_mask,
 )
+from adaptive_loop.check_graphs import FELL_BACK
 from adaptive_loop.fused import fusing
 from adaptive_loop.phases import device_busy_ms
 from adaptive_loop.policies import make
@@ -612,6 +613,10 @@ def checks(results: dict) -> list[dict]:
     memory = results.get("loop_memory")
     add("loop memory: 32 iterations peak no higher than 6",
         memory.get("no_growth") if isinstance(memory, dict) else memory, True)
+    # a check that could not be compiled whole ran by parts (`check_graphs.compiled_check`):
+    # the sections after it measured those
+    add("graphed checks compiled whole (none fell back to parts)",
+        not results.get("check_compile_failures"), True)
     return out
 
 
@@ -681,6 +686,9 @@ def _restart(args: argparse.Namespace, results: dict, path: Path,
 
 def summarise(results: dict) -> None:
     """Read every correctness check and every target off the results so far."""
+    if FELL_BACK:  # in this process (and before a restart)
+        results.setdefault("check_compile_failures", {}).update(
+            {str(backend): why for backend, why in FELL_BACK.items()})
     for key, read in (("checks", checks), ("targets", targets)):
         results.pop(f"{key}_error", None)
         try:

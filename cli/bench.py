@@ -108,6 +108,7 @@ def bench(
         rows_to_dicts,
         utilisation,
     )
+    from ..check_graphs import FELL_BACK
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
     from ..throughput import (
@@ -248,6 +249,8 @@ def bench(
             report["phases"] = [r.to_dict() for r in profile_phases(
                 model, prompts, decoding["gen_length"], decoding["steps"], chosen,
                 compile=compile, attention=backends[0], pipeline=pipeline)]
+    if FELL_BACK:  # checks compiled by parts, the whole check having failed (warned once)
+        report["check_compile_failures"] = {str(b): why for b, why in FELL_BACK.items()}
     if as_json:
         print(json.dumps(report))
         return

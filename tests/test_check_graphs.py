@@ -226,6 +226,46 @@ def test_checks_compile_past_torchs_limit_per_function(recorded):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name, params", [GRAPHABLE[0], GRAPHABLE[3]])
+def test_a_check_that_fails_to_compile_whole_is_compiled_by_parts(graphed, looped_model, name,
+                                                                   params):
+    """A backend that fails on the whole check (and compiles everything else): the process
+    warns once, notes it, and compiles the check's parts one by one from then on, deciding
+    as the plain run does; a failure of the parts themselves would be the run's."""
+    seen = []
+
+    def whole(names):  # the check body alone reads both (the fused update reads `needed`)
+        return all(any(arg in n for n in names) for arg in ("needed", "prev"))
+
+    def whole_fails(gm, example_inputs):
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        seen.append(names)
+        if whole(names):
+            raise RuntimeError("lowering failed\nmore detail")
+        return gm.forward
+
+    h, needed, _ = loop_state(looped_model)
+    policies = [make(name, max_loops=6, **params) for _ in range(3)]
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not compile a halting check whole "
+                          r"\(RuntimeError: lowering failed\); checks are compiled by parts "
+                          r"from now on") as caught:
+            runs = [run_loops(looped_model, h, policy, needed, compile=whole_fails)
+                    for policy in policies[:2]]
+        assert len([w for w in caught if "whole" in str(w.message)]) == 1
+        assert check_graphs.FELL_BACK[whole_fails] == "RuntimeError: lowering failed"
+        plain, t_plain = run_loops(looped_model, h, policies[2], needed)
+        for got, t in runs:
+            assert torch.equal(t.loops, t_plain.loops)
+            torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+        assert t_plain.loops.min() < t_plain.loops.max()
+        # the parts compiled: the signals' fused functions
+        assert any(not whole(names) and any("prev" in n or "cur" in n or "logits" in n
+                                             for n in names) for names in seen)
+    finally:
+        check_graphs.FELL_BACK.pop(whole_fails, None)
+
+
 def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_model,
                                                                monkeypatch):
     """A check whose capture fails warns once; its store captures nothing more and its checks

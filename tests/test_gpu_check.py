@@ -53,7 +53,7 @@ def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     # every correctness check is read off the results; on the CPU all hold but the CUDA-only
     assert "checks_error" not in report
     verdicts = {c["check"]: c["ok"] for c in report["checks"]}
-    assert len(verdicts) == 32 and False not in verdicts.values(), verdicts
+    assert len(verdicts) == 33 and False not in verdicts.values(), verdicts
     assert {k for k, ok in verdicts.items() if ok is None} == {
         "host syncs: observed within counted", "loop memory: 32 iterations peak no higher than 6",
         "compiled padded runs replay packed iterations as CUDA graphs, every capture taken",
@@ -112,6 +112,11 @@ def test_checks_tell_a_failure_from_a_check_that_did_not_run(monkeypatch):
     assert verdicts["host syncs kl compiled: observed within counted"] is True
     assert verdicts["loop memory: 32 iterations peak no higher than 6"] is True
     assert verdicts["runtime flex vs padded loops equal"] is None  # its section did not run
+    fell_back = "graphed checks compiled whole (none fell back to parts)"
+    assert verdicts[fell_back] is True
+    failed = {c["check"]: c["ok"] for c in checks({**report, "check_compile_failures": {
+        "inductor": "RuntimeError: no compiler"}})}
+    assert failed[fell_back] is False
 
 
 def test_a_terminated_run_keeps_what_finished_and_its_verdicts(tmp_path):
