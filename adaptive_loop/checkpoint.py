@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LoopMDMConfig
 from .device import pick_device, pick_dtype
-from .errors import CheckpointError, CheckpointNotFound, UsageError
+from .errors import CheckpointError, CheckpointNotFound, UsageError, WrongLayout
 from .files import atomic_write_many, remove_stale_temporaries, writable_dir
 from .importers import (
     Source,
@@ -261,7 +261,7 @@ def _locate(source: str | Path | None, format: str,
         raise CheckpointNotFound(f"checkpoint not found: {path}")
     fmt, opened = detect_format(path) if format == "auto" else (format, None)
     if fmt != "native" and is_native(path):  # an import asked of a native checkpoint
-        raise CheckpointError(f"{path} is a native adaptive-loop checkpoint, not {fmt}'s "
+        raise WrongLayout(f"{path} is a native adaptive-loop checkpoint, not {fmt}'s "
                               f"layout: leave the format to detection, or give native")
     if fmt == "native":
         _no_config(config)
@@ -436,7 +436,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
         model.left_out, model.left_out_reason = [], ""
         origin = Path(model.checkpoint_path)
         if origin.is_dir() and _is_native(origin / CONFIG_FILE):
-            reason = _head_left_out(origin, model)
+            reason = head_left_out(origin, model)
             for name in SIDECARS:
                 if (origin / name).is_file():
                     if name in SIDECARS[:2] and reason:
@@ -455,7 +455,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
     return model
 
 
-def _head_left_out(origin: Path, model: LoopMDM) -> str:
+def head_left_out(origin: Path, model: LoopMDM) -> str:
     """Why the halting head beside a native checkpoint is not copied along ("" to copy it):
     it was trained under another loop spec or on other weights (the checkpoint was trained
     again since), or it cannot be read; as the learned policy would refuse it."""

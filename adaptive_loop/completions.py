@@ -159,6 +159,17 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
             store = PartStore(Path(f"{out}.parts"), ranks, identity)
             notes = ([unlocked] if unlocked else []) + store.notes(ranks)
 
+        def reusable(part: Part, i: int) -> bool:
+            return well_formed(part, len(batches[i]), ("completions", "mean_loops"),
+                               ("loop_sum", "loop_count", "max_loops", *COMPUTE))
+
+        kept = 0 if store is None else sum(
+            part is not None and reusable(part, i)
+            for i, part in enumerate(store.get("complete", i) for i in range(len(batches))))
+        if kept:  # a resumed run: said, since its figures sum the earlier run's batches too
+            notes.append(f"{kept} of {len(batches)} batches came from an earlier run of the "
+                         f"same settings ({out}.parts/) and were not computed again")
+
         def compute(i: int) -> Part:
             ids = torch.tensor([encoded[j] for j in batches[i]])
             with torch.no_grad():
@@ -172,9 +183,7 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
 
         share = sum(len(batches[i]) for i in ranks.deal(len(batches)))
         parts = run_sharded("complete", len(batches), compute, ranks, store=store,
-                            reusable=lambda part, i: well_formed(
-                                part, len(batches[i]), ("completions", "mean_loops"),
-                                ("loop_sum", "loop_count", "max_loops", *COMPUTE)),
+                            reusable=reusable,
                             progress=(lambda i: progress(len(batches[i]), share)) if progress
                             else None)
         if parts is None:  # not rank 0

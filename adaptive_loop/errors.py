@@ -30,6 +30,13 @@ class CheckpointNotFound(CheckpointError):
     exit_code = 2
 
 
+class WrongLayout(CheckpointError):
+    """A checkpoint given with a format that is not its own (a native one asked for as an
+    import): a mistaken option, so exit code 2 like any other."""
+
+    exit_code = 2
+
+
 class GenerationError(AdaptiveLoopError):
     """A generation request the model cannot serve (prompt too long, NaNs while looping...)."""
 

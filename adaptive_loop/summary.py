@@ -13,6 +13,7 @@ from .checkpoint import (
     SIDECARS,
     WEIGHTS_FILE,
     embedded_path,
+    head_left_out,
     load_model,
     resolve_config,
     tokenizer_for,
@@ -98,12 +99,18 @@ def check_weights(source: str | Path | None = None, *, format: str = "auto",
     """Load a checkpoint on the CPU in float32 (arguments as for `load_model`, which checks
     every weight's key, shape and finiteness) and the tokenizer its config names.
 
+    A halting head beside a native checkpoint is loaded too: one that cannot be read fails
+    the check; one the `learned` policy would refuse for this model (trained under another
+    loop spec or on other weights) is reported, with why.
+
     Returns:
-        A JSON-ready dict: tensors, values, the model's vocab_size, and the tokenizer's kind
-        and vocab_size.
+        A JSON-ready dict: tensors, values, the model's vocab_size, the tokenizer's kind and
+        vocab_size, and the halting head's (None where there is none): whether the `learned`
+        policy takes it and, if not, why.
 
     Raises:
-        CheckpointError: weights that do not load, do not match the config or hold NaN/inf.
+        CheckpointError: weights that do not load, do not match the config or hold NaN/inf,
+            or a halting head that cannot be read.
         UsageError: a tokenizer file that is missing, does not parse, or has more tokens
             than the model embeds.
     """
@@ -115,4 +122,18 @@ def check_weights(source: str | Path | None = None, *, format: str = "auto",
         tokenizer = {"kind": model.config.tokenizer.get("kind"), "vocab_size": tok.vocab_size}
     unique = {t.data_ptr(): t for t in state.values()}  # a tied head is the embedding
     return {"tensors": len(unique), "values": sum(t.numel() for t in unique.values()),
-            "vocab_size": model.config.vocab_size, "tokenizer": tokenizer}
+            "vocab_size": model.config.vocab_size, "tokenizer": tokenizer,
+            "halting_head": _check_head(model)}
+
+
+def _check_head(model: LoopMDM) -> dict[str, Any] | None:
+    """The halting head beside a native checkpoint, loaded (CheckpointError where it cannot
+    be), and whether the `learned` policy takes it for this model; None where there is none."""
+    from .halting_head import HEAD_WEIGHTS, load_head
+
+    origin = Path(model.checkpoint_path)
+    if not (origin.is_dir() and (origin / HEAD_WEIGHTS).is_file()):
+        return None
+    load_head(origin)
+    refused = head_left_out(origin, model)
+    return {"usable": not refused, "reason": refused}

@@ -110,13 +110,14 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
           log: Callable[[dict[str, Any]], None] | None = None,
           evaluate: Callable[[LoopMDM, int], float] | None = None,
           state_path: Path | None = None, save_every_s: float = 10.0,
-          on_resume: Callable[[int], None] | None = None) -> LoopMDM:
+          on_resume: Callable[[int, int], None] | None = None) -> LoopMDM:
     """Train a model from scratch; `evaluate(model, n_loops)` is called every eval_every steps.
 
     With `state_path`, the model, optimiser, data stream and step are saved there at most
     every `save_every_s` seconds and when interrupted (Ctrl-C); a run that finds the file
     resumes from it and follows the same trajectory as an uninterrupted run
-    (`on_resume(step)` is told the step it resumes at, once the file has been read).
+    (`on_resume(step, replayed)` is told the step it resumes at, once the file has been
+    read, and how many records of the earlier runs `log` is handed next, before this run's).
     """
     torch.manual_seed(cfg.seed)
     task = make_task(cfg.task)
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu",
         history, before = list(state.get("history", [])), float(state.get("elapsed_s", 0.0))
         owed = state.get("eval_owed")  # an evaluation the interrupt cut short
         if on_resume:
-            on_resume(first)
+            on_resume(first, len(history))
     start = last_save = time.perf_counter()
 
     def elapsed() -> float:
@@ -273,11 +274,30 @@ def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: An
     dev = pick_device(device)
     task = make_task(cfg.task)
     history: list[dict[str, Any]] = []
+    # off a terminal (a log file, a pipe) the bar is not drawn: a line per tenth of the steps
+    # and per evaluation instead, this run's only (a resumed run replays the earlier record)
+    lines = console is not None and not console.is_terminal
+    shown = {"replayed": 0, "next": 0}
 
-    def resumed(step: int) -> None:
+    def resumed(step: int, replayed: int) -> None:
+        shown["replayed"], shown["next"] = replayed, step
         if console is not None:
             console.print(f"resuming at step {step} of {cfg.steps}, from {out / STATE_FILE}",
                           markup=False, highlight=False)
+
+    def say(entry: dict[str, Any]) -> None:
+        step, when = entry["step"], f"{entry['elapsed_s']:.0f} s"
+        if shown["replayed"]:
+            shown["replayed"] -= 1
+            return
+        if "loss" not in entry:
+            console.print(f"step {step + 1} of {cfg.steps}: held-out accuracy "
+                          f"{entry['eval_accuracy']:.1%} at {cfg.max_train_loops} loops "
+                          f"({when})", markup=False, highlight=False, soft_wrap=True)
+        elif step + 1 >= shown["next"]:
+            shown["next"] = step + 1 + max(1, cfg.steps // 10)
+            console.print(f"step {step + 1} of {cfg.steps}: loss {entry['loss']:.4f} ({when})",
+                          markup=False, highlight=False, soft_wrap=True)
 
     def evaluate(model: LoopMDM, loops: int) -> float:
         res = evaluate_task(model, task, make("fixed", loops=loops), n=cfg.eval_problems,
@@ -291,6 +311,8 @@ def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: An
 
         def log(entry: dict[str, Any]) -> None:
             history.append(entry)
+            if lines:
+                say(entry)
             if "loss" in entry:
                 bar.update(job, completed=entry["step"] + 1, info=f"loss {entry['loss']:.4f}")
             else:

@@ -129,9 +129,10 @@ def bench(
     _floats(str(needed), "--needed")
     if steps < 0:
         raise UsageError(f"--steps must be 0 (automatic) or more, got {steps}")
-    if batch < 1 or (length is not None and length < 2) or repeats < 1:
-        raise UsageError(f"--batch and --repeats must be >= 1 and --length >= 2, got {batch}, "
-                         f"{repeats} and {length}")
+    for name, value, least in (("--batch", batch, 1), ("--repeats", repeats, 1),
+                               ("--length", length, 2)):
+        if value is not None and value < least:
+            raise UsageError(f"{name} must be >= {least}, got {value}")
     if loops is not None and loops < 1:
         raise UsageError(f"--loops must be >= 1, got {loops}")
     generates = generation or phases  # generations to time, or to profile

@@ -20,9 +20,12 @@ LoopStart = Annotated[int | None, typer.Option(
     help="First looped layer (with --loop-layers; default: a native checkpoint's own loop spec, "
          "an import's plain MDM: all layers once).")]
 LoopLayers = Annotated[int | None, typer.Option(help="Number of contiguous looped layers.")]
-LoopCount = Annotated[int | None, typer.Option(
-    "--loops", help="Loop count S (convert: the default stored in the config, 1 for imports "
-    "unless given; inspect: the one the figures are for).")]
+StoredLoops = Annotated[int | None, typer.Option(
+    "--loops", help="Loop count S stored in the config as the model's default (default: the "
+    "checkpoint's own; 1 for an import).")]
+FigureLoops = Annotated[int | None, typer.Option(
+    "--loops", help="Loop count S the figures are for (default: the checkpoint's own; 1 for an "
+    "import).")]
 
 
 def _spec(loop_start: int | None, loop_layers: int | None, loops: int | None,
@@ -40,7 +43,7 @@ def convert(
     config: Config = None,
     loop_start: LoopStart = None,
     loop_layers: LoopLayers = None,
-    loops: LoopCount = None,
+    loops: StoredLoops = None,
     max_train_loops: Annotated[int | None, typer.Option(
         help="The most loops the checkpoint was trained with (S_max), stored in the config: "
              "sweeps and curves mark the loop counts beyond it. Default: --loops for an "
@@ -91,13 +94,13 @@ def inspect(
     config: Config = None,
     loop_start: LoopStart = None,
     loop_layers: LoopLayers = None,
-    loops: LoopCount = None,
+    loops: FigureLoops = None,
     length: Annotated[int | None, typer.Option(
         help="Sequence length for the FLOP figures (default: the model's context).")] = None,
     check: Annotated[bool, typer.Option(
-        "--check", help="Also load the weights (on the CPU, in float32: 4 bytes a parameter) "
-        "and the tokenizer, and fail on weights that are missing, truncated, of the wrong shape or "
-        "hold NaN/inf.")] = False,
+        "--check", help="Also load the weights (on the CPU, in float32: 4 bytes a parameter), "
+        "the tokenizer and a halting head beside them, and fail on weights that are missing, "
+        "truncated, of the wrong shape or hold NaN/inf, or a head that cannot be read.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show a checkpoint's config, loop spec, parameters, FLOPs and tokenizer.
@@ -138,6 +141,10 @@ def inspect(
         vocab = got["tokenizer"].get("vocab_size")
         tokenizer = "no tokenizer" if vocab is None else \
             f"tokenizer loads ({vocab:,} tokens, model vocab {got['vocab_size']:,})"
+        head = got["halting_head"]
+        head = "" if head is None else "; halting head loads" + (
+            "" if head["usable"] else f", but the learned policy would refuse it: "
+            f"{head['reason']}")
         table.add_row("check", f"weights load: {got['tensors']} tensors, {got['values']:,} "
-                      f"values, all finite; {tokenizer}")
+                      f"values, all finite; {tokenizer}{head}")
     out.print(table)

@@ -57,7 +57,8 @@ def generate(
         help="Denoising steps (default: the built-in task's when --gen-length is not given, "
              "else gen-length).")] = None,
     gen_length: Annotated[int | None, typer.Option(
-        help="Tokens to generate (default: the embedded task's answer length).")] = None,
+        help="Tokens to generate (default: the answer length of the model's built-in task, "
+             "the checkpoint's or the embedded model's; required where there is none).")] = None,
     block_length: Annotated[int | None, typer.Option(
         help="Semi-autoregressive block length (default: gen-length).")] = None,
     temperature: Annotated[float, typer.Option(
@@ -515,12 +516,16 @@ def train(
     state = out_dir.expanduser() / STATE_FILE  # written as the run stops, once it has begun
     on_abort(if_kept(f"progress is kept in {state}; run the same command again to resume",
                      state))
-    train_and_save(cfg, out_dir, device=device, console=err, force=force)
+    report = train_and_save(cfg, out_dir, device=device, console=err, force=force)
     if as_json:  # the record written beside the weights
         print(json.dumps({"out": str(out_dir), **json.loads(
             (out_dir.expanduser() / RECORD_FILE).read_text())}))
         return
-    out.print(f"saved to {out_dir}")
+    evals = [e for e in report["history"] if "eval_accuracy" in e]
+    scored = f", held-out accuracy {evals[-1]['eval_accuracy']:.1%} at " \
+        f"{cfg.max_train_loops} loops" if evals else ""
+    out.print(f"saved to {out_dir} ({cfg.steps} steps in {report['seconds']:.0f} s{scored})",
+              highlight=False, soft_wrap=True)
 
 
 @app.command("policies")

@@ -57,8 +57,8 @@ def train_halting(
     held_out: Annotated[float, typer.Option(
         help="Fraction of the prompts kept out of training to score the head.")] = 0.2,
     threshold: Annotated[float, typer.Option(
-        help="Halt when the head's probability exceeds this (scored here; the policy's "
-        "default).")] = 0.9,
+        help="The halting probability the printed precision and recall are scored at (the "
+        "`learned` policy's default threshold).")] = 0.9,
     seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.", min=0,
                                       max=SEED_MAX)] = 0,
     out_dir: Annotated[Path | None, typer.Option(

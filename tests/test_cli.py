@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -136,5 +137,15 @@ def test_every_command_that_reports_takes_json(tmp_path, capsys):
     trained = json_of("train", "--out", str(tmp_path / "t"), "--steps", "2", "--eval-every",
                       "2", "--device", "cpu")
     assert trained["out"] == str(tmp_path / "t") and trained["train_config"]["steps"] == 2
+    # without --json, off a terminal: a line per tenth of the steps and per evaluation on
+    # stderr, and the closing line says how the run ended
+    plain = run("train", "--out", str(tmp_path / "t2"), "--steps", "2", "--eval-every", "2",
+                "--device", "cpu")
+    assert plain.returncode == 0, plain.stderr
+    assert re.fullmatch(r"step 1 of 2: loss [\d.]+ \(\d+ s\)\nstep 2 of 2: loss [\d.]+ "
+                        r"\(\d+ s\)\nstep 2 of 2: held-out accuracy [\d.]+% at 8 loops "
+                        r"\(\d+ s\)\n", plain.stderr), plain.stderr
+    assert re.fullmatch(rf"saved to {re.escape(str(tmp_path / 't2'))} \(2 steps in \d+ s, "
+                        r"held-out accuracy [\d.]+% at 8 loops\)\n", plain.stdout), plain.stdout
     for command in ("policies", "convert", "train"):
         assert "--json" in run(command, "--help").stdout

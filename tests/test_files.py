@@ -215,13 +215,15 @@ def test_a_resumed_completion_with_another_tokenizer_reuses_nothing(tmp_path, ad
         completions.complete_file(addition_model, records, tokenizer=tok,
                                   progress=stop_after_two, **kw)
     calls.clear()
-    completions.complete_file(addition_model, records, tokenizer=tok, **kw)
-    assert len(calls) == 1  # the same tokenizer: the two kept batches are reused
+    done = completions.complete_file(addition_model, records, tokenizer=tok, **kw)
+    assert len(calls) == 1  # the same tokenizer: the two kept batches are reused, and said
+    assert done.notes == [f"2 of 3 batches came from an earlier run of the same settings "
+                          f"({out}.parts/) and were not computed again"]
     out.unlink()
     with pytest.raises(KeyboardInterrupt):
         calls.clear()
         completions.complete_file(addition_model, records, tokenizer=tok,
                                   progress=stop_after_two, **kw)
     calls.clear()
-    completions.complete_file(addition_model, records, tokenizer=other, **kw)
-    assert len(calls) == 3
+    done = completions.complete_file(addition_model, records, tokenizer=other, **kw)
+    assert len(calls) == 3 and not any("earlier run of the same" in n for n in done.notes)
