@@ -164,8 +164,8 @@ def complete_file(model: LoopMDM, records: list[dict[str, Any]], *, policy: Halt
                                ("loop_sum", "loop_count", "max_loops", *COMPUTE))
 
         kept = 0 if store is None else sum(
-            part is not None and reusable(part, i)
-            for i, part in enumerate(store.get("complete", i) for i in range(len(batches))))
+            (part := store.get("complete", i)) is not None and reusable(part, i)
+            for i in range(len(batches)))
         if kept:  # a resumed run: said, since its figures sum the earlier run's batches too
             notes.append(f"{kept} of {len(batches)} batches came from an earlier run of the "
                          f"same settings ({out}.parts/) and were not computed again")

@@ -179,6 +179,10 @@ def generate(
     unknown = unknown_note(tokenizer_for(model), list(prompt))
     if unknown:
         err.print(f"note: {unknown}", markup=False, highlight=False)
+    elif task is not None:  # a prompt the model never learned to answer: said once
+        off = next(filter(None, map(task.off_format, prompt)), None)
+        if off:
+            err.print(f"note: {off}", markup=False, highlight=False, soft_wrap=True)
     def once() -> Any:
         return run(model, prompt, policy=halting, gen_length=gen_length, steps=steps,
                    seed=seed, **decoding)
@@ -221,7 +225,10 @@ def generate(
                   f"{stats.looped_flops_fixed_max:.3e} ({stats.flops_ratio:.2f}x, "
                   f"{1 - stats.flops_ratio:.0%} saved)")
     table.add_row("monitoring FLOPs", f"{stats.monitor_flops:.3e}")
-    table.add_row("NFE / wall", f"{stats.nfe} / {stats.wall_s:.3f} s")
+    # a profiled run's figures are of the call after a warm-up; a plain one pays compiling
+    compiled = " (compiling included: a process's first compiled call pays it)" \
+        if compile_loops and profile is None else ""
+    table.add_row("NFE / wall", f"{stats.nfe} / {stats.wall_s:.3f} s{compiled}")
     out.print(table)
     if phases is not None:
         _print_phases(phases, profile, stats.wall_s,

@@ -59,6 +59,14 @@ def test_user_errors_are_one_line(args, message):
     assert res.stderr.strip().count("\n") == 0, res.stderr
 
 
+def test_a_prompt_off_the_tasks_format_gets_a_note():
+    off, on = run("generate", "12+34="), run("generate", "21000000+43000000=")
+    assert off.returncode == on.returncode == 0, off.stderr + on.stderr
+    assert off.stderr.startswith("note: the model's task reads 2 numbers of 8 digits") and \
+        "its answer to '12+34=' means nothing" in off.stderr
+    assert "note:" not in on.stderr and "12 + 34 =" in on.stdout
+
+
 def test_unknown_option_is_a_usage_error():
     res = run("generate", "--bogus")
     assert res.returncode == 2 and "Traceback" not in res.stderr

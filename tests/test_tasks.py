@@ -13,6 +13,19 @@ def test_prompt_and_answer_are_little_endian_and_padded():
     assert task.describe("3210+7654=", "09640") == "123 + 4567 = 4690 (correct)"
 
 
+def test_a_prompt_off_the_tasks_format_is_told_apart():
+    task = make_task({"name": "addition", "digits": 4})
+    assert task.off_format("3210+7654=") is None
+    for prompt in ("12+34=", "3210+7654", "3210+7654+1111=", "32a0+7654=", "3210-7654="):
+        assert task.off_format(prompt) == (
+            "the model's task reads 2 numbers of 4 digits, lowest digit first and zero-padded, "
+            f"joined by '+' and ending in '=' (e.g. 2100+4300= for 12 + 34); its answer to "
+            f"{prompt!r} means nothing")
+    three = make_task({"name": "addition", "digits": 2, "terms": 3})
+    assert three.off_format("21+43+65=") is None and "e.g. 21+43+65= for 12 + 34 + 56" in \
+        three.off_format("21+43=")
+
+
 def test_tensor_batches_match_the_string_form():
     task = make_task({"name": "addition", "digits": 3})
     tok = task.tokenizer()

@@ -96,6 +96,19 @@ class AdditionTask:
     def operands(self, prompt: str) -> tuple[int, ...]:
         return tuple(int(t[::-1]) for t in prompt.rstrip("=").split("+"))
 
+    def off_format(self, prompt: str) -> str | None:
+        """Why `prompt` is not one of this task's prompts, the only ones its model learned to
+        answer (None where it is one)."""
+        terms = prompt[:-1].split("+") if prompt.endswith("=") else []
+        if len(terms) == self.terms and all(len(t) == self.digits and t.isdigit()
+                                            for t in terms):
+            return None
+        values = [12 + 22 * i for i in range(self.terms)]
+        return (f"the model's task reads {self.terms} numbers of {self.digits} digits, lowest "
+                f"digit first and zero-padded, joined by '+' and ending in '=' (e.g. "
+                f"{self.prompt(*values)} for {' + '.join(map(str, values))}); its answer to "
+                f"{prompt!r} means nothing")
+
     def describe(self, prompt: str, completion: str) -> str:
         """A human reading of a prompt and completion, e.g. `123 + 4567 = 4690 (correct)`."""
         terms = self.operands(prompt)
