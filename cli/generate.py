@@ -179,10 +179,6 @@ def generate(
     unknown = unknown_note(tokenizer_for(model), list(prompt))
     if unknown:
         err.print(f"note: {unknown}", markup=False, highlight=False)
-    elif task is not None:  # a prompt the model never learned to answer: said once
-        off = next(filter(None, map(task.off_format, prompt)), None)
-        if off:
-            err.print(f"note: {off}", markup=False, highlight=False, soft_wrap=True)
     def once() -> Any:
         return run(model, prompt, policy=halting, gen_length=gen_length, steps=steps,
                    seed=seed, **decoding)
@@ -203,6 +199,11 @@ def generate(
         if _drop_if_empty(profile):  # the profiler reports a failed write only in a log
             raise GenerationError(f"the profiler wrote nothing to {profile}")
     stats = result.stats
+    # a prompt the model never learned to answer: said once, after a run that took it
+    off = None if task is None or unknown else next(filter(None, map(task.off_format, prompt)),
+                                                     None)
+    if off:
+        err.print(f"note: {off}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         payload = {"text": result.text, "tokens": result.tokens.tolist(),
                    "stats": {**stats.summary(), "steps": [s.__dict__ for s in stats.steps]}}

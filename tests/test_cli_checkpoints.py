@@ -143,28 +143,25 @@ def test_inspect_check_loads_the_halting_head_beside_the_weights(tmp_path):
     import shutil
 
     from adaptive_loop.checkpoint import embedded_path
+    from adaptive_loop.summary import check_weights
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(embedded_path(), ckpt)
-    res = run("inspect", str(ckpt), "--check", "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["check"]["halting_head"] == {"usable": True, "reason": ""}
-    shown = run("inspect", str(ckpt), "--check").stdout
-    assert "halting head loads" in " ".join(shown.replace("│", " ").split()), shown
-
+    assert check_weights(ckpt)["halting_head"] == {"usable": True, "reason": ""}
     meta = json.loads((ckpt / "halting_head.json").read_text())
     meta["model"]["max_seq_len"] = 99  # a record of another model
     (ckpt / "halting_head.json").write_text(json.dumps(meta))
-    res = run("inspect", str(ckpt), "--check", "--json")
-    assert json.loads(res.stdout)["check"]["halting_head"] == {
-        "usable": False, "reason": "it was trained under another loop spec"}
+    refused = "it was trained under another loop spec"
+    assert check_weights(ckpt)["halting_head"] == {"usable": False, "reason": refused}
+    shown = run("inspect", str(ckpt), "--check").stdout
+    assert f"halting head loads, but the learned policy would refuse it: {refused}" in \
+        " ".join(shown.replace("│", " ").split()), shown
 
     head = ckpt / "halting_head.safetensors"
     head.write_bytes(head.read_bytes()[:100])
     res = run("inspect", str(ckpt), "--check")
     assert res.returncode == 1 and res.stderr.startswith("error: "), res.stderr
     assert res.stderr.strip().count("\n") == 0 and "halting_head.safetensors" in res.stderr
-    assert run("inspect", str(ckpt)).returncode == 0  # without --check nothing is loaded
 
 
 def test_inspect_counts_a_tied_head_once_and_shows_a_missing_tokenizer(tmp_path, make_config):

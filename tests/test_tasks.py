@@ -21,6 +21,7 @@ def test_a_prompt_off_the_tasks_format_is_told_apart():
             "the model's task reads 2 numbers of 4 digits, lowest digit first and zero-padded, "
             f"joined by '+' and ending in '=' (e.g. 2100+4300= for 12 + 34); its answer to "
             f"{prompt!r} means nothing")
+    assert task.off_format("1" * 50).endswith(f"its answer to '{'1' * 37}...' means nothing")
     three = make_task({"name": "addition", "digits": 2, "terms": 3})
     assert three.off_format("21+43+65=") is None and "e.g. 21+43+65= for 12 + 34 + 56" in \
         three.off_format("21+43=")

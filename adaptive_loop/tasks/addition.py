@@ -104,10 +104,11 @@ class AdditionTask:
                                             for t in terms):
             return None
         values = [12 + 22 * i for i in range(self.terms)]
+        shown = prompt if len(prompt) <= 40 else f"{prompt[:37]}..."
         return (f"the model's task reads {self.terms} numbers of {self.digits} digits, lowest "
                 f"digit first and zero-padded, joined by '+' and ending in '=' (e.g. "
                 f"{self.prompt(*values)} for {' + '.join(map(str, values))}); its answer to "
-                f"{prompt!r} means nothing")
+                f"{shown!r} means nothing")
 
     def describe(self, prompt: str, completion: str) -> str:
         """A human reading of a prompt and completion, e.g. `123 + 4567 = 4690 (correct)`."""
