@@ -146,9 +146,11 @@ def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
     marked dynamic on their static buffers, so a new bucket captures without compiling anew.
     A check traces whole (no graph break) for the built-in graphable policies (tested); a
     plugin's rule that breaks the graph runs its breaks eagerly, still correctly. Should the
-    backend fail on the whole check (`BackendCompilerFailed`, raised before any of its work
-    ran), the process warns once, notes it in `FELL_BACK` and compiles checks by parts
-    (`check_parts`) from then on, as checks ran before; a failure there is the run's."""
+    backend fail on the whole check (`BackendCompilerFailed`; for a rule without graph breaks,
+    before any of the check's work ran), the process warns once, notes it in `FELL_BACK` and
+    compiles checks by parts (`check_parts`) from then on, as checks ran before; a failure
+    there is the run's. A failure inside a CUDA graph capture is left to the capture, which
+    then runs its store uncaptured (`graphs.Captures`)."""
     if backend is None:
         return check_body
     if backend not in _BODIES:
@@ -156,26 +158,33 @@ def compiled_check(backend: Any) -> Callable[..., tuple[Tensor, ...]]:
         parts = check_parts(backend)
 
         def call(*args: Any) -> tuple[Tensor, ...]:
-            if backend in FELL_BACK:
-                return parts(*args)
-            try:
-                # every policy class, batch shape and state size met in the process compiles
-                # the one function anew, more than torch's default limit of 8 in a sweep or a
-                # benchmark (past it, the checks would run eagerly). The limit is the
-                # process's: raised for this call alone, one call at a time (a capturing store
-                # calls this at a graph's first use only; an uncapturing one, at every check)
-                with _LIMIT_LOCK, torch._dynamo.config.patch(**{LIMIT: COMPILES}):
-                    return whole(*args)
-            except torch._dynamo.exc.BackendCompilerFailed as err:
-                why = _reason(err)
-                FELL_BACK[backend] = why
-                warnings.warn(f"torch.compile could not compile a halting check whole ({why}); "
-                              f"checks are compiled by parts from now on", RuntimeWarning,
-                              stacklevel=5)
-                return parts(*args)
+            # every policy class, batch shape and state size met in the process compiles the
+            # one function anew, more than torch's default limit of 8 in a sweep or a
+            # benchmark (past it, the checks would run eagerly). The limit is the process's:
+            # raised for this call alone, one call at a time (a capturing store calls this at
+            # a graph's first use only; an uncapturing one, at every check). Under the lock a
+            # failure is noted before another thread can compile again
+            with _LIMIT_LOCK:
+                if backend not in FELL_BACK:
+                    try:
+                        with torch._dynamo.config.patch(**{LIMIT: COMPILES}):
+                            return whole(*args)
+                    except torch._dynamo.exc.BackendCompilerFailed as err:
+                        if _capturing():
+                            raise
+                        FELL_BACK[backend] = why = _reason(err)
+                        warnings.warn(f"torch.compile could not compile a halting check whole "
+                                      f"({why}); checks are compiled by parts from now on",
+                                      RuntimeWarning, stacklevel=5)
+            return parts(*args)
 
         _BODIES[backend] = call
     return _BODIES[backend]
+
+
+def _capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _reason(err: BaseException) -> str:

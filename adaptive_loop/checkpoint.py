@@ -457,22 +457,28 @@ def convert_checkpoint(source: str | Path, destination: str | Path, *, format: s
 
 def head_left_out(origin: Path, model: LoopMDM) -> str:
     """Why the halting head beside a native checkpoint is not copied along ("" to copy it):
-    it was trained under another loop spec or on other weights (the checkpoint was trained
-    again since), or it cannot be read; as the learned policy would refuse it."""
+    it was trained on another model (another loop spec, say: the fields that differ are
+    named) or on other weights (the checkpoint was trained again since), or it cannot be
+    read; as the learned policy would refuse it."""
     from .halting_head import HEAD_WEIGHTS, load_head, model_differences, weights_signature
 
     trained = _head_record(origin / SIDECARS[1])
-    if model_differences(trained, model.config.to_dict()):
-        return "it was trained under another loop spec"
+    differ = model_differences(trained, model.config.to_dict())
+    head, unreadable = None, ""
+    if (origin / HEAD_WEIGHTS).is_file():
+        try:
+            head = load_head(origin)[0]
+        except CheckpointError as err:
+            unreadable = f"it cannot be read ({err})"
+    width = model.config.d_model
+    if not differ and head is not None and head.config.d_model != width:  # no record
+        differ = [f"d_model {head.config.d_model} vs this model's {width}"]
+    if differ:
+        return f"it was trained on another model ({', '.join(differ)})"
     signed = trained.get("weights")
     if signed is not None and signed != weights_signature(model):
         return "it was trained on other weights (the checkpoint was trained again since)"
-    if (origin / HEAD_WEIGHTS).is_file():
-        try:
-            load_head(origin)
-        except CheckpointError as err:
-            return f"it cannot be read ({err})"
-    return ""
+    return unreadable
 
 
 def _is_native(config_file: Path) -> bool:

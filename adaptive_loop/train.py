@@ -294,7 +294,7 @@ def _train_and_save(cfg: TrainConfig, out: Path, device: str | None, console: An
             console.print(f"step {step + 1} of {cfg.steps}: held-out accuracy "
                           f"{entry['eval_accuracy']:.1%} at {cfg.max_train_loops} loops "
                           f"({when})", markup=False, highlight=False, soft_wrap=True)
-        elif step + 1 >= shown["next"]:
+        elif step + 1 >= shown["next"] or step + 1 == cfg.steps:
             shown["next"] = step + 1 + max(1, cfg.steps // 10)
             console.print(f"step {step + 1} of {cfg.steps}: loss {entry['loss']:.4f} ({when})",
                           markup=False, highlight=False, soft_wrap=True)

@@ -266,6 +266,39 @@ def test_a_check_that_fails_to_compile_whole_is_compiled_by_parts(graphed, loope
         check_graphs.FELL_BACK.pop(whole_fails, None)
 
 
+def test_threads_meeting_a_failing_whole_check_compile_it_once_and_warn_once(monkeypatch):
+    """The fallback is decided under the compile lock: a thread that waited for it runs the
+    parts rather than compiling the whole check again."""
+    import threading
+    import time
+    import warnings
+
+    attempts = []
+
+    def slow_failure(gm, example_inputs):
+        attempts.append(1)
+        time.sleep(0.5)
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setattr(check_graphs, "check_body", lambda x: (x + 1,))
+    body = check_graphs.compiled_check(slow_failure)
+    results = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=lambda: results.append(body(torch.zeros(3))))
+                   for _ in range(2)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            check_graphs.FELL_BACK.pop(slow_failure, None)
+    assert len(attempts) == 1 and len(results) == 2
+    assert all(torch.equal(r[0], torch.ones(3)) for r in results)
+    assert len([w for w in caught if "could not compile a halting check" in str(w.message)]) == 1
+
+
 def test_a_failed_check_capture_warns_once_and_runs_uncaptured(graphed, looped_model,
                                                                monkeypatch):
     """A check whose capture fails warns once; its store captures nothing more and its checks

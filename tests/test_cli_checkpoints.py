@@ -151,7 +151,7 @@ def test_inspect_check_loads_the_halting_head_beside_the_weights(tmp_path):
     meta = json.loads((ckpt / "halting_head.json").read_text())
     meta["model"]["max_seq_len"] = 99  # a record of another model
     (ckpt / "halting_head.json").write_text(json.dumps(meta))
-    refused = "it was trained under another loop spec"
+    refused = "it was trained on another model (max_seq_len 99 vs this model's 27)"
     assert check_weights(ckpt)["halting_head"] == {"usable": False, "reason": refused}
     shown = run("inspect", str(ckpt), "--check").stdout
     assert f"halting head loads, but the learned policy would refuse it: {refused}" in \

@@ -103,9 +103,10 @@ class AdditionTask:
         if len(terms) == self.terms and all(len(t) == self.digits and t.isdigit()
                                             for t in terms):
             return None
-        values = [12 + 22 * i for i in range(self.terms)]
+        values = [(12 + 22 * i) % 10 ** self.digits for i in range(self.terms)]
         shown = prompt if len(prompt) <= 40 else f"{prompt[:37]}..."
-        return (f"the model's task reads {self.terms} numbers of {self.digits} digits, lowest "
+        return (f"the model's task reads {self.terms} numbers of {self.digits} "
+                f"digit{'s' * (self.digits != 1)}, lowest "
                 f"digit first and zero-padded, joined by '+' and ending in '=' (e.g. "
                 f"{self.prompt(*values)} for {' + '.join(map(str, values))}); its answer to "
                 f"{shown!r} means nothing")
