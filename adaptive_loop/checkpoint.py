@@ -262,7 +262,7 @@ def _locate(source: str | Path | None, format: str,
     fmt, opened = detect_format(path) if format == "auto" else (format, None)
     if fmt != "native" and is_native(path):  # an import asked of a native checkpoint
         raise WrongLayout(f"{path} is a native adaptive-loop checkpoint, not {fmt}'s "
-                              f"layout: leave the format to detection, or give native")
+                          f"layout: leave the format to detection, or give native")
     if fmt == "native":
         _no_config(config)
         _native_dir(path)
@@ -460,19 +460,16 @@ def head_left_out(origin: Path, model: LoopMDM) -> str:
     it was trained on another model (another loop spec, say: the fields that differ are
     named) or on other weights (the checkpoint was trained again since), or it cannot be
     read; as the learned policy would refuse it."""
-    from .halting_head import HEAD_WEIGHTS, load_head, model_differences, weights_signature
+    from .halting_head import HEAD_WEIGHTS, head_differences, load_head, weights_signature
 
     trained = _head_record(origin / SIDECARS[1])
-    differ = model_differences(trained, model.config.to_dict())
-    head, unreadable = None, ""
+    width, unreadable = None, ""
     if (origin / HEAD_WEIGHTS).is_file():
         try:
-            head = load_head(origin)[0]
+            width = load_head(origin)[0].config.d_model
         except CheckpointError as err:
             unreadable = f"it cannot be read ({err})"
-    width = model.config.d_model
-    if not differ and head is not None and head.config.d_model != width:  # no record
-        differ = [f"d_model {head.config.d_model} vs this model's {width}"]
+    differ = head_differences(trained, width, model.config.to_dict())
     if differ:
         return f"it was trained on another model ({', '.join(differ)})"
     signed = trained.get("weights")

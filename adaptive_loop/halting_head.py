@@ -120,6 +120,16 @@ def model_differences(trained: Any, config: dict[str, Any]) -> list[str]:
             if k in config and k != "n_loops" and v != config[k]]
 
 
+def head_differences(trained: Any, width: int | None, config: dict[str, Any]) -> list[str]:
+    """`model_differences`, and for a head without its model's record, its `width` (d_model;
+    None where the head could not be read) against the model's: why the `learned` policy
+    would refuse a head for a model of `config`."""
+    differ = model_differences(trained, config)
+    if not differ and width is not None and width != config["d_model"]:
+        differ = [f"d_model {width} vs {config['d_model']}"]
+    return differ
+
+
 def head_file(path: str | Path | None) -> Path:
     """The head's weights file: `path` itself (or, for the head's JSON, the weights beside it),
     `path/halting_head.safetensors` for a checkpoint directory, or the embedded model's sidecar

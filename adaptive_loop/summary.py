@@ -100,8 +100,8 @@ def check_weights(source: str | Path | None = None, *, format: str = "auto",
     every weight's key, shape and finiteness) and the tokenizer its config names.
 
     A halting head beside a native checkpoint is loaded too: one that cannot be read fails
-    the check; one the `learned` policy would refuse for this model (trained under another
-    loop spec or on other weights) is reported, with why.
+    the check; one the `learned` policy would refuse for this model (trained on another model
+    or on other weights) is reported, with why.
 
     Returns:
         A JSON-ready dict: tensors, values, the model's vocab_size, the tokenizer's kind and

@@ -88,13 +88,10 @@ class Learned(HaltingPolicy):
                     raise UsageError(f"learned: no halting head beside the checkpoint {where}; "
                                      f"{_RETRAIN}")
                 self._load(where / HEAD_WEIGHTS)
-        from ..halting_head import model_differences, weights_signature
+        from ..halting_head import head_differences, weights_signature
 
         trained = self._meta.get("model", {})
-        differ = model_differences(trained, model.config.to_dict())
-        width = self._head.config.d_model
-        if not differ and width != model.config.d_model:  # a head without its model's record
-            differ = [f"d_model {width} vs {model.config.d_model}"]
+        differ = head_differences(trained, self._head.config.d_model, model.config.to_dict())
         if differ:
             raise UsageError(f"learned: the halting head {self.head} was trained on another "
                              f"model ({', '.join(differ)}); {_RETRAIN}")
