@@ -26,7 +26,7 @@ from .errors import UsageError
 from .flops import block_flops, step_flops_fixed
 from .fused import fusing
 from .model import LoopMDM
-from .runtime import _dense_iteration, flat_caches, iterations
+from .runtime import _dense_iteration, compile_backend, flat_caches, iterations
 
 
 def random_model(cfg: LoopMDMConfig, device: torch.device | str, dtype: torch.dtype) -> LoopMDM:
@@ -187,7 +187,7 @@ def bench_iteration(cfg: LoopMDMConfig, batch: int, length: int, fractions: list
 
                     def compact(active: torch.Tensor = active, run=run, key=key,
                                 caches=caches[backend], known=known, wait: bool = False,
-                                fuse: str | None = "inductor" if compiled else None) -> None:
+                                fuse: str | None = compile_backend(compiled)) -> None:
                         with fusing(fuse):  # a compiled run's plans are fused (fused.py)
                             plan = PackPlan.from_mask(active) if wait else \
                                 PackPlan.from_sizes(active, known.size, known.width,
@@ -216,7 +216,7 @@ def graph_store(model: LoopMDM, h: torch.Tensor, slots: int,
     """Static buffers for graphed packed iterations (graphs.py) holding the dense
     iteration's keys/values: what a compiled run on CUDA replays."""
     store = graphs.PackedGraphs(("bench",), model, h, slots, None, model.rope,
-                                graphs.compiled_body("inductor"))
+                                graphs.compiled_body(compile_backend(True)))
     store.bind(None, model.rope)
     store.filled(dense)
     return store
@@ -285,7 +285,8 @@ def bench_forward(cfg: LoopMDMConfig, batch: int, length: int, device: torch.dev
     rows = []
     with torch.no_grad():
         for compiled in modes:
-            forward = torch.compile(model.fixed_pass, dynamic=False) if compiled else \
+            forward = torch.compile(model.fixed_pass, backend=compile_backend(True),
+                                    dynamic=False) if compiled else \
                 model.fixed_pass  # the pass alone: forward's argument checks read back
             rows.append(ForwardRow(compiled, time_call(lambda f=forward: f(ids, cfg.n_loops),
                                                        device, repeats) * 1e3, flops))
@@ -317,10 +318,10 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
     from .check_graphs import CheckGraphs, check_graphs, check_parts
 
     if whole:
-        store = check_graphs(policy, model, h, "inductor")
+        store = check_graphs(policy, model, h, compile_backend(True))
     else:
-        store = CheckGraphs(("parts",), policy, model, h, "inductor")
-        store.body = check_parts("inductor")
+        store = CheckGraphs(("parts",), policy, model, h, compile_backend(True))
+        store.body = check_parts(compile_backend(True))
     store.begin(needed)
     if "logits" in policy.needs:
         store.find_probe(int(needed.sum()))
@@ -479,7 +480,7 @@ def _first_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
     if not getattr(policy, "shortlist", 0):
         return None
     trace = StepTrace(loops=active.int())
-    with fusing("inductor" if compiled else None):
+    with fusing(compile_backend(compiled)):
         sig = _signals(policy, model, h, prev, active, index, needed, None, 1, 0, 1, trace,
                        probe=probe_plan(active & needed, probe, trace,
                                         layout=not reads_lens(policy)))
@@ -550,7 +551,7 @@ def bench_monitor(cfg: LoopMDMConfig, batch: int, length: int, needed_fraction: 
                                    0, 1, trace, short, plan)
                     policy.decide(sig)
 
-                with fusing("inductor" if compiled else None):
+                with fusing(compile_backend(compiled)):
                     check_ms = time_call(signals, device, repeats, inner=inner) * 1e3
                 rows.append(MonitorRow(repr(policy), full * 1e3, check_ms, policy.label(),
                                        compiled))

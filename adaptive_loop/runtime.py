@@ -30,6 +30,7 @@ per bucket of active counts (graphs.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,22 +241,33 @@ def iterations(compile: bool | str | Any, device: torch.device) -> Iterations:
     return EAGER if backend is None else compiled_iterations(backend, device)
 
 
+# names the backend `compile=True` (and the CLI's --compile) means, "inductor" when unset:
+# "aot_eager" traces the same graphs without generating code, which tells a compiler's failure
+# from the model's and compiles in a fraction of the time
+COMPILER = "ADAPTIVE_LOOP_COMPILER"
+
+
 def compile_backend(compile: bool | str | Any) -> Any:
-    """The torch.compile backend `compile` asks for, None for eager: `True` is torch.compile's
-    default backend, a string or callable names another (e.g. "aot_eager" to debug)."""
+    """The torch.compile backend `compile` asks for, None for eager: `True` is the default
+    compiler (inductor, or the backend the environment variable `COMPILER` names), a string or
+    callable names another (e.g. "aot_eager" to debug)."""
     if compile is False or compile is None:
         return None
     if not (compile is True or isinstance(compile, str) or callable(compile)):
         raise UsageError(f"compile must be True, False, a torch.compile backend's name or a "
                          f"backend callable, got {compile!r}")
+    origin = f"compile={compile!r}"
+    if compile is True:
+        compile = os.environ.get(COMPILER) or "inductor"
+        origin = f"{COMPILER}={compile!r}"
     if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise UsageError(f"unknown torch.compile backend {compile!r}; e.g. "
+        raise UsageError(f"{origin} names no torch.compile backend; e.g. "
                          f"{', '.join(torch._dynamo.list_backends())}")
     if compile == "cudagraphs":  # its outputs live in buffers that the next call rewrites
-        raise UsageError("compile='cudagraphs' would hand the loop outputs that the next call "
-                         "overwrites; compile=True (inductor) already replays iterations as "
-                         "CUDA graphs on CUDA, with their outputs copied out")
-    return "inductor" if compile is True else compile
+        raise UsageError(f"{origin} would hand the loop outputs that the next call "
+                         "overwrites; inductor already replays iterations as CUDA graphs on "
+                         "CUDA, with their outputs copied out")
+    return compile
 
 
 @dataclass

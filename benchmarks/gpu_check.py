@@ -20,10 +20,12 @@ and per phase of the runtime: iterations, checks, the host's reads and plans).
 Sections run in order of value while the time budget lasts (compilation makes some of them
 long); each one's results, or its error, are written before the next starts, so a run cut
 short still leaves everything it finished. `--device cpu --smoke` runs every section at toy
-sizes on the CPU (the tests do, in about two minutes), so the script is known to work before
-a GPU session runs it. At the end every correctness check is read off the results (`checks`:
-the figure, its limit, whether it holds), and so is every GPU target of the issues
-(`targets`: the best figure, where it was measured, the limit, met or not).
+sizes on the CPU, so the script is known to work before a GPU session runs it (the tests do,
+in about a minute and a half with ADAPTIVE_LOOP_COMPILER=aot_eager; inductor's CPU code
+generation would add four; the JSON's `compiler` names the backend the compiled runs used).
+At the end every correctness check is read off the results (`checks`: the figure, its limit,
+whether it holds), and so is every GPU target of the issues (`targets`: the best figure,
+where it was measured, the limit, met or not).
 """
 
 from __future__ import annotations
@@ -70,7 +72,13 @@ from adaptive_loop.check_graphs import FELL_BACK
 from adaptive_loop.fused import fusing
 from adaptive_loop.phases import device_busy_ms
 from adaptive_loop.policies import make
-from adaptive_loop.runtime import _dense_iteration, flat_caches, iterations, run_loops
+from adaptive_loop.runtime import (
+    _dense_iteration,
+    compile_backend,
+    flat_caches,
+    iterations,
+    run_loops,
+)
 from adaptive_loop.tasks import make_task
 from adaptive_loop.throughput import bench_generation, bench_random_generation
 from adaptive_loop.varlen import flash_attn_installed
@@ -385,7 +393,7 @@ def profile_iteration(results: dict) -> None:
                 if mode == "graphed":
                     store.run(h, store.plan(active, known.size, known.width, known.counts))
                     return
-                with fusing("inductor" if mode == "compiled" else None):  # as a run does
+                with fusing(compile_backend(mode == "compiled")):  # as a run does
                     plan = PackPlan.from_sizes(active, known.size, known.width,
                                                known.counts).with_keys(keys)
                 run.packed(model, h, plan, caches, None)
@@ -741,7 +749,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if T.cuda else None
     results: dict = json.loads(args.resume.read_text()) if args.resume else {
         "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "smoke": T.smoke,
-        "torch": torch.__version__, "flash_attn": flash_attn_installed(), "skipped": [],
+        "torch": torch.__version__, "compiler": compile_backend(True),
+        "flash_attn": flash_attn_installed(), "skipped": [],
         "seconds": {}}
     d2048 = LoopMDMConfig(**D2048)
     # in order of value: the correctness checks, compiled runs against eager (their packed

@@ -18,6 +18,7 @@ else  # no build backend there: the package also imports from the checkout itsel
   echo "install failed; running from the checkout"
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+unset ADAPTIVE_LOOP_COMPILER  # the GPU figures are inductor's
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
 PYTHONUNBUFFERED=1 timeout --preserve-status -k 20 $((BUDGET + 30)) python3 benchmarks/gpu_check.py --out "$OUT" \
   --budget "$BUDGET" "$@" 2>&1 | tee "$OUT/log.txt"

@@ -89,7 +89,8 @@ def generate(
         "--compile", help="Compile the loop iterations with torch.compile (the first call pays "
         "the compilation; on CUDA the dense iteration replays as a CUDA graph). Each batch "
         "shape (rows x positions) compiles once; past torch's recompile limit (8 by default) "
-        "further shapes run eager, so a --prompts file of many prompt lengths gains less.")
+        "further shapes run eager, so a --prompts file of many prompt lengths gains less. "
+        "The backend is inductor, or the one ADAPTIVE_LOOP_COMPILER names.")
     ] = False,
     attention: Annotated[str, typer.Option(
         help="Attention of the packed active tokens: auto, padded, flex or varlen (auto: "

@@ -2,11 +2,10 @@
 on any machine, however noisy)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from tests_support import cli
 
 from adaptive_loop import LoopMDMConfig, generate
 from adaptive_loop.bench import bench_forward, bench_iteration, utilisation
@@ -266,10 +265,9 @@ def test_task_generation_is_the_same_with_compaction_on_and_off(monkeypatch):
 
 
 def test_bench_json_on_a_random_preset():
-    res = subprocess.run(
-        [sys.executable, "-m", "adaptive_loop.cli", "bench", "--preset", "tiny", "--batch", "2",
-         "--length", "16", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
-         "cpu", "--loops", "5", "--json"], capture_output=True, text=True, timeout=300)
+    res = cli("bench", "--preset", "tiny", "--batch", "2", "--length", "16", "--fractions",
+              "0.5", "--repeats", "1", "--no-monitor", "--device", "cpu", "--loops", "5",
+              "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     cfg = LoopMDMConfig.from_name("tiny", max_seq_len=64, n_loops=5)
@@ -295,20 +293,16 @@ def test_bench_of_a_short_context_checkpoint_fits_its_length(tmp_path):
 
     torch.manual_seed(0)
     path = save_model(LoopMDM(LoopMDMConfig.from_name("tiny", max_seq_len=32)), tmp_path / "m")
-    res = subprocess.run(
-        [sys.executable, "-m", "adaptive_loop.cli", "bench", "--checkpoint", str(path),
-         "--batch", "2", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
-         "cpu", "--json"], capture_output=True, text=True, timeout=300)
+    res = cli("bench", "--checkpoint", str(path), "--batch", "2", "--fractions", "0.5",
+              "--repeats", "1", "--no-monitor", "--device", "cpu", "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["length"] == 32 and report["checkpoint"] == str(path)
     assert report["generation_source"] == "2 random prompts of 8 tokens, 24 generated in 6 steps"
     # profiled instead of timed, the generation fits the context the same way
-    res = subprocess.run(
-        [sys.executable, "-m", "adaptive_loop.cli", "bench", "--checkpoint", str(path),
-         "--batch", "2", "--fractions", "0.5", "--repeats", "1", "--no-monitor", "--device",
-         "cpu", "--no-generation", "--phases", "--json"],
-        capture_output=True, text=True, timeout=300)
+    res = cli("bench", "--checkpoint", str(path), "--batch", "2", "--fractions", "0.5",
+              "--repeats", "1", "--no-monitor", "--device", "cpu", "--no-generation",
+              "--phases", "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["length"] == 32

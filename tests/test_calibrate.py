@@ -1,13 +1,11 @@
 """Learn-then-Test calibration: p-values and fixed-sequence testing by hand, then end to end."""
 
 import json
-import os
-import subprocess
-import sys
 from math import comb
 
 import pytest
 import torch
+from tests_support import cli
 
 from adaptive_loop import UsageError, generate, save_model
 from adaptive_loop.calibrate import (
@@ -196,29 +194,23 @@ def test_calibrate_rejects_bad_arguments(addition_model):
 
 def test_cli_calibrate(tmp_path, addition_model):
     save_model(addition_model, tmp_path / "ck")
-    base = [sys.executable, "-m", "adaptive_loop.cli", "calibrate", "--checkpoint",
-            str(tmp_path / "ck"), "--policy", "convergence", "--limit", "20", "--device", "cpu"]
-    env = {**os.environ, "COLUMNS": "160"}
-    res = subprocess.run([*base, "--grid", "0,0.5", "--tolerance", "0.3", "--confidence", "0.9",
-                          "--json"], capture_output=True, text=True, timeout=300, env=env)
+    base = ["calibrate", "--checkpoint", str(tmp_path / "ck"), "--policy", "convergence",
+            "--limit", "20", "--device", "cpu"]
+    res = cli(*base, "--grid", "0,0.5", "--tolerance", "0.3", "--confidence", "0.9", "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["rows"][0]["value"] == 0 and report["rows"][0]["certified"]
     assert report["chosen"] is not None and "Learn-then-Test" in report["guarantee"]
-    bad = subprocess.run([*base, "--tolerance", "2", "--confidence", "0.9"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    bad = cli(*base, "--tolerance", "2", "--confidence", "0.9")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "must lie in (0, 1)" in bad.stderr
-    several = subprocess.run([*base[:-4], "--policy", "convergence:min_loops=2,3", "--limit",
-                              "20", "--device", "cpu", "--tolerance", "0.3", "--confidence", "0.9"],
-                             capture_output=True, text=True, timeout=300, env=env)
+    several = cli(*base[:-4], "--policy", "convergence:min_loops=2,3", "--limit", "20",
+                  "--device", "cpu", "--tolerance", "0.3", "--confidence", "0.9")
     assert several.returncode == 2 and "Traceback" not in several.stderr
     assert "calibrate tests one parameter, threshold (--param); give min_loops one value" in \
         several.stderr
-    kept = subprocess.run([*base[:-4], "--policy", "convergence:min_loops=3", "--limit", "20",
-                           "--device", "cpu", "--grid", "0,0.5", "--tolerance", "0.3",
-                           "--confidence", "0.9", "--json"], capture_output=True, text=True,
-                          timeout=300, env=env)
+    kept = cli(*base[:-4], "--policy", "convergence:min_loops=3", "--limit", "20", "--device",
+               "cpu", "--grid", "0,0.5", "--tolerance", "0.3", "--confidence", "0.9", "--json")
     report = json.loads(kept.stdout)
     assert report["base"] == {"min_loops": 3}
     assert report["guarantee"].startswith("convergence(min_loops=3) threshold=")

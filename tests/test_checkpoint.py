@@ -1,12 +1,11 @@
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests_support import cli
 
 from adaptive_loop import CheckpointError, LoopMDM, UsageError, load_model, save_model
 
@@ -186,10 +185,8 @@ def test_convert_leaves_out_a_head_of_another_loop_spec(tmp_path, tiny_model):
         "config.json", "training.json"]
     cast = convert_checkpoint(tmp_path / "ck", tmp_path / "cast", dtype="bfloat16")
     assert cast.left_out == [] and (tmp_path / "cast" / "halting_head.json").is_file()
-    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "convert",
-                          str(tmp_path / "ck"), str(tmp_path / "cli"), "--loop-start", "0",
-                          "--loop-layers", "2"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "COLUMNS": "200"})
+    res = cli("convert", str(tmp_path / "ck"), str(tmp_path / "cli"), "--loop-start", "0",
+              "--loop-layers", "2")
     assert res.returncode == 0, res.stderr
     assert "left out the halting head" in res.stdout and "with training.json" in res.stdout
     said = " ".join(res.stdout.split())
@@ -244,9 +241,7 @@ def test_convert_writes_a_tokenizer_under_its_kinds_own_name(tmp_path):
 def test_convert_refuses_a_destination_it_cannot_write_before_loading(tmp_path):
     """As every command that writes a folder: one line, exit 2, before the (long) load."""
     (tmp_path / "file").write_text("")
-    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "convert",
-                          "/no/such/checkpoint", str(tmp_path / "file" / "out")],
-                         capture_output=True, text=True, timeout=300)
+    res = cli("convert", "/no/such/checkpoint", str(tmp_path / "file" / "out"))
     assert res.returncode == 2 and "cannot write the output directory" in res.stderr
     from adaptive_loop import convert_checkpoint
     from adaptive_loop.errors import CheckpointNotFound

@@ -1,4 +1,6 @@
-"""The command line: help texts, JSON output, one-line errors."""
+"""The command line: help texts, JSON output, one-line errors. `run` starts the command as a
+user does (`python -m adaptive_loop.cli`, a process of its own) for the entry point's tests;
+`cli` runs the same in this process, without a new process's imports."""
 
 import json
 import os
@@ -7,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from tests_support import cli
 
 from adaptive_loop import save_model
 
@@ -52,7 +55,7 @@ def test_generate_json_on_a_checkpoint(tmp_path, tiny_model):
     (["generate", "abc"], "cannot encode"),
 ])
 def test_user_errors_are_one_line(args, message):
-    res = run(*args, "--device", "cpu") if args[0] == "generate" else run(*args)
+    res = cli(*args, "--device", "cpu") if args[0] == "generate" else cli(*args)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert message in res.stderr
@@ -60,7 +63,7 @@ def test_user_errors_are_one_line(args, message):
 
 
 def test_a_prompt_off_the_tasks_format_gets_a_note():
-    off, on = run("generate", "12+34="), run("generate", "21000000+43000000=")
+    off, on = cli("generate", "12+34="), cli("generate", "21000000+43000000=")
     assert off.returncode == on.returncode == 0, off.stderr + on.stderr
     assert off.stderr.startswith("note: the model's task reads 2 numbers of 8 digits") and \
         "its answer to '12+34=' means nothing" in off.stderr
@@ -76,7 +79,7 @@ def test_evaluate_compaction_and_warm_start_options():
     """`evaluate --no-compact` is the masked reference (same answers and loops, more work run);
     `--warm-start` reaches the sampler (on the embedded model it runs fewer loops)."""
     def evaluate(*extra: str) -> dict:
-        res = run("evaluate", "--policy", "convergence", "--n", "24", "--json", *extra)
+        res = cli("evaluate", "--policy", "convergence", "--n", "24", "--json", *extra)
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
@@ -97,21 +100,20 @@ def test_evaluate_table_names_what_was_chosen():
     """The table names a setting by what differs from the defaults (`fixed`, not
     `fixed(loops=None)`); `--json` keeps every parameter as given, and the loop bounds as
     resolved against the model."""
-    wide = {"COLUMNS": "200"}
-    table = run("evaluate", "--n", "2", "--policy", "entropy", "--threshold", "0.3", env=wide)
+    table = cli("evaluate", "--n", "2", "--policy", "entropy", "--threshold", "0.3")
     assert table.returncode == 0, table.stderr
     assert "│ entropy(threshold=0.3) │" in table.stdout and "min_loops" not in table.stdout
-    plain = run("evaluate", "--n", "2", env=wide)
+    plain = cli("evaluate", "--n", "2")
     assert "│ fixed " in plain.stdout and "None" not in plain.stdout
-    record = json.loads(run("evaluate", "--n", "2", "--json").stdout)
+    record = json.loads(cli("evaluate", "--n", "2", "--json").stdout)
     assert record["setting"] == "fixed(loops=None)"
     assert (record["min_loops"], record["max_loops"]) == (8, 8)  # the model's count, resolved
-    counts = run("evaluate", "--n", "2", "--json", "--loops", "2,12").stdout.splitlines()
+    counts = cli("evaluate", "--n", "2", "--json", "--loops", "2,12").stdout.splitlines()
     assert [json.loads(r)["max_loops"] for r in counts] == [2, 12]
 
 
 def test_policies_lists_the_signals_each_policy_reads():
-    res = run("policies", env={"COLUMNS": "240"})
+    res = cli("policies", width=240)
     assert res.returncode == 0, res.stderr
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
             for line in res.stdout.splitlines() if line.count("│") >= 3}
@@ -147,7 +149,7 @@ def test_every_command_that_reports_takes_json(tmp_path, capsys):
     assert trained["out"] == str(tmp_path / "t") and trained["train_config"]["steps"] == 2
     # without --json, off a terminal: a line per tenth of the steps and per evaluation on
     # stderr, and the closing line says how the run ended
-    plain = run("train", "--out", str(tmp_path / "t2"), "--steps", "2", "--eval-every", "2",
+    plain = cli("train", "--out", str(tmp_path / "t2"), "--steps", "2", "--eval-every", "2",
                 "--device", "cpu")
     assert plain.returncode == 0, plain.stderr
     assert re.fullmatch(r"step 1 of 2: loss [\d.]+ \(\d+ s\)\nstep 2 of 2: loss [\d.]+ "
@@ -156,4 +158,4 @@ def test_every_command_that_reports_takes_json(tmp_path, capsys):
     assert re.fullmatch(rf"saved to {re.escape(str(tmp_path / 't2'))} \(2 steps in \d+ s, "
                         r"held-out accuracy [\d.]+% at 8 loops\)\n", plain.stdout), plain.stdout
     for command in ("policies", "convert", "train"):
-        assert "--json" in run(command, "--help").stdout
+        assert "--json" in cli(command, "--help").stdout

@@ -2,22 +2,19 @@
 checkpoint: thin commands over the library, one-line errors."""
 
 import json
-import os
 import subprocess
-import sys
 
 import torch
 from layouts import SMDM_TINY, smdm_state, write_mdlm, write_tokenizer_json
 from safetensors.torch import save_file
+from tests_support import cli
 
 from adaptive_loop import inspect_model, load_model
 from adaptive_loop.flops import block_flops, step_flops_fixed
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200"})  # table cells not cut
+    return cli(*args)  # in this process (test_cli.py runs the command in its own)
 
 
 def test_inspect_reports_counts_and_flops(tmp_path):

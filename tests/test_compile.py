@@ -155,6 +155,37 @@ def test_eager_is_the_default():
     assert parts(False, torch.device("cpu")) is EAGER_PARTS
 
 
+def test_the_default_compiler_is_inductor_unless_the_environment_names_another(
+        tiny_model, monkeypatch):
+    """`compile=True` (the CLI's --compile) means inductor, or the backend named by
+    ADAPTIVE_LOOP_COMPILER; a backend named in the call wins, and a name torch does not know
+    is the user's mistake, named with where it came from."""
+    from adaptive_loop.errors import UsageError
+    from adaptive_loop.runtime import COMPILER, compile_backend
+
+    monkeypatch.delenv(COMPILER, raising=False)
+    assert compile_backend(True) == "inductor"
+    monkeypatch.setenv(COMPILER, "")
+    assert compile_backend(True) == "inductor"
+    monkeypatch.setenv(COMPILER, "eager")
+    assert compile_backend(True) == "eager" and compile_backend("aot_eager") == "aot_eager"
+    assert compile_backend(False) is None
+    kwargs = dict(policy=make("convergence", threshold=0.3, max_loops=6), gen_length=8,
+                  steps=4)
+    eager = generate(tiny_model, PROMPTS, **kwargs)
+    compiled = generate(tiny_model, PROMPTS, compile=True, **kwargs)
+    assert ("eager", "cpu") in _COMPILED and ("inductor", "cpu") not in _COMPILED
+    assert torch.equal(eager.tokens, compiled.tokens)
+    assert torch.equal(eager.loops, compiled.loops)
+    monkeypatch.setenv(COMPILER, "nope")
+    with pytest.raises(UsageError, match="ADAPTIVE_LOOP_COMPILER='nope' names no torch.compile "
+                                         "backend; e.g. .*inductor"):
+        generate(tiny_model, PROMPTS, compile=True, **kwargs)
+    monkeypatch.setenv(COMPILER, "cudagraphs")
+    with pytest.raises(UsageError, match="ADAPTIVE_LOOP_COMPILER='cudagraphs' would hand"):
+        compile_backend(True)
+
+
 def test_prelude_and_readout_compile_once_for_a_generation(tiny_model):
     """The sampler's prelude and readout, compiled: no graph breaks; over the steps of a
     generation (the readout's plan shrinking) one compilation each, or two where the plan's

@@ -442,6 +442,16 @@ def test_a_cuda_index_beyond_the_machine_is_one_line(monkeypatch, capsys, count,
     assert exc.value.code == 2 and capsys.readouterr().err == f"error: {line}\n"
 
 
+def test_an_unknown_compiler_in_the_environment_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("ADAPTIVE_LOOP_COMPILER", "inductr")
+    with pytest.raises(SystemExit) as exc:
+        run_main(["generate", "--compile", "--steps", "2", "--gen-length", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ADAPTIVE_LOOP_COMPILER='inductr' names no torch.compile "
+                          "backend; e.g. "), err
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     def fail():
         raise ValueError("a bug")

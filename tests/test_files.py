@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from tests_support import cli
 
 from adaptive_loop import UsageError, save_model
 from adaptive_loop.datasets import resolve_eval_set
@@ -94,9 +95,7 @@ def test_what_must_hold_once_claimed_is_checked_under_the_claim(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "160"})
+    return cli(*args, width=160)  # in this process; the other writer is a process of its own
 
 
 def _refused(res, path):
@@ -176,9 +175,8 @@ def test_completing_into_a_new_folder_creates_it(tmp_path, addition_model):
 
 
 def test_train_json_reads_its_record_under_a_home_path(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "adaptive_loop.cli", "train", "--out", "~/run",
-                          "--steps", "2", "--device", "cpu", "--json"], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)})
+    res = cli("train", "--out", "~/run", "--steps", "2", "--device", "cpu", "--json",
+              env={"HOME": str(tmp_path)})
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["out"] == "~/run" and (tmp_path / "run" / LOCK).exists() is False
 

@@ -3,22 +3,28 @@ section must run to the end, so that a session with a GPU does not spend its min
 broken script."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the script's flow is what a smoke run checks: its compiled runs trace the same graphs
+# without inductor's code generation, which on the CPU took most of the run (4-5 minutes);
+# inductor's CPU code is compiled and checked against eager in test_compile.py and beside it
+SMOKE = {**os.environ, "ADAPTIVE_LOOP_COMPILER": "aot_eager"}
 
 
 def test_every_gpu_check_section_runs_in_a_cpu_smoke_run(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu",
                           "--smoke", "--out", str(tmp_path / "out")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200, env=SMOKE)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     errors = {k: v for k, v in report.items() if k.endswith("_error")}
     assert not errors, errors
     assert report["smoke"] is True and report["skipped"] == []
+    assert report["compiler"] == "aot_eager"
     for key in ("matmul_peak_bf16", "forward_1b", "forward_1b_compiled", "iteration_d2048",
                 "monitor_smdm", "check_bodies", "generation_smdm_b32",
                 "generation_smdm_b32_compiled", "generation_smdm_b32_loops12",
@@ -80,7 +86,7 @@ def test_only_runs_the_named_sections_in_order_and_refuses_unknown_ones(tmp_path
     run = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke",
            "--out", str(tmp_path)]
     res = subprocess.run(run + ["--only", "monitor_smdm,matmul_peak"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=SMOKE)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(report["seconds"]) == ["monitor_smdm", "matmul_peak"]

@@ -3,10 +3,10 @@ sidecar round-trips, and `train-halting` works from the command line."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
+from tests_support import cli
 
 from adaptive_loop import CheckpointError, UsageError, generate, save_model
 from adaptive_loop.halting_head import (
@@ -23,9 +23,8 @@ PROMPTS = ["abcdef", "bcdefa", "cdefab", "defabc", "efabcd", "fabcde", "ghijkl",
            "mnoabc", "noabcm"]
 
 
-def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
-                          capture_output=True, text=True, timeout=300, **kwargs)
+def run(*args: str) -> subprocess.CompletedProcess:
+    return cli(*args)  # in this process
 
 
 def test_trajectories_are_the_fixed_samplers(tiny_model, prompts):

@@ -96,7 +96,7 @@ def test_string_prompts_use_the_model_tokenizer(tiny_model):
     (dict(policy="entropyy"), "unknown policy 'entropyy'"),
     (dict(policy=3), "policy must be a halting policy"),
     (dict(tokenizer="x"), "tokenizer must have encode and decode"),
-    (dict(compile="nope"), "unknown torch.compile backend 'nope'"),
+    (dict(compile="nope"), "compile='nope' names no torch.compile backend"),
     (dict(compile="cudagraphs"), "compile='cudagraphs' would hand the loop outputs"),
     (dict(compile=1), "compile must be True, False, a torch.compile backend's name"),
     (dict(compact="no"), "compact must be True or False, got 'no'"),

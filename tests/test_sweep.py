@@ -1,12 +1,12 @@
 """Sweeps: the grid grammar, resumable points, the oracle, and the command line."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from tests_support import cli
 
 from adaptive_loop import UsageError, save_model
 from adaptive_loop.datasets import load_jsonl, resolve_eval_set
@@ -294,9 +294,7 @@ def test_oracle_keeps_the_fixed_answers_and_never_loops_more(addition_model, dat
 
 
 def run_cli(*args):
-    env = {**os.environ, "COLUMNS": "160"}  # a wide terminal: table cells are not truncated
-    return subprocess.run([sys.executable, "-m", "adaptive_loop.cli", *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return cli(*args, width=160)  # in this process; table cells are not cut
 
 
 def test_cli_sweep_json(tmp_path, addition_model):

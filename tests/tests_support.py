@@ -59,3 +59,39 @@ def failing_captures(monkeypatch, module, store) -> list:
     monkeypatch.setattr(module, "CAPTURE", ("cuda", "cpu"))
     monkeypatch.setattr(store, "_warm_and_capture", failing)
     return attempts
+
+
+def cli(*args: str, env: dict[str, str] | None = None, width: int = 200):
+    """The command line run in this process (`run_main`, as `adaptive-loop ARGS` runs it, less
+    the process's own signal handling): its exit code and what it wrote, as
+    `subprocess.run(..., capture_output=True, text=True)` returns them, without the seconds a
+    new process spends importing torch. `env` is set for the call; tables are `width` wide
+    (a pipe has no width), so that no cell is cut."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+
+    from adaptive_loop.cli.app import err, out, run_main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    widths = out.width, err.width
+    code = 0
+    try:
+        os.environ.update(env or {})
+        out.width = err.width = width
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                run_main([str(a) for a in args])
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (done.code is not None)
+    finally:
+        out.width, err.width = widths
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(list(args), int(code), stdout.getvalue(),
+                                       stderr.getvalue())
