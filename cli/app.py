@@ -22,9 +22,11 @@ from rich.console import Console
 from ..errors import AdaptiveLoopError, UsageError
 from .main import ABORTED
 
+# help in plain columns (option and its value, then the text): a table of option, short
+# option, negative flag, type and text leaves the text a fifth of an 80-column terminal
 app = typer.Typer(
     name="adaptive-loop", no_args_is_help=True, add_completion=False,
-    pretty_exceptions_enable=False, rich_markup_mode="markdown",
+    pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Adaptive-compute inference for looped masked diffusion language models (LoopMDM). "
     "Add --debug to any command to see the traceback behind an error.",
 )
@@ -110,6 +112,16 @@ TokenizerPath = Annotated[Path | None, typer.Option(
 Params = Annotated[list[str] | None, typer.Option(
     "--param", help="Any other policy parameter as KEY=VALUE, repeatable: e.g. --param "
     "probe=lens --param context_threshold=0.3 --param patience=3.")]
+
+
+def in_seed_range(value: int | None) -> int | None:
+    """A seed option's check (torch's generators take 0 to 2**63 - 1): a callback rather than
+    typer's min and max, whose range every seed's help would print in full."""
+    from ..requests import SEED_MAX
+
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise typer.BadParameter(f"{value} is not between 0 and 2**63 - 1")
+    return value
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -244,6 +256,9 @@ def run_main(argv: list[str] | None = None) -> None:
         os.environ.get("ADAPTIVE_LOOP_DEBUG") == "1"
     args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
     command = typer.main.get_command(app)
+    for sub in getattr(command, "commands", {}).values():  # listed by their whole first line,
+        if sub.short_help is None and sub.help:  # not cut at 45 characters
+            sub.short_help = " ".join(sub.help.strip().split("\n\n")[0].split())
     try:
         name = next((a for a in args if not a.startswith("-")), None)
         if name is not None and name not in SHARDED and name in command.commands:

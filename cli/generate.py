@@ -15,7 +15,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import GenerationError, UsageError
-from ..requests import SEED_MAX
 from .app import (
     CheckEvery,
     Checkpoint,
@@ -33,6 +32,7 @@ from .app import (
     app,
     err,
     if_kept,
+    in_seed_range,
     load_checkpoint,
     on_abort,
     out,
@@ -77,7 +77,7 @@ def generate(
     tokenizer: TokenizerPath = None,
     seed: Annotated[int | None, typer.Option(
         help="Seed of the sampling noise (default 0) and, without a PROMPT, of the task problem "
-        "drawn (default: the README's example problem).", min=0, max=SEED_MAX)] = None,
+        "drawn (default: the README's example problem).", callback=in_seed_range)] = None,
     device: Device = None,
     dtype: Dtype = None,
     compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
@@ -398,8 +398,8 @@ def evaluate(
     checkpoint: Checkpoint = None,
     n: Annotated[int, typer.Option("--n", "--limit", help="Held-out problems (--limit under "
                                    "torchrun, whose parser takes --n for its own).")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out problems.", min=0,
-                                      max=SEED_MAX)] = 1234,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out problems.",
+                                      callback=in_seed_range)] = 1234,
     batch_size: Annotated[int, typer.Option(
         help="Problems per batch (the unit dealt to a rank).")] = 250,
     compact: Annotated[bool, typer.Option(help="Take halted tokens out of the computation "
@@ -487,7 +487,7 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the trained model.")],
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 3000).")] = None,
     seed: Annotated[int | None, typer.Option(
-        help="Seed of initialisation and data (default 0).", min=0, max=SEED_MAX)] = None,
+        help="Seed of initialisation and data (default 0).", callback=in_seed_range)] = None,
     device: Device = None,
     eval_every: Annotated[int | None, typer.Option(
         help="Evaluate every N steps (default 500).")] = None,

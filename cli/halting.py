@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from ..requests import SEED_MAX
 from .app import (
     Checkpoint,
     Device,
@@ -18,6 +17,7 @@ from .app import (
     TokenizerPath,
     _task_of,
     app,
+    in_seed_range,
     load_checkpoint,
     out,
     progress_bar,
@@ -59,8 +59,8 @@ def train_halting(
     threshold: Annotated[float, typer.Option(
         help="The halting probability the printed precision and recall are scored at (the "
         "`learned` policy's default threshold).")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.", min=0,
-                                      max=SEED_MAX)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the problems, split and training.",
+                                      callback=in_seed_range)] = 0,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the head (default: beside --checkpoint; required for the "
         "embedded model, whose head ships with the package).")] = None,

@@ -18,7 +18,11 @@ _interrupts: list[int] = []  # the signals (Ctrl-C, SIGTERM) this command has ha
 
 
 def load_app() -> tuple[Any, Any]:
-    """The Typer app with every command registered, and the runner that wraps it."""
+    """The Typer app with every command registered, and the runner that wraps it. torch loads
+    here, named rather than left to whichever command module imports it first, so that it
+    always loads while `entry` holds a Ctrl-C back (`_while_loading`)."""
+    import torch  # noqa: F401
+
     from . import bench, checkpoints, generate, halting, sweep  # noqa: F401  (register)
     from .app import app, run_main
 

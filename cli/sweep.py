@@ -12,7 +12,6 @@ from rich.table import Table
 
 from ..config import MAX_LOOPS
 from ..errors import UsageError
-from ..requests import SEED_MAX
 from .app import (
     Checkpoint,
     Device,
@@ -21,6 +20,7 @@ from .app import (
     app,
     err,
     if_kept,
+    in_seed_range,
     load_checkpoint,
     on_abort,
     out,
@@ -43,7 +43,7 @@ Limit = Annotated[int | None, typer.Option(
     help="First N examples of --data (default: all of them), or N problems of a task "
     "(default 200).")]
 Seed = Annotated[int, typer.Option(help="Seed of the task's problems and of sampling noise.",
-                                   min=0, max=SEED_MAX)]
+                                   callback=in_seed_range)]
 GenLength = Annotated[int | None, typer.Option(
     help="Tokens to generate (default: the task's answer length, else the longest answer, "
          "as written whole).")]

@@ -44,6 +44,22 @@ def test_generate_json_on_a_checkpoint(tmp_path, tiny_model):
         assert key in payload["stats"]
 
 
+def test_help_fits_an_80_column_terminal():
+    """Help is plain columns (option, its value, then the text): every line fits 80 columns,
+    flags show no value, a seed shows no 19-digit range, and commands are listed by their
+    whole first line."""
+    top = cli("--help", env={"COLUMNS": "80"}).stdout
+    assert "check it on a held-out split." in " ".join(top.split())
+    res = cli("generate", "--help", env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    assert any(re.match(r"  --json +Print one JSON object", line) for line in lines)
+    assert any(line.startswith("  --compact / --no-compact  ") for line in lines)
+    assert any(line.startswith("  --seed <int>  ") for line in lines)
+    assert "<bool>" not in res.stdout and "9223372036854775807" not in res.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "--policy", "nope"], "unknown policy 'nope'; choose one of"),
     (["generate", "--checkpoint", "/no/such/dir"], "checkpoint not found"),
