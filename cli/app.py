@@ -114,6 +114,17 @@ Params = Annotated[list[str] | None, typer.Option(
     "probe=lens --param context_threshold=0.3 --param patience=3.")]
 
 
+def idle_ranks_note(batches: int, world: int, what: str) -> str | None:
+    """What a run across `world` ranks with only `batches` batches of `what` should be told:
+    the ranks left without one, and how to give each a share (None when every rank has one)."""
+    if world <= 1 or batches >= world:
+        return None
+    idle = world - batches
+    return (f"{batches} batch{'es' if batches != 1 else ''} of {what} for {world} ranks: "
+            f"{idle} rank{'s' if idle != 1 else ''} will have nothing to do; a smaller "
+            f"--batch-size spreads them")
+
+
 def in_seed_range(value: int | None) -> int | None:
     """A seed option's check (torch's generators take 0 to 2**63 - 1): a callback rather than
     typer's min and max, whose range every seed's help would print in full."""

@@ -31,6 +31,7 @@ from .app import (
     _task_of,
     app,
     err,
+    idle_ranks_note,
     if_kept,
     in_seed_range,
     load_checkpoint,
@@ -335,6 +336,7 @@ def _complete_file(path: Path, out_file: Path | None, force: bool, halting: Any,
     from ..completions import complete_file, encode_records, read_prompts
     from ..distributed import session
     from ..evaluate import default_decoding
+    from ..measure import length_batches
     from ..shards import claimed_by_job
     from ..tokenizer import unknown_note
 
@@ -356,8 +358,11 @@ def _complete_file(path: Path, out_file: Path | None, force: bool, halting: Any,
         tok = tokenizer_for(model)
         encoded = encode_records(model, records, tok, gen_length)  # before the progress bar
         unknown = unknown_note(tok, [r["prompt"] for r in records])
-        if unknown and ranks.main:
-            err.print(f"note: {unknown}", markup=False, highlight=False)
+        idle = idle_ranks_note(len(length_batches(encoded, batch_size)), ranks.world,
+                               "prompts") if batch_size >= 1 else None
+        for note in (unknown, idle):
+            if note and ranks.main:
+                err.print(f"note: {note}", markup=False, highlight=False)
         with progress_bar(hidden=not ranks.main) as bar:
             label = "prompts" if ranks.world == 1 else f"prompts (rank 0 of {ranks.world})"
             job = bar.add_task(label, total=None)
@@ -448,6 +453,11 @@ def evaluate(
         if task is None:
             raise UsageError("this checkpoint has no built-in task to evaluate; measure it on "
                              "your own data with sweep --data FILE.jsonl (or calibrate --data)")
+        # the task's problems share one length: each batch holds batch_size of them
+        idle = idle_ranks_note(-(-n // batch_size), ranks.world, "problems") \
+            if n >= 1 and batch_size >= 1 else None  # else evaluate_task says what is wrong
+        if idle and ranks.main:
+            err.print(f"note: {idle}", markup=False, highlight=False)
         rows = []
         with progress_bar(hidden=as_json or not ranks.main) as bar:
             job = bar.add_task("evaluating",

@@ -306,6 +306,36 @@ def test_generate_prompts_across_ranks_matches_one_process(tmp_path, checkpoint,
     assert not (tmp_path / "two.jsonl.parts").exists()
 
 
+def test_a_run_with_fewer_batches_than_ranks_says_so(monkeypatch, capsys):
+    """Rank 0 says how many ranks a run leaves without a batch, and what spreads the work;
+    a run that gives every rank one says nothing."""
+    from contextlib import contextmanager
+
+    from adaptive_loop.cli.app import idle_ranks_note, run_main
+    from adaptive_loop.distributed import Ranks
+    from adaptive_loop.evaluate import EvalResult
+
+    assert idle_ranks_note(4, 4, "prompts") is None and idle_ranks_note(1, 1, "x") is None
+    assert idle_ranks_note(3, 4, "prompts") == (
+        "3 batches of prompts for 4 ranks: 1 rank will have nothing to do; a smaller "
+        "--batch-size spreads them")
+
+    @contextmanager
+    def four_ranks(device):
+        yield Ranks(rank=0, world=4)
+
+    result = EvalResult(n=2, correct=1, mean_loops=2.0, looped_flops=1, looped_flops_fixed_max=2,
+                        monitor_flops=0, total_flops=3, nfe=4, wall_s=0.1)
+    monkeypatch.setattr("adaptive_loop.distributed.session", four_ranks)
+    monkeypatch.setattr("adaptive_loop.evaluate.evaluate_task", lambda *a, **k: result)
+    for batch_size, note in (("250", "note: 1 batch of problems for 4 ranks: 3 ranks will have "
+                                     "nothing to do; a smaller --batch-size spreads them\n"),
+                             ("1", "")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(["evaluate", "--n", "4", "--batch-size", batch_size, "--device", "cpu"])
+        assert exc.value.code == 0 and capsys.readouterr().err == note
+
+
 def test_a_failure_of_the_machine_names_the_rank_for_the_launcher(tmp_path, monkeypatch,
                                                                   capsys):
     """A full disk in one rank is one line naming the rank, also left in the launcher's error
