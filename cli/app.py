@@ -110,8 +110,8 @@ TokenizerPath = Annotated[Path | None, typer.Option(
     "--tokenizer", help="tokenizer.json, tokenizer.model or a directory holding one (default: "
     "the checkpoint's).")]
 Params = Annotated[list[str] | None, typer.Option(
-    "--param", help="Any other policy parameter as KEY=VALUE, repeatable: e.g. --param "
-    "probe=lens --param context_threshold=0.3 --param patience=3.")]
+    "--param", metavar="KEY=VALUE", help="Any other policy parameter as KEY=VALUE, "
+    "repeatable: e.g. --param probe=lens --param context_threshold=0.3 --param patience=3.")]
 
 
 def idle_ranks_note(batches: int, world: int, what: str) -> str | None:

@@ -37,8 +37,10 @@ def _spec(loop_start: int | None, loop_layers: int | None, loops: int | None,
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Checkpoint directory or weight file.")],
-    dst: Annotated[Path, typer.Argument(help="New directory for the native checkpoint.")],
+    src: Annotated[Path, typer.Argument(metavar="SRC",
+                                        help="Checkpoint directory or weight file.")],
+    dst: Annotated[Path, typer.Argument(metavar="DST",
+                                        help="New directory for the native checkpoint.")],
     format: Format = "auto",
     config: Config = None,
     loop_start: LoopStart = None,
@@ -89,6 +91,7 @@ def convert(
 @app.command()
 def inspect(
     path: Annotated[Path | None, typer.Argument(
+        metavar="PATH",
         help="Checkpoint directory or weight file; default: the embedded model.")] = None,
     format: Format = "auto",
     config: Config = None,

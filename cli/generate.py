@@ -44,8 +44,8 @@ from .app import (
 @app.command()
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(
-        help="Prompt(s), of any lengths (left-padded); default: a sample problem of the "
-        "embedded task.")] = None,
+        metavar="PROMPT", help="Prompt(s), of any lengths (left-padded); default: a sample "
+        "problem of the embedded task.")] = None,
     policy: Policy = "entropy",
     threshold: Threshold = None,
     loops: Loops = None,

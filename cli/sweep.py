@@ -121,8 +121,8 @@ def frontier_table(curve: dict[str, Any]) -> Table:
 @app.command()
 def sweep(
     policy: Annotated[list[str], typer.Option(
-        "--policy", "-p", help="Policy grid NAME[:PARAM=V1,V2,...[;PARAM=...]]; repeat for more "
-        "policies. Quote it: ';' separates parameters.")],
+        "--policy", "-p", metavar="GRID", help="Policy grid NAME[:PARAM=V1,V2,...[;PARAM=...]]; "
+        "repeat for more policies. Quote it: ';' separates parameters.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory (resumable).")],
     checkpoint: Checkpoint = None,
     task: Task = None,
