@@ -261,8 +261,8 @@ def compile_backend(compile: bool | str | Any) -> Any:
         compile = os.environ.get(COMPILER) or "inductor"
         origin = f"{COMPILER}={compile!r}"
     if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise UsageError(f"{origin} names no torch.compile backend; e.g. "
-                         f"{', '.join(torch._dynamo.list_backends())}")
+        raise UsageError(f"{origin} names no torch.compile backend; e.g. inductor (the "
+                         f"default), or aot_eager to trace without generating code")
     if compile == "cudagraphs":  # its outputs live in buffers that the next call rewrites
         raise UsageError(f"{origin} would hand the loop outputs that the next call "
                          "overwrites; inductor already replays iterations as CUDA graphs on "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch._inductor.config
@@ -35,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch._inductor.config.cpp.enable_kernel_profile = True  # before anything compiles
+    os.environ.pop("ADAPTIVE_LOOP_COMPILER", None)  # inductor's kernels are what it counts
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = bench_check_bodies(LoopMDMConfig.from_name(args.preset), args.batch, args.length,
                               0.125, device, dtype, repeats=args.repeats)

@@ -22,6 +22,32 @@ from rich.console import Console
 from ..errors import AdaptiveLoopError, UsageError
 from .main import ABORTED
 
+
+def _keep_hyphenated_words() -> None:
+    """click wraps help text at hyphens too, which cuts option names (`--gen-` / `length`):
+    its wrapper, wherever this typer takes click from, keeps them whole."""
+    import importlib
+
+    for name in ("typer._click._textwrap", "click._textwrap"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module.TextWrapper, "keeps_hyphenated_words", False):
+            continue
+
+        class Wrapper(module.TextWrapper):
+            keeps_hyphenated_words = True
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("break_on_hyphens", False)
+                super().__init__(*args, **kwargs)
+
+        module.TextWrapper = Wrapper
+
+
+_keep_hyphenated_words()
+
 # help in plain columns (option and its value, then the text): a table of option, short
 # option, negative flag, type and text leaves the text a fifth of an 80-column terminal
 app = typer.Typer(
@@ -281,8 +307,8 @@ def run_main(argv: list[str] | None = None) -> None:
     except (*ABORT, KeyboardInterrupt):  # Ctrl-C, as older Typer and click report it, or
         _aborted()  # one before the parser ran
     except PARSER_ERRORS as e:  # the parser's: a bad option value, an unknown option...
-        if type(e).__name__ == "NoArgsIsHelpError":
-            e.show()
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help, where --help puts it
+            print(e.ctx.get_help())
             sys.exit(e.exit_code)
         ctx = getattr(e, "ctx", None)
         helper = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -362,8 +388,10 @@ def _environment_error(e: Exception) -> str | None:
             f"model"
     if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
         first = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+        chosen = os.environ.get("ADAPTIVE_LOOP_COMPILER")  # the backend --compile means
+        instead = f" or without ADAPTIVE_LOOP_COMPILER={chosen}" if chosen else ""
         return f"torch.compile failed ({type(e).__name__}: {first[:200]}); run without " \
-            f"--compile, or with --debug for the traceback"
+            f"--compile{instead}, or with --debug for the traceback"
     return None
 
 

@@ -111,6 +111,7 @@ def bench(
     from ..check_graphs import FELL_BACK
     from ..config import PRESETS, LoopMDMConfig
     from ..device import pick_device, pick_dtype
+    from ..runtime import compile_backend
     from ..throughput import (
         DEFAULT_POLICIES,
         RANDOM_POLICIES,
@@ -192,6 +193,7 @@ def bench(
         forward = bench_forward(cfg, batch, length, dev, dt, repeats,
                                 modes=(False, True) if compile else (False,))
     report = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "preset": preset,
+              "compiler": compile_backend(True) if compile else None,
               "checkpoint": None if checkpoint is None else str(checkpoint),
               "batch": batch, "length": length, "matmul_peak_flops": peak,
               "forward": [{**d, "mfu": utilisation(f.flops, f.ms, peak)}

@@ -9,6 +9,13 @@ from tests_support import TINY_TOKENIZER, spread_model, tiny_config  # noqa: F40
 from adaptive_loop import LoopMDM, LoopMDMConfig
 
 
+@pytest.fixture(autouse=True)
+def default_compiler(monkeypatch):
+    """Tests that compile mean inductor, whatever backend the shell's ADAPTIVE_LOOP_COMPILER
+    names; a test that wants another sets it."""
+    monkeypatch.delenv("ADAPTIVE_LOOP_COMPILER", raising=False)
+
+
 @pytest.fixture
 def make_config():
     return tiny_config

@@ -270,6 +270,7 @@ def test_bench_json_on_a_random_preset():
               "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
+    assert report["compiler"] is None  # nothing compiled; with --compile, the backend's name
     cfg = LoopMDMConfig.from_name("tiny", max_seq_len=64, n_loops=5)
     (forward,) = report["forward"]
     assert forward["flops"] == sum(step_flops_fixed(cfg, 2, 16, cfg.n_loops).values())

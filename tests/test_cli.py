@@ -56,7 +56,17 @@ def test_help_fits_an_80_column_terminal():
     assert max(map(len, lines)) <= 80, max(lines, key=len)
     assert any(re.match(r"  --json +Print one JSON object", line) for line in lines)
     assert any(line.startswith("  --compact / --no-compact  ") for line in lines)
-    assert any(line.startswith("  --seed <int>  ") for line in lines)
+    assert any(re.match(r"  --seed (<int>|INTEGER)  ", line) for line in lines)  # typer's words
+    for command in ("", "bench", "convert", "inspect", "generate", "evaluate", "train",
+                    "policies", "train-halting", "sweep", "calibrate"):
+        for columns in ("60", "80"):  # no word cut at its hyphen (`--gen-` / `length`)
+            text = cli(*command.split(), "--help", env={"COLUMNS": columns}).stdout
+            assert not re.search(r"[A-Za-z]-$", text, re.M), (command, columns, text)
+
+
+def test_no_arguments_show_the_help_where_help_goes():
+    res = run()
+    assert res.stdout.startswith("Usage: adaptive-loop [OPTIONS] COMMAND") and not res.stderr
     assert "<bool>" not in res.stdout and "9223372036854775807" not in res.stdout
 
 

@@ -430,6 +430,19 @@ def test_a_failing_machine_gives_one_line(monkeypatch, capsys, raised, line):
     assert exc.value.code == 1 and capsys.readouterr().err == line
 
 
+def test_a_compiler_failure_under_the_variable_names_it(monkeypatch, capsys):
+    def fail():
+        raise _CompileFailure("BackendCompilerFailed: backend='tvm' raised:")
+    monkeypatch.setattr("adaptive_loop.policies.available", fail)
+    monkeypatch.setenv("ADAPTIVE_LOOP_COMPILER", "tvm")
+    with pytest.raises(SystemExit) as exc:
+        run_main(["policies"])
+    assert exc.value.code == 1 and capsys.readouterr().err == (
+        "error: torch.compile failed (_CompileFailure: BackendCompilerFailed: backend='tvm' "
+        "raised:); run without --compile or without ADAPTIVE_LOOP_COMPILER=tvm, or with --debug "
+        "for the traceback\n")
+
+
 @pytest.mark.parametrize("count, line", [
     (1, "there is no cuda:3: this machine has 1 visible CUDA device (cuda:0)"),
     (2, "there is no cuda:3: this machine has 2 visible CUDA devices (cuda:0 to cuda:1)"),
@@ -448,8 +461,8 @@ def test_an_unknown_compiler_in_the_environment_is_one_line(monkeypatch, capsys)
         run_main(["generate", "--compile", "--steps", "2", "--gen-length", "2"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: ADAPTIVE_LOOP_COMPILER='inductr' names no torch.compile "
-                          "backend; e.g. "), err
+    assert err == "error: ADAPTIVE_LOOP_COMPILER='inductr' names no torch.compile backend; " \
+        "e.g. inductor (the default), or aot_eager to trace without generating code\n", err
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

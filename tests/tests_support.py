@@ -76,18 +76,23 @@ def cli(*args: str, env: dict[str, str] | None = None, width: int = 200):
 
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_env = {k: os.environ.get(k) for k in env or {}}
-    widths = out.width, err.width
+    # the consoles' width, and their colours (chosen at import: a terminal's under `pytest -s`)
+    saved = [(c, c.width, c._color_system) for c in (out, err)]
     code = 0
     try:
         os.environ.update(env or {})
-        out.width = err.width = width
+        for console, _, _ in saved:
+            console.width, console._color_system = width, None
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 run_main([str(a) for a in args])
             except SystemExit as done:
+                if isinstance(done.code, str):  # as the interpreter prints it
+                    stderr.write(done.code + "\n")
                 code = done.code if isinstance(done.code, int) else (done.code is not None)
     finally:
-        out.width, err.width = widths
+        for console, w, colours in saved:
+            console.width, console._color_system = w, colours
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
