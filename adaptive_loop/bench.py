@@ -317,11 +317,12 @@ def _graphed_check(policy: Any, model: Any, h: torch.Tensor, prev: torch.Tensor,
     are appended to it (`launched_kernels`)."""
     from .check_graphs import CheckGraphs, check_graphs, check_parts
 
+    backend = compile_backend(True)
     if whole:
-        store = check_graphs(policy, model, h, compile_backend(True))
+        store = check_graphs(policy, model, h, backend)
     else:
-        store = CheckGraphs(("parts",), policy, model, h, compile_backend(True))
-        store.body = check_parts(compile_backend(True))
+        store = CheckGraphs(("parts",), policy, model, h, backend)
+        store.body = check_parts(backend)
     store.begin(needed)
     if "logits" in policy.needs:
         store.find_probe(int(needed.sum()))
