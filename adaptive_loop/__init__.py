@@ -32,7 +32,7 @@ _HOME = {
     "save_model": "checkpoint", "tokenizer_for": "checkpoint",
     "PRESETS": "config", "LoopMDMConfig": "config",
     "AdaptiveLoopError": "errors", "CheckpointError": "errors", "GenerationError": "errors",
-    "UsageError": "errors",
+    "TokenizerError": "errors", "UsageError": "errors",
     "LoopMDM": "model",
     "StepTrace": "runtime", "run_loops": "runtime",
     "GenerationResult": "sampler", "GenerationStats": "sampler", "generate": "sampler",
@@ -42,9 +42,10 @@ _HOME = {
 
 __all__ = [
     "PRESETS", "AdaptiveLoopError", "CheckpointError", "GenerationError", "GenerationResult",
-    "GenerationStats", "LoopMDM", "LoopMDMConfig", "StepTrace", "UsageError", "attach_tokenizer",
-    "convert_checkpoint", "embedded_path", "generate", "inspect_model", "load_model",
-    "load_tokenizer", "policies", "resolve_config", "run_loops", "save_model", "tokenizer_for",
+    "GenerationStats", "LoopMDM", "LoopMDMConfig", "StepTrace", "TokenizerError", "UsageError",
+    "attach_tokenizer", "convert_checkpoint", "embedded_path", "generate", "inspect_model",
+    "load_model", "load_tokenizer", "policies", "resolve_config", "run_loops", "save_model",
+    "tokenizer_for",
 ]
 
 
@@ -78,7 +79,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         tokenizer_for,
     )
     from .config import PRESETS, LoopMDMConfig
-    from .errors import AdaptiveLoopError, CheckpointError, GenerationError, UsageError
+    from .errors import (
+        AdaptiveLoopError,
+        CheckpointError,
+        GenerationError,
+        TokenizerError,
+        UsageError,
+    )
     from .model import LoopMDM
     from .runtime import StepTrace, run_loops
     from .sampler import GenerationResult, GenerationStats, generate

@@ -37,6 +37,11 @@ class WrongLayout(CheckpointError):
     exit_code = 2
 
 
+class TokenizerError(AdaptiveLoopError):
+    """A tokenizer file that is there but cannot be read (exit code 1, as an unreadable
+    checkpoint; a path that is not there is a usage error)."""
+
+
 class GenerationError(AdaptiveLoopError):
     """A generation request the model cannot serve (prompt too long, NaNs while looping...)."""
 

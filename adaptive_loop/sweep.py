@@ -228,6 +228,7 @@ class SweepHooks:
     point_started: Callable[[str, int], None] | None = None  # label, examples
     examples_done: Callable[[int], None] | None = None
     point_finished: Callable[[dict[str, Any], bool], None] | None = None  # row, was cached
+    planned: Callable[[int], None] | None = None  # batches per point, once they are planned
 
 
 @dataclass
@@ -298,6 +299,8 @@ def run_sweep(model: LoopMDM, data: EvalSet, settings: list[Setting], out_dir: s
             raise UsageError(f"{directory / 'heatmaps'} is a file; the heatmaps go into a "
                              f"directory of that name")
         plan = plan_batches(model, data, batch_size=batch_size, decoding=decoding)
+        if hooks.planned:
+            hooks.planned(len(plan.batches))
         if oracle_loops is None:
             oracle_loops = default_oracle_loops(model, settings)
         bad = next((n for n in oracle_loops if not 1 <= n <= MAX_LOOPS), None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UsageError, described
+from .errors import TokenizerError, UsageError, described
 
 
 class Tokenizer(Protocol):
@@ -144,7 +144,7 @@ class HFTokenizer(FileTokenizer):
         try:
             self._tok = _Tokenizer.from_file(str(self.path))
         except Exception as err:  # the library raises plain Exceptions for bad files
-            raise UsageError(f"{self.path}: not a readable tokenizer.json ({err})") from None
+            raise TokenizerError(f"{self.path}: not a readable tokenizer.json ({err})") from None
         self._tok.no_truncation()
         self._tok.no_padding()
 
@@ -190,7 +190,8 @@ class SentencePieceTokenizer(FileTokenizer):
         try:
             self._sp.Load(str(self.path))
         except Exception as err:  # OSError or RuntimeError depending on the release
-            raise UsageError(f"{self.path}: not a readable SentencePiece model ({err})") from None
+            raise TokenizerError(f"{self.path}: not a readable SentencePiece model "
+                                 f"({err})") from None
 
     @property
     def vocab_size(self) -> int:

@@ -19,6 +19,7 @@ from .app import (
     TokenizerPath,
     app,
     err,
+    idle_ranks_note,
     if_kept,
     in_seed_range,
     load_checkpoint,
@@ -225,7 +226,12 @@ def sweep(
                               f"{' (kept from an earlier run)' if cached else ''}",
                               markup=False, highlight=False, soft_wrap=True)
 
-            hooks = SweepHooks(started, lambda k: bar.advance(examples, k), finished)
+            def planned(batches: int) -> None:
+                idle = idle_ranks_note(batches, ranks.world, "examples a point")
+                if idle and ranks.main:
+                    err.print(f"note: {idle}", markup=False, highlight=False)
+
+            hooks = SweepHooks(started, lambda k: bar.advance(examples, k), finished, planned)
             result = run_sweep(model, evalset, settings, out_dir, oracle_loops=oracle,
                                seed=seed, batch_size=batch_size, heatmap=heatmap, plot=plot,
                                hooks=hooks, ranks=ranks,

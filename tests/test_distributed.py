@@ -206,7 +206,7 @@ def test_sweep_stopped_mid_point_resumes_from_its_batches(tmp_path, addition_mod
         return real(*args, **kwargs)
 
     monkeypatch.setattr(measure, "generate", counted)
-    seen = []
+    seen, planned = [], []
 
     class Stop(Exception):
         pass
@@ -218,7 +218,8 @@ def test_sweep_stopped_mid_point_resumes_from_its_batches(tmp_path, addition_mod
 
     with pytest.raises(Stop):
         run_sweep(addition_model, data, grid, tmp_path / "cut", batch_size=4, plot=False,
-                  hooks=SweepHooks(examples_done=examples_done))
+                  hooks=SweepHooks(examples_done=examples_done, planned=planned.append))
+    assert planned == [3]  # told once, before any point runs
     assert (tmp_path / "cut" / ".parts" / "rank-0.jsonl").exists()
     calls.clear()
     resumed = run_sweep(addition_model, data, grid, tmp_path / "cut", batch_size=4, plot=False)
@@ -306,7 +307,7 @@ def test_generate_prompts_across_ranks_matches_one_process(tmp_path, checkpoint,
     assert not (tmp_path / "two.jsonl.parts").exists()
 
 
-def test_a_run_with_fewer_batches_than_ranks_says_so(monkeypatch, capsys):
+def test_a_run_with_fewer_batches_than_ranks_says_so(tmp_path, monkeypatch, capsys):
     """Rank 0 says how many ranks a run leaves without a batch, and what spreads the work;
     a run that gives every rank one says nothing."""
     from contextlib import contextmanager
@@ -334,6 +335,22 @@ def test_a_run_with_fewer_batches_than_ranks_says_so(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exc:
             run_main(["evaluate", "--n", "4", "--batch-size", batch_size, "--device", "cpu"])
         assert exc.value.code == 0 and capsys.readouterr().err == note
+
+    def sweep(*args, hooks, **kwargs):  # rank 0 plans a point's batches, then the others report
+        hooks.planned(2)
+
+    @contextmanager
+    def unclaimed(directory, ranks):  # the job's lock takes the four ranks' collectives
+        yield None
+
+    monkeypatch.setattr("adaptive_loop.sweep.run_sweep", sweep)
+    monkeypatch.setattr("adaptive_loop.shards.claimed_by_job", unclaimed)
+    with pytest.raises(SystemExit) as exc:
+        run_main(["sweep", "-p", "fixed:loops=1", "--out", str(tmp_path / "sw"), "--device",
+                  "cpu", "--limit", "4"])
+    assert exc.value.code == 0 and capsys.readouterr().err == (
+        "note: 2 batches of examples a point for 4 ranks: 2 ranks will have nothing to do; a "
+        "smaller --batch-size spreads them\n")
 
 
 def test_a_failure_of_the_machine_names_the_rank_for_the_launcher(tmp_path, monkeypatch,

@@ -82,6 +82,9 @@ def broken(tmp_path_factory):
     text = root / "notes.txt"
     text.write_text("hello")
     paths["text"] = text
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.json").write_text("{not json")
+    paths["bad_tokenizer"] = root / "tok" / "tokenizer.json"
     keep = root / "keep"
     keep.mkdir()
     (keep / "mine.txt").write_text("mine")
@@ -255,6 +258,10 @@ CASES = [
     ("convert unknown format", ["convert", "{good}", "{empty}/out", "--format", "gguf"], 2,
      "gguf"),
     ("convert onto a used dir", ["convert", "{good}", "{keep}"], 2, "not an empty directory"),
+    ("unreadable tokenizer", GEN + ["--tokenizer", "{bad_tokenizer}"], 1,
+     "tokenizer.json: not a readable tokenizer.json"),
+    ("missing tokenizer", GEN + ["--tokenizer", "/no/such/tokenizer.json"], 2,
+     "tokenizer not found: /no/such/tokenizer.json"),
     ("prompts file missing", GEN + ["--prompts", "/no/such.jsonl"], 2, "prompt file not found"),
     ("prompts not json", GEN + ["--prompts", "{text}"], 2, "notes.txt:1: not JSON"),
     ("prompts and arguments", GEN + ["--prompts", "{text}", "1+1="], 2, "not both"),

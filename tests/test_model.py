@@ -72,6 +72,23 @@ def test_forward_refuses_what_it_would_misread(make_config):
         model(np.array([[1, 2], [3, 4]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_normalises_in_float32_then_rounds_and_scales(dtype):
+    """A 16-bit state is normalised in float32, rounded to its dtype, then scaled by the
+    weight in that dtype (LLaMA's and LLaDA's order): bit for bit, whatever the norm hands
+    to torch."""
+    from adaptive_loop.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 64, generator=gen) * 5).to(dtype)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=gen))
+    wide = x.float()
+    expected = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), expected * norm.weight)
+
+
 def test_forward_is_the_unrolled_network(make_config):
     """S loops == the layers applied in order with the block repeated S times."""
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from adaptive_loop import (
+    TokenizerError,
     UsageError,
     attach_tokenizer,
     generate,
@@ -130,8 +131,12 @@ def test_tokenizer_errors(tmp_path, setup, message):
     elif setup == "garbage":
         path = tmp_path / "tokenizer.json"
         path.write_text("{not json")
-    with pytest.raises(UsageError, match=message):
+    # a file that is there but unreadable is a bad file (exit 1, as a corrupt checkpoint's);
+    # a path that is not there, a bad argument (exit 2)
+    error = TokenizerError if setup == "garbage" else UsageError
+    with pytest.raises(error, match=message) as caught:
         load_tokenizer(path, mask_id=0)
+    assert caught.value.exit_code == (1 if setup == "garbage" else 2)
 
 
 def test_load_tokenizer_checks_its_arguments(tmp_path):
