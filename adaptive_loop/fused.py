@@ -82,11 +82,12 @@ def fused(**varying: tuple[int, ...]) -> Callable[[Fn], Fn]:
 @fused(cur=(0,), old=(0,))
 def relative_change(cur: Tensor, old: Tensor) -> Tensor:
     """(N, d) states now and one loop earlier -> (N,) ||cur - old|| / ||cur||, in float32
-    (the difference too)."""
+    (the difference too), or float64 for float64 states."""
+    wide = torch.promote_types(cur.dtype, torch.float32)
     # float32 minus bfloat16 promotes inside the subtraction: the difference is that of the
     # float32 values, with one conversion launched rather than two
-    return vector_norm(cur.float() - old, dim=-1) / \
-        vector_norm(cur, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+    return vector_norm(cur.to(wide) - old, dim=-1) / \
+        vector_norm(cur, dim=-1, dtype=wide).clamp_min(1e-12)
 
 
 @fused(cur=(0,), old=(0,))

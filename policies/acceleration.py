@@ -28,6 +28,7 @@ class Acceleration(HaltingPolicy):
     name = "acceleration"
     needs = frozenset({"hidden"})
     later_when_higher = HaltingPolicy.later_when_higher | {"hits"}
+    RUN_STATE = ("_last", "_seen", "_run")
 
     def __init__(self, threshold: float = 0.05, hits: int = 2, scale: str = "state",
                  min_loops: int = 1, max_loops: int | None = None,

@@ -130,6 +130,11 @@ class HaltingPolicy(ABC):
     # `judge_needed`, `begin_step`, `attach` or `shortlisted` below the class that set it is
     # not graphed unless it sets it again (check_graphs.graphable).
     graphable: ClassVar[bool] = False
+    # the attributes in which a run leaves its memory (tensors, or dictionaries of them),
+    # emptied in a pickle or copy: a policy carries its settings, not a run's memory (a
+    # policy sent to a worker process must not ship a batch's states), and its next run makes
+    # them again
+    RUN_STATE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, min_loops: int = 1, max_loops: int | None = None,
                  check_every: int = 1) -> None:
@@ -163,6 +168,21 @@ class HaltingPolicy(ABC):
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         """Called before each denoising step; reset any per-token state here."""
+
+    def shortlisted(self, vocab: Tensor, rows: Tensor) -> None:
+        """A policy reading logits with a `shortlist` attribute above 0 gets them over the
+        whole vocabulary at a step's first check and over a shortlist of it later (see
+        predictive.py). This hands it the step's shortlist, once a step, after that first
+        check and outside any graph: `vocab` (K,) the columns later checks' logits have,
+        `rows` (B, K) which of them each batch row allows (in a graphed run K is bucketed,
+        the extra columns allowed by no row). A policy that keeps predictions between checks
+        turns them to those columns here."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in self.RUN_STATE:
+            state[name] = {} if isinstance(state.get(name), dict) else None
+        return state
 
     @abstractmethod
     def decide(self, signals: Signals) -> Tensor:

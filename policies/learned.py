@@ -106,7 +106,7 @@ class Learned(HaltingPolicy):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled or copied without the model it last ran on (a policy sent to a worker
         process must not carry the model's weights; it is checked again on its next run)."""
-        return {**self.__dict__, "_model": None}
+        return {**super().__getstate__(), "_model": None}
 
     def label_params(self) -> dict[str, Any]:
         """Without the head and threshold it was not given (resolved, they differ from the

@@ -11,7 +11,6 @@ values, so it follows the cheap convergence rule: relative L2 change below
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,10 +59,7 @@ class PredictivePolicy(HaltingPolicy):
     by the convergence rule. Subclasses implement `judge_needed`."""
 
     needs = frozenset({"logits", "delta"})
-    # what a run leaves in the policy (tensors, dictionaries of them), emptied in a pickle or
-    # copy: it carries the policy's settings, not a run's memory, and the next run makes
-    # them again
-    RUN_STATE: tuple[str, ...] = ("_vocab", "_allowed")
+    RUN_STATE = ("_vocab", "_allowed")
 
     def __init__(self, context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1,
@@ -88,19 +84,6 @@ class PredictivePolicy(HaltingPolicy):
 
     def begin_step(self, batch: int, length: int, step: int, steps: int) -> None:
         self._size = batch * length
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for name in self.RUN_STATE:
-            state[name] = {} if isinstance(state.get(name), dict) else None
-        return state
-
-    def shortlisted(self, vocab: Tensor, rows: Tensor) -> None:
-        """The step's shortlist, built at its first check (after `judge_needed` saw that
-        check's logits over the whole vocabulary): `vocab` (K,) the columns later checks'
-        logits have, `rows` (B, K) which of them each batch row allows (in a graphed run K is
-        bucketed, the extra columns allowed by no row). Called once a step, outside any graph;
-        a policy that keeps predictions turns them to those columns here."""
 
     @abstractmethod
     def judge_needed(self, logits: Tensor, flat: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from .base import HaltingPolicy, Signals, nonnegative, register
 class Random(HaltingPolicy):
     name = "random"
     earlier_when_higher = frozenset({"rate"})
+    RUN_STATE = ("_halt_at",)
 
     def __init__(self, rate: float = 0.5, seed: int = 0, min_loops: int = 1,
                  max_loops: int | None = None, check_every: int = 1) -> None:

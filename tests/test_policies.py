@@ -132,6 +132,64 @@ def test_compacted_equals_masked_reference(name, looped_model, head_dir):
 
 
 @pytest.mark.parametrize("name", sorted(HALTING))
+def test_a_float64_model_runs_every_policy(name, looped_model, head_dir):
+    """float64 is a dtype the library offers: every rule's signals take it (the relative
+    change is then computed in float64), and compacted equals masked there too."""
+    model = LoopMDM(looped_model.config).double().eval()
+    model.load_state_dict(looped_model.state_dict())
+    h, needed = _state(model)
+    pol = policy(name, head_dir, max_loops=6, **HALTING[name])
+    packed, t1 = run_loops(model, h, pol, needed, compact=True)
+    masked, t2 = run_loops(model, h, pol, needed, compact=False)
+    assert packed.dtype == torch.float64 and torch.equal(t1.loops, t2.loops)
+    torch.testing.assert_close(packed, masked)
+
+
+@pytest.mark.parametrize("name", sorted(HALTING))
+def test_a_used_policy_pickles_as_it_was_made(name, tiny_model, prompts, head_dir):
+    """A policy carries its settings, not a run's memory: after a run it pickles (and copies)
+    to what it did before, and the copy decides as the original does."""
+    import copy
+    import pickle
+
+    pol = policy(name, head_dir, max_loops=6, **HALTING[name])
+    before = len(pickle.dumps(pol))
+    first = generate(tiny_model, prompts, policy=pol, gen_length=8, steps=8)
+    assert len(pickle.dumps(pol)) == before
+    for again in (pickle.loads(pickle.dumps(pol)), copy.deepcopy(pol)):
+        out = generate(tiny_model, prompts, policy=again, gen_length=8, steps=8)
+        assert torch.equal(out.tokens, first.tokens) and torch.equal(out.loops, first.loops)
+
+
+def test_a_plugin_with_a_shortlist_gets_the_shortlisted_logits(tiny_model, prompts):
+    """A plugin that sets `shortlist` reads logits over the step's shortlist after its first
+    check, as the built-in rules do, with no hook of its own to write."""
+
+    class Sure(HaltingPolicy):
+        name = "sure-with-a-shortlist"
+        needs = frozenset({"logits"})
+
+        def __init__(self, shortlist=3, **kwargs):
+            super().__init__(**kwargs)
+            self.shortlist, self.columns = shortlist, set()
+
+        def decide(self, s):
+            self.columns.add(s.logits.shape[1])
+            top = s.logits.softmax(-1).max(-1).values
+            return torch.zeros_like(s.needed).index_put((s.needed_at,), top > 0.5)
+
+    runs = []
+    for compact in (True, False):
+        pol = Sure(max_loops=5)
+        runs.append(generate(tiny_model, prompts, policy=pol, gen_length=8, steps=8,
+                             compact=compact))
+        vocab = tiny_model.config.out_vocab
+        assert vocab in pol.columns and min(pol.columns) < vocab  # whole, then shortlisted
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert torch.equal(runs[0].loops, runs[1].loops)
+
+
+@pytest.mark.parametrize("name", sorted(HALTING))
 def test_halted_tokens_never_change_afterwards(name, tiny_model, head_dir):
     h, needed = _state(tiny_model)
     spy = Spy(policy(name, head_dir, max_loops=6, **HALTING[name]))
