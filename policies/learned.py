@@ -45,6 +45,9 @@ class Learned(HaltingPolicy):
     needs = frozenset({"hidden", "delta"})
     later_when_higher = HaltingPolicy.later_when_higher | {"threshold"}
     calibration_grids = {"threshold": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)}
+    # the model it last ran on: a policy sent to a worker process must not carry the model's
+    # weights, and a copy checks its next model again
+    RUN_STATE = ("_model",)
 
     def __init__(self, head: str | Path | None = None, threshold: float | None = None,
                  context_threshold: float = CONTEXT_THRESHOLD, min_loops: int = 1,
@@ -102,11 +105,6 @@ class Learned(HaltingPolicy):
                              f"{signed}, this model's {own}), so its "
                              f"decisions would not hold; {_RETRAIN}")
         self._model = model
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled or copied without the model it last ran on (a policy sent to a worker
-        process must not carry the model's weights; it is checked again on its next run)."""
-        return {**super().__getstate__(), "_model": None}
 
     def label_params(self) -> dict[str, Any]:
         """Without the head and threshold it was not given (resolved, they differ from the
